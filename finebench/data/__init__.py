@@ -1,0 +1,1 @@
+"""Datasets: registry of specs, download and extraction, builders, the prepared store, loaders."""

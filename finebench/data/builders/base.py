@@ -1,0 +1,76 @@
+"""What a dataset builder is, so a new dataset is one short file.
+
+A builder never downloads, verifies or writes: the shared code in ``download.py`` fetches and
+checks the sources listed in its ``DatasetSpec`` and extracts them into ``raw_dir``; the builder's
+``parse(raw_dir)`` reads the official layout and returns classes plus examples per split;
+``store.py`` writes them. This mirrors torchvision's datasets (sources as data at the top,
+a few lines of parsing) without repeating the download logic in every dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+ImageSource = Union[Path, bytes, np.ndarray, Image.Image]
+"""A file on disk (read as is, so JPEGs are not re-encoded), encoded bytes, an HxW(xC) uint8
+array, or a PIL image."""
+
+
+@dataclass(frozen=True)
+class Example:
+    image: ImageSource
+    label: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file of a dataset's official distribution.
+
+    ``filename`` is the name the file has on disk after download (and what ``--from`` looks for).
+    ``md5``/``sha256`` are verified before anything is read; ``None`` means no published digest
+    (the digest actually seen is still recorded in meta.json). ``extract`` says whether the file
+    is an archive to unpack into raw_dir, or a plain file to copy there.
+    """
+
+    filename: str
+    url: str | None = None
+    md5: str | None = None
+    sha256: str | None = None
+    mirrors: tuple[str, ...] = ()
+    extract: bool = True
+
+
+@dataclass
+class ParsedDataset:
+    classes: list[str]
+    splits: dict[str, Iterable[Example]]
+    """Split name -> examples. ``train``/``test`` (+ ``val``), or ``fold0``..``foldK`` for k-fold."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Anything worth recording in meta.json (e.g. which split files were used)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    num_classes: int
+    split_sizes: dict[str, int]
+    """Official split sizes, for ``finebench datasets`` and for checking a full prepare."""
+    protocol: str
+    terms: str
+    homepage: str
+    parse: Callable[[Path], ParsedDataset]
+    sources: tuple[Source, ...] = ()
+    manual: bool = False
+    """Registration-only: no URL may be fetched; ``--from`` is required."""
+    manual_instructions: str = ""
+    hub_id: str | None = None
+    """A Hugging Face Hub copy usable with ``--source hub``."""
+    offline: bool = False
+    """Built from data shipped in an installed package: no download at all."""
+    description: str = ""

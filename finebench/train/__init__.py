@@ -1,0 +1,1 @@
+"""Training engine: fit/evaluate, optimisers and schedules, distributed set-up."""
