@@ -1,0 +1,358 @@
+"""``finebench attend``: draw where a trained Attend and Rectify model looks, like the paper's figures.
+
+For each image: the input, every head's mask of every module upsampled and overlaid on it, the
+gates (each head's weight inside its module and each source's weight in the global mixture) and
+the top predictions of each module, of the network's own classifier and of the mixture.
+
+The masks are read with forward hooks on the ``AttentionModule``s, so the model code stays as it
+is trained; the per-head gate weights, which the module computes but does not return, are
+recomputed in the hook from the module's own gate head and masks (softmax over heads of
+tanh(Σ_xy M·S), DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+
+from finebench.errors import FinebenchError
+
+TOP_K = 3
+
+
+@dataclass
+class AttentionRun:
+    """A trained run, ready to look at: the model in eval mode and what describes its inputs."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    run_dir: Path
+
+
+@dataclass
+class AttentionCapture:
+    """What one batch made the attention modules do, in the model's source order (deepest first)."""
+
+    taps: list[str]
+    masks: list[torch.Tensor] = field(default_factory=list)
+    """Per module: B×K×H×W spatial masks (each sums to 1 over H·W)."""
+    head_weights: list[torch.Tensor] = field(default_factory=list)
+    """Per module: B×K weights of its heads (the module gate)."""
+    module_log_probs: list[torch.Tensor] = field(default_factory=list)
+    network_log_probs: torch.Tensor | None = None
+    mixture_log_probs: torch.Tensor | None = None
+    source_gates: torch.Tensor | None = None
+    """B×(D+1) global gate weights (modules, then the network), or None without gates."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FinebenchError(f"{path}: not found; expected a finished run folder of `finebench run`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FinebenchError(f"{path}: not valid JSON ({error})") from None
+
+
+def build_model_from_config(config: dict[str, Any], num_classes: int) -> nn.Module:
+    """The model a run trained, from its resolved config.json (weights come from the checkpoint)."""
+    from finebench.models import build_model
+
+    try:
+        model_section, variant = config["model"], config["variant"]
+        return build_model(
+            model_section["backbone"],
+            num_classes,
+            variant=variant["kind"],
+            variant_options=variant.get("options") or None,
+            backbone_options=model_section.get("options") or None,
+            pretrained=None,
+        )
+    except KeyError as error:
+        raise FinebenchError(f"config.json: missing field {error}; expected model.backbone and variant.kind") from None
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State dicts saved from DDP or torch.compile carry ``module.``/``_orig_mod.`` prefixes."""
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") -> AttentionRun:
+    """Rebuild a run's model from config.json and load ``last.pt``; it must be an attention run."""
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json")
+    summary = _read_json(run_dir / "summary.json")
+    if config.get("variant", {}).get("kind") != "attention":
+        raise FinebenchError(
+            f"{run_dir / 'config.json'}: variant.kind is {config.get('variant', {}).get('kind')!r}; "
+            "attention maps need an 'attention' run"
+        )
+    num_classes = summary.get("num_classes")
+    if not isinstance(num_classes, int):
+        raise FinebenchError(f"{run_dir / 'summary.json'}: num_classes is {num_classes!r}; expected an integer")
+    checkpoint_path = run_dir / "last.pt"
+    if not checkpoint_path.is_file():
+        raise FinebenchError(f"{checkpoint_path}: not found; the run has no checkpoint to draw from")
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise FinebenchError(f"{checkpoint_path}: not a readable checkpoint ({error})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise FinebenchError(f"{checkpoint_path}: no 'model' entry; expected the checkpoint of `finebench run`")
+    model = build_model_from_config(config, num_classes)
+    try:
+        model.load_state_dict(_strip_wrappers(checkpoint["model"]))
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise FinebenchError(f"{checkpoint_path}: weights do not fit the model of config.json ({first})") from None
+    return AttentionRun(model.to(device).eval(), config, summary, run_dir)
+
+
+@contextmanager
+def _hooks(model: nn.Module, capture: AttentionCapture) -> Iterator[None]:
+    from finebench.models.attention import AttentionModule
+
+    modules = [m for m in model.modules() if isinstance(m, AttentionModule)]
+    if not modules:
+        raise FinebenchError("the model has no attention modules; attention maps need an 'attention' run")
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        features = inputs[0]
+        _, masks = output
+        scores = torch.einsum("bkhw,bkhw->bk", module.gate_head(features), masks)
+        capture.masks.append(masks.detach().float().cpu())
+        capture.head_weights.append(F.softmax(torch.tanh(scores), dim=1).detach().float().cpu())
+
+    handles = [module.register_forward_hook(record) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCapture:
+    """Run one batch and keep masks, gates and every source's predictions."""
+    from finebench.models.network import unwrap
+
+    classifier = unwrap(model)
+    capture = AttentionCapture(taps=list(classifier.attention_taps))
+    with _hooks(classifier, capture):
+        output = classifier(images)
+    capture.module_log_probs = [F.log_softmax(l.float(), dim=1).cpu() for l in output.module_logits]
+    capture.network_log_probs = F.log_softmax(output.logits.float(), dim=1).cpu()
+    # The mixture is not normalised (DESIGN.md §3): renormalise before reading it as probabilities.
+    capture.mixture_log_probs = F.log_softmax(output.log_probs.float(), dim=1).cpu()
+    capture.source_gates = output.gates.float().cpu() if output.gates is not None else None
+    return capture
+
+
+# ---- inputs -------------------------------------------------------------------------------
+
+
+@dataclass
+class Preprocess:
+    """The run's evaluation transform: the loader's own resize/crop, then its normalisation."""
+
+    transform: Any
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
+        """(normalised C×H×W tensor, the H×W×3 uint8 picture the network saw)."""
+        shown = np.array(self.transform(image.convert("RGB")), dtype=np.uint8)  # a writable copy
+        tensor = torch.from_numpy(shown.transpose(2, 0, 1)).float()
+        return (tensor - self.mean) / self.std, shown
+
+
+def eval_preprocess(config: dict[str, Any], meta: dict[str, Any] | None) -> Preprocess:
+    """The evaluation transform of the data loader for this run's dataset settings.
+
+    The loader keeps it private (``_recipes`` and ``StoreDataset._transform``); reusing it here
+    keeps the maps faithful to what the network saw in testing. See the report for the accessor
+    this would rather use.
+    """
+    from finebench.data import loader
+
+    dataset = config.get("dataset", {})
+    input_size = dataset.get("input_size") or config.get("input_size")
+    if meta is None:
+        # No prepared store beside the run: judge the image kind from the input size alone.
+        meta = {"name": dataset.get("name"), "image_max_side": input_size or 224,
+                "image_size": [input_size, input_size] if input_size else None}
+    _, eval_recipe = loader._recipes(meta, dataset.get("augmentation", "auto"), input_size)
+    store = loader.StoreDataset(None, eval_recipe, 0)
+    mean = torch.tensor(eval_recipe.mean).view(3, 1, 1) * 255
+    std = torch.tensor(eval_recipe.std).view(3, 1, 1) * 255
+    return Preprocess(store._transform, mean, std)
+
+
+def _read_meta(data_root: Path, name: str | None) -> dict[str, Any] | None:
+    if not name:
+        return None
+    path = data_root / name / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FinebenchError(f"{path}: not valid JSON ({error})") from None
+
+
+def images_from_files(paths: Sequence[str | Path]) -> list[tuple[str, Image.Image, int | None]]:
+    """(name, image, label unknown) for image files given on the command line."""
+    loaded = []
+    for raw in paths:
+        path = Path(raw)
+        try:
+            with Image.open(path) as image:
+                loaded.append((path.stem, image.convert("RGB"), None))
+        except FileNotFoundError:
+            raise FinebenchError(f"{path}: no such image file") from None
+        except OSError as error:
+            raise FinebenchError(f"{path}: not a readable image ({error})") from None
+    return loaded
+
+
+def images_from_split(data_root: Path, dataset: str, split: str, n: int) -> list[tuple[str, Image.Image, int | None]]:
+    """``n`` images spread evenly over a prepared split, so several classes show up."""
+    import datasets
+
+    split_dir = data_root / dataset / split
+    if not split_dir.is_dir():
+        raise FinebenchError(f"{split_dir}: no prepared split {split!r} of {dataset!r}; run `finebench prepare {dataset}`")
+    store = datasets.load_from_disk(str(split_dir))
+    if len(store) == 0:
+        raise FinebenchError(f"{split_dir}: the split is empty")
+    count = min(n, len(store))
+    indices = sorted({int(i) for i in np.linspace(0, len(store) - 1, count)})
+    picked = store.select(indices)
+    return [(f"{split}_{index:06d}", row["image"].convert("RGB"), int(row["label"]))
+            for index, row in zip(indices, picked)]
+
+
+# ---- drawing ------------------------------------------------------------------------------
+
+
+def _top(log_probs: torch.Tensor, classes: Sequence[str] | None) -> str:
+    probs = log_probs.exp()
+    values, indices = probs.topk(min(TOP_K, probs.numel()))
+    names = [classes[i] if classes and i < len(classes) else str(i) for i in indices.tolist()]
+    return "\n".join(f"{name[:22]} {value * 100:.1f}%" for name, value in zip(names, values.tolist()))
+
+
+def draw_attention(
+    picture: np.ndarray,
+    capture: AttentionCapture,
+    index: int,
+    path: Path,
+    classes: Sequence[str] | None = None,
+    label: int | None = None,
+) -> Path:
+    """One PNG: input and predictions on top, then a row per module with each head's overlay."""
+    modules = len(capture.masks)
+    heads = max(mask.shape[1] for mask in capture.masks)
+    columns = heads + 1
+    figure = Figure(figsize=(2.3 * columns, 2.4 * (modules + 1)))
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(modules + 1, columns)
+    height, width = picture.shape[:2]
+    gates = capture.source_gates[index] if capture.source_gates is not None else None
+
+    def gate_text(source: int) -> str:
+        return f"gate {gates[source]:.2f}" if gates is not None else "gate: mean"
+
+    axes = figure.add_subplot(grid[0, 0])
+    axes.imshow(picture)
+    truth = "" if label is None else f"\ntrue: {classes[label] if classes and label < len(classes) else label}"
+    axes.set_title(f"input{truth}", fontsize=8)
+    axes.axis("off")
+    summary = figure.add_subplot(grid[0, 1:])
+    summary.axis("off")
+    assert capture.mixture_log_probs is not None and capture.network_log_probs is not None
+    summary.text(0.0, 1.0, "network (rectified mixture)\n" + _top(capture.mixture_log_probs[index], classes),
+                 va="top", fontsize=8, family="monospace")
+    summary.text(0.5, 1.0, f"network classifier ({gate_text(modules)})\n"
+                 + _top(capture.network_log_probs[index], classes), va="top", fontsize=8, family="monospace")
+
+    for row, (tap, masks, weights) in enumerate(zip(capture.taps, capture.masks, capture.head_weights), start=1):
+        text_axes = figure.add_subplot(grid[row, 0])
+        text_axes.axis("off")
+        text_axes.text(0.0, 1.0, f"module {tap}\n{gate_text(row - 1)}\n"
+                       + _top(capture.module_log_probs[row - 1][index], classes),
+                       va="top", fontsize=7, family="monospace")
+        upsampled = F.interpolate(masks[index : index + 1], size=(height, width), mode="bilinear",
+                                  align_corners=False)[0]
+        for head in range(masks.shape[1]):
+            mask = upsampled[head].numpy()
+            span = float(mask.max() - mask.min())
+            mask = (mask - mask.min()) / span if span > 0 else np.zeros_like(mask)
+            axes = figure.add_subplot(grid[row, head + 1])
+            axes.imshow(picture)
+            axes.imshow(mask, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            axes.set_title(f"{tap} head {head}  w={weights[index, head]:.2f}", fontsize=7)
+            axes.axis("off")
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+    return path
+
+
+def attend(
+    run_dir: str | Path,
+    images: Sequence[str | Path] = (),
+    *,
+    split: str | None = None,
+    n: int = 16,
+    out_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+) -> list[Path]:
+    """Write one attention-map PNG per image (files, or ``n`` images of a prepared split)."""
+    if not images and not split:
+        raise FinebenchError("no images: give image files or --split NAME (with --n)")
+    if n < 1:
+        raise FinebenchError(f"--n {n}: expected at least 1 image")
+    run = load_attention_run(run_dir, device)
+    dataset = run.config.get("dataset", {}).get("name") or run.summary.get("dataset")
+    root = Path(data_root) if data_root is not None else Path(run.config.get("dataset", {}).get("root", "data"))
+    meta = _read_meta(root, dataset)
+    classes = list(meta["classes"]) if meta and meta.get("classes") else None
+    samples = images_from_files(images) if images else []
+    if split:
+        samples += images_from_split(root, dataset, split, n)
+    preprocess = eval_preprocess(run.config, meta)
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "attention_maps"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        prepared = [preprocess(image) for _, image, _ in chunk]
+        batch = torch.stack([tensor for tensor, _ in prepared]).to(device)
+        capture = capture_attention(run.model, batch)
+        for index, ((name, _, label), (_, picture)) in enumerate(zip(chunk, prepared)):
+            written.append(draw_attention(picture, capture, index, out / f"{name}.png", classes, label))
+    return written
+

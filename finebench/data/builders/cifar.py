@@ -1,0 +1,147 @@
+"""CIFAR-10 and CIFAR-100 from the official python-pickle archives.
+
+The batches are pickles, and unpickling runs whatever callables the file names; so they are
+read with an unpickler that resolves only the numpy internals an ndarray needs. Anything else
+(``os.system`` in a crafted ``__reduce__``, say) is refused before it can be called.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset, Source
+from finebench.errors import FinebenchError
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise FinebenchError(
+                f"refusing to unpickle {self.path}: it references {module}.{name}, which a CIFAR batch never needs"
+            )
+        return super().find_class(module, name)
+
+
+def load_batch(path: Path) -> dict[bytes, Any]:
+    """One CIFAR batch (a dict with bytes keys) read without executing untrusted code."""
+    if not path.is_file():
+        raise FinebenchError(f"missing CIFAR file {path}: the archive is not in the official layout")
+    with open(path, "rb") as handle:
+        try:
+            batch = _RestrictedUnpickler(handle, path).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+            raise FinebenchError(f"cannot read CIFAR batch {path}: {error}") from error
+    if not isinstance(batch, dict):
+        raise FinebenchError(f"CIFAR batch {path} holds a {type(batch).__name__}, expected a dict")
+    return batch
+
+
+class _Batches:
+    """Examples of several batch files, read one file at a time so only one is in memory."""
+
+    def __init__(self, files: list[Path], label_key: bytes) -> None:
+        self.files = files
+        self.label_key = label_key
+
+    def __iter__(self) -> Iterator[Example]:
+        for path in self.files:
+            batch = load_batch(path)
+            try:
+                data = np.asarray(batch[b"data"], dtype=np.uint8)
+                labels = batch[self.label_key]
+            except KeyError as error:
+                raise FinebenchError(f"CIFAR batch {path} has no {error.args[0]!r} entry") from error
+            if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise FinebenchError(f"CIFAR batch {path}: data shape {data.shape} and {len(labels)} labels, expected N x 3072 and N labels")
+            # Rows are the R, G and B planes of a 32x32 image, each row-major.
+            images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            for image, label in zip(images, labels):
+                yield Example(image=np.ascontiguousarray(image), label=int(label))
+
+
+def _names(meta_path: Path, key: bytes) -> list[str]:
+    meta = load_batch(meta_path)
+    if key not in meta:
+        raise FinebenchError(f"{meta_path} has no {key.decode()!r} entry")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
+
+
+def parse_cifar10(raw_dir: Path) -> ParsedDataset:
+    root = raw_dir / "cifar-10-batches-py"
+    return ParsedDataset(
+        classes=_names(root / "batches.meta", b"label_names"),
+        splits={
+            "train": _Batches([root / f"data_batch_{i}" for i in range(1, 6)], b"labels"),
+            "test": _Batches([root / "test_batch"], b"labels"),
+        },
+    )
+
+
+def parse_cifar100(raw_dir: Path) -> ParsedDataset:
+    root = raw_dir / "cifar-100-python"
+    return ParsedDataset(
+        classes=_names(root / "meta", b"fine_label_names"),
+        splits={"train": _Batches([root / "train"], b"fine_labels"), "test": _Batches([root / "test"], b"fine_labels")},
+        info={"coarse_classes": _names(root / "meta", b"coarse_label_names"), "labels": "fine"},
+    )
+
+
+_PROTOCOL = "top-1 accuracy on the official 10,000-image test split; no validation split"
+
+SPECS = [
+    DatasetSpec(
+        name="cifar10",
+        num_classes=10,
+        split_sizes={"train": 50000, "test": 10000},
+        protocol=_PROTOCOL,
+        terms="free",
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+        parse=parse_cifar10,
+        sources=(
+            Source(
+                "cifar-10-python.tar.gz",
+                url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                md5="c58f30108f718f92721af3b95e74349a",
+            ),
+        ),
+        hub_id="uoft-cs/cifar10",
+        description="CIFAR-10: 32x32 colour images, 10 classes",
+    ),
+    DatasetSpec(
+        name="cifar100",
+        num_classes=100,
+        split_sizes={"train": 50000, "test": 10000},
+        protocol=_PROTOCOL + "; fine (100-class) labels",
+        terms="free",
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+        parse=parse_cifar100,
+        sources=(
+            Source(
+                "cifar-100-python.tar.gz",
+                url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                md5="eb9058c3a382ffc7106e4002c42a8d85",
+            ),
+        ),
+        hub_id="uoft-cs/cifar100",
+        description="CIFAR-100: 32x32 colour images, 100 fine classes (20 coarse)",
+    ),
+]

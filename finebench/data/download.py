@@ -1,0 +1,274 @@
+"""Fetch, verify and unpack a dataset's official files without trusting the network or the archive.
+
+Downloads stream to ``<file>.part`` and resume it with an HTTP Range request after a dropped
+connection; transient failures (5xx, resets, timeouts) are retried with exponential backoff;
+the file gets its final name only after its digest matched, so a file under its real name is
+always a verified one. Extraction checks every member before writing it, so an archive cannot
+place anything outside the target folder (absolute paths, ``..``, outward links, devices).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import socket
+import stat
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from finebench.data.builders.base import Source
+from finebench.errors import FinebenchError
+
+CHUNK_BYTES = 1 << 20
+DEFAULT_RETRIES = 5
+DEFAULT_BACKOFF_S = 1.0
+"""First retry delay; doubles each attempt. Tests set it small (module data, not behaviour)."""
+TIMEOUT_S = 60.0
+_USER_AGENT = "finebench (+https://github.com/finebench)"
+
+
+class _TransientError(Exception):
+    """A failure worth retrying: the server or the connection, not the request, went wrong."""
+
+
+# ---- digests --------------------------------------------------------------------------------
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """md5 and sha256 of a file in one streaming pass (both are recorded in meta.json)."""
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            md5.update(chunk)
+            sha256.update(chunk)
+    return {"md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
+
+
+def check_digests(path: Path, source: Source, *, display_name: str | None = None) -> dict[str, str]:
+    """Digests of ``path``; a mismatch with the published ones is a user-facing error."""
+    seen = file_digests(path)
+    for algorithm in ("md5", "sha256"):
+        expected = getattr(source, algorithm)
+        if expected is not None and expected.lower() != seen[algorithm]:
+            raise FinebenchError(
+                f"checksum mismatch for {display_name or path}: expected {algorithm} {expected.lower()}, "
+                f"got {seen[algorithm]} (file is corrupt or not the official one)"
+            )
+    return seen
+
+
+# ---- download -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(description: str, total: int | None, quiet: bool) -> Iterator:
+    """A rich bar with bytes, rate and ETA; yields ``advance(n)`` (a no-op when quiet)."""
+    if quiet:
+        yield lambda completed, total_=None: None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+
+        def update(completed: int, total_: int | None = None) -> None:
+            if total_ is not None:
+                progress.update(task, total=total_)
+            progress.update(task, completed=completed)
+
+        yield update
+
+
+def _open(url: str, start: int) -> http.client.HTTPResponse:
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    if start > 0:
+        request.add_header("Range", f"bytes={start}-")
+    try:
+        return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as error:
+        if error.code == 416:
+            return error  # the partial file already holds every byte; caller checks the status
+        if error.code >= 500 or error.code == 429:
+            raise _TransientError(f"HTTP {error.code} from {url}") from error
+        raise FinebenchError(f"download of {url} failed: HTTP {error.code} {error.reason}") from error
+    except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        raise _TransientError(f"cannot reach {url}: {reason}") from error
+
+
+def _fetch_once(url: str, part: Path, update) -> None:
+    """One attempt: append to ``part`` from where it stops; raises _TransientError to retry."""
+    start = part.stat().st_size if part.exists() else 0
+    response = _open(url, start)
+    with response:
+        status = getattr(response, "status", None) or response.getcode()
+        if status == 416:
+            return
+        if start > 0 and status != 206:
+            start = 0  # the server ignored Range: start over rather than append a second copy
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length is not None else None
+        received = start
+        update(received, total)
+        try:
+            with open(part, "ab" if start else "wb") as handle:
+                while chunk := response.read(CHUNK_BYTES):
+                    handle.write(chunk)
+                    received += len(chunk)
+                    update(received)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except (http.client.IncompleteRead, ConnectionError, socket.timeout, TimeoutError) as error:
+            raise _TransientError(f"connection to {url} dropped after {received} bytes: {error}") from error
+        if total is not None and received < total:
+            raise _TransientError(f"connection to {url} closed after {received} of {total} bytes")
+
+
+def download(
+    url: str,
+    destination: Path,
+    source: Source,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float | None = None,
+    quiet: bool = False,
+) -> dict[str, str]:
+    """Download ``url`` to ``destination`` (resuming, retrying), verify it, then rename it into place.
+
+    Returns the digests seen. A file already at ``destination`` is trusted only if it still
+    matches the published digests. On a checksum mismatch the bad file is deleted, so the next
+    attempt downloads afresh instead of resuming a corrupt prefix.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists():
+        try:
+            return check_digests(destination, source)
+        except FinebenchError:
+            destination.unlink()
+    part = destination.with_name(destination.name + ".part")
+    delay = DEFAULT_BACKOFF_S if backoff_s is None else backoff_s
+    with _progress(destination.name, None, quiet) as update:
+        for attempt in range(retries + 1):
+            try:
+                _fetch_once(url, part, update)
+                break
+            except _TransientError as error:
+                if attempt == retries:
+                    raise FinebenchError(
+                        f"download of {url} failed after {retries + 1} attempts: {error} "
+                        f"(partial file kept at {part}; rerun to resume)"
+                    ) from error
+                time.sleep(delay * (2**attempt))
+    try:
+        digests = check_digests(part, source, display_name=f"{destination.name} (from {url})")
+    except FinebenchError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, destination)
+    return digests
+
+
+# ---- safe extraction ------------------------------------------------------------------------
+
+
+def _unsafe_name_reason(name: str) -> str | None:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute path"
+    if ".." in path.parts:
+        return "contains '..'"
+    return None
+
+
+def _inside(target: Path, candidate: Path) -> bool:
+    resolved_target = target.resolve()
+    resolved = candidate.resolve()
+    return resolved == resolved_target or resolved_target in resolved.parents
+
+
+def _check_tar_member(archive: Path, member: tarfile.TarInfo, target: Path) -> None:
+    def reject(reason: str) -> None:
+        raise FinebenchError(f"unsafe archive {archive}: member {member.name!r} {reason}; nothing extracted outside {target}")
+
+    reason = _unsafe_name_reason(member.name)
+    if reason:
+        reject(reason)
+    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
+        reject("is a device or FIFO")
+    if member.issym():
+        link = Path(member.linkname)
+        if link.is_absolute() or not _inside(target, target / Path(member.name).parent / link):
+            reject(f"is a symlink pointing outside ({member.linkname!r})")
+    if member.islnk():
+        if _unsafe_name_reason(member.linkname) or not _inside(target, target / member.linkname):
+            reject(f"is a hard link pointing outside ({member.linkname!r})")
+
+
+def _extract_tar(archive: Path, target: Path) -> None:
+    # Streaming mode ("r|*") reads the archive once, so a 140 GB tar is not scanned twice.
+    with tarfile.open(archive, "r|*") as tar:
+        for member in tar:
+            _check_tar_member(archive, member, target)
+            try:
+                tar.extract(member, target, filter="data")
+            except tarfile.FilterError as error:
+                raise FinebenchError(f"unsafe archive {archive}: member {member.name!r} rejected: {error}") from error
+
+
+def _extract_zip(archive: Path, target: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            reason = _unsafe_name_reason(info.filename)
+            mode = info.external_attr >> 16
+            if reason is None and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)):
+                reason = "is a device or FIFO"
+            if reason is None and not _inside(target, target / info.filename):
+                reason = "resolves outside the target"
+            if reason:
+                raise FinebenchError(f"unsafe archive {archive}: member {info.filename!r} {reason}; nothing extracted outside {target}")
+            zf.extract(info, target)
+
+
+def extract_archive(archive: Path, target: Path) -> None:
+    """Unpack a tar (any compression) or zip into ``target``, refusing members that would escape it."""
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, target)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, target)
+        else:
+            raise FinebenchError(f"{archive} is neither a tar nor a zip archive")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+        raise FinebenchError(f"cannot read archive {archive}: {error}") from error
+
+
+def place_file(source_file: Path, target: Path) -> None:
+    """Put a non-archive source into raw_dir; a hard link avoids copying large files when possible."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source_file, target)
+    except OSError:
+        shutil.copy2(source_file, target)

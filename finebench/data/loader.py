@@ -1,0 +1,243 @@
+"""Torch datasets and DataLoaders over a prepared store, with the paper's two augmentation recipes.
+
+Images are read straight from the memory-mapped Arrow columns (no ``datasets`` row decoding)
+and decoded with PIL; augmentation is a few PIL/numpy operations driven by the dataset's own
+``numpy`` generator, so results depend only on the seed (``worker_init_fn`` reseeds it from
+the worker seed torch derives from the loader's seeded generator) and never disturb the
+global torch RNG the model uses. Samples leave workers as uint8 tensors; normalisation is one
+vectorised operation on the whole batch in ``collate``.
+
+Recipes (DESIGN.md §3):
+- ``cifar``: reflect-pad 4, random crop back to size, horizontal flip; CIFAR mean/std.
+- ``imagenet``: train resize shorter side to round(s*256/224), random crop s, flip; test the
+  same resize and a centre crop; ImageNet mean/std (``s`` = input_size, default 224).
+- ``none``: to-tensor and normalise only (resized to input_size when given).
+- ``auto``: ``cifar`` for stores whose images are at most 64 px (meta ``image_max_side``),
+  ``imagenet`` otherwise. Datasets whose meta says ``info.no_flip`` (digits) are never flipped.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from finebench.data import store
+from finebench.errors import FinebenchError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SMALL_IMAGE_MAX_SIDE = 64
+AUGMENTATIONS = ("auto", "cifar", "imagenet", "none")
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    test: DataLoader
+    classes: list[str]
+    num_classes: int
+    meta: dict
+    train_size: int
+    test_size: int
+
+
+class _Columns:
+    """The image bytes and labels of one or more Arrow splits, indexed without copying the images."""
+
+    def __init__(self, split_dirs: list[Path]) -> None:
+        import datasets
+
+        self.chunks = []
+        labels = []
+        for split_dir in split_dirs:
+            table = datasets.load_from_disk(str(split_dir)).data.table  # memory-mapped
+            labels.append(table.column("label").to_numpy())
+            self.chunks.extend(chunk.field("bytes") for chunk in table.column("image").chunks)
+        self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image_bytes(self, index: int) -> bytes:
+        chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.chunks[chunk][index - int(self.offsets[chunk])].as_py()
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    kind: str  # "cifar" | "imagenet" | "none"
+    train: bool
+    size: int | None  # final side (crop); None keeps the stored size
+    resize: int | None  # imagenet: shorter side before cropping; cifar/none: square side
+    flip: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class StoreDataset(Dataset):
+    """(uint8 CxHxW tensor, label) pairs from a prepared store; see ``collate`` for normalisation."""
+
+    def __init__(self, columns: _Columns, recipe: _Recipe, seed: int) -> None:
+        self.columns = columns
+        self.recipe = recipe
+        self.rng = np.random.default_rng(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(io.BytesIO(self.columns.image_bytes(index))) as image:
+            image = image.convert("RGB")
+        array = self._transform(image)
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), int(self.columns.labels[index])
+
+    def _transform(self, image: Image.Image) -> np.ndarray:
+        recipe, rng = self.recipe, self.rng
+        if recipe.kind == "imagenet":
+            width, height = image.size
+            scale = recipe.resize / min(width, height)
+            image = image.resize((max(recipe.size, round(width * scale)), max(recipe.size, round(height * scale))), Image.BILINEAR)
+            width, height = image.size
+            if recipe.train:
+                left, top = int(rng.integers(0, width - recipe.size + 1)), int(rng.integers(0, height - recipe.size + 1))
+            else:
+                left, top = (width - recipe.size) // 2, (height - recipe.size) // 2
+            array = np.asarray(image.crop((left, top, left + recipe.size, top + recipe.size)))
+        else:
+            if recipe.resize is not None and image.size != (recipe.resize, recipe.resize):
+                image = image.resize((recipe.resize, recipe.resize), Image.BILINEAR)
+            array = np.asarray(image)
+            if recipe.kind == "cifar" and recipe.train:
+                padded = np.pad(array, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+                top, left = rng.integers(0, 9, size=2)
+                array = padded[top : top + array.shape[0], left : left + array.shape[1]]
+        if recipe.train and recipe.flip and rng.random() < 0.5:
+            array = array[:, ::-1]
+        return array
+
+
+class _Collate:
+    """Stack uint8 samples and normalise the whole batch at once (picklable for worker processes)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+
+    def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([image for image, _ in batch]).float()
+        labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
+        return (images - self.mean) / self.std, labels
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    dataset = info.dataset
+    while not isinstance(dataset, StoreDataset):  # unwrap Subset
+        dataset = dataset.dataset
+    dataset.reseed(info.seed % 2**32)
+
+
+def _split_dirs(root: Path, spec: str, available: list[str], dataset: str) -> list[Path]:
+    names = [part.strip() for part in spec.split("+") if part.strip()]
+    unknown = [n for n in names if n not in available]
+    if not names or unknown:
+        raise FinebenchError(
+            f"dataset {dataset!r} has no split {(unknown or [spec])[0]!r} (asked for {spec!r}): "
+            f"available splits are {', '.join(available)} (join several with '+')"
+        )
+    return [root / n for n in names]
+
+
+def _recipes(meta: dict, augmentation: str, input_size: int | None) -> tuple[_Recipe, _Recipe]:
+    if augmentation not in AUGMENTATIONS:
+        raise FinebenchError(f"augmentation {augmentation!r} is not valid: expected one of {', '.join(AUGMENTATIONS)}")
+    max_side = meta.get("image_max_side") or 0
+    small = max_side <= SMALL_IMAGE_MAX_SIDE
+    kind = augmentation if augmentation != "auto" else ("cifar" if small else "imagenet")
+    flip = not meta.get("info", {}).get("no_flip", False)
+    if kind == "imagenet":
+        size = input_size or 224
+        resize, mean, std = round(size * 256 / 224), IMAGENET_MEAN, IMAGENET_STD
+    else:
+        uniform = meta.get("image_size")
+        if input_size is None and not (uniform and uniform[0] == uniform[1]):
+            if kind == "cifar":
+                input_size = max_side  # small images of mixed sizes: square them at the largest side
+            else:
+                raise FinebenchError(
+                    f"dataset {meta.get('name')!r} has images of different sizes: augmentation 'none' needs input_size"
+                )
+        size = resize = input_size
+        mean, std = (CIFAR_MEAN, CIFAR_STD) if small else (IMAGENET_MEAN, IMAGENET_STD)
+    train = _Recipe(kind, True, size, resize, flip, mean, std)
+    return train, _Recipe(kind, False, size, resize, False, mean, std)
+
+
+def build_loaders(
+    dataset: str,
+    data_root: Path,
+    *,
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    workers: int = 0,
+    seed: int = 0,
+    input_size: int | None = None,
+    augmentation: str = "auto",
+    train_split: str = "train",
+    test_split: str = "test",
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> Loaders:
+    """Train and test loaders over ``<data_root>/<dataset>``; batches are (float32 Bx3xHxW, int64 B).
+
+    With ``world_size > 1`` training uses a ``DistributedSampler`` (call ``set_epoch``) and each
+    rank evaluates the test indices ``rank::world_size``, so every test image counts exactly once.
+    """
+    meta = store.read_meta(Path(data_root), dataset)
+    root = store.store_dir(Path(data_root), dataset)
+    available = list(meta.get("splits", {}))
+    train_recipe, test_recipe = _recipes(meta, augmentation, input_size)
+    train_set = StoreDataset(_Columns(_split_dirs(root, train_split, available, dataset)), train_recipe, seed + 1000 * rank)
+    test_set = StoreDataset(_Columns(_split_dirs(root, test_split, available, dataset)), test_recipe, seed)
+    generator = torch.Generator().manual_seed(seed + 1000 * rank)
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": pin_memory,
+        "collate_fn": _Collate(train_recipe.mean, train_recipe.std),
+        "worker_init_fn": _seed_worker if workers > 0 else None,
+        "persistent_workers": workers > 0,
+    }
+    if world_size > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        per_rank = len(sampler)
+        train_kwargs: dict[str, Any] = {"sampler": sampler}
+        test_source = torch.utils.data.Subset(test_set, list(range(rank, len(test_set), world_size)))
+    else:
+        per_rank = len(train_set)
+        train_kwargs = {"shuffle": True}
+        test_source = test_set
+    # A last batch of one sample breaks BatchNorm in training mode (the attention gate has one).
+    drop_last = per_rank % batch_size == 1 and per_rank > 1
+    train = DataLoader(train_set, batch_size=batch_size, generator=generator, drop_last=drop_last, **train_kwargs, **common)
+    test = DataLoader(test_source, batch_size=eval_batch_size or batch_size, shuffle=False, **common)
+    return Loaders(
+        train=train,
+        test=test,
+        classes=list(meta["classes"]),
+        num_classes=len(meta["classes"]),
+        meta=meta,
+        train_size=len(train_set),
+        test_size=len(test_set),
+    )

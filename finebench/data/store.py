@@ -1,0 +1,286 @@
+"""The prepared store: one Hugging Face ``datasets`` Arrow folder per split plus ``meta.json``.
+
+Layout (DESIGN.md §4): ``<data_root>/<name>/<split>/`` (``Dataset.save_to_disk``) with columns
+``image`` (``datasets.Image``, encoded bytes) and ``label`` (``ClassLabel`` in the dataset's
+official id order), and ``<data_root>/<name>/meta.json``.
+
+A store is complete exactly when ``meta.json`` exists: it is built in
+``<name>.partial-<pid>-<random>``, ``meta.json`` is written last, and the folder gets its real
+name by one rename. An interrupted prepare therefore never leaves something that looks done,
+and ``--force`` swaps the old store out only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+import finebench
+from finebench.data.builders.base import Example, ImageSource, ParsedDataset
+from finebench.errors import FinebenchError
+
+META_FILE = "meta.json"
+STORE_FORMAT = 1
+
+
+def store_dir(data_root: Path, name: str) -> Path:
+    return Path(data_root) / name
+
+
+def is_prepared(data_root: Path, name: str) -> bool:
+    return (store_dir(data_root, name) / META_FILE).is_file()
+
+
+def read_meta(data_root: Path, name: str) -> dict[str, Any]:
+    path = store_dir(data_root, name) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FinebenchError(
+            f"dataset {name!r} is not prepared in {Path(data_root)}: run `finebench prepare {name}`"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise FinebenchError(f"{path} is not valid JSON ({error}): rerun `finebench prepare {name} --force`") from error
+
+
+def disk_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    temporary = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+def _encode_array(array: np.ndarray) -> bytes:
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8, got {array.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _resize_if_needed(data: bytes, max_side: int) -> tuple[bytes, tuple[int, int]]:
+    """Shrink so the longest side is ``max_side``; JPEGs stay JPEG (q95), anything else becomes PNG."""
+    with Image.open(io.BytesIO(data)) as image:
+        size = image.size
+        if max(size) <= max_side:
+            return data, size
+        scale = max_side / max(size)
+        new_size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        is_jpeg = image.format == "JPEG"
+        resized = image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).resize(
+            new_size, Image.BICUBIC, reducing_gap=3.0
+        )
+    buffer = io.BytesIO()
+    if is_jpeg:
+        resized.save(buffer, format="JPEG", quality=95)
+    else:
+        resized.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue(), new_size
+
+
+def encode_image(image: ImageSource, max_side: int | None = None) -> tuple[bytes, tuple[int, int]]:
+    """Encoded bytes and (width, height). File and byte inputs are kept as they are unless resized."""
+    if isinstance(image, Path):
+        data = image.read_bytes()
+    elif isinstance(image, bytes):
+        data = image
+    elif isinstance(image, np.ndarray):
+        data = _encode_array(image)
+    elif isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)
+        data = buffer.getvalue()
+    else:
+        raise TypeError(f"unsupported image source {type(image).__name__}")
+    if max_side is not None:
+        return _resize_if_needed(data, max_side)
+    if isinstance(image, np.ndarray):
+        return data, (image.shape[1], image.shape[0])
+    with Image.open(io.BytesIO(data)) as opened:  # header only: cheap
+        return data, opened.size
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+
+class _SplitStats:
+    def __init__(self) -> None:
+        self.count = 0
+        self.min_side = None
+        self.max_side = 0
+        self.sizes: set[tuple[int, int]] = set()
+
+    def add(self, size: tuple[int, int]) -> None:
+        self.count += 1
+        self.max_side = max(self.max_side, *size)
+        self.min_side = min(size) if self.min_side is None else min(self.min_side, *size)
+        if len(self.sizes) < 2:
+            self.sizes.add(size)
+
+
+def _write_split(
+    examples: Iterable[Example],
+    split_path: Path,
+    features,
+    num_classes: int,
+    max_side: int | None,
+    cache_dir: Path,
+    on_example,
+) -> _SplitStats:
+    import datasets
+
+    stats = _SplitStats()
+
+    def generate() -> Iterator[dict[str, Any]]:
+        for example in examples:
+            if not 0 <= int(example.label) < num_classes:
+                raise FinebenchError(f"label {example.label} outside 0..{num_classes - 1} while writing {split_path.name}")
+            data, size = encode_image(example.image, max_side)
+            stats.add(size)
+            on_example()
+            name = example.image.name if isinstance(example.image, Path) else None
+            yield {"image": {"bytes": data, "path": name}, "label": int(example.label)}
+
+    # An explicit fingerprint stops datasets from hashing the generator (and every example it closes over).
+    try:
+        dataset = datasets.Dataset.from_generator(
+            generate, features=features, cache_dir=str(cache_dir), fingerprint=uuid.uuid4().hex
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        # datasets wraps whatever the builder raised; users should see the builder's own message.
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+    dataset.save_to_disk(str(split_path))
+    del dataset
+    return stats
+
+
+def _remove_stale_partials(data_root: Path, name: str) -> None:
+    """Delete build folders left by prepares whose process is gone (never a live one's)."""
+    for leftover in data_root.glob(f"{name}.partial-*"):
+        pid_text = leftover.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        try:
+            os.kill(int(pid_text), 0)
+            alive = True
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def new_build_dir(data_root: Path, name: str) -> Path:
+    data_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(data_root, name)
+    build = data_root / f"{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    build.mkdir()
+    return build
+
+
+def write_store(
+    parsed: ParsedDataset,
+    build: Path,
+    meta: dict[str, Any],
+    *,
+    max_side: int | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Write every split of ``parsed`` into ``build`` and then its meta.json (last, on purpose).
+
+    ``meta`` carries what the caller knows (name, protocol, sources seen, ...); this adds the
+    classes, split sizes, image size statistics, resize and creation facts. Returns the meta.
+    """
+    import datasets
+
+    if len(set(parsed.classes)) != len(parsed.classes):
+        raise FinebenchError(f"dataset {meta.get('name')!r} has duplicate class names; class names must be unique")
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(parsed.classes))}
+    )
+    cache_dir = build / ".cache"
+    split_sizes: dict[str, int] = {}
+    image_stats: dict[str, Any] = {}
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), disable=quiet
+        ) as progress:
+            for split, examples in parsed.splits.items():
+                total = len(examples) if hasattr(examples, "__len__") else None
+                task = progress.add_task(f"writing {split}", total=total)
+                stats = _write_split(
+                    examples,
+                    build / split,
+                    features,
+                    len(parsed.classes),
+                    max_side,
+                    cache_dir,
+                    lambda: progress.advance(task),
+                )
+                split_sizes[split] = stats.count
+                image_stats[split] = {
+                    "min_side": stats.min_side,
+                    "max_side": stats.max_side,
+                    "uniform_size": list(next(iter(stats.sizes))) if len(stats.sizes) == 1 else None,
+                }
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    sides = [s["max_side"] for s in image_stats.values() if s["max_side"]]
+    uniform = {tuple(s["uniform_size"]) for s in image_stats.values() if s["uniform_size"]}
+    full_meta = {
+        **meta,
+        "store_format": STORE_FORMAT,
+        "classes": list(parsed.classes),
+        "num_classes": len(parsed.classes),
+        "splits": split_sizes,
+        "image_max_side": max(sides) if sides else None,
+        "image_size": list(uniform.pop()) if len(uniform) == 1 and all(s["uniform_size"] for s in image_stats.values()) else None,
+        "image_stats": image_stats,
+        "resize": {"max_side": max_side} if max_side else None,
+        "info": parsed.info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finebench_version": finebench.__version__,
+    }
+    write_json_atomic(build / META_FILE, full_meta)
+    return full_meta
+
+
+def commit_build(build: Path, final: Path) -> None:
+    """Put a complete build in place; an existing store is moved aside first and removed after."""
+    if not (build / META_FILE).is_file():
+        raise RuntimeError(f"refusing to commit {build}: it has no {META_FILE}")
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(build, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,115 @@
+"""What every backbone promises: named tap points, a pooled feature vector, and a slot for plug-ins.
+
+Plug-ins (Attend and Rectify, SE, CBAM) never reach into a backbone's internals: attention reads
+the tap points a backbone declares, and block plug-ins go into the ``plugin`` slot every residual
+block carries (an ``nn.Identity`` in the baseline, so it adds no parameters and no state-dict keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finebench.errors import FinebenchError
+
+PluginFactory = Callable[[int], nn.Module]
+"""Builds one block plug-in for a residual branch with the given number of output channels."""
+
+
+@dataclass(frozen=True)
+class TapPoint:
+    """A named feature map where plug-ins can attach; ``stride`` is relative to the input image."""
+
+    name: str
+    channels: int
+    stride: int
+    description: str
+
+
+class Backbone(nn.Module):
+    """A feature extractor: ``forward(x, taps)`` returns the pooled features and the requested taps.
+
+    Subclasses set ``tap_points`` (shallow to deep), ``out_channels`` (size of the pooled vector),
+    and ``attention_candidates`` (the taps Attend and Rectify uses, in the order modules are added
+    as the attention depth grows).
+    """
+
+    tap_points: tuple[TapPoint, ...]
+    out_channels: int
+    attention_candidates: tuple[str, ...]
+
+    def forward(  # pragma: no cover - interface
+        self, x: torch.Tensor, taps: Sequence[str] = (), stop_after_taps: bool = False
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Return (pooled features, {tap name: feature map}).
+
+        With ``stop_after_taps`` the pass ends as soon as the last requested tap exists and the
+        pooled features are None: that is the whole cost of an early prediction at that tap.
+        """
+        raise NotImplementedError
+
+    def residual_blocks(self) -> list[nn.Module]:  # pragma: no cover - interface
+        """Every residual block; each has a ``plugin`` slot and ``plugin_channels``."""
+        raise NotImplementedError
+
+    def init_classifier(self, classifier: nn.Linear) -> None:
+        """Initialise a fresh classifier the way this family's reference code does (default: torch's)."""
+
+    # -- shared behaviour -------------------------------------------------------------------------
+
+    def tap_point(self, name: str) -> TapPoint:
+        for tap in self.tap_points:
+            if tap.name == name:
+                return tap
+        valid = ", ".join(t.name for t in self.tap_points)
+        raise FinebenchError(f"unknown tap point {name!r} for {type(self).__name__}; valid: {valid}")
+
+    def attention_taps(self, depth: int) -> list[str]:
+        """The taps for ``depth`` attention modules, deepest first (the authors' source order)."""
+        if not 1 <= depth <= len(self.attention_candidates):
+            raise FinebenchError(
+                f"attention_depth={depth} is out of range for {type(self).__name__}: "
+                f"expected 1..{len(self.attention_candidates)}"
+            )
+        order = [t.name for t in self.tap_points]
+        return sorted(self.attention_candidates[:depth], key=order.index, reverse=True)
+
+    def insert_plugins(self, factory: PluginFactory) -> None:
+        """Put one plug-in into every residual block, sized to the block's residual branch."""
+        for block in self.residual_blocks():
+            block.plugin = factory(block.plugin_channels)
+
+    def load_backbone_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Load feature-extractor weights strictly; classifier keys of the source are ignored."""
+        weights = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        if any(k.startswith("backbone.") for k in weights):  # a whole finebench model: keep its backbone
+            weights = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+        weights = {k: v for k, v in weights.items() if not k.startswith(("fc.", "classifier."))}
+        result = self.load_state_dict(weights, strict=False)
+        problems = [*result.missing_keys, *result.unexpected_keys]
+        if problems:
+            raise FinebenchError(
+                f"weights in {source} do not fit {type(self).__name__}: "
+                f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+            )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weights file: a plain state dict or a checkpoint holding one under model/state_dict."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FinebenchError(f"pretrained weights file {file} does not exist: expected a .pth state dict")
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt or foreign file
+        raise FinebenchError(f"cannot read pretrained weights {file}: {error}") from error
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise FinebenchError(f"pretrained weights {file} hold no state dict of tensors")
+    return loaded

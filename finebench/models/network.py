@@ -1,0 +1,72 @@
+"""The one model class every variant is: backbone + linear classifier (+ Attend and Rectify)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finebench.models.attention import AttendAndRectify
+from finebench.models.base import Backbone
+from finebench.models.output import ModelOutput
+from finebench.models.plugins import BlockPlugin
+
+
+class ImageClassifier(nn.Module):
+    """Classifies images with a backbone; Attend and Rectify, when present, rectifies the output.
+
+    Block plug-ins (SE, CBAM) live inside the backbone's blocks; this class does not need to know.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, attention: AttendAndRectify | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.out_channels, num_classes)
+        backbone.init_classifier(self.classifier)
+        self.attention = attention
+        self.num_classes = num_classes
+
+    @property
+    def attention_taps(self) -> list[str]:
+        """Tap names in the order of ``ModelOutput.module_logits`` (deepest first); empty without attention."""
+        return list(self.attention.taps) if self.attention is not None else []
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        pooled, taps = self.backbone(images, self.attention_taps)
+        assert pooled is not None
+        logits = self.classifier(pooled)
+        if self.attention is None:
+            return ModelOutput(F.log_softmax(logits.float(), dim=1), logits)
+        return self.attention(taps, pooled, logits)
+
+    def early_prediction(self, images: torch.Tensor, tap: str) -> torch.Tensor:
+        """Logits of the attention module on ``tap`` alone, running the backbone only up to that tap."""
+        if self.attention is None or tap not in self.attention.taps:
+            raise ValueError(f"no attention module on tap {tap!r}; modules are on {self.attention_taps}")
+        _, taps = self.backbone(images, [tap], stop_after_taps=True)
+        return self.attention.attention_modules[self.attention.taps.index(tap)](taps[tap])[0]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The ImageClassifier inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+    while not isinstance(model, ImageClassifier):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"{type(model).__name__} is not a finebench model")
+        model = inner
+    return model
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Split parameters into "backbone" (what ImageNet weights initialise, for a reduced lr) and
+    "head" (classifier, Attend and Rectify and every block plug-in: new weights, full lr)."""
+    classifier = unwrap(model)
+    plugin_ids = {
+        id(p) for m in classifier.backbone.modules() if isinstance(m, BlockPlugin) for p in m.parameters()
+    }
+    backbone = [p for p in classifier.backbone.parameters() if id(p) not in plugin_ids]
+    backbone_ids = {id(p) for p in backbone}
+    head = [p for p in classifier.parameters() if id(p) not in backbone_ids]
+    return {"backbone": backbone, "head": head}

@@ -1,0 +1,194 @@
+"""Names to models: the backbone and variant registries behind ``build_model``.
+
+Both are dicts, so adding a backbone or a plug-in is one entry, and an unknown name or option is
+a user error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finebench.errors import FinebenchError
+from finebench.models.attention import GATE_FUNCTIONS, OUTPUT_MODES, AttendAndRectify
+from finebench.models.base import Backbone, TapPoint, read_state_dict
+from finebench.models.network import ImageClassifier
+from finebench.models.plugins import BLOCK_PLUGINS
+from finebench.models.resnext import CifarResNeXt
+from finebench.models.torchvision import ARCHITECTURES, TorchvisionResNet
+from finebench.models.wrn import WideResNet
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    build: Callable[..., Backbone]
+    description: str
+    options: Mapping[str, Any]
+    """Valid option names with their defaults (the defaults are also the config ``finebench models`` counts)."""
+    default_num_classes: int
+    imagenet_weights: bool = False
+
+
+BACKBONES: dict[str, BackboneEntry] = {
+    "wrn": BackboneEntry(
+        WideResNet, "CIFAR pre-activation Wide ResNet WRN-d-k (authors' layout)",
+        {"depth": 28, "width": 10, "dropout": 0.0}, 10,
+    ),
+    "resnext_cifar": BackboneEntry(
+        CifarResNeXt, "CIFAR ResNeXt-d (cardinality x base_width d)",
+        {"depth": 29, "cardinality": 8, "base_width": 64}, 10,
+    ),
+    **{
+        name: BackboneEntry(partial(TorchvisionResNet, name), arch.description, {}, 1000, imagenet_weights=True)
+        for name, arch in ARCHITECTURES.items()
+    },
+}
+
+
+@dataclass(frozen=True)
+class VariantEntry:
+    description: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+VARIANTS: dict[str, VariantEntry] = {
+    "baseline": VariantEntry("the backbone alone"),
+    "attention": VariantEntry(
+        "Attend and Rectify (gated attention modules on the backbone's taps)",
+        {"attention_depth": 3, "attention_width": 4, "gates": "softmax", "reg_w": 1e-3, "output_mode": "mixture"},
+        {"gates": GATE_FUNCTIONS, "output_mode": OUTPUT_MODES},
+    ),
+    "se": VariantEntry("Squeeze-and-Excitation in every residual block", {"reduction": 16}),
+    "cbam": VariantEntry("CBAM in every residual block", {"reduction": 16}),
+}
+
+
+def _choose(kind: str, name: str, registry: Mapping[str, Any]) -> Any:
+    if name not in registry:
+        raise FinebenchError(f"unknown {kind} {name!r}: expected one of {', '.join(registry)}")
+    return registry[name]
+
+
+def resolve_options(
+    what: str, defaults: Mapping[str, Any], given: Mapping[str, Any] | None,
+    choices: Mapping[str, tuple[str, ...]] | None = None,
+) -> dict[str, Any]:
+    """Defaults overlaid with ``given``; unknown names, wrong types and values outside choices are errors."""
+    resolved = dict(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            valid = ", ".join(defaults) or "none"
+            raise FinebenchError(f"unknown option {key!r} for {what}: valid options are {valid}")
+        default = defaults[key]
+        if isinstance(default, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) and isinstance(default, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise FinebenchError(
+                f"option {key}={value!r} for {what} has the wrong type: expected {type(default).__name__}"
+            )
+        allowed = (choices or {}).get(key)
+        if allowed is not None and value not in allowed:
+            raise FinebenchError(f"option {key}={value!r} for {what} is invalid: expected one of {', '.join(allowed)}")
+        resolved[key] = value
+    return resolved
+
+
+def build_backbone(name: str, options: Mapping[str, Any] | None = None) -> Backbone:
+    entry: BackboneEntry = _choose("backbone", name, BACKBONES)
+    return entry.build(**resolve_options(f"backbone {name!r}", entry.options, options))
+
+
+def load_pretrained(backbone: Backbone, name: str, pretrained: str) -> None:
+    """``"imagenet"``: torchvision's weights from the hub cache; anything else: a local file path."""
+    if pretrained == "imagenet":
+        if not isinstance(backbone, TorchvisionResNet):
+            imagenet = ", ".join(n for n, e in BACKBONES.items() if e.imagenet_weights)
+            raise FinebenchError(f"backbone {name!r} has no ImageNet weights: expected one of {imagenet}")
+        backbone.load_imagenet_weights()
+        return
+    backbone.load_backbone_weights(read_state_dict(pretrained), str(Path(pretrained).expanduser()))
+
+
+def build_model(
+    backbone: str,
+    num_classes: int,
+    variant: str = "baseline",
+    variant_options: Mapping[str, Any] | None = None,
+    backbone_options: Mapping[str, Any] | None = None,
+    pretrained: str | None = None,
+) -> ImageClassifier:
+    """Build a backbone, load its weights, then add the variant (so plug-ins start fresh)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise FinebenchError(f"num_classes={num_classes!r} is invalid: expected an integer >= 2")
+    entry: VariantEntry = _choose("variant", variant, VARIANTS)
+    options = resolve_options(f"variant {variant!r}", entry.options, variant_options, entry.choices)
+    net = build_backbone(backbone, backbone_options)
+    if pretrained is not None:
+        load_pretrained(net, backbone, pretrained)
+    if variant in BLOCK_PLUGINS:
+        net.insert_plugins(partial(BLOCK_PLUGINS[variant], **options))
+    attention = None
+    if variant == "attention":
+        attention = build_attention(net, num_classes, options)
+    return ImageClassifier(net, num_classes, attention)
+
+
+def build_attention(backbone: Backbone, num_classes: int, options: Mapping[str, Any]) -> AttendAndRectify:
+    if options["attention_width"] < 1:
+        raise FinebenchError(f"attention_width={options['attention_width']} is invalid: expected an integer >= 1")
+    if options["reg_w"] < 0:
+        raise FinebenchError(f"reg_w={options['reg_w']} is invalid: expected a number >= 0")
+    taps = backbone.attention_taps(options["attention_depth"])
+    return AttendAndRectify(
+        [(tap, backbone.tap_point(tap).channels) for tap in taps],
+        backbone.out_channels,
+        num_classes,
+        attention_width=options["attention_width"],
+        gates=options["gates"],
+        reg_w=options["reg_w"],
+        output_mode=options["output_mode"],
+    )
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    description: str
+    tap_points: tuple[TapPoint, ...]
+    attention_taps: tuple[str, ...]
+    """Taps Attend and Rectify uses at its largest depth, deepest first."""
+    default_options: Mapping[str, Any]
+    num_classes: int
+    params: int
+    """Backbone + classifier parameters at ``default_options`` and ``num_classes``."""
+
+
+def list_backbones() -> list[BackboneInfo]:
+    """Every registered backbone with its taps and size; built on the meta device, so it is instant."""
+    infos = []
+    for name, entry in BACKBONES.items():
+        with torch.device("meta"):
+            model = build_model(name, entry.default_num_classes)
+        net = model.backbone
+        infos.append(
+            BackboneInfo(
+                name, entry.description, net.tap_points,
+                tuple(net.attention_taps(len(net.attention_candidates))),
+                dict(entry.options), entry.default_num_classes,
+                sum(p.numel() for p in model.parameters()),
+            )
+        )
+    return infos

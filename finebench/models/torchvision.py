@@ -1,0 +1,139 @@
+"""ImageNet-style backbones built from torchvision's ResNet family, with optional ImageNet weights.
+
+The architectures are torchvision's own (``torchvision.models.resnet.ResNet``) with block
+subclasses that add the ``plugin`` slot, so torchvision's weight files load unchanged: the slot
+is an ``nn.Identity`` with no state. No download is possible here: ImageNet weights are read
+from the torch hub cache, and a missing file is reported with the exact path to place it at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from finebench.errors import FinebenchError
+from finebench.models.base import Backbone, TapPoint
+
+
+class PluggableBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with a plug-in applied to the residual branch before the sum."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.plugin: nn.Module = nn.Identity()
+        self.plugin_channels = self.bn2.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.plugin(self.bn2(self.conv2(y)))
+        return self.relu(y + identity)
+
+
+class PluggableBottleneck(Bottleneck):
+    """torchvision's Bottleneck with a plug-in applied to the residual branch before the sum."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.plugin: nn.Module = nn.Identity()
+        self.plugin_channels = self.bn3.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.plugin(self.bn3(self.conv3(y)))
+        return self.relu(y + identity)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    block: type[BasicBlock] | type[Bottleneck]
+    layers: tuple[int, int, int, int]
+    groups: int
+    width_per_group: int
+    weights: tvm.WeightsEnum
+    description: str
+
+
+# "imagenet" means the IMAGENET1K_V1 weights: the original torchvision release the paper's
+# fine-grained experiments started from.
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet18": Architecture(PluggableBasicBlock, (2, 2, 2, 2), 1, 64, tvm.ResNet18_Weights.IMAGENET1K_V1,
+                             "ResNet-18 (torchvision)"),
+    "resnet50": Architecture(PluggableBottleneck, (3, 4, 6, 3), 1, 64, tvm.ResNet50_Weights.IMAGENET1K_V1,
+                             "ResNet-50 (torchvision)"),
+    "resnet101": Architecture(PluggableBottleneck, (3, 4, 23, 3), 1, 64, tvm.ResNet101_Weights.IMAGENET1K_V1,
+                              "ResNet-101 (torchvision)"),
+    "wide_resnet50_2": Architecture(PluggableBottleneck, (3, 4, 6, 3), 1, 128,
+                                    tvm.Wide_ResNet50_2_Weights.IMAGENET1K_V1, "Wide ResNet-50-2 (torchvision)"),
+    "resnext50_32x4d": Architecture(PluggableBottleneck, (3, 4, 6, 3), 32, 4,
+                                    tvm.ResNeXt50_32X4D_Weights.IMAGENET1K_V1, "ResNeXt-50 32x4d (torchvision)"),
+    "resnext101_32x8d": Architecture(PluggableBottleneck, (3, 4, 23, 3), 32, 8,
+                                     tvm.ResNeXt101_32X8D_Weights.IMAGENET1K_V1, "ResNeXt-101 32x8d (torchvision)"),
+}
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class TorchvisionResNet(Backbone):
+    """A torchvision ResNet without its classifier; taps ``layer1..layer4`` are the stage outputs.
+
+    Parameter names equal torchvision's (``conv1.weight``, ``layer1.0.bn3.running_mean``...), so
+    torchvision state dicts load as they are.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.architecture_name = name
+        arch = ARCHITECTURES[name]
+        net = ResNet(arch.block, list(arch.layers), groups=arch.groups, width_per_group=arch.width_per_group)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        expansion = arch.block.expansion
+        self.tap_points = tuple(
+            TapPoint(stage, 64 * 2**i * expansion, 4 * 2**i, f"output of {stage}") for i, stage in enumerate(STAGES)
+        )
+        self.out_channels = self.tap_points[-1].channels
+        self.attention_candidates = ("layer1", "layer2", "layer3")
+
+    def residual_blocks(self) -> list[nn.Module]:
+        return [block for stage in STAGES for block in getattr(self, stage)]
+
+    def forward(
+        self, x: torch.Tensor, taps: Sequence[str] = (), stop_after_taps: bool = False
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        wanted = set(taps)
+        found: dict[str, torch.Tensor] = {}
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in STAGES:
+            x = getattr(self, stage)(x)
+            if stage in wanted:
+                found[stage] = x
+                if stop_after_taps and wanted.issubset(found):
+                    return None, found
+        return x.mean((2, 3)), found
+
+    def load_imagenet_weights(self) -> None:
+        """Load torchvision's ImageNet weights from the torch hub cache; never download."""
+        weights = ARCHITECTURES[self.architecture_name].weights
+        file = imagenet_weights_path(weights)
+        if not file.is_file():
+            raise FinebenchError(
+                f"ImageNet weights for {self.architecture_name} are not in the torch hub cache: "
+                f"place {Path(urlparse(weights.url).path).name} (from {weights.url}) at {file}"
+            )
+        state_dict = torch.load(file, map_location="cpu", weights_only=True)
+        self.load_backbone_weights(state_dict, str(file))
+
+
+def imagenet_weights_path(weights: tvm.WeightsEnum) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` looks for (and would store) these weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name

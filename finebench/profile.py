@@ -1,0 +1,199 @@
+"""What a model costs: parameters and FLOPs (fvcore), for one model or a baseline and its variants.
+
+FLOP convention: fvcore counts one fused multiply-add as ONE flop (so its "FLOPs" are MACs;
+ResNet-50 at 224 is about 4.1 G). Ops fvcore has no formula for (softmax, elementwise ops,
+pooling) are not counted; their warnings are silenced but the totals are fvcore's own.
+Models are counted in eval mode on one CPU image.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from finebench.models import build_model
+from finebench.models.network import ImageClassifier, unwrap
+
+FLOP_CONVENTION = "fvcore: one multiply-add = one flop"
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    params: int
+    flops: int
+    """fvcore's count: one multiply-add is one flop."""
+
+
+class _TensorOutputs(nn.Module):
+    """Tracing needs tensors out; ModelOutput holds Nones and a tuple."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.model(images)
+        return (output.log_probs, output.logits, *output.module_logits)
+
+
+class _EarlyPrediction(nn.Module):
+    def __init__(self, model: ImageClassifier, tap: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tap = tap
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.early_prediction(images, self.tap)
+
+
+def _count_flops(module: nn.Module, input_size: int) -> int:
+    images = torch.zeros(1, 3, input_size, input_size)
+    fvcore_logger = logging.getLogger("fvcore")
+    level = fvcore_logger.level
+    fvcore_logger.setLevel(logging.ERROR)  # "unsupported operator" noise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's import calls the deprecated torch.jit.script
+            from fvcore.nn import FlopCountAnalysis
+        analysis = FlopCountAnalysis(module, images)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit deprecation notices from fvcore's tracer
+            return int(analysis.total())
+    finally:
+        fvcore_logger.setLevel(level)
+
+
+def _in_eval(model: nn.Module):  # noqa: ANN202 - small context helper
+    class _Eval:
+        def __enter__(self) -> None:
+            self.was_training = model.training
+            model.eval()
+
+        def __exit__(self, *_: object) -> None:
+            model.train(self.was_training)
+
+    return _Eval()
+
+
+def profile_model(model: nn.Module, input_size: int) -> ProfileResult:
+    """Parameters and fvcore FLOPs of one forward pass on a 3×input_size×input_size image."""
+    params = sum(p.numel() for p in model.parameters())
+    with _in_eval(model):
+        flops = _count_flops(_TensorOutputs(model), input_size)
+    return ProfileResult(params=params, flops=flops)
+
+
+def tap_flops(model: nn.Module, input_size: int) -> dict[str, int]:
+    """FLOPs to classify with each attention module alone: the backbone up to its tap plus the module."""
+    classifier = unwrap(model)
+    with _in_eval(classifier):
+        return {tap: _count_flops(_EarlyPrediction(classifier, tap), input_size) for tap in classifier.attention_taps}
+
+
+@dataclass(frozen=True)
+class VariantCost:
+    label: str
+    variant: str
+    params: int
+    flops: int
+    params_overhead_pct: float
+    """Relative to the baseline of the same backbone and number of classes."""
+    flops_overhead_pct: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def profile_variants(
+    backbone: str,
+    num_classes: int,
+    input_size: int,
+    variants: Sequence[tuple[str, str, Mapping[str, Any] | None]],
+    backbone_options: Mapping[str, Any] | None = None,
+) -> list[VariantCost]:
+    """Profile the baseline and each (label, variant, variant_options); the baseline row comes first."""
+    baseline = profile_model(build_model(backbone, num_classes, backbone_options=backbone_options), input_size)
+    rows = [VariantCost("baseline", "baseline", baseline.params, baseline.flops, 0.0, 0.0)]
+    for label, variant, options in variants:
+        if variant == "baseline":
+            continue
+        cost = profile_model(build_model(backbone, num_classes, variant, options, backbone_options), input_size)
+        rows.append(
+            VariantCost(
+                label, variant, cost.params, cost.flops,
+                100.0 * (cost.params - baseline.params) / baseline.params,
+                100.0 * (cost.flops - baseline.flops) / baseline.flops,
+            )
+        )
+    return rows
+
+
+def run_cost(
+    backbone: str,
+    num_classes: int,
+    input_size: int,
+    variant: str = "baseline",
+    variant_options: Mapping[str, Any] | None = None,
+    backbone_options: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """The cost fields of a run summary: params, flops, params_baseline, flops_baseline."""
+    rows = profile_variants(backbone, num_classes, input_size, [(variant, variant, variant_options)], backbone_options)
+    return {
+        "params": rows[-1].params,
+        "flops": rows[-1].flops,
+        "params_baseline": rows[0].params,
+        "flops_baseline": rows[0].flops,
+    }
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """A profile table: what was profiled, then the baseline row and one row per variant."""
+
+    backbone: str
+    backbone_options: Mapping[str, Any]
+    num_classes: int
+    input_size: int
+    rows: list[VariantCost]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "backbone_options": dict(self.backbone_options),
+            "num_classes": self.num_classes,
+            "input_size": self.input_size,
+            "flop_convention": FLOP_CONVENTION,
+            "rows": [row.as_dict() for row in self.rows],
+        }
+
+
+def profile_spec(
+    backbone: str,
+    num_classes: int,
+    input_size: int,
+    variants: Sequence[tuple[str, str, Mapping[str, Any] | None]],
+    backbone_options: Mapping[str, Any] | None = None,
+) -> CostReport:
+    rows = profile_variants(backbone, num_classes, input_size, variants, backbone_options)
+    return CostReport(backbone, dict(backbone_options or {}), num_classes, input_size, rows)
+
+
+def profile_recipe(path: str, overrides: Sequence[str] = ()) -> CostReport:
+    """Profile a recipe's backbone on its dataset (classes, input size) with each of its variants."""
+    from finebench.data.registry import get_spec
+    from finebench.recipe import load_recipe, variant_name, variant_options
+
+    loaded = load_recipe(path, overrides)
+    recipe = loaded.recipe
+    variants = [(variant_name(v), v.kind, variant_options(v)) for v in recipe.variants]
+    return profile_spec(
+        recipe.model.backbone, get_spec(recipe.dataset.name).num_classes, loaded.input_size(), variants,
+        recipe.model.options,
+    )

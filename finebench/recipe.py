@@ -1,0 +1,312 @@
+"""Recipes: a TOML file that says what to train, validated before anything runs.
+
+A recipe names one dataset and one backbone, a list of variants (baseline, Attend and Rectify
+settings, peer plug-ins) and a list of seeds; ``expand_runs`` turns it into one ``RunSpec`` per
+variant × seed. Every problem (unknown key, wrong type, impossible value, unknown dataset) is a
+``FinebenchError`` naming the file, the dotted field path and what was expected, raised before a
+single file is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from finebench.errors import FinebenchError
+
+_DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
+"""Input size used for cost estimates when a recipe leaves ``dataset.input_size`` unset."""
+
+_RUN_ID_EXCLUDE = (("dataset", "root"), ("train", "workers"), ("train", "log_every"))
+"""Settings that change where or how fast a run goes but not what it computes."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSection(_Section):
+    name: str
+    root: str = "data"
+    input_size: Annotated[int, Field(gt=0)] | None = None
+    augmentation: str = "auto"
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+class ModelSection(_Section):
+    backbone: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Backbone options, e.g. ``{depth = 28, width = 10}`` for WRN."""
+    pretrained: str | None = None
+
+
+class BaselineVariant(_Section):
+    kind: Literal["baseline"]
+    name: str | None = None
+
+
+class AttentionVariant(_Section):
+    kind: Literal["attention"]
+    name: str | None = None
+    attention_depth: Annotated[int, Field(ge=1, le=3)] = 3
+    attention_width: Annotated[int, Field(ge=1)] = 4
+    gates: Literal["softmax", "sigmoid", "none"] = "softmax"
+    reg_w: Annotated[float, Field(ge=0)] = 1e-3
+    output_mode: Literal["mixture", "50"] = "mixture"
+
+
+class SEVariant(_Section):
+    kind: Literal["se"]
+    name: str | None = None
+    reduction: Annotated[int, Field(ge=1)] = 16
+
+
+class CBAMVariant(_Section):
+    kind: Literal["cbam"]
+    name: str | None = None
+    reduction: Annotated[int, Field(ge=1)] = 16
+
+
+Variant = Annotated[
+    Union[BaselineVariant, AttentionVariant, SEVariant, CBAMVariant], Field(discriminator="kind")
+]
+
+
+def variant_options(variant: BaseModel) -> dict[str, Any]:
+    """The keyword options a variant passes to ``build_model`` (everything but kind and name)."""
+    return variant.model_dump(exclude={"kind", "name"})
+
+
+def variant_name(variant: BaseModel) -> str:
+    """A readable name, unique within a recipe for distinct settings: ``attention-ad3-aw4``."""
+    if variant.name:
+        return variant.name
+    if isinstance(variant, AttentionVariant):
+        defaults = AttentionVariant(kind="attention")
+        name = f"attention-ad{variant.attention_depth}-aw{variant.attention_width}"
+        if variant.gates != defaults.gates:
+            name += f"-gates-{variant.gates}"
+        if variant.reg_w != defaults.reg_w:
+            name += f"-reg{variant.reg_w:g}"
+        if variant.output_mode != defaults.output_mode:
+            name += f"-out{variant.output_mode}"
+        return name
+    if isinstance(variant, (SEVariant, CBAMVariant)) and variant.reduction != 16:
+        return f"{variant.kind}-r{variant.reduction}"
+    return variant.kind
+
+
+class TrainSection(_Section):
+    epochs: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
+    eval_batch_size: Annotated[int, Field(ge=1)] | None = None
+    optimizer: Literal["sgd", "nesterov", "adamw"] = "nesterov"
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-4
+    backbone_lr_mult: Annotated[float, Field(ge=0)] = 1.0
+    """Learning-rate factor of the pretrained backbone (0.1 in the paper's fine-grained runs)."""
+    schedule: Literal["constant", "step", "multistep", "cosine"] = "multistep"
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    """Epochs after which the lr is multiplied by ``gamma`` (multistep)."""
+    step_size: Annotated[int, Field(ge=1)] = 30
+    """Epochs between lr decays (step)."""
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    """Clip the global gradient norm to this value; unset means no clipping."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    workers: Annotated[int, Field(ge=0)] = 0
+    eval_every: Annotated[int, Field(ge=1)] = 1
+    log_every: Annotated[int, Field(ge=1)] = 20
+    """Steps between host reads of the running loss (progress bar and NaN check)."""
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TrainSection:
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs train.milestones, e.g. [60, 120, 160]")
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"milestones must increase, got {self.milestones}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        return self
+
+
+class Recipe(_Section):
+    name: str | None = None
+    description: str = ""
+    dataset: DatasetSection
+    model: ModelSection
+    variants: Annotated[list[Variant], Field(min_length=1)]
+    train: TrainSection
+    seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
+
+    @model_validator(mode="after")
+    def _check_unique(self) -> Recipe:
+        names = [variant_name(v) for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variant names must be unique, {duplicates} repeat (set `name` on each)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be unique, got {self.seeds}")
+        return self
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a recipe with one variant and one seed, and its stable id."""
+
+    recipe_name: str
+    variant_kind: str
+    variant_name: str
+    seed: int
+    config: dict[str, Any]
+    """The resolved run config (written as config.json)."""
+    run_id: str = field(default="")
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    recipe: Recipe
+    name: str
+    path: Path
+
+    def input_size(self) -> int:
+        return self.recipe.dataset.input_size or _DEFAULT_INPUT_SIZE.get(self.recipe.dataset.name, 224)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value read as TOML (``1``, ``0.1``, ``true``, ``[1, 2]``), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides in place; list items are addressed by index (``variants.1.reg_w``)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise FinebenchError(f"--set {override!r}: expected KEY=VALUE, e.g. train.epochs=1")
+        parts = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            path = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise FinebenchError(f"--set {key}: {path} is a list of {len(node)}, expected an index")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise FinebenchError(f"--set {key}: {path} is not a section in {source}")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise FinebenchError(f"--set {key}: expected a list index below {len(node)}")
+            node[int(last)] = _parse_value(raw.strip())
+        elif isinstance(node, dict):
+            node[last] = _parse_value(raw.strip())
+        else:
+            raise FinebenchError(f"--set {key}: {'.'.join(parts[:-1])} is not a section in {source}")
+    return data
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        # Drop the union tag pydantic inserts for discriminated variants (variants.1.attention.x).
+        loc = [str(p) for p in item["loc"] if p not in ("baseline", "attention", "se", "cbam")]
+        where = ".".join(loc) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in item and item["type"] not in ("missing", "value_error"):
+            message += f" (got {item['input']!r})"
+        problems.append(f"{where}: {message}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_dataset: bool = True) -> LoadedRecipe:
+    """Read, override and validate a recipe; the one place a recipe file becomes a ``Recipe``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinebenchError(f"{path}: recipe file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise FinebenchError(f"{path}: not valid TOML: {error}") from None
+    apply_overrides(data, overrides, str(path))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise FinebenchError(_format_validation_error(error, str(path))) from None
+    if check_dataset:
+        from finebench.data.registry import get_spec
+
+        try:
+            get_spec(recipe.dataset.name)
+        except FinebenchError as error:
+            raise FinebenchError(f"{path}: dataset.name: {error}") from None
+    return LoadedRecipe(recipe=recipe, name=recipe.name or path.stem, path=path)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def run_id_for(config: Mapping[str, Any]) -> str:
+    """A stable 12-hex id: the hash of what the run computes (paths and worker counts excluded)."""
+    trimmed = json.loads(_canonical(config))
+    for section, key in _RUN_ID_EXCLUDE:
+        trimmed.get(section, {}).pop(key, None)
+    return hashlib.sha256(_canonical(trimmed).encode()).hexdigest()[:12]
+
+
+def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]:
+    """One run per variant × seed, in recipe order; ``only`` keeps variants by name or kind."""
+    recipe = loaded.recipe
+    variants = list(recipe.variants)
+    if only:
+        known = {variant_name(v) for v in variants} | {v.kind for v in variants}
+        unknown = [name for name in only if name not in known]
+        if unknown:
+            raise FinebenchError(
+                f"--only {', '.join(unknown)}: not a variant of {loaded.path}; choose from {sorted(known)}"
+            )
+        variants = [v for v in variants if variant_name(v) in only or v.kind in only]
+    base = recipe.model_dump(mode="json", exclude={"variants", "seeds", "name", "description"})
+    runs = []
+    for variant in variants:
+        for seed in recipe.seeds:
+            config = {
+                "recipe": loaded.name,
+                **base,
+                "variant": {"kind": variant.kind, "name": variant_name(variant), "options": variant_options(variant)},
+                "seed": seed,
+            }
+            runs.append(
+                RunSpec(
+                    recipe_name=loaded.name,
+                    variant_kind=variant.kind,
+                    variant_name=variant_name(variant),
+                    seed=seed,
+                    config=config,
+                    run_id=run_id_for(config),
+                )
+            )
+    return runs

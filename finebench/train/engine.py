@@ -1,0 +1,545 @@
+"""Training engine: one readable ``fit`` plus the small helpers it calls.
+
+Speed rules (the engine is benchmarked against a plain PyTorch loop): no host sync inside a step
+(loss and accuracy accumulate on the device and are read once per ``log_every`` steps),
+non-blocking copies, ``zero_grad(set_to_none=True)``. Resume rule: a checkpoint at the end of
+every epoch holds the model, optimiser, scheduler, grad scaler, every RNG state (python, numpy,
+torch, CUDA, the loader's shuffling generator) and the epoch, so a resumed run repeats the
+uninterrupted one exactly on CPU in fp32. Distributed seam: ``fit`` takes a ``DistContext``;
+only rank 0 writes, and ``reduce_sum`` is where counts are summed across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finebench.errors import FinebenchError
+from finebench.models.output import ModelOutput
+from finebench.recipe import TrainSection
+from finebench.train.optim import build_optimizer, build_scheduler
+
+# ---- device, precision, seeds -----------------------------------------------------------------
+
+
+@dataclass
+class DistContext:
+    """Where this process stands in a (possibly) distributed run; one process by default.
+
+    ``finebench.train.distributed`` provides a subclass whose ``wrap`` applies DDP and whose
+    ``reduce_sum`` all-reduces; the engine calls only these three members.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FinebenchError(f"train.device = {spec!r}: CUDA is not available on this machine")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """bf16 autocast pays off on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 where the hardware runs it natively, else fp32 (fp16 only when asked)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state(loader: Any = None) -> dict[str, Any]:
+    """Every RNG a training epoch draws from, as plain tensors/containers (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    # Augmentation generators living on the dataset (in-process when workers=0); JSON because
+    # PCG64 states are 128-bit integers.
+    state["dataset"] = {name: json.dumps(g.bit_generator.state) for name, g in _dataset_generators(loader).items()}
+    return state
+
+
+def _dataset_generators(loader: Any) -> dict[str, np.random.Generator]:
+    dataset, found, depth = getattr(loader, "dataset", None), {}, 0
+    while dataset is not None and depth < 8:
+        for name, value in vars(dataset).items():
+            if isinstance(value, np.random.Generator):
+                found[f"{depth}.{name}"] = value
+        dataset, depth = getattr(dataset, "dataset", None), depth + 1
+    return found
+
+
+def restore_rng_state(state: Mapping[str, Any], loader: Any = None) -> None:
+    version, keys, pos, has_gauss, cached = state["numpy"]
+    random.setstate(_as_tuples(state["python"]))
+    np.random.set_state((version, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(loader, "generator", None)
+    if generator is not None and "loader" in state:
+        generator.set_state(state["loader"])
+    for name, rng in _dataset_generators(loader).items():
+        if name in state.get("dataset", {}):
+            rng.bit_generator.state = json.loads(state["dataset"][name])
+
+
+def _as_tuples(value: Any) -> Any:
+    """``random.setstate`` wants tuples; a checkpoint round trip may hand back lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---- loss and one training step ---------------------------------------------------------------
+
+
+def training_loss(output: ModelOutput, labels: torch.Tensor, *, mixture: bool, label_smoothing: float = 0.0) -> torch.Tensor:
+    """NLL on the mixed log-probabilities plus the regulariser (Attend and Rectify), else cross-entropy."""
+    if not mixture:
+        return F.cross_entropy(output.logits.float(), labels, label_smoothing=label_smoothing)
+    log_probs = output.log_probs.float()
+    loss = F.nll_loss(log_probs, labels)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * log_probs.mean()
+    if output.reg_loss is not None:
+        loss = loss + output.reg_loss.float()
+    return loss
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True)
+
+
+@dataclass
+class TrainStep:
+    """One optimiser step on one batch; returns device tensors (loss, correct count), no host sync.
+
+    Usable alone on in-memory batches (benchmarks): build it, then call it in a loop.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    device: torch.device
+    precision: str = "fp32"
+    mixture: bool = False
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    channels_last: bool = False
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = _to_device(images, labels, self.device, self.channels_last)
+        with autocast(self.device, self.precision):
+            output = self.model(images)
+            loss = training_loss(output, labels, mixture=self.mixture, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        scores = output.log_probs if self.mixture else output.logits
+        correct = (scores.argmax(dim=1) == labels).sum()
+        return loss.detach(), correct
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+def tap_names(model: nn.Module, count: int) -> list[str]:
+    taps = list(getattr(model, "attention_taps", []) or [])
+    return taps if len(taps) == count else [f"module{i}" for i in range(count)]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    mixture: bool = False,
+    channels_last: bool = False,
+    ctx: DistContext | None = None,
+) -> dict[str, Any]:
+    """Loss, top-1, top-5 and, for attention models, the network's and each module's own top-1."""
+    ctx = ctx or DistContext()
+    model.eval()
+    totals: torch.Tensor | None = None
+    module_count = 0
+    for images, labels in loader:
+        images, labels = _to_device(images, labels, device, channels_last)
+        with autocast(device, precision):
+            output = model(images)
+        scores = (output.log_probs if mixture else output.logits).float()
+        loss = training_loss(output._replace(reg_loss=None), labels, mixture=mixture) * labels.numel()
+        top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
+        row = [
+            labels.new_tensor(labels.numel(), dtype=torch.float64),
+            loss.double(),
+            (top5[:, 0] == labels).sum().double(),
+            (top5 == labels[:, None]).any(dim=1).sum().double(),
+        ]
+        if mixture:
+            module_count = len(output.module_logits)
+            row.append((output.logits.argmax(dim=1) == labels).sum().double())
+            row.extend((m.argmax(dim=1) == labels).sum().double() for m in output.module_logits)
+        batch = torch.stack(row)
+        totals = batch if totals is None else totals + batch
+    if totals is None:
+        raise FinebenchError("the test split is empty: nothing to evaluate")
+    values = ctx.reduce_sum(totals).tolist()
+    count = values[0]
+    result: dict[str, Any] = {
+        "test_loss": values[1] / count,
+        "test_top1": 100.0 * values[2] / count,
+        "test_top5": 100.0 * values[3] / count,
+        "network_top1": None,
+        "module_top1": {},
+    }
+    if mixture:
+        unwrapped = getattr(model, "module", model)
+        result["network_top1"] = 100.0 * values[4] / count
+        names = tap_names(getattr(unwrapped, "_orig_mod", unwrapped), module_count)
+        result["module_top1"] = {name: 100.0 * v / count for name, v in zip(names, values[5:])}
+    return result
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+class Progress(Protocol):
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def update(self, steps_done: int, *, images_per_s: float, loss: float, lr: float) -> None: ...
+    def end_epoch(self, row: Mapping[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class SilentProgress:
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def update(self, steps_done: int, *, images_per_s: float, loss: float, lr: float) -> None:
+        pass
+
+    def end_epoch(self, row: Mapping[str, Any]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+class RichProgress:
+    """A transient bar per epoch (images/s, loss, lr, ETA) and one printed line per finished epoch."""
+
+    def __init__(self, label: str, console: Any = None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.label = label
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._task: Any = None
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        if self._task is None:
+            self._progress.start()
+        else:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(f"{self.label} epoch {epoch}/{epochs}", total=steps, stats="")
+
+    def update(self, steps_done: int, *, images_per_s: float, loss: float, lr: float) -> None:
+        stats = f"{images_per_s:,.0f} img/s  loss {loss:.4f}  lr {lr:.3g}"
+        self._progress.update(self._task, completed=steps_done, stats=stats)
+
+    def end_epoch(self, row: Mapping[str, Any]) -> None:
+        line = f"{self.label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}"
+        if row.get("test_top1") is not None:
+            line += f"  test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.2f}  top-5 {row['test_top5']:.2f}"
+        if row.get("network_top1") is not None:
+            line += f"  network {row['network_top1']:.2f}"
+        line += f"  {row['images_per_s']:,.0f} img/s  {row['epoch_time_s']:.1f}s"
+        self._progress.console.print(line, highlight=False)
+
+    def message(self, text: str) -> None:
+        self._progress.console.print(text, highlight=False)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+# ---- fit ------------------------------------------------------------------------------------------
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite; the run cannot continue."""
+
+
+@dataclass
+class FitResult:
+    status: str
+    """``finished`` or ``failed``."""
+    failure_reason: str | None
+    rows: list[dict[str, Any]]
+    epochs_completed: int
+    train_time_s: float
+    images_per_s: float
+    precision: str
+    device: torch.device
+
+
+class RunStore(Protocol):
+    """What ``fit`` needs from a run folder (``finebench.results.RunDir`` provides it)."""
+
+    def read_metrics(self) -> list[dict[str, Any]]: ...
+    def write_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None: ...
+    def save_checkpoint(self, state: Mapping[str, Any]) -> None: ...
+    def load_checkpoint(self) -> dict[str, Any] | None: ...
+
+
+def _check_finite(losses: list[torch.Tensor], epoch: int, first_step: int) -> None:
+    """One host read for a whole log interval; names the first bad step when there is one."""
+    if not losses:
+        return
+    stacked = torch.stack(losses)
+    finite = torch.isfinite(stacked)
+    if bool(finite.all()):
+        return
+    index = int((~finite).nonzero()[0, 0])
+    value = stacked[index].item()
+    raise NonFiniteLoss(f"loss became {value} at epoch {epoch} step {first_step + index}")
+
+
+def _train_epoch(step: TrainStep, loader: Iterable, epoch: int, epochs: int, log_every: int, progress: Progress):
+    steps = len(loader)  # type: ignore[arg-type]
+    progress.start_epoch(epoch, epochs, steps)
+    loss_sum = torch.zeros((), device=step.device, dtype=torch.float64)
+    correct_sum = torch.zeros((), device=step.device, dtype=torch.float64)
+    seen = 0
+    pending: list[torch.Tensor] = []
+    start = time.perf_counter()
+    for index, (images, labels) in enumerate(loader):
+        loss, correct = step(images, labels)
+        batch = labels.shape[0]
+        loss_sum += loss.double() * batch
+        correct_sum += correct
+        seen += batch
+        pending.append(loss)
+        if len(pending) == log_every or index + 1 == steps:
+            _check_finite(pending, epoch, index + 1 - len(pending))
+            pending = []
+            elapsed = time.perf_counter() - start
+            progress.update(
+                index + 1,
+                images_per_s=seen / max(elapsed, 1e-9),
+                loss=loss_sum.item() / seen,
+                lr=step.optimizer.param_groups[-1]["lr"],
+            )
+    if step.device.type == "cuda":
+        torch.cuda.synchronize(step.device)
+    elapsed = time.perf_counter() - start
+    return loss_sum, correct_sum, seen, elapsed
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Any,
+    test_loader: Iterable,
+    train: TrainSection,
+    *,
+    mixture: bool,
+    store: RunStore | None = None,
+    ctx: DistContext | None = None,
+    progress: Progress | None = None,
+    checkpoint_extra: Mapping[str, Any] | None = None,
+) -> FitResult:
+    """Train for ``train.epochs``, resuming from the store's checkpoint when it has one.
+
+    The caller seeds the RNGs and builds the model and loaders; ``fit`` owns everything from the
+    optimiser on. A NaN/inf loss ends the run with status ``failed`` instead of raising.
+    """
+    ctx = ctx or DistContext()
+    progress = progress or SilentProgress()
+    device = resolve_device(train.device)
+    precision = resolve_precision(train.precision, device)
+    model.to(device)
+    if train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train, len(train_loader))
+    trained_model = ctx.wrap(model)
+    if train.compile:
+        trained_model = torch.compile(trained_model)
+    step = TrainStep(
+        trained_model, optimizer, scheduler, device, precision, mixture,
+        train.label_smoothing, train.grad_clip, train.channels_last,
+    )
+
+    rows: list[dict[str, Any]] = []
+    start_epoch, train_time, train_images = 1, 0.0, 0
+    checkpoint = store.load_checkpoint() if store is not None else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        step.scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"], train_loader)
+        start_epoch = int(checkpoint["epoch"]) + 1
+        train_time, train_images = float(checkpoint["train_time_s"]), int(checkpoint["train_images"])
+        rows = [row for row in store.read_metrics() if row["epoch"] < start_epoch]
+        progress.message(f"resuming from epoch {start_epoch - 1}")
+
+    def result(status: str, reason: str | None, epochs_done: int) -> FitResult:
+        throughput = train_images / train_time if train_time else 0.0
+        return FitResult(status, reason, rows, epochs_done, train_time, throughput, precision, device)
+
+    for epoch in range(start_epoch, train.epochs + 1):
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        trained_model.train()
+        try:
+            loss_sum, correct_sum, seen, elapsed = _train_epoch(
+                step, train_loader, epoch, train.epochs, train.log_every, progress
+            )
+        except NonFiniteLoss as error:
+            return result("failed", str(error), epoch - 1)
+        counts = ctx.reduce_sum(torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(seen)])).tolist()
+        train_time += elapsed
+        train_images += int(counts[2])
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": counts[0] / counts[2],
+            "train_top1": 100.0 * counts[1] / counts[2],
+            "lr": optimizer.param_groups[-1]["lr"],
+            "epoch_time_s": elapsed,
+            "images_per_s": counts[2] / elapsed if elapsed else 0.0,
+        }
+        if epoch % train.eval_every == 0 or epoch == train.epochs:
+            metrics = evaluate(
+                trained_model, test_loader, device=device, precision=precision, mixture=mixture,
+                channels_last=train.channels_last, ctx=ctx,
+            )
+            row = {"epoch": epoch, "train_loss": row["train_loss"], "train_top1": row["train_top1"], **metrics,
+                   **{k: row[k] for k in ("lr", "epoch_time_s", "images_per_s")}}
+            if not math.isfinite(row["test_loss"]):
+                rows.append(row)
+                if store is not None and ctx.is_main:
+                    store.write_metrics(rows)
+                return result("failed", f"test loss became {row['test_loss']} at epoch {epoch}", epoch)
+            rows.append(row)
+        progress.end_epoch(row)
+        if store is not None and ctx.is_main:
+            store.write_metrics(rows)
+            store.save_checkpoint(
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": step.scaler.state_dict(),
+                    "rng": capture_rng_state(train_loader),
+                    "train_time_s": train_time,
+                    "train_images": train_images,
+                    **dict(checkpoint_extra or {}),
+                }
+            )
+    return result("finished", None, train.epochs)
+
+
+def build_train_step(
+    model: nn.Module, train: TrainSection, *, mixture: bool, steps_per_epoch: int
+) -> TrainStep:
+    """A ready ``TrainStep`` (device, precision, optimiser, schedule) for benchmarks on in-memory batches."""
+    device = resolve_device(train.device)
+    model.to(device).train()
+    if train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train, steps_per_epoch)
+    compiled: Callable = torch.compile(model) if train.compile else model
+    return TrainStep(
+        compiled, optimizer, scheduler, device, resolve_precision(train.precision, device), mixture,
+        train.label_smoothing, train.grad_clip, train.channels_last,
+    )

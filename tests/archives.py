@@ -1,0 +1,432 @@
+"""Miniature copies of official dataset distributions, built for tests.
+
+Every image is a real JPEG filled with one colour that no other image in the same miniature
+uses, so a test can read a stored image back, sample its pixels and tell exactly which source
+image (and so which label) it came from. Annotation files use the real formats: ``.mat`` files
+written by ``scipy.io.savemat`` with the official variable names and cell/struct shapes, and text
+files with the official columns. Each builder returns the files under their official names plus
+what a correct prepare must produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from scipy.io import savemat
+
+Colour = tuple[int, int, int]
+
+_LEVELS = (24, 72, 120, 168, 216)
+PALETTE: list[Colour] = [c for c in itertools.product(_LEVELS, repeat=3) if len(set(c)) > 1]
+"""Colours at least 48 apart in some channel: far beyond JPEG error on flat blocks."""
+
+
+@dataclass
+class Expected:
+    """One example a correct prepare stores: its label, fill colour and (for crops) size."""
+
+    label: int
+    colour: Colour
+    size: tuple[int, int] | None = None
+
+
+@dataclass
+class Miniature:
+    name: str
+    files: dict[str, bytes]
+    """Official file name -> content (archives and plain files, as distributed)."""
+    classes: list[str]
+    splits: dict[str, list[Expected]]
+    extra: dict = field(default_factory=dict)
+
+    def md5(self, filename: str) -> str:
+        return hashlib.md5(self.files[filename]).hexdigest()
+
+
+class _Colours:
+    """Hands out distinct colours in a fixed order, so miniatures are deterministic."""
+
+    def __init__(self) -> None:
+        self._next = iter(PALETTE)
+
+    def __call__(self) -> Colour:
+        return next(self._next)
+
+
+# ---- encoders -------------------------------------------------------------------------------
+
+
+def jpeg(colour: Colour, size: tuple[int, int] = (24, 16), *, banner: int = 0) -> bytes:
+    """A flat JPEG of ``size`` (w, h); ``banner`` adds that many black rows at the bottom."""
+    width, height = size
+    pixels = np.empty((height + banner, width, 3), dtype=np.uint8)
+    pixels[:height] = colour
+    pixels[height:] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, subsampling=0)
+    return buffer.getvalue()
+
+
+def two_part_jpeg(left: Colour, right: Colour, size: tuple[int, int] = (32, 16)) -> bytes:
+    """Left half one colour, right half another: a photo with two foods."""
+    width, height = size
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2] = left
+    pixels[:, width // 2 :] = right
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95, subsampling=0)
+    return buffer.getvalue()
+
+
+def tar_bytes(members: dict[str, bytes], compression: str = "") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=f"w:{compression}") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def mat_bytes(variables: dict) -> bytes:
+    buffer = io.BytesIO()
+    savemat(buffer, variables)
+    return buffer.getvalue()
+
+
+def cell_column(values: list[str]) -> np.ndarray:
+    """An N x 1 MATLAB cell array of strings (how Stanford Dogs stores file_list)."""
+    cells = np.empty((len(values), 1), dtype=object)
+    for i, value in enumerate(values):
+        cells[i, 0] = value
+    return cells
+
+
+def struct_row(records: list[dict]) -> np.ndarray:
+    """A 1 x N MATLAB struct array (how the Stanford Cars and ImageNet devkits store records)."""
+    names = list(records[0])
+    array = np.empty((1, len(records)), dtype=[(n, object) for n in names])
+    for i, record in enumerate(records):
+        for n in names:
+            array[n][0, i] = record[n]
+    return array
+
+
+def text(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+# ---- datasets -------------------------------------------------------------------------------
+
+
+def stanford_dogs() -> Miniature:
+    colour = _Colours()
+    folders = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02085936-Maltese_dog"]
+    images, lists, splits = {}, {}, {"train": [], "test": []}
+    for split, per_class in (("train", 2), ("test", 1)):
+        entries = []
+        for label, folder in enumerate(folders):
+            for n in range(per_class):
+                c = colour()
+                relative = f"{folder}/{folder.split('-')[0]}_{split}{n}.jpg"
+                images[f"Images/{relative}"] = jpeg(c)
+                entries.append((relative, label))
+                splits[split].append(Expected(label, c))
+        entries.reverse()  # the parser must go by labels, not by list order
+        lists[f"{split}_list.mat"] = mat_bytes({
+            "file_list": cell_column([r for r, _ in entries]),
+            "annotation_list": cell_column([r[:-4] for r, _ in entries]),
+            "labels": np.array([[label + 1.0] for _, label in entries]),
+        })
+    return Miniature(
+        "stanford_dogs",
+        {"images.tar": tar_bytes(images), "lists.tar": tar_bytes(lists)},
+        ["Chihuahua", "Japanese_spaniel", "Maltese_dog"],
+        splits,
+    )
+
+
+def _caltech_tables(root: str, records: list[tuple[str, str, int, bool]]) -> dict[str, bytes]:
+    """images.txt / image_class_labels.txt / train_test_split.txt for (id, path, class id, is_train)."""
+    return {
+        f"{root}/images.txt": text([f"{i} {p}" for i, p, _, _ in records]),
+        f"{root}/image_class_labels.txt": text([f"{i} {c}" for i, _, c, _ in records]),
+        f"{root}/train_test_split.txt": text([f"{i} {int(t)}" for i, _, _, t in records]),
+    }
+
+
+def cub200() -> Miniature:
+    colour = _Colours()
+    folders = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    members, records, splits = {}, [], {"train": [], "test": []}
+    image_id = 0
+    for label, folder in enumerate(folders):
+        for is_train in (True, False, True):
+            image_id += 1
+            c = colour()
+            path = f"{folder}/{folder.split('.')[1]}_{image_id:04d}_{image_id}.jpg"
+            members[f"CUB_200_2011/images/{path}"] = jpeg(c)
+            records.append((str(image_id), path, label + 1, is_train))
+            splits["train" if is_train else "test"].append(Expected(label, c))
+    members.update(_caltech_tables("CUB_200_2011", records))
+    members["CUB_200_2011/classes.txt"] = text([f"{i} {f}" for i, f in enumerate(folders, 1)])
+    members["CUB_200_2011/bounding_boxes.txt"] = text([f"{r[0]} 1.0 1.0 10.0 10.0" for r in records])
+    return Miniature(
+        "cub200",
+        {"CUB_200_2011.tgz": tar_bytes(members, "gz")},
+        ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross"],
+        splits,
+    )
+
+
+def nabirds() -> Miniature:
+    colour = _Colours()
+    # classes.txt lists taxonomy nodes too; only leaves with images become classes.
+    classes_txt = ["0 Birds", "1 Perching Birds", "22 Chickadees and Titmice",
+                   "295 Oak Titmouse", "296 Juniper Titmouse", "400 Empty Leaf Without Images",
+                   "817 Tufted Titmouse"]
+    leaves = [295, 296, 817]
+    members, records, splits = {}, [], {"train": [], "test": []}
+    for label, class_id in enumerate(leaves):
+        for n, is_train in enumerate((True, False)):
+            c = colour()
+            uuid = f"{class_id:08x}-{n:04x}-4d0c-bfe1-4cae3c85c829"
+            path = f"{class_id:04d}/{uuid.replace('-', '')}.jpg"
+            members[f"nabirds/images/{path}"] = jpeg(c)
+            records.append((uuid, path, class_id, is_train))
+            splits["train" if is_train else "test"].append(Expected(label, c))
+    members.update(_caltech_tables("nabirds", records))
+    members["nabirds/classes.txt"] = text(classes_txt)
+    members["nabirds/hierarchy.txt"] = text(["1 0", "22 1", "295 22", "296 22", "817 22", "400 22"])
+    return Miniature(
+        "nabirds",
+        {"nabirds.tar.gz": tar_bytes(members, "gz")},
+        ["Oak Titmouse", "Juniper Titmouse", "Tufted Titmouse"],
+        splits,
+    )
+
+
+def stanford_cars() -> Miniature:
+    colour = _Colours()
+    class_names = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012"]
+    files, splits = {}, {"train": [], "test": []}
+    annotations = {}
+    for split, per_class in (("train", 2), ("test", 1)):
+        members, records = {}, []
+        for label in (2, 0, 1):  # annotation order is not class order
+            for _ in range(per_class):
+                c = colour()
+                fname = f"{len(records) + 1:05d}.jpg"
+                members[f"cars_{split}/{fname}"] = jpeg(c)
+                records.append({"bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 20, "bbox_y2": 12,
+                                "class": np.uint8(label + 1), "fname": fname})
+                splits[split].append(Expected(label, c))
+        files[f"cars_{split}.tgz"] = tar_bytes(members, "gz")
+        annotations[split] = records
+    files["car_devkit.tgz"] = tar_bytes({
+        "devkit/cars_meta.mat": mat_bytes({"class_names": np.array([class_names], dtype=object)}),
+        "devkit/cars_train_annos.mat": mat_bytes({"annotations": struct_row(annotations["train"])}),
+        "devkit/cars_test_annos.mat": mat_bytes({"annotations": struct_row(
+            [{k: v for k, v in r.items() if k != "class"} for r in annotations["test"]])}),
+        "devkit/README.txt": b"devkit\n",
+    }, "gz")
+    files["cars_test_annos_withlabels.mat"] = mat_bytes({"annotations": struct_row(annotations["test"])})
+    return Miniature("stanford_cars", files, class_names, splits)
+
+
+def uec_food100() -> Miniature:
+    """Three classes; photo 3 holds foods 1 and 2 and sits in both folders with one box each."""
+    colour = _Colours()
+    names = ["rice", "eels on rice", "pilaf"]
+    members = {"UECFOOD100/category.txt": text(["id\tname"] + [f"{i}\t{n}" for i, n in enumerate(names, 1)])}
+    boxes: dict[int, list[str]] = {1: [], 2: [], 3: []}
+    expected: list[tuple[int, Expected]] = []  # (photo, example)
+    single = {1: [1, 2], 2: [4, 5], 3: [6, 7, 8]}
+    for class_id, photos in single.items():
+        for photo in photos:
+            c = colour()
+            members[f"UECFOOD100/{class_id}/{photo}.jpg"] = jpeg(c, (32, 32))
+            boxes[class_id].append(f"{photo} 0 0 16 16")
+            expected.append((photo, Expected(class_id - 1, c, (16, 16))))
+    left, right = colour(), colour()
+    for class_id, box, c in ((1, "3 0 0 16 16", left), (2, "3 16 0 32 16", right)):
+        members[f"UECFOOD100/{class_id}/3.jpg"] = two_part_jpeg(left, right, (32, 16))
+        boxes[class_id].append(box)
+        expected.append((3, Expected(class_id - 1, c, (16, 16))))
+    for class_id, rows in boxes.items():
+        members[f"UECFOOD100/{class_id}/bb_info.txt"] = text(["img x1 y1 x2 y2"] + rows)
+    members["UECFOOD100/multiple_food.txt"] = text(["img category1 category2", "3 1 2"])
+    return Miniature(
+        "uec_food100",
+        {"dataset100.zip": zip_bytes(members)},
+        names,
+        {"all": [e for _, e in expected]},
+        extra={"photo_of_colour": {e.colour: photo for photo, e in expected}, "photos": 8},
+    )
+
+
+def adience() -> Miniature:
+    colour = _Colours()
+    header = "user_id\toriginal_image\tface_id\tage\tgender\tx\ty\tdx\tdy\ttilt_ang\tfiducial_yaw_angle\tfiducial_score"
+    members, files, splits = {}, {}, {}
+    face_id = 0
+    for fold in range(5):
+        rows, splits[f"fold{fold}"] = [header], []
+        for gender in ("f", "m", "u", ""):
+            face_id += 1
+            user = f"{fold + 1000}@N0{fold}"
+            original = f"{face_id}0537_5d6473f2d1_o.jpg"
+            c = colour()
+            members[f"aligned/{user}/landmark_aligned_face.{face_id}.{original}"] = jpeg(c)
+            rows.append(f"{user}\t{original}\t{face_id}\t(25, 32)\t{gender}\t0\t0\t100\t100\t0\t0\t17")
+            if gender:
+                if gender != "u":
+                    splits[f"fold{fold}"].append(Expected({"f": 0, "m": 1}[gender], c))
+        files[f"fold_{fold}_data.txt"] = text(rows)
+    files["aligned.tar.gz"] = tar_bytes(members, "gz")
+    return Miniature("adience", files, ["female", "male"], splits)
+
+
+def imagenet() -> Miniature:
+    colour = _Colours()
+    leaves = [("n01440764", "tench, Tinca tinca"), ("n02012849", "crane"), ("n03126707", "crane")]
+    train_tars, splits = {}, {"train": [], "test": []}
+    for label, (wnid, _) in enumerate(leaves):
+        inner = {}
+        for n in range(2):
+            c = colour()
+            inner[f"{wnid}_{n + 1}.JPEG"] = jpeg(c)
+            splits["train"].append(Expected(label, c))
+        train_tars[f"{wnid}.tar"] = tar_bytes(inner)
+    val, truth = {}, []
+    for index, label in enumerate((2, 0, 1, 1, 0, 2), start=1):
+        c = colour()
+        val[f"ILSVRC2012_val_{index:08d}.JPEG"] = jpeg(c)
+        truth.append(str(label + 1))
+        splits["test"].append(Expected(label, c))
+    synsets = [
+        {"ILSVRC2012_ID": i, "WNID": w, "words": words, "gloss": "g", "num_children": 0,
+         "children": np.zeros((1, 0)), "wordnet_height": 0, "num_train_images": 2}
+        for i, (w, words) in enumerate(leaves, 1)
+    ] + [{"ILSVRC2012_ID": 4, "WNID": "n00001740", "words": "entity", "gloss": "g", "num_children": 3,
+          "children": np.array([[1, 2, 3]]), "wordnet_height": 1, "num_train_images": 0}]
+    devkit = {
+        "ILSVRC2012_devkit_t12/data/meta.mat": mat_bytes({"synsets": struct_row(synsets).T}),
+        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": text(truth),
+    }
+    return Miniature(
+        "imagenet",
+        {
+            "ILSVRC2012_img_train.tar": tar_bytes(train_tars),
+            "ILSVRC2012_img_val.tar": tar_bytes(val),
+            "ILSVRC2012_devkit_t12.tar.gz": tar_bytes(devkit, "gz"),
+        },
+        ["tench, Tinca tinca", "crane (n02012849)", "crane (n03126707)"],
+        splits,
+    )
+
+
+def flowers102(flower_names: list[str]) -> Miniature:
+    colour = _Colours()
+    members, labels, setid = {}, [], {"trnid": [], "valid": [], "tstid": []}
+    splits = {"train": [], "val": [], "test": []}
+    for image_id, (label, key) in enumerate(
+        itertools.product((0, 1, 2), ("trnid", "valid", "tstid", "tstid")), start=1
+    ):
+        c = colour()
+        members[f"jpg/image_{image_id:05d}.jpg"] = jpeg(c)
+        labels.append(label + 1)
+        setid[key].append(image_id)
+        splits[{"trnid": "train", "valid": "val", "tstid": "test"}[key]].append(Expected(label, c))
+    return Miniature(
+        "flowers102",
+        {
+            "102flowers.tgz": tar_bytes(members, "gz"),
+            "imagelabels.mat": mat_bytes({"labels": np.array([labels], dtype=np.uint8)}),
+            "setid.mat": mat_bytes({k: np.array([v], dtype=np.uint16) for k, v in setid.items()}),
+        },
+        list(flower_names),
+        splits,
+    )
+
+
+AIRCRAFT_BODY = (24, 16)
+
+
+def fgvc_aircraft() -> Miniature:
+    colour = _Colours()
+    variants = ["707-320", "A300B4", "Cessna 172"]
+    root = "fgvc-aircraft-2013b/data"
+    members = {f"{root}/variants.txt": text(variants)}
+    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    splits = {"train": [], "val": [], "test": []}
+    image_id = 1025794
+    for label, variant in enumerate(variants):
+        for split in ("train", "val", "test", "train"):
+            image_id += 1
+            c = colour()
+            members[f"{root}/images/{image_id:07d}.jpg"] = jpeg(c, AIRCRAFT_BODY, banner=20)
+            lists[split].append(f"{image_id:07d} {variant}")
+            splits[split].append(Expected(label, c, AIRCRAFT_BODY))
+    for split, lines in lists.items():
+        members[f"{root}/images_variant_{split}.txt"] = text(lines)
+    members[f"{root}/images_variant_trainval.txt"] = text(lists["train"] + lists["val"])
+    return Miniature("fgvc_aircraft", {"fgvc-aircraft-2013b.tar.gz": tar_bytes(members, "gz")}, variants, splits)
+
+
+def oxford_pets() -> Miniature:
+    colour = _Colours()
+    breeds = [("Abyssinian", 1), ("american_bulldog", 2), ("american_pit_bull_terrier", 2)]
+    images, lists, splits = {}, {"trainval": [], "test": []}, {"train": [], "test": []}
+    for label, (breed, species) in enumerate(breeds):
+        for n, split in enumerate(("trainval", "test", "trainval"), start=1):
+            c = colour()
+            images[f"images/{breed}_{n}.jpg"] = jpeg(c)
+            lists[split].append(f"{breed}_{n} {label + 1} {species} {label + 1}")
+            splits["train" if split == "trainval" else "test"].append(Expected(label, c))
+    annotations = {
+        "annotations/trainval.txt": text(lists["trainval"]),
+        "annotations/test.txt": text(lists["test"]),
+        "annotations/list.txt": text(["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids"]
+                                     + lists["trainval"] + lists["test"]),
+    }
+    return Miniature(
+        "oxford_pets",
+        {"images.tar.gz": tar_bytes(images, "gz"), "annotations.tar.gz": tar_bytes(annotations, "gz")},
+        [b for b, _ in breeds],
+        splits,
+    )
+
+
+def food101() -> Miniature:
+    colour = _Colours()
+    ids, names = ["apple_pie", "baby_back_ribs", "baklava"], ["Apple pie", "Baby back ribs", "Baklava"]
+    members, lists, splits = {}, {"train": [], "test": []}, {"train": [], "test": []}
+    for label, class_id in enumerate(ids):
+        for n, split in enumerate(("train", "train", "test")):
+            c = colour()
+            image = f"{class_id}/{1005649 + 10 * label + n}"
+            members[f"food-101/images/{image}.jpg"] = jpeg(c)
+            lists[split].append(image)
+            splits[split].append(Expected(label, c))
+    members["food-101/meta/classes.txt"] = text(ids)
+    members["food-101/meta/labels.txt"] = text(names)
+    for split, lines in lists.items():
+        members[f"food-101/meta/{split}.txt"] = text(lines)
+    return Miniature("food101", {"food-101.tar.gz": tar_bytes(members, "gz")}, names, splits)

@@ -1,0 +1,275 @@
+"""Every fine-grained builder, end to end: miniature archives in the official layout go through the
+real prepare (download from a local HTTP server or ``--from``, checksum, extraction, parse,
+store), then the store is read back and each image is identified by its pixels."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import archives
+import datasets
+import numpy as np
+import pytest
+
+from finebench.data import registry
+from finebench.data.builders.vgg import FLOWER_NAMES
+from finebench.data.prepare import prepare_dataset
+from finebench.errors import FinebenchError
+
+TOLERANCE = 12
+"""Largest per-channel difference accepted between a stored pixel and its source colour (JPEG)."""
+
+
+def _with_miniature_checksums(mini: archives.Miniature):
+    """The registered spec with digests of the miniature files (the real URLs/parse stay)."""
+    spec = registry.get_spec(mini.name)
+    sources = tuple(replace(s, md5=mini.md5(s.filename), sha256=None) for s in spec.sources)
+    return registry.override(replace(spec, sources=sources))
+
+
+def prepare_via_server(mini: archives.Miniature, server, data_root: Path) -> Path:
+    for filename, data in mini.files.items():
+        server.add(filename, data)
+    with _with_miniature_checksums(mini):
+        return prepare_dataset(mini.name, data_root, mirror=server.url, quiet=True)
+
+
+def write_files(mini: archives.Miniature, folder: Path, skip: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, data in mini.files.items():
+        if filename != skip:
+            (folder / filename).write_bytes(data)
+    return folder
+
+
+def _identify(image, palette: dict[tuple[int, int, int], archives.Expected]) -> archives.Expected:
+    """The expected example whose colour every sampled pixel of ``image`` shows."""
+    pixels = np.asarray(image.convert("RGB"), dtype=int)
+    height, width, _ = pixels.shape
+    samples = [pixels[y, x] for y in (1, height // 2, height - 1) for x in (1, width // 2, width - 1)]
+    for colour, expected in palette.items():
+        if all(np.abs(sample - colour).max() <= TOLERANCE for sample in samples):
+            return expected
+    raise AssertionError(f"stored image with pixels {samples[4]} matches no source image")
+
+
+def read_split(store: Path, split: str, palette: dict) -> list[archives.Expected]:
+    """Check every stored example against the source image its pixels identify; return those."""
+    dataset = datasets.load_from_disk(str(store / split))
+    found = []
+    for row in dataset:
+        expected = _identify(row["image"], palette)
+        assert row["label"] == expected.label, f"{split}: colour {expected.colour} stored with wrong label"
+        if expected.size is not None:
+            assert row["image"].size == expected.size
+        found.append(expected)
+    return found
+
+
+def check_store(store: Path, mini: archives.Miniature) -> dict:
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["classes"] == mini.classes
+    assert meta["splits"] == {split: len(examples) for split, examples in mini.splits.items()}
+    for split, examples in mini.splits.items():
+        palette = {e.colour: e for e in examples}
+        found = read_split(store, split, palette)
+        assert sorted(e.colour for e in found) == sorted(palette), f"{split}: images missing or repeated"
+        assert datasets.load_from_disk(str(store / split)).features["label"].names == mini.classes
+    return meta
+
+
+DOWNLOADABLE = {
+    "stanford_dogs": archives.stanford_dogs,
+    "cub200": archives.cub200,
+    "stanford_cars": archives.stanford_cars,
+    "flowers102": lambda: archives.flowers102(FLOWER_NAMES),
+    "fgvc_aircraft": archives.fgvc_aircraft,
+    "oxford_pets": archives.oxford_pets,
+    "food101": archives.food101,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOWNLOADABLE))
+def test_prepare_from_mirror_stores_official_splits_labels_and_pixels(name, local_http_server, tmp_path):
+    mini = DOWNLOADABLE[name]()
+    store = prepare_via_server(mini, local_http_server, tmp_path / "data")
+    meta = check_store(store, mini)
+    assert set(meta["sources"]) == set(mini.files)
+    assert all(meta["sources"][f]["md5"] == mini.md5(f) for f in mini.files)
+
+
+def test_fgvc_aircraft_crops_the_bottom_banner(local_http_server, tmp_path):
+    mini = archives.fgvc_aircraft()
+    store = prepare_via_server(mini, local_http_server, tmp_path / "data")
+    row = datasets.load_from_disk(str(store / "test"))[0]
+    assert row["image"].size == archives.AIRCRAFT_BODY  # 20 rows shorter than the file
+    bottom_row = np.asarray(row["image"].convert("RGB"), dtype=int)[-1]
+    assert bottom_row.min() > 10, "the black banner survived the crop"
+
+
+def test_uec_food100_crops_boxes_into_seeded_photo_folds(local_http_server, tmp_path):
+    mini = archives.uec_food100()
+    store = prepare_via_server(mini, local_http_server, tmp_path / "data")
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["classes"] == mini.classes
+    folds = [f"fold{k}" for k in range(5)]
+    assert list(meta["splits"]) == folds
+    palette = {e.colour: e for e in mini.splits["all"]}
+    fold_of_photo: dict[int, set[str]] = {}
+    found = []
+    for fold in folds:
+        for expected in read_split(store, fold, palette):
+            found.append(expected)
+            fold_of_photo.setdefault(mini.extra["photo_of_colour"][expected.colour], set()).add(fold)
+    # Both foods of the two-food photo are kept, each with its own label, in one shared fold.
+    assert sorted(e.colour for e in found) == sorted(palette)
+    assert all(len(f) == 1 for f in fold_of_photo.values())
+    assert meta["info"]["fold_seed"] == 0 and meta["info"]["multi_food_photos"] == 1
+    assert meta["info"]["photos"] == mini.extra["photos"]
+
+
+def test_uec_food100_folds_are_reproducible(local_http_server, tmp_path):
+    mini = archives.uec_food100()
+    first = prepare_via_server(mini, local_http_server, tmp_path / "a")
+    with _with_miniature_checksums(mini):
+        second = prepare_dataset(mini.name, tmp_path / "b", mirror=local_http_server.url, quiet=True)
+    for fold in range(5):
+        a = datasets.load_from_disk(str(first / f"fold{fold}"))["label"]
+        b = datasets.load_from_disk(str(second / f"fold{fold}"))["label"]
+        assert a == b
+
+
+MANUAL = {"adience": archives.adience, "imagenet": archives.imagenet, "nabirds": archives.nabirds}
+
+
+@pytest.mark.parametrize("name", sorted(MANUAL))
+def test_manual_dataset_prepares_from_folder(name, tmp_path):
+    mini = MANUAL[name]()
+    folder = write_files(mini, tmp_path / "downloads")
+    with _with_miniature_checksums(mini):
+        store = prepare_dataset(name, tmp_path / "data", from_path=folder, quiet=True)
+    meta = check_store(store, mini)
+    assert meta["origin"]["kind"] == "from"
+
+
+def test_stanford_cars_prepares_from_a_folder_since_its_urls_are_dead(tmp_path):
+    mini = archives.stanford_cars()
+    folder = write_files(mini, tmp_path / "cars")
+    with _with_miniature_checksums(mini):
+        store = prepare_dataset("stanford_cars", tmp_path / "data", from_path=folder, quiet=True)
+    check_store(store, mini)
+
+
+@pytest.mark.parametrize(
+    ("name", "missing"),
+    [("adience", "fold_3_data.txt"), ("imagenet", "ILSVRC2012_img_val.tar"), ("nabirds", "nabirds.tar.gz")],
+)
+def test_manual_dataset_names_the_missing_file(name, missing, tmp_path):
+    mini = MANUAL[name]()
+    folder = write_files(mini, tmp_path / "downloads", skip=missing)
+    with _with_miniature_checksums(mini), pytest.raises(FinebenchError, match=missing.replace(".", r"\.")):
+        prepare_dataset(name, tmp_path / "data", from_path=folder, quiet=True)
+    assert not (tmp_path / "data" / name).exists()
+
+
+@pytest.mark.parametrize("name", sorted(MANUAL))
+def test_manual_dataset_without_from_explains_where_to_get_it(name, tmp_path):
+    spec = registry.get_spec(name)
+    with pytest.raises(FinebenchError) as error:
+        prepare_dataset(name, tmp_path / "data", quiet=True)
+    for source in spec.sources:
+        assert source.filename in str(error.value)
+
+
+def test_extracted_layout_with_a_listed_image_missing_names_that_image(tmp_path):
+    mini = archives.cub200()
+    raw = tmp_path / "extracted"
+    raw.mkdir()
+    (tmp_path / "CUB_200_2011.tgz").write_bytes(mini.files["CUB_200_2011.tgz"])
+    from finebench.data.download import extract_archive
+
+    extract_archive(tmp_path / "CUB_200_2011.tgz", raw)
+    victim = next((raw / "CUB_200_2011" / "images").rglob("*.jpg"))
+    victim.unlink()
+    with pytest.raises(FinebenchError, match=victim.name):
+        prepare_dataset("cub200", tmp_path / "data", from_path=raw, quiet=True)
+
+
+def test_specs_state_sources_protocol_and_terms():
+    names = ["stanford_dogs", "cub200", "stanford_cars", "uec_food100", "adience", "imagenet",
+             "flowers102", "fgvc_aircraft", "oxford_pets", "food101", "nabirds"]
+    for name in names:
+        spec = registry.get_spec(name)
+        assert spec.sources and spec.protocol and spec.terms and spec.homepage
+        if spec.manual:
+            assert all(s.url is None for s in spec.sources)
+            assert all(s.filename in spec.manual_instructions for s in spec.sources if s.extract)
+        else:
+            assert all(s.url for s in spec.sources)
+    expected_classes = {"stanford_dogs": 120, "cub200": 200, "stanford_cars": 196, "uec_food100": 100,
+                        "adience": 2, "imagenet": 1000, "flowers102": 102, "fgvc_aircraft": 100,
+                        "oxford_pets": 37, "food101": 101, "nabirds": 555}
+    assert {name: registry.get_spec(name).num_classes for name in names} == expected_classes
+    assert len(FLOWER_NAMES) == 102 == len(set(FLOWER_NAMES))
+
+
+def test_imagenet_reads_an_already_extracted_train_folder(tmp_path):
+    """``--from`` a copy whose per-class tars were already unpacked to train/<wnid>/."""
+    mini = archives.imagenet()
+    raw = tmp_path / "imagenet"
+    raw.mkdir()
+    from finebench.data.download import extract_archive
+
+    for filename, data in mini.files.items():
+        (tmp_path / filename).write_bytes(data)
+        extract_archive(tmp_path / filename, raw / "val" if "val" in filename else raw)
+    for inner in raw.glob("n*.tar"):
+        extract_archive(inner, raw / "train" / inner.stem)
+        inner.unlink()
+    store = prepare_dataset("imagenet", tmp_path / "data", from_path=raw, quiet=True)
+    check_store(store, mini)
+
+
+def test_published_checksums_agree_with_torchvision():
+    import torchvision.datasets as tv
+    from torchvision.datasets import imagenet as tv_imagenet
+
+    def md5(name: str, filename: str) -> str | None:
+        return next(s.md5 for s in registry.get_spec(name).sources if s.filename == filename)
+
+    for filename, digest in tv.Flowers102._file_dict.values():
+        assert md5("flowers102", filename) == digest
+    for url, digest in tv.OxfordIIITPet._RESOURCES:
+        assert md5("oxford_pets", url.rsplit("/", 1)[1]) == digest
+    assert md5("food101", "food-101.tar.gz") == tv.Food101._MD5
+    for filename, digest in tv_imagenet.ARCHIVE_META.values():
+        assert md5("imagenet", filename) == digest
+    assert next(s.url for s in registry.get_spec("fgvc_aircraft").sources) == tv.FGVCAircraft._URL
+
+
+def _finebench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "finebench", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_prepares_adience_from_a_folder(tmp_path):
+    """The real spec (no published digests for Adience), through the command line."""
+    mini = archives.adience()
+    folder = write_files(mini, tmp_path / "downloads")
+    result = _finebench("prepare", "adience", "--from", str(folder), "--data-root", str(tmp_path / "data"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    check_store(tmp_path / "data" / "adience", mini)
+
+
+def test_cli_names_the_missing_adience_file_in_one_line(tmp_path):
+    mini = archives.adience()
+    folder = write_files(mini, tmp_path / "downloads", skip="fold_3_data.txt")
+    result = _finebench("prepare", "adience", "--from", str(folder), "--data-root", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert "fold_3_data.txt" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,214 @@
+"""The training engine on tiny in-memory data: records, resume, NaN guard, precision, optimiser."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from finebench.models.output import ModelOutput
+from finebench.recipe import TrainSection
+from finebench.results import RunDir
+from finebench.train.engine import (
+    TrainStep,
+    build_train_step,
+    evaluate,
+    fit,
+    resolve_precision,
+    seed_everything,
+    training_loss,
+)
+from finebench.train.optim import lr_factor_fn
+
+NUM_CLASSES = 4
+
+
+class TinyNet(nn.Module):
+    """A conv net with the ModelOutput contract; ``mixture`` adds two gated 'modules' and a reg loss."""
+
+    attention_taps = ["tap_b", "tap_a"]
+
+    def __init__(self, mixture: bool = False) -> None:
+        super().__init__()
+        self.mixture = mixture
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+        self.modules_fc = nn.ModuleList(nn.Linear(8, NUM_CLASSES) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        pooled = self.drop(F.relu(self.conv(x)).mean(dim=(2, 3)))
+        logits = self.fc(pooled)
+        if not self.mixture:
+            return ModelOutput(F.log_softmax(logits, 1), logits)
+        module_logits = tuple(m(pooled) for m in self.modules_fc)
+        stacked = torch.stack([*module_logits, logits], 1).log_softmax(-1)
+        log_probs = torch.logsumexp(stacked + math.log(1 / 3), dim=1)
+        reg = pooled.pow(2).mean() * 1e-3 if self.training else None
+        return ModelOutput(log_probs, logits, module_logits, None, reg)
+
+
+def make_data(n: int = 48, nan_at: int | None = None) -> TensorDataset:
+    generator = torch.Generator().manual_seed(123)
+    labels = torch.arange(n) % NUM_CLASSES
+    images = torch.randn(n, 3, 8, 8, generator=generator) + labels[:, None, None, None].float()
+    if nan_at is not None:
+        images[nan_at] = float("nan")
+    return TensorDataset(images, labels)
+
+
+def make_loaders(seed: int, **kwargs):
+    train = DataLoader(make_data(**kwargs), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    test = DataLoader(make_data(24), batch_size=16)
+    return train, test
+
+
+def train_cfg(**overrides) -> TrainSection:
+    base = dict(epochs=3, batch_size=8, lr=0.05, schedule="cosine", warmup_epochs=0.5, precision="fp32", log_every=2)
+    return TrainSection(**{**base, **overrides})
+
+
+def run_fit(store, *, mixture=False, seed=0, progress=None, **train_overrides):
+    seed_everything(seed)
+    model = TinyNet(mixture)
+    train_loader, test_loader = make_loaders(seed)
+    return fit(model, train_loader, test_loader, train_cfg(**train_overrides), mixture=mixture, store=store,
+               progress=progress)
+
+
+def comparable(rows):
+    return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "images_per_s")} for row in rows]
+
+
+CONTRACT_KEYS = {"epoch", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr",
+                 "epoch_time_s", "images_per_s", "network_top1", "module_top1"}
+
+
+def test_fit_writes_one_metrics_row_per_epoch_with_the_contract_keys(tmp_path):
+    store = RunDir(tmp_path, "r", "id")
+    result = run_fit(store)
+    assert result.status == "finished" and result.epochs_completed == 3
+    rows = store.read_metrics()
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert all(set(row) == CONTRACT_KEYS for row in rows)
+    assert rows[-1]["network_top1"] is None and rows[-1]["module_top1"] == {}
+    assert 0 <= rows[-1]["test_top1"] <= rows[-1]["test_top5"] <= 100
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_attention_runs_report_network_and_per_module_accuracy(tmp_path):
+    result = run_fit(RunDir(tmp_path, "r", "id"), mixture=True)
+    final = result.rows[-1]
+    assert set(final["module_top1"]) == {"tap_b", "tap_a"}
+    assert 0 <= final["network_top1"] <= 100
+
+
+def test_eval_every_skips_test_metrics_but_always_evaluates_the_last_epoch(tmp_path):
+    result = run_fit(RunDir(tmp_path, "r", "id"), epochs=3, eval_every=2)
+    assert [row["epoch"] for row in result.rows] == [2, 3]
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptIn:
+    """Stops training in the middle of an epoch, after the previous epoch's checkpoint was written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.stop_epoch, self.epoch = epoch, 0
+
+    def start_epoch(self, epoch, epochs, steps):
+        self.epoch = epoch
+
+    def update(self, steps_done, **_):
+        if self.epoch == self.stop_epoch and steps_done >= 2:
+            raise Interrupt
+
+    def end_epoch(self, row):
+        pass
+
+    def message(self, text):
+        pass
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_resume_after_interruption_repeats_the_uninterrupted_run_exactly(tmp_path, mixture):
+    reference = run_fit(RunDir(tmp_path / "a", "r", "id"), mixture=mixture, epochs=4)
+    store = RunDir(tmp_path / "b", "r", "id")
+    with pytest.raises(Interrupt):
+        run_fit(store, mixture=mixture, epochs=4, progress=InterruptIn(3))
+    assert [row["epoch"] for row in store.read_metrics()] == [1, 2]
+    resumed = run_fit(store, mixture=mixture, epochs=4, seed=99)  # a wrong seed must not matter on resume
+    assert comparable(resumed.rows) == comparable(reference.rows)
+    assert comparable(store.read_metrics()) == comparable(reference.rows)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    store = RunDir(tmp_path, "r", "id")
+    run_fit(store, epochs=1)
+    state = torch.load(store.checkpoint_path, weights_only=True)
+    assert state["epoch"] == 1 and "model" in state and "rng" in state
+
+
+def test_nan_loss_fails_the_run_with_the_step_that_went_wrong(tmp_path):
+    seed_everything(0)
+    train_loader = DataLoader(make_data(nan_at=20), batch_size=8, shuffle=False)
+    _, test_loader = make_loaders(0)
+    result = fit(TinyNet(), train_loader, test_loader, train_cfg(), mixture=False, store=RunDir(tmp_path, "r", "i"))
+    assert result.status == "failed"
+    assert result.failure_reason == "loss became nan at epoch 1 step 2"
+    assert result.epochs_completed == 0
+
+
+def test_training_loss_is_cross_entropy_for_plain_models_and_nll_plus_reg_for_mixtures():
+    logits = torch.randn(5, NUM_CLASSES)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    plain = ModelOutput(logits.log_softmax(1), logits)
+    assert torch.allclose(training_loss(plain, labels, mixture=False), F.cross_entropy(logits, labels))
+    mixed = ModelOutput(logits.log_softmax(1) - 0.1, logits, reg_loss=torch.tensor(0.5))
+    expected = F.nll_loss(logits.log_softmax(1) - 0.1, labels) + 0.5
+    assert torch.allclose(training_loss(mixed, labels, mixture=True), expected)
+
+
+def test_evaluate_counts_top1_and_top5_exactly():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            logits = x.flatten(1)
+            return ModelOutput(logits.log_softmax(1), logits)
+
+    images = torch.eye(6)[[0, 1, 2, 3]].reshape(4, 6, 1, 1)  # predicts class i for image i
+    labels = torch.tensor([0, 1, 5, 5])
+    metrics = evaluate(Fixed(), [(images, labels)], device=torch.device("cpu"))
+    assert metrics["test_top1"] == pytest.approx(50.0)
+    assert metrics["test_top5"] == pytest.approx(100.0)
+
+
+def test_precision_auto_is_fp32_or_bf16_and_explicit_choices_are_kept():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) in {"fp32", "bf16"}
+    assert resolve_precision("fp32", cpu) == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_train_step_runs_on_in_memory_batches(precision):
+    torch.manual_seed(0)
+    step = build_train_step(TinyNet(), train_cfg(precision=precision, grad_clip=1.0, channels_last=True),
+                            mixture=False, steps_per_epoch=10)
+    assert isinstance(step, TrainStep)
+    images, labels = make_data(16).tensors
+    losses = [step(images, labels)[0].item() for _ in range(10)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_schedules_warm_up_then_decay_at_the_milestones():
+    factor = lr_factor_fn(train_cfg(epochs=10, schedule="multistep", milestones=[4, 8], gamma=0.2,
+                                    warmup_epochs=1), steps_per_epoch=10)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(39) == 1.0 and factor(40) == pytest.approx(0.2) and factor(80) == pytest.approx(0.04)
+    cosine = lr_factor_fn(train_cfg(epochs=10, schedule="cosine", warmup_epochs=0), steps_per_epoch=10)
+    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)

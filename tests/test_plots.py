@@ -1,0 +1,56 @@
+"""The report's figures are written as non-empty PNG and SVG files, one set per dataset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from finebench import plots, report
+from test_report import ATTENTION_OPTIONS, write_run
+
+
+def _records(root: Path) -> Path:
+    for seed, top1 in enumerate([90.0, 91.0]):
+        write_run(root, variant="baseline", variant_name="baseline", seed=seed, top1=top1)
+        write_run(root, variant="attention", variant_name="attention-ad3-aw4", seed=seed, top1=top1 + 1,
+                  options=ATTENTION_OPTIONS, params=37_000_000, flops=5_250_000_000,
+                  module_top1={"group2": 85.0, "group1": 70.0, "group0": 40.0},
+                  module_flops={"group2": 5_200_000_000, "group1": 3_500_000_000, "group0": 1_750_000_000},
+                  network_top1=89.0)
+    write_run(root, variant="baseline", variant_name="baseline", seed=0, top1=70.0, dataset="cub200",
+              backbone_label="WRN-50-2")
+    return root
+
+
+def test_write_plots_writes_every_figure_non_empty(tmp_path: Path) -> None:
+    runs, _, _ = report.load_runs([_records(tmp_path / "results")])
+    written = plots.write_plots(runs, tmp_path / "plots")
+    names = {path.name for path in written}
+    for stem in ("cost_accuracy_cifar10", "cost_accuracy_cub200", "learning_curves_cifar10",
+                 "learning_curves_cub200", "early_prediction_cifar10"):
+        assert {f"{stem}.png", f"{stem}.svg"} <= names
+    assert "early_prediction_cub200.png" not in names  # no attention run there
+    for path in written:
+        assert path.stat().st_size > 1000
+    assert (tmp_path / "plots" / "cost_accuracy_cifar10.png").read_bytes().startswith(b"\x89PNG")
+    assert b"<svg" in (tmp_path / "plots" / "early_prediction_cifar10.svg").read_bytes()[:2000]
+
+
+def test_learning_curves_skip_bad_metric_lines_with_warning(tmp_path: Path) -> None:
+    root = _records(tmp_path / "results")
+    metrics = next(root.rglob("metrics.jsonl"))
+    metrics.write_text(metrics.read_text() + '{"epoch": 4, "train_lo\n')
+    runs, _, _ = report.load_runs([root])
+    warnings: list[str] = []
+    (tmp_path / "out").mkdir()
+    written = plots.plot_learning_curves(runs, tmp_path / "out", warnings=warnings)
+    assert written and any(str(metrics) in w for w in warnings)
+
+
+def test_cli_report_plots_option(tmp_path: Path) -> None:
+    root = _records(tmp_path / "results")
+    done = subprocess.run([sys.executable, "-m", "finebench", "report", str(root), "--plots",
+                           str(tmp_path / "figs")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "figs" / "cost_accuracy_cifar10.svg").stat().st_size > 0
