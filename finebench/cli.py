@@ -246,6 +246,49 @@ def run_command(
         raise typer.Exit(1)
 
 
+@app.command("bench")
+def bench_command(
+    recipe: str = typer.Argument(..., help="Recipe TOML file whose variants to time."),
+    images: int = typer.Option(256, "--images", help="Images to time per variant (rounded up to whole batches)."),
+    overrides: list[str] = typer.Option([], "--set", help="Dotted override KEY=VALUE, e.g. --set train.batch_size=64."),
+    only: list[str] = typer.Option([], "--only", help="Time only this variant (name or kind; repeatable)."),
+    data_root: str | None = typer.Option(None, "--data-root", help="Prepared datasets folder, for the epoch size (default: the recipe's dataset.root)."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Time each variant's training step (random in-memory batches) and estimate the time per epoch."""
+    import json
+
+    from rich.table import Table
+
+    from finebench.bench import bench_recipe, machine_line
+
+    status = Console(stderr=True, quiet=json_output)
+    rows = bench_recipe(
+        recipe, overrides, images=images, only=only, data_root=data_root,
+        on_variant=lambda name: status.print(f"timing {name} ...", highlight=False),
+    )
+    if json_output:
+        typer.echo(json.dumps({"machine": machine_line(), "rows": [row.as_dict() for row in rows]}, indent=2))
+        return
+
+    def duration(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        hours, rest = divmod(round(seconds), 3600)
+        return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+    table = Table(title=f"{recipe}: training-step speed", caption=machine_line())
+    for column in ("variant", "batch", "precision", "img/s", "step", "images/epoch", "epoch", "run (all epochs)"):
+        table.add_column(column, justify="left" if column in ("variant", "precision") else "right")
+    for row in rows:
+        table.add_row(
+            row.variant, str(row.batch_size), row.precision + (" CL" if row.channels_last else ""),
+            f"{row.images_per_s:,.1f}", f"{row.step_s * 1000:,.0f} ms",
+            f"{row.train_images:,}" if row.train_images else "-", duration(row.epoch_s), duration(row.run_s),
+        )
+    Console().print(table)
+
+
 # ---- report and attention maps (issue 5) ---------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from finebench.data import registry
 from finebench.data.builders import cifar
-from finebench.data.builders.base import Source
+from finebench.data.builders.base import DatasetSpec, Source
 from finebench.data.prepare import prepare_dataset
 from finebench.errors import FinebenchError
 
@@ -71,7 +71,7 @@ def make_cifar100_archive(seed: int = 1) -> tuple[bytes, dict[str, tuple[np.ndar
     return buffer.getvalue(), truth
 
 
-def _serve(server, name: str, archive: bytes) -> dataclasses.Field:
+def _serve(server, name: str, archive: bytes) -> DatasetSpec:
     spec = registry.get_spec(name)
     source = spec.sources[0]
     server.add(source.filename, archive)

@@ -32,7 +32,7 @@ def test_interrupted_download_resumes_with_range(local_http_server, tmp_path: Pa
     local_http_server.faults.drop_after_bytes["big.bin"] = 1_000_000
     target = tmp_path / "big.bin"
 
-    digests = download.download(url, target, _source("big.bin", PAYLOAD), quiet=True)
+    digests = download.download(url, target, _source("big.bin", PAYLOAD), quiet=False)  # with the progress bar
 
     assert target.read_bytes() == PAYLOAD
     assert digests["md5"] == hashlib.md5(PAYLOAD).hexdigest()
@@ -149,3 +149,11 @@ def test_not_an_archive_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "plain.bin").write_bytes(b"not an archive")
     with pytest.raises(FinebenchError, match="plain.bin is neither a tar nor a zip"):
         download.extract_archive(tmp_path / "plain.bin", tmp_path / "out")
+
+
+def test_complete_partial_file_is_verified_and_kept(local_http_server, tmp_path: Path) -> None:
+    url = local_http_server.add("done.bin", b"0123456789")
+    (tmp_path / "done.bin.part").write_bytes(b"0123456789")  # e.g. interrupted between download and rename
+    download.download(url, tmp_path / "done.bin", _source("done.bin", b"0123456789"), quiet=True)
+    assert (tmp_path / "done.bin").read_bytes() == b"0123456789"
+    assert local_http_server.faults.requests == [("done.bin", "bytes=10-")]

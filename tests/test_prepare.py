@@ -223,3 +223,31 @@ def test_cli_unknown_dataset_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = subprocess.run([*FINEBENCH, "prepare", "nope", "--data-root", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "unknown dataset 'nope'" in result.stderr and "cifar10" in result.stderr
+
+
+def test_hub_copy_is_converted_with_the_matching_label_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local folder stands in for the Hub repo: load_dataset reads it through the same code path."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "coarse_label": datasets.ClassLabel(names=["animal", "thing"]),
+            "fine_label": datasets.ClassLabel(names=CLASSES),
+        }
+    )
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for split, values in (("train", [10, 20, 30, 40]), ("test", [50, 60])):
+        rows = {
+            "img": [{"bytes": _png(v), "path": None} for v in values],
+            "coarse_label": [0] * len(values),
+            "fine_label": [i % 3 for i in range(len(values))],
+        }
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(repo / "data" / f"{split}-00000-of-00001.parquet"))
+    with registry.override(_toy_spec(_toy_files(), hub_id=str(repo))):
+        store = prepare_dataset("toy", tmp_path / "data", source="hub", quiet=True)
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["classes"] == CLASSES and meta["splits"] == {"train": 4, "test": 2}
+    assert meta["origin"]["kind"] == "hub" and meta["info"]["hub_label_column"] == "fine_label"
+    test = datasets.load_from_disk(str(store / "test"))
+    assert test["label"] == [0, 1] and np.asarray(test[1]["image"])[0, 0].tolist() == [60, 60, 60]

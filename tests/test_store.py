@@ -83,3 +83,8 @@ def test_stale_partials_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
 def test_read_meta_of_unprepared_dataset_says_how_to_prepare(tmp_path: Path) -> None:
     with pytest.raises(FinebenchError, match=r"dataset 'unit' is not prepared in .*: run `finebench prepare unit`"):
         store.read_meta(tmp_path, "unit")
+
+
+def test_a_missing_image_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FinebenchError, match=r"cannot read image .*gone.jpg of split 'train'"):
+        _write(tmp_path, ParsedDataset(["x"], {"train": [Example(tmp_path / "gone.jpg", 0)]}))

@@ -116,11 +116,12 @@ def _local_sources(spec: DatasetSpec, from_path: Path) -> list[tuple[Source, Pat
     return found
 
 
-def _unpack(files: list[tuple[Source, Path, dict[str, Any]]], raw_dir: Path) -> None:
+def _unpack(files: list[tuple[Source, Path, dict[str, Any]]], raw_dir: Path, console: Console) -> None:
     raw_dir.mkdir(parents=True, exist_ok=True)
     for source, path, _ in files:
         if source.extract:
-            download.extract_archive(path, raw_dir)
+            with console.status(f"extracting {path.name}"):
+                download.extract_archive(path, raw_dir)
         else:
             download.place_file(path, raw_dir / source.filename)
 
@@ -194,6 +195,8 @@ def _resolve_and_parse(
 ) -> tuple[ParsedDataset, dict[str, Any], dict[str, Any]]:
     """(parsed dataset, origin, checksums seen per file)."""
     if source == "hub":
+        if from_path is not None or mirror is not None:
+            raise FinebenchError("--source hub reads the Hugging Face Hub copy; --from and --mirror apply to --source official")
         parsed, origin = _parse_from_hub(spec)
         return parsed, origin, {}
     if spec.offline:
@@ -217,7 +220,7 @@ def _resolve_and_parse(
     else:
         files = _download_sources(spec, data_root, mirror, quiet)
         origin = {"kind": "mirror", "mirror": mirror} if mirror else {"kind": "official"}
-    _unpack(files, raw_dir)
+    _unpack(files, raw_dir, Console(stderr=True, quiet=quiet))
     seen = {s.filename: digests for s, _, digests in files}
     return spec.parse(raw_dir), origin, seen
 

@@ -31,6 +31,7 @@ from finebench.errors import FinebenchError
 
 META_FILE = "meta.json"
 STORE_FORMAT = 1
+"""Version of this layout and meta.json schema (meta ``version``); bump on incompatible change."""
 
 
 def store_dir(data_root: Path, name: str) -> Path:
@@ -155,7 +156,11 @@ def _write_split(
         for example in examples:
             if not 0 <= int(example.label) < num_classes:
                 raise FinebenchError(f"label {example.label} outside 0..{num_classes - 1} while writing {split_path.name}")
-            data, size = encode_image(example.image, max_side)
+            try:
+                data, size = encode_image(example.image, max_side)
+            except OSError as error:  # missing file, unreadable or not an image (PIL's error is an OSError)
+                where = example.image if isinstance(example.image, Path) else f"example {stats.count}"
+                raise FinebenchError(f"cannot read image {where} of split {split_path.name!r}: {error}") from error
             stats.add(size)
             on_example()
             name = example.image.name if isinstance(example.image, Path) else None
@@ -174,6 +179,7 @@ def _write_split(
         raise
     dataset.save_to_disk(str(split_path))
     del dataset
+    shutil.rmtree(cache_dir, ignore_errors=True)  # save_to_disk copied it; keep peak disk near 1x
     return stats
 
 
@@ -220,7 +226,6 @@ def write_store(
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(parsed.classes))}
     )
-    cache_dir = build / ".cache"
     split_sizes: dict[str, int] = {}
     image_stats: dict[str, Any] = {}
     was_enabled = datasets.is_progress_bar_enabled()
@@ -240,7 +245,7 @@ def write_store(
                     features,
                     len(parsed.classes),
                     max_side,
-                    cache_dir,
+                    build / f".cache-{split}",
                     lambda: progress.advance(task),
                 )
                 split_sizes[split] = stats.count
@@ -252,12 +257,11 @@ def write_store(
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
-    shutil.rmtree(cache_dir, ignore_errors=True)
     sides = [s["max_side"] for s in image_stats.values() if s["max_side"]]
     uniform = {tuple(s["uniform_size"]) for s in image_stats.values() if s["uniform_size"]}
     full_meta = {
         **meta,
-        "store_format": STORE_FORMAT,
+        "version": STORE_FORMAT,
         "classes": list(parsed.classes),
         "num_classes": len(parsed.classes),
         "splits": split_sizes,

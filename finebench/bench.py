@@ -1,0 +1,222 @@
+"""Speed measurement: side-by-side timing helpers and ``finebench bench RECIPE``.
+
+Why side by side: on a shared machine the speed drifts by more than the few percent a benchmark
+wants to resolve, so every comparison here runs its candidates interleaved (A, B, A, B, ...) in
+one process and reports the median of several timed repeats after warm-up. A ratio of two such
+medians is far steadier than two numbers taken minutes apart.
+
+``bench_recipe`` times the real training step (``finebench.train.engine.TrainStep``: forward,
+loss, backward, optimiser, at the recipe's precision and memory format) of each variant on
+in-memory batches, so a user can size a run before launching it. It reads no data and needs no
+weights: speed does not depend on either.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finebench.errors import FinebenchError
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of each timed repeat; each repeat processed ``items`` items (images, samples)."""
+
+    seconds: tuple[float, ...]
+    items: int
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def per_s(self) -> float:
+        """Items per second at the median repeat."""
+        return self.items / self.median_s
+
+    @property
+    def spread_pct(self) -> float:
+        """(max - min) / median of the repeats, in percent: how noisy the measurement was."""
+        return 100.0 * (max(self.seconds) - min(self.seconds)) / self.median_s
+
+
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (no-op on CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_side_by_side(
+    candidates: Mapping[str, Callable[[], Any]],
+    *,
+    items: int,
+    warmup: int = 2,
+    repeats: int = 5,
+    calls_per_repeat: int = 1,
+    device: torch.device | str | None = None,
+) -> dict[str, Timing]:
+    """Time each zero-argument callable, interleaved repeat by repeat; ``items`` per call.
+
+    Every candidate first runs ``warmup`` untimed calls (allocator, kernels, autotuning, caches);
+    then each repeat times ``calls_per_repeat`` calls of each candidate in turn.
+    """
+    if repeats < 1 or calls_per_repeat < 1 or warmup < 0:
+        raise ValueError("repeats and calls_per_repeat must be >= 1 and warmup >= 0")
+    for run in candidates.values():
+        for _ in range(warmup):
+            run()
+        synchronize(device)
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls_per_repeat):
+                run()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(values), items * calls_per_repeat) for name, values in seconds.items()}
+
+
+def machine_line() -> str:
+    """What the numbers were measured on, including the load at the time (a shared machine's noise)."""
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    cpu = platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu}"
+    return (
+        f"{device}; {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+        f"load average {load}"
+    )
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table: benchmarks print to logs and pipes, where rich markup is noise."""
+    text_rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in text_rows)) if text_rows else len(str(h))
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in text_rows]
+    return "\n".join(lines)
+
+
+def synthetic_batch(
+    batch_size: int, input_size: int, num_classes: int, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised-looking images and labels, already on the device (what an ideal loader hands over)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, input_size, input_size, generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+    return images.to(device), labels.to(device)
+
+
+# ---- finebench bench RECIPE ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    variant: str
+    batch_size: int
+    input_size: int
+    precision: str
+    channels_last: bool
+    images_per_s: float
+    step_s: float
+    spread_pct: float
+    train_images: int | None
+    """Images per epoch (the prepared split, else the dataset's official size); None when unknown."""
+    epoch_s: float | None
+    run_s: float | None
+    """Estimated training time of one run (epochs × epoch, evaluation not included)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def _train_split_size(dataset: Any, data_root: Any) -> int | None:
+    """Images in the recipe's train split(s): from the prepared store if there is one, else the spec."""
+    from pathlib import Path
+
+    from finebench.data import store
+    from finebench.data.registry import get_spec
+
+    names = [part.strip() for part in dataset.train_split.split("+") if part.strip()]
+    root = Path(data_root if data_root is not None else dataset.root)
+    sizes: Mapping[str, int] = get_spec(dataset.name).split_sizes
+    if store.is_prepared(root, dataset.name):
+        sizes = store.read_meta(root, dataset.name).get("splits", {}) or sizes
+    if not names or any(name not in sizes for name in names):
+        return None
+    return sum(int(sizes[name]) for name in names)
+
+
+def bench_recipe(
+    path: str,
+    overrides: Sequence[str] = (),
+    *,
+    images: int = 256,
+    warmup_steps: int = 1,
+    only: Sequence[str] = (),
+    data_root: str | None = None,
+    on_variant: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Time the training step of each variant of a recipe on about ``images`` images.
+
+    Steps run at the recipe's batch size, precision, memory format and compile setting, on
+    random in-memory batches; the first ``warmup_steps`` steps are not timed.
+    """
+    from finebench.data.registry import get_spec
+    from finebench.models import build_model
+    from finebench.recipe import expand_runs, load_recipe
+    from finebench.train.engine import build_train_step
+
+    if images < 1:
+        raise FinebenchError(f"--images {images}: expected a positive number of images to time")
+    loaded = load_recipe(path, overrides)
+    recipe = loaded.recipe
+    train, dataset = recipe.train, recipe.dataset
+    input_size = loaded.input_size()
+    num_classes = get_spec(dataset.name).num_classes
+    train_images = _train_split_size(dataset, data_root)
+    steps_per_epoch = max(1, -(-(train_images or train.batch_size) // train.batch_size))
+    timed_steps = max(1, -(-images // train.batch_size))
+    seen: set[str] = set()
+    rows = []
+    for run in expand_runs(loaded, only):
+        if run.variant_name in seen:  # seeds do not change the speed
+            continue
+        seen.add(run.variant_name)
+        if on_variant is not None:
+            on_variant(run.variant_name)
+        torch.manual_seed(run.seed)
+        try:
+            model = build_model(
+                recipe.model.backbone, num_classes, run.variant_kind, run.config["variant"]["options"],
+                dict(recipe.model.options),
+            )
+        except FinebenchError as error:
+            raise FinebenchError(f"{loaded.path}: model: {error}") from None
+        step = build_train_step(model, train, mixture=run.variant_kind == "attention", steps_per_epoch=steps_per_epoch)
+        batch = synthetic_batch(train.batch_size, input_size, num_classes, seed=run.seed, device=step.device)
+        timing = time_side_by_side(
+            {run.variant_name: lambda: step(*batch)}, items=train.batch_size, warmup=warmup_steps,
+            repeats=timed_steps, device=step.device,
+        )[run.variant_name]
+        epoch_s = train_images / timing.per_s if train_images else None
+        rows.append(
+            BenchRow(
+                run.variant_name, train.batch_size, input_size, step.precision, train.channels_last,
+                timing.per_s, timing.median_s, timing.spread_pct,
+                train_images, epoch_s, epoch_s * train.epochs if epoch_s is not None else None,
+            )
+        )
+        del step, model, batch
+    return rows

@@ -1,0 +1,118 @@
+"""Cost: parameters, fvcore FLOPs, early-prediction FLOPs, overheads, and the two CLI commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from finebench.models import build_model
+from finebench.profile import profile_model, profile_variants, run_cost, tap_flops
+
+torch.set_num_threads(1)
+
+WRN_16_1 = {"depth": 16, "width": 1}
+
+
+def test_flops_count_one_multiply_add_as_one_flop() -> None:
+    class OneConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+
+        def forward(self, x: torch.Tensor):  # noqa: ANN201
+            logits = self.conv(x).mean((2, 3))
+            return type("Out", (), {"log_probs": logits, "logits": logits, "module_logits": ()})()
+
+    result = profile_model(OneConv(), 8)
+    assert result.params == 3 * 4 * 9
+    assert result.flops == 3 * 4 * 9 * 8 * 8  # MACs of the conv; the mean is not counted
+
+
+def test_profile_puts_the_model_in_eval_mode_and_restores_training() -> None:
+    model = build_model("wrn", 10, "attention", backbone_options=WRN_16_1).train()
+    result = profile_model(model, 32)
+    assert model.training
+    assert result.params == sum(p.numel() for p in model.parameters())
+
+
+def test_attention_overhead_is_its_parameters_and_at_least_its_convolutions() -> None:
+    rows = profile_variants("wrn", 10, 32, [("att", "attention", {"attention_width": 4})], WRN_16_1)
+    baseline, attention = rows
+    assert baseline.label == "baseline" and baseline.params_overhead_pct == 0.0
+    module_params = sum(9 * c * 4 * 12 for c in (64, 32, 16)) + 64 * 4 + 8
+    assert attention.params - baseline.params == module_params
+    assert attention.params_overhead_pct == pytest.approx(100 * module_params / baseline.params)
+    conv_macs = sum(9 * c * 4 * 12 * side * side for c, side in ((64, 8), (32, 16), (16, 32)))
+    assert attention.flops - baseline.flops >= conv_macs
+
+
+def test_tap_flops_grow_with_depth_and_stay_below_the_full_model() -> None:
+    model = build_model("wrn", 10, "attention", backbone_options=WRN_16_1)
+    costs = tap_flops(model, 32)
+    full = profile_model(model, 32).flops
+    assert list(costs) == ["group2", "group1", "group0"]
+    assert costs["group0"] < costs["group1"] < costs["group2"] < full
+
+
+def test_run_cost_has_the_summary_fields() -> None:
+    cost = run_cost("wrn", 10, 32, "se", None, WRN_16_1)
+    assert set(cost) == {"params", "flops", "params_baseline", "flops_baseline"}
+    assert cost["params"] > cost["params_baseline"]
+
+
+@pytest.mark.parametrize(("classes", "expected_pct"), [(10, 1.33), (100, 11.3)])
+def test_wrn_28_10_attention_parameter_overhead_grows_with_classes(classes: int, expected_pct: float) -> None:
+    with torch.device("meta"):
+        baseline = build_model("wrn", classes)
+        attention = build_model("wrn", classes, "attention", {"attention_depth": 3, "attention_width": 4})
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 100 * (count(attention) - count(baseline)) / count(baseline) == pytest.approx(expected_pct, abs=0.05)
+
+
+def finebench(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real console entry point, for exit codes and the one-line error."""
+    return subprocess.run([sys.executable, "-m", "finebench", *args], capture_output=True, text=True, timeout=120)
+
+
+def invoke(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from finebench.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_cli_profile_json_reports_baseline_and_variants() -> None:
+    report = json.loads(invoke("profile", "--backbone", "wrn", "--depth", "10", "--width", "1", "--num-classes",
+                               "10", "--input-size", "32", "--variant", "attention", "--variant", "se", "--json"))
+    assert [row["variant"] for row in report["rows"]] == ["baseline", "attention", "se"]
+    assert report["flop_convention"].startswith("fvcore: one multiply-add = one flop")
+    assert report["rows"][1]["params_overhead_pct"] > 0
+
+
+def test_cli_profile_prints_a_table() -> None:
+    table = invoke("profile", "--backbone", "wrn", "--depth", "10", "--width", "1", "--variant", "cbam")
+    assert "cbam" in table and "FLOPs +%" in table and "one multiply-add = one flop" in table
+
+
+def test_cli_profile_user_error_is_one_line_and_exit_2() -> None:
+    bad = finebench("profile", "--backbone", "vgg")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "unknown backbone 'vgg'" in bad.stderr
+    assert "Warning" not in bad.stderr
+
+
+def test_cli_models_lists_backbones_with_taps() -> None:
+    infos = {info["name"]: info for info in json.loads(invoke("models", "--json"))}
+    assert infos["wide_resnet50_2"]["tap_points"][0] == {
+        "name": "layer1", "channels": 256, "stride": 4, "description": "output of layer1"
+    }
+    table = invoke("models")
+    assert "group0:160@1" in table and "36.48M" in table and "resnext101_32x8d" in table
