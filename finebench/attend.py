@@ -327,15 +327,21 @@ def attend(
     n: int = 16,
     out_dir: str | Path | None = None,
     data_root: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = 16,
 ) -> list[Path]:
     """Write one attention-map PNG per image (files, or ``n`` images of a prepared split)."""
+    from finebench.train.engine import resolve_device
+
     if not images and not split:
         raise FinebenchError("no images: give image files or --split NAME (with --n)")
     if n < 1:
         raise FinebenchError(f"--n {n}: expected at least 1 image")
-    run = load_attention_run(run_dir, device)
+    try:
+        torch_device = resolve_device(device)
+    except RuntimeError as error:
+        raise FinebenchError(f"--device {device!r}: {error}; expected auto, cpu, cuda or cuda:N") from None
+    run = load_attention_run(run_dir, torch_device)
     dataset = run.config.get("dataset", {}).get("name") or run.summary.get("dataset")
     root = Path(data_root) if data_root is not None else Path(run.config.get("dataset", {}).get("root", "data"))
     meta = _read_meta(root, dataset)
@@ -350,7 +356,7 @@ def attend(
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         prepared = [preprocess(image) for _, image, _ in chunk]
-        batch = torch.stack([tensor for tensor, _ in prepared]).to(device)
+        batch = torch.stack([tensor for tensor, _ in prepared]).to(torch_device)
         capture = capture_attention(run.model, batch)
         for index, ((name, _, label), (_, picture)) in enumerate(zip(chunk, prepared)):
             written.append(draw_attention(picture, capture, index, out / f"{name}.png", classes, label))

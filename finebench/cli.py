@@ -88,6 +88,7 @@ def profile_command(
     output_mode: str = typer.Option("mixture", "--output-mode", help="mixture or 50."),
     reduction: int = typer.Option(16, "--reduction", help="SE / CBAM reduction."),
     overrides: list[str] = typer.Option([], "--set", help="Recipe override a.b=value (with a recipe)."),
+    early: bool = typer.Option(False, "--early", help="Also the FLOPs of predicting with each module alone."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Parameters and FLOPs of the baseline and each variant, with the overhead in percent.
@@ -101,7 +102,7 @@ def profile_command(
     from finebench.profile import FLOP_CONVENTION, profile_recipe, profile_spec
 
     if recipe is not None:
-        report = profile_recipe(recipe, overrides)
+        report = profile_recipe(recipe, overrides, early)
     elif backbone is None:
         raise FinebenchError("finebench profile: give a recipe path or --backbone NAME")
     else:
@@ -118,14 +119,15 @@ def profile_command(
             label = f"attention-ad{attention_depth}-aw{attention_width}" if kind == "attention" else kind
             variants.append((label, kind, options))
         report = profile_spec(
-            backbone, num_classes, input_size, variants, {k: v for k, v in given.items() if v is not None}
+            backbone, num_classes, input_size, variants, {k: v for k, v in given.items() if v is not None}, early
         )
     if json_output:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
     options = ", ".join(f"{k}={v}" for k, v in report.backbone_options.items())
+    name = f"{report.backbone} ({options})" if options else report.backbone
     table = Table(
-        title=f"{report.backbone} ({options}) · N={report.num_classes} · {report.input_size}×{report.input_size}",
+        title=f"{name} · N={report.num_classes} · {report.input_size}×{report.input_size}",
         caption=f"FLOPs: {FLOP_CONVENTION}",
     )
     for column in ("variant", "params", "params +%", "FLOPs", "FLOPs +%"):
@@ -136,6 +138,14 @@ def profile_command(
             f"{row.flops / 1e9:.3f} G", f"{row.flops_overhead_pct:+.2f}%",
         )
     Console().print(table)
+    baseline_flops = report.rows[0].flops
+    for label, costs in report.early_prediction.items():
+        early_table = Table(title=f"{label}: early prediction with one module (backbone up to its tap + module)")
+        for column in ("tap", "FLOPs", "% of baseline"):
+            early_table.add_column(column, justify="left" if column == "tap" else "right")
+        for tap, flops in costs.items():
+            early_table.add_row(tap, f"{flops / 1e9:.3f} G", f"{100 * flops / baseline_flops:.1f}%")
+        Console().print(early_table)
 
 
 # ---- datasets (issue 3) --------------------------------------------------------------------
@@ -313,8 +323,8 @@ def _emit_table(table, fmt: str, output, title: str) -> None:  # noqa: ANN001 (p
 
 @app.command("report")
 def report_command(
-    paths: list[str] = typer.Argument(None, help="Results folders, run folders or summary.json files [default: results]."),
-    by: list[str] = typer.Option(None, "--by", help="Grouping columns, repeated or comma-separated, e.g. --by dataset,AD,AW [default: dataset,backbone_label]."),
+    paths: list[str] = typer.Argument(None, help="Results folders, run folders or summary.json files \\[default: results]."),
+    by: list[str] = typer.Option(None, "--by", help="Grouping columns, repeated or comma-separated, e.g. --by dataset,AD,AW \\[default: dataset,backbone_label]."),
     fmt: str = typer.Option("markdown", "--format", "-f", help="markdown | csv | latex | json."),
     output: str = typer.Option(None, "--output", "-o", help="Write the table to this file (--early adds FILE_early)."),
     error: bool = typer.Option(False, "--error", help="Error rate instead of accuracy (the paper's CIFAR tables)."),
@@ -367,9 +377,9 @@ def attend_command(
     images: list[str] = typer.Argument(None, help="Image files to look at."),
     split: str = typer.Option(None, "--split", help="Also take images from this prepared split (e.g. test)."),
     n: int = typer.Option(16, "--n", help="How many images of --split, spread evenly over it."),
-    out: str = typer.Option(None, "--out", help="Output folder [default: RUN_DIR/attention_maps]."),
-    data_root: str = typer.Option(None, "--data-root", help="Prepared datasets folder [default: the run's dataset.root]."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    out: str = typer.Option(None, "--out", help="Output folder \\[default: RUN_DIR/attention_maps]."),
+    data_root: str = typer.Option(None, "--data-root", help="Prepared datasets folder \\[default: the run's dataset.root]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Draw each head's attention mask, the gates and every module's top predictions per image."""
     from finebench.attend import attend

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -162,6 +162,8 @@ class CostReport:
     num_classes: int
     input_size: int
     rows: list[VariantCost]
+    early_prediction: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per attention variant label: FLOPs to classify with each module alone (``tap_flops``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -171,6 +173,7 @@ class CostReport:
             "input_size": self.input_size,
             "flop_convention": FLOP_CONVENTION,
             "rows": [row.as_dict() for row in self.rows],
+            "early_prediction": self.early_prediction,
         }
 
 
@@ -180,12 +183,19 @@ def profile_spec(
     input_size: int,
     variants: Sequence[tuple[str, str, Mapping[str, Any] | None]],
     backbone_options: Mapping[str, Any] | None = None,
+    early_prediction: bool = False,
 ) -> CostReport:
+    """Profile a model spec; with ``early_prediction`` also the cost of each attention module alone."""
     rows = profile_variants(backbone, num_classes, input_size, variants, backbone_options)
-    return CostReport(backbone, dict(backbone_options or {}), num_classes, input_size, rows)
+    early = {
+        label: tap_flops(build_model(backbone, num_classes, variant, options, backbone_options), input_size)
+        for label, variant, options in variants
+        if early_prediction and variant == "attention"
+    }
+    return CostReport(backbone, dict(backbone_options or {}), num_classes, input_size, rows, early)
 
 
-def profile_recipe(path: str, overrides: Sequence[str] = ()) -> CostReport:
+def profile_recipe(path: str, overrides: Sequence[str] = (), early_prediction: bool = False) -> CostReport:
     """Profile a recipe's backbone on its dataset (classes, input size) with each of its variants."""
     from finebench.data.registry import get_spec
     from finebench.recipe import load_recipe, variant_name, variant_options
@@ -195,5 +205,5 @@ def profile_recipe(path: str, overrides: Sequence[str] = ()) -> CostReport:
     variants = [(variant_name(v), v.kind, variant_options(v)) for v in recipe.variants]
     return profile_spec(
         recipe.model.backbone, get_spec(recipe.dataset.name).num_classes, loaded.input_size(), variants,
-        recipe.model.options,
+        recipe.model.options, early_prediction,
     )

@@ -121,10 +121,12 @@ FAILED_COLUMNS: tuple[str, ...] = (
 )
 
 
-def find_summaries(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
-    """Every ``summary.json`` at or below ``paths`` (a results folder, a run folder or the file)."""
+def find_summaries(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``summary.json`` at or below ``paths`` (a results folder, a run folder or the file).
+
+    A path that does not exist is the user's error (a typo would otherwise give an empty table).
+    """
     found: list[Path] = []
-    problems: list[str] = []
     for raw in paths:
         path = Path(raw)
         if path.is_file():
@@ -132,13 +134,15 @@ def find_summaries(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
         elif path.is_dir():
             found.extend(sorted(path.rglob("summary.json")))
         else:
-            problems.append(f"{path}: no such file or folder")
-    return sorted(set(found)), problems
+            raise FinebenchError(f"{path}: no such file or folder; expected a results folder, a run folder or a summary.json")
+    return sorted(set(found))
 
 
 def load_runs(paths: Iterable[str | Path] = ("results",)) -> LoadedRuns:
     """Read every run record below ``paths``; unreadable records become warnings, never errors."""
-    summaries, problems = find_summaries(paths)
+    summaries = find_summaries(paths)
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
     rows: list[dict[str, Any]] = []
     failed_rows: list[dict[str, Any]] = []
     for summary_path in summaries:
@@ -155,6 +159,11 @@ def load_runs(paths: Iterable[str | Path] = ("results",)) -> LoadedRuns:
             problems.append(f"{summary_path}: skipped, field {field!r}: {first['msg']}")
             continue
         run_dir = summary_path.parent
+        if summary.run_id in seen:
+            # A copied results folder would otherwise count one seed twice.
+            problems.append(f"{summary_path}: skipped, run {summary.run_id} already read from {seen[summary.run_id]}")
+            continue
+        seen[summary.run_id] = summary_path
         if summary.status == "failed":
             failed_rows.append(_failed_row(summary, run_dir))
         elif summary.status == "running":
@@ -323,30 +332,33 @@ def load_reference(paths: Iterable[str | Path] | None = None) -> pd.DataFrame:
 def _match_reference(reference: pd.DataFrame, keys: dict[str, Any], metric: str) -> pd.Series | None:
     """The reference row for one table row: same dataset, backbone, kind and key options.
 
+    ``backbone_label`` in the reference may list alternatives separated by ``|`` (the paper's
+    name and finebench's label for the same network).
+
     An empty key option in the reference means the authors did not state it, so it matches any
     run; ``dropout`` empty means 0 (no dropout), since the runs carry an explicit dropout rate.
     """
     candidates = reference[
         (reference["metric"] == metric)
         & (reference["dataset"] == keys.get("dataset"))
-        & (reference["backbone_label"] == keys.get("backbone_label"))
+        & reference["backbone_label"].map(lambda labels: _label_matches(labels, keys.get("backbone_label")))
         & (reference["variant"] == keys.get("variant"))
     ]
     for key in REFERENCE_KEYS:
-        if candidates.empty:
-            return None
-        wanted = keys.get(key)
-        stated = candidates[key]
+        wanted, stated = keys.get(key), candidates[key]
         if key == "dropout":
-            stated = stated.fillna(0.0)
-            wanted = 0.0 if wanted is None or _is_missing(wanted) else wanted
-        same = stated.isna() | (stated.astype(object) == wanted) if not _is_missing(wanted) else stated.isna()
-        candidates = candidates[same]
+            stated, wanted = stated.fillna(0.0), 0.0 if _is_missing(wanted) else wanted
+        candidates = candidates[stated.isna() | (stated == wanted)]
     if candidates.empty:
         return None
     # The most specific row wins: the one that states the most key options.
     specificity = candidates[list(REFERENCE_KEYS)].notna().sum(axis=1)
     return candidates.loc[specificity.idxmax()]
+
+
+def _label_matches(labels: Any, wanted: Any) -> bool:
+    """A reference backbone may list the names one network has: ``WRN-50-2|wide_resnet50_2``."""
+    return isinstance(labels, str) and wanted in {label.strip() for label in labels.split("|")}
 
 
 def _is_missing(value: Any) -> bool:
@@ -438,10 +450,8 @@ def summary_table(
     if not table.empty:
         # The baseline leads its group, as in the paper's tables.
         group_keys = [c for c in row_keys if c not in ("variant", "variant_name")]
-        table["_not_baseline"] = [
-            0 if name == "baseline" else 1
-            for name in table.get("variant_name", table.get("variant", pd.Series(["x"] * len(table))))
-        ]
+        variant_key = "variant_name" if "variant_name" in table else "variant"
+        table["_not_baseline"] = (table[variant_key] != "baseline").astype(int)
         table = table.sort_values([*group_keys, "_not_baseline"], kind="stable", na_position="first")
         table = table.drop(columns="_not_baseline").reset_index(drop=True)
     table.attrs.update(metric=metric, selection=selection, keys=row_keys)
@@ -472,7 +482,9 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
     columns = ["dataset", "backbone_label", "variant_name", "source", "n", f"{metric}_mean",
                f"{metric}_std", "flops", "flops_pct_of_full"]
     if not exploded:
-        return pd.DataFrame(columns=columns)
+        empty = pd.DataFrame(columns=columns)
+        empty.attrs.update(metric=metric, kind="early", empty="(no attention runs with per-module accuracy)")
+        return empty
     data = pd.DataFrame(exploded)
     data["value"] = 100.0 - data["top1"] if error else data["top1"]
     keys = ["dataset", "backbone_label", "variant_name"]
@@ -490,7 +502,7 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
     grouped["_order"] = grouped["source"].map(order).fillna(0)
     grouped = grouped.sort_values([*keys, "_order", "flops"], kind="stable").drop(columns="_order")
     table = grouped[columns].reset_index(drop=True)
-    table.attrs.update(metric=metric, kind="early")
+    table.attrs.update(metric=metric, kind="early", selection="final")
     return table
 
 
@@ -503,10 +515,6 @@ _HEADERS = {
     "flops_overhead_pct": "FLOPs +%", "images_per_s": "img/s", "flops_pct_of_full": "% of FLOPs",
     "reference_selection": "Paper selection", "reference_source": "Paper source",
 }
-
-_TEXT_HEADERS = {"Dataset", "Backbone", "Variant", "Kind", "Classifier", "Paper selection",
-                 "Paper source", "recipe", "Recipe", "Reason"}
-
 
 def _fmt_number(value: Any, digits: int = 2, signed: bool = False) -> str:
     if _is_missing(value):
@@ -568,14 +576,19 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
             out["Paper"] = [_fmt_number(v) for v in values]
         else:
             out[header] = [_fmt_plain(v) for v in values]
-    return out.reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    # Numbers align right, names left: decided by what the column held before it became text.
+    text_columns = {_HEADERS.get(c, c) for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])}
+    out.attrs["align"] = ["left" if column in text_columns else "right" for column in out.columns]
+    return out
 
 
 def table_note(table: pd.DataFrame) -> str:
     """The one-line legend printed under a table so a reader knows which std and which epoch."""
     selection = table.attrs.get("selection", "final")
     epoch = "best-epoch (selected on the test set, optimistic)" if selection == "best" else "final-epoch"
-    note = f"{epoch} test accuracy; mean ± sample std (ddof=1) over seeds, n runs; n=1 shows no ±."
+    measure = "test error (100 − top-1)" if table.attrs.get("metric") == "error" else "test top-1"
+    note = f"{epoch} {measure}; mean ± sample std (ddof=1) over seeds, n runs; n=1 shows no ±."
     if "reference_source" in table.columns:
         note += " Paper: the authors' number for the same experiment, with its selection and source."
     return note
@@ -592,10 +605,10 @@ def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
     text = format_table(table)
     if fmt == "markdown":
         if text.empty:
-            return "(no runs)\n"
-        align = ["left" if column in _TEXT_HEADERS else "right" for column in text.columns]
-        return text.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, colalign=align) + "\n"
-    return _to_latex(text)
+            return table.attrs.get("empty", "(no runs)") + "\n"
+        return text.to_markdown(index=False, tablefmt="pipe", disable_numparse=True,
+                                colalign=text.attrs["align"]) + "\n"
+    return f"% {table_note(table)}\n" + _to_latex(text)
 
 
 def _to_latex(text: pd.DataFrame) -> str:
@@ -604,7 +617,8 @@ def _to_latex(text: pd.DataFrame) -> str:
     with _warnings.catch_warnings():
         _warnings.simplefilter("ignore")
         styler = escaped.style.hide(axis="index")
-        latex = styler.to_latex(hrules=True, column_format="l" * len(escaped.columns))
+        column_format = "".join("l" if side == "left" else "r" for side in text.attrs["align"])
+        latex = styler.to_latex(hrules=True, column_format=column_format)
     return latex
 
 
@@ -622,8 +636,8 @@ def rich_table(text: pd.DataFrame, title: str | None = None, caption: str | None
     from rich.table import Table
 
     table = Table(title=title, caption=caption, header_style="bold")
-    for column in text.columns:
-        table.add_column(str(column), justify="left" if column in _TEXT_HEADERS else "right")
+    for column, side in zip(text.columns, text.attrs.get("align", ["left"] * len(text.columns))):
+        table.add_column(str(column), justify=side)
     for row in text.itertuples(index=False):
         table.add_row(*(str(cell) for cell in row))
     return table

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import functools
 import io
 import json
 import os
@@ -29,10 +30,21 @@ SCHEMA_VERSION = 1
 BEST_NOTE = "best-epoch test accuracy (optimistic: selected on the test set)"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+"""What ``open()`` would have given; ``mkstemp`` alone makes files private (0600)."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -60,6 +72,7 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@functools.cache
 def git_commit() -> str | None:
     """The commit of the finebench source tree, when it is a git checkout."""
     source = Path(finebench.__file__).resolve().parent

@@ -283,6 +283,7 @@ def run_recipe(
             for run in runs
         ]
 
+    _prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
     # Fail on unprepared data or bad model options before anything is written.
     device = resolve_device(loaded.recipe.train.device)
     loaders = _build_loaders(loaded, data_root, runs[0].seed, ctx, device)
@@ -317,6 +318,17 @@ def run_recipe(
             console.print(f"{run.variant_name} seed {run.seed}: locked by another process, skipped")
             outcomes.append(RunOutcome(run, run_dir.path, "locked"))
     return outcomes
+
+
+def _prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
+    """Datasets shipped inside an installed package need no download, so a fresh install can
+    ``finebench run recipes/quickstart.toml`` at once; anything else must be prepared explicitly."""
+    from finebench.data.prepare import prepare_dataset
+    from finebench.data.registry import get_spec
+    from finebench.data.store import is_prepared
+
+    if get_spec(name).offline and not is_prepared(data_root, name):
+        prepare_dataset(name, data_root, quiet=quiet)
 
 
 def _input_size_of(loaders: Any) -> int:

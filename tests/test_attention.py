@@ -13,13 +13,13 @@ from finebench.models.attention import AttentionModule
 
 torch.set_num_threads(1)
 
-WRN_16_1 = {"depth": 16, "width": 1}
+WRN_TINY = {"depth": 10, "width": 1}
 
 
 def attention_model(num_classes: int = 10, **options: object) -> nn.Module:
     options = {"attention_depth": 3, "attention_width": 2, **options}
     torch.manual_seed(0)
-    return build_model("wrn", num_classes, "attention", options, WRN_16_1)
+    return build_model("wrn", num_classes, "attention", options, WRN_TINY)
 
 
 def images(batch: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -68,9 +68,9 @@ def test_module_parameter_count_is_9_c_k_n_plus_2(channels: int, heads: int, cla
 
 
 def test_model_overhead_is_modules_plus_global_gate() -> None:
-    baseline = build_model("wrn", 10, backbone_options=WRN_16_1)
+    baseline = build_model("wrn", 10, backbone_options=WRN_TINY)
     model = attention_model(attention_width=4)
-    channels = [64, 32, 16]  # group2, group1, group0 of WRN-16-1
+    channels = [64, 32, 16]  # group2, group1, group0 of WRN-10-1
     modules = sum(9 * c * 4 * (10 + 2) for c in channels)
     gate = 64 * 4 + 2 * 4  # Linear(C_last, D+1) without bias + BN1d affine
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -160,7 +160,7 @@ def test_output_mode_50_averages_the_module_mixture_with_the_network_at_one_half
 
 def test_attention_off_leaves_the_plain_backbone_output_unchanged() -> None:
     torch.manual_seed(0)
-    baseline = build_model("wrn", 10, backbone_options=WRN_16_1)
+    baseline = build_model("wrn", 10, backbone_options=WRN_TINY)
     model = attention_model()
     result = model.load_state_dict(baseline.state_dict(), strict=False)
     assert result.unexpected_keys == [] and all(k.startswith("attention.") for k in result.missing_keys)
@@ -342,7 +342,7 @@ def test_authors_weights_reproduce_their_reg_loss_in_training() -> None:
 
 def test_converter_round_trips_every_key_of_the_authors_state_dict() -> None:
     state = authors_reference().state_dict()
-    model = attention_model()
+    model = build_model("wrn", 10, "attention", {"attention_width": 2}, {"depth": 16, "width": 1})
     converted = convert_authors_state_dict(state, model.attention_taps)
     assert set(converted) == set(model.state_dict())  # nothing missing, nothing extra
     assert len(converted) == len(state) - 3  # only the three constant diag buffers are dropped

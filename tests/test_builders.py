@@ -273,3 +273,71 @@ def test_cli_names_the_missing_adience_file_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "fold_3_data.txt" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _extract_into(mini: archives.Miniature, archive: str, folder: Path) -> None:
+    from finebench.data.download import extract_archive
+
+    (folder.parent / archive).write_bytes(mini.files[archive])
+    extract_archive(folder.parent / archive, folder)
+
+
+def test_flowers102_extracted_layout_with_its_mat_files_is_verified_and_prepared(tmp_path):
+    """An extracted 102flowers.tgz (jpg/) next to the plain imagelabels.mat and setid.mat, as unpacked by hand."""
+    mini = DOWNLOADABLE["flowers102"]()
+    folder = write_files(mini, tmp_path / "flowers", skip="102flowers.tgz")
+    _extract_into(mini, "102flowers.tgz", folder)
+    with _with_miniature_checksums(mini):
+        store = prepare_dataset("flowers102", tmp_path / "data", from_path=folder, quiet=True)
+    meta = check_store(store, mini)
+    assert meta["origin"]["taken_as_extracted"] == ["102flowers.tgz"]
+    assert {name: meta["sources"][name]["md5"] for name in meta["sources"]} == {
+        name: mini.md5(name) for name in ("imagelabels.mat", "setid.mat")
+    }
+
+
+def test_flowers102_extracted_layout_without_setid_names_it_and_its_url(tmp_path):
+    mini = DOWNLOADABLE["flowers102"]()
+    folder = write_files(mini, tmp_path / "flowers", skip="102flowers.tgz")
+    (folder / "setid.mat").unlink()
+    _extract_into(mini, "102flowers.tgz", folder)
+    with _with_miniature_checksums(mini), pytest.raises(
+        FinebenchError, match=r"missing setid\.mat for dataset 'flowers102' \(get it from https://www\.robots\.ox\.ac\.uk/.*setid\.mat\)"
+    ):
+        prepare_dataset("flowers102", tmp_path / "data", from_path=folder, quiet=True)
+
+
+def test_stanford_cars_mixes_archives_with_an_already_extracted_test_folder(tmp_path):
+    mini = archives.stanford_cars()
+    folder = write_files(mini, tmp_path / "cars", skip="cars_test.tgz")
+    _extract_into(mini, "cars_test.tgz", folder)
+    with _with_miniature_checksums(mini):
+        store = prepare_dataset("stanford_cars", tmp_path / "data", from_path=folder, quiet=True)
+    meta = check_store(store, mini)
+    assert meta["origin"]["taken_as_extracted"] == ["cars_test.tgz"]
+    assert folder.joinpath("cars_test").is_dir()  # the user's folder is read, never moved or deleted
+
+
+def test_adience_extracted_faces_with_fold_files_are_prepared(tmp_path):
+    mini = archives.adience()
+    folder = write_files(mini, tmp_path / "adience", skip="aligned.tar.gz")
+    _extract_into(mini, "aligned.tar.gz", folder)
+    store = prepare_dataset("adience", tmp_path / "data", from_path=folder, quiet=True)
+    check_store(store, mini)
+
+
+def test_missing_extracted_part_names_the_archive_it_comes_from(tmp_path):
+    mini = archives.stanford_cars()
+    folder = write_files(mini, tmp_path / "cars", skip="cars_test.tgz")
+    with _with_miniature_checksums(mini), pytest.raises(FinebenchError, match=r"missing .*cars_test .*cars_test\.tgz from"):
+        prepare_dataset("stanford_cars", tmp_path / "data", from_path=folder, quiet=True)
+
+
+def test_every_hub_copy_maps_exactly_the_official_splits():
+    """Hub copies name splits their own way; only the mapped ones may be stored."""
+    with_hub = [spec for spec in registry.all_specs() if spec.hub_id]
+    assert {spec.name for spec in with_hub} >= {"food101", "stanford_cars", "cifar10", "cifar100"}
+    for spec in with_hub:
+        assert set(spec.hub_splits) == set(spec.split_sizes), spec.name
+    assert registry.get_spec("food101").hub_splits == {"train": "train", "test": "validation"}
+    assert registry.get_spec("stanford_cars").hub_splits == {"train": "train", "test": "test"}

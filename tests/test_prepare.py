@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import fcntl
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import datasets
@@ -79,7 +82,9 @@ def toy(local_http_server):
 
 
 def _leftovers(data_root: Path) -> list[str]:
-    return sorted(p.name for p in data_root.iterdir() if p.name != ".downloads") if data_root.exists() else []
+    """What a prepare left in ``data_root`` besides its download cache and per-dataset lock files."""
+    kept = [p.name for p in data_root.iterdir() if p.name != ".downloads" and not p.name.endswith(".lock")]
+    return sorted(kept) if data_root.exists() else []
 
 
 def test_prepare_downloads_verifies_and_stores_in_class_id_order(toy, tmp_path: Path) -> None:
@@ -168,9 +173,23 @@ def test_from_extracted_layout_is_parsed_in_place(tmp_path: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(files["toy-images.tar.gz"])) as tar:
         tar.extractall(layout, filter="data")
     (layout / "labels.txt").write_bytes(files["labels.txt"])
-    with registry.override(_toy_spec({name: b"other" for name in files})):
+    with registry.override(_toy_spec(files)):
         store = prepare_dataset("toy", tmp_path / "data", from_path=layout, quiet=True)
-    assert json.loads((store / "meta.json").read_text())["splits"] == {"train": 6, "test": 3}
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["splits"] == {"train": 6, "test": 3}
+    assert meta["origin"]["taken_as_extracted"] == ["toy-images.tar.gz"]
+    assert meta["sources"]["labels.txt"]["md5"] == hashlib.md5(files["labels.txt"]).hexdigest()
+
+
+def test_from_extracted_layout_still_verifies_its_plain_files(tmp_path: Path) -> None:
+    files = _toy_files()
+    layout = tmp_path / "layout"
+    with tarfile.open(fileobj=io.BytesIO(files["toy-images.tar.gz"])) as tar:
+        tar.extractall(layout, filter="data")
+    (layout / "labels.txt").write_bytes(files["labels.txt"] + b"\n")
+    with registry.override(_toy_spec(files)):
+        with pytest.raises(FinebenchError, match=r"checksum mismatch for .*labels.txt"):
+            prepare_dataset("toy", tmp_path / "data", from_path=layout, quiet=True)
 
 
 def test_from_with_a_missing_file_names_it_and_where_to_get_it(tmp_path: Path) -> None:
@@ -195,15 +214,6 @@ def test_registration_only_dataset_explains_what_to_fetch(tmp_path: Path) -> Non
     assert "toy-images.tar.gz" in message
 
 
-def test_hub_without_network_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(FinebenchError, match=r"cannot load the Hub copy 'uoft-cs/cifar10' of 'cifar10'"):
-        prepare_dataset("cifar10", tmp_path, source="hub", quiet=True)
-    assert _leftovers(tmp_path) == []
-
-
 def test_cli_prepares_both_offline_sets_and_lists_them(tmp_path: Path) -> None:
     env = {**os.environ, "FINEBENCH_DATA": str(tmp_path)}
     for name in ("mnist5k", "cluttered_mnist"):
@@ -225,9 +235,8 @@ def test_cli_unknown_dataset_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0 and "unknown dataset 'nope'" in result.stderr and "cifar10" in result.stderr
 
 
-def test_hub_copy_is_converted_with_the_matching_label_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A local folder stands in for the Hub repo: load_dataset reads it through the same code path."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def _hub_stand_in(folder: Path, splits: dict[str, list[int]]) -> Path:
+    """A local folder in the layout of a parquet Hub repo: load_dataset reads it through the same code path."""
     features = datasets.Features(
         {
             "img": datasets.Image(),
@@ -235,19 +244,141 @@ def test_hub_copy_is_converted_with_the_matching_label_column(tmp_path: Path, mo
             "fine_label": datasets.ClassLabel(names=CLASSES),
         }
     )
-    repo = tmp_path / "repo"
-    (repo / "data").mkdir(parents=True)
-    for split, values in (("train", [10, 20, 30, 40]), ("test", [50, 60])):
+    (folder / "data").mkdir(parents=True)
+    for split, values in splits.items():
         rows = {
             "img": [{"bytes": _png(v), "path": None} for v in values],
             "coarse_label": [0] * len(values),
             "fine_label": [i % 3 for i in range(len(values))],
         }
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(repo / "data" / f"{split}-00000-of-00001.parquet"))
-    with registry.override(_toy_spec(_toy_files(), hub_id=str(repo))):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+@pytest.fixture
+def hub_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Like ethz/food101 (the official test set is "validation") plus a corrupted copy like tanganke/stanford_cars."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = _hub_stand_in(tmp_path / "repo", {"train": [10, 20, 30, 40], "validation": [50, 60], "contrast": [70]})
+    # An unmapped split must not even be read: make reading it fail.
+    (repo / "data" / "contrast-00000-of-00001.parquet").write_bytes(b"not parquet")
+    return repo
+
+
+def test_hub_copy_is_converted_with_the_matching_label_column(hub_repo: Path, tmp_path: Path) -> None:
+    spec = _toy_spec(_toy_files(), hub_id=str(hub_repo), hub_splits={"train": "train", "test": "validation"})
+    with registry.override(spec):
         store = prepare_dataset("toy", tmp_path / "data", source="hub", quiet=True)
     meta = json.loads((store / "meta.json").read_text())
-    assert meta["classes"] == CLASSES and meta["splits"] == {"train": 4, "test": 2}
-    assert meta["origin"]["kind"] == "hub" and meta["info"]["hub_label_column"] == "fine_label"
+    assert meta["classes"] == CLASSES and meta["origin"]["kind"] == "hub"
+    assert meta["info"]["hub_label_column"] == "fine_label"
     test = datasets.load_from_disk(str(store / "test"))
     assert test["label"] == [0, 1] and np.asarray(test[1]["image"])[0, 0].tolist() == [60, 60, 60]
+
+
+def test_hub_stores_only_the_mapped_splits_under_our_names(hub_repo: Path, tmp_path: Path) -> None:
+    spec = _toy_spec(
+        _toy_files(), hub_id=str(hub_repo), hub_splits={"train": "train", "test": "validation"},
+        hub_image_column="img", hub_label_column="fine_label",
+    )
+    with registry.override(spec):
+        store = prepare_dataset("toy", tmp_path / "data", source="hub", quiet=True)
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["splits"] == {"train": 4, "test": 2}  # no "val", no "contrast"
+    assert sorted(p.name for p in store.iterdir() if p.is_dir()) == ["test", "train"]
+    assert meta["info"]["hub_splits"] == {"train": "train", "test": "validation"}
+
+
+def test_hub_label_names_must_match_the_class_count(hub_repo: Path, tmp_path: Path) -> None:
+    spec = _toy_spec(
+        _toy_files(), num_classes=2 + len(CLASSES), hub_id=str(hub_repo), hub_splits={"test": "validation"},
+        hub_label_column="fine_label",
+    )
+    with registry.override(spec), pytest.raises(FinebenchError, match=r"'fine_label' has 3 class names, .* has 5 classes"):
+        prepare_dataset("toy", tmp_path / "data", source="hub", quiet=True)
+    assert _leftovers(tmp_path / "data") == []
+
+
+def test_hub_split_missing_from_the_copy_is_named(hub_repo: Path, tmp_path: Path) -> None:
+    spec = _toy_spec(_toy_files(), hub_id=str(hub_repo), hub_splits={"train": "train", "test": "test"})
+    with registry.override(spec), pytest.raises(FinebenchError, match=r"splits asked for: train, test"):
+        prepare_dataset("toy", tmp_path / "data", source="hub", quiet=True)
+
+
+def _assert_fast_one_line_hub_error(run, reason: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(FinebenchError) as caught:
+        run()
+    assert time.monotonic() - started < 5  # datasets' own retries take ~20 s
+    message = str(caught.value)
+    assert "\n" not in message and reason in message
+    assert "'uoft-cs/cifar10' of 'cifar10'" in message and "--from" in message and "--mirror" in message
+
+
+def test_hub_with_hf_hub_offline_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _assert_fast_one_line_hub_error(lambda: prepare_dataset("cifar10", tmp_path, source="hub", quiet=True), "HF_HUB_OFFLINE")
+    assert _leftovers(tmp_path) == []
+
+
+def test_hub_host_unreachable_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:  # a port nobody listens on: connection refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _assert_fast_one_line_hub_error(
+        lambda: prepare_dataset("cifar10", tmp_path, source="hub", quiet=True), f"127.0.0.1:{port} is unreachable"
+    )
+
+
+def test_concurrent_prepare_of_the_same_dataset_is_refused(toy, tmp_path: Path) -> None:
+    spec, files, server = toy
+    tmp_path.mkdir(exist_ok=True)
+    lock_path = tmp_path / ".toy.lock"
+    with open(lock_path, "w") as held:  # what a running prepare holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FinebenchError, match=r"another prepare of 'toy' is running \(lock file .*\.toy\.lock\)"):
+            prepare_dataset("toy", tmp_path, mirror=server.url, quiet=True)
+        assert _leftovers(tmp_path) == []
+    store = prepare_dataset("toy", tmp_path, mirror=server.url, quiet=True)  # released: builds
+    assert (store / "meta.json").is_file()
+
+
+def test_lock_is_held_by_a_running_prepare_in_another_process(toy, tmp_path: Path) -> None:
+    """A real second process: a prepare blocked mid-parse holds the lock against this one."""
+    spec, files, server = toy
+    started, release = tmp_path / "started", tmp_path / "release"
+    script = f"""
+import time
+from pathlib import Path
+from finebench.data import registry
+from finebench.data.builders.base import DatasetSpec, ParsedDataset
+from finebench.data.prepare import prepare_dataset
+
+def parse(raw_dir):
+    Path({str(started)!r}).touch()
+    while not Path({str(release)!r}).exists():
+        time.sleep(0.05)
+    return ParsedDataset(classes=["a", "b", "c"], splits={{"train": []}})
+
+spec = DatasetSpec(name="toy", num_classes=3, split_sizes={{}}, protocol="p", terms="t", homepage="h", parse=parse, offline=True)
+with registry.override(spec):
+    prepare_dataset("toy", Path({str(tmp_path)!r}), quiet=True)
+"""
+    other = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert other.poll() is None, other.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(FinebenchError, match="another prepare of 'toy' is running"):
+            prepare_dataset("toy", tmp_path, mirror=server.url, quiet=True)
+    finally:
+        release.touch()
+        other.wait(timeout=60)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -74,11 +73,6 @@ def test_wrn_28_10_attention_parameter_overhead_grows_with_classes(classes: int,
     assert 100 * (count(attention) - count(baseline)) / count(baseline) == pytest.approx(expected_pct, abs=0.05)
 
 
-def finebench(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real console entry point, for exit codes and the one-line error."""
-    return subprocess.run([sys.executable, "-m", "finebench", *args], capture_output=True, text=True, timeout=120)
-
-
 def invoke(*args: str) -> str:
     from typer.testing import CliRunner
 
@@ -102,11 +96,24 @@ def test_cli_profile_prints_a_table() -> None:
     assert "cbam" in table and "FLOPs +%" in table and "one multiply-add = one flop" in table
 
 
-def test_cli_profile_user_error_is_one_line_and_exit_2() -> None:
-    bad = finebench("profile", "--backbone", "vgg")
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "unknown backbone 'vgg'" in bad.stderr
-    assert "Warning" not in bad.stderr
+def test_cli_profile_early_reports_each_modules_own_cost() -> None:
+    report = json.loads(invoke("profile", "--backbone", "wrn", "--depth", "10", "--width", "1",
+                               "--attention-depth", "2", "--early", "--json"))
+    costs = report["early_prediction"]["attention-ad2-aw4"]
+    assert list(costs) == ["group2", "group1"] and costs["group1"] < costs["group2"]
+    table = invoke("profile", "--backbone", "wrn", "--depth", "10", "--width", "1", "--early")
+    assert "early prediction" in table and "group0" in table
+
+
+def test_cli_profile_user_error_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+    from finebench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["finebench", "profile", "--backbone", "vgg"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "unknown backbone 'vgg'" in err
 
 
 def test_cli_models_lists_backbones_with_taps() -> None:
@@ -116,3 +123,21 @@ def test_cli_models_lists_backbones_with_taps() -> None:
     }
     table = invoke("models")
     assert "group0:160@1" in table and "36.48M" in table and "resnext101_32x8d" in table
+
+
+def test_profile_recipe_uses_its_backbone_dataset_and_variants(tmp_path) -> None:  # noqa: ANN001
+    from finebench.profile import profile_recipe
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        '[dataset]\nname = "cifar100"\ninput_size = 32\n'
+        '[model]\nbackbone = "wrn"\noptions = { depth = 10, width = 1 }\n'
+        '[[variants]]\nkind = "baseline"\n'
+        '[[variants]]\nkind = "attention"\nattention_depth = 1\nattention_width = 2\n'
+        '[[variants]]\nkind = "se"\n'
+        '[train]\nepochs = 1\nbatch_size = 2\nschedule = "constant"\n'
+    )
+    report = profile_recipe(str(recipe), ["variants.2.reduction=4"])
+    assert (report.backbone, report.num_classes, report.input_size) == ("wrn", 100, 32)
+    assert [row.variant for row in report.rows] == ["baseline", "attention", "se"]
+    assert report.rows[1].params - report.rows[0].params == 9 * 64 * 2 * 102 + 64 * 2 + 4

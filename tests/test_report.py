@@ -113,6 +113,10 @@ def results(tmp_path: Path) -> Path:
     return root
 
 
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.split("|")[1:-1]]
+
+
 def _row(table, variant_name: str):
     rows = table[table["variant_name"] == variant_name]
     assert len(rows) == 1
@@ -216,8 +220,8 @@ def test_missing_baseline_shows_dash_not_crash(tmp_path: Path) -> None:
     runs, _, _ = report.load_runs([tmp_path])
     table = report.summary_table(runs)
     assert math.isnan(table.iloc[0]["delta_pt"])
-    row = report.render(table, "markdown").splitlines()[2]
-    assert "| —" in row
+    cells = [cell.strip() for cell in report.render(table, "markdown").splitlines()[2].split("|")[1:-1]]
+    assert cells[5:7] == ["—", "—"]  # Baseline, Gain
 
 
 def test_by_ablation_axes_with_aliases(tmp_path: Path) -> None:
@@ -232,8 +236,10 @@ def test_by_ablation_axes_with_aliases(tmp_path: Path) -> None:
     assert list(table.columns[:4]) == ["dataset", "attention_depth", "attention_width", "variant_name"]
     ad3 = table[table["attention_depth"] == 3].iloc[0]
     assert ad3["top1_mean"] == pytest.approx(93.5) and ad3["delta_pt"] == pytest.approx(2.5)
-    text = report.render(table, "markdown")
-    assert "| AD " in text.splitlines()[0] or "| AD" in text.splitlines()[0]
+    lines = report.render(table, "markdown").splitlines()
+    assert _cells(lines[0])[:4] == ["Dataset", "AD", "AW", "Variant"]
+    assert _cells(lines[2])[:7] == ["cifar10", "—", "—", "baseline", "2", "91.00 ± 1.41", "91.00"]
+    assert _cells(lines[4])[:7] == ["cifar10", "3", "4", "attention-ad3-aw4", "2", "93.50 ± 0.71", "91.00"]
     with pytest.raises(FinebenchError, match="'depth'"):
         report.summary_table(runs, by=["depth"])
 
@@ -323,3 +329,50 @@ def test_cli_report_unknown_by_column_is_one_line_error(results: Path) -> None:
     )
     assert done.returncode == 2
     assert "nonsense" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_same_run_found_twice_counts_once(results: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(results / "wrn_cifar10", tmp_path / "copy" / "wrn_cifar10")
+    runs, _, warnings = report.load_runs([results, tmp_path / "copy"])
+    assert len(runs) == 7
+    assert sum("already read" in w for w in warnings) == 8  # 7 runs + the failed one
+
+
+def test_missing_results_path_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(FinebenchError, match="no such file or folder"):
+        report.load_runs([tmp_path / "typo"])
+
+
+def test_no_runs_renders_a_note_not_a_crash(tmp_path: Path) -> None:
+    runs, failed, _ = report.load_runs([tmp_path])
+    table = report.summary_table(runs)
+    assert report.render(table, "markdown") == "(no runs)\n"
+    assert report.render(report.early_prediction_table(runs), "csv").startswith("dataset,")
+
+
+def test_rich_table_for_terminals_has_every_column(results: Path) -> None:
+    from rich.console import Console
+
+    runs, _, _ = report.load_runs([results])
+    table = report.summary_table(runs)
+    console = Console(record=True, width=250)
+    console.print(report.rich_table(report.format_table(table), caption=report.table_note(table)))
+    text = console.export_text()
+    assert "96.50 ± 0.20" in text and "Params +%" in text and "ddof=1" in text
+
+
+def test_reference_matches_either_name_of_a_backbone(tmp_path: Path) -> None:
+    write_run(tmp_path, variant="attention", variant_name="attention", seed=0, top1=83.0,
+              dataset="cub200", backbone_label="wide_resnet50_2", options=ATTENTION_OPTIONS)
+    runs, _, _ = report.load_runs([tmp_path])
+    table = report.summary_table(runs, reference=report.load_reference())
+    assert table.iloc[0]["reference_top1"] == pytest.approx(83.64)
+
+
+def test_reference_file_missing_a_column_is_a_user_error(tmp_path: Path) -> None:
+    bad = tmp_path / "ref.csv"
+    bad.write_text("dataset,backbone_label,value\ncifar10,WRN-28-10,96\n")
+    with pytest.raises(FinebenchError, match=r"ref.csv: missing column\(s\) variant"):
+        report.load_reference([bad])

@@ -185,7 +185,7 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (("[train]", "[train]\nbatchsize = 3"), "train.batchsize: unknown key"),
         (("epochs = 1", "epochs = 1.5"), "train.epochs: Input should be a valid integer"),
         ((f'name = "{DATASET}"', 'name = "no_such_set"'), "dataset.name: unknown dataset 'no_such_set'"),
-        ((f'name = "{DATASET}"', 'name = "cluttered_mnist"'), "cluttered_mnist"),  # registered, not prepared
+        ((f'name = "{DATASET}"', 'name = "cifar10"'), "cifar10"),  # registered, not prepared
     ],
 )
 def test_bad_recipes_give_one_line_exit_code_2_and_write_nothing(tmp_path, data_root, monkeypatch, capsys,
@@ -239,6 +239,7 @@ def test_dry_run_lists_runs_with_cost_and_writes_nothing(tmp_path, data_root):
 
 
 def test_unprepared_data_is_reported_before_any_file_is_written(tmp_path):
-    with pytest.raises(FinebenchError):
-        run_recipe(load_recipe(recipe_file(tmp_path)), results_dir=tmp_path / "results", data_root=tmp_path / "none")
+    loaded = load_recipe(recipe_file(tmp_path, RECIPE.replace(f'"{DATASET}"', '"cifar10"')))
+    with pytest.raises(FinebenchError, match="cifar10"):
+        run_recipe(loaded, results_dir=tmp_path / "results", data_root=tmp_path / "none")
     assert not (tmp_path / "results").exists()

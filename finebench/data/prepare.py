@@ -2,13 +2,19 @@
 
 Where the files come from, in order of the options:
 
-- ``--source hub``: the spec's Hugging Face Hub copy through ``datasets.load_dataset``.
-- ``--from PATH``: a folder (or single file) the user already has. If it holds any of the spec's
-  archives by name, all source files must be there; they are verified and extracted. If it
-  holds none, it is taken as an already-extracted official layout and parsed in place.
+- ``--source hub``: the spec's Hugging Face Hub copy through ``datasets.load_dataset``; only the
+  splits in ``spec.hub_splits`` are read, stored under finebench's names. Without a network (or
+  with ``HF_HUB_OFFLINE=1``) this fails within seconds instead of after the library's retries.
+- ``--from PATH``: a folder (or single file) the user already has. Source files found there by
+  name are verified; archives are extracted, plain files used as they are. A source that is
+  absent is expected in its extracted form in the same folder (e.g. ``jpg/`` for Flowers'
+  ``102flowers.tgz``); only if parsing then misses a file is the user told which source to get.
 - otherwise each ``Source.url`` (or ``<mirror>/<filename>`` with ``--mirror``), downloaded into
   ``<data_root>/.downloads/<name>/`` and kept there, so ``--force`` does not download again.
 - ``spec.offline``: nothing to fetch; the builder reads data shipped in an installed package.
+
+A build holds ``<data_root>/.<name>.lock`` (``flock``), so a second prepare of the same dataset
+is refused instead of both building and the later one silently winning.
 
 Builders (``finebench/data/builders/<family>.py``) only provide ``SPECS`` with a ``parse``;
 everything here is shared. Extraction goes into the build folder and is deleted once the
@@ -17,7 +23,12 @@ store is written, so a finished store holds only Arrow files and ``meta.json``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +36,7 @@ from typing import Any
 from rich.console import Console
 
 from finebench.data import download, store
+from finebench.data.builders._layout import MissingLayoutPath
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset, Source
 from finebench.data.registry import get_spec
 from finebench.errors import FinebenchError
@@ -83,8 +95,8 @@ def _download_sources(
     return fetched
 
 
-def _local_sources(spec: DatasetSpec, from_path: Path) -> list[tuple[Source, Path, dict[str, Any]]] | None:
-    """The user's copies of the source files, verified; ``None`` when the folder holds none of them."""
+def _local_sources(spec: DatasetSpec, from_path: Path) -> list[tuple[Source, Path, dict[str, Any]]]:
+    """The spec's source files that ``--from`` holds, verified; absent ones are looked for as their extracted layout."""
     if not from_path.exists():
         raise FinebenchError(f"--from {from_path} does not exist (expected: {_expected_files_text(spec)})")
     if from_path.is_file():
@@ -93,27 +105,59 @@ def _local_sources(spec: DatasetSpec, from_path: Path) -> list[tuple[Source, Pat
             raise FinebenchError(
                 f"--from {from_path}: dataset {spec.name!r} needs a folder holding {_expected_files_text(spec)}"
             )
-        candidates = {matching[0].filename: from_path}
+        present = {matching[0].filename: from_path}
     else:
-        candidates = {s.filename: from_path / s.filename for s in spec.sources}
-    present = {name: path for name, path in candidates.items() if path.is_file()}
-    archives = {s.filename for s in spec.sources if s.extract}
-    # Plain files (extract=False) also sit in an extracted layout, so only archives decide the mode.
-    if not (present.keys() & archives if archives else present):
-        return None
-    missing = [s for s in spec.sources if s.filename not in present]
-    if missing:
-        first = missing[0]
-        raise FinebenchError(
-            f"--from {from_path}: missing {first.filename} for dataset {spec.name!r} "
-            f"(get it from {_where_to_get(spec, first)}; all files needed: {_expected_files_text(spec)})"
-        )
+        present = {s.filename: from_path / s.filename for s in spec.sources if (from_path / s.filename).is_file()}
     found = []
     for source in spec.sources:
-        path = present[source.filename]
-        digests = download.check_digests(path, source)
-        found.append((source, path, {**digests, "path": str(path.resolve())}))
+        if source.filename in present:
+            path = present[source.filename]
+            digests = download.check_digests(path, source)
+            found.append((source, path, {**digests, "path": str(path.resolve())}))
     return found
+
+
+def _link_rest_of_folder(spec: DatasetSpec, from_path: Path, raw_dir: Path) -> None:
+    """Make the parts of ``--from`` that are already extracted visible next to what was just unpacked.
+
+    Symlinks, not copies: an extracted image folder can be as large as the dataset.
+    """
+    source_names = {s.filename for s in spec.sources}
+    for entry in from_path.iterdir():
+        target = raw_dir / entry.name
+        if entry.name not in source_names and not target.exists() and not target.is_symlink():
+            target.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+
+
+def _missing_path(error: BaseException) -> Path | None:
+    if isinstance(error, MissingLayoutPath):
+        return error.path
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return Path(error.filename)
+    return None
+
+
+def _parse_from_folder(
+    spec: DatasetSpec, parse_dir: Path, from_path: Path, missing: list[Source]
+) -> ParsedDataset:
+    """Parse, and when a file is absent because its source was not in ``--from``, say which source to get and where."""
+    try:
+        return spec.parse(parse_dir)
+    except (FinebenchError, FileNotFoundError) as error:
+        absent = _missing_path(error)
+        if absent is None or not missing:
+            raise
+        shown = Path(str(absent).replace(str(parse_dir), str(from_path), 1))
+        named = [s for s in missing if s.filename == absent.name]
+        if named:
+            what = f"missing {named[0].filename} for dataset {spec.name!r} (get it from {_where_to_get(spec, named[0])})"
+        else:
+            sources = "; ".join(f"{s.filename} from {_where_to_get(spec, s)}" for s in missing)
+            what = (
+                f"missing {shown} for dataset {spec.name!r}, and the folder holds neither it nor the source "
+                f"file(s) it comes from ({sources})"
+            )
+        raise FinebenchError(f"--from {from_path}: {what}; all files needed: {_expected_files_text(spec)}") from error
 
 
 def _unpack(files: list[tuple[Source, Path, dict[str, Any]]], raw_dir: Path, console: Console) -> None:
@@ -149,34 +193,99 @@ class _HubSplit:
             yield Example(image=data, label=int(row[self.label_column]))
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+"""How long the reachability check of the Hub host may take; ``datasets`` itself retries for ~20 s."""
+
+
+def _hub_error(spec: DatasetSpec, reason: str) -> FinebenchError:
+    return FinebenchError(
+        f"cannot load the Hub copy {spec.hub_id!r} of {spec.name!r}: {reason} "
+        f"(use --source official, with --from DIR for files you have or --mirror URL for a mirror)"
+    )
+
+
+def _hub_unreachable_reason() -> str | None:
+    """Why the Hub cannot be reached, found in at most ``HUB_PROBE_TIMEOUT_S``; ``None`` if it may be."""
+    import datasets
+    import huggingface_hub.constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    if flag in {"1", "ON", "YES", "TRUE"} or datasets.config.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows the way; let the datasets library try it
+    endpoint = os.environ.get("HF_ENDPOINT") or huggingface_hub.constants.ENDPOINT
+    parts = urllib.parse.urlsplit(endpoint)
+    host, port = parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        return f"{host}:{port} is unreachable ({error.strerror or type(error).__name__}; no network?)"
+    return None
+
+
+def _pick_column(spec: DatasetSpec, features, wanted: str | None, kind: type, what: str) -> str:
+    """The named column (checked to be of ``kind``), or the one column of that kind."""
+    matching = [name for name, feature in features.items() if isinstance(feature, kind)]
+    if what == "label" and wanted is None:
+        matching = [name for name in matching if features[name].num_classes == spec.num_classes] or matching
+    if wanted is not None:
+        if wanted not in matching:
+            raise FinebenchError(
+                f"Hub copy {spec.hub_id!r} of {spec.name!r}: {what} column {wanted!r} is missing or not a "
+                f"{kind.__name__} (columns: {', '.join(features)})"
+            )
+        return wanted
+    if len(matching) != 1:
+        raise FinebenchError(
+            f"Hub copy {spec.hub_id!r} of {spec.name!r}: expected one {kind.__name__} {what} column, found "
+            f"{len(matching)} (columns: {', '.join(features)}); set hub_{what}_column in the spec"
+        )
+    return matching[0]
+
+
 def _parse_from_hub(spec: DatasetSpec) -> tuple[ParsedDataset, dict[str, Any]]:
     if not spec.hub_id:
         raise FinebenchError(f"dataset {spec.name!r} has no known Hugging Face Hub copy: use --source official or --from DIR")
+    if not spec.hub_splits:
+        raise FinebenchError(f"dataset {spec.name!r} has a Hub copy {spec.hub_id!r} but no hub_splits mapping in its spec")
     import datasets
 
+    # A local folder (how tests stand in for a Hub repo) needs no network.
+    if not Path(spec.hub_id).exists() and (reason := _hub_unreachable_reason()):
+        raise _hub_error(spec, reason)
+    ours, theirs = list(spec.hub_splits), list(spec.hub_splits.values())
     try:
-        splits = datasets.load_dataset(spec.hub_id)
-    except Exception as error:  # offline, unknown repo, gated repo: all end here with the reason
+        available = datasets.load_dataset_builder(spec.hub_id).config.data_files or {}
+        unknown = [name for name in theirs if available and name not in available]
+        if unknown:
+            raise FinebenchError(
+                f"Hub copy {spec.hub_id!r} of {spec.name!r} has no split {unknown[0]!r} (its splits: "
+                f"{', '.join(available)}; splits asked for: {', '.join(theirs)})"
+            )
+        # Only the mapped splits' files, so extra splits (corrupted test copies) are not even downloaded.
+        data_files = {name: available[name] for name in theirs} if available else None
+        loaded = datasets.load_dataset(spec.hub_id, data_files=data_files, split=theirs)
+    except FinebenchError:
+        raise
+    except Exception as error:  # offline, unknown repo or split, gated repo: all end here with the reason
+        detail = str(error).splitlines()[0] if str(error) else ""
+        raise _hub_error(spec, f"{type(error).__name__}: {detail} (splits asked for: {', '.join(theirs)})") from error
+    features = loaded[0].features
+    image_column = _pick_column(spec, features, spec.hub_image_column, datasets.Image, "image")
+    label_column = _pick_column(spec, features, spec.hub_label_column, datasets.ClassLabel, "label")
+    names = list(features[label_column].names)
+    if len(names) != spec.num_classes:
         raise FinebenchError(
-            f"cannot load the Hub copy {spec.hub_id!r} of {spec.name!r}: {type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''} (no network? use --source official or --from DIR)"
-        ) from error
-    features = next(iter(splits.values())).features
-    image_columns = [c for c, f in features.items() if isinstance(f, datasets.Image)]
-    label_columns = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    label_columns.sort(key=lambda c: (features[c].num_classes != spec.num_classes, c != "label"))
-    if not image_columns or not label_columns:
-        raise FinebenchError(
-            f"Hub copy {spec.hub_id!r} has no Image and ClassLabel columns (columns: {', '.join(features)})"
+            f"Hub copy {spec.hub_id!r}: label column {label_column!r} has {len(names)} class names, "
+            f"dataset {spec.name!r} has {spec.num_classes} classes"
         )
-    label_column = label_columns[0]
     parsed = ParsedDataset(
-        classes=list(features[label_column].names),
-        splits={
-            ("val" if name == "validation" else name): _HubSplit(split, image_columns[0], label_column)
-            for name, split in splits.items()
-        },
-        info={"hub_id": spec.hub_id, "hub_label_column": label_column},
+        classes=names,
+        splits={name: _HubSplit(split, image_column, label_column) for name, split in zip(ours, loaded)},
+        info={"hub_id": spec.hub_id, "hub_splits": dict(spec.hub_splits), "hub_label_column": label_column},
     )
     return parsed, {"kind": "hub", "hub_id": spec.hub_id}
 
@@ -205,51 +314,65 @@ def _resolve_and_parse(
         return spec.parse(build / "raw"), {"kind": "package"}, {}
     raw_dir = build / "raw"
     if from_path is not None:
-        files = _local_sources(spec, Path(from_path))
-        if files is None:
-            # No archives by name: the folder should be the official layout, already extracted.
-            try:
-                parsed = spec.parse(Path(from_path))
-            except (OSError, KeyError, ValueError, IndexError) as error:
-                raise FinebenchError(
-                    f"--from {from_path} holds none of the files of {spec.name!r} ({_expected_files_text(spec)}) "
-                    f"and is not its extracted layout: {error}"
-                ) from error
-            return parsed, {"kind": "from", "path": str(Path(from_path).resolve()), "extracted": True}, {}
-        origin = {"kind": "from", "path": str(Path(from_path).resolve())}
-    else:
-        files = _download_sources(spec, data_root, mirror, quiet)
-        origin = {"kind": "mirror", "mirror": mirror} if mirror else {"kind": "official"}
+        from_path = Path(from_path)
+        files = _local_sources(spec, from_path)
+        missing = [s for s in spec.sources if s.filename not in {src.filename for src, _, _ in files}]
+        origin = {
+            "kind": "from",
+            "path": str(from_path.resolve()),
+            "taken_as_extracted": [s.filename for s in missing],
+        }
+        seen = {s.filename: digests for s, _, digests in files}
+        if from_path.is_dir() and not any(src.extract for src, _, _ in files):
+            # Nothing to unpack: the plain files are verified and the folder is parsed in place.
+            return _parse_from_folder(spec, from_path, from_path, missing), origin, seen
+        _unpack(files, raw_dir, Console(stderr=True, quiet=quiet))
+        if from_path.is_dir():
+            _link_rest_of_folder(spec, from_path, raw_dir)
+        return _parse_from_folder(spec, raw_dir, from_path, missing), origin, seen
+    files = _download_sources(spec, data_root, mirror, quiet)
+    origin = {"kind": "mirror", "mirror": mirror} if mirror else {"kind": "official"}
     _unpack(files, raw_dir, Console(stderr=True, quiet=quiet))
     seen = {s.filename: digests for s, _, digests in files}
     return spec.parse(raw_dir), origin, seen
 
 
-def prepare_dataset(
-    name: str,
-    data_root: Path,
-    *,
-    source: str = "official",
-    from_path: Path | None = None,
-    mirror: str | None = None,
-    force: bool = False,
-    max_side: int | None = None,
-    quiet: bool = False,
-) -> Path:
-    """Build ``<data_root>/<name>/`` and return it; a no-op when it is already complete (unless ``force``).
+@contextlib.contextmanager
+def _exclusive_prepare(data_root: Path, name: str) -> Iterator[None]:
+    """Refuse a second prepare of the same dataset while one runs, instead of both building and the later winning.
 
-    ``mirror`` replaces each source's URL by ``<mirror>/<filename>`` (institutional mirrors, and
-    how tests point this at a local server); checksums still apply.
+    ``flock`` is released by the kernel when the process dies, so a crashed prepare never leaves a stale lock;
+    the lock file itself stays (deleting it would let two processes lock different files).
     """
-    spec = get_spec(name)
-    if source not in SOURCES:
-        raise FinebenchError(f"--source {source!r} is not valid: expected one of {', '.join(SOURCES)}")
-    if max_side is not None and max_side < 8:
-        raise FinebenchError(f"--max-side {max_side} is too small: expected at least 8 pixels")
-    data_root = Path(data_root)
-    console = Console(stderr=True, quiet=quiet)
+    data_root.mkdir(parents=True, exist_ok=True)
+    lock_path = data_root / f".{name}.lock"
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FinebenchError(
+                f"another prepare of {name!r} is running (lock file {lock_path}): wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(
+    spec: DatasetSpec,
+    data_root: Path,
+    source: str,
+    from_path: Path | None,
+    mirror: str | None,
+    force: bool,
+    max_side: int | None,
+    quiet: bool,
+    console: Console,
+) -> Path:
+    name = spec.name
     final = store.store_dir(data_root, name)
-    if store.is_prepared(data_root, name) and not force:
+    if store.is_prepared(data_root, name) and not force:  # another prepare finished while we waited for the lock
         console.print(f"{name} is already prepared in {final} (use --force to rebuild)")
         return final
     if final.exists() and not force and not store.is_prepared(data_root, name):
@@ -283,6 +406,36 @@ def prepare_dataset(
         raise
     console.print(f"prepared {name} in {final}: " + ", ".join(f"{k} {v}" for k, v in written["splits"].items()))
     return final
+
+
+def prepare_dataset(
+    name: str,
+    data_root: Path,
+    *,
+    source: str = "official",
+    from_path: Path | None = None,
+    mirror: str | None = None,
+    force: bool = False,
+    max_side: int | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Build ``<data_root>/<name>/`` and return it; a no-op when it is already complete (unless ``force``).
+
+    ``mirror`` replaces each source's URL by ``<mirror>/<filename>`` (institutional mirrors, and
+    how tests point this at a local server); checksums still apply.
+    """
+    spec = get_spec(name)
+    if source not in SOURCES:
+        raise FinebenchError(f"--source {source!r} is not valid: expected one of {', '.join(SOURCES)}")
+    if max_side is not None and max_side < 8:
+        raise FinebenchError(f"--max-side {max_side} is too small: expected at least 8 pixels")
+    data_root = Path(data_root)
+    console = Console(stderr=True, quiet=quiet)
+    if store.is_prepared(data_root, name) and not force:  # no lock needed, so a read-only data root works
+        console.print(f"{name} is already prepared in {store.store_dir(data_root, name)} (use --force to rebuild)")
+        return store.store_dir(data_root, name)
+    with _exclusive_prepare(data_root, name):
+        return _build(spec, data_root, source, from_path, mirror, force, max_side, quiet, console)
 
 
 def dataset_overview(data_root: Path) -> list[dict[str, Any]]:

@@ -129,6 +129,8 @@ class AttendAndRectify(nn.Module):
         return (log_probs * weights.unsqueeze(2)).sum(1), weights
 
     def forward(self, taps: Mapping[str, torch.Tensor], pooled: torch.Tensor, logits: torch.Tensor) -> ModelOutput:
+        """``gates`` are the effective B×(D+1) source weights (modules deepest first, then the
+        network), so ``log_probs = Σ_i gates_i · log_softmax(source_i)`` in every mode; None without gates."""
         module_logits: list[torch.Tensor] = []
         overlaps: list[torch.Tensor] = []
         want_reg = self.training and self.reg_w > 0

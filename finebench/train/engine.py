@@ -446,6 +446,8 @@ def fit(
     model.to(device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, len(train_loader))
     trained_model = ctx.wrap(model)

@@ -42,18 +42,28 @@ class LazyExamples(Sequence[Example], Generic[T]):
             yield self._make(item)
 
 
+class MissingLayoutPath(FinebenchError):
+    """A file or folder the official layout needs is absent.
+
+    ``path`` lets ``prepare --from`` tell which source file the user still has to fetch.
+    """
+
+    def __init__(self, path: Path, kind: str, what: str = "") -> None:
+        hint = f" ({what})" if what else ""
+        super().__init__(f"missing {kind} {path}{hint}: the dataset layout is incomplete")
+        self.path = path
+
+
 def require_file(path: Path, what: str = "") -> Path:
     """``path`` if it is a file, else a user error naming it (and what holds it)."""
     if not path.is_file():
-        hint = f" ({what})" if what else ""
-        raise FinebenchError(f"missing file {path}{hint}: the dataset layout is incomplete")
+        raise MissingLayoutPath(path, "file", what)
     return path
 
 
 def require_dir(path: Path, what: str = "") -> Path:
     if not path.is_dir():
-        hint = f" ({what})" if what else ""
-        raise FinebenchError(f"missing folder {path}{hint}: the dataset layout is incomplete")
+        raise MissingLayoutPath(path, "folder", what)
     return path
 
 

@@ -9,7 +9,7 @@ a few lines of parsing) without repeating the download logic in every dataset.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -71,6 +71,15 @@ class DatasetSpec:
     manual_instructions: str = ""
     hub_id: str | None = None
     """A Hugging Face Hub copy usable with ``--source hub``."""
+    hub_splits: Mapping[str, str] = field(default_factory=dict)
+    """Our split name -> the Hub copy's split name; required with ``hub_id``. Only these splits are
+    read and stored, because Hub copies name splits their own way (Food-101's official test set is
+    its ``validation``) and some carry extra ones (corrupted variants of a test set)."""
+    hub_image_column: str | None = None
+    """The Hub copy's image column; ``None``: its only ``datasets.Image`` column."""
+    hub_label_column: str | None = None
+    """The Hub copy's label column (a ``ClassLabel`` with ``num_classes`` names); ``None``: the
+    ``ClassLabel`` column with ``num_classes`` names."""
     offline: bool = False
     """Built from data shipped in an installed package: no download at all."""
     description: str = ""

@@ -124,6 +124,9 @@ SPECS = [
             ),
         ),
         hub_id="uoft-cs/cifar10",
+        hub_splits={"train": "train", "test": "test"},
+        hub_image_column="img",
+        hub_label_column="label",
         description="CIFAR-10: 32x32 colour images, 10 classes",
     ),
     DatasetSpec(
@@ -142,6 +145,9 @@ SPECS = [
             ),
         ),
         hub_id="uoft-cs/cifar100",
+        hub_splits={"train": "train", "test": "test"},
+        hub_image_column="img",
+        hub_label_column="fine_label",
         description="CIFAR-100: 32x32 colour images, 100 fine classes (20 coarse)",
     ),
 ]

@@ -65,6 +65,10 @@ FOOD101 = DatasetSpec(
                md5="85eeb15f3717b99a5da872d97d918f87"),
     ),
     hub_id="ethz/food101",
+    # The Hub copy calls the official test list (25,250 images) "validation".
+    hub_splits={"train": "train", "test": "validation"},
+    hub_image_column="image",
+    hub_label_column="label",
     description="Food-101: 101,000 images of 101 dishes. Class names are meta/labels.txt display names "
     "(folder ids from classes.txt are kept in meta.json).",
 )

@@ -80,6 +80,10 @@ SPEC = DatasetSpec(
     "and run: finebench prepare stanford_cars --from <folder with the four files>, or serve them and use "
     "--mirror <base URL>. Alternatively --source hub uses the unofficial Hub copy tanganke/stanford_cars.",
     hub_id="tanganke/stanford_cars",
+    # The Hub copy adds corrupted copies of the test set (contrast, gaussian_noise, ...) as extra splits.
+    hub_splits={"train": "train", "test": "test"},
+    hub_image_column="image",
+    hub_label_column="label",
     description="Stanford Cars: 16,185 images of 196 car classes (make, model, year); class names "
     "from devkit cars_meta.mat. The hub copy (tanganke/stanford_cars) is unofficial.",
 )
