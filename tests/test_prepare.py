@@ -338,7 +338,6 @@ def test_hub_host_unreachable_fails_fast(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_concurrent_prepare_of_the_same_dataset_is_refused(toy, tmp_path: Path) -> None:
     spec, files, server = toy
-    tmp_path.mkdir(exist_ok=True)
     lock_path = tmp_path / ".toy.lock"
     with open(lock_path, "w") as held:  # what a running prepare holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,0 +1,136 @@
+"""The in-memory uint8 path for small images: shapes, determinism, pixel/label correspondence, cache, choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finebench.data import registry
+from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
+from finebench.data.loader import InMemoryLoader, build_loaders
+from finebench.data.prepare import prepare_dataset
+from finebench.errors import FinebenchError
+from finebench.train.engine import capture_rng_state, restore_rng_state
+
+RNG = np.random.default_rng(7)
+TRAIN = RNG.integers(0, 256, (22, 32, 32, 3), dtype=np.uint8)
+TEST = RNG.integers(0, 256, (9, 32, 32), dtype=np.uint8)  # grayscale: expanded to RGB like the worker path
+LARGE = RNG.integers(0, 256, (4, 80, 96, 3), dtype=np.uint8)
+
+
+def _spec(name: str, splits: dict[str, np.ndarray]) -> DatasetSpec:
+    def parse(_raw: Path) -> ParsedDataset:
+        return ParsedDataset(["a", "b", "c"], {s: [Example(im, i % 3) for i, im in enumerate(a)] for s, a in splits.items()})
+
+    return DatasetSpec(name=name, num_classes=3, split_sizes={}, protocol="test", terms="test", homepage="",
+                       parse=parse, offline=True)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    for name, splits in (("mem_small", {"train": TRAIN, "test": TEST}), ("mem_large", {"train": LARGE, "test": LARGE})):
+        with registry.override(_spec(name, splits)):
+            prepare_dataset(name, root, quiet=True)
+    return root
+
+
+def _epoch(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+def test_auto_holds_small_images_in_memory_with_the_usual_batches(data_root: Path) -> None:
+    loaders = build_loaders("mem_small", data_root, batch_size=8, seed=0)
+    assert isinstance(loaders.train, InMemoryLoader) and isinstance(loaders.test, InMemoryLoader)
+    batches = _epoch(loaders.train)
+    assert len(loaders.train) == len(batches) == 3
+    assert [tuple(images.shape) for images, _ in batches] == [(8, 3, 32, 32), (8, 3, 32, 32), (6, 3, 32, 32)]
+    assert all(images.dtype == torch.float32 and labels.dtype == torch.int64 for images, labels in batches)
+    assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == sorted(i % 3 for i in range(22))
+
+
+def test_auto_keeps_large_images_on_the_worker_path_and_forcing_them_is_an_error(data_root: Path) -> None:
+    loaders = build_loaders("mem_large", data_root, batch_size=2, input_size=64)
+    assert not isinstance(loaders.train, InMemoryLoader)
+    with pytest.raises(FinebenchError, match="in_memory needs small images"):
+        build_loaders("mem_large", data_root, batch_size=2, input_size=64, in_memory=True)
+    with pytest.raises(FinebenchError, match="in_memory='fast'"):
+        build_loaders("mem_small", data_root, batch_size=2, in_memory="fast")
+
+
+def test_without_augmentation_batches_equal_the_worker_path_exactly(data_root: Path) -> None:
+    fast = build_loaders("mem_small", data_root, batch_size=4, augmentation="none", in_memory=True)
+    slow = build_loaders("mem_small", data_root, batch_size=4, augmentation="none", in_memory=False)
+    for (fast_images, fast_labels), (slow_images, slow_labels) in zip(fast.test, slow.test, strict=True):
+        assert torch.equal(fast_labels, slow_labels)
+        assert torch.equal(fast_images, slow_images)
+
+
+def test_the_same_seed_gives_the_same_epochs_and_another_seed_differs(data_root: Path) -> None:
+    def two_epochs(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = build_loaders("mem_small", data_root, batch_size=8, seed=seed, in_memory=True).train
+        return _epoch(loader) + _epoch(loader)
+
+    first, again, other = two_epochs(3), two_epochs(3), two_epochs(4)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0][0], other[0][0])
+    assert not torch.equal(first[0][0], first[3][0])  # the second epoch is a new shuffle and new crops
+
+
+def test_every_augmented_image_is_a_reflect_padded_crop_of_its_own_source_maybe_flipped() -> None:
+    sources = torch.from_numpy(RNG.integers(0, 256, (12, 3, 8, 10), dtype=np.uint8))
+    probe = build_probe(sources)
+    seen_flip = seen_shift = False
+    for images, labels in probe:
+        for image, label in zip(images, labels, strict=True):
+            pixels = (image * probe.std[0] + probe.mean[0]).round().to(torch.uint8)  # undo the normalisation
+            padded = np.pad(sources[label].numpy(), ((0, 0), (4, 4), (4, 4)), mode="reflect")
+            matches = [(top, left, flip) for top in range(9) for left in range(9) for flip in (False, True)
+                       if np.array_equal(pixels.numpy(), _crop(padded, top, left, flip))]
+            assert matches, f"image of label {label} is no crop of its source"
+            seen_flip |= any(flip for *_, flip in matches) and not any(not flip for *_, flip in matches)
+            seen_shift |= (4, 4) not in [(top, left) for top, left, _ in matches]
+    assert seen_flip and seen_shift
+
+
+def build_probe(sources: torch.Tensor) -> InMemoryLoader:
+    from finebench.data.loader import CIFAR_MEAN, CIFAR_STD, _Recipe
+
+    recipe = _Recipe("cifar", True, 8, 8, True, CIFAR_MEAN, CIFAR_STD)
+    return InMemoryLoader(sources, torch.arange(len(sources)), recipe, batch_size=5, seed=0, shuffle=True)
+
+
+def _crop(padded: np.ndarray, top: int, left: int, flip: bool) -> np.ndarray:
+    crop = padded[:, top : top + 8, left : left + 10]
+    return crop[:, :, ::-1] if flip else crop
+
+
+def test_the_decoded_split_is_cached_beside_the_store_and_reused(data_root: Path) -> None:
+    first = _epoch(build_loaders("mem_small", data_root, batch_size=8, seed=1, in_memory=True).train)
+    cache = data_root / "mem_small" / "train.u8-32x32.npy"
+    assert cache.is_file() and np.load(cache).shape == (22, 3, 32, 32)
+    again = _epoch(build_loaders("mem_small", data_root, batch_size=8, seed=1, in_memory=True).train)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+
+
+def test_ranks_share_one_permutation_and_cover_every_image_once(data_root: Path) -> None:
+    seen = []
+    for rank in range(2):
+        loader = build_loaders("mem_small", data_root, batch_size=4, seed=0, rank=rank, world_size=2, in_memory=True).train
+        loader.sampler.set_epoch(5)
+        seen.append(loader.sampler.indices())
+    assert sorted(torch.cat(seen).tolist()) == list(range(22))
+
+
+def test_restoring_the_engines_rng_capture_replays_the_same_augmentation(data_root: Path) -> None:
+    loader = build_loaders("mem_small", data_root, batch_size=8, seed=0, in_memory=True).train
+    loader.sampler.set_epoch(2)
+    state = capture_rng_state(loader)
+    expected = _epoch(loader)
+    _epoch(loader)
+    restore_rng_state(state, loader)
+    loader.sampler.set_epoch(2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(expected, _epoch(loader), strict=True))
