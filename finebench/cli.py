@@ -166,6 +166,10 @@ def _human_bytes(size: int | None) -> str:
     return ""
 
 
+def _first_sentence(text: str) -> str:
+    return text.split(". ", 1)[0].rstrip(".")
+
+
 @app.command("datasets")
 def datasets_command(
     data_root: Path = typer.Option(Path("data"), "--data-root", envvar="FINEBENCH_DATA", help=_DATA_ROOT_HELP),
@@ -182,18 +186,26 @@ def datasets_command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"datasets (prepared in {data_root}; full protocol and terms with --json)")
-    for column in ("name", "classes", "splits", "source", "prepared"):
-        table.add_column(column, no_wrap=True)
-    for column in ("terms", "protocol"):
-        table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=40)
+    console = Console()
+    # prose columns only where they fit: rich would otherwise squeeze the names out of a narrow table
+    wide = console.width >= 150
+    table = Table(title=f"datasets (prepared in {data_root}; protocol and terms with --json)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("classes", no_wrap=True, justify="right")
+    table.add_column("splits")
+    table.add_column("source")
+    table.add_column("prepared")
+    if wide:
+        for column in ("terms", "protocol"):
+            table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=40)
     for row in rows:
         splits = " / ".join(f"{k} {v:,}" for k, v in row["splits"].items()) or "folds"
         prepared = f"yes ({_human_bytes(row['size_bytes'])})" if row["prepared"] else "no"
-        table.add_row(
-            row["name"], str(row["classes"]), splits, row["source"], prepared, row["terms"], row["protocol"]
-        )
-    Console().print(table)
+        cells = [row["name"], str(row["classes"]), splits, row["source"], prepared]
+        if wide:
+            cells += [_first_sentence(row["terms"]), _first_sentence(row["protocol"])]
+        table.add_row(*cells)
+    console.print(table)
 
 
 @app.command("prepare")
