@@ -159,7 +159,7 @@ def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCaptur
     capture = AttentionCapture(taps=list(classifier.attention_taps))
     with _hooks(classifier, capture):
         output = classifier(images)
-    capture.module_log_probs = [F.log_softmax(l.float(), dim=1).cpu() for l in output.module_logits]
+    capture.module_log_probs = [F.log_softmax(logits.float(), dim=1).cpu() for logits in output.module_logits]
     capture.network_log_probs = F.log_softmax(output.logits.float(), dim=1).cpu()
     # The mixture is not normalised (DESIGN.md §3): renormalise before reading it as probabilities.
     capture.mixture_log_probs = F.log_softmax(output.log_probs.float(), dim=1).cpu()
@@ -189,8 +189,8 @@ def eval_preprocess(config: dict[str, Any], meta: dict[str, Any] | None) -> Prep
     """The evaluation transform of the data loader for this run's dataset settings.
 
     The loader keeps it private (``_recipes`` and ``StoreDataset._transform``); reusing it here
-    keeps the maps faithful to what the network saw in testing. See the report for the accessor
-    this would rather use.
+    keeps the maps faithful to what the network saw in testing. A public evaluation transform in
+    the loader would replace these two private names.
     """
     from finebench.data import loader
 
@@ -249,6 +249,17 @@ def images_from_split(data_root: Path, dataset: str, split: str, n: int) -> list
     picked = store.select(indices)
     return [(f"{split}_{index:06d}", row["image"].convert("RGB"), int(row["label"]))
             for index, row in zip(indices, picked)]
+
+
+def _unique_names(samples: list[tuple[str, Image.Image, int | None]]) -> list[tuple[str, Image.Image, int | None]]:
+    """a/cat.jpg and b/cat.jpg must not overwrite each other's figure."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name, image, label in samples:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        unique.append((name if count == 0 else f"{name}_{count}", image, label))
+    return unique
 
 
 # ---- drawing ------------------------------------------------------------------------------
@@ -312,7 +323,9 @@ def draw_attention(
             axes.imshow(mask, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
             axes.set_title(f"{tap} head {head}  w={weights[index, head]:.2f}", fontsize=7)
             axes.axis("off")
-    figure.tight_layout()
+    figure.suptitle("w: a head's weight inside its module (module gate); gate: a source's weight in "
+                    "the network's mixture (global gate)", fontsize=7, y=0.005, va="bottom")
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
     tmp = path.with_name(f".{path.name}.tmp")
     figure.savefig(tmp, format="png", dpi=100)
     tmp.replace(path)
@@ -349,6 +362,7 @@ def attend(
     samples = images_from_files(images) if images else []
     if split:
         samples += images_from_split(root, dataset, split, n)
+    samples = _unique_names(samples)
     preprocess = eval_preprocess(run.config, meta)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "attention_maps"
     out.mkdir(parents=True, exist_ok=True)

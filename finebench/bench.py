@@ -188,6 +188,8 @@ def bench_recipe(
     train_images = _train_split_size(dataset, data_root)
     steps_per_epoch = max(1, -(-(train_images or train.batch_size) // train.batch_size))
     timed_steps = max(1, -(-images // train.batch_size))
+    if getattr(train, "threads", None):  # as ``fit`` does, so the estimate matches the run
+        torch.set_num_threads(train.threads)
     seen: set[str] = set()
     rows = []
     for run in expand_runs(loaded, only):

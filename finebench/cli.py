@@ -262,8 +262,10 @@ def run_command(
     wall = time.perf_counter() - started
     title = f"{loaded.name}: {'planned runs' if dry_run else 'results'}"
     if not dry_run:
-        title += f" (final-epoch test accuracy; wall {wall:.0f}s)"
-    Console().print(outcome_table(outcomes, title=title, dry_run=dry_run))
+        title += f" (top-1/top-5 at the final epoch; best@ep is selected on the test set; wall {wall:.0f}s)"
+    stdout = Console()
+    table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
+    table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run))
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
 
@@ -314,21 +316,21 @@ def bench_command(
 # ---- report and attention maps (issue 5) ---------------------------------------------------
 
 
-def _emit_table(table, fmt: str, output, title: str) -> None:  # noqa: ANN001 (pandas, Path)
+def _emit_table(table, fmt: str, output, title: str, wide: bool = False) -> None:  # noqa: ANN001 (pandas, Path)
     """A rich table on a terminal, plain text when piped or written to a file (-o)."""
     from finebench import report as report_module
     from finebench.results import atomic_write_bytes
 
     if output is not None:
-        atomic_write_bytes(output, report_module.render(table, fmt).encode())
+        atomic_write_bytes(output, report_module.render(table, fmt, wide=wide).encode())
         err_console.print(f"wrote {output}", highlight=False)
         return
     stdout = Console()
     if fmt == "markdown" and stdout.is_terminal and not table.empty:
-        text = report_module.format_table(table)
+        text = report_module.wide_view(table) if wide else report_module.format_table(table)
         stdout.print(report_module.rich_table(text, title=title, caption=report_module.table_note(table)))
         return
-    sys.stdout.write(report_module.render(table, fmt))
+    sys.stdout.write(report_module.render(table, fmt, wide=wide))
     if fmt == "markdown":
         sys.stdout.write(f"\n{report_module.table_note(table)}\n\n")
 
@@ -345,12 +347,17 @@ def report_command(
     best: bool = typer.Option(False, "--best", help="Best-epoch test accuracy (optimistic, as the authors' logs) instead of final."),
     early: bool = typer.Option(False, "--early", help="Also the early-prediction table: each module alone against its FLOPs."),
     plots: str = typer.Option(None, "--plots", help="Write accuracy/cost, learning-curve and early-prediction plots (PNG, SVG) here."),
+    wide: bool = typer.Option(False, "--wide", help="One row per dataset × backbone, a column block per variant (markdown, LaTeX)."),
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± std over seeds, gains, overheads."""
     from pathlib import Path
 
+    from rich.markup import escape
+
     from finebench import report as report_module
 
+    if fmt not in report_module.FORMATS:
+        raise FinebenchError(f"--format {fmt!r}: expected one of {', '.join(report_module.FORMATS)}")
     result = report_module.make_report(
         paths or ["results"],
         by=report_module.split_by(by),
@@ -359,17 +366,15 @@ def report_command(
         selection="best" if best else "final",
         early=early,
     )
-    if fmt not in report_module.FORMATS:
-        raise FinebenchError(f"--format {fmt!r}: expected one of {', '.join(report_module.FORMATS)}")
     for warning in result.loaded.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if not result.loaded.failed.empty:
         err_console.print(f"[red]{len(result.loaded.failed)} failed run(s), not in the table:[/]")
         for row in report_module.failed_table(result.loaded.failed).itertuples(index=False):
-            err_console.print(f"  {row.Recipe}/{row.Run} {row.Dataset} {row.Backbone} {row.Variant} "
-                              f"seed {row.Seed}: {row.Reason}", highlight=False, soft_wrap=True)
+            err_console.print(escape(f"  {row.Recipe}/{row.Run} {row.Dataset} {row.Backbone} {row.Variant} "
+                                     f"seed {row.Seed}: {row.Reason}"), highlight=False, soft_wrap=True)
     output_path = Path(output) if output else None
-    _emit_table(result.table, fmt, output_path, "finebench report")
+    _emit_table(result.table, fmt, output_path, "finebench report", wide=wide)
     if result.early is not None:
         early_path = output_path.with_name(f"{output_path.stem}_early{output_path.suffix}") if output_path else None
         _emit_table(result.early, fmt, early_path, "early prediction")
@@ -379,7 +384,7 @@ def report_command(
         plot_warnings: list[str] = []
         written = write_plots(result.loaded.runs, Path(plots), error=error, warnings=plot_warnings)
         for warning in plot_warnings:
-            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
         err_console.print(f"wrote {len(written)} plot files to {plots}", highlight=False)
 
 

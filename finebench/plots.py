@@ -93,7 +93,8 @@ def plot_learning_curves(runs: pd.DataFrame, out_dir: Path, warnings: list[str] 
                 continue
             for (backbone, variant), series in table.groupby(["backbone_label", "variant_name"], sort=True):
                 mean = pd.to_numeric(series[column], errors="coerce").groupby(series["epoch"]).mean()
-                axes.plot(mean.index, mean.values, label=_series_label(backbone, variant, several))
+                axes.plot(mean.index, mean.values, marker="o", markersize=3,
+                          label=_series_label(backbone, variant, several))
             axes.set_xlabel("epoch")
             axes.set_ylabel(label)
             axes.set_title(f"{dataset}: {label}")

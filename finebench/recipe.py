@@ -24,7 +24,7 @@ from finebench.errors import FinebenchError
 _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
 """Input size used for cost estimates when a recipe leaves ``dataset.input_size`` unset."""
 
-_RUN_ID_EXCLUDE = (("dataset", "root"), ("train", "workers"), ("train", "log_every"))
+_RUN_ID_EXCLUDE = (("dataset", "root"), ("train", "workers"), ("train", "threads"), ("train", "log_every"))
 """Settings that change where or how fast a run goes but not what it computes."""
 
 
@@ -129,6 +129,9 @@ class TrainSection(_Section):
     channels_last: bool = False
     compile: bool = False
     workers: Annotated[int, Field(ge=0)] = 0
+    threads: Annotated[int, Field(ge=1)] | None = None
+    """CPU intra-op threads (``torch.set_num_threads``); unset keeps torch's default. One thread
+    beats two when other processes share the cores."""
     eval_every: Annotated[int, Field(ge=1)] = 1
     log_every: Annotated[int, Field(ge=1)] = 20
     """Steps between host reads of the running loss (progress bar and NaN check)."""

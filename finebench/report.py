@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finebench.errors import FinebenchError
 
-Format = Literal["markdown", "csv", "latex", "json"]
 FORMATS: tuple[str, ...] = ("markdown", "csv", "latex", "json")
 DEFAULT_BY: tuple[str, ...] = ("dataset", "backbone_label")
 DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
@@ -306,14 +305,17 @@ REFERENCE_COLUMNS: tuple[str, ...] = (
 def load_reference(paths: Iterable[str | Path] | None = None) -> pd.DataFrame:
     """The authors' numbers from the CSV files in ``paths`` (default: ``results/reference/``)."""
     if paths is None:
-        paths = sorted(DEFAULT_REFERENCE_DIR.glob("*.csv"))
+        # The repository's copy; an installed (non-editable) package finds it under the cwd.
+        paths = [DEFAULT_REFERENCE_DIR if DEFAULT_REFERENCE_DIR.is_dir() else Path("results") / "reference"]
+    paths = list(paths)
     frames = []
     for raw in paths:
         path = Path(raw)
         files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
         for file in files:
             try:
-                frame = pd.read_csv(file, dtype={"dataset": str, "backbone_label": str, "variant": str})
+                frame = pd.read_csv(file, dtype={"dataset": str, "backbone_label": str, "variant": str},
+                                    keep_default_na=False, na_values=[""])
             except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
                 raise FinebenchError(f"reference table {file}: not a readable CSV ({error})") from None
             missing = [column for column in REFERENCE_COLUMNS if column not in frame.columns]
@@ -322,6 +324,13 @@ def load_reference(paths: Iterable[str | Path] | None = None) -> pd.DataFrame:
                     f"reference table {file}: missing column(s) {', '.join(missing)}; expected "
                     f"{', '.join(REFERENCE_COLUMNS)}"
                 )
+            values = pd.to_numeric(frame["value"], errors="coerce")
+            if values.isna().any():
+                line = int(values.isna().idxmax()) + 2  # 1-based, after the header
+                raise FinebenchError(
+                    f"reference table {file}, line {line}: value {frame['value'].iloc[line - 2]!r} is not a number"
+                )
+            frame["value"] = values
             frame["reference_file"] = file.name
             frames.append(frame)
     if not frames:
@@ -476,8 +485,10 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
             exploded.append({**base, "source": tap, "top1": accuracy,
                              "flops": module_flops.get(tap, math.nan)})
         if run.get("network_top1") is not None and not _is_missing(run.get("network_top1")):
+            # The network's own classifier needs none of the attention modules: baseline cost.
+            network_flops = run.get("flops_baseline")
             exploded.append({**base, "source": "network classifier", "top1": run["network_top1"],
-                             "flops": run["flops"]})
+                             "flops": run["flops"] if _is_missing(network_flops) else network_flops})
         exploded.append({**base, "source": "full model", "top1": run["top1"], "flops": run["flops"]})
     columns = ["dataset", "backbone_label", "variant_name", "source", "n", f"{metric}_mean",
                f"{metric}_std", "flops", "flops_pct_of_full"]
@@ -583,6 +594,49 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def wide_view(table: pd.DataFrame) -> pd.DataFrame:
+    """The paper's layout: one row per group (dataset × backbone), a block of columns per variant.
+
+    Text only (for markdown, LaTeX and terminals); CSV and JSON keep the long numeric table,
+    which is what scripts want. Rows stay apart on every grouping column that is not a variant
+    option, so ``--by dataset,AD,AW`` is better read in the long layout.
+    """
+    metric = table.attrs.get("metric", "top1")
+    variant_key = "variant_name" if "variant_name" in table else "variant"
+    group_keys = [c for c in table.attrs.get("keys", []) if c in table and c not in ("variant", "variant_name")]
+    measure = "error" if metric == "error" else "top-1"
+    gain = "Δ error" if metric == "error" else "gain"
+    with_reference = f"reference_{metric}" in table
+    rows: dict[tuple[Any, ...], dict[str, str]] = {}
+    variants: list[str] = []
+    for _, record in table.iterrows():
+        key = tuple(_fmt_plain(record[c]) for c in group_keys)
+        row = rows.setdefault(key, {_HEADERS.get(c, c): value for c, value in zip(group_keys, key)})
+        name = str(record[variant_key])
+        if name not in variants:
+            variants.append(name)
+        score = _fmt_mean_std(record[f"{metric}_mean"], record[f"{metric}_std"])
+        row[f"{name} {measure}"] = f"{score} (n={record['n']})"
+        if name != "baseline":
+            row[f"{name} {gain}"] = _fmt_number(record["delta_pt"], signed=True)
+            row[f"{name} params/FLOPs +%"] = (
+                f"{_fmt_number(record['params_overhead_pct'], signed=True)} / "
+                f"{_fmt_number(record['flops_overhead_pct'], signed=True)}"
+            )
+        row[f"{name} img/s"] = MISSING if _is_missing(record["images_per_s"]) else f"{record['images_per_s']:,.0f}"
+        if with_reference:
+            row[f"{name} paper"] = _fmt_number(record[f"reference_{metric}"])
+    ordered = [_HEADERS.get(c, c) for c in group_keys]
+    for name in variants:
+        ordered += [f"{name} {measure}"] + ([f"{name} paper"] if with_reference else [])
+        if name != "baseline":
+            ordered += [f"{name} {gain}", f"{name} params/FLOPs +%"]
+        ordered += [f"{name} img/s"]
+    wide = pd.DataFrame(list(rows.values())).reindex(columns=ordered).fillna(MISSING)
+    wide.attrs["align"] = ["left"] * len(group_keys) + ["right"] * (len(ordered) - len(group_keys))
+    return wide
+
+
 def table_note(table: pd.DataFrame) -> str:
     """The one-line legend printed under a table so a reader knows which std and which epoch."""
     selection = table.attrs.get("selection", "final")
@@ -594,15 +648,15 @@ def table_note(table: pd.DataFrame) -> str:
     return note
 
 
-def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
-    """The table as markdown, CSV, LaTeX (booktabs) or JSON text."""
+def render(table: pd.DataFrame, fmt: str = "markdown", wide: bool = False) -> str:
+    """The table as markdown, CSV, LaTeX (booktabs) or JSON text; ``wide``: see ``wide_view``."""
     if fmt not in FORMATS:
         raise FinebenchError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "csv":
         return table.round(4).to_csv(index=False)
     if fmt == "json":
         return table.round(4).to_json(orient="records", indent=2, force_ascii=False) + "\n"
-    text = format_table(table)
+    text = wide_view(table) if wide and not table.empty else format_table(table)
     if fmt == "markdown":
         if text.empty:
             return table.attrs.get("empty", "(no runs)") + "\n"

@@ -270,7 +270,7 @@ def run_recipe(
     from finebench.data.registry import get_spec
 
     ctx = ctx or DistContext()
-    console = console or Console(stderr=True, quiet=quiet)
+    console = console or Console(stderr=True, quiet=quiet, soft_wrap=True)
     runs = expand_runs(loaded, only)
     data_root = Path(data_root if data_root is not None else loaded.recipe.dataset.root)
     num_classes = get_spec(loaded.recipe.dataset.name).num_classes
@@ -346,26 +346,31 @@ def _fmt_count(value: Any) -> str:
 
 
 def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool = False) -> Table:
-    """Variant beside variant: final-epoch test accuracy (no test-set selection), cost and time."""
+    """Variant beside variant: final-epoch test accuracy (no test-set selection), cost and time.
+
+    The best epoch is shown only as ``best@epoch`` in its own column: it is selected on the test set.
+    """
     table = Table(title=title)
     columns = ["variant", "seed", "run id"]
     if not dry_run:
-        columns += ["status", "top-1 (final)", "top-5", "network top-1", "best top-1 (optimistic)"]
+        columns += ["status", "top-1", "top-5", "net top-1", "best@ep"]
     columns += ["params", "FLOPs"]
     if not dry_run:
-        columns += ["train time", "img/s"]
+        columns += ["time", "img/s"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("variant", "status", "run id") else "right")
+
+    def pct(value: Any) -> str:
+        return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+
     for outcome in outcomes:
         summary = outcome.summary
         cells = [outcome.run.variant_name, str(outcome.run.seed), outcome.run.run_id]
         if not dry_run:
             final = summary.get("final") or {}
             best = summary.get("best") or {}
-            pct = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
             cells += [outcome.status, pct(final.get("test_top1")), pct(final.get("test_top5")),
-                      pct(final.get("network_top1")),
-                      f"{pct(best.get('test_top1'))} @ {best['epoch']}" if best else "-"]
+                      pct(final.get("network_top1")), f"{pct(best.get('test_top1'))}@{best['epoch']}" if best else "-"]
         cells += [_fmt_count(summary.get("params")), _fmt_count(summary.get("flops"))]
         if not dry_run:
             seconds = summary.get("train_time_s")

@@ -129,3 +129,14 @@ def test_attend_refuses_a_baseline_run(tiny: tuple[Path, Path], tmp_path: Path) 
 def test_attend_missing_image_is_one_line_error(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(FinebenchError, match="no such image file"):
         attend.attend(tiny[0], [tmp_path / "nope.jpg"], data_root=tiny[1])
+
+
+def test_images_with_the_same_name_get_separate_figures(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "cat.png"
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    written = attend.attend(tiny[0], paths, data_root=tiny[1], out_dir=tmp_path / "maps")
+    assert [p.name for p in written] == ["cat.png", "cat_1.png"]

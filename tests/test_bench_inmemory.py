@@ -43,7 +43,8 @@ def _epoch(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
 
 
 def test_auto_holds_small_images_in_memory_with_the_usual_batches(data_root: Path) -> None:
-    loaders = build_loaders("mem_small", data_root, batch_size=8, seed=0)
+    assert not isinstance(build_loaders("mem_small", data_root, batch_size=8).train, InMemoryLoader)  # opt-in
+    loaders = build_loaders("mem_small", data_root, batch_size=8, seed=0, in_memory="auto")
     assert isinstance(loaders.train, InMemoryLoader) and isinstance(loaders.test, InMemoryLoader)
     batches = _epoch(loaders.train)
     assert len(loaders.train) == len(batches) == 3
@@ -53,7 +54,7 @@ def test_auto_holds_small_images_in_memory_with_the_usual_batches(data_root: Pat
 
 
 def test_auto_keeps_large_images_on_the_worker_path_and_forcing_them_is_an_error(data_root: Path) -> None:
-    loaders = build_loaders("mem_large", data_root, batch_size=2, input_size=64)
+    loaders = build_loaders("mem_large", data_root, batch_size=2, input_size=64, in_memory="auto")
     assert not isinstance(loaders.train, InMemoryLoader)
     with pytest.raises(FinebenchError, match="in_memory needs small images"):
         build_loaders("mem_large", data_root, batch_size=2, input_size=64, in_memory=True)

@@ -203,7 +203,7 @@ def test_precision_auto_is_fp32_or_bf16_and_explicit_choices_are_kept():
     assert resolve_precision("fp32", cpu) == "fp32"
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_train_step_runs_on_in_memory_batches(precision):
     torch.manual_seed(0)
     step = build_train_step(TinyNet(), train_cfg(precision=precision, grad_clip=1.0, channels_last=True),

@@ -376,3 +376,30 @@ def test_reference_file_missing_a_column_is_a_user_error(tmp_path: Path) -> None
     bad.write_text("dataset,backbone_label,value\ncifar10,WRN-28-10,96\n")
     with pytest.raises(FinebenchError, match=r"ref.csv: missing column\(s\) variant"):
         report.load_reference([bad])
+
+
+def test_wide_layout_one_row_per_dataset_and_backbone(results: Path) -> None:
+    runs, _, _ = report.load_runs([results])
+    lines = report.render(report.summary_table(runs), "markdown", wide=True).splitlines()
+    assert len(lines) == 3  # header, rule, one dataset × backbone row
+    header, row = _cells(lines[0]), _cells(lines[2])
+    cells = dict(zip(header, row))
+    assert cells["baseline top-1"] == "96.10 ± 0.10 (n=3)"
+    assert cells["attention-ad3-aw4 top-1"] == "96.50 ± 0.20 (n=3)"
+    assert cells["attention-ad3-aw4 gain"] == "+0.40"
+    assert cells["attention-ad3-aw4 params/FLOPs +%"] == "+1.32 / +0.19"
+    assert cells["se top-1"] == "96.30 (n=1)" and cells["se gain"] == "+0.20"
+    with_paper = report.render(report.summary_table(runs, reference=report.load_reference()), wide=True)
+    paper = dict(zip(_cells(with_paper.splitlines()[0]), _cells(with_paper.splitlines()[2])))
+    assert paper["attention-ad3-aw4 paper"] == "96.55" and paper["se paper"] == "—"
+    latex = report.render(report.summary_table(runs, error=True), "latex", wide=True)
+    assert r"3.50 $\pm$ 0.20 (n=3)" in latex and "-0.40" in latex
+
+
+def test_reference_value_that_is_not_a_number_names_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "ref.csv"
+    header = ",".join(report.REFERENCE_COLUMNS)
+    bad.write_text(f"{header}\ncifar10,WRN-28-10,baseline,,,0,top1,96.1,best-epoch,log\n"
+                   "cifar10,WRN-28-10,attention,3,4,0,top1,n/a,best-epoch,log\n")
+    with pytest.raises(FinebenchError, match=r"ref.csv, line 3: value 'n/a' is not a number"):
+        report.load_reference([bad])

@@ -340,7 +340,7 @@ class RichProgress:
         if row.get("network_top1") is not None:
             line += f"  network {row['network_top1']:.2f}"
         line += f"  {row['images_per_s']:,.0f} img/s  {row['epoch_time_s']:.1f}s"
-        self._progress.console.print(line, highlight=False)
+        self._progress.console.print(line, highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         self._progress.console.print(text, highlight=False)
@@ -443,6 +443,8 @@ def fit(
     progress = progress or SilentProgress()
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
+    if train.threads is not None:
+        torch.set_num_threads(train.threads)
     model.to(device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
