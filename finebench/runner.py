@@ -7,7 +7,7 @@ results folder share the work instead of corrupting it.
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +270,7 @@ def run_recipe(
     from finebench.data.registry import get_spec
 
     ctx = ctx or DistContext()
-    console = console or Console(stderr=True, quiet=quiet, soft_wrap=True)
+    console = console or Console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
     runs = expand_runs(loaded, only)
     data_root = Path(data_root if data_root is not None else loaded.recipe.dataset.root)
     num_classes = get_spec(loaded.recipe.dataset.name).num_classes
@@ -283,7 +283,9 @@ def run_recipe(
             for run in runs
         ]
 
-    _prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
+    if ctx.is_main:
+        _prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
+    ctx.barrier()
     # Fail on unprepared data or bad model options before anything is written.
     device = resolve_device(loaded.recipe.train.device)
     loaders = _build_loaders(loaded, data_root, runs[0].seed, ctx, device)
@@ -296,27 +298,31 @@ def run_recipe(
     outcomes = []
     for run in runs:
         run_dir = RunDir(results_dir, loaded.name, run.run_id)
-        status = run_dir.status()
-        if status == "finished" or (status == "failed" and not retry_failed):
-            console.print(f"{run.variant_name} seed {run.seed}: {status} earlier, skipped ({run_dir.path})")
-            outcomes.append(RunOutcome(run, run_dir.path, f"skipped-{status}", run_dir.summary() or {}))
-            continue
-        try:
-            with run_dir.lock():
-                status = run_dir.status()  # another process may have finished it meanwhile
-                if status == "finished" or (status == "failed" and not retry_failed):
-                    outcomes.append(RunOutcome(run, run_dir.path, f"skipped-{status}", run_dir.summary() or {}))
-                    continue
-                started = time.perf_counter()
+        with contextlib.ExitStack() as held:
+            # Rank 0 alone locks and decides; every rank then follows the same decision.
+            decision = None
+            if ctx.is_main:
+                try:
+                    held.enter_context(run_dir.lock())
+                    status = run_dir.status()
+                    skip = status == "finished" or (status == "failed" and not retry_failed)
+                    decision = f"skipped-{status}" if skip else "train"
+                except RunLocked:
+                    decision = "locked"
+            decision = ctx.broadcast(decision)
+            label = f"{run.variant_name} seed {run.seed}"
+            if decision == "locked":
+                console.print(f"{label}: locked by another process, skipped")
+                outcomes.append(RunOutcome(run, run_dir.path, "locked"))
+            elif decision != "train":
+                console.print(f"{label}: {decision.removeprefix('skipped-')} earlier, skipped ({run_dir.path})")
+                outcomes.append(RunOutcome(run, run_dir.path, decision, run_dir.summary() or {}))
+            else:
                 summary = _execute(
                     loaded, run, run_dir, data_root=data_root, costs=costs, num_classes=num_classes,
                     ctx=ctx, quiet=quiet, console=console,
                 )
-                summary["wall_time_s"] = time.perf_counter() - started
                 outcomes.append(RunOutcome(run, run_dir.path, summary["status"], summary))
-        except RunLocked:
-            console.print(f"{run.variant_name} seed {run.seed}: locked by another process, skipped")
-            outcomes.append(RunOutcome(run, run_dir.path, "locked"))
     return outcomes
 
 

@@ -39,7 +39,7 @@ class DistContext:
     """Where this process stands in a (possibly) distributed run; one process by default.
 
     ``finebench.train.distributed`` provides a subclass whose ``wrap`` applies DDP and whose
-    ``reduce_sum`` all-reduces; the engine calls only these three members.
+    ``reduce_sum``/``broadcast``/``barrier`` are collectives; here they are no-ops.
     """
 
     rank: int = 0
@@ -54,6 +54,13 @@ class DistContext:
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        """Rank ``src``'s decision on every rank (the runner's skip/resume/lock choice)."""
+        return value
+
+    def barrier(self) -> None:
+        pass
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
