@@ -8,7 +8,7 @@ same in-memory batch, interleaved, at the engine's default precision. The FLOP o
 WRN-28-10 (5.2 GMAC per 32x32 image) is huge for a 2-core CPU: it runs at a small batch and
 few repeats so the script stays under 5 minutes; the script says so when it does.
 
-    python benchmarks/attention_overhead.py            # the full table (about 3-4 minutes on 2 cores)
+    python benchmarks/attention_overhead.py            # the full table (about 3 minutes on 2 cores)
     python benchmarks/attention_overhead.py --quick    # a smoke run (tiny batches, one repeat)
 """
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--skip-wrn28", action="store_true", help="only WRN-16-4")
     args = parser.parse_args()
     # (depth, width, batch, warmup, repeats)
-    configs = [(16, 4, 64, 2, 5), (28, 10, 8, 1, 3)]
+    configs = [(16, 4, 32, 1, 5), (28, 10, 8, 1, 3)]
     if args.quick:
         configs = [(16, 4, 4, 1, 1), (28, 10, 2, 1, 1)]
     if args.skip_wrn28:

@@ -1,14 +1,14 @@
 """What finebench's default precision and memory format buy over plain fp32 NCHW, and what they cost.
 
-Speed: the engine's training step of WRN-16-4 (32x32, batch 128) at ``precision = "auto"`` with
+Speed: the engine's training step of WRN-16-4 (32x32, batch 64) at ``precision = "auto"`` with
 the default memory format (what a recipe gets when it says nothing), against fp32 NCHW, with
 bf16 + channels_last beside them as the alternative the default did not pick, interleaved.
 
-Accuracy: the same short, fixed training (WRN-10-2 on the offline ``mnist5k`` digits, prepared into
-a temporary folder by ``finebench prepare``'s own code, 3 epochs, seed 0) once in fp32 and once
+Accuracy: the same short, fixed training (WRN-10-1 on the offline ``mnist5k`` digits, prepared into
+a temporary folder by ``finebench prepare``'s own code, 2 epochs, seed 0) once in fp32 and once
 with the defaults, through the real loader and ``fit``, so the speed-up is seen to cost no accuracy.
 
-    python benchmarks/precision.py            # about 3 minutes on 2 cores
+    python benchmarks/precision.py            # about 3-4 minutes on 2 cores
     python benchmarks/precision.py --quick    # smoke run
 """
 
@@ -27,6 +27,7 @@ from finebench.models import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step, fit, seed_everything
 
+BATCH = 128
 DEFAULTS = TrainSection(epochs=1, batch_size=1, schedule="constant")
 """A recipe's train section with nothing said: its precision and channels_last are the defaults."""
 
@@ -60,15 +61,15 @@ def accuracy(data_root: Path, epochs: int, train_limit: int | None) -> list[list
     for name, precision, channels_last in (("fp32 NCHW", "fp32", False),
                                            ("default", DEFAULTS.precision, DEFAULTS.channels_last)):
         seed_everything(0)
-        model = build_model("wrn", 10, "baseline", None, {"depth": 10, "width": 2})
-        loaders = build_loaders("mnist5k", data_root, batch_size=64, eval_batch_size=250, seed=0)
+        model = build_model("wrn", 10, "baseline", None, {"depth": 10, "width": 1})
+        loaders = build_loaders("mnist5k", data_root, batch_size=BATCH, eval_batch_size=500, seed=0)
         train_loader = loaders.train
         if train_limit is not None:
             subset = torch.utils.data.Subset(loaders.train.dataset, range(train_limit))
-            train_loader = torch.utils.data.DataLoader(subset, batch_size=64, shuffle=True,
+            train_loader = torch.utils.data.DataLoader(subset, batch_size=BATCH, shuffle=True,
                                                        collate_fn=loaders.train.collate_fn)
-        train = TrainSection(epochs=epochs, batch_size=64, lr=0.05, schedule="cosine", precision=precision,
-                             channels_last=channels_last, weight_decay=5e-4)
+        train = TrainSection(epochs=epochs, batch_size=BATCH, lr=0.1, schedule="cosine", precision=precision,
+                             channels_last=channels_last, weight_decay=5e-4, eval_every=epochs)
         result = fit(model, train_loader, loaders.test, train, mixture=False)
         final = result.rows[-1]
         rows.append([name, result.precision, epochs, f"{final['test_top1']:.2f}", f"{final['test_loss']:.4f}",
@@ -82,12 +83,12 @@ def main() -> None:
     args = parser.parse_args()
     print("precision: finebench's default precision/memory format vs fp32 NCHW")
     print(machine_line())
-    batch, warmup, repeats, epochs, limit = 128, 1, 5, 3, None
+    batch, warmup, repeats, epochs, limit = 64, 1, 3, 2, None
     if args.quick:
         batch, warmup, repeats, epochs, limit = 4, 1, 1, 1, 128
     print(f"speed: WRN-16-4 training step, 32x32, batch {batch}")
     print(format_table(["setting", "precision", "img/s", "vs fp32", "spread"], speed(batch, warmup, repeats)))
-    print(f"accuracy: WRN-10-2 on mnist5k, {epochs} epochs, seed 0, cosine lr 0.05 (test split, final epoch)")
+    print(f"accuracy: WRN-10-1 on mnist5k, {epochs} epochs, batch {BATCH}, seed 0, cosine lr 0.1 (test split, final epoch)")
     with tempfile.TemporaryDirectory(prefix="finebench-precision-") as folder:
         rows = accuracy(Path(folder), epochs, limit)
     print(format_table(["setting", "precision", "epochs", "test top-1 %", "test loss", "train s"], rows))

@@ -5,7 +5,7 @@ precision: the plain loop is autocast forward, loss, ``zero_grad``/``backward``/
 engine's ``TrainStep`` adds what a real run needs (LR schedule step, the grad scaler hook,
 on-device accuracy counting, the memory-format copy). Target: finebench / plain >= 0.97 in fp32.
 
-    python benchmarks/train_step.py               # WRN-16-4 (32x32, batch 128), ResNet-50 (224, batch 32); ~4 min on 2 cores
+    python benchmarks/train_step.py               # WRN-16-4 (32x32, batch 128), ResNet-50 (224, batch 32); ~3 min on 2 cores
     python benchmarks/train_step.py --precision auto
     python benchmarks/train_step.py --quick       # smoke run
 """
@@ -65,8 +65,8 @@ def main() -> None:
     args = parser.parse_args()
     # (label, backbone, options, input size, batch, classes, warmup, repeats)
     configs = [
-        ("WRN-16-4", "wrn", {"depth": 16, "width": 4}, 32, 128, 10, 2, 7),
-        ("ResNet-50", "resnet50", {}, 224, 32, 1000, 1, 4),
+        ("WRN-16-4", "wrn", {"depth": 16, "width": 4}, 32, 128, 10, 1, 5),
+        ("ResNet-50", "resnet50", {}, 224, 32, 1000, 1, 3),
     ]
     if args.quick:
         configs = [(label, b, o, size, 2, n, 1, 1) for label, b, o, size, _, n, _, _ in configs]

@@ -129,6 +129,8 @@ class TrainSection(_Section):
     channels_last: bool = False
     compile: bool = False
     workers: Annotated[int, Field(ge=0)] = 0
+    sync_batchnorm: bool = False
+    """Distributed runs: batch statistics over all workers (``SyncBatchNorm``)."""
     threads: Annotated[int, Field(ge=1)] | None = None
     """CPU intra-op threads (``torch.set_num_threads``); unset keeps torch's default. One thread
     beats two when other processes share the cores."""
@@ -292,24 +294,19 @@ def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]
                 f"--only {', '.join(unknown)}: not a variant of {loaded.path}; choose from {sorted(known)}"
             )
         variants = [v for v in variants if variant_name(v) in only or v.kind in only]
-    base = recipe.model_dump(mode="json", exclude={"variants", "seeds", "name", "description"})
+    shared = {"variants", "seeds", "name", "description"}
+    base = recipe.model_dump(mode="json", exclude=shared)
+    # The id hashes only what differs from the schema's defaults, so a setting added to the
+    # schema later (with a default that keeps old behaviour) does not orphan existing runs.
+    base_for_id = recipe.model_dump(mode="json", exclude=shared, exclude_defaults=True)
     runs = []
     for variant in variants:
+        name = variant_name(variant)
+        options_for_id = variant.model_dump(mode="json", exclude={"kind", "name"}, exclude_defaults=True)
         for seed in recipe.seeds:
-            config = {
-                "recipe": loaded.name,
-                **base,
-                "variant": {"kind": variant.kind, "name": variant_name(variant), "options": variant_options(variant)},
-                "seed": seed,
-            }
-            runs.append(
-                RunSpec(
-                    recipe_name=loaded.name,
-                    variant_kind=variant.kind,
-                    variant_name=variant_name(variant),
-                    seed=seed,
-                    config=config,
-                    run_id=run_id_for(config),
-                )
-            )
+            variant_entry = {"kind": variant.kind, "name": name, "options": variant_options(variant)}
+            config = {"recipe": loaded.name, **base, "variant": variant_entry, "seed": seed}
+            basis = {"recipe": loaded.name, **base_for_id,
+                     "variant": {**variant_entry, "options": options_for_id}, "seed": seed}
+            runs.append(RunSpec(loaded.name, variant.kind, name, seed, config, run_id_for(basis)))
     return runs

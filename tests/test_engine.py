@@ -221,3 +221,20 @@ def test_schedules_warm_up_then_decay_at_the_milestones():
     assert factor(39) == 1.0 and factor(40) == pytest.approx(0.2) and factor(80) == pytest.approx(0.04)
     cosine = lr_factor_fn(train_cfg(epochs=10, schedule="cosine", warmup_epochs=0), steps_per_epoch=10)
     assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+
+
+def test_rich_progress_prints_one_line_per_finished_epoch(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from finebench.train.engine import RichProgress
+
+    buffer = io.StringIO()
+    progress = RichProgress("baseline seed 0", Console(file=buffer, force_terminal=True, width=200))
+    try:
+        run_fit(None, epochs=2, progress=progress)
+    finally:
+        progress.close()
+    lines = [line for line in buffer.getvalue().splitlines() if "top-1" in line]
+    assert len(lines) == 2 and "baseline seed 0 epoch 2: train loss" in lines[1] and "img/s" in lines[1]

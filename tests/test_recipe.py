@@ -56,6 +56,8 @@ def test_run_ids_are_stable_and_ignore_paths_and_worker_counts(tmp_path):
     assert [r.run_id for r in first] == [r.run_id for r in again]
     assert not {r.run_id for r in first} & {r.run_id for r in changed}
     assert run_id_for({"b": 1, "a": 2}) == run_id_for({"a": 2, "b": 1})
+    explicit_default = expand_runs(load_recipe(write(tmp_path, MINIMAL), ["train.label_smoothing=0.0"]))
+    assert [r.run_id for r in first] == [r.run_id for r in explicit_default]
 
 
 def test_only_keeps_variants_by_name_or_kind_and_rejects_unknown_names(tmp_path):

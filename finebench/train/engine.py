@@ -132,12 +132,13 @@ def capture_rng_state(loader: Any = None) -> dict[str, Any]:
 
 
 def _dataset_generators(loader: Any) -> dict[str, np.random.Generator]:
-    dataset, found, depth = getattr(loader, "dataset", None), {}, 0
-    while dataset is not None and depth < 8:
-        for name, value in vars(dataset).items():
+    """numpy generators held by the loader or the datasets it wraps (``Subset`` chains included)."""
+    holder, found, depth = loader, {}, 0
+    while holder is not None and depth < 8:
+        for name, value in getattr(holder, "__dict__", {}).items():
             if isinstance(value, np.random.Generator):
                 found[f"{depth}.{name}"] = value
-        dataset, depth = getattr(dataset, "dataset", None), depth + 1
+        holder, depth = getattr(holder, "dataset", None), depth + 1
     return found
 
 
