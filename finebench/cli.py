@@ -347,7 +347,7 @@ def report_command(
     best: bool = typer.Option(False, "--best", help="Best-epoch test accuracy (optimistic, as the authors' logs) instead of final."),
     early: bool = typer.Option(False, "--early", help="Also the early-prediction table: each module alone against its FLOPs."),
     plots: str = typer.Option(None, "--plots", help="Write accuracy/cost, learning-curve and early-prediction plots (PNG, SVG) here."),
-    wide: bool = typer.Option(False, "--wide", help="One row per dataset × backbone, a column block per variant (markdown, LaTeX)."),
+    long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± std over seeds, gains, overheads."""
     from pathlib import Path
@@ -374,6 +374,8 @@ def report_command(
             err_console.print(escape(f"  {row.Recipe}/{row.Run} {row.Dataset} {row.Backbone} {row.Variant} "
                                      f"seed {row.Seed}: {row.Reason}"), highlight=False, soft_wrap=True)
     output_path = Path(output) if output else None
+    # the paper's layout unless the user groups by options (an ablation reads better one row per setting)
+    wide = not long and not by
     _emit_table(result.table, fmt, output_path, "finebench report", wide=wide)
     if result.early is not None:
         early_path = output_path.with_name(f"{output_path.stem}_early{output_path.suffix}") if output_path else None
