@@ -91,6 +91,97 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+_LOST_CONTACT_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL", "timed out",
+                         "Timed out")
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether ``error`` says another worker went away or stopped answering (not a fault of the run)."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _LOST_CONTACT_MARKERS)
+
+
+# ---- BatchNorm over the global batch ----------------------------------------------------------------
+
+
+class _SumOverWorkers(torch.autograd.Function):
+    """All-reduce sum whose gradient is summed over workers too: every worker's loss depends on the
+    statistics every worker contributed (torch's SyncBatchNorm backward does the same)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class WorkerSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with statistics over the global batch for CPU workers (Gloo).
+
+    torch's ``SyncBatchNorm`` runs on GPUs only; this is the same computation from plain ops and one
+    float64 all-reduce of (sum, sum of squares, count) per layer. Outside training, or with one
+    worker, it is an ordinary BatchNorm; its state dict is BatchNorm's.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        channels, dims = input.shape[1], [0, *range(2, input.dim())]
+        wide = input.double()
+        local = torch.cat([wide.sum(dims), wide.square().sum(dims), wide.new_tensor([input.numel() / channels])])
+        total = _SumOverWorkers.apply(local)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = total[channels : 2 * channels] / count - mean.square()
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), factor)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        scale = torch.rsqrt(var + self.eps).to(input.dtype)
+        output = (input - mean.to(input.dtype).view(shape)) * scale.view(shape)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        return output
+
+
+def _to_worker_sync(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (WorkerSyncBatchNorm, nn.SyncBatchNorm)):
+        synced = WorkerSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                     module.track_running_stats)
+        if module.affine:
+            synced.weight, synced.bias = module.weight, module.bias
+        if module.track_running_stats:
+            synced.running_mean, synced.running_var = module.running_mean, module.running_var
+            synced.num_batches_tracked = module.num_batches_tracked
+        return synced.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, _to_worker_sync(child))
+    return module
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``model`` computes global-batch statistics: torch's SyncBatchNorm on GPUs,
+    ``WorkerSyncBatchNorm`` on CPUs. Converted in place below the root, so the parameter objects
+    (and an optimiser built on them) stay the same."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _to_worker_sync(model)
+
+
 # ---- the distributed context the engine calls ------------------------------------------------------
 
 
@@ -110,8 +201,7 @@ class DDPContext(DistContext):
         graph traversal per step.
         """
         if self.sync_batchnorm:
-            # In place below the root: the parameter objects (and so the optimiser's) stay the same.
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model, self.device)
         device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
@@ -227,19 +317,32 @@ def torchrun_argv(nproc_per_node: int, worker_argv: Sequence[str], *, rdzv_endpo
 
 
 def describe_failure(error: Exception) -> str:
-    """One line naming the worker that failed first and how (exit code or signal)."""
+    """One line naming every failed worker and how, the likely cause first.
+
+    A worker killed by a signal other than SIGTERM (SIGKILL, SIGSEGV, the OOM killer) comes first,
+    then non-zero exits, then the workers the agent itself stopped with SIGTERM.
+    """
     failures = getattr(error, "failures", None) or {}
     if not failures:
         return f"distributed run failed: {error}"
-    rank, failure = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
-    if failure.exitcode < 0:
-        how = f"was killed by {signal.Signals(-failure.exitcode).name}" if -failure.exitcode in signal.valid_signals() \
-            else f"was killed by signal {-failure.exitcode}"
-    else:
-        how = f"exited with code {failure.exitcode}"
-    others = len(failures) - 1
-    tail = f"; {others} other worker{'s' if others != 1 else ''} failed too" if others else ""
-    return f"distributed run failed: worker rank {rank} (pid {failure.pid}) {how}{tail}; the job was stopped (see the worker output above)"
+
+    def how(exitcode: int) -> str:
+        if exitcode >= 0:
+            return f"exited with code {exitcode}"
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+
+    def likely_cause_first(item: tuple[int, Any]) -> tuple[int, int, int]:
+        rank, failure = item
+        code = failure.exitcode
+        category = 0 if code < 0 and -code != signal.SIGTERM else 1 if code > 0 else 2
+        return category, failure.timestamp, rank
+
+    parts = [f"worker rank {rank} (pid {failure.pid}) {how(failure.exitcode)}"
+             for rank, failure in sorted(failures.items(), key=likely_cause_first)]
+    return f"distributed run failed: {', '.join(parts)}; the job was stopped (see the worker output above)"
 
 
 def launch_workers(nproc_per_node: int, worker_argv: Sequence[str], *, rdzv_endpoint: str = "127.0.0.1:0") -> None:

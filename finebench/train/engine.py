@@ -386,20 +386,27 @@ class RunStore(Protocol):
     def load_checkpoint(self) -> dict[str, Any] | None: ...
 
 
-def _check_finite(losses: list[torch.Tensor], epoch: int, first_step: int) -> None:
-    """One host read for a whole log interval; names the first bad step when there is one."""
+def _check_finite(losses: list[torch.Tensor], epoch: int, first_step: int, ctx: DistContext) -> None:
+    """One host read for a whole log interval; names the first bad step when there is one.
+
+    The count of bad losses is summed over ranks so that every rank stops at the same step.
+    """
     if not losses:
         return
     stacked = torch.stack(losses)
     finite = torch.isfinite(stacked)
-    if bool(finite.all()):
+    if ctx.reduce_sum((~finite).sum().double()).item() == 0:
         return
+    if bool(finite.all()):
+        raise NonFiniteLoss(f"loss became non-finite on another rank at epoch {epoch} near step {first_step}")
     index = int((~finite).nonzero()[0, 0])
     value = stacked[index].item()
     raise NonFiniteLoss(f"loss became {value} at epoch {epoch} step {first_step + index}")
 
 
-def _train_epoch(step: TrainStep, loader: Iterable, epoch: int, epochs: int, log_every: int, progress: Progress):
+def _train_epoch(
+    step: TrainStep, loader: Iterable, epoch: int, epochs: int, log_every: int, progress: Progress, ctx: DistContext
+):
     steps = len(loader)  # type: ignore[arg-type]
     progress.start_epoch(epoch, epochs, steps)
     loss_sum = torch.zeros((), device=step.device, dtype=torch.float64)
@@ -415,7 +422,7 @@ def _train_epoch(step: TrainStep, loader: Iterable, epoch: int, epochs: int, log
         seen += batch
         pending.append(loss)
         if len(pending) == log_every or index + 1 == steps:
-            _check_finite(pending, epoch, index + 1 - len(pending))
+            _check_finite(pending, epoch, index + 1 - len(pending), ctx)
             pending = []
             elapsed = time.perf_counter() - start
             progress.update(
@@ -493,7 +500,7 @@ def fit(
         trained_model.train()
         try:
             loss_sum, correct_sum, seen, elapsed = _train_epoch(
-                step, train_loader, epoch, train.epochs, train.log_every, progress
+                step, train_loader, epoch, train.epochs, train.log_every, progress, ctx
             )
         except NonFiniteLoss as error:
             return result("failed", str(error), epoch - 1)
