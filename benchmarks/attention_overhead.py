@@ -14,11 +14,17 @@ few repeats so the script stays under 5 minutes; the script says so when it does
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from finebench.bench import format_table, machine_line, synthetic_batch, time_side_by_side
+from finebench.bench import (
+    benchmark_arguments,
+    format_table,
+    machine_line,
+    paired_ratio,
+    parse_benchmark_arguments,
+    synthetic_batch,
+    time_side_by_side,
+)
 from finebench.models import build_model
 from finebench.profile import profile_variants
 from finebench.recipe import TrainSection
@@ -50,7 +56,7 @@ def measure(depth: int, width: int, batch: int, warmup: int, repeats: int, preci
             items=batch, warmup=warmup, repeats=repeats, device=steps["baseline"].device,
         )
         base, attn = timings["baseline"], timings["attention"]
-        time_overhead = 100.0 * (attn.median_s / base.median_s - 1.0)
+        time_overhead = 100.0 * (paired_ratio(base, attn) - 1.0)  # attention time / baseline time, per repeat
         flop_overhead = flops[1].flops_overhead_pct
         rows.append([
             f"WRN-{depth}-{width}", num_classes, batch, steps["baseline"].precision,
@@ -63,12 +69,11 @@ def measure(depth: int, width: int, batch: int, warmup: int, repeats: int, preci
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny batches, one repeat")
+    parser = benchmark_arguments(__doc__)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--skip-wrn28", action="store_true", help="only WRN-16-4")
-    args = parser.parse_args()
+    args = parse_benchmark_arguments(parser)
     # (depth, width, batch, warmup, repeats)
     configs = [(16, 4, 32, 1, 5), (28, 10, 8, 1, 3)]
     if args.quick:

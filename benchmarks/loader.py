@@ -22,7 +22,6 @@ than the training step.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import inspect
 import tempfile
@@ -33,7 +32,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finebench.bench import format_table, machine_line, synthetic_batch, time_side_by_side
+from finebench.bench import (
+    benchmark_arguments,
+    format_table,
+    machine_line,
+    paired_ratio,
+    parse_benchmark_arguments,
+    synthetic_batch,
+    time_side_by_side,
+)
 from finebench.data import loader as fb_loader
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
@@ -131,18 +138,17 @@ def compare(folder: Path, size: int, source: tuple[int, int], count: int, batch:
         candidates = {"finebench (in-memory)": in_memory, **candidates}
     timings = time_side_by_side({label: (lambda ld=ld: drain(ld)) for label, ld in candidates.items()},
                                 items=count, warmup=1, repeats=repeats)
-    reference = timings["ImageFolder"].per_s
+    reference = timings["ImageFolder"]
     step_per_s = step_speed(step_backbone, size, step_batch, 2)
     return [[f"{size}x{size} (from {source[0]}x{source[1]} JPEG)", label, workers, f"{t.per_s:,.0f}",
-             f"{t.per_s / reference:.2f}x", f"{step_per_s:,.1f}", f"{t.per_s / step_per_s:,.1f}x", f"{t.spread_pct:.0f}%"]
+             f"{paired_ratio(t, reference):.2f}x", f"{step_per_s:,.1f}", f"{t.per_s / step_per_s:,.1f}x", f"{t.spread_pct:.0f}%"]
             for label, t in timings.items()]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: few images, one repeat")
+    parser = benchmark_arguments(__doc__)
     parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+    args = parse_benchmark_arguments(parser)
     big, small, repeats = 384, 5000, 5
     if args.quick:
         big, small, repeats = 32, 256, 1

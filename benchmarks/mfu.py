@@ -11,12 +11,17 @@ says how close the step gets to what this machine can do.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from finebench.bench import format_table, machine_line, synthetic_batch, time_side_by_side
+from finebench.bench import (
+    benchmark_arguments,
+    format_table,
+    machine_line,
+    parse_benchmark_arguments,
+    synthetic_batch,
+    time_side_by_side,
+)
 from finebench.models import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step
@@ -41,9 +46,8 @@ def step_flops(step, images: torch.Tensor, labels: torch.Tensor) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny batches, one repeat")
-    args = parser.parse_args()
+    parser = benchmark_arguments(__doc__)
+    args = parse_benchmark_arguments(parser)
     # (label, backbone, options, variant, input, batch, num_classes)
     models = [
         ("WRN-16-4", "wrn", {"depth": 16, "width": 4}, "baseline", 32, 64, 10),

@@ -14,13 +14,20 @@ with the defaults, through the real loader and ``fit``, so the speed-up is seen 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
 
-from finebench.bench import format_table, machine_line, synthetic_batch, time_side_by_side
+from finebench.bench import (
+    benchmark_arguments,
+    format_table,
+    machine_line,
+    paired_ratio,
+    parse_benchmark_arguments,
+    synthetic_batch,
+    time_side_by_side,
+)
 from finebench.data.loader import build_loaders
 from finebench.data.prepare import prepare_dataset
 from finebench.models import build_model
@@ -51,7 +58,7 @@ def speed(batch: int, warmup: int, repeats: int) -> list[list]:
     timings = time_side_by_side({name: (lambda s=step: s(images, labels)) for name, step in steps.items()},
                                 items=batch, warmup=warmup, repeats=repeats, device=device)
     reference = timings["fp32 NCHW"]
-    return [[name, steps[name].precision, f"{t.per_s:,.1f}", f"{t.per_s / reference.per_s:.2f}x", f"{t.spread_pct:.0f}%"]
+    return [[name, steps[name].precision, f"{t.per_s:,.1f}", f"{paired_ratio(t, reference):.2f}x", f"{t.spread_pct:.0f}%"]
             for name, t in timings.items()]
 
 
@@ -78,9 +85,8 @@ def accuracy(data_root: Path, epochs: int, train_limit: int | None) -> list[list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny batches and training")
-    args = parser.parse_args()
+    parser = benchmark_arguments(__doc__)
+    args = parse_benchmark_arguments(parser)
     print("precision: finebench's default precision/memory format vs fp32 NCHW")
     print(machine_line())
     batch, warmup, repeats, epochs, limit = 64, 1, 3, 2, None

@@ -12,12 +12,18 @@ on-device accuracy counting, the memory-format copy). Target: finebench / plain 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from finebench.bench import format_table, machine_line, synthetic_batch, time_side_by_side
+from finebench.bench import (
+    benchmark_arguments,
+    format_table,
+    machine_line,
+    paired_ratio,
+    parse_benchmark_arguments,
+    synthetic_batch,
+    time_side_by_side,
+)
 from finebench.models import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import autocast, build_train_step
@@ -53,16 +59,15 @@ def compare(label: str, backbone: str, options: dict, size: int, batch: int, num
         items=batch, warmup=warmup, repeats=repeats, device=engine.device,
     )
     ours, reference = timings["finebench"], timings["plain"]
-    ratio = ours.per_s / reference.per_s
+    ratio = paired_ratio(ours, reference)
     return [label, size, batch, engine.precision, f"{ours.per_s:,.1f}", f"{reference.per_s:,.1f}", f"{ratio:.3f}",
             "yes" if ratio >= TARGET else "NO", f"{max(ours.spread_pct, reference.spread_pct):.0f}%"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny batches, one repeat")
+    parser = benchmark_arguments(__doc__)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "auto", "bf16"))
-    args = parser.parse_args()
+    args = parse_benchmark_arguments(parser)
     # (label, backbone, options, input size, batch, classes, warmup, repeats)
     configs = [
         ("WRN-16-4", "wrn", {"depth": 16, "width": 4}, 32, 128, 10, 1, 5),
@@ -75,7 +80,8 @@ def main() -> None:
     rows = [compare(*config[:6], args.precision, *config[6:]) for config in configs]
     print(format_table(["model", "input", "batch", "precision", "finebench img/s", "plain img/s",
                         "finebench/plain", f">= {TARGET}", "spread"], rows))
-    print("median of interleaved repeats after warm-up; spread = (max-min)/median of the noisier side")
+    print("img/s: median of interleaved repeats after warm-up; ratio: median of the per-repeat ratios; "
+          "spread = (max-min)/median of the noisier side")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ gates (each head's weight inside its module and each source's weight in the glob
 the top predictions of each module, of the network's own classifier and of the mixture.
 
 The masks are read with forward hooks on the ``AttentionModule``s, so the model code stays as it
-is trained; the per-head gate weights, which the module computes but does not return, are
-recomputed in the hook from the module's own gate head and masks (softmax over heads of
-tanh(Σ_xy M·S), DESIGN.md §3).
+is trained; the per-head gate weights, which forward does not return, come from the module's
+public ``head_weights`` (the very formula its forward pass uses).
 """
 
 from __future__ import annotations
@@ -135,12 +134,10 @@ def _hooks(model: nn.Module, capture: AttentionCapture) -> Iterator[None]:
     if not modules:
         raise FinebenchError("the model has no attention modules; attention maps need an 'attention' run")
 
-    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-        features = inputs[0]
+    def record(module: AttentionModule, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
         _, masks = output
-        scores = torch.einsum("bkhw,bkhw->bk", module.gate_head(features), masks)
         capture.masks.append(masks.detach().float().cpu())
-        capture.head_weights.append(F.softmax(torch.tanh(scores), dim=1).detach().float().cpu())
+        capture.head_weights.append(module.head_weights(inputs[0], masks).detach().float().cpu())
 
     handles = [module.register_forward_hook(record) for module in modules]
     try:
@@ -208,15 +205,12 @@ def eval_preprocess(config: dict[str, Any], meta: dict[str, Any] | None) -> Prep
 
 
 def _read_meta(data_root: Path, name: str | None) -> dict[str, Any] | None:
-    if not name:
+    """The prepared store's meta.json, or None where the run's dataset is not prepared here."""
+    from finebench.data.store import is_prepared, read_meta
+
+    if not name or not is_prepared(data_root, name):
         return None
-    path = data_root / name / "meta.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FinebenchError(f"{path}: not valid JSON ({error})") from None
+    return read_meta(data_root, name)
 
 
 def images_from_files(paths: Sequence[str | Path]) -> list[tuple[str, Image.Image, int | None]]:

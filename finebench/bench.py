@@ -13,6 +13,7 @@ weights: speed does not depend on either.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -66,7 +67,8 @@ def time_side_by_side(
     """Time each zero-argument callable, interleaved repeat by repeat; ``items`` per call.
 
     Every candidate first runs ``warmup`` untimed calls (allocator, kernels, autotuning, caches);
-    then each repeat times ``calls_per_repeat`` calls of each candidate in turn.
+    then each repeat times ``calls_per_repeat`` calls of each candidate in turn, in reversed order
+    every other repeat (A B, B A, ...) so a drifting machine load favours no candidate.
     """
     if repeats < 1 or calls_per_repeat < 1 or warmup < 0:
         raise ValueError("repeats and calls_per_repeat must be >= 1 and warmup >= 0")
@@ -75,8 +77,9 @@ def time_side_by_side(
             run()
         synchronize(device)
     seconds: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, run in candidates.items():
+    for repeat in range(repeats):
+        order = list(candidates.items())
+        for name, run in order if repeat % 2 == 0 else reversed(order):
             synchronize(device)
             start = time.perf_counter()
             for _ in range(calls_per_repeat):
@@ -84,6 +87,35 @@ def time_side_by_side(
             synchronize(device)
             seconds[name].append(time.perf_counter() - start)
     return {name: Timing(tuple(values), items * calls_per_repeat) for name, values in seconds.items()}
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """Median over repeats of the per-repeat speed ratio numerator/denominator.
+
+    The two timings of one repeat ran back to back under the same load, so their ratio is far
+    steadier than the ratio of two medians when other processes come and go.
+    """
+    per_repeat = [
+        (numerator.items / a) / (denominator.items / b)
+        for a, b in zip(numerator.seconds, denominator.seconds, strict=True)
+    ]
+    return statistics.median(per_repeat)
+
+
+def benchmark_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options every script in benchmarks/ shares: ``--quick`` (smoke run) and ``--threads``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny batches, one repeat")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 is steadier when other processes share the cores")
+    return parser
+
+
+def parse_benchmark_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def machine_line() -> str:
@@ -174,21 +206,20 @@ def bench_recipe(
     random in-memory batches; the first ``warmup_steps`` steps are not timed.
     """
     from finebench.data.registry import get_spec
-    from finebench.models import build_model
     from finebench.recipe import expand_runs, load_recipe
+    from finebench.runner import _build_model
     from finebench.train.engine import build_train_step
 
     if images < 1:
         raise FinebenchError(f"--images {images}: expected a positive number of images to time")
     loaded = load_recipe(path, overrides)
-    recipe = loaded.recipe
-    train, dataset = recipe.train, recipe.dataset
+    train, dataset = loaded.recipe.train, loaded.recipe.dataset
     input_size = loaded.input_size()
     num_classes = get_spec(dataset.name).num_classes
     train_images = _train_split_size(dataset, data_root)
     steps_per_epoch = max(1, -(-(train_images or train.batch_size) // train.batch_size))
     timed_steps = max(1, -(-images // train.batch_size))
-    if getattr(train, "threads", None):  # as ``fit`` does, so the estimate matches the run
+    if train.threads is not None:  # as ``fit`` does, so the estimate matches the run
         torch.set_num_threads(train.threads)
     seen: set[str] = set()
     rows = []
@@ -199,13 +230,7 @@ def bench_recipe(
         if on_variant is not None:
             on_variant(run.variant_name)
         torch.manual_seed(run.seed)
-        try:
-            model = build_model(
-                recipe.model.backbone, num_classes, run.variant_kind, run.config["variant"]["options"],
-                dict(recipe.model.options),
-            )
-        except FinebenchError as error:
-            raise FinebenchError(f"{loaded.path}: model: {error}") from None
+        model = _build_model(loaded, run, num_classes, pretrained=False)  # weights do not change the speed
         step = build_train_step(model, train, mixture=run.variant_kind == "attention", steps_per_epoch=steps_per_epoch)
         batch = synthetic_batch(train.batch_size, input_size, num_classes, seed=run.seed, device=step.device)
         timing = time_side_by_side(

@@ -240,32 +240,54 @@ def run_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded runs with ids, params and FLOPs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; the final table still prints."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Train again runs recorded as failed."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N data-parallel workers on this machine (torchrun; one GPU each on CUDA). Leave it out under torchrun."),
+    dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="Seconds a worker waits for the others before the job fails (distributed runs)."),
 ) -> None:
-    """Train every variant × seed of a recipe; finished runs are skipped, interrupted ones resumed."""
+    """Train every variant × seed of a recipe; finished runs are skipped, interrupted ones resumed.
+
+    Several workers: --nproc-per-node N on this machine, or torchrun ... -m finebench run RECIPE on each machine. The recipe's batch size is the global batch.
+    """
     import time
     from pathlib import Path
 
     from finebench.recipe import load_recipe
-    from finebench.runner import outcome_table, run_recipe
+    from finebench.runner import check_before_launch, outcome_table, run_recipe
+    from finebench.train.distributed import distributed_context, launch_workers
 
     loaded = load_recipe(recipe, overrides)
+    if nproc_per_node > 1 and not dry_run:
+        check_before_launch(loaded, Path(data_root) if data_root else None, nproc_per_node)
+        worker_argv = [
+            *(["--debug"] if _state["debug"] else []), "run", recipe, "--results-dir", results_dir,
+            *(["--data-root", data_root] if data_root else []),
+            *[arg for value in overrides for arg in ("--set", value)],
+            *[arg for value in only for arg in ("--only", value)],
+            *(["--quiet"] if quiet else []), *(["--retry-failed"] if retry_failed else []),
+            "--dist-timeout", str(dist_timeout),
+        ]
+        launch_workers(nproc_per_node, worker_argv)
+        return
     started = time.perf_counter()
-    outcomes = run_recipe(
-        loaded,
-        results_dir=Path(results_dir),
-        data_root=Path(data_root) if data_root else None,
-        only=only,
-        dry_run=dry_run,
-        quiet=quiet,
-        retry_failed=retry_failed,
-    )
+    train = loaded.recipe.train
+    with distributed_context(train.device, sync_batchnorm=train.sync_batchnorm, timeout_s=dist_timeout) as ctx:
+        outcomes = run_recipe(
+            loaded,
+            results_dir=Path(results_dir),
+            data_root=Path(data_root) if data_root else None,
+            only=only,
+            dry_run=dry_run,
+            quiet=quiet,
+            retry_failed=retry_failed,
+            ctx=ctx,
+        )
     wall = time.perf_counter() - started
     title = f"{loaded.name}: {'planned runs' if dry_run else 'results'}"
     if not dry_run:
         title += f" (top-1/top-5 at the final epoch; best@ep is selected on the test set; wall {wall:.0f}s)"
     stdout = Console()
     table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
-    table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run))
+    if ctx.is_main:
+        table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run))
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
 
@@ -422,11 +444,15 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as error:  # click's usage errors
+    except Exception as error:  # usage errors: typer >= 0.20 vendors click, so its exceptions are typer's
         import click
 
-        if isinstance(error, click.ClickException):
-            error.show()
+        if isinstance(error, typer.TyperException | click.ClickException):
+            show = getattr(error, "show", None)
+            if show is not None:
+                show()
+            else:
+                err_console.print(f"[bold red]error:[/] {error.format_message()}", highlight=False, soft_wrap=True)
             sys.exit(error.exit_code)
         raise
 

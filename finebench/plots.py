@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -41,6 +42,16 @@ def _series_label(backbone: str, variant: str, several_backbones: bool) -> str:
     return f"{backbone} {variant}" if several_backbones else str(variant)
 
 
+def _finish_axes(axes: Axes, xlabel: str, ylabel: str, title: str) -> None:
+    """The same labels, grid and legend on every panel; no empty legend box on a panel without data."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if axes.has_data():
+        axes.legend(fontsize=7)
+
+
 def plot_cost_accuracy(runs: pd.DataFrame, out_dir: Path, error: bool = False) -> list[Path]:
     """Accuracy against FLOPs and against parameters: a faint point per run, mean ± std per variant."""
     written: list[Path] = []
@@ -60,12 +71,7 @@ def plot_cost_accuracy(runs: pd.DataFrame, out_dir: Path, error: bool = False) -
                 std = series["value"].std(ddof=1) if len(series) > 1 else 0.0
                 axes.errorbar(x.mean(), series["value"].mean(), yerr=std, fmt="o", capsize=4,
                               color=points.get_facecolor()[0][:3], label=f"{label} (n={len(series)})")
-            axes.set_xlabel(unit)
-            axes.set_ylabel(metric)
-            axes.set_title(f"{dataset}: {metric} vs {unit}")
-            axes.grid(alpha=0.3)
-            if axes.has_data():
-                axes.legend(fontsize=7)
+            _finish_axes(axes, unit, metric, f"{dataset}: {metric} vs {unit}")
         written += _save(figure, out_dir, f"cost_accuracy_{_slug(dataset)}")
     return written
 
@@ -95,12 +101,7 @@ def plot_learning_curves(runs: pd.DataFrame, out_dir: Path, warnings: list[str] 
                 mean = pd.to_numeric(series[column], errors="coerce").groupby(series["epoch"]).mean()
                 axes.plot(mean.index, mean.values, marker="o", markersize=3,
                           label=_series_label(backbone, variant, several))
-            axes.set_xlabel("epoch")
-            axes.set_ylabel(label)
-            axes.set_title(f"{dataset}: {label}")
-            axes.grid(alpha=0.3)
-            if axes.has_data():
-                axes.legend(fontsize=7)
+            _finish_axes(axes, "epoch", label, f"{dataset}: {label}")
         written += _save(figure, out_dir, f"learning_curves_{_slug(dataset)}")
     return written
 
@@ -126,11 +127,8 @@ def plot_early_prediction(runs: pd.DataFrame, out_dir: Path, error: bool = False
                 if not (math.isnan(xi) or math.isnan(yi)):
                     axes.annotate(str(source), (xi, yi), fontsize=7, xytext=(4, -10),
                                   textcoords="offset points", color=line.lines[0].get_color())
-        axes.set_xlabel("cumulative GFLOPs to the classifier")
-        axes.set_ylabel("Error (%)" if error else "Top-1 (%)")
-        axes.set_title(f"{dataset}: early prediction")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
+        _finish_axes(axes, "cumulative GFLOPs to the classifier", "Error (%)" if error else "Top-1 (%)",
+                     f"{dataset}: early prediction")
         written += _save(figure, out_dir, f"early_prediction_{_slug(dataset)}")
     return written
 

@@ -28,6 +28,7 @@ from finebench.results import (
     final_entry,
     utc_now,
 )
+from finebench.train.distributed import lost_contact
 from finebench.train.engine import (
     DistContext,
     RichProgress,
@@ -233,7 +234,8 @@ def _execute(
             mixture=run.variant_kind == "attention", store=run_dir, ctx=ctx, progress=progress,
         )
     except Exception as error:
-        if ctx.is_main:
+        # A lost worker interrupts the run but says nothing against it: left "running", a rerun resumes it.
+        if ctx.is_main and not (ctx.world_size > 1 and lost_contact(error)):
             reason = f"{type(error).__name__}: {error}"
             run_dir.write_summary(
                 _summary(loaded, run, status="failed", failure_reason=reason, rows=run_dir.read_metrics(), **common)
@@ -324,6 +326,18 @@ def run_recipe(
                 )
                 outcomes.append(RunOutcome(run, run_dir.path, summary["status"], summary))
     return outcomes
+
+
+def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size: int) -> None:
+    """What every worker would reject, checked once before ``world_size`` workers start."""
+    from finebench.data.loader import per_worker_batch
+    from finebench.data.registry import get_spec
+    from finebench.data.store import read_meta
+
+    per_worker_batch(loaded.recipe.train.batch_size, world_size)
+    name = loaded.recipe.dataset.name
+    if not get_spec(name).offline:  # embedded datasets are prepared by rank 0
+        read_meta(Path(data_root if data_root is not None else loaded.recipe.dataset.root), name)
 
 
 def _prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:

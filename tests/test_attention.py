@@ -61,6 +61,27 @@ def test_masks_of_every_module_of_a_model_sum_to_one() -> None:
         assert torch.allclose(masks.sum((2, 3)), torch.ones(masks.shape[:2]), atol=1e-6)
 
 
+def test_module_output_is_the_head_weighted_sum_of_mask_weighted_class_maps() -> None:
+    """A loop over heads, written from DESIGN.md §3, against forward and ``head_weights``."""
+    torch.manual_seed(0)
+    channels, heads, classes = 6, 3, 5
+    module = AttentionModule(channels, classes, heads)
+    features = torch.randn(2, channels, 4, 5)
+    logits, masks = module(features)
+    weights = module.head_weights(features, masks)
+    class_maps = module.output_head(features).view(2, heads, classes, 4, 5)
+    gate_scores = module.gate_head(features)
+    expected_weights = F.softmax(torch.tanh(torch.stack(
+        [(gate_scores[:, k] * masks[:, k]).sum((1, 2)) for k in range(heads)], dim=1)), dim=1)
+    expected = sum(
+        expected_weights[:, k : k + 1] * (class_maps[:, k] * masks[:, k].unsqueeze(1)).sum((2, 3))
+        for k in range(heads)
+    )
+    assert torch.allclose(weights, expected_weights, atol=1e-6)
+    assert torch.allclose(weights.sum(1), torch.ones(2), atol=1e-6)
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize(("channels", "heads", "classes"), [(16, 4, 10), (160, 4, 100), (7, 2, 3)])
 def test_module_parameter_count_is_9_c_k_n_plus_2(channels: int, heads: int, classes: int) -> None:
     module = AttentionModule(channels, classes, heads)

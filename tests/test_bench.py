@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finebench.bench import Timing, bench_recipe, format_table, time_side_by_side
+from finebench.bench import Timing, bench_recipe, format_table, paired_ratio, time_side_by_side
 from finebench.cli import app
 
 torch.set_num_threads(1)
@@ -39,13 +39,20 @@ def test_timing_reports_the_median_repeat_and_its_spread() -> None:
     assert timing.spread_pct == 150.0
 
 
-def test_candidates_run_interleaved_after_their_warmup() -> None:
+def test_candidates_run_interleaved_in_alternating_order_after_their_warmup() -> None:
     calls: list[str] = []
     timings = time_side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                 items=3, warmup=2, repeats=3, calls_per_repeat=2)
-    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
     assert set(timings) == {"a", "b"}
     assert all(len(t.seconds) == 3 and t.items == 6 for t in timings.values())
+
+
+def test_paired_ratio_is_the_median_of_the_per_repeat_speed_ratios() -> None:
+    fast = Timing((1.0, 2.0, 1.0), items=10)  # 10, 5, 10 items/s
+    slow = Timing((2.0, 2.0, 4.0), items=10)  # 5, 5, 2.5 items/s under the same loads
+    assert paired_ratio(fast, slow) == 2.0  # ratios 2, 1, 4
+    assert paired_ratio(slow, fast) == 0.5
 
 
 def test_time_side_by_side_rejects_zero_repeats() -> None:

@@ -73,7 +73,9 @@ def test_without_augmentation_batches_equal_the_worker_path_exactly(data_root: P
 def test_the_same_seed_gives_the_same_epochs_and_another_seed_differs(data_root: Path) -> None:
     def two_epochs(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         loader = build_loaders("mem_small", data_root, batch_size=8, seed=seed, in_memory=True).train
-        return _epoch(loader) + _epoch(loader)
+        first = _epoch(loader)
+        loader.sampler.set_epoch(1)
+        return first + _epoch(loader)
 
     first, again, other = two_epochs(3), two_epochs(3), two_epochs(4)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
@@ -101,7 +103,7 @@ def build_probe(sources: torch.Tensor) -> InMemoryLoader:
     from finebench.data.loader import CIFAR_MEAN, CIFAR_STD, _Recipe
 
     recipe = _Recipe("cifar", True, 8, 8, True, CIFAR_MEAN, CIFAR_STD)
-    return InMemoryLoader(sources, torch.arange(len(sources)), recipe, batch_size=5, seed=0, shuffle=True)
+    return InMemoryLoader(sources, torch.arange(len(sources)), recipe, batch_size=5, seed=0)
 
 
 def _crop(padded: np.ndarray, top: int, left: int, flip: bool) -> np.ndarray:
@@ -117,13 +119,17 @@ def test_the_decoded_split_is_cached_beside_the_store_and_reused(data_root: Path
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
 
 
-def test_ranks_share_one_permutation_and_cover_every_image_once(data_root: Path) -> None:
-    seen = []
+def test_ranks_take_their_share_of_each_global_batch_and_evaluate_each_test_image_once(data_root: Path) -> None:
+    train_labels, test_labels = [], []
     for rank in range(2):
-        loader = build_loaders("mem_small", data_root, batch_size=4, seed=0, rank=rank, world_size=2, in_memory=True).train
-        loader.sampler.set_epoch(5)
-        seen.append(loader.sampler.indices())
-    assert sorted(torch.cat(seen).tolist()) == list(range(22))
+        loaders = build_loaders("mem_small", data_root, batch_size=8, seed=0, rank=rank, world_size=2, in_memory=True)
+        loaders.train.sampler.set_epoch(5)
+        batches = _epoch(loaders.train)
+        assert [len(labels) for _, labels in batches] == [4, 4, 3]  # 22 = 2 x 8 + 6: the tail split 3 + 3
+        train_labels.append(torch.cat([labels for _, labels in batches]))
+        test_labels.append(torch.cat([labels for _, labels in loaders.test]))
+    assert sorted(torch.cat(train_labels).tolist()) == sorted(i % 3 for i in range(22))
+    assert sorted(torch.cat(test_labels).tolist()) == sorted(i % 3 for i in range(9))
 
 
 def test_restoring_the_engines_rng_capture_replays_the_same_augmentation(data_root: Path) -> None:
@@ -135,3 +141,22 @@ def test_restoring_the_engines_rng_capture_replays_the_same_augmentation(data_ro
     restore_rng_state(state, loader)
     loader.sampler.set_epoch(2)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(expected, _epoch(loader), strict=True))
+
+
+def test_large_images_are_resized_like_pil_bilinear_within_one_level(data_root: Path) -> None:
+    from PIL import Image
+
+    from finebench.data.loader import IMAGENET_MEAN, IMAGENET_STD
+
+    loaders = build_loaders("mem_large", data_root, batch_size=4, input_size=64)
+    images, _ = next(iter(loaders.test))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255, torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
+    for image, source in zip(images, LARGE, strict=True):
+        height, width = source.shape[:2]
+        scale = round(64 * 256 / 224) / min(width, height)
+        size = (round(width * scale), round(height * scale))
+        resized = np.array(Image.fromarray(source).resize(size, Image.BILINEAR))
+        left, top = (size[0] - 64) // 2, (size[1] - 64) // 2
+        expected = torch.from_numpy(resized[top : top + 64, left : left + 64]).permute(2, 0, 1).int()
+        pixels = (image * std + mean).round().int()
+        assert (pixels - expected).abs().max() <= 1

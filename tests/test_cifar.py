@@ -113,6 +113,47 @@ def test_restricted_unpickler_refuses_code_and_does_not_run_it(tmp_path: Path) -
     assert not marker.exists()
 
 
+def _python2_batch(dtype_state: bytes = b"NNN", data: bytes = bytes(range(256)) * 12) -> bytes:
+    """A batch as Python 2's cPickle wrote the official files: str (not unicode) everywhere."""
+
+    def short(text: bytes) -> bytes:
+        return b"U" + bytes([len(text)]) + text
+
+    return (
+        b"\x80\x02}(" + short(b"data")
+        + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + short(b"b") + b"\x87R"
+        + b"(K\x01K\x01M\x00\x0c\x86cnumpy\ndtype\n" + short(b"u1") + b"K\x00K\x01\x87R"
+        + b"(K\x03" + short(b"|") + dtype_state + b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        + b"\x89T" + len(data).to_bytes(4, "little") + data + b"tb"
+        + short(b"labels") + b"]K\x03a" + b"u."
+    )
+
+
+def test_python2_batches_as_officially_published_are_read(tmp_path: Path) -> None:
+    (tmp_path / "data_batch_1").write_bytes(_python2_batch())
+    batch = cifar.load_batch(tmp_path / "data_batch_1")
+    np.testing.assert_array_equal(batch[b"data"], np.frombuffer(bytes(range(256)) * 12, np.uint8).reshape(1, 3072))
+    assert batch[b"labels"] == [3]
+
+
+@pytest.mark.parametrize(
+    ("dtype_state", "data"),
+    [(b"NN0", bytes(3072)), (b"NNN", bytes(3071)), (b"NNN", b"")],
+    ids=["malformed-dtype-state", "short-array-data", "empty-array-data"],
+)
+def test_malformed_numpy_state_is_refused_without_crashing(tmp_path: Path, dtype_state: bytes, data: bytes) -> None:
+    """numpy's dtype.__setstate__ segfaults on the first state: it must never reach numpy."""
+    (tmp_path / "data_batch_1").write_bytes(_python2_batch(dtype_state, data))
+    with pytest.raises(FinebenchError, match=r"data_batch_1"):
+        cifar.load_batch(tmp_path / "data_batch_1")
+
+
+def test_object_arrays_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": np.array([1, "x"], dtype=object)}, protocol=2))
+    with pytest.raises(FinebenchError, match=r"refusing to unpickle .*data_batch_1.*not plain numeric"):
+        cifar.load_batch(tmp_path / "data_batch_1")
+
+
 def test_malicious_batch_inside_an_archive_stops_prepare(local_http_server, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
 

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
-from finebench.data.loader import CIFAR_MEAN, CIFAR_STD, build_loaders
+from finebench.data.loader import CIFAR_MEAN, CIFAR_STD, BatchShardSampler, build_loaders
 from finebench.data.prepare import prepare_dataset
 from finebench.errors import FinebenchError
 
@@ -119,9 +118,9 @@ def test_unprepared_dataset_says_how_to_prepare(tmp_path: Path) -> None:
 def test_distributed_shards_cover_every_test_image_exactly_once(data_root: Path) -> None:
     seen = []
     for rank in range(3):
-        loaders = build_loaders("tiny_small", data_root, batch_size=4, rank=rank, world_size=3, seed=0)
-        assert isinstance(loaders.train.sampler, DistributedSampler)
-        assert loaders.train.sampler.num_replicas == 3 and loaders.train.sampler.rank == rank
+        loaders = build_loaders("tiny_small", data_root, batch_size=6, rank=rank, world_size=3, seed=0)
+        assert isinstance(loaders.train.sampler, BatchShardSampler)
+        assert loaders.train.sampler.world_size == 3 and loaders.train.sampler.rank == rank
         seen.extend(loaders.test.dataset.indices)
     assert sorted(seen) == list(range(7))
 

@@ -116,6 +116,20 @@ def test_cli_profile_user_error_is_one_line_and_exit_2(monkeypatch: pytest.Monke
     assert err.strip().count("\n") == 0 and "unknown backbone 'vgg'" in err
 
 
+@pytest.mark.parametrize("argv", [["profile", "--no-such-option"], ["profile", "--num-classes", "many"]])
+def test_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys  # noqa: ANN001
+) -> None:
+    from finebench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["finebench", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Usage:" in err and "profile [OPTIONS]" in err and "Traceback" not in err
+
+
 def test_cli_models_lists_backbones_with_taps() -> None:
     infos = {info["name"]: info for info in json.loads(invoke("models", "--json"))}
     assert infos["wide_resnet50_2"]["tap_points"][0] == {

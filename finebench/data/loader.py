@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finebench.data import store
 from finebench.errors import FinebenchError
@@ -152,6 +153,70 @@ class _Collate:
         return (images - self.mean) / self.std, labels
 
 
+def per_worker_batch(global_batch: int, world_size: int, field: str = "train.batch_size") -> int:
+    """The recipe's batch is the global one; each worker takes an equal share of it."""
+    if global_batch % world_size:
+        raise FinebenchError(
+            f"{field} = {global_batch} does not split evenly across {world_size} workers: "
+            f"use a multiple of {world_size} (the recipe's batch size is the global batch)"
+        )
+    return global_batch // world_size
+
+
+class BatchShardSampler(Sampler[int]):
+    """Indices for one worker: its contiguous share of every global batch of one shuffled epoch.
+
+    With ``world_size`` 1 this is a plain shuffle whose global batches equal those of any other
+    worker count, so a distributed run sees the same batches as a one-process run. The last,
+    partial global batch is trimmed to a multiple of ``world_size`` (every worker must take the
+    same number of steps and equal slices keep DDP's mean exact) and dropped when that leaves a
+    worker fewer than two images (a batch of one breaks BatchNorm in training mode).
+    """
+
+    def __init__(self, size: int, global_batch: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.size, self.rank, self.world_size = size, rank, world_size
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+        self.global_batch = global_batch
+        self.local_batch = per_worker_batch(global_batch, world_size)
+        self.full_batches, tail = divmod(size, global_batch)
+        self.tail_local = tail // world_size
+        if self.full_batches and self.tail_local < 2:
+            self.tail_local = 0
+        if not self.full_batches and not self.tail_local:
+            raise FinebenchError(
+                f"the training split has {size} images, too few for {world_size} workers to take one each"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """A different, reproducible shuffle each epoch, the same on every worker."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.full_batches * self.local_batch + self.tail_local
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps per epoch, the same on every worker."""
+        return self.full_batches + (1 if self.tail_local else 0)
+
+    def indices(self) -> torch.Tensor:
+        """This worker's indices for the current epoch, in order (int64)."""
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        full = order[: self.full_batches * self.global_batch].view(self.full_batches, self.global_batch)
+        mine = full[:, self.rank * self.local_batch : (self.rank + 1) * self.local_batch].reshape(-1)
+        if self.tail_local:
+            start = self.full_batches * self.global_batch + self.rank * self.tail_local
+            mine = torch.cat([mine, order[start : start + self.tail_local]])
+        return mine
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+
 def _seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     dataset = info.dataset
@@ -177,7 +242,7 @@ def _recipes(meta: dict, augmentation: str, input_size: int | None) -> tuple[_Re
     max_side = meta.get("image_max_side") or 0
     small = max_side <= SMALL_IMAGE_MAX_SIDE
     kind = augmentation if augmentation != "auto" else ("cifar" if small else "imagenet")
-    flip = not meta.get("info", {}).get("no_flip", False)
+    flip = kind != "none" and not meta.get("info", {}).get("no_flip", False)
     if kind == "imagenet":
         size = input_size or 224
         resize, mean, std = round(size * 256 / 224), IMAGENET_MEAN, IMAGENET_STD
@@ -214,8 +279,10 @@ def build_loaders(
 ) -> Loaders:
     """Train and test loaders over ``<data_root>/<dataset>``; batches are (float32 Bx3xHxW, int64 B).
 
-    With ``world_size > 1`` training uses a ``DistributedSampler`` (call ``set_epoch``) and each
-    rank evaluates the test indices ``rank::world_size``, so every test image counts exactly once.
+    ``batch_size`` and ``eval_batch_size`` are global: with ``world_size > 1`` each rank loads its
+    share of every global batch (``BatchShardSampler``; call ``loaders.train.sampler.set_epoch``
+    each epoch) and evaluates the test indices ``rank::world_size``, so every test image counts
+    exactly once.
     """
     meta = store.read_meta(Path(data_root), dataset)
     root = store.store_dir(Path(data_root), dataset)
@@ -231,19 +298,11 @@ def build_loaders(
         "worker_init_fn": _seed_worker if workers > 0 else None,
         "persistent_workers": workers > 0,
     }
-    if world_size > 1:
-        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-        per_rank = len(sampler)
-        train_kwargs: dict[str, Any] = {"sampler": sampler}
-        test_source = torch.utils.data.Subset(test_set, list(range(rank, len(test_set), world_size)))
-    else:
-        per_rank = len(train_set)
-        train_kwargs = {"shuffle": True}
-        test_source = test_set
-    # A last batch of one sample breaks BatchNorm in training mode (the attention gate has one).
-    drop_last = per_rank % batch_size == 1 and per_rank > 1
-    train = DataLoader(train_set, batch_size=batch_size, generator=generator, drop_last=drop_last, **train_kwargs, **common)
-    test = DataLoader(test_source, batch_size=eval_batch_size or batch_size, shuffle=False, **common)
+    sampler = BatchShardSampler(len(train_set), batch_size, rank=rank, world_size=world_size, seed=seed)
+    train = DataLoader(train_set, batch_size=sampler.local_batch, sampler=sampler, generator=generator, **common)
+    # Non-padded shards: every test image is evaluated once, by one worker.
+    test_source = test_set if world_size == 1 else torch.utils.data.Subset(test_set, range(rank, len(test_set), world_size))
+    test = DataLoader(test_source, batch_size=-(-(eval_batch_size or batch_size) // world_size), shuffle=False, **common)
     return Loaders(
         train=train,
         test=test,

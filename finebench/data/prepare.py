@@ -50,15 +50,21 @@ def _where_to_get(spec: DatasetSpec, source: Source) -> str:
     return spec.manual_instructions or spec.homepage
 
 
-def _expected_files_text(spec: DatasetSpec) -> str:
-    return "; ".join(f"{s.filename} from {_where_to_get(spec, s)}" for s in spec.sources)
+def _expected_files_text(spec: DatasetSpec, with_instructions: bool = True) -> str:
+    """Each file with its URL; files without one share the spec's instructions, said once (not once a file)."""
+    parts = [f"{s.filename} from {s.url}" for s in spec.sources if s.url]
+    unlinked = [s.filename for s in spec.sources if not s.url]
+    if unlinked:
+        where = f" (from {spec.manual_instructions or spec.homepage})" if with_instructions else ""
+        parts.append(", ".join(unlinked) + where)
+    return "; ".join(parts)
 
 
 def _manual_error(spec: DatasetSpec) -> FinebenchError:
     return FinebenchError(
         f"dataset {spec.name!r} cannot be downloaded automatically ({spec.terms}): "
-        f"{spec.manual_instructions or 'see ' + spec.homepage} then run "
-        f"`finebench prepare {spec.name} --from DIR` with DIR holding: {_expected_files_text(spec)}"
+        f"{spec.manual_instructions or 'see ' + spec.homepage} Then run "
+        f"`finebench prepare {spec.name} --from DIR` with DIR holding: {_expected_files_text(spec, False)}"
     )
 
 
@@ -152,10 +158,9 @@ def _parse_from_folder(
         if named:
             what = f"missing {named[0].filename} for dataset {spec.name!r} (get it from {_where_to_get(spec, named[0])})"
         else:
-            sources = "; ".join(f"{s.filename} from {_where_to_get(spec, s)}" for s in missing)
             what = (
                 f"missing {shown} for dataset {spec.name!r}, and the folder holds neither it nor the source "
-                f"file(s) it comes from ({sources})"
+                f"file(s) it comes from ({', '.join(s.filename for s in missing)})"
             )
         raise FinebenchError(f"--from {from_path}: {what}; all files needed: {_expected_files_text(spec)}") from error
 

@@ -45,12 +45,12 @@ def is_prepared(data_root: Path, name: str) -> bool:
 def read_meta(data_root: Path, name: str) -> dict[str, Any]:
     path = store_dir(data_root, name) / META_FILE
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FinebenchError(
             f"dataset {name!r} is not prepared in {Path(data_root)}: run `finebench prepare {name}`"
         ) from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FinebenchError(f"{path} is not valid JSON ({error}): rerun `finebench prepare {name} --force`") from error
 
 

@@ -56,9 +56,16 @@ class AttentionModule(nn.Module):
         # unflatten keeps a channels_last conv output a view.
         class_maps = self.output_head(features).unflatten(1, (self.heads, self.num_classes))
         head_logits = torch.einsum("bknhw,bkhw->bkn", class_maps, masks)
+        return torch.einsum("bkn,bk->bn", head_logits, self.head_weights(features, masks)), masks
+
+    def head_weights(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Module gate: B×K weights of the heads, softmax over heads of tanh(Σ_xy M_k·S_k).
+
+        Public so that tools drawing the attention (``finebench attend``) read the same formula
+        the forward pass uses; ``masks`` are the ones ``forward`` returned for ``features``.
+        """
         head_scores = torch.einsum("bkhw,bkhw->bk", self.gate_head(features), masks)
-        head_weights = F.softmax(torch.tanh(head_scores), dim=1)
-        return torch.einsum("bkn,bk->bn", head_logits, head_weights), masks
+        return F.softmax(torch.tanh(head_scores), dim=1)
 
     def mask_overlap(self, masks: torch.Tensor) -> torch.Tensor:
         """Inter-head regulariser (unweighted): mean of the squared off-diagonal Gram entries

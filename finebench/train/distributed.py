@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import signal
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.train.engine import DistContext
+from finebench.train.engine import DistContext, resolve_device
 
 DEFAULT_TIMEOUT_S = 1800.0
 """How long a collective may wait for the slowest worker (torch's own default for Gloo)."""
@@ -227,21 +227,8 @@ class DDPContext(DistContext):
         dist.barrier()
 
 
-@contextlib.contextmanager
-def main_first(ctx: DistContext) -> Iterator[None]:
-    """Rank 0 runs the body first (e.g. prepares a dataset); the others run it once rank 0 is done."""
-    barrier = getattr(ctx, "barrier", None)
-    if barrier is not None and not ctx.is_main:
-        barrier()
-    yield
-    if barrier is not None and ctx.is_main:
-        barrier()
-
-
 def _worker_device(device_spec: str, env: WorkerEnv) -> torch.device:
     """``auto``/``cuda`` put each worker on the GPU of its LOCAL_RANK; an explicit index would stack them."""
-    from finebench.train.engine import resolve_device
-
     device = resolve_device(device_spec)
     if device.type != "cuda":
         return device
@@ -291,6 +278,13 @@ def distributed_context(
     )
     try:
         yield DDPContext(env.rank, env.world_size, env.local_rank, device, sync_batchnorm)
+    except Exception as error:
+        if not lost_contact(error):
+            raise
+        # One line instead of a backend traceback: the worker that failed first has the story.
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])[:200]
+        raise FinebenchError(f"worker rank {env.rank}: lost contact with the other workers ({detail})",
+                             exit_code=1) from error
     finally:
         dist.destroy_process_group()
 

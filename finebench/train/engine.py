@@ -39,7 +39,7 @@ class DistContext:
     """Where this process stands in a (possibly) distributed run; one process by default.
 
     ``finebench.train.distributed`` provides a subclass whose ``wrap`` applies DDP and whose
-    ``reduce_sum``/``broadcast``/``barrier`` are collectives; here they are no-ops.
+    ``reduce_sum``/``broadcast``/``gather``/``barrier`` are collectives; here they are no-ops.
     """
 
     rank: int = 0
@@ -58,6 +58,10 @@ class DistContext:
     def broadcast(self, value: Any, src: int = 0) -> Any:
         """Rank ``src``'s decision on every rank (the runner's skip/resume/lock choice)."""
         return value
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` in rank order (each rank's RNG state for the checkpoint)."""
+        return [value]
 
     def barrier(self) -> None:
         pass
@@ -437,6 +441,19 @@ def _train_epoch(
     return loss_sum, correct_sum, seen, elapsed
 
 
+def _check_same_checkpoint(checkpoint: Mapping[str, Any] | None, ctx: DistContext) -> None:
+    """Every rank must resume from rank 0's epoch, else they would train different step counts and hang."""
+    epoch = None if checkpoint is None else int(checkpoint["epoch"])
+    main_epoch = ctx.broadcast(epoch)
+    if epoch != main_epoch:
+        found = "no checkpoint" if epoch is None else f"a checkpoint of epoch {epoch}"
+        main = "starts afresh" if main_epoch is None else f"resumes from epoch {main_epoch}"
+        raise FinebenchError(
+            f"rank {ctx.rank} finds {found} but rank 0 {main}: keep the results folder "
+            "on a filesystem that every machine shares"
+        )
+
+
 def fit(
     model: nn.Module,
     train_loader: Any,
@@ -467,9 +484,11 @@ def fit(
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, len(train_loader))
-    trained_model = ctx.wrap(model)
-    if train.compile:
-        trained_model = torch.compile(trained_model)
+    wrapped = ctx.wrap(model)
+    trained_model = torch.compile(wrapped) if train.compile else wrapped
+    # Under DDP evaluate the bare model: test shards may differ in size by one batch, and DDP's
+    # forward would wait for a buffer broadcast from ranks that have already finished.
+    eval_model = trained_model if wrapped is model else (torch.compile(model) if train.compile else model)
     step = TrainStep(
         trained_model, optimizer, scheduler, device, precision, mixture,
         train.label_smoothing, train.grad_clip, train.channels_last,
@@ -478,12 +497,15 @@ def fit(
     rows: list[dict[str, Any]] = []
     start_epoch, train_time, train_images = 1, 0.0, 0
     checkpoint = store.load_checkpoint() if store is not None else None
+    _check_same_checkpoint(checkpoint, ctx)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         step.scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"], train_loader)
+        # Each rank resumes its own random streams when the worker count is unchanged.
+        per_rank = checkpoint.get("rng_ranks") or []
+        restore_rng_state(per_rank[ctx.rank] if len(per_rank) == ctx.world_size else checkpoint["rng"], train_loader)
         start_epoch = int(checkpoint["epoch"]) + 1
         train_time, train_images = float(checkpoint["train_time_s"]), int(checkpoint["train_images"])
         rows = [row for row in store.read_metrics() if row["epoch"] < start_epoch]
@@ -517,7 +539,7 @@ def fit(
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             metrics = evaluate(
-                trained_model, test_loader, device=device, precision=precision, mixture=mixture,
+                eval_model, test_loader, device=device, precision=precision, mixture=mixture,
                 channels_last=train.channels_last, ctx=ctx,
             )
             row = {"epoch": epoch, "train_loss": row["train_loss"], "train_top1": row["train_top1"], **metrics,
@@ -529,6 +551,8 @@ def fit(
                 return result("failed", f"test loss became {row['test_loss']} at epoch {epoch}", epoch)
             rows.append(row)
         progress.end_epoch(row)
+        rng = capture_rng_state(train_loader) if store is not None else {}
+        rng_ranks = ctx.gather(rng) if store is not None and ctx.world_size > 1 else []
         if store is not None and ctx.is_main:
             store.write_metrics(rows)
             store.save_checkpoint(
@@ -538,7 +562,8 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": step.scaler.state_dict(),
-                    "rng": capture_rng_state(train_loader),
+                    "rng": rng,
+                    "rng_ranks": rng_ranks,
                     "train_time_s": train_time,
                     "train_images": train_images,
                     **dict(checkpoint_extra or {}),

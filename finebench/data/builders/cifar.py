@@ -28,17 +28,53 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: Path) -> None:
+class _RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD step can be checked
+    """Resolves only what an ndarray needs, and checks every BUILD state before numpy sees it.
+
+    Allow-listing globals is not enough: numpy's own ``dtype.__setstate__`` crashes the process
+    on some malformed states, so a crafted batch could kill the interpreter. A dtype state must
+    equal the one the dtype already has; an array state must be a plain, self-consistent one.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file: Any, path: Path) -> None:
         super().__init__(file, encoding="bytes")
         self.path = path
 
+    def _refuse(self, what: str) -> FinebenchError:
+        return FinebenchError(f"refusing to unpickle {self.path}: {what}, which a CIFAR batch never holds")
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
-            raise FinebenchError(
-                f"refusing to unpickle {self.path}: it references {module}.{name}, which a CIFAR batch never needs"
-            )
+            raise self._refuse(f"it references {module}.{name}")
         return super().find_class(module, name)
+
+    def load_build(self) -> None:
+        state = self.stack[-1]
+        target = self.stack[-2]
+        if isinstance(target, np.dtype):
+            # Python 2 pickles (the official batches) spell the byte order as bytes
+            as_text = tuple(x.decode("latin1") if isinstance(x, bytes) else x for x in state) \
+                if type(state) is tuple else state
+            if as_text != target.__reduce__()[2]:
+                raise self._refuse(f"a dtype state {state!r:.80} unlike that of {target}")
+            self.stack.pop()  # the dtype already has exactly this state
+            return
+        if isinstance(target, np.ndarray):
+            if not (
+                type(state) is tuple and len(state) == 5 and isinstance(state[1], tuple)
+                and all(type(n) is int and n >= 0 for n in state[1])
+                and isinstance(state[2], np.dtype) and not state[2].hasobject
+                and isinstance(state[4], bytes)
+                and len(state[4]) == int(np.prod(state[1], dtype=np.int64)) * state[2].itemsize
+            ):
+                raise self._refuse(f"an array state {state!r:.80} that is not plain numeric data")
+        else:
+            raise self._refuse(f"a {type(target).__name__} with a state")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def load_batch(path: Path) -> dict[bytes, Any]:
@@ -48,7 +84,9 @@ def load_batch(path: Path) -> dict[bytes, Any]:
     with open(path, "rb") as handle:
         try:
             batch = _RestrictedUnpickler(handle, path).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        except FinebenchError:
+            raise
+        except Exception as error:  # a damaged pickle fails in many ways (struct, memo, numpy errors)
             raise FinebenchError(f"cannot read CIFAR batch {path}: {error}") from error
     if not isinstance(batch, dict):
         raise FinebenchError(f"CIFAR batch {path} holds a {type(batch).__name__}, expected a dict")
