@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from finebench.errors import FinebenchError
+from finebench.models.base import read_state_dict
 
 TOP_K = 3
 
@@ -59,11 +60,14 @@ class AttentionCapture:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FinebenchError(f"{path}: not found; expected a finished run folder of `finebench run`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FinebenchError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise FinebenchError(f"{path}: holds a JSON {type(record).__name__}; expected an object")
+    return record
 
 
 def build_model_from_config(config: dict[str, Any], num_classes: int) -> nn.Module:
@@ -80,8 +84,10 @@ def build_model_from_config(config: dict[str, Any], num_classes: int) -> nn.Modu
             backbone_options=model_section.get("options") or None,
             pretrained=None,
         )
-    except KeyError as error:
-        raise FinebenchError(f"config.json: missing field {error}; expected model.backbone and variant.kind") from None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise FinebenchError(
+            f"config.json: unusable model/variant section ({error}); expected model.backbone and variant.kind"
+        ) from None
 
 
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,10 +106,11 @@ def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") 
     run_dir = Path(run_dir)
     config = _read_json(run_dir / "config.json")
     summary = _read_json(run_dir / "summary.json")
-    if config.get("variant", {}).get("kind") != "attention":
+    variant = config.get("variant")
+    kind = variant.get("kind") if isinstance(variant, dict) else None
+    if kind != "attention":
         raise FinebenchError(
-            f"{run_dir / 'config.json'}: variant.kind is {config.get('variant', {}).get('kind')!r}; "
-            "attention maps need an 'attention' run"
+            f"{run_dir / 'config.json'}: variant.kind is {kind!r}; attention maps need an 'attention' run"
         )
     num_classes = summary.get("num_classes")
     if not isinstance(num_classes, int):
@@ -111,15 +118,10 @@ def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") 
     checkpoint_path = run_dir / "last.pt"
     if not checkpoint_path.is_file():
         raise FinebenchError(f"{checkpoint_path}: not found; the run has no checkpoint to draw from")
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a damaged file
-        raise FinebenchError(f"{checkpoint_path}: not a readable checkpoint ({error})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise FinebenchError(f"{checkpoint_path}: no 'model' entry; expected the checkpoint of `finebench run`")
+    state = read_state_dict(checkpoint_path, "run checkpoint", keys=("model",))
     model = build_model_from_config(config, num_classes)
     try:
-        model.load_state_dict(_strip_wrappers(checkpoint["model"]))
+        model.load_state_dict(_strip_wrappers(state))
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise FinebenchError(f"{checkpoint_path}: weights do not fit the model of config.json ({first})") from None

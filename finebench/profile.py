@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finebench.errors import FinebenchError
 from finebench.models import build_model
 from finebench.models.network import ImageClassifier, unwrap
 
@@ -53,6 +54,8 @@ class _EarlyPrediction(nn.Module):
 
 
 def _count_flops(module: nn.Module, input_size: int) -> int:
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise FinebenchError(f"input_size={input_size!r} is invalid: expected an integer >= 1 (pixels)")
     images = torch.zeros(1, 3, input_size, input_size)
     fvcore_logger = logging.getLogger("fvcore")
     level = fvcore_logger.level

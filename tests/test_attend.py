@@ -126,6 +126,33 @@ def test_attend_refuses_a_baseline_run(tiny: tuple[Path, Path], tmp_path: Path) 
         attend.attend(run_dir, split="test", data_root=tiny[1])
 
 
+def _copy_run(tiny_run: Path, to: Path) -> Path:
+    to.mkdir()
+    for name in ("config.json", "summary.json", "last.pt"):
+        (to / name).write_bytes((tiny_run / name).read_bytes())
+    return to
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("config.json", b"[1]", r"config.json: holds a JSON list; expected an object"),
+        ("config.json", b'{"variant": ["attention"]}', r"variant.kind is None"),
+        ("last.pt", b"\x80\x02cos\nsystem\n.", r"cannot read run checkpoint .*last.pt: not a torch state dict"),
+        ("last.pt", b"PK\x03\x04junk", r"cannot read run checkpoint .*last.pt"),
+    ],
+    ids=["config-not-an-object", "variant-not-an-object", "pickle-not-weights-only", "damaged-zip"],
+)
+def test_damaged_run_files_are_one_line_user_errors(
+    tiny: tuple[Path, Path], tmp_path: Path, file: str, content: bytes, message: str
+) -> None:
+    run_dir = _copy_run(tiny[0], tmp_path / "run")
+    (run_dir / file).write_bytes(content)
+    with pytest.raises(FinebenchError, match=message) as caught:
+        attend.attend(run_dir, split="test", data_root=tiny[1])
+    assert "\n" not in str(caught.value)
+
+
 def test_attend_missing_image_is_one_line_error(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(FinebenchError, match="no such image file"):
         attend.attend(tiny[0], [tmp_path / "nope.jpg"], data_root=tiny[1])

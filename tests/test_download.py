@@ -59,6 +59,24 @@ def test_persistent_503_gives_up_with_clear_error(local_http_server, tmp_path: P
         download.download(url, tmp_path / "down.bin", _source("down.bin", b"x"), retries=2, quiet=True)
 
 
+def test_disk_write_failure_is_a_user_error_not_a_retry(local_http_server, tmp_path: Path) -> None:
+    """A file-size limit makes write() fail with EFBIG, as a full disk fails with ENOSPC."""
+    import resource
+    import signal
+
+    url = local_http_server.add("big.bin", b"x" * 4096)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))
+    try:
+        with pytest.raises(FinebenchError, match=r"cannot write .*big.bin.part"):
+            download.download(url, tmp_path / "big.bin", _source("big.bin", b"x" * 4096), retries=3, quiet=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert len(local_http_server.faults.requests) == 1
+
+
 def test_checksum_mismatch_names_file_and_both_digests(local_http_server, tmp_path: Path) -> None:
     url = local_http_server.add("data.bin", b"corrupted bytes")
     wrong = "0" * 32

@@ -48,6 +48,8 @@ def test_unknown_variant_is_a_user_error_listing_the_valid_names() -> None:
         ("attention", {"output_mode": "70"}, "output_mode='70'.*mixture, 50"),
         ("attention", {"attention_width": "4"}, "wrong type"),
         ("se", {"ratio": 4}, "unknown option 'ratio'.*reduction"),
+        ("se", {"reduction": 0}, "reduction=0 is invalid for se.*>= 1"),
+        ("cbam", {"reduction": -2}, "reduction=-2 is invalid for cbam.*>= 1"),
         ("baseline", {"x": 1}, "unknown option 'x'.*none"),
     ],
 )

@@ -381,3 +381,10 @@ with registry.override(spec):
     finally:
         release.touch()
         other.wait(timeout=60)
+
+
+def test_data_root_that_is_a_file_is_a_user_error(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("x")
+    with pytest.raises(FinebenchError, match=r"data root .*data is not a writable folder"):
+        prepare_dataset("mnist5k", not_a_folder, quiet=True)

@@ -130,6 +130,14 @@ def test_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(
     assert "Usage:" in err and "profile [OPTIONS]" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("input_size", [0, -3])
+def test_input_size_below_one_pixel_is_a_user_error(input_size: int) -> None:
+    from finebench.errors import FinebenchError
+
+    with pytest.raises(FinebenchError, match=f"input_size={input_size} is invalid"):
+        profile_model(build_model("wrn", 10, backbone_options=WRN_16_1), input_size)
+
+
 def test_cli_models_lists_backbones_with_taps() -> None:
     infos = {info["name"]: info for info in json.loads(invoke("models", "--json"))}
     assert infos["wide_resnet50_2"]["tap_points"][0] == {

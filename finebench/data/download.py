@@ -14,6 +14,7 @@ import http.client
 import os
 import shutil
 import socket
+import ssl
 import stat
 import tarfile
 import time
@@ -140,8 +141,10 @@ def _fetch_once(url: str, part: Path, update) -> None:
                     update(received)
                 handle.flush()
                 os.fsync(handle.fileno())
-        except (http.client.IncompleteRead, ConnectionError, socket.timeout, TimeoutError) as error:
+        except (http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError, ssl.SSLError) as error:
             raise _TransientError(f"connection to {url} dropped after {received} bytes: {error}") from error
+        except OSError as error:  # the network errors are caught above: this is the disk (full, read-only)
+            raise FinebenchError(f"cannot write {part}: {error.strerror or error}") from None
         if total is not None and received < total:
             raise _TransientError(f"connection to {url} closed after {received} of {total} bytes")
 

@@ -349,9 +349,16 @@ def _exclusive_prepare(data_root: Path, name: str) -> Iterator[None]:
     ``flock`` is released by the kernel when the process dies, so a crashed prepare never leaves a stale lock;
     the lock file itself stays (deleting it would let two processes lock different files).
     """
-    data_root.mkdir(parents=True, exist_ok=True)
     lock_path = data_root / f".{name}.lock"
-    with open(lock_path, "a") as handle:
+    try:
+        data_root.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")  # noqa: SIM115 - closed by the with below
+    except OSError as error:
+        raise FinebenchError(
+            f"data root {data_root} is not a writable folder ({error.strerror or error}): "
+            "set --data-root or FINEBENCH_DATA to one"
+        ) from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -98,18 +98,31 @@ class Backbone(nn.Module):
             )
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a weights file: a plain state dict or a checkpoint holding one under model/state_dict."""
+def _load_failure(error: Exception) -> str:
+    """One line out of torch.load's many: after weights_only's advice, the line naming the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines[:-1]):
+        if line.endswith("WeightsUnpickler error:"):
+            return lines[index + 1][:200]
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def read_state_dict(
+    path: str | Path, what: str = "pretrained weights", keys: tuple[str, ...] = ("state_dict", "model")
+) -> dict[str, torch.Tensor]:
+    """Read a weights file safely (``weights_only``): a plain state dict, or a checkpoint holding
+    one under the first of ``keys`` it has. ``what`` names the file in the one-line errors."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FinebenchError(f"pretrained weights file {file} does not exist: expected a .pth state dict")
+        raise FinebenchError(f"{what} file {file} does not exist: expected a .pth state dict")
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise FinebenchError(f"cannot read pretrained weights {file}: {error}") from error
-    for key in ("state_dict", "model"):
+        raise FinebenchError(f"cannot read {what} {file}: not a torch state dict ({_load_failure(error)})") from None
+    for key in keys:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
+            break
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise FinebenchError(f"pretrained weights {file} hold no state dict of tensors")
+        raise FinebenchError(f"{file} ({what}) holds no state dict of tensors (looked under {', '.join(keys)})")
     return loaded

@@ -139,6 +139,8 @@ def build_model(
     if pretrained is not None:
         load_pretrained(net, backbone, pretrained)
     if variant in BLOCK_PLUGINS:
+        if options["reduction"] < 1:
+            raise FinebenchError(f"reduction={options['reduction']} is invalid for {variant}: expected an integer >= 1")
         net.insert_plugins(partial(BLOCK_PLUGINS[variant], **options))
     attention = None
     if variant == "attention":
