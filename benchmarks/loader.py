@@ -149,7 +149,7 @@ def main() -> None:
     parser = benchmark_arguments(__doc__)
     parser.add_argument("--workers", type=int, default=2)
     args = parse_benchmark_arguments(parser)
-    big, small, repeats = 384, 5000, 5
+    big, small, repeats = 768, 5000, 5
     if args.quick:
         big, small, repeats = 32, 256, 1
     print("loader: samples/s of finebench's pipeline vs torchvision ImageFolder on the same JPEG images")

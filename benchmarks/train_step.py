@@ -70,8 +70,8 @@ def main() -> None:
     args = parse_benchmark_arguments(parser)
     # (label, backbone, options, input size, batch, classes, warmup, repeats)
     configs = [
-        ("WRN-16-4", "wrn", {"depth": 16, "width": 4}, 32, 128, 10, 1, 5),
-        ("ResNet-50", "resnet50", {}, 224, 32, 1000, 1, 3),
+        ("WRN-16-4", "wrn", {"depth": 16, "width": 4}, 32, 128, 10, 2, 9),
+        ("ResNet-50", "resnet50", {}, 224, 32, 1000, 1, 6),
     ]
     if args.quick:
         configs = [(label, b, o, size, 2, n, 1, 1) for label, b, o, size, _, n, _, _ in configs]

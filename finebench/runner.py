@@ -139,6 +139,8 @@ def _build_loaders(loaded: LoadedRecipe, data_root: Path, seed: int, ctx: DistCo
         rank=ctx.rank,
         world_size=ctx.world_size,
         pin_memory=device.type == "cuda",
+        in_memory="auto",  # small images: decoded once, augmented in batches on the device
+        device=device,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -41,8 +43,8 @@ AUGMENTATIONS = ("auto", "cifar", "imagenet", "none")
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    test: DataLoader
+    train: DataLoader | InMemoryLoader
+    test: DataLoader | InMemoryLoader
     classes: list[str]
     num_classes: int
     meta: dict
@@ -113,13 +115,16 @@ class StoreDataset(Dataset):
         if recipe.kind == "imagenet":
             width, height = image.size
             scale = recipe.resize / min(width, height)
-            image = image.resize((max(recipe.size, round(width * scale)), max(recipe.size, round(height * scale))), Image.BILINEAR)
-            width, height = image.size
+            width, height = max(recipe.size, round(width * scale)), max(recipe.size, round(height * scale))
             if recipe.train:
                 left, top = int(rng.integers(0, width - recipe.size + 1)), int(rng.integers(0, height - recipe.size + 1))
             else:
                 left, top = (width - recipe.size) // 2, (height - recipe.size) // 2
-            array = np.asarray(image.crop((left, top, left + recipe.size, top + recipe.size)))
+            # torch's uint8 antialiased bilinear resize equals PIL's BILINEAR within one grey level and
+            # runs about five times faster: it was most of a sample's cost (benchmarks/loader.py).
+            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)
+            resized = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+            array = resized[0, :, top : top + recipe.size, left : left + recipe.size].permute(1, 2, 0).numpy()
         else:
             if recipe.resize is not None and image.size != (recipe.resize, recipe.resize):
                 image = image.resize((recipe.resize, recipe.resize), Image.BILINEAR)
@@ -261,6 +266,147 @@ def _recipes(meta: dict, augmentation: str, input_size: int | None) -> tuple[_Re
     return train, _Recipe(kind, False, size, resize, False, mean, std)
 
 
+# ---- in-memory path for small images ----------------------------------------------------------
+
+IN_MEMORY_MAX_BYTES = 2 * 2**30
+"""``in_memory="auto"`` holds the splits in memory only below this many decoded bytes (CIFAR-10: 184 MB)."""
+IN_MEMORY_CHOICES = ("auto", True, False)
+
+
+class InMemoryLoader:
+    """Batches of a split decoded once into a uint8 N×3×H×W tensor on the training device.
+
+    The approach of the fastest CIFAR trainers: no per-sample Python and no workers; the ``cifar``
+    augmentation (reflect-pad 4, random crop, flip) is one gather per batch whose indices fold in
+    the padding, the crop and the flip. Training order comes from the same ``BatchShardSampler``
+    as the worker path (call ``sampler.set_epoch``); crop offsets and flips come from
+    ``generator`` (CPU, so the stream is the same on any device; the engine checkpoints it, so a
+    resumed run repeats the uninterrupted one). Batches are (float32 B×3×H×W normalised, int64 B)
+    on the images' device, like the worker path's.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        recipe: _Recipe,
+        *,
+        batch_size: int,
+        seed: int,
+        sampler: BatchShardSampler | None = None,
+    ) -> None:
+        self.images, self.labels, self.recipe, self.sampler = images, labels, recipe, sampler
+        self.batch_size = sampler.local_batch if sampler is not None else batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        device = images.device
+        self.mean = (torch.tensor(recipe.mean) * 255).view(1, 3, 1, 1).to(device)
+        self.std = (torch.tensor(recipe.std) * 255).view(1, 3, 1, 1).to(device)
+        height, width = images.shape[2:]
+        self.pad = 4 if recipe.kind == "cifar" and recipe.train else 0
+        self.augment = recipe.train and (self.pad > 0 or recipe.flip)
+        # Source row/column of every position of the reflect-padded image.
+        self.rows = torch.from_numpy(_reflect(np.arange(-self.pad, height + self.pad), height)).to(device)
+        self.cols = torch.from_numpy(_reflect(np.arange(-self.pad, width + self.pad), width)).to(device)
+
+    def __len__(self) -> int:
+        return self.sampler.steps if self.sampler is not None else -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.sampler.indices() if self.sampler is not None else torch.arange(len(self.labels))
+        order = order.to(self.images.device)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self._augmented(index), self.labels[index]
+
+    def _augmented(self, index: torch.Tensor) -> torch.Tensor:
+        if not self.augment:
+            batch = self.images[index]
+        else:
+            count, (height, width), device = len(index), self.images.shape[2:], self.rows.device
+            offsets = torch.randint(0, 2 * self.pad + 1, (count, 2), generator=self.generator).to(device)
+            flips = torch.rand(count, generator=self.generator) < 0.5
+            flips = (flips if self.recipe.flip else torch.zeros_like(flips)).to(device)
+            row_index = self.rows[offsets[:, :1] + torch.arange(height, device=device)]
+            steps = torch.arange(width, device=device)
+            col_index = self.cols[offsets[:, 1:] + torch.where(flips[:, None], width - 1 - steps, steps)]
+            # Advanced indices around a slice put their dims first: B×H×W×C, back to B×C×H×W below.
+            batch = self.images[index[:, None, None], :, row_index[:, :, None], col_index[:, None, :]].permute(0, 3, 1, 2)
+        return ((batch.float() - self.mean) / self.std).contiguous()
+
+
+def _stack_uint8(batch: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    return torch.stack([image for image, _ in batch])
+
+
+def _decode_split(split_dir: Path, recipe: _Recipe, side: int, workers: int) -> np.ndarray:
+    """Every image of one split as uint8 N×3×H×W, decoded (and resized) exactly as the worker path's
+    test transform does; cached as ``<split>.u8-<H>x<W>.npy`` beside the split, which goes away
+    with the store when it is prepared again."""
+    cache = split_dir.parent / f"{split_dir.name}.u8-{side}x{side}.npy"
+    if cache.is_file():
+        return np.load(cache, mmap_mode="r")
+    dataset = StoreDataset(_Columns([split_dir]), recipe, seed=0)
+    loader = DataLoader(dataset, batch_size=512, num_workers=workers, collate_fn=_stack_uint8)
+    chunks = [batch.numpy() for batch in loader]
+    array = np.concatenate(chunks) if chunks else np.zeros((0, 3, side, side), np.uint8)
+    temporary = cache.with_name(f"{cache.name}.tmp-{os.getpid()}.npy")
+    try:
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, cache)
+    except OSError:  # a read-only store still works, only without the cache
+        temporary.unlink(missing_ok=True)
+    return array
+
+
+def _decoded(split_dirs: list[Path], recipe: _Recipe, side: int, workers: int, device: torch.device) -> torch.Tensor:
+    frozen = _Recipe(recipe.kind, False, recipe.size, recipe.resize, False, recipe.mean, recipe.std)
+    arrays = [_decode_split(split_dir, frozen, side, workers) for split_dir in split_dirs]
+    return torch.from_numpy(np.concatenate(arrays)).to(device)
+
+
+def _wants_in_memory(
+    in_memory: str | bool, recipe: _Recipe, side: int | None, meta: dict, split_dirs: list[Path], dataset: str
+) -> bool:
+    if in_memory not in IN_MEMORY_CHOICES:
+        raise FinebenchError(f"in_memory={in_memory!r} is not valid: expected one of auto, True, False")
+    small = recipe.kind in ("cifar", "none") and side is not None and side <= SMALL_IMAGE_MAX_SIDE
+    if in_memory is True and not small:
+        raise FinebenchError(
+            f"dataset {dataset!r}: in_memory needs small images of one size (cifar or none augmentation, "
+            f"input_size <= {SMALL_IMAGE_MAX_SIDE}), got {recipe.kind!r} at {side}"
+        )
+    if in_memory != "auto":
+        return bool(in_memory)
+    count = sum(int(meta.get("splits", {}).get(path.name, 0)) for path in split_dirs)
+    return small and count * 3 * side**2 <= IN_MEMORY_MAX_BYTES
+
+
+def _in_memory_loaders(
+    meta: dict, train_dirs: list[Path], test_dirs: list[Path], train_recipe: _Recipe, test_recipe: _Recipe,
+    side: int, *, batch_size: int, eval_batch_size: int | None, workers: int, seed: int, rank: int,
+    world_size: int, device: torch.device,
+) -> Loaders:
+    train_labels = torch.from_numpy(_Columns(train_dirs).labels).to(device)
+    test_labels = torch.from_numpy(_Columns(test_dirs).labels).to(device)
+    sampler = BatchShardSampler(len(train_labels), batch_size, rank=rank, world_size=world_size, seed=seed)
+    train = InMemoryLoader(
+        _decoded(train_dirs, train_recipe, side, workers, device), train_labels, train_recipe,
+        batch_size=batch_size, seed=seed + 1000 * rank, sampler=sampler,
+    )
+    # Non-padded shards, as on the worker path: every test image is evaluated once, by one worker.
+    test = InMemoryLoader(
+        _decoded(test_dirs, test_recipe, side, workers, device)[rank::world_size], test_labels[rank::world_size],
+        test_recipe, batch_size=-(-(eval_batch_size or batch_size) // world_size), seed=seed,
+    )
+    return Loaders(
+        train=train, test=test, classes=list(meta["classes"]), num_classes=len(meta["classes"]), meta=meta,
+        train_size=len(train_labels), test_size=len(test_labels),
+    )
+
+
 def build_loaders(
     dataset: str,
     data_root: Path,
@@ -276,20 +422,34 @@ def build_loaders(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    in_memory: str | bool = False,
+    device: torch.device | str | None = None,
 ) -> Loaders:
     """Train and test loaders over ``<data_root>/<dataset>``; batches are (float32 Bx3xHxW, int64 B).
 
     ``batch_size`` and ``eval_batch_size`` are global: with ``world_size > 1`` each rank loads its
     share of every global batch (``BatchShardSampler``; call ``loaders.train.sampler.set_epoch``
     each epoch) and evaluates the test indices ``rank::world_size``, so every test image counts
-    exactly once.
+    exactly once. ``in_memory`` (True, or "auto": small images whose splits fit in
+    ``IN_MEMORY_MAX_BYTES``, what ``finebench run`` passes) swaps both loaders for
+    ``InMemoryLoader``s holding the decoded splits on ``device`` (default CPU; pass the training
+    device so the augmentation runs there).
     """
     meta = store.read_meta(Path(data_root), dataset)
     root = store.store_dir(Path(data_root), dataset)
     available = list(meta.get("splits", {}))
     train_recipe, test_recipe = _recipes(meta, augmentation, input_size)
-    train_set = StoreDataset(_Columns(_split_dirs(root, train_split, available, dataset)), train_recipe, seed + 1000 * rank)
-    test_set = StoreDataset(_Columns(_split_dirs(root, test_split, available, dataset)), test_recipe, seed)
+    train_dirs = _split_dirs(root, train_split, available, dataset)
+    test_dirs = _split_dirs(root, test_split, available, dataset)
+    side = train_recipe.size or (meta.get("image_size") or [None])[0]
+    if _wants_in_memory(in_memory, train_recipe, side, meta, train_dirs + test_dirs, dataset):
+        return _in_memory_loaders(
+            meta, train_dirs, test_dirs, train_recipe, test_recipe, side,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank,
+            world_size=world_size, device=torch.device(device) if device is not None else torch.device("cpu"),
+        )
+    train_set = StoreDataset(_Columns(train_dirs), train_recipe, seed + 1000 * rank)
+    test_set = StoreDataset(_Columns(test_dirs), test_recipe, seed)
     generator = torch.Generator().manual_seed(seed + 1000 * rank)
     common: dict[str, Any] = {
         "num_workers": workers,

@@ -51,18 +51,28 @@ class AttentionModule(nn.Module):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (module logits B×N, masks B×K×H×W)."""
-        masks = spatial_softmax(self.attention_head(features))
-        # einsum reads the K·N class maps out without materialising their product with the masks;
-        # unflatten keeps a channels_last conv output a view.
-        class_maps = self.output_head(features).unflatten(1, (self.heads, self.num_classes))
-        head_logits = torch.einsum("bknhw,bkhw->bkn", class_maps, masks)
-        return torch.einsum("bkn,bk->bn", head_logits, self.head_weights(features, masks)), masks
+        heads, classes = self.heads, self.num_classes
+        # The three heads read the same input, so they run as one K·(N+2)-channel convolution: the
+        # same multiply-adds, but no K-channel convolutions, which oneDNN runs far below its peak
+        # (measured: benchmarks/attention_overhead.py). The weights stay three parameters.
+        weight = torch.cat([self.attention_head.weight, self.output_head.weight, self.gate_head.weight])
+        maps = F.conv2d(features, weight, padding=1)
+        masks = spatial_softmax(maps[:, :heads])
+        # One GEMM reads out every map against every mask and head k keeps its own block: K times
+        # the multiply-adds of a per-head sum, but a real matrix product on the whole (NCHW or
+        # channels_last) conv output in place, where a per-head einsum is a slow batched
+        # matrix-vector product, and a slice of the output would be copied.
+        read = torch.bmm(maps.flatten(2), masks.flatten(2).transpose(1, 2))  # B×K·(N+2)×K
+        class_reads, gate_reads = read[:, heads:].split([heads * classes, heads], dim=1)
+        head_logits = class_reads.unflatten(1, (heads, classes)).diagonal(dim1=1, dim2=3)  # B×N×K
+        head_weights = F.softmax(torch.tanh(gate_reads.diagonal(dim1=1, dim2=2)), dim=1)
+        return torch.einsum("bnk,bk->bn", head_logits, head_weights), masks
 
     def head_weights(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Module gate: B×K weights of the heads, softmax over heads of tanh(Σ_xy M_k·S_k).
 
-        Public so that tools drawing the attention (``finebench attend``) read the same formula
-        the forward pass uses; ``masks`` are the ones ``forward`` returned for ``features``.
+        For tools drawing the attention (``finebench attend``); ``masks`` are the ones ``forward``
+        returned for ``features``, and ``forward`` computes the same weights in its fused read-out.
         """
         head_scores = torch.einsum("bkhw,bkhw->bk", self.gate_head(features), masks)
         return F.softmax(torch.tanh(head_scores), dim=1)
