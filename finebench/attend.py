@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from finebench.errors import FinebenchError
+from finebench.models import build_model_from_config
 from finebench.models.base import read_state_dict
 
 TOP_K = 3
@@ -70,26 +71,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return record
 
 
-def build_model_from_config(config: dict[str, Any], num_classes: int) -> nn.Module:
-    """The model a run trained, from its resolved config.json (weights come from the checkpoint)."""
-    from finebench.models import build_model
-
-    try:
-        model_section, variant = config["model"], config["variant"]
-        return build_model(
-            model_section["backbone"],
-            num_classes,
-            variant=variant["kind"],
-            variant_options=variant.get("options") or None,
-            backbone_options=model_section.get("options") or None,
-            pretrained=None,
-        )
-    except (KeyError, TypeError, AttributeError) as error:
-        raise FinebenchError(
-            f"config.json: unusable model/variant section ({error}); expected model.backbone and variant.kind"
-        ) from None
-
-
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """State dicts saved from DDP or torch.compile carry ``module.``/``_orig_mod.`` prefixes."""
     cleaned = {}
@@ -119,7 +100,7 @@ def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") 
     if not checkpoint_path.is_file():
         raise FinebenchError(f"{checkpoint_path}: not found; the run has no checkpoint to draw from")
     state = read_state_dict(checkpoint_path, "run checkpoint", keys=("model",))
-    model = build_model_from_config(config, num_classes)
+    model = build_model_from_config(config, num_classes, pretrained=False)
     try:
         model.load_state_dict(_strip_wrappers(state))
     except RuntimeError as error:

@@ -69,20 +69,10 @@ def _build_model(
     loaded: LoadedRecipe, run: RunSpec, num_classes: int, *, kind: str | None = None, pretrained: bool = True
 ):
     """The run's model (``kind`` swaps the variant, e.g. for the baseline's cost), errors named by file."""
-    from finebench.models import build_model
+    from finebench.models import build_model_from_config
 
-    model_section = loaded.recipe.model
-    variant = run.config["variant"]
-    use_variant = kind is None or kind == variant["kind"]
     try:
-        return build_model(
-            model_section.backbone,
-            num_classes,
-            variant=variant["kind"] if use_variant else kind,
-            variant_options=variant["options"] if use_variant else None,
-            backbone_options=dict(model_section.options),
-            pretrained=model_section.pretrained if pretrained else None,
-        )
+        return build_model_from_config(run.config, num_classes, kind=kind, pretrained=pretrained)
     except FinebenchError as error:
         raise FinebenchError(f"{loaded.path}: model: {error}") from None
 

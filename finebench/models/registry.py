@@ -194,3 +194,30 @@ def list_backbones() -> list[BackboneInfo]:
             )
         )
     return infos
+
+
+def build_model_from_config(
+    config: Mapping[str, Any], num_classes: int, *, kind: str | None = None, pretrained: bool = True
+) -> ImageClassifier:
+    """The model of a resolved run config (a run's config.json), so the trainer, ``finebench attend``
+    and ``finebench bench`` build exactly the same network from one place.
+
+    ``kind`` swaps the variant (e.g. the baseline, for the cost the overheads are measured against);
+    ``pretrained=False`` skips loading backbone weights (a checkpoint or a timing supplies them).
+    """
+    try:
+        model_section, variant = config["model"], config["variant"]
+        use_variant = kind is None or kind == variant["kind"]
+        backbone = model_section["backbone"]
+        variant_kind = variant["kind"] if use_variant else kind
+        variant_options = (variant.get("options") or None) if use_variant else None
+        backbone_options = dict(model_section.get("options") or {}) or None
+        weights = model_section.get("pretrained") if pretrained else None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise FinebenchError(
+            f"run config: unusable model/variant section ({error!r}); expected model.backbone and variant.kind"
+        ) from None
+    return build_model(
+        backbone, num_classes, variant=variant_kind, variant_options=variant_options,
+        backbone_options=backbone_options, pretrained=weights,
+    )
