@@ -23,7 +23,6 @@ than the training step.
 from __future__ import annotations
 
 import functools
-import inspect
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -133,7 +132,7 @@ def compare(folder: Path, size: int, source: tuple[int, int], count: int, batch:
         "finebench (workers)": fb_loader.build_loaders(name, folder / "data", **common).train,
         "ImageFolder": image_folder_loader(folder / name / "train", size, batch, workers),
     }
-    if "in_memory" in inspect.signature(fb_loader.build_loaders).parameters and size < 64:
+    if size <= fb_loader.SMALL_IMAGE_MAX_SIDE:
         in_memory = fb_loader.build_loaders(name, folder / "data", in_memory=True, **common).train
         candidates = {"finebench (in-memory)": in_memory, **candidates}
     timings = time_side_by_side({label: (lambda ld=ld: drain(ld)) for label, ld in candidates.items()},
