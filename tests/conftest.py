@@ -124,3 +124,15 @@ def _few_threads() -> None:
     import torch
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """End-to-end runs on two shared cores: one intra-op thread is several times faster than two
+    fighting for them (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

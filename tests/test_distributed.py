@@ -17,21 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from tiny_data import DATASET, prepare_tiny_bars
 
-from finebench.data import registry
-from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
 from finebench.data.loader import BatchShardSampler, build_loaders
-from finebench.data.prepare import prepare_dataset
 from finebench.errors import FinebenchError
 from finebench.recipe import load_recipe
 from finebench.runner import run_recipe
 from finebench.train.distributed import WorkerEnv, describe_failure, torchrun_argv
 
-DATASET = "mnist5k"  # a registered name, so that worker processes find the store this file writes
-CLASSES = 10
 TRAIN_IMAGES, TEST_IMAGES = 96, 41
 EPOCHS = 3
 TOLERANCE = 1e-5
@@ -61,38 +56,12 @@ sync_batchnorm = true
 log_every = 2
 """
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _parse_tiny(raw_dir: Path) -> ParsedDataset:
-    rng = np.random.default_rng(0)
-
-    def examples(count: int) -> list[Example]:
-        out = []
-        for i in range(count):
-            label = i % CLASSES
-            image = rng.integers(0, 60, (16, 16), dtype=np.uint8)
-            image[label : label + 4, 2:14] = 255  # the class is where the bar is
-            out.append(Example(image, label))
-        return out
-
-    return ParsedDataset([str(c) for c in range(CLASSES)], {"train": examples(TRAIN_IMAGES), "test": examples(TEST_IMAGES)})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    spec = DatasetSpec(name=DATASET, num_classes=CLASSES, split_sizes={}, protocol="test", terms="test",
-                       homepage="", parse=_parse_tiny, offline=True)
-    with registry.override(spec):
-        prepare_dataset(DATASET, root, quiet=True)
-    return root
+    return prepare_tiny_bars(tmp_path_factory.mktemp("data"), TRAIN_IMAGES, TEST_IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +260,10 @@ def test_a_worker_whose_peer_stops_answering_fails_after_the_timeout(tmp_path: P
 
 
 def test_a_failure_report_names_the_killed_worker_before_the_ones_the_agent_stopped():
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.elastic.multiprocessing.errors import (
+        ChildFailedError,
+        ProcessFailure,
+    )
 
     stopped = ProcessFailure(local_rank=0, pid=100, exitcode=-signal.SIGTERM, error_file="/nonexistent")
     killed = ProcessFailure(local_rank=1, pid=101, exitcode=-signal.SIGKILL, error_file="/nonexistent")

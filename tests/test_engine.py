@@ -25,13 +25,7 @@ from finebench.train.engine import (
 from finebench.train.optim import lr_factor_fn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is several times faster than two fighting for them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_CLASSES = 4
 

@@ -11,55 +11,21 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from tiny_data import CLASSES, DATASET, prepare_tiny_bars
 
-from finebench.data import registry
-from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
-from finebench.data.prepare import prepare_dataset
 from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe
 from finebench.results import RunDir, RunLocked
 from finebench.runner import run_recipe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is several times faster than two fighting for them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-# A registered name, so that a `finebench` subprocess finds the tiny store this file writes.
-DATASET = "mnist5k"
-CLASSES = 10
-
-
-def _parse_tiny(raw_dir: Path) -> ParsedDataset:
-    rng = np.random.default_rng(0)
-
-    def examples(count: int) -> list[Example]:
-        out = []
-        for i in range(count):
-            label = i % CLASSES
-            image = rng.integers(0, 60, (16, 16), dtype=np.uint8)
-            image[label : label + 4, 2:14] = 255  # the class is where the bar is
-            out.append(Example(image, label))
-        return out
-
-    return ParsedDataset([str(c) for c in range(CLASSES)], {"train": examples(96), "test": examples(40)})
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    spec = DatasetSpec(name=DATASET, num_classes=CLASSES, split_sizes={}, protocol="test", terms="test",
-                       homepage="", parse=_parse_tiny, offline=True)
-    with registry.override(spec):
-        prepare_dataset(DATASET, root, quiet=True)
-    return root
+    return prepare_tiny_bars(tmp_path_factory.mktemp("data"), 96, 40)
 
 
 RECIPE = f"""
