@@ -199,9 +199,37 @@ def test_taps_follow_the_authors_order_deepest_first() -> None:
     assert attention_model(attention_depth=1).attention_taps == ["group2"]
     assert attention_model(attention_depth=3).attention_taps == ["group2", "group1", "group0"]
     imagenet = build_model("resnet18", 5, "attention", {"attention_depth": 2}, pretrained=None)
-    assert imagenet.attention_taps == ["layer2", "layer1"]
+    assert imagenet.attention_taps == ["layer3", "layer2"]
     with pytest.raises(FinebenchError, match="attention_depth=4"):
         attention_model(attention_depth=4)
+
+
+@pytest.mark.parametrize("depth, taps, channels", [
+    (1, ["layer3"], [1024]),
+    (2, ["layer3", "layer2"], [1024, 512]),
+    (3, ["layer3", "layer2", "layer1"], [1024, 512, 256]),
+])
+def test_wide_resnet50_2_attaches_modules_deepest_first_as_the_authors(depth, taps, channels) -> None:
+    # the authors' WRN-50-2: att2 (1024 channels, group2 = layer3) first, then att1, att0
+    with torch.device("meta"):
+        model = build_model("wide_resnet50_2", 200, "attention", {"attention_depth": depth})
+    assert model.attention_taps == taps
+    assert [m.attention_head.in_channels for m in model.attention.attention_modules] == channels
+    assert [t["tap"] for t in model.tap_summary()] == taps
+
+
+def test_each_module_reads_the_output_of_its_stage() -> None:
+    model = build_model("resnet18", 5, "attention", {"attention_depth": 2}).eval()
+    stage_outputs, module_inputs = {}, {}
+    for stage in ("layer2", "layer3"):
+        getattr(model.backbone, stage).register_forward_hook(
+            lambda _m, _i, out, stage=stage: stage_outputs.__setitem__(stage, out))
+    for tap, module in zip(model.attention_taps, model.attention.attention_modules, strict=True):
+        module.register_forward_hook(lambda _m, inputs, _o, tap=tap: module_inputs.__setitem__(tap, inputs[0]))
+    model(torch.randn(1, 3, 64, 64))
+    assert set(module_inputs) == {"layer3", "layer2"}
+    for tap, features in module_inputs.items():
+        assert features is stage_outputs[tap]
 
 
 def test_early_prediction_equals_the_modules_output_in_the_full_pass() -> None:

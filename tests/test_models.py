@@ -250,3 +250,13 @@ def test_imagenet_weights_load_from_the_hub_cache(tmp_path: Path) -> None:
 def test_imagenet_weights_for_a_cifar_backbone_are_a_user_error() -> None:
     with pytest.raises(FinebenchError, match="has no ImageNet weights.*resnet18"):
         build_model("wrn", 10, backbone_options=TINY["wrn"], pretrained="imagenet")
+
+
+def test_the_new_classifier_of_an_imagenet_backbone_is_kaiming_normal() -> None:
+    # the authors' finetune(): kaiming_normal on the new Linear's weight; torch's default would be
+    # uniform within +-1/sqrt(fan_in), whose std is sqrt(6) times smaller than Kaiming's sqrt(2/fan_in)
+    torch.manual_seed(0)
+    weight = build_model("resnet18", 200).classifier.weight.detach()
+    fan_in = weight.shape[1]
+    assert abs(weight.std().item() / (2 / fan_in) ** 0.5 - 1) < 0.03
+    assert weight.abs().max().item() > 2 / fan_in**0.5  # normal tails, far outside the uniform bound

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,17 @@ class ImageClassifier(nn.Module):
     def attention_taps(self) -> list[str]:
         """Tap names in the order of ``ModelOutput.module_logits`` (deepest first); empty without attention."""
         return list(self.attention.taps) if self.attention is not None else []
+
+    def tap_summary(self) -> list[dict[str, Any]]:
+        """Where each attention module reads, from the backbone's own tap declarations, in module
+        order: ``{"module", "tap", "channels", "stride"}`` (``summary.json``'s ``taps``; empty without attention)."""
+        if self.attention is None:
+            return []
+        return [
+            {"module": f"attention.attention_modules.{index}", "tap": tap,
+             "channels": self.backbone.tap_point(tap).channels, "stride": self.backbone.tap_point(tap).stride}
+            for index, tap in enumerate(self.attention.taps)
+        ]
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         pooled, taps = self.backbone(images, self.attention_taps)

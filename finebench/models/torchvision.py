@@ -102,10 +102,18 @@ class TorchvisionResNet(Backbone):
             TapPoint(stage, 64 * 2**i * expansion, 4 * 2**i, f"output of {stage}") for i, stage in enumerate(STAGES)
         )
         self.out_channels = self.tap_points[-1].channels
-        self.attention_candidates = ("layer1", "layer2", "layer3")
+        # Deepest first, as the authors' WRN-50-2 (``att2`` on group2 = layer3 comes first) and the
+        # CIFAR WRN: AD=1 is layer3, AD=2 layer2 + layer3, AD=3 layer1 + layer2 + layer3. The
+        # shallowest tap is also the dearest (+51% FLOPs at N=200 for layer1 alone).
+        self.attention_candidates = ("layer3", "layer2", "layer1")
 
     def residual_blocks(self) -> list[nn.Module]:
         return [block for stage in STAGES for block in getattr(self, stage)]
+
+    def init_classifier(self, classifier: nn.Linear) -> None:
+        """Kaiming-normal weight (bias left at torch's default), as the authors' ``finetune`` gives
+        the new classifier of their ImageNet WRN-50-2 (docs/MECHANISM.md, "Equal to the released code")."""
+        nn.init.kaiming_normal_(classifier.weight)
 
     def forward(
         self, x: torch.Tensor, taps: Sequence[str] = (), stop_after_taps: bool = False
