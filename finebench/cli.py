@@ -251,7 +251,7 @@ def run_command(
     from pathlib import Path
 
     from finebench.recipe import load_recipe
-    from finebench.runner import check_before_launch, outcome_table, run_recipe
+    from finebench.runner import check_before_launch, outcome_table, recipe_settings, run_recipe
     from finebench.train.distributed import distributed_context, launch_workers
 
     loaded = load_recipe(recipe, overrides)
@@ -287,7 +287,8 @@ def run_command(
     stdout = Console()
     table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
     if ctx.is_main:
-        table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run))
+        table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run,
+                                          caption=recipe_settings(loaded) if dry_run else None))
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
 

@@ -2,7 +2,7 @@
 
 A recipe names one dataset and one backbone, a list of variants (baseline, Attend and Rectify
 settings, peer plug-ins) and a list of seeds; ``expand_runs`` turns it into one ``RunSpec`` per
-variant × seed. Every problem (unknown key, wrong type, impossible value, unknown dataset) is a
+variant × seed, and on a k-fold dataset (adience, uec_food100) per held-out fold too. Every problem (unknown key, wrong type, impossible value, unknown dataset) is a
 ``FinebenchError`` naming the file, the dotted field path and what was expected, raised before a
 single file is written.
 """
@@ -39,6 +39,9 @@ class DatasetSection(_Section):
     augmentation: str = "auto"
     train_split: str = "train"
     test_split: str = "test"
+    folds: list[Annotated[int, Field(ge=0)]] | None = None
+    """k-fold datasets (adience, uec_food100): the held-out folds to run, default every fold. Each
+    becomes its own run (its ``dataset.fold``) testing on that fold and training on the others."""
 
 
 class ModelSection(_Section):
@@ -134,6 +137,10 @@ class TrainSection(_Section):
     threads: Annotated[int, Field(ge=1)] | None = None
     """CPU intra-op threads (``torch.set_num_threads``); unset keeps torch's default. One thread
     beats two when other processes share the cores."""
+    accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    """Micro-batches per optimiser step: each batch is split this many ways, each part's gradient
+    added up, one step taken. The gradient is the whole batch's; BatchNorm sees micro-batches, as
+    in the authors' ImageNet run (128 images x ``iter_size`` 2)."""
     eval_every: Annotated[int, Field(ge=1)] = 1
     log_every: Annotated[int, Field(ge=1)] = 20
     """Steps between host reads of the running loss (progress bar and NaN check)."""
@@ -147,6 +154,11 @@ class TrainSection(_Section):
             raise ValueError(f"milestones must increase, got {self.milestones}")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        if self.batch_size % self.accumulation_steps:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split into accumulation_steps = {self.accumulation_steps} "
+                "equal micro-batches"
+            )
         return self
 
 
@@ -181,6 +193,8 @@ class RunSpec:
     config: dict[str, Any]
     """The resolved run config (written as config.json)."""
     run_id: str = field(default="")
+    fold: int | None = None
+    """The held-out fold on a k-fold dataset (also ``config["dataset"]["fold"]``); None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -264,10 +278,57 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_datase
         from finebench.data.registry import get_spec
 
         try:
-            get_spec(recipe.dataset.name)
+            spec = get_spec(recipe.dataset.name)
         except FinebenchError as error:
             raise FinebenchError(f"{path}: dataset.name: {error}") from None
+        _check_folds(recipe.dataset, spec.folds, path)
     return LoadedRecipe(recipe=recipe, name=recipe.name or path.stem, path=path)
+
+
+def _check_folds(dataset: DatasetSection, folds: int, path: Path) -> None:
+    """A k-fold dataset chooses its splits per fold; a fixed-split one has no folds to choose."""
+    defaults = DatasetSection(name=dataset.name)
+    if not folds:
+        if dataset.folds is not None:
+            raise FinebenchError(
+                f"{path}: dataset.folds: {dataset.name} has a fixed train/test split, not folds; remove the key"
+            )
+        return
+    for key in ("train_split", "test_split"):
+        if getattr(dataset, key) != getattr(defaults, key):
+            raise FinebenchError(
+                f"{path}: dataset.{key}: {dataset.name} is a {folds}-fold dataset whose runs train on all "
+                f"folds but the held-out one; remove {key} and choose folds with dataset.folds (0..{folds - 1})"
+            )
+    wrong = [fold for fold in dataset.folds or [] if fold >= folds]
+    if wrong or (dataset.folds is not None and (not dataset.folds or len(set(dataset.folds)) != len(dataset.folds))):
+        raise FinebenchError(
+            f"{path}: dataset.folds: got {dataset.folds}; expected distinct fold indices in 0..{folds - 1} "
+            f"({dataset.name} has {folds} folds)"
+        )
+
+
+def held_out_folds(loaded: LoadedRecipe) -> list[int | None]:
+    """The folds a recipe holds out, one run each; ``[None]`` for a fixed train/test split."""
+    from finebench.data.registry import get_spec
+
+    recipe = loaded.recipe
+    folds = get_spec(recipe.dataset.name).folds
+    if not folds:
+        return [None]
+    _check_folds(recipe.dataset, folds, loaded.path)
+    return list(recipe.dataset.folds) if recipe.dataset.folds is not None else list(range(folds))
+
+
+def fold_dataset(dataset: Mapping[str, Any], fold: int | None, folds: int) -> dict[str, Any]:
+    """The resolved ``dataset`` section of one run: without ``folds``; on a k-fold dataset with
+    ``fold`` and the splits it implies (train ``fold1+fold2+...``, test ``fold0``)."""
+    resolved = {key: value for key, value in dataset.items() if key != "folds"}
+    if fold is not None:
+        resolved["train_split"] = "+".join(f"fold{index}" for index in range(folds) if index != fold)
+        resolved["test_split"] = f"fold{fold}"
+        resolved["fold"] = fold
+    return resolved
 
 
 def _canonical(value: Any) -> str:
@@ -283,7 +344,10 @@ def run_id_for(config: Mapping[str, Any]) -> str:
 
 
 def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]:
-    """One run per variant × seed, in recipe order; ``only`` keeps variants by name or kind."""
+    """One run per variant × seed (× held-out fold on a k-fold dataset), in recipe order; ``only``
+    keeps variants by name or kind."""
+    from finebench.data.registry import get_spec
+
     recipe = loaded.recipe
     variants = list(recipe.variants)
     if only:
@@ -299,14 +363,19 @@ def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]
     # The id hashes only what differs from the schema's defaults, so a setting added to the
     # schema later (with a default that keeps old behaviour) does not orphan existing runs.
     base_for_id = recipe.model_dump(mode="json", exclude=shared, exclude_defaults=True)
+    fold_count = get_spec(recipe.dataset.name).folds
+    held_out = held_out_folds(loaded)
     runs = []
     for variant in variants:
         name = variant_name(variant)
         options_for_id = variant.model_dump(mode="json", exclude={"kind", "name"}, exclude_defaults=True)
         for seed in recipe.seeds:
-            variant_entry = {"kind": variant.kind, "name": name, "options": variant_options(variant)}
-            config = {"recipe": loaded.name, **base, "variant": variant_entry, "seed": seed}
-            basis = {"recipe": loaded.name, **base_for_id,
-                     "variant": {**variant_entry, "options": options_for_id}, "seed": seed}
-            runs.append(RunSpec(loaded.name, variant.kind, name, seed, config, run_id_for(basis)))
+            for fold in held_out:
+                variant_entry = {"kind": variant.kind, "name": name, "options": variant_options(variant)}
+                config = {"recipe": loaded.name, **base, "dataset": fold_dataset(base["dataset"], fold, fold_count),
+                          "variant": variant_entry, "seed": seed}
+                basis = {"recipe": loaded.name, **base_for_id,
+                         "dataset": fold_dataset(base_for_id["dataset"], fold, fold_count),
+                         "variant": {**variant_entry, "options": options_for_id}, "seed": seed}
+                runs.append(RunSpec(loaded.name, variant.kind, name, seed, config, run_id_for(basis), fold))
     return runs

@@ -55,6 +55,8 @@ class Cost:
     params: int
     flops: int
     module_flops: dict[str, int]
+    taps: list[dict[str, Any]] = field(default_factory=list)
+    """Where each attention module reads (``ImageClassifier.tap_summary``); empty for other variants."""
 
 
 def backbone_label(backbone: str, options: Mapping[str, Any]) -> str:
@@ -78,13 +80,14 @@ def _build_model(
 
 
 def _cost(model: torch.nn.Module, input_size: int, with_taps: bool) -> Cost:
+    from finebench.models.network import unwrap
     from finebench.profile import profile_model, tap_flops
 
     was_training = model.training
     profile = profile_model(model, input_size)
     taps = {k: int(v) for k, v in tap_flops(model, input_size).items()} if with_taps else {}
     model.train(was_training)
-    return Cost(int(profile.params), int(profile.flops), taps)
+    return Cost(int(profile.params), int(profile.flops), taps, unwrap(model).tap_summary())
 
 
 class _CostCache:
@@ -111,21 +114,22 @@ class _CostCache:
         return self._costs["\0baseline"]
 
 
-def _build_loaders(loaded: LoadedRecipe, data_root: Path, seed: int, ctx: DistContext, device: torch.device):
+def _build_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device):
     from finebench.data.loader import build_loaders
 
-    dataset, train = loaded.recipe.dataset, loaded.recipe.train
+    # the run's own splits: on a k-fold dataset they depend on its held-out fold
+    dataset, train = run.config["dataset"], loaded.recipe.train
     return build_loaders(
-        dataset.name,
+        dataset["name"],
         data_root,
         batch_size=train.batch_size,
         eval_batch_size=train.eval_batch_size,
         workers=train.workers,
-        seed=seed,
-        input_size=dataset.input_size,
-        augmentation=dataset.augmentation,
-        train_split=dataset.train_split,
-        test_split=dataset.test_split,
+        seed=run.seed,
+        input_size=dataset["input_size"],
+        augmentation=dataset["augmentation"],
+        train_split=dataset["train_split"],
+        test_split=dataset["test_split"],
         rank=ctx.rank,
         world_size=ctx.world_size,
         pin_memory=device.type == "cuda",
@@ -167,7 +171,9 @@ def _summary(
         "variant": run.variant_kind,
         "variant_name": run.variant_name,
         "variant_options": run.config["variant"]["options"],
+        "taps": cost.taps,
         "seed": run.seed,
+        "fold": run.fold,
         "epochs": recipe.train.epochs,
         "epochs_completed": epochs_completed,
         "final": final_entry(list(rows)),
@@ -209,7 +215,7 @@ def _execute(
     previous = run_dir.summary() or {}
     seed_everything(run.seed)
     model = _build_model(loaded, run, num_classes)
-    loaders = _build_loaders(loaded, data_root, run.seed, ctx, device)
+    loaders = _build_loaders(loaded, run, data_root, ctx, device)
     common = dict(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
         input_size=costs.input_size, device=device, precision=precision, ctx=ctx,
@@ -273,7 +279,7 @@ def run_recipe(
     if dry_run:
         return [
             RunOutcome(run, RunDir(results_dir, loaded.name, run.run_id).path, "planned",
-                       {"params": costs.of(run).params, "flops": costs.of(run).flops})
+                       {"params": costs.of(run).params, "flops": costs.of(run).flops, "taps": costs.of(run).taps})
             for run in runs
         ]
 
@@ -282,7 +288,10 @@ def run_recipe(
     ctx.barrier()
     # Fail on unprepared data or bad model options before anything is written.
     device = resolve_device(loaded.recipe.train.device)
-    loaders = _build_loaders(loaded, data_root, runs[0].seed, ctx, device)
+    loaders = _build_loaders(loaded, runs[0], data_root, ctx, device)
+    for run in runs[1:]:  # every held-out fold of a k-fold dataset must be there too
+        if run.config["dataset"] != runs[0].config["dataset"]:
+            _check_splits(run.config["dataset"], data_root)
     num_classes = loaders.num_classes
     costs = _CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or _input_size_of(loaders))
     for run in runs:
@@ -343,6 +352,16 @@ def _prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
         prepare_dataset(name, data_root, quiet=quiet)
 
 
+def _check_splits(dataset: Mapping[str, Any], data_root: Path) -> None:
+    """Fail on a split the store lacks (a fold missing) before anything is written."""
+    from finebench.data.loader import split_dirs
+    from finebench.data.store import read_meta, store_dir
+
+    available = list(read_meta(data_root, dataset["name"]).get("splits", {}))
+    for key in ("train_split", "test_split"):
+        split_dirs(store_dir(data_root, dataset["name"]), dataset[key], available, dataset["name"])
+
+
 def _input_size_of(loaders: Any) -> int:
     images, _ = next(iter(loaders.test))
     return int(images.shape[-1])
@@ -357,28 +376,76 @@ def _fmt_count(value: Any) -> str:
     return str(int(value))
 
 
-def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool = False) -> Table:
+def variant_settings(options: Mapping[str, Any]) -> str:
+    """A variant's options in the paper's terms: ``AD3 AW2 gates sigmoid output 50 reg_w 0.001``."""
+    if "attention_depth" in options:
+        return (f"AD{options['attention_depth']} AW{options['attention_width']} gates {options['gates']} "
+                f"output {options['output_mode']} reg_w {options['reg_w']:g}")
+    return " ".join(f"{key} {value}" for key, value in options.items()) or "-"
+
+
+def _taps_cell(taps: Sequence[Mapping[str, Any]]) -> str:
+    return " ".join(f"{tap['tap']}:{tap['channels']}@{tap['stride']}" for tap in taps) or "-"
+
+
+def recipe_settings(loaded: LoadedRecipe) -> str:
+    """Everything a run shares, on one line, so a dry run can be checked against a paper or a log."""
+    recipe = loaded.recipe
+    train, dataset, model = recipe.train, recipe.dataset, recipe.model
+    lr = f"lr {train.lr:g}"
+    if train.backbone_lr_mult != 1.0:
+        lr += f" (backbone x{train.backbone_lr_mult:g})"
+    schedule = train.schedule
+    if train.schedule == "multistep":
+        schedule = f"lr x{train.gamma:g} after epochs {'/'.join(map(str, train.milestones))}"
+    elif train.schedule == "step":
+        schedule = f"lr x{train.gamma:g} every {train.step_size} epochs"
+    optimizer = train.optimizer if train.optimizer == "adamw" else f"{train.optimizer} momentum {train.momentum:g}"
+    batch = f"batch {train.batch_size}"
+    if train.accumulation_steps > 1:
+        batch += f" ({train.batch_size // train.accumulation_steps} x {train.accumulation_steps} accumulated)"
+    parts = [
+        f"{dataset.name} {loaded.input_size()}px", backbone_label(model.backbone, model.options)
+        + (f" ({model.pretrained})" if model.pretrained else ""),
+        lr, optimizer, f"wd {train.weight_decay:g}", batch, f"{train.epochs} epochs", schedule,
+        f"warm-up {train.warmup_epochs:g} epochs", f"eval every {train.eval_every}", f"precision {train.precision}",
+    ]
+    return " · ".join(parts)
+
+
+def outcome_table(
+    outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool = False, caption: str | None = None
+) -> Table:
     """Variant beside variant: final-epoch test accuracy (no test-set selection), cost and time.
 
     The best epoch is shown only as ``best@epoch`` in its own column: it is selected on the test set.
+    A dry run shows each variant's settings and taps instead of results.
     """
-    table = Table(title=title)
-    columns = ["variant", "seed", "run id"]
-    if not dry_run:
+    table = Table(title=title, caption=caption)
+    with_folds = any(outcome.run.fold is not None for outcome in outcomes)
+    columns = ["variant", *(["fold"] if with_folds else []), "seed", "run id"]
+    if dry_run:
+        columns += ["settings", "taps (channels@stride)"]
+    else:
         columns += ["status", "top-1", "top-5", "net top-1", "best@ep"]
     columns += ["params", "FLOPs"]
     if not dry_run:
         columns += ["time", "img/s"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("variant", "status", "run id") else "right")
+        left = column in ("variant", "status", "run id", "settings", "taps (channels@stride)")
+        table.add_column(column, justify="left" if left else "right")
 
     def pct(value: Any) -> str:
         return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
     for outcome in outcomes:
         summary = outcome.summary
-        cells = [outcome.run.variant_name, str(outcome.run.seed), outcome.run.run_id]
-        if not dry_run:
+        run = outcome.run
+        cells = [run.variant_name, *([str(run.fold) if run.fold is not None else "-"] if with_folds else []),
+                 str(run.seed), run.run_id]
+        if dry_run:
+            cells += [variant_settings(run.config["variant"]["options"]), _taps_cell(summary.get("taps") or [])]
+        else:
             final = summary.get("final") or {}
             best = summary.get("best") or {}
             cells += [outcome.status, pct(final.get("test_top1")), pct(final.get("test_top5")),

@@ -232,3 +232,29 @@ def test_rich_progress_prints_one_line_per_finished_epoch(tmp_path):
         progress.close()
     lines = [line for line in buffer.getvalue().splitlines() if "top-1" in line]
     assert len(lines) == 2 and "baseline seed 0 epoch 2: train loss" in lines[1] and "img/s" in lines[1]
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_accumulated_micro_batches_take_the_whole_batchs_step(mixture):
+    # dropout off (eval) so both steps see the same function; the gradient must be the batch's own
+    images, labels = make_data(16).tensors
+    steps, seen = {}, {}
+    for parts in (1, 2):
+        torch.manual_seed(0)
+        model = TinyNet(mixture).eval()
+        seen[parts] = []
+        model.conv.register_forward_hook(lambda _m, inputs, _o, parts=parts: seen[parts].append(len(inputs[0])))
+        step = build_train_step(model, train_cfg(batch_size=16, accumulation_steps=parts, schedule="constant",
+                                                 warmup_epochs=0), mixture=mixture, steps_per_epoch=10)
+        loss, correct = step(images, labels)
+        steps[parts] = (model, loss, correct)
+    assert seen == {1: [16], 2: [8, 8]}  # BatchNorm would see the micro-batches
+    whole, parts = steps[1], steps[2]
+    assert torch.allclose(whole[1], parts[1], atol=1e-6) and int(whole[2]) == int(parts[2])
+    for (name, a), b in zip(whole[0].named_parameters(), parts[0].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_batch_that_does_not_split_into_micro_batches_is_a_recipe_error():
+    with pytest.raises(ValueError, match="accumulation_steps = 3"):
+        train_cfg(batch_size=16, accumulation_steps=3)

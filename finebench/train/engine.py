@@ -204,12 +204,16 @@ class TrainStep:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     channels_last: bool = False
+    accumulation_steps: int = 1
+    """Micro-batches per optimiser step (``train.accumulation_steps``)."""
     scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.accumulation_steps > 1:
+            return self._accumulated_step(images, labels)
         images, labels = _to_device(images, labels, self.device, self.channels_last)
         with autocast(self.device, self.precision):
             output = self.model(images)
@@ -226,6 +230,40 @@ class TrainStep:
         scores = output.log_probs if self.mixture else output.logits
         correct = (scores.argmax(dim=1) == labels).sum()
         return loss.detach(), correct
+
+    def _accumulated_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step over ``accumulation_steps`` micro-batches of this batch.
+
+        Each part's loss is weighted by its share of the batch, so the summed gradient is the
+        whole batch's mean-loss gradient (only BatchNorm, seeing the parts, differs). Under DDP
+        the gradient all-reduce runs once, on the last part (``no_sync`` before it).
+        """
+        images, labels = _to_device(images, labels, self.device, self.channels_last)
+        parts = [(x, y) for x, y in zip(images.tensor_split(self.accumulation_steps),
+                                        labels.tensor_split(self.accumulation_steps), strict=True) if len(y)]
+        no_sync = getattr(self.model, "no_sync", None)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros((), device=labels.device)
+        correct = torch.zeros((), device=labels.device, dtype=torch.long)
+        for index, (part_images, part_labels) in enumerate(parts):
+            last = index == len(parts) - 1
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                with autocast(self.device, self.precision):
+                    output = self.model(part_images)
+                    loss = training_loss(output, part_labels, mixture=self.mixture,
+                                         label_smoothing=self.label_smoothing) * (len(part_labels) / len(labels))
+                self.scaler.scale(loss).backward()
+            total_loss += loss.detach().float()
+            scores = output.log_probs if self.mixture else output.logits
+            correct += (scores.argmax(dim=1) == part_labels).sum()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return total_loss, correct
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -491,7 +529,7 @@ def fit(
     eval_model = trained_model if wrapped is model else (torch.compile(model) if train.compile else model)
     step = TrainStep(
         trained_model, optimizer, scheduler, device, precision, mixture,
-        train.label_smoothing, train.grad_clip, train.channels_last,
+        train.label_smoothing, train.grad_clip, train.channels_last, accumulation_steps=train.accumulation_steps,
     )
 
     rows: list[dict[str, Any]] = []
@@ -585,5 +623,5 @@ def build_train_step(
     compiled: Callable = torch.compile(model) if train.compile else model
     return TrainStep(
         compiled, optimizer, scheduler, device, resolve_precision(train.precision, device), mixture,
-        train.label_smoothing, train.grad_clip, train.channels_last,
+        train.label_smoothing, train.grad_clip, train.channels_last, accumulation_steps=train.accumulation_steps,
     )

@@ -62,6 +62,7 @@ SPEC = DatasetSpec(
         *(Source(f"fold_{fold}_data.txt", extract=False) for fold in range(FOLDS)),
     ),
     manual=True,
+    folds=FOLDS,
     manual_instructions="Register for the Adience benchmark (link on the homepage), then download "
     "aligned.tar.gz and the five fold files fold_0_data.txt .. fold_4_data.txt from the data page, "
     "put all six files in one folder and run: finebench prepare adience --from <folder>.",

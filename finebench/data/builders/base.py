@@ -82,4 +82,7 @@ class DatasetSpec:
     ``ClassLabel`` column with ``num_classes`` names."""
     offline: bool = False
     """Built from data shipped in an installed package: no download at all."""
+    folds: int = 0
+    """k-fold protocol: the store holds splits ``fold0``..``fold{k-1}`` and each run holds one out
+    for testing and trains on the others; 0 for a fixed train/test split."""
     description: str = ""

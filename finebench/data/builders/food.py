@@ -158,6 +158,7 @@ UEC_FOOD100 = DatasetSpec(
     terms="Research use only (UEC Food Recognition group); cite Matsuda and Yanai, ICPR 2012.",
     homepage="http://foodcam.mobi/dataset100.html",
     parse=parse_uec_food100,
+    folds=UEC_FOLDS,
     sources=(Source("dataset100.zip", url="http://foodcam.mobi/dataset100.zip"),),
     description="UEC-Food100: photos of 100 (mostly Japanese) dishes with a bounding box per food; "
     "about 14,000 boxes. Class names from category.txt.",
