@@ -54,7 +54,7 @@ precision = "fp32"
 
 SUMMARY_KEYS = {
     "schema", "run_id", "recipe", "status", "failure_reason", "dataset", "num_classes", "backbone",
-    "backbone_label", "variant", "variant_name", "variant_options", "seed", "epochs", "epochs_completed",
+    "backbone_label", "variant", "variant_name", "variant_options", "taps", "seed", "fold", "epochs", "epochs_completed",
     "final", "best", "params", "flops", "params_baseline", "flops_baseline", "module_flops", "input_size",
     "train_time_s", "images_per_s", "device", "precision", "channels_last", "world_size", "torch_version",
     "finebench_version", "git_commit", "hostname", "started_at", "finished_at",
@@ -101,8 +101,15 @@ def test_a_recipe_writes_valid_records_for_every_variant_and_seed_and_a_rerun_sk
             assert summary["params"] > summary["params_baseline"]
             assert set(summary["module_flops"]) == set(summary["final"]["module_top1"]) and summary["module_flops"]
             assert summary["final"]["network_top1"] is not None
+            # WRN-10-1, AD 2: the pre-activated outputs of groups 2 and 1, deepest first
+            assert summary["taps"] == [
+                {"module": "attention.attention_modules.0", "tap": "group2", "channels": 64, "stride": 4},
+                {"module": "attention.attention_modules.1", "tap": "group1", "channels": 32, "stride": 2},
+            ]
         else:
             assert summary["params"] == summary["params_baseline"] and summary["module_flops"] == {}
+            assert summary["taps"] == []
+        assert summary["fold"] is None and "fold" not in config["dataset"]
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").rglob("*") if p.is_file()}
     again = run_recipe(loaded, results_dir=tmp_path / "results", data_root=data_root, quiet=True)
     assert {o.status for o in again} == {"skipped-finished"}
@@ -202,7 +209,16 @@ def test_dry_run_lists_runs_with_cost_and_writes_nothing(tmp_path, data_root):
     outcomes = run_recipe(loaded, results_dir=tmp_path / "results", data_root=data_root, dry_run=True)
     assert [o.status for o in outcomes] == ["planned"] * 4
     assert outcomes[2].summary["params"] > outcomes[0].summary["params"] > 0
+    assert [t["tap"] for t in outcomes[2].summary["taps"]] == ["group2", "group1"]
     assert not (tmp_path / "results").exists()
+
+
+def test_the_dry_run_table_shows_each_variants_settings_taps_and_the_shared_settings(tmp_path, data_root):
+    result = cli("run", str(recipe_file(tmp_path)), "--data-root", str(data_root), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "AD2 AW2 gates softmax output mixture reg_w 0.001" in result.stdout
+    assert "group2:64@4 group1:32@2" in result.stdout
+    assert "lr 0.05" in result.stdout and "batch 16" in result.stdout and "1 epochs" in result.stdout
 
 
 def test_unprepared_data_is_reported_before_any_file_is_written(tmp_path):
