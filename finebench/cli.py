@@ -130,11 +130,12 @@ def profile_command(
         title=f"{name} · N={report.num_classes} · {report.input_size}×{report.input_size}",
         caption=f"FLOPs: {FLOP_CONVENTION}",
     )
-    for column in ("variant", "params", "params +%", "FLOPs", "FLOPs +%"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
+    for column in ("variant", "taps (channels@stride)", "params", "params +%", "FLOPs", "FLOPs +%"):
+        table.add_column(column, justify="left" if column in ("variant", "taps (channels@stride)") else "right")
     for row in report.rows:
         table.add_row(
-            row.label, f"{row.params:,}", f"{row.params_overhead_pct:+.2f}%",
+            row.label, " ".join(f"{t['tap']}:{t['channels']}@{t['stride']}" for t in row.taps) or "-",
+            f"{row.params:,}", f"{row.params_overhead_pct:+.2f}%",
             f"{row.flops / 1e9:.3f} G", f"{row.flops_overhead_pct:+.2f}%",
         )
     Console().print(table)

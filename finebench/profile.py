@@ -109,6 +109,8 @@ class VariantCost:
     params_overhead_pct: float
     """Relative to the baseline of the same backbone and number of classes."""
     flops_overhead_pct: float
+    taps: list[dict[str, Any]] = field(default_factory=list)
+    """Where each attention module reads (``ImageClassifier.tap_summary``); empty for other variants."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,12 +129,14 @@ def profile_variants(
     for label, variant, options in variants:
         if variant == "baseline":
             continue
-        cost = profile_model(build_model(backbone, num_classes, variant, options, backbone_options), input_size)
+        model = build_model(backbone, num_classes, variant, options, backbone_options)
+        cost = profile_model(model, input_size)
         rows.append(
             VariantCost(
                 label, variant, cost.params, cost.flops,
                 100.0 * (cost.params - baseline.params) / baseline.params,
                 100.0 * (cost.flops - baseline.flops) / baseline.flops,
+                model.tap_summary(),
             )
         )
     return rows

@@ -163,3 +163,14 @@ def test_profile_recipe_uses_its_backbone_dataset_and_variants(tmp_path) -> None
     assert (report.backbone, report.num_classes, report.input_size) == ("wrn", 100, 32)
     assert [row.variant for row in report.rows] == ["baseline", "attention", "se"]
     assert report.rows[1].params - report.rows[0].params == 9 * 64 * 2 * 102 + 64 * 2 + 4
+
+
+def test_cli_profile_shows_the_taps_a_variant_uses() -> None:
+    args = ("profile", "--backbone", "resnet18", "--input-size", "64", "--attention-depth", "2", "--variant", "attention")
+    assert "layer3:256@16 layer2:128@8" in invoke(*args)
+    rows = json.loads(invoke(*args, "--json"))["rows"]
+    assert rows[0]["taps"] == []
+    assert rows[1]["taps"] == [
+        {"module": "attention.attention_modules.0", "tap": "layer3", "channels": 256, "stride": 16},
+        {"module": "attention.attention_modules.1", "tap": "layer2", "channels": 128, "stride": 8},
+    ]
