@@ -141,7 +141,7 @@ def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCaptur
         output = classifier(images)
     capture.module_log_probs = [F.log_softmax(logits.float(), dim=1).cpu() for logits in output.module_logits]
     capture.network_log_probs = F.log_softmax(output.logits.float(), dim=1).cpu()
-    # The mixture is not normalised (DESIGN.md §3): renormalise before reading it as probabilities.
+    # The mixture is not normalised (docs/MECHANISM.md §1): renormalise before reading it as probabilities.
     capture.mixture_log_probs = F.log_softmax(output.log_probs.float(), dim=1).cpu()
     capture.source_gates = output.gates.float().cpu() if output.gates is not None else None
     return capture

@@ -62,7 +62,7 @@ def test_masks_of_every_module_of_a_model_sum_to_one() -> None:
 
 
 def test_module_output_is_the_head_weighted_sum_of_mask_weighted_class_maps() -> None:
-    """A loop over heads, written from DESIGN.md §3, against forward and ``head_weights``."""
+    """A loop over heads, written from docs/MECHANISM.md §1, against forward and ``head_weights``."""
     torch.manual_seed(0)
     channels, heads, classes = 6, 3, 5
     module = AttentionModule(channels, classes, heads)

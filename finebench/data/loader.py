@@ -7,7 +7,7 @@ the worker seed torch derives from the loader's seeded generator) and never dist
 global torch RNG the model uses. Samples leave workers as uint8 tensors; normalisation is one
 vectorised operation on the whole batch in ``collate``.
 
-Recipes (DESIGN.md §3):
+Recipes (the authors' transforms, docs/MECHANISM.md §3):
 - ``cifar``: reflect-pad 4, random crop back to size, horizontal flip; CIFAR mean/std.
 - ``imagenet``: train resize shorter side to round(s*256/224), random crop s, flip; test the
   same resize and a centre crop; ImageNet mean/std (``s`` = input_size, default 224).

@@ -1,6 +1,6 @@
 """The prepared store: one Hugging Face ``datasets`` Arrow folder per split plus ``meta.json``.
 
-Layout (DESIGN.md §4): ``<data_root>/<name>/<split>/`` (``Dataset.save_to_disk``) with columns
+Layout: ``<data_root>/<name>/<split>/`` (``Dataset.save_to_disk``) with columns
 ``image`` (``datasets.Image``, encoded bytes) and ``label`` (``ClassLabel`` in the dataset's
 official id order), and ``<data_root>/<name>/meta.json``.
 

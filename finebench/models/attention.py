@@ -1,7 +1,7 @@
 """Attend and Rectify (Rodriguez et al., TMM 2020): gated attention modules on a backbone's taps.
 
-Follows the authors' code (prlz77/attend-and-rectify) numerically; DESIGN.md §3 states the
-mechanism. Per module on a B×C×H×W tap with K heads and N classes:
+Follows the authors' code (prlz77/attend-and-rectify) numerically; docs/MECHANISM.md §1 states the
+mechanism (§3: what equals their released code). Per module on a B×C×H×W tap with K heads and N classes:
 
 * attention head: 3x3 conv to K maps, softmax over the H·W positions (not over channels);
 * output head: 3x3 conv to K·N class maps, read out as a mask-weighted spatial sum;
