@@ -2,9 +2,10 @@
 
 A recipe names one dataset and one backbone, a list of variants (baseline, Attend and Rectify
 settings, peer plug-ins) and a list of seeds; ``expand_runs`` turns it into one ``RunSpec`` per
-variant × seed, and on a k-fold dataset (adience, uec_food100) per held-out fold too. Every problem (unknown key, wrong type, impossible value, unknown dataset) is a
-``FinebenchError`` naming the file, the dotted field path and what was expected, raised before a
-single file is written.
+variant × seed, and on a k-fold dataset (adience, uec_food100) per held-out fold too. Every
+problem (unknown key, wrong type, impossible value, unknown dataset) is a ``FinebenchError``
+naming the file, the dotted field path and what was expected, raised before a single file is
+written.
 """
 
 from __future__ import annotations
@@ -300,8 +301,8 @@ def _check_folds(dataset: DatasetSection, folds: int, path: Path) -> None:
                 f"{path}: dataset.{key}: {dataset.name} is a {folds}-fold dataset whose runs train on all "
                 f"folds but the held-out one; remove {key} and choose folds with dataset.folds (0..{folds - 1})"
             )
-    wrong = [fold for fold in dataset.folds or [] if fold >= folds]
-    if wrong or (dataset.folds is not None and (not dataset.folds or len(set(dataset.folds)) != len(dataset.folds))):
+    chosen = dataset.folds
+    if chosen is not None and (not chosen or len(set(chosen)) != len(chosen) or max(chosen) >= folds):
         raise FinebenchError(
             f"{path}: dataset.folds: got {dataset.folds}; expected distinct fold indices in 0..{folds - 1} "
             f"({dataset.name} has {folds} folds)"

@@ -85,9 +85,9 @@ def _cost(model: torch.nn.Module, input_size: int, with_taps: bool) -> Cost:
 
     was_training = model.training
     profile = profile_model(model, input_size)
-    taps = {k: int(v) for k, v in tap_flops(model, input_size).items()} if with_taps else {}
+    module_flops = {k: int(v) for k, v in tap_flops(model, input_size).items()} if with_taps else {}
     model.train(was_training)
-    return Cost(int(profile.params), int(profile.flops), taps, unwrap(model).tap_summary())
+    return Cost(int(profile.params), int(profile.flops), module_flops, unwrap(model).tap_summary())
 
 
 class _CostCache:
