@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -258,3 +259,29 @@ def test_accumulated_micro_batches_take_the_whole_batchs_step(mixture):
 def test_a_batch_that_does_not_split_into_micro_batches_is_a_recipe_error():
     with pytest.raises(ValueError, match="accumulation_steps = 3"):
         train_cfg(batch_size=16, accumulation_steps=3)
+
+
+def test_accumulation_all_reduces_once_per_step_under_ddp():
+    # DDP's no_sync skips the gradient all-reduce: every micro-batch but the last must run inside it
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.synced = inner, []
+            self.quiet = False
+
+        def forward(self, images):
+            self.synced.append(not self.quiet)
+            return self.inner(images)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.quiet = True
+            try:
+                yield
+            finally:
+                self.quiet = False
+
+    model = Wrapper(TinyNet())
+    step = build_train_step(model, train_cfg(batch_size=16, accumulation_steps=4), mixture=False, steps_per_epoch=10)
+    step(*make_data(16).tensors)
+    assert model.synced == [False, False, False, True]
