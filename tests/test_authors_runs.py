@@ -1,7 +1,9 @@
 """Every run the authors logged is a shipped recipe with their settings.
 
-``results/reference/authors_runs.csv`` holds one row per ``log.json`` of prlz77/attend-and-rectify
-and prlz77/painless-attention.pytorch (dev), with the log's path as its source. Each recipe is
+``results/reference/settings/authors_runs.csv`` holds one row per ``log.json`` of
+prlz77/attend-and-rectify and prlz77/painless-attention.pytorch (dev), with the log's path as its
+source (a subfolder: ``finebench report`` reads the CSVs directly in ``results/reference/`` as
+tables of the authors' numbers, which this is not). Each recipe is
 resolved exactly as ``finebench run`` resolves it and compared cell by cell; a blank cell is a
 setting the log does not state. A recipe that names a log must have its row, and the reverse.
 """
@@ -19,7 +21,7 @@ from finebench.recipe import expand_runs, load_recipe
 from finebench.runner import recipe_settings, variant_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLE = ROOT / "results" / "reference" / "authors_runs.csv"
+TABLE = ROOT / "results" / "reference" / "settings" / "authors_runs.csv"
 RECIPES = ROOT / "recipes"
 FINE_GRAINED = {"stanford_dogs", "cub200", "stanford_cars", "uec_food100", "adience"}
 TRAIN_COLUMNS = ("lr", "backbone_lr_mult", "batch_size", "accumulation_steps", "epochs", "gamma", "weight_decay",
