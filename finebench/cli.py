@@ -252,7 +252,7 @@ def run_command(
     from pathlib import Path
 
     from finebench.recipe import load_recipe
-    from finebench.runner import check_before_launch, outcome_table, recipe_settings, run_recipe
+    from finebench.runner import check_before_launch, outcome_table, recipe_settings, run_recipe, variant_table
     from finebench.train.distributed import distributed_context, launch_workers
 
     loaded = load_recipe(recipe, overrides)
@@ -288,8 +288,10 @@ def run_command(
     stdout = Console()
     table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
     if ctx.is_main:
-        table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run,
-                                          caption=recipe_settings(loaded) if dry_run else None))
+        if dry_run:  # the settings to check against a paper or a log, then the runs
+            table_console.print(f"{loaded.name}: {recipe_settings(loaded)}", soft_wrap=True, highlight=False)
+            table_console.print(variant_table(outcomes, title=f"{loaded.name}: variants"))
+        table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run))
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(1)
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finebench.errors import FinebenchError
-from finebench.recipe import LoadedRecipe, RunSpec, expand_runs
+from finebench.recipe import LoadedRecipe, RunSpec, expand_runs, held_out_folds
 from finebench.results import (
     SCHEMA_VERSION,
     RunDir,
@@ -404,8 +404,12 @@ def recipe_settings(loaded: LoadedRecipe) -> str:
     batch = f"batch {train.batch_size}"
     if train.accumulation_steps > 1:
         batch += f" ({train.batch_size // train.accumulation_steps} x {train.accumulation_steps} accumulated)"
+    folds = [fold for fold in held_out_folds(loaded) if fold is not None]
+    data = f"{dataset.name} {loaded.input_size()}px"
+    if folds:
+        data += f", held-out folds {'/'.join(map(str, folds))} (one run each)"
     parts = [
-        f"{dataset.name} {loaded.input_size()}px", backbone_label(model.backbone, model.options)
+        data, backbone_label(model.backbone, model.options)
         + (f" ({model.pretrained})" if model.pretrained else ""),
         lr, optimizer, f"wd {train.weight_decay:g}", batch, f"{train.epochs} epochs", schedule,
         f"warm-up {train.warmup_epochs:g} epochs", f"eval every {train.eval_every}", f"precision {train.precision}",
@@ -413,27 +417,40 @@ def recipe_settings(loaded: LoadedRecipe) -> str:
     return " · ".join(parts)
 
 
-def outcome_table(
-    outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool = False, caption: str | None = None
-) -> Table:
+def variant_table(outcomes: Sequence[RunOutcome], *, title: str) -> Table:
+    """One row per variant of a dry run: its settings in the paper's terms, its taps and its cost,
+    so a plan can be checked against a paper or a log before anything trains."""
+    table = Table(title=title)
+    for column in ("variant", "settings", "taps (channels@stride)", "params", "FLOPs"):
+        right = column in ("params", "FLOPs")
+        table.add_column(column, justify="right" if right else "left", no_wrap=column != "variant")
+    seen: set[str] = set()
+    for outcome in outcomes:
+        run, summary = outcome.run, outcome.summary
+        if run.variant_name in seen:
+            continue
+        seen.add(run.variant_name)
+        table.add_row(run.variant_name, variant_settings(run.config["variant"]["options"]),
+                      _taps_cell(summary.get("taps") or []), _fmt_count(summary.get("params")),
+                      _fmt_count(summary.get("flops")))
+    return table
+
+
+def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool = False) -> Table:
     """Variant beside variant: final-epoch test accuracy (no test-set selection), cost and time.
 
     The best epoch is shown only as ``best@epoch`` in its own column: it is selected on the test set.
-    A dry run shows each variant's settings and taps instead of results.
     """
-    table = Table(title=title, caption=caption)
+    table = Table(title=title)
     with_folds = any(outcome.run.fold is not None for outcome in outcomes)
     columns = ["variant", *(["fold"] if with_folds else []), "seed", "run id"]
-    if dry_run:
-        columns += ["settings", "taps (channels@stride)"]
-    else:
+    if not dry_run:
         columns += ["status", "top-1", "top-5", "net top-1", "best@ep"]
     columns += ["params", "FLOPs"]
     if not dry_run:
         columns += ["time", "img/s"]
     for column in columns:
-        left = column in ("variant", "status", "run id", "settings", "taps (channels@stride)")
-        table.add_column(column, justify="left" if left else "right")
+        table.add_column(column, justify="left" if column in ("variant", "status", "run id") else "right")
 
     def pct(value: Any) -> str:
         return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
@@ -443,9 +460,7 @@ def outcome_table(
         run = outcome.run
         cells = [run.variant_name, *([str(run.fold) if run.fold is not None else "-"] if with_folds else []),
                  str(run.seed), run.run_id]
-        if dry_run:
-            cells += [variant_settings(run.config["variant"]["options"]), _taps_cell(summary.get("taps") or [])]
-        else:
+        if not dry_run:
             final = summary.get("final") or {}
             best = summary.get("best") or {}
             cells += [outcome.status, pct(final.get("test_top1")), pct(final.get("test_top5")),

@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from finebench.cli import app
 from finebench.models import BACKBONES
 from finebench.recipe import expand_runs, load_recipe
 from finebench.runner import recipe_settings, variant_settings
@@ -118,3 +120,16 @@ def test_the_dry_run_lines_state_the_logged_settings(row: dict[str, str]) -> Non
         assert f"wd {float(row['weight_decay']):g}" in caption
     if row["backbone_lr_mult"] not in ("", "1"):
         assert f"(backbone x{float(row['backbone_lr_mult']):g})" in caption
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted({row["recipe"] for row in table() if row["variant"] == "attention"}))
+def test_finebench_run_dry_run_prints_the_logged_settings(recipe: str) -> None:
+    rows = [row for row in table() if row["recipe"] == recipe and row["variant"] == "attention"]
+    result = CliRunner().invoke(app, ["run", str(RECIPES / f"{recipe}.toml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for row in rows:
+        assert (f"AD{row['attention_depth']} AW{row['attention_width']} gates {row['gates']} "
+                f"output {row['output_mode']} reg_w {float(row['reg_w']):g}") in result.stdout
+        assert f"lr {float(row['lr']):g}" in result.stdout
+        assert f"lr x{float(row['gamma']):g} after epochs {row['milestones']}" in result.stdout
