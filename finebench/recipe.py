@@ -167,7 +167,9 @@ class TrainSection(_Section):
 def check_results_name(name: str) -> str:
     """A recipe name becomes a folder under the results folder, so it must be one plain folder name."""
     if name.strip() in ("", ".", "..") or any(char in name for char in "/\\\0") or name != name.strip():
-        raise ValueError("cannot name a results folder: expected one folder name without '/', '\\' or '..', e.g. 'wrn_cifar10'")
+        raise ValueError(
+            "cannot name a results folder: expected one folder name without '/', '\\' or '..', e.g. 'wrn_cifar10'"
+        )
     return name
 
 

@@ -204,7 +204,9 @@ class RunDir:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise FinebenchError(f"{self.metrics_path} line {number}: not valid JSON ({error}): {RESTART_HINT}") from None
+                raise FinebenchError(
+                    f"{self.metrics_path} line {number}: not valid JSON ({error}): {RESTART_HINT}"
+                ) from None
             if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
                 raise FinebenchError(
                     f"{self.metrics_path} line {number}: expected an object with an integer 'epoch': {RESTART_HINT}"

@@ -455,7 +455,8 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     if not dry_run:
         columns += ["time", "img/s"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("variant", "status", "run id", "state", "dataset") else "right")
+        left = column in ("variant", "status", "run id", "state", "dataset")
+        table.add_column(column, justify="left" if left else "right")
 
     def pct(value: Any) -> str:
         return f"{value:.2f}" if isinstance(value, (int, float)) else "-"

@@ -363,7 +363,7 @@ def _exclusive_prepare(data_root: Path, name: str, wait: bool = False) -> Iterat
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if wait:
-                Console(stderr=True).print(f"waiting for another prepare of {name!r} (lock file {lock_path})", highlight=False)
+                Console(stderr=True).print(f"waiting for another prepare of {name!r} (lock {lock_path})", highlight=False)
                 fcntl.flock(handle, fcntl.LOCK_EX)
             else:
                 raise FinebenchError(
