@@ -8,11 +8,13 @@ Errors a user can cause arrive as ``FinebenchError`` and leave as one line plus 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
 
 import finebench
 from finebench.errors import FinebenchError, Interrupted
@@ -64,7 +66,9 @@ class ConventionalGroup(typer.core.TyperGroup):
 class FinebenchApp(typer.Typer):
     """Every command, also ones added later, gets ``ConventionalCommand``."""
 
-    def command(self, *args: Any, cls: type[typer.core.TyperCommand] | None = None, **kwargs: Any):  # noqa: ANN201
+    def command(
+        self, *args: Any, cls: type[typer.core.TyperCommand] | None = None, **kwargs: Any
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         return super().command(*args, cls=cls or ConventionalCommand, **kwargs)
 
 
@@ -302,7 +306,7 @@ def run_command(
     data_root: str | None = typer.Option(None, "--data-root", help="Prepared datasets folder (default: the recipe's dataset.root, else data)."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override KEY=VALUE, e.g. --set train.epochs=1 (repeatable)."),
     only: list[str] = typer.Option([], "--only", help="Run only this variant (name or kind; repeatable)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded runs with ids, params and FLOPs; train nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded runs with ids, state (new, resumable, finished, failed), whether the dataset is prepared, params and FLOPs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; the final table still prints."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Resume runs recorded as failed from their last checkpoint."),
     restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint and records of every selected run that is not finished (interrupted, failed or unreadable) and train it from epoch 1; finished runs are kept."),
@@ -513,12 +517,12 @@ def main() -> None:
         if _state["debug"]:
             raise
         prefix = "interrupted:" if isinstance(error, Interrupted) else "[bold red]error:[/]"
-        err_console.print(f"{prefix} {error}", highlight=False, soft_wrap=True, markup=True)
+        err_console.print(f"{prefix} {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except OSError as error:  # a full disk, a read-only or missing folder: str() names the file
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Abort:
         err_console.print("aborted")
