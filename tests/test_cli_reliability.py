@@ -388,6 +388,23 @@ def test_a_second_run_waits_for_the_prepare_of_the_first(world, tmp_path, capsys
     assert not errors and [o.status for o in outcomes] == ["finished"]
 
 
+@pytest.mark.slow
+def test_two_runs_started_together_on_a_fresh_data_root_both_finish(world, tmp_path):
+    """End to end with the real embedded mnist5k: whichever prepares first, the other waits and uses it."""
+    common = ["run", str(world.recipe), "--data-root", str(tmp_path / "data"), "-q",
+              "--set", "train.batch_size=128", "--set", "train.eval_batch_size=500"]
+    processes = [
+        subprocess.Popen([str(console_script()), *common, "--results-dir", str(tmp_path / f"results{i}")],
+                         cwd=tmp_path, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    errors = [process.communicate(timeout=600)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], errors
+    for i in range(2):
+        (summary,) = (tmp_path / f"results{i}").rglob("summary.json")
+        assert json.loads(summary.read_text())["status"] == "finished"
+
+
 # ---- item 8: the dry run tells the state ------------------------------------------------------------
 
 
