@@ -8,16 +8,76 @@ Errors a user can cause arrive as ``FinebenchError`` and leave as one line plus 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 
-from finebench.errors import FinebenchError
+import finebench
+from finebench.errors import FinebenchError, Interrupted
 
-app = typer.Typer(
+
+def _follow_conventions(params: list[Any]) -> None:
+    """Help as users of other CLIs expect it: a flag shows no ``<bool>`` type, an argument its NAME."""
+    for param in params:
+        if param.param_type_name == "option" and getattr(param, "is_bool_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = (param.name or "").upper()
+
+
+class ConventionalCommand(typer.core.TyperCommand):
+    """A Typer command whose usage line reads ``RECIPE`` / ``[PATHS]...`` (click's convention), not ``{recipe}``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _follow_conventions(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _follow_conventions([option] if option is not None else [])
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = param.metavar or (param.name or "").upper()
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+class ConventionalGroup(typer.core.TyperGroup):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _follow_conventions(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _follow_conventions([option] if option is not None else [])
+        return option
+
+
+class FinebenchApp(typer.Typer):
+    """Every command, also ones added later, gets ``ConventionalCommand``."""
+
+    def command(
+        self, *args: Any, cls: type[typer.core.TyperCommand] | None = None, **kwargs: Any
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return super().command(*args, cls=cls or ConventionalCommand, **kwargs)
+
+
+app = FinebenchApp(
     name="finebench",
     help="Benchmarking suite for fine-grained image recognition: prepare datasets, train baseline "
     "and attention-augmented backbones from TOML recipes, and report paper-style tables.",
+    cls=ConventionalGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -27,9 +87,18 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"finebench {finebench.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the finebench version and exit."
+    ),
 ) -> None:
     _state["debug"] = debug
 
@@ -218,7 +287,7 @@ def prepare_command(
     mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL that replaces each source URL by <mirror>/<filename>."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if already prepared (old store replaced only when the new one is complete)."),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="Resize so the longest image side is at most N pixels."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Download (or take --from), verify, extract and store a dataset under DATA_ROOT/NAME."""
     from finebench.data.prepare import prepare_dataset
@@ -238,21 +307,31 @@ def run_command(
     data_root: str | None = typer.Option(None, "--data-root", help="Prepared datasets folder (default: the recipe's dataset.root, else data)."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override KEY=VALUE, e.g. --set train.epochs=1 (repeatable)."),
     only: list[str] = typer.Option([], "--only", help="Run only this variant (name or kind; repeatable)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded runs with ids, params and FLOPs; train nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded runs with ids, state (new, resumable, finished, failed), whether the dataset is prepared, params and FLOPs; train nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; the final table still prints."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Train again runs recorded as failed."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Resume runs recorded as failed from their last checkpoint."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint and records of every selected run that is not finished (interrupted, failed or unreadable) and train it from epoch 1; finished runs are kept."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N data-parallel workers on this machine (torchrun; one GPU each on CUDA). Leave it out under torchrun."),
     dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="Seconds a worker waits for the others before the job fails (distributed runs)."),
 ) -> None:
     """Train every variant × seed of a recipe; finished runs are skipped, interrupted ones resumed.
 
     Several workers: --nproc-per-node N on this machine, or torchrun ... -m finebench run RECIPE on each machine. The recipe's batch size is the global batch.
+
+    Exit status: 0 when every run is finished (now or earlier); 1 when a run failed (its loss became non-finite, now or earlier) or a disk error stopped it; 2 for bad input (recipe, options, unreadable records); 3 when runs were left to another process training them; 130 when interrupted (Ctrl-C), the run then resumes on the next invocation.
     """
     import time
     from pathlib import Path
 
     from finebench.recipe import load_recipe
-    from finebench.runner import check_before_launch, outcome_table, recipe_settings, run_recipe, variant_table
+    from finebench.runner import (
+        check_before_launch,
+        exit_code,
+        outcome_table,
+        recipe_settings,
+        run_recipe,
+        variant_table,
+    )
     from finebench.train.distributed import distributed_context, launch_workers
 
     loaded = load_recipe(recipe, overrides)
@@ -264,6 +343,7 @@ def run_command(
             *[arg for value in overrides for arg in ("--set", value)],
             *[arg for value in only for arg in ("--only", value)],
             *(["--quiet"] if quiet else []), *(["--retry-failed"] if retry_failed else []),
+            *(["--restart"] if restart else []),
             "--dist-timeout", str(dist_timeout),
         ]
         launch_workers(nproc_per_node, worker_argv)
@@ -279,6 +359,7 @@ def run_command(
             dry_run=dry_run,
             quiet=quiet,
             retry_failed=retry_failed,
+            restart=restart,
             ctx=ctx,
         )
     wall = time.perf_counter() - started
@@ -292,8 +373,9 @@ def run_command(
             table_console.print(f"{loaded.name}: {recipe_settings(loaded)}", soft_wrap=True, highlight=False)
             table_console.print(variant_table(outcomes, title=f"{loaded.name}: variants"))
         table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run))
-    if any(o.status == "failed" for o in outcomes):
-        raise typer.Exit(1)
+    code = exit_code(outcomes)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("bench")
@@ -435,16 +517,24 @@ def attend_command(
 
 
 def main() -> None:
-    """Console-script entry point: turn user errors into one clear line and exit code."""
+    """Console-script entry point: one line and a non-zero exit for every error a user can cause.
+
+    ``app(standalone_mode=False)`` returns a command's exit code (``typer.Exit``, 130 for Ctrl-C)
+    instead of exiting, so it is passed on here; without it every run would exit 0.
+    """
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except FinebenchError as error:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        prefix = "interrupted:" if isinstance(error, Interrupted) else "[bold red]error:[/]"
+        err_console.print(f"{prefix} {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
+    except OSError as error:  # a full disk, a read-only or missing folder: str() names the file
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
@@ -459,6 +549,9 @@ def main() -> None:
                 err_console.print(f"[bold red]error:[/] {error.format_message()}", highlight=False, soft_wrap=True)
             sys.exit(error.exit_code)
         raise
+    if code == 130:
+        err_console.print("interrupted", highlight=False)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

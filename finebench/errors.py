@@ -14,3 +14,14 @@ class FinebenchError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Interrupted(FinebenchError):
+    """The user stopped the command (Ctrl-C); the message says what is kept and how to go on.
+
+    Exit code 130 is the shell's convention for a process ended by SIGINT, so scripts and
+    schedulers can tell an interruption from a failure.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=130)

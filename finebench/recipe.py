@@ -12,25 +12,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finebench.errors import FinebenchError
 
 _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
 """Input size used for cost estimates when a recipe leaves ``dataset.input_size`` unset."""
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+"""The values of ``train.device``."""
+
 _RUN_ID_EXCLUDE = (("dataset", "root"), ("train", "workers"), ("train", "threads"), ("train", "log_every"))
 """Settings that change where or how fast a run goes but not what it computes."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are valid TOML floats (and ``--set train.lr=1e999`` parses as inf): never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DatasetSection(_Section):
@@ -146,6 +151,15 @@ class TrainSection(_Section):
     log_every: Annotated[int, Field(ge=1)] = 20
     """Steps between host reads of the running loss (progress bar and NaN check)."""
     device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        # Checked here, not when the device is opened, so that --dry-run rejects it too.
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return value
 
     @model_validator(mode="after")
     def _check_schedule(self) -> TrainSection:
@@ -163,14 +177,29 @@ class TrainSection(_Section):
         return self
 
 
+def check_results_name(name: str) -> str:
+    """A recipe name becomes a folder under the results folder, so it must be one plain folder name."""
+    if name.strip() in ("", ".", "..") or any(char in name for char in "/\\\0") or name != name.strip():
+        raise ValueError(
+            "cannot name a results folder: expected one folder name without '/', '\\' or '..', e.g. 'wrn_cifar10'"
+        )
+    return name
+
+
 class Recipe(_Section):
     name: str | None = None
+    """The results folder of the recipe's runs (default: the recipe file's name without .toml)."""
     description: str = ""
     dataset: DatasetSection
     model: ModelSection
     variants: Annotated[list[Variant], Field(min_length=1)]
     train: TrainSection
     seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_results_name(value)
 
     @model_validator(mode="after")
     def _check_unique(self) -> Recipe:
@@ -255,7 +284,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        elif "input" in item and item["type"] not in ("missing", "value_error"):
+        elif "input" in item and item["type"] != "missing" and not isinstance(item["input"], dict):
             message += f" (got {item['input']!r})"
         problems.append(f"{where}: {message}")
     return f"{source}: " + "; ".join(problems)
@@ -268,6 +297,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_datase
         raise FinebenchError(f"{path}: recipe file not found")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise FinebenchError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
+            "TOML recipes must be saved as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise FinebenchError(f"{path}: not valid TOML: {error}") from None
     apply_overrides(data, overrides, str(path))
@@ -283,7 +317,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_datase
         except FinebenchError as error:
             raise FinebenchError(f"{path}: dataset.name: {error}") from None
         _check_folds(recipe.dataset, spec.folds, path)
-    return LoadedRecipe(recipe=recipe, name=recipe.name or path.stem, path=path)
+    name = recipe.name or path.stem
+    try:
+        check_results_name(name)
+    except ValueError as error:
+        raise FinebenchError(f"{path}: the recipe name {name!r} (from the file name) {error}; set `name`") from None
+    return LoadedRecipe(recipe=recipe, name=name, path=path)
 
 
 def _check_folds(dataset: DatasetSection, folds: int, path: Path) -> None:

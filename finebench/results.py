@@ -3,7 +3,9 @@
 Every file is replaced atomically (temporary file in the same folder, fsync, rename), so a run
 killed at any instant leaves either the old or the new version of each file, never half of one.
 A per-run ``flock`` keeps two ``finebench run`` processes from training the same run at once;
-the kernel drops it when a process dies, so a killed run can be resumed at once.
+the kernel drops it when a process dies, so a killed run can be resumed at once. Reading a run's
+state (``RunDir.state``) takes no lock and writes nothing, so finished runs can be listed and
+skipped in a read-only results folder.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import finebench
+from finebench.errors import FinebenchError
 
 SCHEMA_VERSION = 1
 BEST_NOTE = "best-epoch test accuracy (optimistic: selected on the test set)"
@@ -50,8 +54,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # a failed write or fsync names no file; the user needs it
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -98,6 +104,21 @@ class RunLocked(Exception):
     """Another process holds this run's lock."""
 
 
+RESTART_HINT = "rerun with --restart to discard this run's records and train it from epoch 1"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a rerun does with a run folder, read from its records alone (no lock, no writes)."""
+
+    kind: str
+    """new | resumable | finished | failed | damaged (records that cannot be read)"""
+    problem: str | None = None
+    """For ``damaged``: one line naming the file and how to go on."""
+    failure_reason: str | None = None
+    """For ``failed``: why training stopped."""
+
+
 class RunDir:
     """One run's folder and the only code that writes into it."""
 
@@ -110,11 +131,43 @@ class RunDir:
     checkpoint_path = property(lambda self: self.path / "last.pt")
 
     def summary(self) -> dict[str, Any] | None:
-        return read_json(self.summary_path) if self.summary_path.is_file() else None
+        """``summary.json``, or None before the first write; unreadable is a ``FinebenchError`` naming it."""
+        if not self.summary_path.is_file():
+            return None
+        try:
+            summary = read_json(self.summary_path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise FinebenchError(f"{self.summary_path}: not a readable run summary ({error}): {RESTART_HINT}") from None
+        if not isinstance(summary, dict):
+            raise FinebenchError(
+                f"{self.summary_path}: expected a JSON object, found {type(summary).__name__}: {RESTART_HINT}"
+            )
+        return summary
 
     def status(self) -> str | None:
         summary = self.summary()
         return summary.get("status") if summary else None
+
+    def state(self) -> RunState:
+        """Finished and failed come from the summary; the rest resumes when ``last.pt`` exists."""
+        try:
+            summary = self.summary() or {}
+            status = summary.get("status")
+            if status == "finished":
+                return RunState("finished")
+            if status == "failed":
+                return RunState("failed", failure_reason=summary.get("failure_reason"))
+            if not self.checkpoint_path.is_file():
+                return RunState("new")
+            self.read_metrics()  # a resume replays them: a bad line would stop it only after the model is built
+            return RunState("resumable")
+        except FinebenchError as error:
+            return RunState("damaged", problem=str(error))
+
+    def discard(self) -> None:
+        """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
+        for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path):
+            path.unlink(missing_ok=True)
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -137,10 +190,29 @@ class RunDir:
         atomic_write_json(self.summary_path, dict(summary))
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """One row per logged epoch; a line that is not an epoch's record is a ``FinebenchError`` naming it."""
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        rows = []
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise FinebenchError(f"{self.metrics_path}: not UTF-8 text ({error.reason}): {RESTART_HINT}") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise FinebenchError(
+                    f"{self.metrics_path} line {number}: not valid JSON ({error}): {RESTART_HINT}"
+                ) from None
+            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                raise FinebenchError(
+                    f"{self.metrics_path} line {number}: expected an object with an integer 'epoch': {RESTART_HINT}"
+                )
+            rows.append(row)
+        return rows
 
     def write_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Rewrite the whole file: a few hundred short lines, and atomic unlike an append."""
@@ -153,9 +225,19 @@ class RunDir:
         atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """``last.pt``, or None before the first epoch ends; unreadable is a ``FinebenchError`` naming it."""
         if not self.checkpoint_path.is_file():
             return None
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise  # the disk, not the file: the CLI names it, and the run stays resumable
+        except Exception as error:  # torch reports damage as RuntimeError, UnpicklingError, EOFError, ...
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise FinebenchError(f"{self.checkpoint_path}: unreadable checkpoint ({reason}): {RESTART_HINT}") from None
+        if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+            raise FinebenchError(f"{self.checkpoint_path}: not a finebench checkpoint (no epoch): {RESTART_HINT}")
+        return state
 
 
 def best_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:

@@ -1,8 +1,13 @@
 """``finebench run``: expand a recipe into runs and fit each, skipping finished and resuming interrupted ones.
 
-Everything a user can get wrong (recipe, dataset name, unprepared data, model options) is checked
-before the first file is written. Each run then trains under its own lock, so two processes on one
-results folder share the work instead of corrupting it.
+Everything a user can get wrong (recipe, dataset name, unprepared data, model options, unreadable
+run records) is checked before the first file is written. Each run then trains under its own lock,
+so two processes on one results folder share the work instead of corrupting it; runs that are
+already finished (or failed) are skipped without a lock, so a read-only results folder can be rerun.
+
+Only training itself marks a run failed (a non-finite loss). Anything else that stops a run (Ctrl-C,
+a full disk, an unreadable checkpoint) leaves it as it was, resumable, with one line that names the
+file and says how to go on.
 """
 
 from __future__ import annotations
@@ -17,18 +22,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from finebench.errors import FinebenchError
+from finebench.errors import FinebenchError, Interrupted
 from finebench.recipe import LoadedRecipe, RunSpec, expand_runs, held_out_folds
 from finebench.results import (
     SCHEMA_VERSION,
     RunDir,
     RunLocked,
+    RunState,
     best_entry,
     environment,
     final_entry,
     utc_now,
 )
-from finebench.train.distributed import lost_contact
 from finebench.train.engine import (
     DistContext,
     RichProgress,
@@ -48,6 +53,26 @@ class RunOutcome:
     status: str
     """finished | failed | skipped-finished | skipped-failed | locked | planned"""
     summary: dict[str, Any] = field(default_factory=dict)
+    state: str | None = None
+    """Dry runs: the run's state on disk (``RunState.kind``: new, resumable, finished, failed, damaged)."""
+    data: str | None = None
+    """Dry runs: whether the dataset is prepared (prepared, not prepared, prepared on first run)."""
+
+
+EXIT_FAILED = 1
+"""``finebench run`` exit code when a run failed (now or in an earlier invocation)."""
+EXIT_LOCKED = 3
+"""``finebench run`` exit code when runs were left to another process that holds their lock."""
+
+
+def exit_code(outcomes: Sequence[RunOutcome]) -> int:
+    """0 only when every run is finished (now or earlier), so ``finebench run R && next`` is safe."""
+    statuses = {outcome.status for outcome in outcomes}
+    if statuses & {"failed", "skipped-failed"}:
+        return EXIT_FAILED
+    if "locked" in statuses:
+        return EXIT_LOCKED
+    return 0
 
 
 @dataclass(frozen=True)
@@ -231,14 +256,12 @@ def _execute(
             model, loaders.train, loaders.test, train,
             mixture=run.variant_kind == "attention", store=run_dir, ctx=ctx, progress=progress,
         )
-    except Exception as error:
-        # A lost worker interrupts the run but says nothing against it: left "running", a rerun resumes it.
-        if ctx.is_main and not (ctx.world_size > 1 and lost_contact(error)):
-            reason = f"{type(error).__name__}: {error}"
-            run_dir.write_summary(
-                _summary(loaded, run, status="failed", failure_reason=reason, rows=run_dir.read_metrics(), **common)
-            )
-        raise
+    # Only a non-finite loss (a ``failed`` result) says something against the run; whatever else stops
+    # it leaves the records as they are, so the next ``finebench run`` resumes from the last checkpoint.
+    except KeyboardInterrupt:
+        raise Interrupted(f"{label} stopped; {_how_to_go_on(run_dir)}") from None
+    except OSError as error:
+        raise FinebenchError(f"{label}: {error}; {_how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
     finally:
         if isinstance(progress, RichProgress):
             progress.close()
@@ -254,6 +277,40 @@ def _execute(
     return summary
 
 
+def _how_to_go_on(run_dir: RunDir) -> str:
+    if run_dir.checkpoint_path.is_file():
+        return f"the run is resumable from its last saved epoch ({run_dir.checkpoint_path}): rerun the same command"
+    return f"no epoch of it was saved yet ({run_dir.path}): rerun the same command to start it again"
+
+
+def check_results_dir(results_dir: Path, recipe_name: str) -> None:
+    """A file where a results folder belongs is one line before anything runs, not an error mid-way."""
+    for path in (results_dir, results_dir / recipe_name):
+        if path.exists() and not path.is_dir():
+            raise FinebenchError(f"--results-dir {results_dir}: {path} is a file, expected a folder")
+
+
+def _decide(state: RunState, *, retry_failed: bool, restart: bool) -> str:
+    """``train`` or ``skipped-<state>``; damaged records stop the command unless ``restart`` discards them."""
+    if state.kind == "finished":
+        return "skipped-finished"
+    if state.kind == "failed" and not (retry_failed or restart):
+        return "skipped-failed"
+    if state.kind == "damaged" and not restart:
+        raise FinebenchError(state.problem or "unreadable run records")
+    return "train"
+
+
+def dataset_state(name: str, data_root: Path) -> str:
+    """For ``--dry-run``: prepared, not prepared, or prepared on the first run (embedded datasets)."""
+    from finebench.data.registry import get_spec
+    from finebench.data.store import is_prepared
+
+    if is_prepared(data_root, name):
+        return "prepared"
+    return "prepared on first run" if get_spec(name).offline else "not prepared"
+
+
 def run_recipe(
     loaded: LoadedRecipe,
     *,
@@ -263,62 +320,88 @@ def run_recipe(
     dry_run: bool = False,
     quiet: bool = False,
     retry_failed: bool = False,
+    restart: bool = False,
     ctx: DistContext | None = None,
     console: Console | None = None,
 ) -> list[RunOutcome]:
-    """Train every run of a recipe that is not finished yet; the result has one outcome per run."""
+    """Train every run of a recipe that is not finished yet; the result has one outcome per run.
+
+    ``restart`` discards the checkpoint and records of every selected run that is not finished
+    (interrupted, failed or unreadable) and trains it from epoch 1.
+    """
     from finebench.data.registry import get_spec
 
     ctx = ctx or DistContext()
     console = console or Console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
     runs = expand_runs(loaded, only)
+    results_dir = Path(results_dir)
     data_root = Path(data_root if data_root is not None else loaded.recipe.dataset.root)
     num_classes = get_spec(loaded.recipe.dataset.name).num_classes
     costs = _CostCache(loaded, num_classes, loaded.input_size())
+    check_results_dir(results_dir, loaded.name)
+    run_dirs = {run.run_id: RunDir(results_dir, loaded.name, run.run_id) for run in runs}
+    states = {run.run_id: run_dirs[run.run_id].state() for run in runs}
 
     if dry_run:
+        data = dataset_state(loaded.recipe.dataset.name, data_root)
+        for state in states.values():
+            if state.problem:
+                console.print(f"[yellow]warning:[/] {state.problem}", highlight=False)
         return [
-            RunOutcome(run, RunDir(results_dir, loaded.name, run.run_id).path, "planned",
-                       {"params": costs.of(run).params, "flops": costs.of(run).flops, "taps": costs.of(run).taps})
+            RunOutcome(run, run_dirs[run.run_id].path, "planned",
+                       {"params": costs.of(run).params, "flops": costs.of(run).flops, "taps": costs.of(run).taps},
+                       state=states[run.run_id].kind, data=data)
             for run in runs
         ]
 
-    if ctx.is_main:
-        _prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
-    ctx.barrier()
-    # Fail on unprepared data or bad model options before anything is written.
-    device = resolve_device(loaded.recipe.train.device)
-    loaders = _build_loaders(loaded, runs[0], data_root, ctx, device)
-    for run in runs[1:]:  # every held-out fold of a k-fold dataset must be there too
-        if run.config["dataset"] != runs[0].config["dataset"]:
-            _check_splits(run.config["dataset"], data_root)
-    num_classes = loaders.num_classes
-    costs = _CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or _input_size_of(loaders))
-    for run in runs:
-        costs.of(run)
-    del loaders
+    # Unreadable records stop the command here, before anything is trained or written.
+    planned = ctx.broadcast({run.run_id: _decide(states[run.run_id], retry_failed=retry_failed, restart=restart)
+                             for run in runs})
+    to_train = [run for run in runs if planned[run.run_id] == "train"]
+    if to_train:
+        if ctx.is_main:
+            _prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
+        ctx.barrier()
+        # Fail on unprepared data or bad model options before anything is written.
+        device = resolve_device(loaded.recipe.train.device)
+        loaders = _build_loaders(loaded, to_train[0], data_root, ctx, device)
+        for run in to_train[1:]:  # every held-out fold of a k-fold dataset must be there too
+            if run.config["dataset"] != to_train[0].config["dataset"]:
+                _check_splits(run.config["dataset"], data_root)
+        num_classes = loaders.num_classes
+        costs = _CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or _input_size_of(loaders))
+        for run in to_train:
+            costs.of(run)
+        del loaders
 
     outcomes = []
     for run in runs:
-        run_dir = RunDir(results_dir, loaded.name, run.run_id)
+        run_dir = run_dirs[run.run_id]
+        label = f"{run.variant_name} seed {run.seed}"
         with contextlib.ExitStack() as held:
-            # Rank 0 alone locks and decides; every rank then follows the same decision.
-            decision = None
-            if ctx.is_main:
+            # Rank 0 alone locks and decides; every rank then follows the same decision. A run that
+            # needs no training is skipped without its lock, which needs write access.
+            decision = planned[run.run_id]
+            if decision == "train" and ctx.is_main:
                 try:
                     held.enter_context(run_dir.lock())
-                    status = run_dir.status()
-                    skip = status == "finished" or (status == "failed" and not retry_failed)
-                    decision = f"skipped-{status}" if skip else "train"
+                    # Another process may have finished or failed it since the plan was made.
+                    decision = _decide(run_dir.state(), retry_failed=retry_failed, restart=restart)
                 except RunLocked:
                     decision = "locked"
+                if decision == "train" and restart:
+                    run_dir.discard()
             decision = ctx.broadcast(decision)
-            label = f"{run.variant_name} seed {run.seed}"
             if decision == "locked":
                 console.print(f"{label}: locked by another process, skipped")
                 outcomes.append(RunOutcome(run, run_dir.path, "locked"))
+            elif decision == "skipped-failed":
+                reason = run_dir.state().failure_reason or "no reason recorded"
+                console.print(f"{label}: failed earlier ({reason}), skipped ({run_dir.path}); "
+                              "--retry-failed resumes it, --restart trains it from epoch 1")
+                outcomes.append(RunOutcome(run, run_dir.path, decision, run_dir.summary() or {}))
             elif decision != "train":
-                console.print(f"{label}: {decision.removeprefix('skipped-')} earlier, skipped ({run_dir.path})")
+                console.print(f"{label}: finished earlier, skipped ({run_dir.path})")
                 outcomes.append(RunOutcome(run, run_dir.path, decision, run_dir.summary() or {}))
             else:
                 summary = _execute(
@@ -349,7 +432,7 @@ def _prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
     from finebench.data.store import is_prepared
 
     if get_spec(name).offline and not is_prepared(data_root, name):
-        prepare_dataset(name, data_root, quiet=quiet)
+        prepare_dataset(name, data_root, quiet=quiet, wait=True)  # a second `run` waits for the first's prepare
 
 
 def _check_splits(dataset: Mapping[str, Any], data_root: Path) -> None:
@@ -444,13 +527,16 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     table = Table(title=title)
     with_folds = any(outcome.run.fold is not None for outcome in outcomes)
     columns = ["variant", *(["fold"] if with_folds else []), "seed", "run id"]
-    if not dry_run:
+    if dry_run:
+        columns += ["state", "dataset"]
+    else:
         columns += ["status", "top-1", "top-5", "net top-1", "best@ep"]
     columns += ["params", "FLOPs"]
     if not dry_run:
         columns += ["time", "img/s"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("variant", "status", "run id") else "right")
+        left = column in ("variant", "status", "run id", "state", "dataset")
+        table.add_column(column, justify="left" if left else "right")
 
     def pct(value: Any) -> str:
         return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
@@ -460,7 +546,9 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
         run = outcome.run
         cells = [run.variant_name, *([str(run.fold) if run.fold is not None else "-"] if with_folds else []),
                  str(run.seed), run.run_id]
-        if not dry_run:
+        if dry_run:
+            cells += [outcome.state or "-", outcome.data or "-"]
+        else:
             final = summary.get("final") or {}
             best = summary.get("best") or {}
             cells += [outcome.status, pct(final.get("test_top1")), pct(final.get("test_top5")),

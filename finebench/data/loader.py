@@ -57,11 +57,18 @@ class _Columns:
 
     def __init__(self, split_dirs: list[Path]) -> None:
         import datasets
+        import pyarrow
 
         self.chunks = []
         labels = []
         for split_dir in split_dirs:
-            table = datasets.load_from_disk(str(split_dir)).data.table  # memory-mapped
+            try:
+                table = datasets.load_from_disk(str(split_dir)).data.table  # memory-mapped
+            except (OSError, ValueError, pyarrow.ArrowException) as error:  # how pyarrow reports a truncated file
+                raise FinebenchError(
+                    f"{split_dir}: the prepared store cannot be read ({error}): "
+                    f"rebuild it with `finebench prepare {split_dir.parent.name} --force`"
+                ) from None
             labels.append(table.column("label").to_numpy())
             self.chunks.extend(chunk.field("bytes") for chunk in table.column("image").chunks)
         self.labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
@@ -345,7 +352,10 @@ def _decode_split(split_dir: Path, recipe: _Recipe, side: int, workers: int) -> 
     with the store when it is prepared again."""
     cache = split_dir.parent / f"{split_dir.name}.u8-{side}x{side}.npy"
     if cache.is_file():
-        return np.load(cache, mmap_mode="r")
+        try:
+            return np.load(cache, mmap_mode="r")
+        except (OSError, ValueError):  # truncated (a full disk, a killed copy): decode again and replace it
+            pass
     dataset = StoreDataset(_Columns([split_dir]), recipe, seed=0)
     loader = DataLoader(dataset, batch_size=512, num_workers=workers, collate_fn=_stack_uint8)
     chunks = [batch.numpy() for batch in loader]

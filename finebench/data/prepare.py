@@ -343,7 +343,7 @@ def _resolve_and_parse(
 
 
 @contextlib.contextmanager
-def _exclusive_prepare(data_root: Path, name: str) -> Iterator[None]:
+def _exclusive_prepare(data_root: Path, name: str, wait: bool = False) -> Iterator[None]:
     """Refuse a second prepare of the same dataset while one runs, instead of both building and the later winning.
 
     ``flock`` is released by the kernel when the process dies, so a crashed prepare never leaves a stale lock;
@@ -362,9 +362,13 @@ def _exclusive_prepare(data_root: Path, name: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FinebenchError(
-                f"another prepare of {name!r} is running (lock file {lock_path}): wait for it to finish"
-            ) from None
+            if wait:
+                Console(stderr=True).print(f"waiting for another prepare of {name!r} (lock {lock_path})", highlight=False)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            else:
+                raise FinebenchError(
+                    f"another prepare of {name!r} is running (lock file {lock_path}): wait for it to finish"
+                ) from None
         try:
             yield
         finally:
@@ -430,11 +434,13 @@ def prepare_dataset(
     force: bool = False,
     max_side: int | None = None,
     quiet: bool = False,
+    wait: bool = False,
 ) -> Path:
     """Build ``<data_root>/<name>/`` and return it; a no-op when it is already complete (unless ``force``).
 
     ``mirror`` replaces each source's URL by ``<mirror>/<filename>`` (institutional mirrors, and
-    how tests point this at a local server); checksums still apply.
+    how tests point this at a local server); checksums still apply. ``wait``: when another process
+    is preparing the same dataset, wait for it (and use its store) instead of refusing.
     """
     spec = get_spec(name)
     if source not in SOURCES:
@@ -446,7 +452,7 @@ def prepare_dataset(
     if store.is_prepared(data_root, name) and not force:  # no lock needed, so a read-only data root works
         console.print(f"{name} is already prepared in {store.store_dir(data_root, name)} (use --force to rebuild)")
         return store.store_dir(data_root, name)
-    with _exclusive_prepare(data_root, name):
+    with _exclusive_prepare(data_root, name, wait):
         return _build(spec, data_root, source, from_path, mirror, force, max_side, quiet, console)
 
 
