@@ -39,6 +39,9 @@ class DatasetSection(_Section):
     augmentation: str = "auto"
     train_split: str = "train"
     test_split: str = "test"
+    decode: Literal["auto", "workers", "device"] = "auto"
+    """JPEG stores: "auto" decodes and augments batches on the device when training on CUDA
+    (``finebench.data.gpu_decode``), "device" forces that on any device, "workers" the PIL workers."""
 
 
 class ModelSection(_Section):
