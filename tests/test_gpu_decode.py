@@ -14,7 +14,14 @@ from PIL import Image
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
-from finebench.data.gpu_decode import crop_offsets, decode_jpegs, decode_on_device, resize_crop_flip, resized_size
+from finebench.data.gpu_decode import (
+    compare_with_workers,
+    crop_offsets,
+    decode_jpegs,
+    decode_on_device,
+    resize_crop_flip,
+    resized_size,
+)
 from finebench.data.loader import IMAGENET_MEAN, IMAGENET_STD, build_loaders
 from finebench.data.prepare import prepare_dataset
 from finebench.data.synthetic import synthetic_photo
@@ -112,6 +119,11 @@ def test_train_batches_equal_the_worker_paths_pixels_given_the_same_crop_and_fli
         got = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255) / STD_255
         assert _grey_levels_apart(got, expected) <= 1 + 1e-3
     assert any(flips) and not all(flips), "the check should cover flipped and unflipped crops"
+
+
+def test_the_gpu_suites_pixel_check_passes_on_the_cpu():
+    check = compare_with_workers("cpu", source_size=(80, 60), images=6, input_size=SIZE)
+    assert check["images"] == 6 and check["max_grey_levels"] <= 1 + 1e-3 and check["mean_grey_levels"] < 0.5
 
 
 def test_random_crops_cover_every_offset_and_centre_crops_are_centred():

@@ -173,8 +173,8 @@ def resize_crop_flip(
             top, left = tops[index], lefts[index]
             out[index] = batch[row, :, top : top + size, left : left + size]
     if flips is not None and bool(flips.any()):
-        chosen = flips.to(device)
-        out[chosen] = out[chosen].flip(-1)
+        # torch.where, not boolean indexing: indexing with a mask waits for the GPU to count it.
+        out = torch.where(flips.to(device).view(-1, 1, 1, 1), out.flip(-1), out)
     return out.round_() if in_float else out.float()  # whole grey levels, as the worker path's uint8 images
 
 
@@ -384,3 +384,38 @@ def measure_throughput(
         median = statistics.median(timings)
         return LoaderThroughput(path, str(device), seen / median, timings, seen, tuple(source_size), input_size,
                                 batch_size, workers)
+
+
+def compare_with_workers(
+    device: str | torch.device = "cuda",
+    *,
+    source_size: tuple[int, int] = (400, 300),
+    images: int = 64,
+    input_size: int = 224,
+    folder: Path | None = None,
+) -> dict[str, float]:
+    """How far the device path's evaluation batches are from the worker path's on the same
+    synthetic JPEGs, in grey levels: ``{"max_grey_levels", "mean_grey_levels", "images"}``.
+
+    The check the tests make on CPU tensors, for a GPU (nvJPEG's decode is not libjpeg-turbo's,
+    so this is where a difference would show). Keep ``source_size``'s shorter side below twice
+    round(input_size*256/224), where the worker path decodes at reduced scale instead.
+    """
+    from finebench.data.loader import IMAGENET_STD, build_loaders
+    from finebench.data.synthetic import prepare_synthetic_jpeg_store
+
+    device = torch.device(device)
+    std_255 = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    with contextlib.ExitStack() as stack:
+        root = Path(folder) if folder is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        name = f"synthetic_jpeg_{source_size[0]}x{source_size[1]}_{images}_check"
+        prepare_synthetic_jpeg_store(root, name, train=2, test=images, size=source_size, seed=1)
+        common = {"batch_size": 32, "input_size": input_size, "augmentation": "imagenet"}
+        on_device = build_loaders(name, root, decode="device", device=device, **common).test
+        on_workers = build_loaders(name, root, decode="workers", **common).test
+        largest, total, count = 0.0, 0.0, 0
+        for (got, _), (expected, _) in zip(on_device, on_workers):
+            levels = (got.cpu() - expected).abs() * std_255
+            largest = max(largest, float(levels.max()))
+            total, count = total + float(levels.sum()), count + levels.numel()
+    return {"max_grey_levels": largest, "mean_grey_levels": total / count, "images": images}
