@@ -156,7 +156,7 @@ def test_a_png_among_the_jpegs_is_decoded_on_the_cpu_path():
     images = decode_jpegs(encoded, torch.device("cpu"))
     for data, image in zip(encoded, images):
         with Image.open(io.BytesIO(data.numpy().tobytes())) as opened:
-            expected = torch.from_numpy(np.asarray(opened.convert("RGB"))).permute(2, 0, 1)
+            expected = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)
         assert torch.equal(image, expected)
 
 
