@@ -160,6 +160,15 @@ def test_a_png_among_the_jpegs_is_decoded_on_the_cpu_path():
         assert torch.equal(image, expected)
 
 
+def test_an_image_no_decoder_takes_is_named_in_one_clear_error():
+    rng = np.random.default_rng(2)
+    good = _jpeg(rng, 40, 30)
+    broken = good[:3] + b"\x00" * 40  # a JPEG header, then garbage
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in (good, broken)]
+    with pytest.raises(FinebenchError, match="image 17 cannot be decoded"):
+        decode_jpegs(encoded, torch.device("cpu"), names=[16, 17])
+
+
 @pytest.mark.parametrize(
     ("decode", "device", "augmentation", "jpeg", "expected"),
     [

@@ -192,21 +192,39 @@ def _stack_keeping_layout(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(images))
 
 
-def decode_jpegs(encoded: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """uint8 3×H×W images on ``device`` from 1-D uint8 CPU tensors of encoded bytes, in one batched
-    call; entries that are not JPEG (a PNG in a mostly-JPEG store) are decoded on the CPU and moved."""
+def decode_jpegs(
+    encoded: Sequence[torch.Tensor], device: torch.device, names: Sequence[object] | None = None
+) -> list[torch.Tensor]:
+    """uint8 3×H×W images on ``device`` from 1-D uint8 CPU tensors of encoded bytes, in one batched call.
+
+    Entries that are not JPEG (a PNG in a mostly-JPEG store) are decoded on the CPU and moved, and
+    so, when the batched call fails, is each JPEG the device decoder rejects (nvJPEG does not take
+    every JPEG libjpeg does, e.g. CMYK or arithmetic-coded ones). An image no decoder takes is a
+    ``FinebenchError`` naming it by ``names`` (dataset indices) or its position.
+    """
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    jpeg = [i for i, data in enumerate(encoded) if bytes(data[:3].tolist()) == JPEG_MAGIC]
+    def one(position: int) -> torch.Tensor:
+        data = encoded[position]
+        if device.type != "cpu" and is_jpeg(bytes(data[:3].tolist())):
+            with contextlib.suppress(RuntimeError):
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB).to(device)
+        except RuntimeError as error:
+            name = names[position] if names is not None else f"at batch position {position}"
+            raise FinebenchError(f"image {name} cannot be decoded ({error}): prepare the dataset again") from error
+
+    jpeg = [i for i, data in enumerate(encoded) if is_jpeg(bytes(data[:3].tolist()))]
     images: list[torch.Tensor | None] = [None] * len(encoded)
     if jpeg:
-        decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        try:
+            decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = [one(i) for i in jpeg]
         for i, image in zip(jpeg, decoded):
             images[i] = image
-    for i, image in enumerate(images):
-        if image is None:
-            images[i] = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
-    return images  # type: ignore[return-value]
+    return [image if image is not None else one(i) for i, image in enumerate(images)]
 
 
 # ---- byte reading in workers ------------------------------------------------------------------
@@ -221,16 +239,18 @@ class EncodedBytes(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         data = self.images.image_bytes(index)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.images.labels[index])
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.images.labels[index]), index
 
 
-def collate_bytes(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One flat byte tensor, the lengths and the labels: one shared-memory block per batch instead of
-    one per image (a batch of 128 separate tensors would cost 128 file descriptors between processes)."""
-    lengths = torch.tensor([len(data) for data, _ in batch], dtype=torch.int64)
-    return torch.cat([data for data, _ in batch]), lengths, torch.tensor([label for _, label in batch])
+def collate_bytes(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, ...]:
+    """One flat byte tensor, the lengths, the labels and the indices: one shared-memory block per
+    batch instead of one per image (128 separate tensors would cost 128 file descriptors between
+    processes)."""
+    lengths = torch.tensor([len(data) for data, _, _ in batch], dtype=torch.int64)
+    return (torch.cat([data for data, _, _ in batch]), lengths, torch.tensor([label for _, label, _ in batch]),
+            torch.tensor([index for _, _, index in batch]))
 
 
 # ---- the loader -------------------------------------------------------------------------------
@@ -287,28 +307,29 @@ class DeviceJpegLoader:
         return steps if steps is not None else len(self.reader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for flat, lengths, labels in self.reader:
-            yield self.batch(list(torch.split(flat, lengths.tolist())), labels)
+        for flat, lengths, labels, indices in self.reader:
+            yield self.batch(list(torch.split(flat, lengths.tolist())), labels, indices.tolist())
 
-    def batch(self, encoded: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One training or evaluation batch from encoded images (public so benchmarks can time it alone)."""
+    def batch(
+        self, encoded: list[torch.Tensor], labels: torch.Tensor, indices: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training or evaluation batch from encoded images (``indices`` name them in errors)."""
         if self.stream is None:
-            return self._batch(encoded, labels)
+            return self._batch(encoded, labels, indices)
         main = torch.cuda.current_stream(self.device)
         self.stream.synchronize()  # see the module docstring: nothing queued when nvJPEG gets its buffers
         with torch.cuda.stream(self.stream):
-            images, labels = self._batch(encoded, labels)
+            images, labels = self._batch(encoded, labels, indices)
         main.wait_stream(self.stream)
         images.record_stream(main)
         labels.record_stream(main)
         return images, labels
 
-    def _batch(self, encoded: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(
+        self, encoded: list[torch.Tensor], labels: torch.Tensor, indices: Sequence[int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         transform = self.transform
-        try:
-            images = decode_jpegs(encoded, self.device)
-        except RuntimeError as error:
-            raise FinebenchError(f"cannot decode a JPEG of this batch on {self.device}: {error}") from error
+        images = decode_jpegs(encoded, self.device, indices)
         sizes = [resized_size(image.shape[2], image.shape[1], transform.resize, transform.size) for image in images]
         offsets = crop_offsets(sizes, transform.size, self.generator if transform.train else None)
         flips = None
