@@ -89,8 +89,9 @@ def decode_on_device(
 ) -> bool:
     """Whether a store's batches should be decoded on ``device``; ``jpeg`` is asked only when it matters.
 
-    "auto" stays on the worker path off CUDA: one process decoding a whole batch on the CPU is
-    slower than worker processes decoding in parallel (benchmarks/loader.py).
+    "auto" stays on the worker path off CUDA: there one process decodes each batch image by image,
+    while worker processes decode on every core, so only the worker path grows with the core count
+    (on the 2-core development machine the two ran within noise of each other: benchmarks/README.md).
     """
     if decode not in DECODE_CHOICES:
         raise FinebenchError(f"decode {decode!r} is not valid: expected one of {', '.join(DECODE_CHOICES)}")
