@@ -14,6 +14,9 @@ Recipes (DESIGN.md §3):
 - ``none``: to-tensor and normalise only (resized to input_size when given).
 - ``auto``: ``cifar`` for stores whose images are at most 64 px (meta ``image_max_side``),
   ``imagenet`` otherwise. Datasets whose meta says ``info.no_flip`` (digits) are never flipped.
+
+JPEG stores trained on CUDA (``decode``) take ``finebench.data.gpu_decode`` instead: the same
+``imagenet`` recipe, decoded and augmented in batches on the device.
 """
 
 from __future__ import annotations
