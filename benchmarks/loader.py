@@ -8,6 +8,8 @@ augmented, normalised training batches with the same number of worker processes:
 * 224x224 from 500x375 JPEGs (the typical CUB / Stanford Dogs photo) and from 1024x768 ones (where
   the JPEG draft decoding applies): finebench's ``imagenet`` recipe (resize 256, random crop 224,
   flip) vs ImageFolder + Resize(256), RandomCrop(224), RandomHorizontalFlip, ToTensor, Normalize.
+  Also finebench's device path (``dataset.decode = "device"``: workers read bytes, the batch is
+  decoded with ``torchvision.io.decode_jpeg`` and augmented on the GPU, or on the CPU without one).
 * 32x32: finebench's ``cifar`` recipe (reflect-pad 4, crop, flip) through the worker pipeline
   and through the in-memory uint8 path (batched augmentation on the device), vs ImageFolder +
   RandomCrop(32, padding 4, reflect), flip, ToTensor, Normalize.
@@ -29,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from finebench.bench import (
     benchmark_arguments,
@@ -44,23 +45,13 @@ from finebench.data import loader as fb_loader
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
 from finebench.data.prepare import prepare_dataset
+from finebench.data.synthetic import synthetic_photo
 from finebench.models import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step
 
 TARGET = 2.0
 CLASSES = [f"class{i}" for i in range(10)]
-
-
-def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A smooth random colour field with a few hard edges and sensor-like noise."""
-    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC)).astype(np.int16)
-    for _ in range(3):
-        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-        image[top : top + height // 3, left : left + width // 3] += rng.integers(-60, 60, 3).astype(np.int16)
-    image += rng.integers(-8, 9, image.shape).astype(np.int16)
-    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
 def write_image_folder(root: Path, count: int, width: int, height: int, seed: int) -> list[tuple[Path, int]]:
@@ -135,8 +126,15 @@ def compare(folder: Path, size: int, source: tuple[int, int], count: int, batch:
     if size <= fb_loader.SMALL_IMAGE_MAX_SIDE:
         in_memory = fb_loader.build_loaders(name, folder / "data", in_memory=True, **common).train
         candidates = {"finebench (in-memory)": in_memory, **candidates}
+    else:
+        # Workers read bytes; decode, resize, crop, flip and normalise run in batches on the device
+        # (nvJPEG on a GPU; here on the CPU when there is none, where one process decodes alone).
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        on_device = fb_loader.build_loaders(name, folder / "data", decode="device", device=device, **common).train
+        candidates = {f"finebench (decode on {device.type})": on_device, **candidates}
     timings = time_side_by_side({label: (lambda ld=ld: drain(ld)) for label, ld in candidates.items()},
-                                items=count, warmup=1, repeats=repeats)
+                                items=count, warmup=1, repeats=repeats,
+                                device="cuda" if torch.cuda.is_available() else None)
     reference = timings["ImageFolder"]
     step_per_s = step_speed(step_backbone, size, step_batch, 2)
     return [[f"{size}x{size} (from {source[0]}x{source[1]} JPEG)", label, workers, f"{t.per_s:,.0f}",

@@ -287,13 +287,17 @@ def prepare_command(
     mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL that replaces each source URL by <mirror>/<filename>."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if already prepared (old store replaced only when the new one is complete)."),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="Resize so the longest image side is at most N pixels."),
+    short_side: Optional[int] = typer.Option(
+        None, "--short-side", help="Resize so the shortest image side is at most N pixels (256: training scale of the 224 recipes)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Download (or take --from), verify, extract and store a dataset under DATA_ROOT/NAME."""
     from finebench.data.prepare import prepare_dataset
 
     prepare_dataset(
-        name, data_root, source=source, from_path=from_path, mirror=mirror, force=force, max_side=max_side, quiet=quiet
+        name, data_root, source=source, from_path=from_path, mirror=mirror, force=force, max_side=max_side, quiet=quiet,
+        short_side=short_side,
     )
 
 

@@ -48,6 +48,9 @@ class DatasetSection(_Section):
     folds: list[Annotated[int, Field(ge=0)]] | None = None
     """k-fold datasets (adience, uec_food100): the held-out folds to run, default every fold. Each
     becomes its own run (its ``dataset.fold``) testing on that fold and training on the others."""
+    decode: Literal["auto", "workers", "device"] = "auto"
+    """JPEG stores: "auto" decodes and augments batches on the device when training on CUDA
+    (``finebench.data.gpu_decode``), "device" forces that on any device, "workers" the PIL workers."""
 
 
 class ModelSection(_Section):

@@ -160,6 +160,7 @@ def _build_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: Dis
         pin_memory=device.type == "cuda",
         in_memory="auto",  # small images: decoded once, augmented in batches on the device
         device=device,
+        decode=dataset.get("decode", "auto"),
     )
 
 
@@ -181,6 +182,7 @@ def _summary(
     epochs_completed: int = 0,
     train_time_s: float = 0.0,
     images_per_s: float = 0.0,
+    data_path: str = "workers",
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     return {
@@ -214,6 +216,7 @@ def _summary(
         "device": describe_device(device),
         "precision": precision,
         "channels_last": recipe.train.channels_last,
+        "data_path": data_path,
         "world_size": ctx.world_size,
         **environment(),
         "started_at": started_at,
@@ -244,7 +247,7 @@ def _execute(
     common = dict(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
         input_size=costs.input_size, device=device, precision=precision, ctx=ctx,
-        started_at=previous.get("started_at") or utc_now(),
+        started_at=previous.get("started_at") or utc_now(), data_path=loaders.path,
     )
     if ctx.is_main:
         run_dir.write_config(run.config)

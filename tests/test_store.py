@@ -48,6 +48,31 @@ def test_max_side_shrinks_the_longest_side_and_keeps_jpeg(tmp_path: Path) -> Non
     assert meta["resize"] == {"max_side": 50} and meta["image_max_side"] == 50
 
 
+def test_short_side_stores_at_training_scale_never_enlarges_and_is_recorded(tmp_path: Path) -> None:
+    parsed = ParsedDataset(["x"], {"train": [Example(_jpeg(300, 200), 0), Example(_jpeg(60, 90), 0), Example(_jpeg(20, 10), 0)]})
+    build, meta = _write(tmp_path, parsed, short_side=50)
+    images = [row["image"] for row in datasets.load_from_disk(str(build / "train"))]
+    assert [image.size for image in images] == [(75, 50), (50, 75), (20, 10)]
+    assert images[0].format == "JPEG"
+    assert meta["resize"] == {"short_side": 50}
+
+
+def test_max_side_and_short_side_together_take_the_smaller_scale(tmp_path: Path) -> None:
+    parsed = ParsedDataset(["x"], {"train": [Example(_jpeg(400, 100), 0), Example(_jpeg(120, 100), 0)]})
+    build, meta = _write(tmp_path, parsed, max_side=200, short_side=50)
+    images = [row["image"] for row in datasets.load_from_disk(str(build / "train"))]
+    assert [image.size for image in images] == [(200, 50), (60, 50)]
+    assert meta["resize"] == {"max_side": 200, "short_side": 50}
+
+
+def test_prepare_refuses_a_tiny_short_side_before_writing_anything(tmp_path: Path) -> None:
+    from finebench.data.prepare import prepare_dataset
+
+    with pytest.raises(FinebenchError, match="--short-side 4 is too small: expected at least 8"):
+        prepare_dataset("mnist5k", tmp_path / "data", short_side=4, quiet=True)
+    assert not (tmp_path / "data").exists()
+
+
 def test_arrays_become_png_with_exact_pixels_and_class_order_is_kept(tmp_path: Path) -> None:
     gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
     classes = ["1", "2", "10"]  # official id order; sorting would give 1, 10, 2

@@ -14,6 +14,9 @@ Recipes (the authors' transforms, docs/MECHANISM.md §3):
 - ``none``: to-tensor and normalise only (resized to input_size when given).
 - ``auto``: ``cifar`` for stores whose images are at most 64 px (meta ``image_max_side``),
   ``imagenet`` otherwise. Datasets whose meta says ``info.no_flip`` (digits) are never flipped.
+
+JPEG stores trained on CUDA (``decode``) take ``finebench.data.gpu_decode`` instead: the same
+``imagenet`` recipe, decoded and augmented in batches on the device.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +38,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from finebench.data import store
 from finebench.errors import FinebenchError
 
+if TYPE_CHECKING:
+    from finebench.data.gpu_decode import DeviceJpegLoader
+
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SMALL_IMAGE_MAX_SIDE = 64
@@ -43,13 +49,17 @@ AUGMENTATIONS = ("auto", "cifar", "imagenet", "none")
 
 @dataclass
 class Loaders:
-    train: DataLoader | InMemoryLoader
-    test: DataLoader | InMemoryLoader
+    train: DataLoader | InMemoryLoader | DeviceJpegLoader
+    test: DataLoader | InMemoryLoader | DeviceJpegLoader
     classes: list[str]
     num_classes: int
     meta: dict
     train_size: int
     test_size: int
+    path: str = "workers"
+    """Which data path feeds the batches: "workers" (PIL in worker processes), "in_memory" (decoded
+    splits on the device) or "device_decode" (JPEG bytes decoded and augmented in batches on the
+    device, ``finebench.data.gpu_decode``). Runs record it in summary.json as ``data_path``."""
 
 
 class _Columns:
@@ -414,7 +424,36 @@ def _in_memory_loaders(
     )
     return Loaders(
         train=train, test=test, classes=list(meta["classes"]), num_classes=len(meta["classes"]), meta=meta,
-        train_size=len(train_labels), test_size=len(test_labels),
+        train_size=len(train_labels), test_size=len(test_labels), path="in_memory",
+    )
+
+
+# ---- device decode path for JPEG datasets (finebench.data.gpu_decode) ---------------------------
+
+def _device_decode_loaders(
+    meta: dict, train_columns: _Columns, test_columns: _Columns, train_recipe: _Recipe, test_recipe: _Recipe, *,
+    batch_size: int, eval_batch_size: int | None, workers: int, seed: int, rank: int, world_size: int,
+    pin_memory: bool, device: torch.device,
+) -> Loaders:
+    from finebench.data.gpu_decode import DeviceJpegLoader, DeviceTransform
+
+    def transform(recipe: _Recipe) -> DeviceTransform:
+        return DeviceTransform(recipe.size, recipe.resize, recipe.train, recipe.flip, recipe.mean, recipe.std)
+
+    sampler = BatchShardSampler(len(train_columns), batch_size, rank=rank, world_size=world_size, seed=seed)
+    train = DeviceJpegLoader(
+        train_columns, transform(train_recipe), batch_size=batch_size, seed=seed + 1000 * rank, device=device,
+        sampler=sampler, workers=workers, pin_memory=pin_memory,
+    )
+    # Non-padded shards, as on the worker path: every test image is evaluated once, by one worker.
+    test = DeviceJpegLoader(
+        test_columns, transform(test_recipe), batch_size=-(-(eval_batch_size or batch_size) // world_size),
+        seed=seed, device=device, indices=range(rank, len(test_columns), world_size), workers=workers,
+        pin_memory=pin_memory,
+    )
+    return Loaders(
+        train=train, test=test, classes=list(meta["classes"]), num_classes=len(meta["classes"]), meta=meta,
+        train_size=len(train_columns), test_size=len(test_columns), path="device_decode",
     )
 
 
@@ -435,6 +474,7 @@ def build_loaders(
     pin_memory: bool = False,
     in_memory: str | bool = False,
     device: torch.device | str | None = None,
+    decode: str = "auto",
 ) -> Loaders:
     """Train and test loaders over ``<data_root>/<dataset>``; batches are (float32 Bx3xHxW, int64 B).
 
@@ -444,7 +484,10 @@ def build_loaders(
     exactly once. ``in_memory`` (True, or "auto": small images whose splits fit in
     ``IN_MEMORY_MAX_BYTES``, what ``finebench run`` passes) swaps both loaders for
     ``InMemoryLoader``s holding the decoded splits on ``device`` (default CPU; pass the training
-    device so the augmentation runs there).
+    device so the augmentation runs there). ``decode`` ("auto": JPEG stores with the ``imagenet``
+    recipe when ``device`` is CUDA; "device" forces it on any device, "workers" never) swaps both
+    for ``gpu_decode.DeviceJpegLoader``s: workers only read bytes, the device decodes and augments.
+    ``Loaders.path`` says which path was taken.
     """
     meta = store.read_meta(Path(data_root), dataset)
     root = store.store_dir(Path(data_root), dataset)
@@ -459,7 +502,18 @@ def build_loaders(
             batch_size=batch_size, eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank,
             world_size=world_size, device=torch.device(device) if device is not None else torch.device("cpu"),
         )
-    train_set = StoreDataset(_Columns(train_dirs), train_recipe, seed + 1000 * rank)
+    from finebench.data.gpu_decode import all_jpeg, decode_on_device
+
+    train_columns = _Columns(train_dirs)
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    if decode_on_device(decode, augmentation=train_recipe.kind, device=target, jpeg=lambda: all_jpeg(train_columns),
+                        dataset=dataset):
+        return _device_decode_loaders(
+            meta, train_columns, _Columns(test_dirs), train_recipe, test_recipe, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank, world_size=world_size,
+            pin_memory=pin_memory, device=target,
+        )
+    train_set = StoreDataset(train_columns, train_recipe, seed + 1000 * rank)
     test_set = StoreDataset(_Columns(test_dirs), test_recipe, seed)
     generator = torch.Generator().manual_seed(seed + 1000 * rank)
     common: dict[str, Any] = {

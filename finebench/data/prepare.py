@@ -385,6 +385,7 @@ def _build(
     max_side: int | None,
     quiet: bool,
     console: Console,
+    short_side: int | None = None,
 ) -> Path:
     name = spec.name
     final = store.store_dir(data_root, name)
@@ -408,7 +409,7 @@ def _build(
             "sources": seen,
             "expected_split_sizes": dict(spec.split_sizes),
         }
-        written = store.write_store(parsed, build, meta, max_side=max_side, quiet=quiet)
+        written = store.write_store(parsed, build, meta, max_side=max_side, quiet=quiet, short_side=short_side)
         shutil.rmtree(build / "raw", ignore_errors=True)
         if written["num_classes"] != spec.num_classes:
             console.print(f"[yellow]warning:[/] {name}: {written['num_classes']} classes, the spec says {spec.num_classes}")
@@ -435,8 +436,12 @@ def prepare_dataset(
     max_side: int | None = None,
     quiet: bool = False,
     wait: bool = False,
+    short_side: int | None = None,
 ) -> Path:
     """Build ``<data_root>/<name>/`` and return it; a no-op when it is already complete (unless ``force``).
+
+    ``max_side`` / ``short_side`` shrink images whose longest / shortest side is larger (recorded
+    in meta.json ``resize``); ``short_side=256`` stores the 224 recipes' photos at training scale.
 
     ``mirror`` replaces each source's URL by ``<mirror>/<filename>`` (institutional mirrors, and
     how tests point this at a local server); checksums still apply. ``wait``: when another process
@@ -447,13 +452,15 @@ def prepare_dataset(
         raise FinebenchError(f"--source {source!r} is not valid: expected one of {', '.join(SOURCES)}")
     if max_side is not None and max_side < 8:
         raise FinebenchError(f"--max-side {max_side} is too small: expected at least 8 pixels")
+    if short_side is not None and short_side < 8:
+        raise FinebenchError(f"--short-side {short_side} is too small: expected at least 8 pixels")
     data_root = Path(data_root)
     console = Console(stderr=True, quiet=quiet)
     if store.is_prepared(data_root, name) and not force:  # no lock needed, so a read-only data root works
         console.print(f"{name} is already prepared in {store.store_dir(data_root, name)} (use --force to rebuild)")
         return store.store_dir(data_root, name)
     with _exclusive_prepare(data_root, name, wait):
-        return _build(spec, data_root, source, from_path, mirror, force, max_side, quiet, console)
+        return _build(spec, data_root, source, from_path, mirror, force, max_side, quiet, console, short_side)
 
 
 def dataset_overview(data_root: Path) -> list[dict[str, Any]]:

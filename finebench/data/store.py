@@ -79,13 +79,14 @@ def _encode_array(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _resize_if_needed(data: bytes, max_side: int) -> tuple[bytes, tuple[int, int]]:
-    """Shrink so the longest side is ``max_side``; JPEGs stay JPEG (q95), anything else becomes PNG."""
+def _resize_if_needed(data: bytes, max_side: int | None, short_side: int | None = None) -> tuple[bytes, tuple[int, int]]:
+    """Shrink so the longest side is at most ``max_side`` and the shortest at most ``short_side``
+    (never enlarge); JPEGs stay JPEG (q95), anything else becomes PNG."""
     with Image.open(io.BytesIO(data)) as image:
         size = image.size
-        if max(size) <= max_side:
+        scale = min(max_side / max(size) if max_side else 1.0, short_side / min(size) if short_side else 1.0)
+        if scale >= 1:
             return data, size
-        scale = max_side / max(size)
         new_size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
         is_jpeg = image.format == "JPEG"
         resized = image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).resize(
@@ -99,8 +100,13 @@ def _resize_if_needed(data: bytes, max_side: int) -> tuple[bytes, tuple[int, int
     return buffer.getvalue(), new_size
 
 
-def encode_image(image: ImageSource, max_side: int | None = None) -> tuple[bytes, tuple[int, int]]:
-    """Encoded bytes and (width, height). File and byte inputs are kept as they are unless resized."""
+def encode_image(
+    image: ImageSource, max_side: int | None = None, short_side: int | None = None
+) -> tuple[bytes, tuple[int, int]]:
+    """Encoded bytes and (width, height). File and byte inputs are kept as they are unless resized.
+
+    ``short_side`` stores images at training scale (256 for the 224 recipes, which resize the
+    shorter side to 256 anyway): every later decode is then cheaper, on the CPU and on the GPU."""
     if isinstance(image, Path):
         data = image.read_bytes()
     elif isinstance(image, bytes):
@@ -113,8 +119,8 @@ def encode_image(image: ImageSource, max_side: int | None = None) -> tuple[bytes
         data = buffer.getvalue()
     else:
         raise TypeError(f"unsupported image source {type(image).__name__}")
-    if max_side is not None:
-        return _resize_if_needed(data, max_side)
+    if max_side is not None or short_side is not None:
+        return _resize_if_needed(data, max_side, short_side)
     if isinstance(image, np.ndarray):
         return data, (image.shape[1], image.shape[0])
     with Image.open(io.BytesIO(data)) as opened:  # header only: cheap
@@ -147,6 +153,7 @@ def _write_split(
     max_side: int | None,
     cache_dir: Path,
     on_example,
+    short_side: int | None = None,
 ) -> _SplitStats:
     import datasets
 
@@ -157,7 +164,7 @@ def _write_split(
             if not 0 <= int(example.label) < num_classes:
                 raise FinebenchError(f"label {example.label} outside 0..{num_classes - 1} while writing {split_path.name}")
             try:
-                data, size = encode_image(example.image, max_side)
+                data, size = encode_image(example.image, max_side, short_side)
             except OSError as error:  # missing file, unreadable or not an image (PIL's error is an OSError)
                 where = example.image if isinstance(example.image, Path) else f"example {stats.count}"
                 raise FinebenchError(f"cannot read image {where} of split {split_path.name!r}: {error}") from error
@@ -213,6 +220,7 @@ def write_store(
     *,
     max_side: int | None = None,
     quiet: bool = False,
+    short_side: int | None = None,
 ) -> dict[str, Any]:
     """Write every split of ``parsed`` into ``build`` and then its meta.json (last, on purpose).
 
@@ -247,6 +255,7 @@ def write_store(
                     max_side,
                     build / f".cache-{split}",
                     lambda: progress.advance(task),
+                    short_side,
                 )
                 split_sizes[split] = stats.count
                 image_stats[split] = {
@@ -268,7 +277,7 @@ def write_store(
         "image_max_side": max(sides) if sides else None,
         "image_size": list(uniform.pop()) if len(uniform) == 1 and all(s["uniform_size"] for s in image_stats.values()) else None,
         "image_stats": image_stats,
-        "resize": {"max_side": max_side} if max_side else None,
+        "resize": {k: v for k, v in (("max_side", max_side), ("short_side", short_side)) if v} or None,
         "info": parsed.info,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "finebench_version": finebench.__version__,

@@ -1,0 +1,444 @@
+"""JPEG batches decoded and augmented on the training device; CPU workers only read encoded bytes.
+
+Why: at 224 px the worker path spends most of a sample's time in the PIL JPEG decode, so a
+16-core GPU host delivered 2,599 img/s from 500x375 photos and 1,031 from 1024x768 ones (issue
+15), less than the GPU trains on. Here worker processes read each batch's encoded bytes from the
+Arrow store; the main process decodes the whole batch with one
+``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA, batched and on the
+hardware JPEG engine where the GPU has one; libjpeg-turbo on CPU), then resizes (antialiased
+bilinear), crops, flips and normalises on the device. The arithmetic is the worker path's
+``imagenet`` recipe (shorter side to ``resize``, random or centre crop ``size``, flip), so both
+paths give the same pixels within one grey level on the same JPEGs (tests/test_gpu_decode.py).
+One exception: for photos whose shorter side is at least twice ``resize`` the worker path lets
+libjpeg decode at 1/2, 1/4 or 1/8 scale (PIL draft), which this path cannot ask nvJPEG for (on
+1024x768 synthetic photos at 224: up to 8 grey levels apart, 0.37 on average; 0 at 500x375, both
+from ``compare_with_workers("cpu")``); preparing at training scale (``finebench prepare NAME
+--short-side 256``) removes that case and makes every decode cheaper on either path.
+
+Why not NVIDIA DALI, the library built for exactly this: it is faster in principle (decode,
+resize and crop fused in one pipelined graph that prefetches across iterations, ROI decoding of
+only the crop), and ``nvidia-dali-cuda130`` is on PyPI. It was not chosen because it is a large,
+Linux-only binary dependency tied to one CUDA major version (a project that also runs on CPU-only
+machines would carry it or branch on it); its graph cannot run where finebench's tests run, so
+the GPU branch would be covered by no test; and its resize filters and random streams differ from
+the worker path, so the two paths could not be checked pixel for pixel. torchvision is already a
+dependency and reaches the same nvJPEG hardware engine. If the H200 measurement
+(``measure_throughput``) falls short of the issue's target (the loader at 1.5x the WRN-50-2 + A&R
+step it feeds), DALI is the next candidate behind the same ``dataset.decode`` switch.
+
+Hazard handled here: nvJPEG's hardware engine may write its output buffers before work already
+queued on the allocating stream has run, and PyTorch's caching allocator hands out a block as
+soon as it is freed on that stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634). So on
+CUDA the decode and transforms run on a side stream that holds only this loader's own work and is
+synchronised before each decode: freed training tensors (main stream) are never handed to the
+decoder, and the training step queued on the main stream keeps running during the decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from finebench.errors import FinebenchError
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PROBE_IMAGES = 32
+"""Images (spread over a split) whose header bytes decide whether a store is JPEG-encoded."""
+
+
+class EncodedImages(Protocol):
+    """Encoded images and labels of one or more store splits (the loader's column reader)."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def image_bytes(self, index: int) -> bytes: ...
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == JPEG_MAGIC
+
+
+def all_jpeg(images: EncodedImages, probe: int = PROBE_IMAGES) -> bool:
+    """Whether the images are JPEG-encoded, judged from up to ``probe`` of them spread evenly."""
+    if len(images) == 0:
+        return False
+    picks = np.unique(np.linspace(0, len(images) - 1, num=min(probe, len(images))).round().astype(int))
+    return all(is_jpeg(images.image_bytes(int(i))) for i in picks)
+
+
+DECODE_CHOICES = ("auto", "workers", "device")
+"""The ``dataset.decode`` recipe switch: "auto" takes this path for JPEG stores with the ``imagenet``
+recipe when training on CUDA; "device" forces it on any device (CPU too); "workers" never."""
+
+
+def decode_on_device(
+    decode: str, *, augmentation: str, device: torch.device, jpeg: Callable[[], bool], dataset: str
+) -> bool:
+    """Whether a store's batches should be decoded on ``device``; ``jpeg`` is asked only when it matters.
+
+    "auto" stays on the worker path off CUDA: there one process decodes each batch image by image,
+    while worker processes decode on every core, so only the worker path grows with the core count
+    (on the 2-core development machine the two ran within noise of each other: benchmarks/README.md).
+    """
+    if decode not in DECODE_CHOICES:
+        raise FinebenchError(f"decode {decode!r} is not valid: expected one of {', '.join(DECODE_CHOICES)}")
+    if decode == "workers" or (decode == "auto" and torch.device(device).type != "cuda"):
+        return False
+    if augmentation != "imagenet":
+        if decode == "device":
+            raise FinebenchError(
+                f"dataset {dataset!r}: decode 'device' needs the imagenet augmentation (resize, crop), "
+                f"got {augmentation!r}"
+            )
+        return False
+    if not jpeg():
+        if decode == "device":
+            raise FinebenchError(
+                f"dataset {dataset!r}: decode 'device' needs JPEG-encoded images; the store holds others"
+            )
+        return False
+    return True
+
+
+# ---- transforms -------------------------------------------------------------------------------
+
+
+def resized_size(width: int, height: int, resize: int, size: int) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to ``resize``, never below the crop ``size``
+    (the worker path's arithmetic, so both paths crop the same boxes)."""
+    scale = resize / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def crop_offsets(
+    sizes: Sequence[tuple[int, int]], size: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(left, top) of each crop in its resized image: uniform (train) or centred (``generator`` None)."""
+    spans = torch.tensor([[width - size, height - size] for width, height in sizes], dtype=torch.int64).view(-1, 2)
+    if generator is None:
+        return spans // 2
+    draws = torch.rand(spans.shape, generator=generator, dtype=torch.float64)
+    return torch.minimum((draws * (spans + 1)).floor().to(torch.int64), spans)
+
+
+def resize_crop_flip(
+    images: Sequence[torch.Tensor],
+    *,
+    size: int,
+    resize: int,
+    offsets: torch.Tensor,
+    flips: torch.Tensor | None = None,
+    float_resize: bool | None = None,
+) -> torch.Tensor:
+    """float32 B×3×size×size of whole grey levels 0..255: each uint8 3×H×W image resized (shorter
+    side ``resize``, antialiased bilinear), cropped at its ``offsets`` row (left, top) and flipped
+    where ``flips``. Images of one size are resized in one call.
+
+    ``float_resize`` (default: everywhere but on the CPU) resizes in float32, because CUDA has no
+    uint8 antialiased kernel; on the CPU the uint8 kernel is the worker path's own and several
+    times faster. Both agree with the worker path within one grey level, and the tests run both on
+    CPU tensors, so the code the GPU runs is covered.
+    """
+    if not images:
+        raise ValueError("resize_crop_flip needs at least one image")
+    device = images[0].device
+    in_float = device.type != "cpu" if float_resize is None else float_resize
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32 if in_float else torch.uint8, device=device)
+    if _pixel_major(images[0]):
+        out = out.contiguous(memory_format=torch.channels_last)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[1:]), []).append(index)
+    lefts, tops = offsets[:, 0].tolist(), offsets[:, 1].tolist()
+    for (height, width), members in groups.items():
+        new_width, new_height = resized_size(width, height, resize, size)
+        batch = _stack_keeping_layout([images[i] for i in members])
+        if in_float:
+            batch = batch.float()
+        if (new_height, new_width) != (height, width):
+            batch = F.interpolate(batch, size=(new_height, new_width), mode="bilinear", antialias=True,
+                                  align_corners=False)
+        for row, index in enumerate(members):
+            top, left = tops[index], lefts[index]
+            out[index] = batch[row, :, top : top + size, left : left + size]
+    if flips is not None and bool(flips.any()):
+        # torch.where, not boolean indexing: indexing with a mask waits for the GPU to count it.
+        out = torch.where(flips.to(device).view(-1, 1, 1, 1), out.flip(-1), out)
+    return out.round_() if in_float else out.float()  # whole grey levels, as the worker path's uint8 images
+
+
+def _pixel_major(image: torch.Tensor) -> bool:
+    """Whether a 3×H×W image is an H×W×3 block seen through a permute (how libjpeg's output comes)."""
+    return image.permute(1, 2, 0).is_contiguous()
+
+
+def _stack_keeping_layout(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """B×3×H×W in the images' own memory order: stacking pixel-major images as planes is an
+    element-by-element copy, several times slower than the resize itself on the CPU."""
+    if all(_pixel_major(image) for image in images):
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return torch.stack(list(images))
+
+
+def decode_jpegs(
+    encoded: Sequence[torch.Tensor], device: torch.device, names: Sequence[object] | None = None
+) -> list[torch.Tensor]:
+    """uint8 3×H×W images on ``device`` from 1-D uint8 CPU tensors of encoded bytes, in one batched call.
+
+    Entries that are not JPEG (a PNG in a mostly-JPEG store) are decoded on the CPU and moved, and
+    so, when the batched call fails, is each JPEG the device decoder rejects (nvJPEG does not take
+    every JPEG libjpeg does, e.g. CMYK or arithmetic-coded ones). An image no decoder takes is a
+    ``FinebenchError`` naming it by ``names`` (dataset indices) or its position.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    def one(position: int) -> torch.Tensor:
+        data = encoded[position]
+        if device.type != "cpu" and is_jpeg(bytes(data[:3].tolist())):
+            with contextlib.suppress(RuntimeError):
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        try:
+            return decode_image(data, mode=ImageReadMode.RGB).to(device)
+        except RuntimeError as error:
+            name = names[position] if names is not None else f"at batch position {position}"
+            raise FinebenchError(f"image {name} cannot be decoded ({error}): prepare the dataset again") from error
+
+    jpeg = [i for i, data in enumerate(encoded) if is_jpeg(bytes(data[:3].tolist()))]
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    if jpeg:
+        try:
+            decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = [one(i) for i in jpeg]
+        for i, image in zip(jpeg, decoded):
+            images[i] = image
+    return [image if image is not None else one(i) for i, image in enumerate(images)]
+
+
+# ---- byte reading in workers ------------------------------------------------------------------
+
+
+class EncodedBytes(Dataset):
+    """(encoded bytes as a 1-D uint8 tensor, label) per index: all a worker process does on this path."""
+
+    def __init__(self, images: EncodedImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        data = self.images.image_bytes(index)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(self.images.labels[index]), index
+
+
+def collate_bytes(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, ...]:
+    """One flat byte tensor, the lengths, the labels and the indices: one shared-memory block per
+    batch instead of one per image (128 separate tensors would cost 128 file descriptors between
+    processes)."""
+    lengths = torch.tensor([len(data) for data, _, _ in batch], dtype=torch.int64)
+    return (torch.cat([data for data, _, _ in batch]), lengths, torch.tensor([label for _, label, _ in batch]),
+            torch.tensor([index for _, _, index in batch]))
+
+
+# ---- the loader -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceTransform:
+    """The ``imagenet`` recipe's settings (see ``finebench.data.loader``) for one split."""
+
+    size: int
+    resize: int
+    train: bool
+    flip: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class DeviceJpegLoader:
+    """Batches (float32 B×3×size×size normalised, int64 B) on ``device`` from JPEG bytes.
+
+    Order comes from ``sampler`` (a ``BatchShardSampler``, the same batches as the worker path;
+    call ``sampler.set_epoch``) or ``indices`` (evaluation shards); crop offsets and flips come
+    from ``generator`` (CPU, so the stream is the same on any device, and the engine checkpoints
+    it, so a resumed run repeats the uninterrupted one).
+    """
+
+    def __init__(
+        self,
+        images: EncodedImages,
+        transform: DeviceTransform,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        sampler: Sampler[int] | None = None,
+        indices: Sequence[int] | None = None,
+        workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        self.transform, self.device, self.sampler = transform, torch.device(device), sampler
+        self.batch_size = getattr(sampler, "local_batch", batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mean = (torch.tensor(transform.mean) * 255).view(1, 3, 1, 1).to(self.device)
+        self.std = (torch.tensor(transform.std) * 255).view(1, 3, 1, 1).to(self.device)
+        order = sampler if sampler is not None else (list(indices) if indices is not None else None)
+        self.reader = DataLoader(
+            EncodedBytes(images), batch_size=self.batch_size, sampler=order, shuffle=False, num_workers=workers,
+            collate_fn=collate_bytes, pin_memory=pin_memory, persistent_workers=workers > 0,
+        )
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __len__(self) -> int:
+        steps = getattr(self.sampler, "steps", None)
+        return steps if steps is not None else len(self.reader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for flat, lengths, labels, indices in self.reader:
+            yield self.batch(list(torch.split(flat, lengths.tolist())), labels, indices.tolist())
+
+    def batch(
+        self, encoded: list[torch.Tensor], labels: torch.Tensor, indices: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training or evaluation batch from encoded images (``indices`` name them in errors)."""
+        if self.stream is None:
+            return self._batch(encoded, labels, indices)
+        main = torch.cuda.current_stream(self.device)
+        self.stream.synchronize()  # see the module docstring: nothing queued when nvJPEG gets its buffers
+        with torch.cuda.stream(self.stream):
+            images, labels = self._batch(encoded, labels, indices)
+        main.wait_stream(self.stream)
+        images.record_stream(main)
+        labels.record_stream(main)
+        return images, labels
+
+    def _batch(
+        self, encoded: list[torch.Tensor], labels: torch.Tensor, indices: Sequence[int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        transform = self.transform
+        images = decode_jpegs(encoded, self.device, indices)
+        sizes = [resized_size(image.shape[2], image.shape[1], transform.resize, transform.size) for image in images]
+        offsets = crop_offsets(sizes, transform.size, self.generator if transform.train else None)
+        flips = None
+        if transform.train and transform.flip:
+            flips = torch.rand(len(images), generator=self.generator) < 0.5
+        pixels = resize_crop_flip(images, size=transform.size, resize=transform.resize, offsets=offsets, flips=flips)
+        return ((pixels - self.mean) / self.std).contiguous(), labels.to(self.device, non_blocking=True)
+
+
+# ---- measurement ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoaderThroughput:
+    path: str
+    """"device" (this module) or "workers" (PIL in worker processes)."""
+    device: str
+    images_per_s: float
+    repeats_s: list[float]
+    images: int
+    source_size: tuple[int, int]
+    input_size: int
+    batch_size: int
+    workers: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_throughput(
+    device: str | torch.device = "cuda",
+    *,
+    path: str = "device",
+    source_size: tuple[int, int] = (500, 375),
+    images: int = 1024,
+    input_size: int = 224,
+    batch_size: int = 128,
+    workers: int = 4,
+    repeats: int = 3,
+    folder: Path | None = None,
+) -> LoaderThroughput:
+    """Training-batch images/s of one data path at ``input_size`` from synthetic ``source_size`` JPEGs.
+
+    Writes a store of ``images`` synthetic photographs (q90 JPEG) through the real prepare code
+    into ``folder`` (a temporary folder when None), builds the training loader with
+    ``decode=path`` ("device" or "workers") on ``device``, drains one epoch to warm up (worker
+    start, nvJPEG handles, allocator) and times ``repeats`` further epochs, waiting for the device
+    at the end of each. Returns the median. The batches are the ``imagenet`` recipe's (resize
+    round(input_size*256/224), random crop, flip, normalise), ready on ``device``.
+    """
+    from finebench.data.loader import build_loaders
+    from finebench.data.synthetic import prepare_synthetic_jpeg_store
+
+    device = torch.device(device)
+    with contextlib.ExitStack() as stack:
+        root = Path(folder) if folder is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        name = f"synthetic_jpeg_{source_size[0]}x{source_size[1]}_{images}"
+        prepare_synthetic_jpeg_store(root, name, train=images, test=2, size=source_size)
+        loader = build_loaders(name, root, batch_size=batch_size, workers=workers, input_size=input_size,
+                               augmentation="imagenet", decode=path, device=device,
+                               pin_memory=device.type == "cuda").train
+        timings = []
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            seen = 0
+            for batch, _labels in loader:
+                if batch.device != device:
+                    batch = batch.to(device, non_blocking=True)
+                seen += len(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if repeat:
+                timings.append(time.perf_counter() - start)
+        median = statistics.median(timings)
+        return LoaderThroughput(path, str(device), seen / median, timings, seen, tuple(source_size), input_size,
+                                batch_size, workers)
+
+
+def compare_with_workers(
+    device: str | torch.device = "cuda",
+    *,
+    source_size: tuple[int, int] = (400, 300),
+    images: int = 64,
+    input_size: int = 224,
+    folder: Path | None = None,
+) -> dict[str, float]:
+    """How far the device path's evaluation batches are from the worker path's on the same
+    synthetic JPEGs, in grey levels: ``{"max_grey_levels", "mean_grey_levels", "images"}``.
+
+    The check the tests make on CPU tensors, for a GPU (nvJPEG's decode is not libjpeg-turbo's,
+    so this is where a difference would show). Keep ``source_size``'s shorter side below twice
+    round(input_size*256/224), where the worker path decodes at reduced scale instead.
+    """
+    from finebench.data.loader import IMAGENET_STD, build_loaders
+    from finebench.data.synthetic import prepare_synthetic_jpeg_store
+
+    device = torch.device(device)
+    std_255 = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    with contextlib.ExitStack() as stack:
+        root = Path(folder) if folder is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        name = f"synthetic_jpeg_{source_size[0]}x{source_size[1]}_{images}_check"
+        prepare_synthetic_jpeg_store(root, name, train=2, test=images, size=source_size, seed=1)
+        common = {"batch_size": 32, "input_size": input_size, "augmentation": "imagenet"}
+        on_device = build_loaders(name, root, decode="device", device=device, **common).test
+        on_workers = build_loaders(name, root, decode="workers", **common).test
+        largest, total, count = 0.0, 0.0, 0
+        for (got, _), (expected, _) in zip(on_device, on_workers):
+            levels = (got.cpu() - expected).abs() * std_255
+            largest = max(largest, float(levels.max()))
+            total, count = total + float(levels.sum()), count + levels.numel()
+    return {"max_grey_levels": largest, "mean_grey_levels": total / count, "images": images}
