@@ -349,8 +349,12 @@ def _emit_table(table, fmt: str, output, title: str, wide: bool = False) -> None
         return
     stdout = Console()
     if fmt == "markdown" and stdout.is_terminal and not table.empty:
-        text = report_module.wide_view(table) if wide else report_module.format_table(table)
-        stdout.print(report_module.rich_table(text, title=title, caption=report_module.table_note(table)))
+        note = report_module.table_note(table)
+        parts = report_module.terminal_tables(report_module.wide_view(table), stdout.width, title, note) if wide else []
+        if len(parts) != 1:  # the paper's layout does not fit this terminal: one row per variant does
+            parts = report_module.terminal_tables(report_module.format_table(table), stdout.width, title, note)
+        for part in parts:
+            stdout.print(part)
         return
     sys.stdout.write(report_module.render(table, fmt, wide=wide))
     if fmt == "markdown":
@@ -369,9 +373,11 @@ def report_command(
     best: bool = typer.Option(False, "--best", help="Best-epoch test accuracy (optimistic, as the authors' logs) instead of final."),
     early: bool = typer.Option(False, "--early", help="Also the early-prediction table: each module alone against its FLOPs."),
     plots: str = typer.Option(None, "--plots", help="Write accuracy/cost, learning-curve and early-prediction plots (PNG, SVG) here."),
+    speed: bool = typer.Option(False, "--speed", help="Also the training throughput (img/s; depends on the machine's load at the time)."),
     long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
 ) -> None:
-    """Aggregate every run record into a paper-style table: mean ± std over seeds, gains, overheads."""
+    """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
+    mean per-class accuracy, paired gains with p-values, overheads."""
     from pathlib import Path
 
     from rich.markup import escape
@@ -387,6 +393,7 @@ def report_command(
         reference=reference_file or reference,
         selection="best" if best else "final",
         early=early,
+        speed=speed,
     )
     for warning in result.loaded.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
@@ -395,6 +402,10 @@ def report_command(
         for row in report_module.failed_table(result.loaded.failed).itertuples(index=False):
             err_console.print(escape(f"  {row.Recipe}/{row.Run} {row.Dataset} {row.Backbone} {row.Variant} "
                                      f"seed {row.Seed}: {row.Reason}"), highlight=False, soft_wrap=True)
+    if not result.loaded.running.empty:
+        err_console.print(f"[cyan]{len(result.loaded.running)} run(s) in progress, not in the table:[/]")
+        for line in report_module.running_lines(result.loaded.running):
+            err_console.print(escape(f"  {line}"), highlight=False, soft_wrap=True)
     output_path = Path(output) if output else None
     # the paper's layout unless the user groups by options (an ablation reads better one row per setting)
     wide = not long and not by
@@ -403,7 +414,7 @@ def report_command(
         early_path = output_path.with_name(f"{output_path.stem}_early{output_path.suffix}") if output_path else None
         _emit_table(result.early, fmt, early_path, "early prediction")
     if plots:
-        from finebench.plots import write_plots
+        from finebench.report.plots import write_plots
 
         plot_warnings: list[str] = []
         written = write_plots(result.loaded.runs, Path(plots), error=error, warnings=plot_warnings)
