@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import os
+import platform
 import socket
 import subprocess
 import tempfile
@@ -85,11 +86,34 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@functools.cache
+def git_dirty() -> bool | None:
+    """Whether the finebench source tree had uncommitted changes to tracked files (None: not a git checkout).
+
+    A run made from a dirty tree is not reproducible from its ``git_commit`` alone.
+    """
+    source = Path(finebench.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def environment() -> dict[str, Any]:
+    import torchvision
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "torch_version": torch.__version__.split("+")[0],
+        "torchvision_version": torchvision.__version__.split("+")[0],
+        "python_version": platform.python_version(),
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": cudnn,
         "finebench_version": finebench.__version__,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "hostname": socket.gethostname(),
     }
 
@@ -108,6 +132,7 @@ class RunDir:
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     summary_path = property(lambda self: self.path / "summary.json")
     checkpoint_path = property(lambda self: self.path / "last.pt")
+    confusion_path = property(lambda self: self.path / "confusion.json")
 
     def summary(self) -> dict[str, Any] | None:
         return read_json(self.summary_path) if self.summary_path.is_file() else None
@@ -135,6 +160,11 @@ class RunDir:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.summary_path, dict(summary))
+
+    def write_confusion(self, matrix: list[list[int]], classes: list[str] | None = None) -> None:
+        """The final evaluation's confusion matrix (rows: true class, columns: prediction)."""
+        atomic_write_json(self.confusion_path, {"rows": "true class", "columns": "predicted class",
+                                                "classes": classes, "matrix": matrix})
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
