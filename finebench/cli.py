@@ -441,6 +441,55 @@ def attend_command(
     err_console.print(f"wrote {len(written)} attention map(s) to {folder}", highlight=False)
 
 
+@app.command("eval")
+def eval_command(
+    run_dir: str = typer.Argument(..., help="A run folder (config.json, summary.json, last.pt)."),
+    split: str = typer.Option(None, "--split", help="Prepared split to evaluate \\[default: the run's test split]."),
+    data_root: str = typer.Option(None, "--data-root", help="Prepared datasets folder \\[default: the run's dataset.root]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON (with the confusion matrix) instead of a table."),
+) -> None:
+    """Evaluate a run's checkpoint again and print the metrics its final evaluation printed."""
+    import json
+
+    from rich.table import Table
+
+    from finebench.trained import evaluate_run
+
+    metrics = evaluate_run(run_dir, split=split, data_root=data_root, device=device)
+    if json_output:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    console = Console()
+    console.print(f"{run_dir}: {metrics['split']} split, {metrics['images']:,} images, {metrics['precision']}",
+                  highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("loss", f"{metrics['test_loss']:.4f}"), ("top-1", f"{metrics['test_top1']:.2f}"),
+            ("top-5", f"{metrics['test_top5']:.2f}"), ("mean per-class", f"{metrics['mean_class_top1']:.2f}")]
+    if metrics.get("network_top1") is not None:
+        rows.append(("network classifier top-1", f"{metrics['network_top1']:.2f}"))
+    rows += [(f"module {tap} top-1", f"{value:.2f}") for tap, value in metrics["module_top1"].items()]
+    if metrics.get("recorded_top1") is not None:
+        rows.append(("top-1 the run recorded", f"{metrics['recorded_top1']:.2f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+@app.command("export")
+def export_command(
+    run_dir: str = typer.Argument(..., help="A run folder (config.json, summary.json, last.pt)."),
+    out: str = typer.Option(None, "--out", help="Output folder \\[default: RUN_DIR/export]."),
+) -> None:
+    """Write the run's model as model.safetensors plus a config.json that finebench.trained.load_exported rebuilds."""
+    from finebench.trained import export_run
+
+    written = export_run(run_dir, out)
+    err_console.print(f"wrote {', '.join(str(path) for path in written)}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point: turn user errors into one clear line and exit code."""
     try:
