@@ -96,7 +96,9 @@ def write_run(
         }))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     config = {"recipe": recipe, "seed": seed,
-              "dataset": {"name": dataset, "root": f"/data/{seed}", "fold": fold},
+              "dataset": {"name": dataset, "root": f"/data/{seed}", "fold": fold,
+                          "train_split": "train" if fold is None else "+".join(f"fold{i}" for i in range(5) if i != fold),
+                          "test_split": "test" if fold is None else f"fold{fold}"},
               "model": {"backbone": "wrn", "options": {"dropout": dropout}},
               "variant": {"kind": variant, "name": variant_name, "options": options or {}},
               "train": {"lr": lr, "epochs": epochs, "workers": seed}}
@@ -426,6 +428,15 @@ def test_early_prediction_table_orders_modules_by_cost(results: Path) -> None:
     assert group2["top1_mean"] == pytest.approx(94.0) and group2["top1_ci"] == pytest.approx(T_975[2] / math.sqrt(3), rel=1e-6)
     assert group2["flops_pct_of_full"] == pytest.approx(5.2 / 5.25 * 100)
     assert "94.00 ± 2.48" in report.render(table, "markdown")
+
+
+def test_early_prediction_keeps_configurations_apart(tmp_path: Path) -> None:
+    for lr, module in ((0.1, 80.0), (0.5, 20.0)):
+        write_run(tmp_path, variant="attention", variant_name="attention", seed=0, top1=90.0, lr=lr,
+                  options=ATTENTION_OPTIONS, module_top1={"group2": module}, module_flops={"group2": 1_000_000})
+    table = report.early_prediction_table(report.load_runs([tmp_path]).runs)
+    group2 = table[table["source"] == "group2"].set_index("setting")["top1_mean"]
+    assert group2.to_dict() == {"train.lr=0.1": 80.0, "train.lr=0.5": 20.0}
 
 
 def test_by_unknown_column_is_a_user_error(results: Path) -> None:

@@ -136,7 +136,9 @@ def early_prediction_figure(table: pd.DataFrame, dataset: str, error: bool = Fal
     figure = Figure(figsize=(6.5, 4.5))
     axes = figure.add_subplot(1, 1, 1)
     several = data["backbone_label"].nunique() > 1
-    for (backbone, variant), series in data.groupby(["backbone_label", "variant_name"], sort=True):
+    split = "setting" in data and (data["setting"] != "").any()
+    for key, series in data.groupby(["backbone_label", "variant_name", *(["setting"] if split else [])], sort=True):
+        backbone, variant = key[0], f"{key[1]} {key[2]}".strip() if split else key[1]
         series = series.dropna(subset=["flops"])
         n = int(series["n"].max()) if len(series) else 0
         path = series[series["source"] != NETWORK_CLASSIFIER].sort_values("flops", kind="stable")

@@ -217,7 +217,11 @@ def run_settings(summary: RunSummary, config: Mapping[str, Any]) -> dict[str, An
     }
     for key, value in known.items():
         settings.setdefault(key, value)
-    return {k: v for k, v in settings.items() if k not in IGNORED_SETTINGS}
+    ignored = set(IGNORED_SETTINGS)
+    if run_fold(config) is not None:
+        # On a k-fold protocol the splits follow from the held-out fold: they vary with it.
+        ignored |= {"dataset.train_split", "dataset.test_split"}
+    return {k: v for k, v in settings.items() if k not in ignored}
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:

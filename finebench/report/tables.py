@@ -203,7 +203,7 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
         if not isinstance(modules, dict) or not modules:
             continue
         module_flops = run.get("module_flops") if isinstance(run.get("module_flops"), dict) else {}
-        base = {k: run[k] for k in ("dataset", "backbone_label", "variant_name", "seed")}
+        base = {k: run[k] for k in ("dataset", "backbone_label", "variant_name", "seed", "settings")}
         for tap, accuracy in modules.items():
             exploded.append({**base, "source": tap, "top1": accuracy,
                              "flops": module_flops.get(tap, math.nan)})
@@ -221,7 +221,13 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
         return empty
     data = pd.DataFrame(exploded)
     data["value"] = 100.0 - data["top1"] if error else data["top1"]
-    keys = ["dataset", "backbone_label", "variant_name"]
+    # As in the summary table: configurations that share a name stay apart, labelled by what differs.
+    labels: dict[str, str] = {}
+    for _, fingerprints in data.groupby(["dataset", "backbone_label", "variant_name"])["settings"].unique().items():
+        if len(fingerprints) > 1:
+            labels.update(_setting_labels(list(fingerprints)))
+    data["setting"] = data["settings"].map(lambda f: labels.get(f, ""))
+    keys = ["dataset", "backbone_label", "variant_name", "setting", "settings"]
     rows = []
     for key, group in data.groupby([*keys, "source"], sort=False):
         summary = mean_ci(group["value"])
@@ -237,6 +243,8 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
     order = {"network classifier": 1, "full model": 2}
     grouped["_order"] = grouped["source"].map(order).fillna(0)
     grouped = grouped.sort_values([*keys, "_order", "flops"], kind="stable").drop(columns="_order")
+    if labels:
+        columns.insert(3, "setting")
     table = grouped[columns].reset_index(drop=True)
     table.attrs.update(metric=metric, kind="early", selection="final")
     return table
