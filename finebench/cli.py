@@ -357,7 +357,7 @@ def _emit_table(table, fmt: str, output, title: str, wide: bool = False) -> None
             stdout.print(part)
         return
     sys.stdout.write(report_module.render(table, fmt, wide=wide))
-    if fmt == "markdown":
+    if fmt == "markdown" and not table.empty:
         sys.stdout.write(f"\n{report_module.table_note(table)}\n\n")
 
 
@@ -368,7 +368,7 @@ def report_command(
     fmt: str = typer.Option("markdown", "--format", "-f", help="markdown | csv | latex | json."),
     output: str = typer.Option(None, "--output", "-o", help="Write the table to this file (--early adds FILE_early)."),
     error: bool = typer.Option(False, "--error", help="Error rate instead of accuracy (the paper's CIFAR tables)."),
-    reference: bool = typer.Option(False, "--reference", help="Show the authors' number for each experiment beside it."),
+    reference: bool = typer.Option(False, "--reference", help="The authors' number beside each row whose settings their log states (last epoch; best epoch with --best)."),
     reference_file: list[str] = typer.Option(None, "--reference-file", help="Reference CSV(s) instead of results/reference/."),
     best: bool = typer.Option(False, "--best", help="Best-epoch test accuracy (optimistic, as the authors' logs) instead of final."),
     early: bool = typer.Option(False, "--early", help="Also the early-prediction table: each module alone against its FLOPs."),
