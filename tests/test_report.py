@@ -266,10 +266,13 @@ def test_markdown_shows_mean_ci_gain_p_and_per_class(results: Path) -> None:
 
 
 def test_flops_keep_the_digits_that_tell_variants_apart(tmp_path: Path) -> None:
-    write_run(tmp_path, variant="baseline", variant_name="baseline", seed=0, top1=90.0, flops=41_000_000)
-    write_run(tmp_path, variant="se", variant_name="se", seed=0, top1=90.5, flops=43_000_000)
+    write_run(tmp_path, variant="baseline", variant_name="baseline", seed=0, top1=90.0, flops=41_230_000)
+    write_run(tmp_path, variant="se", variant_name="se", seed=0, top1=90.5, flops=45_870_000)
+    write_run(tmp_path, variant="cbam", variant_name="cbam", seed=0, top1=90.5, flops=45_874_000)
     text = report.render(report.summary_table(report.load_runs([tmp_path]).runs))
-    assert [row["FLOPs"] for row in _markdown_rows(text)] == ["0.041G", "0.043G"]
+    flops = {row["Variant"]: row["FLOPs"] for row in _markdown_rows(text)}
+    assert flops == {"baseline": "0.041230G", "se": "0.045870G", "cbam": "0.045874G"}
+    assert [row["Params"] for row in _markdown_rows(text)] == ["36.48M"] * 3
 
 
 def test_csv_and_json_keep_every_number(results: Path) -> None:

@@ -73,14 +73,16 @@ def fmt_p(value: Any) -> str:
 def count_formatter(values: pd.Series, unit: str) -> list[str]:
     """Parameters in M, FLOPs in G, with as many decimals as it takes to tell distinct values apart.
 
-    ``0.04G`` against ``0.05G`` says nothing about two variants that differ by 3%; the digits grow
-    (up to 5) until every distinct value in the column has a distinct text.
+    ``0.04G`` against ``0.05G`` says little about two variants: every value keeps three significant
+    digits, and the decimals grow (up to 6) until every distinct value in the column reads distinct.
     """
     scale = {"M": 1e6, "G": 1e9}[unit]
     numbers = pd.to_numeric(values, errors="coerce")
     distinct = {round(v / scale, 9) for v in numbers.dropna()}
-    digits = 2
-    while digits < 5 and len({f"{v:.{digits}f}" for v in distinct}) < len(distinct):
+    smallest = min((abs(v) for v in distinct if v), default=1.0)
+    # At least three significant digits of the smallest value (0.0412G, not 0.04G), two decimals at least.
+    digits = max(2, 2 - math.floor(math.log10(smallest)))
+    while digits < 6 and len({f"{v:.{digits}f}" for v in distinct}) < len(distinct):
         digits += 1
     return [MISSING if is_missing(v) else f"{v / scale:.{digits}f}{unit}" for v in numbers]
 
