@@ -230,7 +230,8 @@ def _seed_worker(worker_id: int) -> None:
     dataset.reseed(info.seed % 2**32)
 
 
-def _split_dirs(root: Path, spec: str, available: list[str], dataset: str) -> list[Path]:
+def split_dirs(root: Path, spec: str, available: list[str], dataset: str) -> list[Path]:
+    """The folders of ``spec`` (``"train"`` or ``"fold1+fold2"``); an unknown split is a user error."""
     names = [part.strip() for part in spec.split("+") if part.strip()]
     unknown = [n for n in names if n not in available]
     if not names or unknown:
@@ -316,8 +317,8 @@ def build_eval_loader(
     meta = store.read_meta(Path(data_root), dataset)
     root = store.store_dir(Path(data_root), dataset)
     _, recipe = _recipes(meta, augmentation, input_size)
-    split_dirs = _split_dirs(root, split, list(meta.get("splits", {})), dataset)
-    source = StoreDataset(_Columns(split_dirs), recipe, 0)
+    folders = split_dirs(root, split, list(meta.get("splits", {})), dataset)
+    source = StoreDataset(_Columns(folders), recipe, 0)
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_Collate(recipe.mean, recipe.std))
     return loader, meta
@@ -496,8 +497,8 @@ def build_loaders(
     root = store.store_dir(Path(data_root), dataset)
     available = list(meta.get("splits", {}))
     train_recipe, test_recipe = _recipes(meta, augmentation, input_size)
-    train_dirs = _split_dirs(root, train_split, available, dataset)
-    test_dirs = _split_dirs(root, test_split, available, dataset)
+    train_dirs = split_dirs(root, train_split, available, dataset)
+    test_dirs = split_dirs(root, test_split, available, dataset)
     side = train_recipe.size or (meta.get("image_size") or [None])[0]
     if _wants_in_memory(in_memory, train_recipe, side, meta, train_dirs + test_dirs, dataset):
         return _in_memory_loaders(

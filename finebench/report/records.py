@@ -218,7 +218,7 @@ def run_settings(summary: RunSummary, config: Mapping[str, Any]) -> dict[str, An
     for key, value in known.items():
         settings.setdefault(key, value)
     ignored = set(IGNORED_SETTINGS)
-    if run_fold(config) is not None:
+    if run_fold(config, summary) is not None:
         # On a k-fold protocol the splits follow from the held-out fold: they vary with it.
         ignored |= {"dataset.train_split", "dataset.test_split"}
     return {k: v for k, v in settings.items() if k not in ignored}
@@ -228,9 +228,11 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
     return json.dumps(dict(sorted(settings.items())), default=str)
 
 
-def run_fold(config: Mapping[str, Any]) -> int | None:
-    """The held-out fold of a k-fold run (``dataset.fold``); None on a fixed split."""
+def run_fold(config: Mapping[str, Any], summary: RunSummary | None = None) -> int | None:
+    """The held-out fold of a k-fold run (``dataset.fold``, else summary.json's ``fold``); None on a fixed split."""
     fold = (config.get("dataset") or {}).get("fold") if isinstance(config.get("dataset"), dict) else None
+    if fold is None and summary is not None:
+        fold = (summary.model_extra or {}).get("fold")
     return int(fold) if isinstance(fold, (int, float)) and not isinstance(fold, bool) else None
 
 
@@ -281,7 +283,7 @@ def _run_row(summary: RunSummary, run_dir: Path, config: dict[str, Any], problem
         "variant": summary.variant,
         "variant_name": summary.variant_name,
         "seed": summary.seed,
-        "fold": run_fold(config),
+        "fold": run_fold(config, summary),
         "epochs": summary.epochs,
         "epochs_completed": summary.epochs_completed,
         "top1": final.test_top1,
@@ -330,7 +332,7 @@ def _running_row(summary: RunSummary, run_dir: Path, config: dict[str, Any]) -> 
     return {
         "run_dir": str(run_dir), "recipe": summary.recipe, "run_id": summary.run_id,
         "dataset": summary.dataset, "backbone_label": summary.backbone_label,
-        "variant_name": summary.variant_name, "seed": summary.seed, "fold": run_fold(config),
+        "variant_name": summary.variant_name, "seed": summary.seed, "fold": run_fold(config, summary),
         "epochs_completed": summary.epochs_completed or 0, "epochs": summary.epochs, "last_top1": last,
     }
 
