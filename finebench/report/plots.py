@@ -152,6 +152,7 @@ def early_prediction_figure(table: pd.DataFrame, dataset: str, error: bool = Fal
         if not network.empty:
             axes.plot(network["flops"] / 1e9, network[f"{metric}_mean"], linestyle="none", marker="*",
                       markersize=11, color=line.get_color(), label=f"{variant}: {NETWORK_CLASSIFIER}")
+    axes.margins(x=0.12)  # room for the labels of the first and last points
     _finish_axes(axes, "GFLOPs to reach the classifier", "Error (%)" if error else "Top-1 (%)",
                  f"{dataset}: early prediction (bars: 95% CI)")
     return figure
