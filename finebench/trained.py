@@ -11,6 +11,7 @@ pickle, so loading runs no code) and a JSON config that ``load_exported`` turns 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[P
     weights = out / WEIGHTS_FILE
     temporary = out / f".{WEIGHTS_FILE}.tmp"
     save_model(run.model, str(temporary), metadata={"format": "pt"})
+    # safetensors creates its file private (0600); a model to ship gets the mode open() would give.
+    mask = os.umask(0)
+    os.umask(mask)
+    temporary.chmod(0o666 & ~mask)
     temporary.replace(weights)
     model_section = dict(run.config.get("model") or {})
     model_section["pretrained"] = None  # the weights are in model.safetensors

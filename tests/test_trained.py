@@ -127,4 +127,5 @@ def test_export_writes_into_the_run_folder_by_default(trained) -> None:
     run_dir, _ = trained
     written = export_run(run_dir)
     assert [p.name for p in written] == ["model.safetensors", "config.json"]
+    assert written[0].stat().st_mode & 0o777 == written[1].stat().st_mode & 0o777  # not private
     assert all(p.parent == run_dir / "export" for p in written)
