@@ -11,7 +11,6 @@ public ``head_weights`` (the very formula its forward pass uses).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from PIL import Image
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.models import build_model_from_config
-from finebench.models.base import read_state_dict
 
 TOP_K = 3
 
@@ -59,54 +56,20 @@ class AttentionCapture:
     """B×(D+1) global gate weights (modules, then the network), or None without gates."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FinebenchError(f"{path}: not found; expected a finished run folder of `finebench run`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FinebenchError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise FinebenchError(f"{path}: holds a JSON {type(record).__name__}; expected an object")
-    return record
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """State dicts saved from DDP or torch.compile carry ``module.``/``_orig_mod.`` prefixes."""
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        cleaned[key] = value
-    return cleaned
-
-
 def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") -> AttentionRun:
     """Rebuild a run's model from config.json and load ``last.pt``; it must be an attention run."""
+    from finebench.trained import load_trained_run, read_record
+
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json")
-    summary = _read_json(run_dir / "summary.json")
+    config = read_record(run_dir / "config.json")
     variant = config.get("variant")
     kind = variant.get("kind") if isinstance(variant, dict) else None
     if kind != "attention":
         raise FinebenchError(
             f"{run_dir / 'config.json'}: variant.kind is {kind!r}; attention maps need an 'attention' run"
         )
-    num_classes = summary.get("num_classes")
-    if not isinstance(num_classes, int):
-        raise FinebenchError(f"{run_dir / 'summary.json'}: num_classes is {num_classes!r}; expected an integer")
-    checkpoint_path = run_dir / "last.pt"
-    if not checkpoint_path.is_file():
-        raise FinebenchError(f"{checkpoint_path}: not found; the run has no checkpoint to draw from")
-    state = read_state_dict(checkpoint_path, "run checkpoint", keys=("model",))
-    model = build_model_from_config(config, num_classes, pretrained=False)
-    try:
-        model.load_state_dict(_strip_wrappers(state))
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise FinebenchError(f"{checkpoint_path}: weights do not fit the model of config.json ({first})") from None
-    return AttentionRun(model.to(device).eval(), config, summary, run_dir)
+    run = load_trained_run(run_dir, device)
+    return AttentionRun(run.model, run.config, run.summary, run.run_dir)
 
 
 @contextmanager
@@ -152,27 +115,19 @@ def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCaptur
 
 @dataclass
 class Preprocess:
-    """The run's evaluation transform: the loader's own resize/crop, then its normalisation."""
+    """The run's evaluation transform (the loader's own), returning what the network saw too."""
 
     transform: Any
-    mean: torch.Tensor
-    std: torch.Tensor
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, np.ndarray]:
         """(normalised C×H×W tensor, the H×W×3 uint8 picture the network saw)."""
-        shown = np.array(self.transform(image.convert("RGB")), dtype=np.uint8)  # a writable copy
-        tensor = torch.from_numpy(shown.transpose(2, 0, 1)).float()
-        return (tensor - self.mean) / self.std, shown
+        shown = self.transform(image)
+        return self.transform.normalise(shown), shown
 
 
 def eval_preprocess(config: dict[str, Any], meta: dict[str, Any] | None) -> Preprocess:
-    """The evaluation transform of the data loader for this run's dataset settings.
-
-    The loader keeps it private (``_recipes`` and ``StoreDataset._transform``); reusing it here
-    keeps the maps faithful to what the network saw in testing. A public evaluation transform in
-    the loader would replace these two private names.
-    """
-    from finebench.data import loader
+    """The evaluation transform of the data loader for this run's dataset settings."""
+    from finebench.data.loader import eval_transform
 
     dataset = config.get("dataset", {})
     input_size = dataset.get("input_size") or config.get("input_size")
@@ -180,11 +135,7 @@ def eval_preprocess(config: dict[str, Any], meta: dict[str, Any] | None) -> Prep
         # No prepared store beside the run: judge the image kind from the input size alone.
         meta = {"name": dataset.get("name"), "image_max_side": input_size or 224,
                 "image_size": [input_size, input_size] if input_size else None}
-    _, eval_recipe = loader._recipes(meta, dataset.get("augmentation", "auto"), input_size)
-    store = loader.StoreDataset(None, eval_recipe, 0)
-    mean = torch.tensor(eval_recipe.mean).view(3, 1, 1) * 255
-    std = torch.tensor(eval_recipe.std).view(3, 1, 1) * 255
-    return Preprocess(store._transform, mean, std)
+    return Preprocess(eval_transform(meta, dataset.get("augmentation", "auto"), input_size))
 
 
 def _read_meta(data_root: Path, name: str | None) -> dict[str, Any] | None:

@@ -439,11 +439,15 @@ def _emit_table(table, fmt: str, output, title: str, wide: bool = False) -> None
         return
     stdout = Console()
     if fmt == "markdown" and stdout.is_terminal and not table.empty:
-        text = report_module.wide_view(table) if wide else report_module.format_table(table)
-        stdout.print(report_module.rich_table(text, title=title, caption=report_module.table_note(table)))
+        note = report_module.table_note(table)
+        parts = report_module.terminal_tables(report_module.wide_view(table), stdout.width, title, note) if wide else []
+        if len(parts) != 1:  # the paper's layout does not fit this terminal: one row per variant does
+            parts = report_module.terminal_tables(report_module.format_table(table), stdout.width, title, note)
+        for part in parts:
+            stdout.print(part)
         return
     sys.stdout.write(report_module.render(table, fmt, wide=wide))
-    if fmt == "markdown":
+    if fmt == "markdown" and not table.empty:
         sys.stdout.write(f"\n{report_module.table_note(table)}\n\n")
 
 
@@ -454,14 +458,16 @@ def report_command(
     fmt: str = typer.Option("markdown", "--format", "-f", help="markdown | csv | latex | json."),
     output: str = typer.Option(None, "--output", "-o", help="Write the table to this file (--early adds FILE_early)."),
     error: bool = typer.Option(False, "--error", help="Error rate instead of accuracy (the paper's CIFAR tables)."),
-    reference: bool = typer.Option(False, "--reference", help="Show the authors' number for each experiment beside it."),
+    reference: bool = typer.Option(False, "--reference", help="The authors' number beside each row whose settings their log states (last epoch; best epoch with --best)."),
     reference_file: list[str] = typer.Option(None, "--reference-file", help="Reference CSV(s) instead of results/reference/."),
     best: bool = typer.Option(False, "--best", help="Best-epoch test accuracy (optimistic, as the authors' logs) instead of final."),
     early: bool = typer.Option(False, "--early", help="Also the early-prediction table: each module alone against its FLOPs."),
     plots: str = typer.Option(None, "--plots", help="Write accuracy/cost, learning-curve and early-prediction plots (PNG, SVG) here."),
+    speed: bool = typer.Option(False, "--speed", help="Also the training throughput (img/s; depends on the machine's load at the time)."),
     long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
 ) -> None:
-    """Aggregate every run record into a paper-style table: mean ± std over seeds, gains, overheads."""
+    """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
+    mean per-class accuracy, paired gains with p-values, overheads."""
     from pathlib import Path
 
     from rich.markup import escape
@@ -477,6 +483,7 @@ def report_command(
         reference=reference_file or reference,
         selection="best" if best else "final",
         early=early,
+        speed=speed,
     )
     for warning in result.loaded.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
@@ -485,6 +492,10 @@ def report_command(
         for row in report_module.failed_table(result.loaded.failed).itertuples(index=False):
             err_console.print(escape(f"  {row.Recipe}/{row.Run} {row.Dataset} {row.Backbone} {row.Variant} "
                                      f"seed {row.Seed}: {row.Reason}"), highlight=False, soft_wrap=True)
+    if not result.loaded.running.empty:
+        err_console.print(f"[cyan]{len(result.loaded.running)} run(s) in progress, not in the table:[/]")
+        for line in report_module.running_lines(result.loaded.running):
+            err_console.print(escape(f"  {line}"), highlight=False, soft_wrap=True)
     output_path = Path(output) if output else None
     # the paper's layout unless the user groups by options (an ablation reads better one row per setting)
     wide = not long and not by
@@ -493,7 +504,7 @@ def report_command(
         early_path = output_path.with_name(f"{output_path.stem}_early{output_path.suffix}") if output_path else None
         _emit_table(result.early, fmt, early_path, "early prediction")
     if plots:
-        from finebench.plots import write_plots
+        from finebench.report.plots import write_plots
 
         plot_warnings: list[str] = []
         written = write_plots(result.loaded.runs, Path(plots), error=error, warnings=plot_warnings)
@@ -518,6 +529,55 @@ def attend_command(
     written = attend(run_dir, images or [], split=split, n=n, out_dir=out, data_root=data_root, device=device)
     folder = written[0].parent if written else out
     err_console.print(f"wrote {len(written)} attention map(s) to {folder}", highlight=False)
+
+
+@app.command("eval")
+def eval_command(
+    run_dir: str = typer.Argument(..., help="A run folder (config.json, summary.json, last.pt)."),
+    split: str = typer.Option(None, "--split", help="Prepared split to evaluate \\[default: the run's test split]."),
+    data_root: str = typer.Option(None, "--data-root", help="Prepared datasets folder \\[default: the run's dataset.root]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    json_output: bool = typer.Option(False, "--json", help="Print JSON (with the confusion matrix) instead of a table."),
+) -> None:
+    """Evaluate a run's checkpoint again and print the metrics its final evaluation printed."""
+    import json
+
+    from rich.table import Table
+
+    from finebench.trained import evaluate_run
+
+    metrics = evaluate_run(run_dir, split=split, data_root=data_root, device=device)
+    if json_output:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    console = Console()
+    console.print(f"{run_dir}: {metrics['split']} split, {metrics['images']:,} images, {metrics['precision']}",
+                  highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("loss", f"{metrics['test_loss']:.4f}"), ("top-1", f"{metrics['test_top1']:.2f}"),
+            ("top-5", f"{metrics['test_top5']:.2f}"), ("mean per-class", f"{metrics['mean_class_top1']:.2f}")]
+    if metrics.get("network_top1") is not None:
+        rows.append(("network classifier top-1", f"{metrics['network_top1']:.2f}"))
+    rows += [(f"module {tap} top-1", f"{value:.2f}") for tap, value in metrics["module_top1"].items()]
+    if metrics.get("recorded_top1") is not None:
+        rows.append(("top-1 the run recorded", f"{metrics['recorded_top1']:.2f}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+@app.command("export")
+def export_command(
+    run_dir: str = typer.Argument(..., help="A run folder (config.json, summary.json, last.pt)."),
+    out: str = typer.Option(None, "--out", help="Output folder \\[default: RUN_DIR/export]."),
+) -> None:
+    """Write the run's model as model.safetensors plus a config.json that finebench.trained.load_exported rebuilds."""
+    from finebench.trained import export_run
+
+    written = export_run(run_dir, out)
+    err_console.print(f"wrote {', '.join(str(path) for path in written)}", highlight=False)
 
 
 def main() -> None:

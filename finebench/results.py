@@ -16,6 +16,8 @@ import functools
 import io
 import json
 import os
+import platform
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -91,11 +93,34 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@functools.cache
+def git_dirty() -> bool | None:
+    """Whether the finebench source tree had uncommitted changes to tracked files (None: not a git checkout).
+
+    A run made from a dirty tree is not reproducible from its ``git_commit`` alone.
+    """
+    source = Path(finebench.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def environment() -> dict[str, Any]:
+    import torchvision
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {
         "torch_version": torch.__version__.split("+")[0],
+        "torchvision_version": torchvision.__version__.split("+")[0],
+        "python_version": platform.python_version(),
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": cudnn,
         "finebench_version": finebench.__version__,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "hostname": socket.gethostname(),
     }
 
@@ -129,6 +154,7 @@ class RunDir:
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     summary_path = property(lambda self: self.path / "summary.json")
     checkpoint_path = property(lambda self: self.path / "last.pt")
+    confusion_path = property(lambda self: self.path / "confusion.json")
 
     def summary(self) -> dict[str, Any] | None:
         """``summary.json``, or None before the first write; unreadable is a ``FinebenchError`` naming it."""
@@ -166,8 +192,10 @@ class RunDir:
 
     def discard(self) -> None:
         """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
-        for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path):
+        for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path,
+                     self.confusion_path):
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the discarded run's curves
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -188,6 +216,11 @@ class RunDir:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.summary_path, dict(summary))
+
+    def write_confusion(self, matrix: list[list[int]], classes: list[str] | None = None) -> None:
+        """The final evaluation's confusion matrix (rows: true class, columns: prediction)."""
+        atomic_write_json(self.confusion_path, {"rows": "true class", "columns": "predicted class",
+                                                "classes": classes, "matrix": matrix})
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """One row per logged epoch; a line that is not an epoch's record is a ``FinebenchError`` naming it."""

@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from finebench.data.store import meta_digest
 from finebench.errors import FinebenchError, Interrupted
 from finebench.recipe import LoadedRecipe, RunSpec, expand_runs, held_out_folds
 from finebench.results import (
@@ -34,6 +35,8 @@ from finebench.results import (
     final_entry,
     utc_now,
 )
+from finebench.report.stats import mean_class_accuracy
+from finebench.train.events import TensorBoardLog
 from finebench.train.engine import (
     DistContext,
     RichProgress,
@@ -183,6 +186,7 @@ def _summary(
     train_time_s: float = 0.0,
     images_per_s: float = 0.0,
     data_path: str = "workers",
+    dataset_digest: str | None = None,
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     return {
@@ -218,6 +222,7 @@ def _summary(
         "channels_last": recipe.train.channels_last,
         "data_path": data_path,
         "world_size": ctx.world_size,
+        "dataset_digest": dataset_digest,
         **environment(),
         "started_at": started_at,
         "finished_at": utc_now() if status != "running" else None,
@@ -248,16 +253,29 @@ def _execute(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
         input_size=costs.input_size, device=device, precision=precision, ctx=ctx,
         started_at=previous.get("started_at") or utc_now(), data_path=loaders.path,
+        dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name),
     )
     if ctx.is_main:
         run_dir.write_config(run.config)
         run_dir.write_summary(_summary(loaded, run, status="running", rows=run_dir.read_metrics(), **common))
     label = f"{run.variant_name} seed {run.seed}"
     progress = SilentProgress() if quiet or not ctx.is_main else RichProgress(label, console)
+    events = TensorBoardLog(run_dir.path) if ctx.is_main else None
+
+    def on_epoch(row: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
+        """``report`` shows a run in progress with its epochs done; TensorBoard gets the same row."""
+        if not ctx.is_main:
+            return
+        run_dir.write_summary(_summary(loaded, run, status="running", rows=rows, epochs_completed=int(row["epoch"]),
+                                       **common))
+        if events is not None:
+            events.log(row)
+
     try:
         result = fit(
             model, loaders.train, loaders.test, train,
             mixture=run.variant_kind == "attention", store=run_dir, ctx=ctx, progress=progress,
+            on_epoch=on_epoch,
         )
     # Only a non-finite loss (a ``failed`` result) says something against the run; whatever else stops
     # it leaves the records as they are, so the next ``finebench run`` resumes from the last checkpoint.
@@ -268,11 +286,17 @@ def _execute(
     finally:
         if isinstance(progress, RichProgress):
             progress.close()
+        if events is not None:
+            events.close()
     summary = _summary(
         loaded, run, status=result.status, failure_reason=result.failure_reason, rows=result.rows,
         epochs_completed=result.epochs_completed, train_time_s=result.train_time_s,
         images_per_s=result.images_per_s, **common,
     )
+    if result.confusion is not None and summary["final"] is not None:
+        summary["final"]["mean_class_top1"] = mean_class_accuracy(result.confusion)
+        if ctx.is_main:
+            run_dir.write_confusion(result.confusion, list(getattr(loaders, "classes", None) or []) or None)
     if ctx.is_main:
         run_dir.write_summary(summary)
     if result.status == "failed" and not quiet:

@@ -297,10 +297,14 @@ def test_a_rerun_resumes_the_interrupted_run_on_every_worker(resumed_job: dict, 
 
 def test_two_workers_write_one_set_of_records(resumed_job: dict):
     run_dir = resumed_job["run_dir"]
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "last.pt", "metrics.jsonl",
-                                                          "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "confusion.json", "last.pt",
+                                                          "metrics.jsonl", "summary.json", "tensorboard"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2
+    # The confusion matrix is summed over both workers: every test image once, its diagonal the top-1 count.
+    matrix = json.loads((run_dir / "confusion.json").read_text())["matrix"]
+    assert sum(map(sum, matrix)) == TEST_IMAGES
+    assert 100 * sum(matrix[i][i] for i in range(len(matrix))) / TEST_IMAGES == summary["final"]["test_top1"]
     assert resumed_job["stdout"].count("tiny: results") == 1  # one results table, from rank 0
 
 

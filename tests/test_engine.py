@@ -192,6 +192,33 @@ def test_evaluate_counts_top1_and_top5_exactly():
     assert metrics["test_top5"] == pytest.approx(100.0)
 
 
+def test_evaluate_confusion_matrix_counts_true_class_by_predicted_class():
+    class Fixed(nn.Module):
+        def forward(self, x):
+            logits = x.flatten(1)
+            return ModelOutput(logits.log_softmax(1), logits)
+
+    images = torch.eye(3)[[0, 1, 2, 2, 0]].reshape(5, 3, 1, 1)  # predicts class i for a one-hot at i
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    batches = [(images[:3], labels[:3]), (images[3:], labels[3:])]
+    metrics = evaluate(Fixed(), batches, device=torch.device("cpu"), confusion=True)
+    assert metrics["confusion"] == [[1, 0, 0], [0, 1, 1], [1, 0, 1]]
+    assert "confusion" not in evaluate(Fixed(), batches, device=torch.device("cpu"))
+
+
+def test_fit_returns_the_final_confusion_matrix_and_calls_on_epoch_after_each_epoch(tmp_path):
+    seen = []
+    seed_everything(0)
+    train_loader, test_loader = make_loaders(0)
+    result = fit(TinyNet(), train_loader, test_loader, train_cfg(epochs=2, eval_every=2), mixture=False,
+                 on_epoch=lambda row, rows: seen.append((row["epoch"], "test_top1" in row, len(rows))))
+    assert seen == [(1, False, 0), (2, True, 1)]
+    matrix = torch.tensor(result.confusion)
+    assert matrix.shape == (NUM_CLASSES, NUM_CLASSES) and int(matrix.sum()) == 24
+    assert 100 * int(matrix.trace()) / 24 == pytest.approx(result.rows[-1]["test_top1"])
+    assert "confusion" not in result.rows[-1]
+
+
 def test_precision_auto_is_fp32_or_bf16_and_explicit_choices_are_kept():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) in {"fp32", "bf16"}

@@ -1,4 +1,4 @@
-"""The report's figures are written as non-empty PNG and SVG files, one set per dataset."""
+"""The report's figures are written as non-empty PNG and SVG files, one set per dataset, and draw what they say."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finebench import plots, report
+from finebench import report
+from finebench.report import plots
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from test_report import ATTENTION_OPTIONS, write_run
 
 
@@ -24,7 +26,7 @@ def _records(root: Path) -> Path:
 
 
 def test_write_plots_writes_every_figure_non_empty(tmp_path: Path) -> None:
-    runs, _, _ = report.load_runs([_records(tmp_path / "results")])
+    runs = report.load_runs([_records(tmp_path / "results")]).runs
     written = plots.write_plots(runs, tmp_path / "plots")
     names = {path.name for path in written}
     for stem in ("cost_accuracy_cifar10", "cost_accuracy_cub200", "learning_curves_cifar10",
@@ -41,7 +43,7 @@ def test_learning_curves_skip_bad_metric_lines_with_warning(tmp_path: Path) -> N
     root = _records(tmp_path / "results")
     metrics = next(root.rglob("metrics.jsonl"))
     metrics.write_text(metrics.read_text() + '{"epoch": 4, "train_lo\n')
-    runs, _, _ = report.load_runs([root])
+    runs = report.load_runs([root]).runs
     warnings: list[str] = []
     (tmp_path / "out").mkdir()
     written = plots.plot_learning_curves(runs, tmp_path / "out", warnings=warnings)
@@ -54,3 +56,32 @@ def test_cli_report_plots_option(tmp_path: Path) -> None:
                            str(tmp_path / "figs")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "figs" / "cost_accuracy_cifar10.svg").stat().st_size > 0
+
+
+def test_early_prediction_figure_orders_points_by_cost_and_draws_the_classifier_apart(tmp_path: Path) -> None:
+    root = _records(tmp_path / "results")
+    table = report.early_prediction_table(report.load_runs([root]).runs)
+    figure = plots.early_prediction_figure(table, "cifar10")
+    axes = figure.axes[0]
+    path = next(line for line in axes.lines if line.get_label().startswith("attention-ad3-aw4 (n=2)"))
+    star = next(line for line in axes.lines if "network classifier" in line.get_label())
+    # The module taps and the full model, cheapest first: an early exit after each tap.
+    assert list(path.get_xdata()) == [1.75, 3.5, 5.2, 5.25]
+    assert list(path.get_ydata()) == [40.0, 70.0, 85.0, 91.5]
+    assert star.get_marker() == "*" and star.get_linestyle() == "None"
+    assert list(star.get_xdata()) == [5.24] and list(star.get_ydata()) == [89.0]
+    labels = [text.get_text() for text in axes.texts]
+    assert labels == ["group0", "group1", "group2", "full model"]
+
+
+def test_learning_curves_use_whole_epochs_show_the_seed_spread_and_state_n(tmp_path: Path) -> None:
+    runs = report.load_runs([_records(tmp_path / "results")]).runs
+    figure = plots.learning_curves_figure(runs[runs["dataset"] == "cifar10"], "cifar10")
+    loss = figure.axes[0]
+    FigureCanvasAgg(figure).draw()
+    assert all(float(tick).is_integer() for tick in loss.get_xticks())
+    labels = [line.get_label() for line in loss.lines]
+    assert labels == ["attention-ad3-aw4 (n=2)", "baseline (n=2)"]
+    # Seeds 0 and 1 differ by 0.1 in train loss: the band spans them at every epoch.
+    band = loss.collections[0].get_paths()[0].vertices
+    assert band[:, 1].max() - band[:, 1].min() > 0.1

@@ -284,6 +284,63 @@ def _recipes(meta: dict, augmentation: str, input_size: int | None) -> tuple[_Re
     return train, _Recipe(kind, False, size, resize, False, mean, std)
 
 
+# ---- the evaluation transform, public for tools that feed a trained model ---------------------
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """The test-time transform a run's loader applies: a PIL image → the uint8 H×W×3 array the
+    network sees (resize / centre crop of the store's recipe), then ``normalise`` → float C×H×W.
+
+    ``finebench attend``, ``eval`` and ``export`` use it so that what they feed a trained model is
+    exactly what its test loader fed it.
+    """
+
+    kind: str
+    size: int | None
+    resize: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        recipe = _Recipe(self.kind, False, self.size, self.resize, False, self.mean, self.std)
+        return np.array(StoreDataset(None, recipe, 0)._transform(image.convert("RGB")), dtype=np.uint8)
+
+    def normalise(self, array: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float()
+        mean = torch.tensor(self.mean).view(3, 1, 1) * 255
+        std = torch.tensor(self.std).view(3, 1, 1) * 255
+        return (pixels - mean) / std
+
+
+def eval_transform(meta: dict, augmentation: str = "auto", input_size: int | None = None) -> EvalTransform:
+    """The evaluation transform for a store described by ``meta`` (its meta.json) and a run's settings."""
+    _, recipe = _recipes(meta, augmentation, input_size)
+    return EvalTransform(recipe.kind, recipe.size, recipe.resize, recipe.mean, recipe.std)
+
+
+def build_eval_loader(
+    dataset: str,
+    data_root: Path,
+    split: str,
+    *,
+    batch_size: int,
+    input_size: int | None = None,
+    augmentation: str = "auto",
+    workers: int = 0,
+) -> tuple[DataLoader, dict]:
+    """A loader over one prepared split (or ``a+b``) with the test transform, in store order,
+    batches as the test loader of ``build_loaders`` makes them; returns it with the store's meta."""
+    meta = store.read_meta(Path(data_root), dataset)
+    root = store.store_dir(Path(data_root), dataset)
+    _, recipe = _recipes(meta, augmentation, input_size)
+    folders = split_dirs(root, split, list(meta.get("splits", {})), dataset)
+    source = StoreDataset(_Columns(folders), recipe, 0)
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_Collate(recipe.mean, recipe.std))
+    return loader, meta
+
+
 # ---- in-memory path for small images ----------------------------------------------------------
 
 IN_MEMORY_MAX_BYTES = 2 * 2**30

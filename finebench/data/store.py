@@ -54,6 +54,18 @@ def read_meta(data_root: Path, name: str) -> dict[str, Any]:
         raise FinebenchError(f"{path} is not valid JSON ({error}): rerun `finebench prepare {name} --force`") from error
 
 
+def meta_digest(data_root: Path, name: str) -> str | None:
+    """``sha256:<hex>`` of the store's meta.json, which names one prepared build (its sources'
+    checksums, split sizes, creation time): what a run records to say which data it trained on."""
+    import hashlib
+
+    path = store_dir(data_root, name) / META_FILE
+    try:
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def disk_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 

@@ -284,11 +284,17 @@ def evaluate(
     mixture: bool = False,
     channels_last: bool = False,
     ctx: DistContext | None = None,
+    confusion: bool = False,
 ) -> dict[str, Any]:
-    """Loss, top-1, top-5 and, for attention models, the network's and each module's own top-1."""
+    """Loss, top-1, top-5 and, for attention models, the network's and each module's own top-1.
+
+    ``confusion``: also the N×N confusion matrix (rows: true class, columns: top-1 prediction),
+    summed over ranks like the other counts, so per-class figures are exact under DDP too.
+    """
     ctx = ctx or DistContext()
     model.eval()
     totals: torch.Tensor | None = None
+    matrix: torch.Tensor | None = None
     module_count = 0
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
@@ -309,6 +315,10 @@ def evaluate(
             row.extend((m.argmax(dim=1) == labels).sum().double() for m in output.module_logits)
         batch = torch.stack(row)
         totals = batch if totals is None else totals + batch
+        if confusion:
+            classes = scores.shape[1]
+            counts = torch.bincount(labels * classes + top5[:, 0], minlength=classes * classes)
+            matrix = counts if matrix is None else matrix + counts
     if totals is None:
         raise FinebenchError("the test split is empty: nothing to evaluate")
     values = ctx.reduce_sum(totals).tolist()
@@ -325,6 +335,9 @@ def evaluate(
         result["network_top1"] = 100.0 * values[4] / count
         names = tap_names(getattr(unwrapped, "_orig_mod", unwrapped), module_count)
         result["module_top1"] = {name: 100.0 * v / count for name, v in zip(names, values[5:])}
+    if matrix is not None:
+        classes = math.isqrt(matrix.numel())
+        result["confusion"] = ctx.reduce_sum(matrix.double()).view(classes, classes).long().tolist()
     return result
 
 
@@ -417,6 +430,8 @@ class FitResult:
     images_per_s: float
     precision: str
     device: torch.device
+    confusion: list[list[int]] | None = None
+    """Confusion matrix of the final evaluation (rows: true class); None when it did not run."""
 
 
 class RunStore(Protocol):
@@ -503,11 +518,14 @@ def fit(
     ctx: DistContext | None = None,
     progress: Progress | None = None,
     checkpoint_extra: Mapping[str, Any] | None = None,
+    on_epoch: Callable[[Mapping[str, Any], list[dict[str, Any]]], None] | None = None,
 ) -> FitResult:
     """Train for ``train.epochs``, resuming from the store's checkpoint when it has one.
 
     The caller seeds the RNGs and builds the model and loaders; ``fit`` owns everything from the
     optimiser on. A NaN/inf loss ends the run with status ``failed`` instead of raising.
+    ``on_epoch(row, rows)`` runs on rank 0 after each epoch's records are written (the runner's
+    live summary and TensorBoard events).
     """
     ctx = ctx or DistContext()
     progress = progress or SilentProgress()
@@ -549,9 +567,12 @@ def fit(
         rows = [row for row in store.read_metrics() if row["epoch"] < start_epoch]
         progress.message(f"resuming from epoch {start_epoch - 1}")
 
+    final_confusion: list[list[int]] | None = None
+
     def result(status: str, reason: str | None, epochs_done: int) -> FitResult:
         throughput = train_images / train_time if train_time else 0.0
-        return FitResult(status, reason, rows, epochs_done, train_time, throughput, precision, device)
+        return FitResult(status, reason, rows, epochs_done, train_time, throughput, precision, device,
+                         confusion=final_confusion)
 
     for epoch in range(start_epoch, train.epochs + 1):
         sampler = getattr(train_loader, "sampler", None)
@@ -578,8 +599,9 @@ def fit(
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             metrics = evaluate(
                 eval_model, test_loader, device=device, precision=precision, mixture=mixture,
-                channels_last=train.channels_last, ctx=ctx,
+                channels_last=train.channels_last, ctx=ctx, confusion=epoch == train.epochs,
             )
+            final_confusion = metrics.pop("confusion", None)
             row = {"epoch": epoch, "train_loss": row["train_loss"], "train_top1": row["train_top1"], **metrics,
                    **{k: row[k] for k in ("lr", "epoch_time_s", "images_per_s")}}
             if not math.isfinite(row["test_loss"]):
@@ -607,6 +629,8 @@ def fit(
                     **dict(checkpoint_extra or {}),
                 }
             )
+        if on_epoch is not None and ctx.is_main:
+            on_epoch(row, rows)
     return result("finished", None, train.epochs)
 
 

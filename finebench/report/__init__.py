@@ -1,0 +1,69 @@
+"""``finebench report``: run records → the tables and figures of a paper.
+
+One module per job, each read top to bottom: ``records`` (summary.json → one row per run and its
+settings), ``stats`` (confidence intervals, paired tests, per-class accuracy), ``reference`` (the
+authors' numbers and when one matches), ``tables`` (groups → numeric tables), ``render`` (markdown,
+CSV, LaTeX, JSON, terminal) and ``plots`` beside them. This module holds the one call the CLI makes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import pandas as pd
+
+from finebench.report.records import LoadedRuns, find_summaries, load_metrics, load_runs
+from finebench.report.reference import REFERENCE_COLUMNS, load_reference
+from finebench.report.render import (
+    FORMATS,
+    failed_table,
+    format_table,
+    render,
+    rich_table,
+    running_lines,
+    table_note,
+    terminal_tables,
+    wide_view,
+)
+from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction_table, summary_table
+
+__all__ = [
+    "COLUMN_ALIASES", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
+    "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
+    "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
+]
+
+
+class Report(NamedTuple):
+    table: pd.DataFrame
+    early: pd.DataFrame | None
+    loaded: LoadedRuns
+
+
+def make_report(
+    paths: Sequence[str | Path] = ("results",),
+    by: Sequence[str] | None = None,
+    error: bool = False,
+    reference: bool | Sequence[str | Path] = False,
+    selection: Literal["final", "best"] = "final",
+    early: bool = False,
+    speed: bool = False,
+) -> Report:
+    """Load the records and build the tables a ``finebench report`` call asks for."""
+    loaded = load_runs(paths)
+    reference_table = None
+    if reference:
+        reference_table = load_reference(None if reference is True else reference)
+    table = summary_table(loaded.runs, by=by, error=error, reference=reference_table, selection=selection,
+                          speed=speed)
+    early_table = early_prediction_table(loaded.runs, error=error) if early else None
+    return Report(table, early_table, loaded)
+
+
+def split_by(values: Sequence[str] | None) -> list[str] | None:
+    """``--by dataset,AD --by AW`` → [dataset, AD, AW]: Typer options take one value each."""
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]

@@ -1,0 +1,184 @@
+"""The report's figures: accuracy against cost, learning curves and early prediction, per dataset.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas rather than pyplot, so
+nothing depends on a display or on pyplot's global state (safe in threads and on servers).
+Every figure is written as PNG (for a quick look) and SVG (for the paper), states the number of
+runs behind each series, and keeps its tick labels apart (a few ticks, whole epochs).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from finebench.report.records import load_metrics
+from finebench.report.stats import mean_ci
+from finebench.report.tables import early_prediction_table
+
+SUFFIXES: tuple[str, ...] = ("png", "svg")
+NETWORK_CLASSIFIER = "network classifier"
+FULL_MODEL = "full model"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "unnamed"
+
+
+def _save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    written = []
+    for suffix in SUFFIXES:
+        path = out_dir / f"{stem}.{suffix}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        figure.savefig(tmp, format=suffix, dpi=150)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def _series_label(backbone: str, variant: str, several_backbones: bool, n: int) -> str:
+    name = f"{backbone} {variant}" if several_backbones else str(variant)
+    return f"{name} (n={n})"
+
+
+def _finish_axes(axes: Axes, xlabel: str, ylabel: str, title: str, integer_x: bool = False) -> None:
+    """The same labels, grid and legend on every panel; few ticks so their labels never overlap."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=integer_x, min_n_ticks=2))
+    axes.yaxis.set_major_locator(MaxNLocator(nbins=6))
+    if axes.has_data() and axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7)
+
+
+def plot_cost_accuracy(runs: pd.DataFrame, out_dir: Path, error: bool = False) -> list[Path]:
+    """Accuracy against FLOPs and against parameters: a faint point per run, mean ± 95% CI per variant."""
+    written: list[Path] = []
+    metric = "Error (%)" if error else "Top-1 (%)"
+    for dataset, data in runs.groupby("dataset", sort=True):
+        data = data.assign(value=100.0 - data["top1"] if error else data["top1"])
+        several = data["backbone_label"].nunique() > 1
+        figure = Figure(figsize=(11, 4.5))
+        for index, (cost, unit, scale) in enumerate((("flops", "GFLOPs", 1e9), ("params", "M params", 1e6))):
+            axes = figure.add_subplot(1, 2, index + 1)
+            for (backbone, variant), series in data.groupby(["backbone_label", "variant_name"], sort=True):
+                x = pd.to_numeric(series[cost], errors="coerce") / scale
+                if x.isna().all():
+                    continue
+                summary = mean_ci(series["value"])
+                points = axes.scatter(x, series["value"], alpha=0.35, s=14)
+                yerr = 0.0 if math.isnan(summary.half_width) else summary.half_width
+                axes.errorbar(x.mean(), summary.mean, yerr=yerr, fmt="o", capsize=4,
+                              color=points.get_facecolor()[0][:3],
+                              label=_series_label(backbone, variant, several, summary.n))
+            _finish_axes(axes, unit, metric, f"{dataset}: {metric} vs {unit} (bars: 95% CI)")
+        written += _save(figure, out_dir, f"cost_accuracy_{_slug(dataset)}")
+    return written
+
+
+def learning_curves_figure(runs: pd.DataFrame, title: str, warnings: list[str] | None = None) -> Figure | None:
+    """Train loss and test top-1 per epoch of ``runs``: the mean over seeds and a min–max band."""
+    curves = []
+    for run in runs.itertuples():
+        metrics, problems = load_metrics(run.run_dir)
+        if warnings is not None:
+            warnings.extend(problems)
+        if not metrics.empty:
+            curves.append(metrics.assign(backbone_label=run.backbone_label, variant_name=run.variant_name,
+                                         run_id=run.run_id))
+    if not curves:
+        return None
+    table = pd.concat(curves, ignore_index=True)
+    several = table["backbone_label"].nunique() > 1
+    figure = Figure(figsize=(11, 4.5))
+    for index, (column, label) in enumerate((("train_loss", "train loss"), ("test_top1", "test top-1 (%)"))):
+        axes = figure.add_subplot(1, 2, index + 1)
+        if column in table:
+            for (backbone, variant), series in table.groupby(["backbone_label", "variant_name"], sort=True):
+                values = pd.to_numeric(series[column], errors="coerce").groupby(series["epoch"])
+                mean, low, high = values.mean(), values.min(), values.max()
+                line = axes.plot(mean.index, mean.values, marker="o", markersize=3,
+                                 label=_series_label(backbone, variant, several, series["run_id"].nunique()))
+                axes.fill_between(mean.index, low.values, high.values, alpha=0.2, color=line[0].get_color())
+        _finish_axes(axes, "epoch", label, f"{title}: {label} (band: min–max over seeds)", integer_x=True)
+    return figure
+
+
+def plot_learning_curves(runs: pd.DataFrame, out_dir: Path, warnings: list[str] | None = None) -> list[Path]:
+    """One learning-curve figure per dataset."""
+    written: list[Path] = []
+    for dataset, data in runs.groupby("dataset", sort=True):
+        figure = learning_curves_figure(data, str(dataset), warnings)
+        if figure is not None:
+            written += _save(figure, out_dir, f"learning_curves_{_slug(dataset)}")
+    return written
+
+
+def early_prediction_figure(table: pd.DataFrame, dataset: str, error: bool = False) -> Figure:
+    """One dataset's early-prediction panel from ``early_prediction_table``.
+
+    The attention modules and the full model form one line in order of cost (an early exit after
+    each tap); the network's own classifier is not on that path (it needs the whole backbone but
+    no module), so it is a separate star marker of the same colour.
+    """
+    metric = "error" if error else "top1"
+    data = table[table["dataset"] == dataset]
+    figure = Figure(figsize=(6.5, 4.5))
+    axes = figure.add_subplot(1, 1, 1)
+    several = data["backbone_label"].nunique() > 1
+    split = "setting" in data and (data["setting"] != "").any()
+    for key, series in data.groupby(["backbone_label", "variant_name", *(["setting"] if split else [])], sort=True):
+        backbone, variant = key[0], f"{key[1]} {key[2]}".strip() if split else key[1]
+        series = series.dropna(subset=["flops"])
+        n = int(series["n"].max()) if len(series) else 0
+        path = series[series["source"] != NETWORK_CLASSIFIER].sort_values("flops", kind="stable")
+        x, y = path["flops"] / 1e9, path[f"{metric}_mean"]
+        (line,) = axes.plot(x, y, marker="o", label=_series_label(backbone, variant, several, n))
+        axes.errorbar(x, y, yerr=path[f"{metric}_ci"].fillna(0.0), fmt="none", capsize=3, color=line.get_color())
+        for xi, yi, source in zip(x, y, path["source"]):
+            axes.annotate(str(source), (xi, yi), fontsize=7, xytext=(4, -10), textcoords="offset points",
+                          color=line.get_color())
+        network = series[series["source"] == NETWORK_CLASSIFIER]
+        if not network.empty:
+            axes.plot(network["flops"] / 1e9, network[f"{metric}_mean"], linestyle="none", marker="*",
+                      markersize=11, color=line.get_color(), label=f"{variant}: {NETWORK_CLASSIFIER}")
+    axes.margins(x=0.12)  # room for the labels of the first and last points
+    _finish_axes(axes, "GFLOPs to reach the classifier", "Error (%)" if error else "Top-1 (%)",
+                 f"{dataset}: early prediction (bars: 95% CI)")
+    return figure
+
+
+def plot_early_prediction(runs: pd.DataFrame, out_dir: Path, error: bool = False) -> list[Path]:
+    """Each module's accuracy alone against the cumulative FLOPs to its tap, then the full model."""
+    table = early_prediction_table(runs, error=error)
+    if table.empty:
+        return []
+    written: list[Path] = []
+    for dataset in sorted(table["dataset"].unique()):
+        written += _save(early_prediction_figure(table, dataset, error), out_dir,
+                         f"early_prediction_{_slug(dataset)}")
+    return written
+
+
+def write_plots(runs: pd.DataFrame, out_dir: str | Path, error: bool = False,
+                warnings: list[str] | None = None) -> list[Path]:
+    """Every figure of the report into ``out_dir``; returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if runs.empty:
+        return []
+    written: list[Path] = []
+    written += plot_cost_accuracy(runs, out, error=error)
+    written += plot_learning_curves(runs, out, warnings=warnings)
+    written += plot_early_prediction(runs, out, error=error)
+    return written

@@ -1,0 +1,390 @@
+"""Run records → one DataFrame row per run: read every ``summary.json``, its config and confusion matrix.
+
+The report reads only what ``finebench run`` wrote, so it can be rerun at any time while trainings
+go on. A record that cannot be read is skipped with a warning that names its file: one corrupt
+file must never cost the researcher the whole table.
+
+Each run also gets its *settings*: the resolved config flattened to dotted keys (``train.lr``,
+``variant.options.attention_depth``), minus what only says where or how fast a run went and minus
+the seed and the k-fold held-out fold. Two runs share a table row only when their settings are
+equal, so runs that differ in anything but the seed (and fold) are never pooled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from finebench.errors import FinebenchError
+from finebench.report.stats import mean_class_accuracy
+
+CONFUSION_FILE = "confusion.json"
+
+# Settings that change where or how fast a run goes, or which repetition it is, but not what it
+# computes (the same rule as the run id's, plus the two repetition axes the report pools over).
+IGNORED_SETTINGS: tuple[str, ...] = (
+    "seed", "recipe", "dataset.fold", "dataset.root", "train.workers", "train.threads", "train.log_every",
+)
+
+
+class FinalMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    epoch: int | None = None
+    test_top1: float
+    test_top5: float | None = None
+    test_loss: float | None = None
+    train_loss: float | None = None
+    network_top1: float | None = None
+    module_top1: dict[str, float] = Field(default_factory=dict)
+    mean_class_top1: float | None = None
+
+
+class BestMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    epoch: int | None = None
+    test_top1: float | None = None
+
+
+class RunSummary(BaseModel):
+    """The fields of ``summary.json`` the report relies on; anything else is kept but unchecked."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    schema_version: int = Field(1, alias="schema")
+    run_id: str
+    recipe: str
+    status: Literal["finished", "failed", "running"]
+    failure_reason: str | None = None
+    dataset: str
+    num_classes: int | None = None
+    backbone: str
+    backbone_label: str
+    variant: str
+    variant_name: str
+    variant_options: dict[str, Any] = Field(default_factory=dict)
+    seed: int
+    epochs: int | None = None
+    epochs_completed: int | None = None
+    final: FinalMetrics | None = None
+    best: BestMetrics | None = None
+    params: float | None = None
+    flops: float | None = None
+    params_baseline: float | None = None
+    flops_baseline: float | None = None
+    module_flops: dict[str, float] = Field(default_factory=dict)
+    input_size: int | None = None
+    train_time_s: float | None = None
+    images_per_s: float | None = None
+    device: str | None = None
+    precision: str | None = None
+    config: dict[str, Any] | None = None
+
+
+class LoadedRuns(NamedTuple):
+    runs: pd.DataFrame
+    """One row per finished run (see ``RUN_COLUMNS``; variant options and dotted settings as columns)."""
+    failed: pd.DataFrame
+    """One row per failed run: where, what and why."""
+    running: pd.DataFrame
+    """One row per run still training (or interrupted): where and how far."""
+    warnings: list[str]
+    """One line per record skipped, naming its file."""
+
+
+RUN_COLUMNS: tuple[str, ...] = (
+    "run_dir", "recipe", "run_id", "dataset", "num_classes", "backbone", "backbone_label",
+    "variant", "variant_name", "seed", "fold", "epochs", "epochs_completed", "top1", "top5",
+    "mean_class_top1", "best_top1", "best_epoch", "network_top1", "module_top1", "module_flops",
+    "params", "flops", "params_baseline", "flops_baseline", "params_overhead_pct", "flops_overhead_pct",
+    "images_per_s", "train_time_s", "device", "precision", "dropout", "settings", "base_settings",
+)
+FAILED_COLUMNS: tuple[str, ...] = (
+    "run_dir", "recipe", "run_id", "dataset", "backbone_label", "variant_name", "seed",
+    "epochs_completed", "failure_reason",
+)
+RUNNING_COLUMNS: tuple[str, ...] = (
+    "run_dir", "recipe", "run_id", "dataset", "backbone_label", "variant_name", "seed", "fold",
+    "epochs_completed", "epochs", "last_top1",
+)
+
+
+def find_summaries(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``summary.json`` at or below ``paths`` (a results folder, a run folder or the file).
+
+    A path that does not exist is the user's error (a typo would otherwise give an empty table).
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(path.rglob("summary.json")))
+        else:
+            raise FinebenchError(f"{path}: no such file or folder; expected a results folder, a run folder or a summary.json")
+    return sorted(set(found))
+
+
+def load_runs(paths: Iterable[str | Path] = ("results",)) -> LoadedRuns:
+    """Read every run record below ``paths``; unreadable records become warnings, never errors."""
+    summaries = find_summaries(paths)
+    problems: list[str] = []
+    seen: dict[str, Path] = {}
+    rows: list[dict[str, Any]] = []
+    failed_rows: list[dict[str, Any]] = []
+    running_rows: list[dict[str, Any]] = []
+    for summary_path in summaries:
+        try:
+            raw = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            problems.append(f"{summary_path}: skipped, not readable JSON ({error})")
+            continue
+        try:
+            summary = RunSummary.model_validate(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            problems.append(f"{summary_path}: skipped, field {field!r}: {first['msg']}")
+            continue
+        run_dir = summary_path.parent
+        if summary.run_id in seen:
+            # A copied results folder would otherwise count one seed twice.
+            problems.append(f"{summary_path}: skipped, run {summary.run_id} already read from {seen[summary.run_id]}")
+            continue
+        seen[summary.run_id] = summary_path
+        config = _run_config(summary, run_dir, problems)
+        if summary.status == "failed":
+            failed_rows.append(_failed_row(summary, run_dir))
+        elif summary.status == "running":
+            running_rows.append(_running_row(summary, run_dir, config))
+        elif summary.final is None:
+            problems.append(f"{summary_path}: skipped, status 'finished' but no 'final' metrics")
+        else:
+            rows.append(_run_row(summary, run_dir, config, problems))
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        runs = pd.DataFrame(columns=list(RUN_COLUMNS))
+    failed = pd.DataFrame(failed_rows, columns=list(FAILED_COLUMNS))
+    running = pd.DataFrame(running_rows, columns=list(RUNNING_COLUMNS))
+    return LoadedRuns(runs, failed, running, problems)
+
+
+def _run_config(summary: RunSummary, run_dir: Path, problems: list[str]) -> dict[str, Any]:
+    """The resolved config: summary.json's own copy where it has one, else config.json beside it."""
+    if summary.config is not None:
+        return summary.config
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problems.append(f"{path}: not readable JSON ({error}); the run is grouped by its summary alone")
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}``; lists become JSON text (hashable)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_settings(summary: RunSummary, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the run computes, as dotted keys; the summary fills in what a sparse config leaves out."""
+    settings = flatten(config)
+    known = {
+        "dataset.name": summary.dataset,
+        "model.backbone": summary.backbone,
+        "model.label": summary.backbone_label,
+        "variant.kind": summary.variant,
+        "variant.name": summary.variant_name,
+        "train.epochs": summary.epochs,
+        **{f"variant.options.{k}": v for k, v in flatten(summary.variant_options).items()},
+    }
+    for key, value in known.items():
+        settings.setdefault(key, value)
+    ignored = set(IGNORED_SETTINGS)
+    if run_fold(config, summary) is not None:
+        # On a k-fold protocol the splits follow from the held-out fold: they vary with it.
+        ignored |= {"dataset.train_split", "dataset.test_split"}
+    return {k: v for k, v in settings.items() if k not in ignored}
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    return json.dumps(dict(sorted(settings.items())), default=str)
+
+
+def run_fold(config: Mapping[str, Any], summary: RunSummary | None = None) -> int | None:
+    """The held-out fold of a k-fold run (``dataset.fold``, else summary.json's ``fold``); None on a fixed split."""
+    fold = (config.get("dataset") or {}).get("fold") if isinstance(config.get("dataset"), dict) else None
+    if fold is None and summary is not None:
+        fold = (summary.model_extra or {}).get("fold")
+    return int(fold) if isinstance(fold, (int, float)) and not isinstance(fold, bool) else None
+
+
+def _overhead_pct(value: float | None, baseline: float | None) -> float:
+    if value is None or not baseline:
+        return math.nan
+    return (value / baseline - 1.0) * 100.0
+
+
+def read_confusion(run_dir: Path) -> list[list[int]] | None:
+    """The confusion matrix the run saved at its final evaluation (rows: true class), if any."""
+    path = Path(run_dir) / CONFUSION_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    matrix = record.get("matrix") if isinstance(record, dict) else None
+    if not isinstance(matrix, list):
+        raise ValueError(f"{path}: no 'matrix' list")
+    return matrix
+
+
+def _mean_class(summary: RunSummary, run_dir: Path, problems: list[str]) -> float:
+    """From the saved confusion matrix (the record itself), else the summary's copy of the figure."""
+    try:
+        matrix = read_confusion(run_dir)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
+        problems.append(f"{run_dir / CONFUSION_FILE}: ignored, not a readable confusion matrix ({error})")
+        matrix = None
+    if matrix is not None:
+        return mean_class_accuracy(matrix)
+    value = summary.final.mean_class_top1 if summary.final is not None else None
+    return math.nan if value is None else float(value)
+
+
+def _run_row(summary: RunSummary, run_dir: Path, config: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    final = summary.final
+    assert final is not None
+    best = summary.best or BestMetrics()
+    settings = run_settings(summary, config)
+    row: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "recipe": summary.recipe,
+        "run_id": summary.run_id,
+        "dataset": summary.dataset,
+        "num_classes": summary.num_classes,
+        "backbone": summary.backbone,
+        "backbone_label": summary.backbone_label,
+        "variant": summary.variant,
+        "variant_name": summary.variant_name,
+        "seed": summary.seed,
+        "fold": run_fold(config, summary),
+        "epochs": summary.epochs,
+        "epochs_completed": summary.epochs_completed,
+        "top1": final.test_top1,
+        "top5": final.test_top5,
+        "mean_class_top1": _mean_class(summary, run_dir, problems),
+        "best_top1": best.test_top1,
+        "best_epoch": best.epoch,
+        "network_top1": final.network_top1,
+        "module_top1": dict(final.module_top1),
+        "module_flops": dict(summary.module_flops),
+        "params": summary.params,
+        "flops": summary.flops,
+        "params_baseline": summary.params_baseline,
+        "flops_baseline": summary.flops_baseline,
+        "params_overhead_pct": _overhead_pct(summary.params, summary.params_baseline),
+        "flops_overhead_pct": _overhead_pct(summary.flops, summary.flops_baseline),
+        "images_per_s": summary.images_per_s,
+        "train_time_s": summary.train_time_s,
+        "device": summary.device,
+        "precision": summary.precision,
+        "dropout": _run_dropout(summary, config),
+        "settings": fingerprint(settings),
+        # What a baseline must share with a variant to be its baseline: everything but the variant.
+        "base_settings": fingerprint({k: v for k, v in settings.items() if not k.startswith("variant.")}),
+    }
+    for option, value in summary.variant_options.items():
+        column = option if option not in row else f"option_{option}"
+        row[column] = value if not isinstance(value, (list, dict)) else json.dumps(value)
+    for key, value in settings.items():
+        row.setdefault(key, value)
+    return row
+
+
+def _failed_row(summary: RunSummary, run_dir: Path) -> dict[str, Any]:
+    return {
+        "run_dir": str(run_dir), "recipe": summary.recipe, "run_id": summary.run_id,
+        "dataset": summary.dataset, "backbone_label": summary.backbone_label,
+        "variant_name": summary.variant_name, "seed": summary.seed,
+        "epochs_completed": summary.epochs_completed,
+        "failure_reason": summary.failure_reason or "(no reason recorded)",
+    }
+
+
+def _running_row(summary: RunSummary, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    last = summary.final.test_top1 if summary.final is not None else None
+    return {
+        "run_dir": str(run_dir), "recipe": summary.recipe, "run_id": summary.run_id,
+        "dataset": summary.dataset, "backbone_label": summary.backbone_label,
+        "variant_name": summary.variant_name, "seed": summary.seed, "fold": run_fold(config, summary),
+        "epochs_completed": summary.epochs_completed or 0, "epochs": summary.epochs, "last_top1": last,
+    }
+
+
+def _run_dropout(summary: RunSummary, config: Mapping[str, Any]) -> float:
+    """The run's dropout rate, a setting some reference numbers state; 0 when the run sets none."""
+    if "dropout" in summary.variant_options:
+        return float(summary.variant_options["dropout"])
+    found = _find_key(config, ("dropout", "drop_rate", "dropout_rate"))
+    try:
+        return float(found) if found is not None else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _find_key(tree: Any, keys: Sequence[str]) -> Any:
+    """First value under any of ``keys`` in a nested config, without assuming its layout."""
+    if isinstance(tree, dict):
+        for key in keys:
+            if key in tree and not isinstance(tree[key], (dict, list)):
+                return tree[key]
+        for value in tree.values():
+            found = _find_key(value, keys)
+            if found is not None:
+                return found
+    elif isinstance(tree, list):
+        for value in tree:
+            found = _find_key(value, keys)
+            if found is not None:
+                return found
+    return None
+
+
+def load_metrics(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """A run's ``metrics.jsonl`` as one row an epoch; bad lines (a crash mid-write) are skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        return pd.DataFrame(), [f"{path}: skipped, not readable ({error})"]
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            problems.append(f"{path}:{number}: skipped line, not valid JSON")
+            continue
+        if not isinstance(record, dict) or "epoch" not in record:
+            problems.append(f"{path}:{number}: skipped line, no 'epoch'")
+            continue
+        rows.append(record)
+    return pd.DataFrame(rows), problems

@@ -1,0 +1,327 @@
+"""Numeric tables → text: markdown, CSV, LaTeX (booktabs), JSON and rich tables for a terminal.
+
+CSV and JSON keep every number as a number (mean, std, CI half-width, paired difference, p-value,
+significance), which is what scripts want. The text formats merge a mean and its interval into one
+cell (``96.50 ± 0.50``), mark a gain whose interval excludes 0 with ``*``, and keep headers short;
+``table_note`` is the legend that says what every short header and symbol means.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings as _warnings
+from typing import Any
+
+import pandas as pd
+
+from finebench.errors import FinebenchError
+
+FORMATS: tuple[str, ...] = ("markdown", "csv", "latex", "json")
+MISSING = "—"
+SIGNIFICANT = "*"
+
+_HEADERS = {
+    "dataset": "Dataset", "backbone_label": "Backbone", "variant_name": "Variant", "variant": "Kind",
+    "attention_depth": "AD", "attention_width": "AW", "source": "Classifier", "n": "n",
+    "setting": "Setting", "params": "Params", "params_overhead_pct": "ΔP%", "flops": "FLOPs",
+    "flops_overhead_pct": "ΔF%", "images_per_s": "img/s", "flops_pct_of_full": "% FLOPs",
+    "unpaired": "Unpaired", "fold": "Fold",
+}
+# Columns merged into another cell or left to CSV/JSON.
+_HIDDEN = {"baseline_top1", "baseline_error", "n_pairs", "significant", "delta_ci", "reference_selection",
+           "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci"}
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt_number(value: Any, digits: int = 2, signed: bool = False) -> str:
+    if is_missing(value):
+        return MISSING
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def fmt_plain(value: Any) -> str:
+    """Option values as written in the recipe: AD 3, not 3.0 (pandas widens a column with gaps)."""
+    if is_missing(value):
+        return MISSING
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def fmt_mean_ci(mean: Any, half_width: Any) -> str:
+    if is_missing(mean):
+        return MISSING
+    return f"{mean:.2f}" if is_missing(half_width) else f"{mean:.2f} ± {half_width:.2f}"
+
+
+def fmt_gain(mean: Any, half_width: Any, significant: Any, n_pairs: Any) -> str:
+    if is_missing(mean):
+        return MISSING
+    text = f"{mean:+.2f}" if is_missing(half_width) else f"{mean:+.2f} ± {half_width:.2f}"
+    return text + (SIGNIFICANT if bool(significant) else "")
+
+
+def fmt_p(value: Any) -> str:
+    if is_missing(value):
+        return MISSING
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def count_formatter(values: pd.Series, unit: str) -> list[str]:
+    """Parameters in M, FLOPs in G, with as many decimals as it takes to tell distinct values apart.
+
+    ``0.04G`` against ``0.05G`` says little about two variants: every value keeps three significant
+    digits, and the decimals grow (up to 6) until every distinct value in the column reads distinct.
+    """
+    scale = {"M": 1e6, "G": 1e9}[unit]
+    numbers = pd.to_numeric(values, errors="coerce")
+    distinct = {round(v / scale, 9) for v in numbers.dropna()}
+    smallest = min((abs(v) for v in distinct if v), default=1.0)
+    # At least three significant digits of the smallest value (0.0412G, not 0.04G), two decimals at least.
+    digits = max(2, 2 - math.floor(math.log10(smallest)))
+    while digits < 6 and len({f"{v:.{digits}f}" for v in distinct}) < len(distinct):
+        digits += 1
+    return [MISSING if is_missing(v) else f"{v / scale:.{digits}f}{unit}" for v in numbers]
+
+
+def format_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Display text for each cell of a summary or early-prediction table (long layout)."""
+    metric = table.attrs.get("metric", "top1")
+    label = "Error" if metric == "error" else "Top-1"
+    out = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        if column in _HIDDEN:
+            continue
+        values = table[column]
+        header = _HEADERS.get(column, column)
+        if column == f"{metric}_mean":
+            out[label] = [fmt_mean_ci(m, c) for m, c in zip(values, table.get(f"{metric}_ci", values * math.nan))]
+        elif column == f"class_{metric}_mean":
+            if values.isna().all():
+                continue  # records from before confusion matrices were saved
+            out["Class"] = [fmt_mean_ci(m, c) for m, c in zip(values, table[f"class_{metric}_ci"])]
+        elif column == "top5_mean":
+            if "reference_top5" in table:
+                out["Top-5"] = [fmt_number(v) for v in values]
+        elif column == "delta_pt":
+            out["ΔErr" if metric == "error" else "Gain"] = [
+                fmt_gain(m, c, s, n) for m, c, s, n in
+                zip(values, table["delta_ci"], table["significant"], table["n_pairs"])]
+        elif column == "p_value":
+            out["p"] = [fmt_p(v) for v in values]
+        elif column == "unpaired":
+            if (pd.to_numeric(values, errors="coerce").fillna(0) > 0).any():
+                out[header] = [fmt_plain(v) for v in values]
+        elif column in ("params_overhead_pct", "flops_overhead_pct"):
+            out[header] = [fmt_number(v, signed=True) for v in values]
+        elif column == "params":
+            out[header] = count_formatter(values, "M")
+        elif column == "flops":
+            out[header] = count_formatter(values, "G")
+        elif column == "images_per_s":
+            out[header] = [MISSING if is_missing(v) else f"{v:,.0f}" for v in values]
+        elif column == "flops_pct_of_full":
+            out[header] = [fmt_number(v, 1) for v in values]
+        elif column == f"reference_{metric}":
+            out["Paper"] = [fmt_number(v) for v in values]
+        elif column == "reference_top5":
+            out["Paper top-5"] = [fmt_number(v) for v in values]
+        else:
+            out[header] = [fmt_plain(v) for v in values]
+    out = out.reset_index(drop=True)
+    # Numbers align right, names left: decided by what the column held before it became text.
+    text_columns = {_HEADERS.get(c, c) for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])}
+    out.attrs["align"] = ["left" if column in text_columns else "right" for column in out.columns]
+    return out
+
+
+def wide_view(table: pd.DataFrame) -> pd.DataFrame:
+    """The paper's layout: one row per group (dataset × backbone), a block of columns per variant.
+
+    Text only (for markdown, LaTeX and terminals); CSV and JSON keep the long numeric table.
+    """
+    metric = table.attrs.get("metric", "top1")
+    variant_key = "variant_name" if "variant_name" in table else "variant"
+    group_keys = [c for c in table.attrs.get("keys", []) if c in table and c not in ("variant", "variant_name")]
+    if "setting" in table:
+        group_keys.append("setting")
+    measure = "error" if metric == "error" else "top-1"
+    gain = "Δerr" if metric == "error" else "gain"
+    with_reference = f"reference_{metric}" in table
+    with_speed = "images_per_s" in table
+    rows: dict[tuple[Any, ...], dict[str, str]] = {}
+    variants: list[str] = []
+    for _, record in table.iterrows():
+        key = tuple(fmt_plain(record[c]) for c in group_keys)
+        row = rows.setdefault(key, {_HEADERS.get(c, c): value for c, value in zip(group_keys, key)})
+        name = str(record[variant_key])
+        if name not in variants:
+            variants.append(name)
+        score = fmt_mean_ci(record[f"{metric}_mean"], record[f"{metric}_ci"])
+        row[f"{name} {measure}"] = f"{score} (n={record['n']})"
+        row[f"{name} class"] = fmt_mean_ci(record[f"class_{metric}_mean"], record[f"class_{metric}_ci"])
+        if name != "baseline":
+            row[f"{name} {gain}"] = fmt_gain(record["delta_pt"], record["delta_ci"], record["significant"],
+                                             record["n_pairs"])
+            row[f"{name} p"] = fmt_p(record["p_value"])
+            row[f"{name} ΔP/ΔF%"] = (f"{fmt_number(record['params_overhead_pct'], signed=True)} / "
+                                     f"{fmt_number(record['flops_overhead_pct'], signed=True)}")
+        if with_speed:
+            row[f"{name} img/s"] = MISSING if is_missing(record["images_per_s"]) else f"{record['images_per_s']:,.0f}"
+        if with_reference:
+            row[f"{name} paper"] = fmt_number(record[f"reference_{metric}"])
+    ordered = [_HEADERS.get(c, c) for c in group_keys]
+    for name in variants:
+        ordered += [f"{name} {measure}", f"{name} class"] + ([f"{name} paper"] if with_reference else [])
+        if name != "baseline":
+            ordered += [f"{name} {gain}", f"{name} p", f"{name} ΔP/ΔF%"]
+        if with_speed:
+            ordered += [f"{name} img/s"]
+    wide = pd.DataFrame(list(rows.values())).reindex(columns=ordered).fillna(MISSING)
+    wide.attrs["align"] = ["left"] * len(group_keys) + ["right"] * (len(ordered) - len(group_keys))
+    return wide
+
+
+def table_note(table: pd.DataFrame) -> str:
+    """The legend printed under a table: which epoch, which interval, which test, what each short header means."""
+    if table.attrs.get("kind") == "early":
+        return ("final-epoch test accuracy of each classifier alone; mean ± 95% CI half-width (Student t, "
+                "n−1 df) over seeds; % FLOPs: cost of reaching that classifier relative to the full model.")
+    selection = table.attrs.get("selection", "final")
+    epoch = "best-epoch (selected on the test set, optimistic)" if selection == "best" else "final-epoch"
+    measure = "test error (100 − top-1)" if table.attrs.get("metric") == "error" else "test top-1"
+    over = "seeds × folds (k-fold: every held-out fold pooled)" if table.attrs.get("folds") else "seeds"
+    lines = [
+        f"{epoch} {measure}, %; mean ± 95% CI half-width (Student t, n−1 df) over {over}; n runs; n=1 has no CI.",
+        "Class: mean per-class accuracy from the confusion matrix of the final evaluation."
+        if selection == "final" else "Class: not available for the best epoch (confusion matrix saved at the final evaluation only).",
+        ("Gain: mean paired difference from the baseline with the same settings, runs paired by seed"
+         + (" and fold" if table.attrs.get("folds") else "") + ", ± 95% CI; p: two-sided paired t-test "
+         f"(scipy.stats.ttest_rel); {SIGNIFICANT}: the CI excludes 0. ΔP%/ΔF%: parameter/FLOP overhead over "
+         "the plain backbone."),
+    ]
+    if any(c.startswith("reference_") for c in table.columns):
+        which = "best epoch" if selection == "best" else "last epoch"
+        lines.append(f"Paper: the authors' {which} from their training logs, shown only where the log states "
+                     "every setting of the row (source per row in CSV/JSON).")
+    lines += table.attrs.get("notes", [])
+    return "\n".join(lines)
+
+
+def render(table: pd.DataFrame, fmt: str = "markdown", wide: bool = False) -> str:
+    """The table as markdown, CSV, LaTeX (booktabs) or JSON text; ``wide``: see ``wide_view``."""
+    if fmt not in FORMATS:
+        raise FinebenchError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "csv":
+        return table.round(6).to_csv(index=False)
+    if fmt == "json":
+        return table.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
+    text = wide_view(table) if wide and not table.empty else format_table(table)
+    if fmt == "markdown":
+        if text.empty:
+            return table.attrs.get("empty", "(no runs)") + "\n"
+        return text.to_markdown(index=False, tablefmt="pipe", disable_numparse=True,
+                                colalign=text.attrs["align"]) + "\n"
+    note = "\n".join(f"% {line}" for line in table_note(table).splitlines())
+    return f"{note}\n" + _to_latex(text)
+
+
+def _to_latex(text: pd.DataFrame) -> str:
+    escaped = text.map(_latex_escape)
+    escaped.columns = [_latex_escape(c) for c in text.columns]
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        styler = escaped.style.hide(axis="index")
+        column_format = "".join("l" if side == "left" else "r" for side in text.attrs["align"])
+        latex = styler.to_latex(hrules=True, column_format=column_format)
+    return latex
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
+                  "<": r"$<$", ">": r"$>$"}
+
+
+def _latex_escape(cell: Any) -> str:
+    raw = str(cell)
+    marked = raw.endswith(SIGNIFICANT) and raw != SIGNIFICANT
+    text = "".join(_LATEX_SPECIAL.get(char, char) for char in (raw[:-1] if marked else raw))
+    text = text.replace(" ± ", r" $\pm$ ").replace("Δ", r"$\Delta$").replace(MISSING, "--")
+    return text + (r"$^{*}$" if marked else "")
+
+
+def rich_table(text: pd.DataFrame, title: str | None = None, caption: str | None = None) -> Any:
+    """A rich Table of formatted cells: numbers never wrap, names fold rather than end in an ellipsis."""
+    from rich.table import Table
+
+    align = list(text.attrs.get("align", ["left"] * len(text.columns)))
+    table = Table(title=title, caption=caption, header_style="bold", caption_justify="left")
+    for column, side in zip(text.columns, align):
+        table.add_column(str(column), justify=side, overflow="fold", no_wrap=side == "right")
+    for row in text.itertuples(index=False):
+        table.add_row(*(str(cell) for cell in row))
+    return table
+
+
+def terminal_tables(text: pd.DataFrame, width: int, title: str | None = None,
+                    caption: str | None = None) -> list[Any]:
+    """The table as one or more rich tables that each fit ``width`` columns without cutting a cell.
+
+    Name columns holding one value on every row move into the title; when the numbers still do
+    not fit side by side, they are split over several tables that each repeat the name columns.
+    """
+    align = list(text.attrs.get("align", ["left"] * len(text.columns)))
+    if len(text) > 1:
+        constant = [c for c, side in zip(text.columns, align) if side == "left" and text[c].nunique() == 1]
+        if constant and len(constant) < sum(side == "left" for side in align):
+            lifted = " · ".join(f"{c} {text[c].iloc[0]}" for c in constant)
+            title = f"{title}: {lifted}" if title else lifted
+            align = [side for c, side in zip(text.columns, align) if c not in constant]
+            text = text.drop(columns=constant)
+    keys = [c for c, side in zip(text.columns, align) if side == "left"]
+    values = [c for c, side in zip(text.columns, align) if side == "right"]
+
+    def cost(column: str) -> int:  # cell width + padding + border; headers may wrap at spaces
+        words = max((len(w) for w in str(column).split()), default=1)
+        return max([words, *(len(str(v)) for v in text[column])]) + 3
+
+    budget = width - 1 - sum(cost(c) for c in keys)
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for column in values:
+        if chunks[-1] and used + cost(column) > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(column)
+        used += cost(column)
+    tables = []
+    for index, chunk in enumerate(chunks):
+        part = text[keys + chunk].copy()
+        part.attrs["align"] = ["left"] * len(keys) + ["right"] * len(chunk)
+        suffix = f" ({index + 1}/{len(chunks)})" if len(chunks) > 1 else ""
+        tables.append(rich_table(part, title=f"{title or ''}{suffix}" or None,
+                                 caption=caption if index == len(chunks) - 1 else None))
+    return tables
+
+
+def failed_table(failed: pd.DataFrame) -> pd.DataFrame:
+    """Failed runs, formatted for listing apart from the results."""
+    text = failed[["recipe", "run_id", "dataset", "backbone_label", "variant_name", "seed",
+                   "epochs_completed", "failure_reason"]].copy()
+    text.columns = ["Recipe", "Run", "Dataset", "Backbone", "Variant", "Seed", "Epochs", "Reason"]
+    return text.astype(object).where(text.notna(), MISSING).astype(str)
+
+
+def running_lines(running: pd.DataFrame) -> list[str]:
+    """One line per run in progress: where it is, epochs done and its latest test top-1."""
+    lines = []
+    for row in running.itertuples(index=False):
+        fold = "" if is_missing(row.fold) else f" fold {fmt_plain(row.fold)}"
+        last = "" if is_missing(row.last_top1) else f", last test top-1 {row.last_top1:.2f}"
+        lines.append(f"{row.recipe}/{row.run_id} {row.dataset} {row.backbone_label} {row.variant_name} "
+                     f"seed {row.seed}{fold}: running, epoch {fmt_plain(row.epochs_completed)}/"
+                     f"{fmt_plain(row.epochs)} done{last}")
+    return lines

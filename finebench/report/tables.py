@@ -1,0 +1,250 @@
+"""Groups of runs → the numeric tables of the report (CSV and JSON keep them as they are).
+
+A group is the runs that share every setting but the seed and the k-fold held-out fold (see
+``records.run_settings``). The rows a reader sees are named by the ``--by`` columns and the variant;
+when those names do not tell two configurations apart, both rows stay, a ``setting`` column says
+how they differ, and the table's ``notes`` say so.
+
+Conventions, stated once so every output agrees:
+
+- mean, sample std (ddof=1) and the half-width of the 95% Student-t interval are over the runs of
+  a group (seeds × folds); a group of one run has no interval.
+- the gain is the mean of ``variant − baseline`` over runs paired by (seed, fold), the baseline
+  being the ``baseline`` runs with every setting but the variant equal; with its 95% interval and
+  a two-sided paired t-test p-value. Runs without a partner are counted as ``unpaired``.
+  With ``--error`` the gain is the change in error, so negative is better.
+- parameter and FLOP overheads come from each run's own ``params_baseline``/``flops_baseline``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pandas as pd
+
+from finebench.errors import FinebenchError
+from finebench.report.reference import SETTING_COLUMNS, match_reference, protocol_notes
+from finebench.report.stats import mean_ci, paired_difference
+
+DEFAULT_BY: tuple[str, ...] = ("dataset", "backbone_label")
+# Short names researchers use for the ablation axes.
+COLUMN_ALIASES: dict[str, str] = {
+    "AD": "attention_depth",
+    "AW": "attention_width",
+    "backbone": "backbone_label",
+    "fold": "dataset.fold",
+}
+_NOT_GROUPABLE = {"module_top1", "module_flops", "settings", "base_settings", "run_dir", "run_id"}
+
+
+def resolve_columns(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    """Grouping names as columns of ``df`` (``AD`` → attention_depth, ``train.lr``); unknown ones are user errors."""
+    resolved = []
+    for name in by:
+        column = COLUMN_ALIASES.get(name, name)
+        if column not in df.columns:
+            if name in ("fold", "dataset.fold") and "fold" in df.columns:
+                column = "fold"
+            else:
+                options = sorted(set(df.columns) - _NOT_GROUPABLE) + sorted(COLUMN_ALIASES)
+                raise FinebenchError(f"--by {name!r}: no such column; expected one of {', '.join(options)}")
+        resolved.append(column)
+    return resolved
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _unique_or_none(values: pd.Series) -> Any:
+    distinct = values.dropna().unique()
+    return distinct[0] if len(distinct) == 1 else None
+
+
+def _pair_key(run: Any) -> tuple[Any, Any]:
+    fold = run.get("fold")
+    return (int(run["seed"]), None if _is_missing(fold) else int(fold))
+
+
+def _setting_labels(fingerprints: Sequence[str]) -> dict[str, str]:
+    """For configurations that share a table row's name: the settings that tell them apart."""
+    decoded = [json.loads(f) for f in fingerprints]
+    keys = sorted({k for d in decoded for k in d})
+    differing = [k for k in keys if len({json.dumps(d.get(k)) for d in decoded}) > 1]
+    return {f: ", ".join(f"{k}={d.get(k)}" for k in differing) for f, d in zip(fingerprints, decoded)}
+
+
+def summary_table(
+    df: pd.DataFrame,
+    by: Sequence[str] | None = None,
+    error: bool = False,
+    reference: pd.DataFrame | None = None,
+    selection: Literal["final", "best"] = "final",
+    speed: bool = False,
+) -> pd.DataFrame:
+    """One row per configuration: mean, 95% CI, mean per-class accuracy, paired gain, overheads.
+
+    Numbers stay numeric here (CSV and JSON keep them so); ``render.format_table`` makes them text.
+    ``selection='best'`` uses the best-epoch test accuracy, the authors' (optimistic) choice.
+    """
+    metric = "error" if error else "top1"
+    group_by = resolve_columns(df, by or DEFAULT_BY)
+    row_keys = list(group_by)
+    if "variant" not in row_keys and "variant_name" not in row_keys:
+        row_keys.append("variant_name")
+    value_column = "best_top1" if selection == "best" else "top1"
+    data = df.copy()
+
+    def as_metric(values: pd.Series) -> pd.Series:
+        numeric = pd.to_numeric(values, errors="coerce")
+        return 100.0 - numeric if error else numeric
+
+    data["value"] = as_metric(data[value_column])
+    # The confusion matrix is saved at the final evaluation only: no per-class figure for the best epoch.
+    data["class_value"] = as_metric(data["mean_class_top1"]) if selection == "final" else math.nan
+    baselines = data[data["variant"] == "baseline"]
+
+    notes: list[str] = []
+    split_labels: dict[str, str] = {}
+    names = data.groupby(row_keys, dropna=False, sort=False)["settings"].unique()
+    for key, fingerprints in names.items():
+        if len(fingerprints) > 1:
+            labels = _setting_labels(list(fingerprints))
+            split_labels.update(labels)
+            key = key if isinstance(key, tuple) else (key,)
+            shown = " / ".join("—" if _is_missing(k) else str(k) for k in key)
+            differing = sorted({part.split("=")[0] for label in labels.values() for part in label.split(", ")})
+            notes.append(f"{shown}: {len(fingerprints)} configurations differ in {', '.join(differing)}; "
+                         f"shown as separate rows (add --by {differing[0]} to name them)")
+    data["setting"] = data["settings"].map(lambda f: split_labels.get(f, ""))
+
+    rows = []
+    folds_seen = False
+    for key, group in data.groupby([*row_keys, "settings"], dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict[str, Any] = dict(zip(row_keys, key[:-1]))
+        if split_labels:
+            row["setting"] = group["setting"].iloc[0]
+        values = group["value"].dropna()
+        summary = mean_ci(values)
+        folds_seen |= group["fold"].notna().any()
+        row["n"] = summary.n
+        row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_ci"] = summary.mean, summary.std, summary.half_width
+        per_class = mean_ci(group["class_value"].dropna())
+        row[f"class_{metric}_mean"], row[f"class_{metric}_ci"] = per_class.mean, per_class.half_width
+        top5 = mean_ci(pd.to_numeric(group["top5"], errors="coerce").dropna()) if selection == "final" else None
+        row["top5_mean"] = top5.mean if top5 is not None else math.nan
+        is_baseline = (group["variant"] == "baseline").all()
+        base = baselines[baselines["base_settings"] == group["base_settings"].iloc[0]]
+        base_values = base["value"].dropna()
+        row[f"baseline_{metric}"] = base_values.mean() if base_values.size else math.nan
+        if is_baseline or base.empty:
+            row.update(delta_pt=math.nan, delta_ci=math.nan, p_value=math.nan, n_pairs=0,
+                       unpaired=0 if is_baseline else int(values.size), significant=False)
+        else:
+            paired = paired_difference(
+                {_pair_key(r): r["value"] for _, r in group.iterrows()},
+                {_pair_key(r): r["value"] for _, r in base.iterrows()},
+            )
+            row.update(delta_pt=paired.mean, delta_ci=paired.half_width, p_value=paired.p_value,
+                       n_pairs=paired.n_pairs, unpaired=paired.unpaired, significant=paired.significant)
+        for column in ("params", "params_overhead_pct", "flops", "flops_overhead_pct"):
+            row[column] = pd.to_numeric(group[column], errors="coerce").mean()
+        if speed:
+            row["images_per_s"] = pd.to_numeric(group["images_per_s"], errors="coerce").mean()
+        if reference is not None:
+            _add_reference(row, group, reference, metric, selection)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        if reference is not None and table["reference_top5"].isna().all():
+            table = table.drop(columns="reference_top5")
+        # The baseline leads its group, as in the paper's tables.
+        group_keys = [c for c in row_keys if c not in ("variant", "variant_name")]
+        variant_key = "variant_name" if "variant_name" in table else "variant"
+        table["_not_baseline"] = (table[variant_key] != "baseline").astype(int)
+        table = table.sort_values([*group_keys, "_not_baseline"], kind="stable", na_position="first")
+        table = table.drop(columns="_not_baseline").reset_index(drop=True)
+    if reference is not None and not df.empty:
+        notes += protocol_notes(reference, df["dataset"].unique())
+    if (table.get("unpaired", pd.Series(dtype=int)) > 0).any():
+        notes.append("unpaired: runs whose seed (and fold) has no partner on the other side; "
+                     "left out of the paired gain.")
+    table.attrs.update(metric=metric, selection=selection, keys=row_keys, notes=notes, folds=bool(folds_seen))
+    return table
+
+
+def _add_reference(row: dict[str, Any], group: pd.DataFrame, reference: pd.DataFrame, metric: str,
+                   selection: Literal["final", "best"]) -> None:
+    settings = {c: _unique_or_none(group[c]) for c in ("dataset", "backbone_label", "variant")}
+    settings.update({c: _unique_or_none(group[c]) if c in group else None for c in SETTING_COLUMNS.values()})
+    match = match_reference(reference, settings, "top1", selection)
+    value = math.nan if match is None else float(match["value"])
+    row[f"reference_{metric}"] = 100.0 - value if metric == "error" and match is not None else value
+    top5 = match_reference(reference, settings, "top5", selection)
+    row["reference_top5"] = math.nan if top5 is None else float(top5["value"])
+    row["reference_selection"] = None if match is None else match["selection"]
+    row["reference_source"] = None if match is None else match["source"]
+
+
+def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFrame:
+    """Each attention module's accuracy alone against the FLOPs needed to reach its tap point.
+
+    Rows come per dataset × backbone × variant, the modules ordered by cost, then the network's own
+    classifier and the full (mixed) model, so the saving of an early exit reads off directly.
+    """
+    metric = "error" if error else "top1"
+    exploded = []
+    for _, run in df.iterrows():
+        modules = run.get("module_top1")
+        if not isinstance(modules, dict) or not modules:
+            continue
+        module_flops = run.get("module_flops") if isinstance(run.get("module_flops"), dict) else {}
+        base = {k: run[k] for k in ("dataset", "backbone_label", "variant_name", "seed", "settings")}
+        for tap, accuracy in modules.items():
+            exploded.append({**base, "source": tap, "top1": accuracy,
+                             "flops": module_flops.get(tap, math.nan)})
+        if not _is_missing(run.get("network_top1")):
+            # The network's own classifier needs none of the attention modules: baseline cost.
+            network_flops = run.get("flops_baseline")
+            exploded.append({**base, "source": "network classifier", "top1": run["network_top1"],
+                             "flops": run["flops"] if _is_missing(network_flops) else network_flops})
+        exploded.append({**base, "source": "full model", "top1": run["top1"], "flops": run["flops"]})
+    columns = ["dataset", "backbone_label", "variant_name", "source", "n", f"{metric}_mean",
+               f"{metric}_std", f"{metric}_ci", "flops", "flops_pct_of_full"]
+    if not exploded:
+        empty = pd.DataFrame(columns=columns)
+        empty.attrs.update(metric=metric, kind="early", empty="(no attention runs with per-module accuracy)")
+        return empty
+    data = pd.DataFrame(exploded)
+    data["value"] = 100.0 - data["top1"] if error else data["top1"]
+    # As in the summary table: configurations that share a name stay apart, labelled by what differs.
+    labels: dict[str, str] = {}
+    for _, fingerprints in data.groupby(["dataset", "backbone_label", "variant_name"])["settings"].unique().items():
+        if len(fingerprints) > 1:
+            labels.update(_setting_labels(list(fingerprints)))
+    data["setting"] = data["settings"].map(lambda f: labels.get(f, ""))
+    keys = ["dataset", "backbone_label", "variant_name", "setting", "settings"]
+    rows = []
+    for key, group in data.groupby([*keys, "source"], sort=False):
+        summary = mean_ci(group["value"])
+        rows.append({**dict(zip([*keys, "source"], key)), "n": summary.n, f"{metric}_mean": summary.mean,
+                     f"{metric}_std": summary.std, f"{metric}_ci": summary.half_width,
+                     "flops": group["flops"].mean()})
+    grouped = pd.DataFrame(rows)
+    full = grouped[grouped["source"] == "full model"].set_index(keys)["flops"]
+    grouped["flops_pct_of_full"] = [
+        row.flops / full.get(tuple(getattr(row, k) for k in keys), math.nan) * 100.0
+        for row in grouped.itertuples()
+    ]
+    order = {"network classifier": 1, "full model": 2}
+    grouped["_order"] = grouped["source"].map(order).fillna(0)
+    grouped = grouped.sort_values([*keys, "_order", "flops"], kind="stable").drop(columns="_order")
+    if labels:
+        columns.insert(3, "setting")
+    table = grouped[columns].reset_index(drop=True)
+    table.attrs.update(metric=metric, kind="early", selection="final")
+    return table
