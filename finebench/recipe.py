@@ -42,10 +42,20 @@ class DatasetSection(_Section):
 
 
 class ModelSection(_Section):
-    backbone: str
+    backbone: str | Annotated[list[str], Field(min_length=1)]
+    """One backbone, or a list: every variant and seed then runs on each (``timm:<name>`` works too)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Backbone options, e.g. ``{depth = 28, width = 10}`` for WRN."""
     pretrained: str | None = None
+
+    @model_validator(mode="after")
+    def _check_backbones(self) -> ModelSection:
+        if isinstance(self.backbone, list) and len(set(self.backbone)) != len(self.backbone):
+            raise ValueError(f"backbone names must be unique, got {self.backbone}")
+        return self
+
+    def backbones(self) -> list[str]:
+        return [self.backbone] if isinstance(self.backbone, str) else list(self.backbone)
 
 
 class BaselineVariant(_Section):
@@ -307,8 +317,13 @@ def run_id_for(config: Mapping[str, Any]) -> str:
 
 
 def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]:
-    """One run per variant × seed, in recipe order; ``only`` keeps variants by name or kind."""
+    """One run per variant × seed, in recipe order; ``only`` keeps variants by name or kind.
+    A list of backbones runs the whole grid on each, as if each had its own recipe of this name."""
     recipe = loaded.recipe
+    if not isinstance(recipe.model.backbone, str):
+        return [run for backbone in recipe.model.backbones() for run in expand_runs(
+            LoadedRecipe(recipe.model_copy(update={"model": recipe.model.model_copy(update={"backbone": backbone})}),
+                         loaded.name, loaded.path), only)]
     variants = list(recipe.variants)
     if only:
         known = {variant_name(v) for v in variants} | {v.kind for v in variants}

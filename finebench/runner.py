@@ -95,20 +95,22 @@ class _CostCache:
         self._costs: dict[str, Cost] = {}
 
     def of(self, run: RunSpec, model: torch.nn.Module | None = None) -> Cost:
-        if run.variant_name not in self._costs:
+        key = f"{run.config['model']['backbone']}\0{run.variant_name}"  # a recipe may list backbones
+        if key not in self._costs:
             # Weights do not change the cost, and a dry run must work before they are downloaded.
             model = model if model is not None else _build_model(self.loaded, run, self.num_classes, pretrained=False)
-            self._costs[run.variant_name] = _cost(model, self.input_size, run.variant_kind == "attention")
-        return self._costs[run.variant_name]
+            self._costs[key] = _cost(model, self.input_size, run.variant_kind == "attention")
+        return self._costs[key]
 
     def baseline(self, run: RunSpec) -> Cost:
-        if "\0baseline" not in self._costs:
+        key = f"{run.config['model']['backbone']}\0\0baseline"
+        if key not in self._costs:
             if run.variant_kind == "baseline":
-                self._costs["\0baseline"] = self.of(run)
+                self._costs[key] = self.of(run)
             else:
                 model = _build_model(self.loaded, run, self.num_classes, kind="baseline", pretrained=False)
-                self._costs["\0baseline"] = _cost(model, self.input_size, False)
-        return self._costs["\0baseline"]
+                self._costs[key] = _cost(model, self.input_size, False)
+        return self._costs[key]
 
 
 def _build_loaders(loaded: LoadedRecipe, data_root: Path, seed: int, ctx: DistContext, device: torch.device):
@@ -162,8 +164,8 @@ def _summary(
         "failure_reason": failure_reason,
         "dataset": recipe.dataset.name,
         "num_classes": num_classes,
-        "backbone": recipe.model.backbone,
-        "backbone_label": backbone_label(recipe.model.backbone, recipe.model.options),
+        "backbone": run.config["model"]["backbone"],
+        "backbone_label": backbone_label(run.config["model"]["backbone"], recipe.model.options),
         "variant": run.variant_kind,
         "variant_name": run.variant_name,
         "variant_options": run.config["variant"]["options"],
