@@ -108,6 +108,7 @@ def test_bad_tap_names_are_user_errors_listing_valid_ones(backbone: str, taps: l
         ("torchvision:no_such_net", "unknown torchvision model 'no_such_net'"),
         ("keras:resnet50", "expected a registered name or timm:<model name> or torchvision:<model name>"),
         ("torchvision:squeezenet1_0", "no final nn.Linear"),
+        ("timm:test_resnet.no_such_tag", "backbone timm:test_resnet.no_such_tag: Invalid pretrained tag"),
     ],
 )
 def test_unknown_models_are_user_errors(backbone: str, message: str) -> None:
@@ -120,6 +121,8 @@ def test_timm_options_reach_the_model_and_bad_ones_are_user_errors() -> None:
     assert any(getattr(m, "drop_prob", 0) > 0 for m in net.modules())
     with pytest.raises(FinebenchError, match="backbone timm:test_convnext: bad option"):
         build_model("timm:test_convnext", 5, backbone_options={"depth": 3})
+    with pytest.raises(FinebenchError, match="option 'pretrained' for backbone timm:test_convnext is set by finebench"):
+        build_model("timm:test_convnext", 5, backbone_options={"pretrained": True})
 
 
 # ---- the mechanism on these backbones ------------------------------------------------------------

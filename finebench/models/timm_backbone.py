@@ -36,6 +36,13 @@ _ATTENTION_KWARGS = {
 }
 
 
+_RESERVED_OPTIONS = frozenset(
+    {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "num_classes",
+     "features_only", "out_indices"}
+)
+"""create_model arguments finebench owns: weights never download, and the head is finebench's."""
+
+
 def _timm():  # noqa: ANN202 - the module
     """timm imports in about a second; only timm backbones pay for it."""
     import timm
@@ -78,6 +85,12 @@ class TimmBackbone(Backbone):
         _check_known(name)
         self.model_name = name
         self.options = dict(options or {})
+        reserved = sorted(set(self.options) & _RESERVED_OPTIONS)
+        if reserved:
+            raise FinebenchError(
+                f"option {reserved[0]!r} for backbone timm:{name} is set by finebench: weights come from "
+                'model.pretrained ("timm" or a file), the classifier from the dataset'
+            )
         self.block_attention = block_attention
         self.model = self._create(pretrained_file=None)
         model = self.model
@@ -125,8 +138,8 @@ class TimmBackbone(Backbone):
         except TypeError as error:
             raise FinebenchError(f"backbone timm:{self.model_name}: bad option ({error})") from None
         except RuntimeError as error:
-            if pretrained_file is None:
-                raise
+            if pretrained_file is None:  # e.g. an unknown pretrained tag (resnet50.bogus)
+                raise FinebenchError(f"backbone timm:{self.model_name}: {str(error).splitlines()[0][:200]}") from None
             raise FinebenchError(
                 f"weights in {pretrained_file} do not fit timm:{self.model_name}: {str(error).splitlines()[0][:200]}"
             ) from None
