@@ -365,21 +365,24 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     The best epoch is shown only as ``best@epoch`` in its own column: it is selected on the test set.
     """
     table = Table(title=title)
-    columns = ["variant", "seed", "run id"]
+    backbones = {outcome.run.config["model"]["backbone"] for outcome in outcomes}
+    several = len(backbones) > 1  # a recipe that lists backbones: say which row is which
+    columns = ["backbone"] * several + ["variant", "seed", "run id"]
     if not dry_run:
         columns += ["status", "top-1", "top-5", "net top-1", "best@ep"]
     columns += ["params", "FLOPs"]
     if not dry_run:
         columns += ["time", "img/s"]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("variant", "status", "run id") else "right")
+        table.add_column(column, justify="left" if column in ("backbone", "variant", "status", "run id") else "right")
 
     def pct(value: Any) -> str:
         return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
     for outcome in outcomes:
         summary = outcome.summary
-        cells = [outcome.run.variant_name, str(outcome.run.seed), outcome.run.run_id]
+        cells = [outcome.run.config["model"]["backbone"]] * several + [
+            outcome.run.variant_name, str(outcome.run.seed), outcome.run.run_id]
         if not dry_run:
             final = summary.get("final") or {}
             best = summary.get("best") or {}
