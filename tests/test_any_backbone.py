@@ -65,6 +65,9 @@ def test_declared_taps_have_the_channels_and_stride_of_the_feature_maps(backbone
     names = [tap.name for tap in net.tap_points]
     pooled, taps = net(images(1), list(reversed(names)))  # asked deepest first, returned by name
     assert pooled.shape == (1, net.out_channels)
+    with torch.no_grad():  # the library's own forward, classifier removed: the same features
+        own = net.model(images(1)) if backbone.startswith("timm:") else net.net(images(1))
+    assert torch.allclose(pooled, own, atol=1e-5)
     for tap in net.tap_points:
         assert taps[tap.name].shape == (1, tap.channels, SIZE // tap.stride, SIZE // tap.stride), tap
         alone = net(images(1), [tap.name], stop_after_taps=True)[1][tap.name]

@@ -98,7 +98,8 @@ def test_a_tiny_offline_version_runs_end_to_end_on_cluttered_mnist(tmp_path: Pat
         ("timm:test_resnet", "baseline"), ("timm:test_resnet", "attention"),
         ("timm:test_convnext", "baseline"), ("timm:test_convnext", "attention"),
     ]
-    for (baseline, attention), taps in zip((summaries[:2], summaries[2:]), (["layer3", "layer2"], ["stages.2", "stages.1"])):
+    expected_taps = (["layer3", "layer2"], ["stages.2", "stages.1"])
+    for (baseline, attention), taps in zip((summaries[:2], summaries[2:]), expected_taps, strict=True):
         assert attention["params_baseline"] == baseline["params"] < attention["params"]
         assert list(attention["module_flops"]) == taps  # early prediction: stops at the tap
         assert all(flops < attention["flops"] for flops in attention["module_flops"].values())

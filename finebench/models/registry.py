@@ -202,7 +202,10 @@ def build_attention(backbone: Backbone, num_classes: int, options: Mapping[str, 
         raise FinebenchError(f"attention_width={options['attention_width']} is invalid: expected an integer >= 1")
     if options["reg_w"] < 0:
         raise FinebenchError(f"reg_w={options['reg_w']} is invalid: expected a number >= 0")
-    taps = backbone.named_taps(options["taps"]) if options["taps"] else backbone.attention_taps(options["attention_depth"])
+    if options["taps"]:
+        taps = backbone.named_taps(options["taps"])
+    else:
+        taps = backbone.attention_taps(options["attention_depth"])
     return AttendAndRectify(
         [(tap, backbone.tap_point(tap).channels) for tap in taps],
         backbone.out_channels,

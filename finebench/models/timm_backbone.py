@@ -175,7 +175,8 @@ class TimmBackbone(Backbone):
             if feature.dim() != 4 or feature.shape[1] != self.tap_point(name).channels:
                 raise FinebenchError(
                     f"timm:{self.model_name} returned {tuple(feature.shape)} for tap {name!r}; its feature_info "
-                    f"declares {self.tap_point(name).channels} channels (forward_intermediates and feature_info disagree)"
+                    f"declares {self.tap_point(name).channels} channels "
+                    "(forward_intermediates and feature_info disagree)"
                 )
         return found
 
