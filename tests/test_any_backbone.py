@@ -369,6 +369,36 @@ def test_cli_models_taps_lists_a_timm_models_taps_with_channels_and_stride() -> 
         list_taps("timm:no_such_net")
 
 
+def test_stage_ends_are_found_inside_trunks_and_containers_that_return_tuples() -> None:
+    from torch import nn
+
+    from finebench.models.torchvision_nodes import stage_taps
+
+    def down(c_in: int, c_out: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU())
+
+    class Body(nn.Module):  # returns two maps: no feature map of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(down(3, 4), nn.Conv2d(4, 4, 1), down(4, 8), down(8, 16))
+            self.last = down(16, 32)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.trunk(x)
+            return y, self.last(y)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.pool, self.fc = Body(), nn.AdaptiveAvgPool2d(1), nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.body(x)[1]).flatten(1))
+
+    taps = [(t.name, t.channels, t.stride) for t in stage_taps(Net(), size=64)]
+    assert taps == [("body.trunk.1", 4, 2), ("body.trunk.2", 8, 4), ("body.trunk.3", 16, 8), ("body.last", 32, 16)]
+
+
 def test_list_taps_of_a_torchvision_model() -> None:
     listing = list_taps("torchvision:resnet18")
     assert [(t.name, t.channels, t.stride) for t in listing.tap_points] == [

@@ -78,14 +78,18 @@ def stage_taps(net: nn.Module, size: int = PROBE_SIZE) -> list[TapPoint]:
         for depth in range(1, len(parts) + 1):
             strides_below.setdefault(".".join(parts[:depth]), set()).add(stride)
 
+    def finished_at(name: str) -> int:
+        """When a module's output appeared; a container with no feature-map output of its own
+        (one returning a tuple, say) counts as finished with its last descendant."""
+        return order[name] if name in order else max(order[n] for n in order if n.startswith(f"{name}."))
+
     def units(prefix: str) -> list[str]:
         """Modules below ``prefix`` in running order, opening those that span several stages."""
-        children = [n for n in stride_of if n.rsplit(".", 1)[0] == prefix and n != prefix] if prefix else [
-            n for n in stride_of if "." not in n
-        ]
+        children = [n for n in strides_below if n.count(".") == (prefix.count(".") + 1 if prefix else 0)
+                    and (not prefix or n.startswith(f"{prefix}."))]
         out: list[str] = []
-        for child in sorted(children, key=order.__getitem__):
-            if len(strides_below[child]) > 2:
+        for child in sorted(children, key=finished_at):
+            if child not in stride_of or len(strides_below[child]) > 2:
                 out.extend(units(child))
             else:
                 out.append(child)
