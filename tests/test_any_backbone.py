@@ -321,6 +321,21 @@ def test_torchvision_node_weights_load_from_a_local_file(tmp_path: Path) -> None
         build_model("torchvision:resnet18", 5, pretrained="timm")
 
 
+def test_torchvision_node_imagenet_weights_come_from_the_hub_cache_only(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    expected = tmp_path / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    with pytest.raises(FinebenchError, match=f"place mobilenet_v3_small-047dcff4.pth .* at {expected}"):
+        build_model("torchvision:mobilenet_v3_small", 5, pretrained="imagenet")
+    torch.manual_seed(6)
+    expected.parent.mkdir()
+    source = torchvision.models.mobilenet_v3_small(weights=None)
+    torch.save(source.state_dict(), expected)
+    loaded = build_model("torchvision:mobilenet_v3_small", 5, pretrained="imagenet").backbone.net
+    assert torch.equal(loaded.features[3].block[1][0].weight, source.features[3].block[1][0].weight)
+
+
 # ---- recipes and the command line ----------------------------------------------------------------
 
 
