@@ -221,12 +221,12 @@ def bench_recipe(
     timed_steps = max(1, -(-images // train.batch_size))
     if train.threads is not None:  # as ``fit`` does, so the estimate matches the run
         torch.set_num_threads(train.threads)
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     rows = []
     for run in expand_runs(loaded, only):
-        if run.variant_name in seen:  # seeds do not change the speed
+        if (run.config["model"]["backbone"], run.variant_name) in seen:  # seeds do not change the speed
             continue
-        seen.add(run.variant_name)
+        seen.add((run.config["model"]["backbone"], run.variant_name))
         if on_variant is not None:
             on_variant(run.variant_name)
         torch.manual_seed(run.seed)

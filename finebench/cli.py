@@ -109,6 +109,10 @@ def _global_options(
 @app.command("models")
 def models_command(
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    taps: str | None = typer.Option(
+        None, "--taps", metavar="NAME",
+        help="Show one backbone's taps, e.g. timm:convnext_tiny or torchvision:mobilenet_v3_large.",
+    ),
 ) -> None:
     """List the backbones, their tap points (channels @ stride) and parameter counts."""
     import dataclasses
@@ -118,6 +122,9 @@ def models_command(
 
     from finebench.models import list_backbones
 
+    if taps is not None:
+        _print_taps(taps, json_output)
+        return
     infos = list_backbones()
     if json_output:
         typer.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
@@ -135,6 +142,31 @@ def models_command(
     table.caption = "Attend and Rectify uses the attention taps deepest first: " + "; ".join(
         f"{info.name}: {', '.join(info.attention_taps)}" for info in infos[:3]
     )
+    Console().print(table)
+    Console().print("Any timm or torchvision CNN works too: timm:<name>, torchvision:<name> (see --taps NAME).")
+
+
+def _print_taps(name: str, json_output: bool) -> None:
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from finebench.models.registry import list_taps
+
+    listing = list_taps(name)
+    if json_output:
+        typer.echo(json.dumps(dataclasses.asdict(listing), indent=2))
+        return
+    table = Table(title=f"{name}: tap points", caption=(
+        f"attention_depth = D uses the D deepest taps before the final stage; or name them: taps = [...]. "
+        f"Final features: {listing.out_channels} channels."
+    ))
+    for column in ("tap", "channels", "stride", "joins at attention_depth"):
+        table.add_column(column, justify="left" if column == "tap" else "right")
+    for tap in listing.tap_points:
+        depth = listing.attention_candidates.index(tap.name) + 1 if tap.name in listing.attention_candidates else None
+        table.add_row(tap.name, str(tap.channels), str(tap.stride), str(depth) if depth else "-")
     Console().print(table)
 
 

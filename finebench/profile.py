@@ -209,6 +209,11 @@ def profile_recipe(path: str, overrides: Sequence[str] = (), early_prediction: b
 
     loaded = load_recipe(path, overrides)
     recipe = loaded.recipe
+    if not isinstance(recipe.model.backbone, str):
+        raise FinebenchError(
+            f"{path}: model.backbone lists {len(recipe.model.backbones())} backbones: profile one with "
+            f"--set model.backbone={recipe.model.backbones()[0]}"
+        )
     variants = [(variant_name(v), v.kind, variant_options(v)) for v in recipe.variants]
     return profile_spec(
         recipe.model.backbone, get_spec(recipe.dataset.name).num_classes, loaded.input_size(), variants,

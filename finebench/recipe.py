@@ -54,10 +54,20 @@ class DatasetSection(_Section):
 
 
 class ModelSection(_Section):
-    backbone: str
+    backbone: str | Annotated[list[str], Field(min_length=1)]
+    """One backbone, or a list: every variant and seed then runs on each (``timm:<name>`` works too)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Backbone options, e.g. ``{depth = 28, width = 10}`` for WRN."""
     pretrained: str | None = None
+
+    @model_validator(mode="after")
+    def _check_backbones(self) -> ModelSection:
+        if isinstance(self.backbone, list) and len(set(self.backbone)) != len(self.backbone):
+            raise ValueError(f"backbone names must be unique, got {self.backbone}")
+        return self
+
+    def backbones(self) -> list[str]:
+        return [self.backbone] if isinstance(self.backbone, str) else list(self.backbone)
 
 
 class BaselineVariant(_Section):
@@ -68,11 +78,26 @@ class BaselineVariant(_Section):
 class AttentionVariant(_Section):
     kind: Literal["attention"]
     name: str | None = None
-    attention_depth: Annotated[int, Field(ge=1, le=3)] = 3
+    attention_depth: Annotated[int, Field(ge=1)] = 3
+    """The D deepest taps before the final stage (the backbone says how many it has)."""
     attention_width: Annotated[int, Field(ge=1)] = 4
     gates: Literal["softmax", "sigmoid", "none"] = "softmax"
     reg_w: Annotated[float, Field(ge=0)] = 1e-3
     output_mode: Literal["mixture", "50"] = "mixture"
+    taps: list[str] = Field(default_factory=list)
+    """Tap names instead of ``attention_depth`` (see ``finebench models --taps BACKBONE``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _depth_from_taps(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("taps"):
+            if "attention_depth" in data:
+                raise ValueError("give taps or attention_depth, not both (the depth is the number of taps)")
+            taps = data["taps"]
+            if isinstance(taps, list) and len(set(map(str, taps))) != len(taps):
+                raise ValueError(f"taps must be distinct, got {taps}")
+            data = {**data, "attention_depth": len(taps) if isinstance(taps, list) else 1}
+        return data
 
 
 class SEVariant(_Section):
@@ -87,8 +112,15 @@ class CBAMVariant(_Section):
     reduction: Annotated[int, Field(ge=1)] = 16
 
 
+class ECAVariant(_Section):
+    """ECA (Wang et al. 2020) in every block, through timm's own layer: timm backbones only."""
+
+    kind: Literal["eca"]
+    name: str | None = None
+
+
 Variant = Annotated[
-    Union[BaselineVariant, AttentionVariant, SEVariant, CBAMVariant], Field(discriminator="kind")
+    Union[BaselineVariant, AttentionVariant, SEVariant, CBAMVariant, ECAVariant], Field(discriminator="kind")
 ]
 
 
@@ -110,6 +142,8 @@ def variant_name(variant: BaseModel) -> str:
             name += f"-reg{variant.reg_w:g}"
         if variant.output_mode != defaults.output_mode:
             name += f"-out{variant.output_mode}"
+        if variant.taps:
+            name += "-taps-" + "+".join(variant.taps)
         return name
     if isinstance(variant, (SEVariant, CBAMVariant)) and variant.reduction != 16:
         return f"{variant.kind}-r{variant.reduction}"
@@ -282,7 +316,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     problems = []
     for item in error.errors():
         # Drop the union tag pydantic inserts for discriminated variants (variants.1.attention.x).
-        loc = [str(p) for p in item["loc"] if p not in ("baseline", "attention", "se", "cbam")]
+        loc = [str(p) for p in item["loc"] if p not in ("baseline", "attention", "se", "cbam", "eca")]
         where = ".".join(loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
@@ -388,10 +422,15 @@ def run_id_for(config: Mapping[str, Any]) -> str:
 
 def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]:
     """One run per variant × seed (× held-out fold on a k-fold dataset), in recipe order; ``only``
-    keeps variants by name or kind."""
+    keeps variants by name or kind. A list of backbones runs the whole grid on each, as if each had
+    its own recipe of this name."""
     from finebench.data.registry import get_spec
 
     recipe = loaded.recipe
+    if not isinstance(recipe.model.backbone, str):
+        return [run for backbone in recipe.model.backbones() for run in expand_runs(
+            LoadedRecipe(recipe.model_copy(update={"model": recipe.model.model_copy(update={"backbone": backbone})}),
+                         loaded.name, loaded.path), only)]
     variants = list(recipe.variants)
     if only:
         known = {variant_name(v) for v in variants} | {v.kind for v in variants}

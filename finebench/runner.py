@@ -126,20 +126,22 @@ class _CostCache:
         self._costs: dict[str, Cost] = {}
 
     def of(self, run: RunSpec, model: torch.nn.Module | None = None) -> Cost:
-        if run.variant_name not in self._costs:
+        key = f"{run.config['model']['backbone']}\0{run.variant_name}"  # a recipe may list backbones
+        if key not in self._costs:
             # Weights do not change the cost, and a dry run must work before they are downloaded.
             model = model if model is not None else _build_model(self.loaded, run, self.num_classes, pretrained=False)
-            self._costs[run.variant_name] = _cost(model, self.input_size, run.variant_kind == "attention")
-        return self._costs[run.variant_name]
+            self._costs[key] = _cost(model, self.input_size, run.variant_kind == "attention")
+        return self._costs[key]
 
     def baseline(self, run: RunSpec) -> Cost:
-        if "\0baseline" not in self._costs:
+        key = f"{run.config['model']['backbone']}\0\0baseline"
+        if key not in self._costs:
             if run.variant_kind == "baseline":
-                self._costs["\0baseline"] = self.of(run)
+                self._costs[key] = self.of(run)
             else:
                 model = _build_model(self.loaded, run, self.num_classes, kind="baseline", pretrained=False)
-                self._costs["\0baseline"] = _cost(model, self.input_size, False)
-        return self._costs["\0baseline"]
+                self._costs[key] = _cost(model, self.input_size, False)
+        return self._costs[key]
 
 
 def _build_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device):
@@ -197,8 +199,8 @@ def _summary(
         "failure_reason": failure_reason,
         "dataset": recipe.dataset.name,
         "num_classes": num_classes,
-        "backbone": recipe.model.backbone,
-        "backbone_label": backbone_label(recipe.model.backbone, recipe.model.options),
+        "backbone": run.config["model"]["backbone"],
+        "backbone_label": backbone_label(run.config["model"]["backbone"], recipe.model.options),
         "variant": run.variant_kind,
         "variant_name": run.variant_name,
         "variant_options": run.config["variant"]["options"],
@@ -552,8 +554,10 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     The best epoch is shown only as ``best@epoch`` in its own column: it is selected on the test set.
     """
     table = Table(title=title)
+    backbones = {outcome.run.config["model"]["backbone"] for outcome in outcomes}
+    several = len(backbones) > 1  # a recipe that lists backbones: say which row is which
     with_folds = any(outcome.run.fold is not None for outcome in outcomes)
-    columns = ["variant", *(["fold"] if with_folds else []), "seed", "run id"]
+    columns = ["backbone"] * several + ["variant", *(["fold"] if with_folds else []), "seed", "run id"]
     if dry_run:
         columns += ["state", "dataset"]
     else:
@@ -562,7 +566,7 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     if not dry_run:
         columns += ["time", "img/s"]
     for column in columns:
-        left = column in ("variant", "status", "run id", "state", "dataset")
+        left = column in ("backbone", "variant", "status", "run id", "state", "dataset")
         table.add_column(column, justify="left" if left else "right")
 
     def pct(value: Any) -> str:
@@ -571,8 +575,9 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     for outcome in outcomes:
         summary = outcome.summary
         run = outcome.run
-        cells = [run.variant_name, *([str(run.fold) if run.fold is not None else "-"] if with_folds else []),
-                 str(run.seed), run.run_id]
+        cells = [run.config["model"]["backbone"]] * several + [
+            run.variant_name, *([str(run.fold) if run.fold is not None else "-"] if with_folds else []),
+            str(run.seed), run.run_id]
         if dry_run:
             cells += [outcome.state or "-", outcome.data or "-"]
         else:

@@ -78,6 +78,21 @@ class Backbone(nn.Module):
         order = [t.name for t in self.tap_points]
         return sorted(self.attention_candidates[:depth], key=order.index, reverse=True)
 
+    def named_taps(self, names: Sequence[str]) -> list[str]:
+        """Taps chosen by name (a recipe's ``taps``), checked and put deepest first like ``attention_taps``."""
+        if not names or len(set(names)) != len(names):
+            raise FinebenchError(f"taps={list(names)!r} is invalid: expected distinct tap names, at least one")
+        for name in names:
+            self.tap_point(name)
+        order = [t.name for t in self.tap_points]
+        return sorted(names, key=order.index, reverse=True)
+
+    def plugin_modules(self) -> list[nn.Module]:
+        """Modules added by a block-plug-in variant: new weights, trained with the head's learning rate."""
+        from finebench.models.plugins import BlockPlugin
+
+        return [m for m in self.modules() if isinstance(m, BlockPlugin)]
+
     def insert_plugins(self, factory: PluginFactory) -> None:
         """Put one plug-in into every residual block, sized to the block's residual branch."""
         for block in self.residual_blocks():
@@ -126,3 +141,20 @@ def read_state_dict(
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise FinebenchError(f"{file} ({what}) holds no state dict of tensors (looked under {', '.join(keys)})")
     return loaded
+
+
+def read_weights_file(path: str | Path, what: str = "pretrained weights") -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file (read by safetensors, which holds only tensors) or a torch state dict
+    file (``read_state_dict``); both are safe to read from an untrusted source."""
+    file = Path(path).expanduser()
+    if file.suffix != ".safetensors":
+        return read_state_dict(file, what)
+    if not file.is_file():
+        raise FinebenchError(f"{what} file {file} does not exist: expected a .safetensors or .pth file")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise FinebenchError(f"cannot read {what} {file}: not a safetensors file ({str(error)[:200]})") from None

@@ -11,7 +11,6 @@ from torch import nn
 from finebench.models.attention import AttendAndRectify
 from finebench.models.base import Backbone
 from finebench.models.output import ModelOutput
-from finebench.models.plugins import BlockPlugin
 
 
 class ImageClassifier(nn.Module):
@@ -76,9 +75,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Split parameters into "backbone" (what ImageNet weights initialise, for a reduced lr) and
     "head" (classifier, Attend and Rectify and every block plug-in: new weights, full lr)."""
     classifier = unwrap(model)
-    plugin_ids = {
-        id(p) for m in classifier.backbone.modules() if isinstance(m, BlockPlugin) for p in m.parameters()
-    }
+    plugin_ids = {id(p) for m in classifier.backbone.plugin_modules() for p in m.parameters()}
     backbone = [p for p in classifier.backbone.parameters() if id(p) not in plugin_ids]
     backbone_ids = {id(p) for p in backbone}
     head = [p for p in classifier.parameters() if id(p) not in backbone_ids]

@@ -16,11 +16,13 @@ import torch
 
 from finebench.errors import FinebenchError
 from finebench.models.attention import GATE_FUNCTIONS, OUTPUT_MODES, AttendAndRectify
-from finebench.models.base import Backbone, TapPoint, read_state_dict
+from finebench.models.base import Backbone, TapPoint, read_weights_file
 from finebench.models.network import ImageClassifier
 from finebench.models.plugins import BLOCK_PLUGINS
 from finebench.models.resnext import CifarResNeXt
+from finebench.models.timm_backbone import BLOCK_ATTENTION, TimmBackbone
 from finebench.models.torchvision import ARCHITECTURES, TorchvisionResNet
+from finebench.models.torchvision_nodes import TorchvisionNodeBackbone
 from finebench.models.wrn import WideResNet
 
 
@@ -50,6 +52,26 @@ BACKBONES: dict[str, BackboneEntry] = {
 }
 
 
+BACKBONE_FAMILIES: dict[str, Callable[..., Backbone]] = {
+    "timm": TimmBackbone,
+    "torchvision": TorchvisionNodeBackbone,
+}
+"""``family:<model name>`` backbones: any model of the library, its options passed to its constructor."""
+
+
+def split_family(name: str) -> tuple[str, str] | None:
+    """``"timm:resnet50"`` -> ``("timm", "resnet50")``; None for a registered backbone name."""
+    family, sep, model_name = name.partition(":")
+    if not sep:
+        return None
+    if family not in BACKBONE_FAMILIES or not model_name:
+        raise FinebenchError(
+            f"unknown backbone {name!r}: expected a registered name or "
+            + " or ".join(f"{f}:<model name>" for f in BACKBONE_FAMILIES)
+        )
+    return family, model_name
+
+
 @dataclass(frozen=True)
 class VariantEntry:
     description: str
@@ -61,11 +83,13 @@ VARIANTS: dict[str, VariantEntry] = {
     "baseline": VariantEntry("the backbone alone"),
     "attention": VariantEntry(
         "Attend and Rectify (gated attention modules on the backbone's taps)",
-        {"attention_depth": 3, "attention_width": 4, "gates": "softmax", "reg_w": 1e-3, "output_mode": "mixture"},
+        {"attention_depth": 3, "attention_width": 4, "gates": "softmax", "reg_w": 1e-3, "output_mode": "mixture",
+         "taps": []},
         {"gates": GATE_FUNCTIONS, "output_mode": OUTPUT_MODES},
     ),
     "se": VariantEntry("Squeeze-and-Excitation in every residual block", {"reduction": 16}),
     "cbam": VariantEntry("CBAM in every residual block", {"reduction": 16}),
+    "eca": VariantEntry("ECA in every block (timm's EcaModule; timm backbones)"),
 }
 
 
@@ -106,20 +130,40 @@ def resolve_options(
     return resolved
 
 
-def build_backbone(name: str, options: Mapping[str, Any] | None = None) -> Backbone:
+def build_backbone(
+    name: str, options: Mapping[str, Any] | None = None, block_attention: tuple[str, int] | None = None
+) -> Backbone:
+    """A registered backbone, or ``timm:<name>`` / ``torchvision:<name>``; ``block_attention``
+    (variant, reduction) builds timm's own SE/CBAM/ECA layers into a timm model's blocks."""
+    family = split_family(name)
+    if family is not None:
+        if block_attention is not None and family[0] != "timm":
+            raise FinebenchError(
+                f"variant {block_attention[0]!r} on {name}: SE/CBAM/ECA need a registered backbone or a timm model"
+            )
+        if family[0] == "timm":
+            return TimmBackbone(family[1], options, block_attention)
+        return BACKBONE_FAMILIES[family[0]](family[1], options)
     entry: BackboneEntry = _choose("backbone", name, BACKBONES)
     return entry.build(**resolve_options(f"backbone {name!r}", entry.options, options))
 
 
 def load_pretrained(backbone: Backbone, name: str, pretrained: str) -> None:
-    """``"imagenet"``: torchvision's weights from the hub cache; anything else: a local file path."""
+    """``"imagenet"``: torchvision's weights from the hub cache; ``"timm"``: timm's from its cache;
+    anything else: a local file path (``.pth`` or ``.safetensors``)."""
+    if isinstance(backbone, TimmBackbone | TorchvisionNodeBackbone):
+        if pretrained == ("imagenet" if isinstance(backbone, TimmBackbone) else "timm"):
+            expected = "timm" if isinstance(backbone, TimmBackbone) else "imagenet"
+            raise FinebenchError(f"pretrained={pretrained!r} for {name}: expected {expected!r} or a weights file path")
+        backbone.load_pretrained(pretrained)
+        return
     if pretrained == "imagenet":
         if not isinstance(backbone, TorchvisionResNet):
             imagenet = ", ".join(n for n, e in BACKBONES.items() if e.imagenet_weights)
             raise FinebenchError(f"backbone {name!r} has no ImageNet weights: expected one of {imagenet}")
         backbone.load_imagenet_weights()
         return
-    backbone.load_backbone_weights(read_state_dict(pretrained), str(Path(pretrained).expanduser()))
+    backbone.load_backbone_weights(read_weights_file(pretrained), str(Path(pretrained).expanduser()))
 
 
 def build_model(
@@ -135,12 +179,17 @@ def build_model(
         raise FinebenchError(f"num_classes={num_classes!r} is invalid: expected an integer >= 2")
     entry: VariantEntry = _choose("variant", variant, VARIANTS)
     options = resolve_options(f"variant {variant!r}", entry.options, variant_options, entry.choices)
-    net = build_backbone(backbone, backbone_options)
+    if options.get("reduction", 1) < 1:
+        raise FinebenchError(f"reduction={options['reduction']} is invalid for {variant}: expected an integer >= 1")
+    block_attention = None
+    if variant in BLOCK_ATTENTION and split_family(backbone) is not None:
+        block_attention = (variant, options.get("reduction", 16))  # timm builds its own layers in
+    elif variant in BLOCK_ATTENTION and variant not in BLOCK_PLUGINS:
+        raise FinebenchError(f"variant {variant!r} on {backbone}: expected a timm backbone (timm:<name>)")
+    net = build_backbone(backbone, backbone_options, block_attention)
     if pretrained is not None:
         load_pretrained(net, backbone, pretrained)
-    if variant in BLOCK_PLUGINS:
-        if options["reduction"] < 1:
-            raise FinebenchError(f"reduction={options['reduction']} is invalid for {variant}: expected an integer >= 1")
+    if variant in BLOCK_PLUGINS and block_attention is None:
         net.insert_plugins(partial(BLOCK_PLUGINS[variant], **options))
     attention = None
     if variant == "attention":
@@ -153,7 +202,10 @@ def build_attention(backbone: Backbone, num_classes: int, options: Mapping[str, 
         raise FinebenchError(f"attention_width={options['attention_width']} is invalid: expected an integer >= 1")
     if options["reg_w"] < 0:
         raise FinebenchError(f"reg_w={options['reg_w']} is invalid: expected a number >= 0")
-    taps = backbone.attention_taps(options["attention_depth"])
+    if options["taps"]:
+        taps = backbone.named_taps(options["taps"])
+    else:
+        taps = backbone.attention_taps(options["attention_depth"])
     return AttendAndRectify(
         [(tap, backbone.tap_point(tap).channels) for tap in taps],
         backbone.out_channels,
@@ -221,3 +273,25 @@ def build_model_from_config(
         backbone, num_classes, variant=variant_kind, variant_options=variant_options,
         backbone_options=backbone_options, pretrained=weights,
     )
+
+
+@dataclass(frozen=True)
+class TapListing:
+    """What ``finebench models --taps NAME`` shows: where Attend and Rectify can attach."""
+
+    backbone: str
+    tap_points: tuple[TapPoint, ...]
+    attention_candidates: tuple[str, ...]
+    """Deepest first: ``attention_depth = D`` uses the first D."""
+    out_channels: int
+
+
+def list_taps(name: str, options: Mapping[str, Any] | None = None) -> TapListing:
+    """The taps of any backbone name (registered, ``timm:``, ``torchvision:``), with channels and stride."""
+    family = split_family(name)
+    # timm and the registered backbones build on the meta device (instant, no memory); the
+    # torchvision stage search runs the model, which some ops cannot do on meta tensors.
+    device = "cpu" if family is not None and family[0] == "torchvision" else "meta"
+    with torch.device(device):
+        net = build_backbone(name, options)
+    return TapListing(name, net.tap_points, tuple(net.attention_candidates), net.out_channels)
