@@ -175,13 +175,12 @@ class BenchRow:
 
 def _train_split_size(dataset: Any, data_root: Any) -> int | None:
     """Images in the recipe's train split(s): from the prepared store if there is one, else the spec."""
-    from pathlib import Path
-
     from finebench.data import store
     from finebench.data.registry import get_spec
+    from finebench.data.root import resolve_data_root
 
     names = [part.strip() for part in dataset.train_split.split("+") if part.strip()]
-    root = Path(data_root if data_root is not None else dataset.root)
+    root = resolve_data_root(data_root, dataset.root)
     sizes: Mapping[str, int] = get_spec(dataset.name).split_sizes
     if store.is_prepared(root, dataset.name):
         sizes = store.read_meta(root, dataset.name).get("splits", {}) or sizes

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from finebench.data.root import DataRoot, choose_data_root
 from finebench.errors import FinebenchError
 from finebench.recipe import LoadedRecipe, RunSpec, expand_runs
 from finebench.results import (
@@ -216,7 +217,8 @@ def _execute(
         started_at=previous.get("started_at") or utc_now(),
     )
     if ctx.is_main:
-        run_dir.write_config(run.config)
+        # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
+        run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
         run_dir.write_summary(_summary(loaded, run, status="running", rows=run_dir.read_metrics(), **common))
     label = f"{run.variant_name} seed {run.seed}"
     progress = SilentProgress() if quiet or not ctx.is_main else RichProgress(label, console)
@@ -266,7 +268,8 @@ def run_recipe(
     ctx = ctx or DistContext()
     console = console or Console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
     runs = expand_runs(loaded, only)
-    data_root = Path(data_root if data_root is not None else loaded.recipe.dataset.root)
+    chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
+    data_root = chosen_root.path
     num_classes = get_spec(loaded.recipe.dataset.name).num_classes
     costs = _CostCache(loaded, num_classes, loaded.input_size())
 
@@ -277,6 +280,7 @@ def run_recipe(
             for run in runs
         ]
 
+    _check_data_root(chosen_root, loaded.recipe.dataset.name)
     if ctx.is_main:
         _prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
     ctx.barrier()
@@ -328,8 +332,24 @@ def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size
 
     per_worker_batch(loaded.recipe.train.batch_size, world_size)
     name = loaded.recipe.dataset.name
+    chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
+    _check_data_root(chosen_root, name)
     if not get_spec(name).offline:  # embedded datasets are prepared by rank 0
-        read_meta(Path(data_root if data_root is not None else loaded.recipe.dataset.root), name)
+        read_meta(chosen_root.path, name)
+
+
+def _check_data_root(chosen: DataRoot, name: str) -> None:
+    """A data root the user named must exist: ``run`` creates only the default one, for an embedded dataset."""
+    from finebench.data.registry import get_spec
+
+    path = chosen.path
+    if path.exists() and not path.is_dir():
+        raise FinebenchError(f"data root {chosen.describe()} is a file, expected a folder of prepared datasets")
+    if not path.exists() and (chosen.origin != "default" or not get_spec(name).offline):
+        raise FinebenchError(
+            f"data root {chosen.describe()} does not exist: prepare the dataset there first "
+            f"(`finebench prepare {name} --data-root {path}`) or point --data-root / FINEBENCH_DATA at its folder"
+        )
 
 
 def _prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
@@ -340,6 +360,9 @@ def _prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
     from finebench.data.store import is_prepared
 
     if get_spec(name).offline and not is_prepared(data_root, name):
+        if not quiet:
+            Console(stderr=True).print(f"{name} is not prepared in {data_root}: preparing it (embedded, no download)",
+                                       highlight=False, soft_wrap=True)
         prepare_dataset(name, data_root, quiet=quiet)
 
 
