@@ -208,6 +208,7 @@ def bench_recipe(
     from finebench.recipe import expand_runs, load_recipe
     from finebench.runner import _build_model
     from finebench.train.engine import build_train_step
+    from finebench.train.threads import apply_threads
 
     if images < 1:
         raise FinebenchError(f"--images {images}: expected a positive number of images to time")
@@ -218,8 +219,7 @@ def bench_recipe(
     train_images = _train_split_size(dataset, data_root)
     steps_per_epoch = max(1, -(-(train_images or train.batch_size) // train.batch_size))
     timed_steps = max(1, -(-images // train.batch_size))
-    if train.threads is not None:  # as ``fit`` does, so the estimate matches the run
-        torch.set_num_threads(train.threads)
+    apply_threads(train.threads)  # as ``run`` does, so the estimate matches the run
     seen: set[str] = set()
     rows = []
     for run in expand_runs(loaded, only):

@@ -8,6 +8,7 @@ results folder share the work instead of corrupting it.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from finebench.results import (
     utc_now,
 )
 from finebench.train.distributed import lost_contact
+from finebench.train.threads import ThreadChoice, apply_threads
 from finebench.train.engine import (
     DistContext,
     RichProgress,
@@ -153,6 +155,7 @@ def _summary(
     epochs_completed: int = 0,
     train_time_s: float = 0.0,
     images_per_s: float = 0.0,
+    threads: ThreadChoice | None = None,
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     return {
@@ -185,6 +188,8 @@ def _summary(
         "precision": precision,
         "channels_last": recipe.train.channels_last,
         "world_size": ctx.world_size,
+        "threads": threads.threads if threads else None,
+        "threads_rule": threads.rule if threads else None,
         **environment(),
         "started_at": started_at,
         "finished_at": utc_now() if status != "running" else None,
@@ -208,13 +213,16 @@ def _execute(
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
     previous = run_dir.summary() or {}
+    resumed_threads = previous.get("threads") if run_dir.checkpoint_path.is_file() else None
+    threads = apply_threads(train.threads, previous=resumed_threads if isinstance(resumed_threads, int) else None,
+                            workers_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seed_everything(run.seed)
     model = _build_model(loaded, run, num_classes)
     loaders = _build_loaders(loaded, data_root, run.seed, ctx, device)
     common = dict(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
         input_size=costs.input_size, device=device, precision=precision, ctx=ctx,
-        started_at=previous.get("started_at") or utc_now(),
+        started_at=previous.get("started_at") or utc_now(), threads=threads,
     )
     if ctx.is_main:
         # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
