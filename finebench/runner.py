@@ -31,7 +31,6 @@ from finebench.results import (
     utc_now,
 )
 from finebench.train.distributed import lost_contact
-from finebench.train.threads import ThreadChoice, apply_threads
 from finebench.train.engine import (
     DistContext,
     RichProgress,
@@ -42,6 +41,7 @@ from finebench.train.engine import (
     resolve_precision,
     seed_everything,
 )
+from finebench.train.threads import ThreadChoice, apply_threads
 
 
 @dataclass
