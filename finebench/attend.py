@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
+from finebench.data.root import resolve_data_root
 from finebench.errors import FinebenchError
 
 TOP_K = 3
@@ -168,7 +169,8 @@ def images_from_split(data_root: Path, dataset: str, split: str, n: int) -> list
 
     split_dir = data_root / dataset / split
     if not split_dir.is_dir():
-        raise FinebenchError(f"{split_dir}: no prepared split {split!r} of {dataset!r}; run `finebench prepare {dataset}`")
+        raise FinebenchError(f"{split_dir}: no prepared split {split!r} of {dataset!r}; "
+                              f"run `finebench prepare {dataset} --data-root {data_root}` or give --data-root")
     store = datasets.load_from_disk(str(split_dir))
     if len(store) == 0:
         raise FinebenchError(f"{split_dir}: the split is empty")
@@ -284,7 +286,7 @@ def attend(
         raise FinebenchError(f"--device {device!r}: {error}; expected auto, cpu, cuda or cuda:N") from None
     run = load_attention_run(run_dir, torch_device)
     dataset = run.config.get("dataset", {}).get("name") or run.summary.get("dataset")
-    root = Path(data_root) if data_root is not None else Path(run.config.get("dataset", {}).get("root", "data"))
+    root = resolve_data_root(data_root, run.config.get("dataset", {}).get("root"))
     meta = _read_meta(root, dataset)
     classes = list(meta["classes"]) if meta and meta.get("classes") else None
     samples = images_from_files(images) if images else []

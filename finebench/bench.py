@@ -175,13 +175,12 @@ class BenchRow:
 
 def _train_split_size(dataset: Any, data_root: Any) -> int | None:
     """Images in the recipe's train split(s): from the prepared store if there is one, else the spec."""
-    from pathlib import Path
-
     from finebench.data import store
     from finebench.data.registry import get_spec
+    from finebench.data.root import resolve_data_root
 
     names = [part.strip() for part in dataset.train_split.split("+") if part.strip()]
-    root = Path(data_root if data_root is not None else dataset.root)
+    root = resolve_data_root(data_root, dataset.root)
     sizes: Mapping[str, int] = get_spec(dataset.name).split_sizes
     if store.is_prepared(root, dataset.name):
         sizes = store.read_meta(root, dataset.name).get("splits", {}) or sizes
@@ -209,6 +208,7 @@ def bench_recipe(
     from finebench.recipe import expand_runs, load_recipe
     from finebench.runner import _build_model
     from finebench.train.engine import build_train_step
+    from finebench.train.threads import apply_threads
 
     if images < 1:
         raise FinebenchError(f"--images {images}: expected a positive number of images to time")
@@ -219,8 +219,7 @@ def bench_recipe(
     train_images = _train_split_size(dataset, data_root)
     steps_per_epoch = max(1, -(-(train_images or train.batch_size) // train.batch_size))
     timed_steps = max(1, -(-images // train.batch_size))
-    if train.threads is not None:  # as ``fit`` does, so the estimate matches the run
-        torch.set_num_threads(train.threads)
+    apply_threads(train.threads)  # as ``run`` does, so the estimate matches the run
     seen: set[tuple[str, str]] = set()
     rows = []
     for run in expand_runs(loaded, only):

@@ -255,7 +255,7 @@ def profile_command(
 from pathlib import Path  # noqa: E402  (kept inside this section: cli.py is shared by sections)
 from typing import Optional  # noqa: E402
 
-_DATA_ROOT_HELP = "Folder of prepared datasets (env FINEBENCH_DATA; default data/)."
+_DATA_ROOT_HELP = "Folder of prepared datasets \\[default: $FINEBENCH_DATA, else data]."
 
 
 def _human_bytes(size: int | None) -> str:
@@ -274,7 +274,7 @@ def _first_sentence(text: str) -> str:
 
 @app.command("datasets")
 def datasets_command(
-    data_root: Path = typer.Option(Path("data"), "--data-root", envvar="FINEBENCH_DATA", help=_DATA_ROOT_HELP),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """List every known dataset: classes, splits, protocol, terms, source, and whether it is prepared here."""
@@ -283,7 +283,9 @@ def datasets_command(
     from rich.table import Table
 
     from finebench.data.prepare import dataset_overview
+    from finebench.data.root import resolve_data_root
 
+    data_root = resolve_data_root(data_root)
     rows = dataset_overview(data_root)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -313,7 +315,7 @@ def datasets_command(
 @app.command("prepare")
 def prepare_command(
     name: str = typer.Argument(..., help="Dataset name (see `finebench datasets`)."),
-    data_root: Path = typer.Option(Path("data"), "--data-root", envvar="FINEBENCH_DATA", help=_DATA_ROOT_HELP),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=_DATA_ROOT_HELP),
     source: str = typer.Option("official", "--source", help="official (URLs, --from, --mirror) or hub (Hugging Face Hub copy)."),
     from_path: Optional[Path] = typer.Option(None, "--from", help="Folder or file holding the official archives, or their extracted layout."),
     mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL that replaces each source URL by <mirror>/<filename>."),
@@ -326,10 +328,11 @@ def prepare_command(
 ) -> None:
     """Download (or take --from), verify, extract and store a dataset under DATA_ROOT/NAME."""
     from finebench.data.prepare import prepare_dataset
+    from finebench.data.root import resolve_data_root
 
     prepare_dataset(
-        name, data_root, source=source, from_path=from_path, mirror=mirror, force=force, max_side=max_side, quiet=quiet,
-        short_side=short_side,
+        name, resolve_data_root(data_root), source=source, from_path=from_path, mirror=mirror, force=force,
+        max_side=max_side, quiet=quiet, short_side=short_side,
     )
 
 
@@ -340,7 +343,7 @@ def prepare_command(
 def run_command(
     recipe: str = typer.Argument(..., help="Recipe TOML file, e.g. recipes/quickstart.toml."),
     results_dir: str = typer.Option("results", "--results-dir", help="Runs land in RESULTS_DIR/<recipe>/<run-id>/."),
-    data_root: str | None = typer.Option(None, "--data-root", help="Prepared datasets folder (default: the recipe's dataset.root, else data)."),
+    data_root: str | None = typer.Option(None, "--data-root", help="Prepared datasets folder \\[default: $FINEBENCH_DATA, else the recipe's dataset.root, else data]."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override KEY=VALUE, e.g. --set train.epochs=1 (repeatable)."),
     only: list[str] = typer.Option([], "--only", help="Run only this variant (name or kind; repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded runs with ids, state (new, resumable, finished, failed), whether the dataset is prepared, params and FLOPs; train nothing."),
@@ -420,7 +423,7 @@ def bench_command(
     images: int = typer.Option(256, "--images", help="Images to time per variant (rounded up to whole batches)."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override KEY=VALUE, e.g. --set train.batch_size=64."),
     only: list[str] = typer.Option([], "--only", help="Time only this variant (name or kind; repeatable)."),
-    data_root: str | None = typer.Option(None, "--data-root", help="Prepared datasets folder, for the epoch size (default: the recipe's dataset.root)."),
+    data_root: str | None = typer.Option(None, "--data-root", help="Prepared datasets folder, for the epoch size \\[default: $FINEBENCH_DATA, else the recipe's dataset.root, else data]."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Time each variant's training step (random in-memory batches) and estimate the time per epoch."""
@@ -552,7 +555,7 @@ def attend_command(
     split: str = typer.Option(None, "--split", help="Also take images from this prepared split (e.g. test)."),
     n: int = typer.Option(16, "--n", help="How many images of --split, spread evenly over it."),
     out: str = typer.Option(None, "--out", help="Output folder \\[default: RUN_DIR/attention_maps]."),
-    data_root: str = typer.Option(None, "--data-root", help="Prepared datasets folder \\[default: the run's dataset.root]."),
+    data_root: str = typer.Option(None, "--data-root", help="Prepared datasets folder \\[default: $FINEBENCH_DATA, else the root recorded in the run's config.json, else data]."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Draw each head's attention mask, the gates and every module's top predictions per image."""

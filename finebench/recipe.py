@@ -177,9 +177,9 @@ class TrainSection(_Section):
     workers: Annotated[int, Field(ge=0)] = 0
     sync_batchnorm: bool = False
     """Distributed runs: batch statistics over all workers (``SyncBatchNorm``)."""
-    threads: Annotated[int, Field(ge=1)] | None = None
-    """CPU intra-op threads (``torch.set_num_threads``); unset keeps torch's default. One thread
-    beats two when other processes share the cores."""
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """CPU intra-op threads (``torch.set_num_threads``): ``"auto"`` uses the cores idle at the run's
+    first start (finebench.train.threads), a number pins it; recorded in summary.json."""
     accumulation_steps: Annotated[int, Field(ge=1)] = 1
     """Micro-batches per optimiser step: each batch is split this many ways, each part's gradient
     added up, one step taken. The gradient is the whole batch's; BatchNorm sees micro-batches, as

@@ -13,6 +13,7 @@ file and says how to go on.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from finebench.data.root import DataRoot, choose_data_root
 from finebench.data.store import meta_digest
 from finebench.errors import FinebenchError, Interrupted
 from finebench.recipe import LoadedRecipe, RunSpec, expand_runs, held_out_folds
@@ -47,6 +49,7 @@ from finebench.train.engine import (
     resolve_precision,
     seed_everything,
 )
+from finebench.train.threads import ThreadChoice, apply_threads
 
 
 @dataclass
@@ -189,6 +192,7 @@ def _summary(
     images_per_s: float = 0.0,
     data_path: str = "workers",
     dataset_digest: str | None = None,
+    threads: ThreadChoice | None = None,
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     return {
@@ -225,6 +229,8 @@ def _summary(
         "data_path": data_path,
         "world_size": ctx.world_size,
         "dataset_digest": dataset_digest,
+        "threads": threads.threads if threads else None,
+        "threads_rule": threads.rule if threads else None,
         **environment(),
         "started_at": started_at,
         "finished_at": utc_now() if status != "running" else None,
@@ -248,6 +254,9 @@ def _execute(
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
     previous = run_dir.summary() or {}
+    resumed_threads = previous.get("threads") if run_dir.checkpoint_path.is_file() else None
+    threads = apply_threads(train.threads, previous=resumed_threads if isinstance(resumed_threads, int) else None,
+                            workers_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     seed_everything(run.seed)
     model = _build_model(loaded, run, num_classes)
     loaders = _build_loaders(loaded, run, data_root, ctx, device)
@@ -255,10 +264,11 @@ def _execute(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
         input_size=costs.input_size, device=device, precision=precision, ctx=ctx,
         started_at=previous.get("started_at") or utc_now(), data_path=loaders.path,
-        dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name),
+        dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name), threads=threads,
     )
     if ctx.is_main:
-        run_dir.write_config(run.config)
+        # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
+        run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
         run_dir.write_summary(_summary(loaded, run, status="running", rows=run_dir.read_metrics(), **common))
     label = f"{run.variant_name} seed {run.seed}"
     progress = SilentProgress() if quiet or not ctx.is_main else RichProgress(label, console)
@@ -364,7 +374,8 @@ def run_recipe(
     console = console or Console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
     runs = expand_runs(loaded, only)
     results_dir = Path(results_dir)
-    data_root = Path(data_root if data_root is not None else loaded.recipe.dataset.root)
+    chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
+    data_root = chosen_root.path
     num_classes = get_spec(loaded.recipe.dataset.name).num_classes
     costs = _CostCache(loaded, num_classes, loaded.input_size())
     check_results_dir(results_dir, loaded.name)
@@ -388,6 +399,7 @@ def run_recipe(
                              for run in runs})
     to_train = [run for run in runs if planned[run.run_id] == "train"]
     if to_train:
+        _check_data_root(chosen_root, loaded.recipe.dataset.name)
         if ctx.is_main:
             _prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
         ctx.barrier()
@@ -449,8 +461,24 @@ def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size
 
     per_worker_batch(loaded.recipe.train.batch_size, world_size)
     name = loaded.recipe.dataset.name
+    chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
+    _check_data_root(chosen_root, name)
     if not get_spec(name).offline:  # embedded datasets are prepared by rank 0
-        read_meta(Path(data_root if data_root is not None else loaded.recipe.dataset.root), name)
+        read_meta(chosen_root.path, name)
+
+
+def _check_data_root(chosen: DataRoot, name: str) -> None:
+    """A data root the user named must exist: ``run`` creates only the default one, for an embedded dataset."""
+    from finebench.data.registry import get_spec
+
+    path = chosen.path
+    if path.exists() and not path.is_dir():
+        raise FinebenchError(f"data root {chosen.describe()} is a file, expected a folder of prepared datasets")
+    if not path.exists() and (chosen.origin != "default" or not get_spec(name).offline):
+        raise FinebenchError(
+            f"data root {chosen.describe()} does not exist: prepare the dataset there first "
+            f"(`finebench prepare {name} --data-root {path}`) or point --data-root / FINEBENCH_DATA at its folder"
+        )
 
 
 def _prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
@@ -461,6 +489,9 @@ def _prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
     from finebench.data.store import is_prepared
 
     if get_spec(name).offline and not is_prepared(data_root, name):
+        if not quiet:
+            Console(stderr=True).print(f"{name} is not prepared in {data_root}: preparing it (embedded, no download)",
+                                       highlight=False, soft_wrap=True)
         prepare_dataset(name, data_root, quiet=quiet, wait=True)  # a second `run` waits for the first's prepare
 
 

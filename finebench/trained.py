@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finebench.data.root import resolve_data_root
 from finebench.errors import FinebenchError
 from finebench.models import build_model_from_config
 from finebench.models.base import read_state_dict
@@ -88,10 +89,8 @@ def load_trained_run(run_dir: str | Path, device: str | torch.device = "cpu") ->
 
 
 def run_data_root(config: dict[str, Any], data_root: str | Path | None) -> Path:
-    """``--data-root`` when given, else the root the run trained from (its config's dataset.root)."""
-    if data_root is not None:
-        return Path(data_root)
-    return Path((config.get("dataset") or {}).get("root") or "data")
+    """The one data-root rule (``--data-root``, FINEBENCH_DATA, then the root the run trained from)."""
+    return resolve_data_root(data_root, (config.get("dataset") or {}).get("root"))
 
 
 # ---- eval ------------------------------------------------------------------------------------

@@ -305,21 +305,23 @@ def adience() -> Miniature:
 
 def imagenet() -> Miniature:
     colour = _Colours()
-    leaves = [("n01440764", "tench, Tinca tinca"), ("n02012849", "crane"), ("n03126707", "crane")]
+    # In ILSVRC2012_ID order, which is not the sorted-wnid order labels follow (torchvision, timm).
+    leaves = [("n03126707", "crane"), ("n01440764", "tench, Tinca tinca"), ("n02012849", "crane")]
+    label_of = {wnid: label for label, wnid in enumerate(sorted(w for w, _ in leaves))}
     train_tars, splits = {}, {"train": [], "test": []}
-    for label, (wnid, _) in enumerate(leaves):
+    for wnid, _ in leaves:
         inner = {}
         for n in range(2):
             c = colour()
             inner[f"{wnid}_{n + 1}.JPEG"] = jpeg(c)
-            splits["train"].append(Expected(label, c))
+            splits["train"].append(Expected(label_of[wnid], c))
         train_tars[f"{wnid}.tar"] = tar_bytes(inner)
     val, truth = {}, []
-    for index, label in enumerate((2, 0, 1, 1, 0, 2), start=1):
+    for index, ilsvrc_id in enumerate((3, 1, 2, 2, 1, 3), start=1):
         c = colour()
         val[f"ILSVRC2012_val_{index:08d}.JPEG"] = jpeg(c)
-        truth.append(str(label + 1))
-        splits["test"].append(Expected(label, c))
+        truth.append(str(ilsvrc_id))
+        splits["test"].append(Expected(label_of[leaves[ilsvrc_id - 1][0]], c))
     synsets = [
         {"ILSVRC2012_ID": i, "WNID": w, "words": words, "gloss": "g", "num_children": 0,
          "children": np.zeros((1, 0)), "wordnet_height": 0, "num_train_images": 2}

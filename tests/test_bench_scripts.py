@@ -15,6 +15,7 @@ EXPECTED_COLUMN = {
     "attention_overhead.py": "time-FLOP pts",
     "loader.py": "vs ImageFolder",
     "mfu.py": "MFU",
+    "threads.py": "auto vs torch default",
 }
 
 

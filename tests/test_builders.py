@@ -341,3 +341,35 @@ def test_every_hub_copy_maps_exactly_the_official_splits():
         assert set(spec.hub_splits) == set(spec.split_sizes), spec.name
     assert registry.get_spec("food101").hub_splits == {"train": "train", "test": "validation"}
     assert registry.get_spec("stanford_cars").hub_splits == {"train": "train", "test": "test"}
+
+
+def test_imagenet_labels_and_names_agree_with_torchvision_s_own_parser(tmp_path, monkeypatch):
+    """torchvision's ImageNet (what timm and pretrained heads follow) reads the same miniature archives:
+    every image gets the same label here and there, in sorted-wnid order, not the devkit's ILSVRC2012_ID order."""
+    import torchvision.datasets as tv
+    from PIL import Image
+    from torchvision.datasets import imagenet as tv_imagenet
+
+    mini = archives.imagenet()
+    with _with_miniature_checksums(mini):
+        store = prepare_dataset("imagenet", tmp_path / "data", from_path=write_files(mini, tmp_path / "ours"), quiet=True)
+    for key, (filename, _) in list(tv_imagenet.ARCHIVE_META.items()):  # torchvision checks the real archives' md5
+        monkeypatch.setitem(tv_imagenet.ARCHIVE_META, key, (filename, mini.md5(filename)))
+    tv_root = write_files(mini, tmp_path / "torchvision")
+    for split, tv_split in (("train", "train"), ("test", "val")):
+        reference = tv.ImageNet(str(tv_root), split=tv_split)
+        palette = {e.colour: e for e in mini.splits[split]}
+        theirs = {_identify(Image.open(path), palette).colour: label for path, label in reference.samples}
+        ours = {e.colour: e.label for e in read_split(store, split, palette)}
+        assert ours == theirs and len(ours) == len(palette)
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["info"]["wnids"] == reference.wnids
+    names = [name.removesuffix(f" ({wnid})") for name, wnid in zip(meta["classes"], reference.wnids)]
+    assert names == [", ".join(words) for words in reference.classes]
+
+
+def test_flowers102_class_names_are_torchvision_s(local_http_server, tmp_path):
+    import torchvision.datasets as tv
+
+    store = prepare_via_server(archives.flowers102(FLOWER_NAMES), local_http_server, tmp_path / "data")
+    assert json.loads((store / "meta.json").read_text())["classes"] == tv.Flowers102.classes

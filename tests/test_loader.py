@@ -111,7 +111,7 @@ def test_unknown_split_lists_the_available_ones(data_root: Path) -> None:
 
 
 def test_unprepared_dataset_says_how_to_prepare(tmp_path: Path) -> None:
-    with pytest.raises(FinebenchError, match=r"dataset 'cifar10' is not prepared in .*: run `finebench prepare cifar10`"):
+    with pytest.raises(FinebenchError, match=r"dataset 'cifar10' is not prepared in .*: run `finebench prepare cifar10 --data-root "):
         build_loaders("cifar10", tmp_path, batch_size=2)
 
 

@@ -106,7 +106,7 @@ def test_stale_partials_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
 
 
 def test_read_meta_of_unprepared_dataset_says_how_to_prepare(tmp_path: Path) -> None:
-    with pytest.raises(FinebenchError, match=r"dataset 'unit' is not prepared in .*: run `finebench prepare unit`"):
+    with pytest.raises(FinebenchError, match=r"dataset 'unit' is not prepared in .*: run `finebench prepare unit --data-root "):
         store.read_meta(tmp_path, "unit")
 
 

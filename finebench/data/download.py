@@ -1,7 +1,9 @@
 """Fetch, verify and unpack a dataset's official files without trusting the network or the archive.
 
 Downloads stream to ``<file>.part`` and resume it with an HTTP Range request after a dropped
-connection; transient failures (5xx, resets, timeouts) are retried with exponential backoff;
+connection; transient failures (5xx, resets, timeouts) are retried with exponential backoff, while
+a host that does not resolve or refuses the connection fails at once (offline, a typo, no server:
+waiting does not help);
 the file gets its final name only after its digest matched, so a file under its real name is
 always a verified one. Extraction checks every member before writing it, so an archive cannot
 place anything outside the target folder (absolute paths, ``..``, outward links, devices).
@@ -9,6 +11,7 @@ place anything outside the target folder (absolute paths, ``..``, outward links,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -38,6 +41,29 @@ _USER_AGENT = "finebench (+https://github.com/finebench)"
 
 class _TransientError(Exception):
     """A failure worth retrying: the server or the connection, not the request, went wrong."""
+
+
+class DownloadError(FinebenchError):
+    """The network would not give the file (unreachable host, HTTP error, retries spent).
+
+    A separate type so ``prepare`` can add what to do instead (``--from``, ``--mirror``), which
+    this module does not know; checksum mismatches stay plain ``FinebenchError``.
+    """
+
+
+def _unreachable(reason: object) -> str | None:
+    """Why a host cannot be reached at all, or ``None`` for failures that retrying may cure.
+
+    Name resolution (including "temporary failure": offline, that is what it reports), a refused
+    connection and no route to the network are answered by the local machine at once.
+    """
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host name ({reason.strerror or reason}; no network or no DNS?)"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused (no server listening there)"
+    if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return f"{reason.strerror} (no network?)"
+    return None
 
 
 # ---- digests --------------------------------------------------------------------------------
@@ -113,9 +139,11 @@ def _open(url: str, start: int) -> http.client.HTTPResponse:
             return error  # the partial file already holds every byte; caller checks the status
         if error.code >= 500 or error.code == 429:
             raise _TransientError(f"HTTP {error.code} from {url}") from error
-        raise FinebenchError(f"download of {url} failed: HTTP {error.code} {error.reason}") from error
+        raise DownloadError(f"download of {url} failed: HTTP {error.code} {error.reason}") from error
     except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as error:
         reason = getattr(error, "reason", error)
+        if why := _unreachable(reason):
+            raise DownloadError(f"cannot reach {url}: {why}") from error
         raise _TransientError(f"cannot reach {url}: {reason}") from error
 
 
@@ -149,6 +177,12 @@ def _fetch_once(url: str, part: Path, update) -> None:
             raise _TransientError(f"connection to {url} closed after {received} of {total} bytes")
 
 
+def _kept(part: Path) -> str:
+    """What is left to resume from, said as it is (the old message claimed a file that did not exist)."""
+    size = part.stat().st_size if part.is_file() else 0
+    return f"partial file of {size:,} bytes kept at {part}; rerun to resume" if size else "nothing was downloaded"
+
+
 def download(
     url: str,
     destination: Path,
@@ -179,11 +213,10 @@ def download(
                 break
             except _TransientError as error:
                 if attempt == retries:
-                    raise FinebenchError(
-                        f"download of {url} failed after {retries + 1} attempts: {error} "
-                        f"(partial file kept at {part}; rerun to resume)"
-                    ) from error
+                    raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {error} ({_kept(part)})") from error
                 time.sleep(delay * (2**attempt))
+            except DownloadError as error:
+                raise DownloadError(f"{error} ({_kept(part)})") from error
     try:
         digests = check_digests(part, source, display_name=f"{destination.name} (from {url})")
     except FinebenchError:

@@ -80,6 +80,15 @@ def _urls(spec: DatasetSpec, source: Source, mirror: str | None) -> list[str]:
     return urls
 
 
+def _offline_hint(spec: DatasetSpec, mirror: str | None) -> str:
+    """What to do without the network: the files by name, so the user knows what to put where."""
+    where = "check --mirror (it needs every file under its own name) or" if mirror else "use --mirror URL, or"
+    return (
+        f"{where} put the files in a folder and run `finebench prepare {spec.name} --from DIR` "
+        f"(files: {_expected_files_text(spec)})"
+    )
+
+
 def _download_sources(
     spec: DatasetSpec, data_root: Path, mirror: str | None, quiet: bool
 ) -> list[tuple[Source, Path, dict[str, Any]]]:
@@ -95,6 +104,8 @@ def _download_sources(
                 digests = download.download(url, cache / source.filename, source, quiet=quiet)
                 break
             except FinebenchError as error:
+                if index == len(urls) - 1 and isinstance(error, download.DownloadError):
+                    raise download.DownloadError(f"{error}; {_offline_hint(spec, mirror)}") from None
                 if index == len(urls) - 1 or "checksum mismatch" in str(error):
                     raise
         fetched.append((source, cache / source.filename, {**digests, "url": url}))

@@ -48,7 +48,8 @@ def read_meta(data_root: Path, name: str) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FinebenchError(
-            f"dataset {name!r} is not prepared in {Path(data_root)}: run `finebench prepare {name}`"
+            f"dataset {name!r} is not prepared in {Path(data_root)}: run `finebench prepare {name} --data-root "
+            f"{Path(data_root)}`, or point --data-root or FINEBENCH_DATA at the folder where you prepared it"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FinebenchError(f"{path} is not valid JSON ({error}): rerun `finebench prepare {name} --force`") from error

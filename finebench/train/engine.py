@@ -531,7 +531,7 @@ def fit(
     progress = progress or SilentProgress()
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
-    if train.threads is not None:
+    if isinstance(train.threads, int):  # "auto" is chosen by the caller, which knows the run's history
         torch.set_num_threads(train.threads)
     model.to(device)
     if train.channels_last:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from finebench.data.builders._layout import require_file
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset, Source
 from finebench.errors import FinebenchError
 
@@ -79,8 +80,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python unpickler: its BUIL
 
 def load_batch(path: Path) -> dict[bytes, Any]:
     """One CIFAR batch (a dict with bytes keys) read without executing untrusted code."""
-    if not path.is_file():
-        raise FinebenchError(f"missing CIFAR file {path}: the archive is not in the official layout")
+    require_file(path, "a CIFAR batch of the official archive")
     with open(path, "rb") as handle:
         try:
             batch = _RestrictedUnpickler(handle, path).load()

@@ -32,8 +32,14 @@ NUM_CLASSES = 1000
 _JPEG_SUFFIXES = (".jpeg", ".jpg")
 
 
-def _leaf_synsets(meta_path: Path) -> tuple[list[str], list[str]]:
-    """(wnids, names) of the 1,000 leaf synsets in ILSVRC2012_ID order (meta.mat also holds inner nodes)."""
+def _leaf_synsets(meta_path: Path) -> tuple[list[str], list[str], list[int]]:
+    """(wnids, names, label of each ILSVRC2012_ID - 1) of the 1,000 leaf synsets, in sorted-wnid order.
+
+    Labels follow the sorted WordNet ids, the order of torchvision's ``ImageNet`` (an ``ImageFolder``
+    over ``<wnid>/`` folders), timm and every pretrained ImageNet head, so their classifiers score on
+    this store as they do elsewhere; the devkit's own ILSVRC2012_ID order would scramble them.
+    ``meta.mat`` also holds the inner WordNet nodes, which are dropped.
+    """
     synsets = np.atleast_1d(mat_field(load_mat(meta_path), "synsets", meta_path))
     try:
         ids = [int(v) for v in as_list(synsets["ILSVRC2012_ID"])]
@@ -44,13 +50,17 @@ def _leaf_synsets(meta_path: Path) -> tuple[list[str], list[str]]:
         raise FinebenchError(
             f"{meta_path}: 'synsets' must be a struct array with ILSVRC2012_ID, WNID, words, num_children"
         ) from None
-    leaves = sorted((i, w, n) for i, w, n, c in zip(ids, wnids, words, children) if c == 0)
-    if [i for i, _, _ in leaves] != list(range(1, len(leaves) + 1)):
-        raise FinebenchError(f"{meta_path}: leaf synsets must have ILSVRC2012_ID 1..{len(leaves)}")
-    names = [n for _, _, n in leaves]
+    by_id = sorted((i, w, n) for i, w, n, c in zip(ids, wnids, words, children) if c == 0)
+    if [i for i, _, _ in by_id] != list(range(1, len(by_id) + 1)):
+        raise FinebenchError(f"{meta_path}: leaf synsets must have ILSVRC2012_ID 1..{len(by_id)}")
+    leaves = sorted((w, n) for _, w, n in by_id)
+    if len({w for w, _ in leaves}) != len(leaves):
+        raise FinebenchError(f"{meta_path}: two leaf synsets share a WNID")
+    names = [n for _, n in leaves]
     # A few leaves share their words (two different "crane"s): the wnid keeps class names unique.
-    names = [f"{n} ({w})" if names.count(n) > 1 else n for (_, w, _), n in zip(leaves, names)]
-    return [w for _, w, _ in leaves], names
+    names = [f"{n} ({w})" if names.count(n) > 1 else n for (w, _), n in zip(leaves, names)]
+    label_of_wnid = {w: label for label, (w, _) in enumerate(leaves)}
+    return [w for w, _ in leaves], names, [label_of_wnid[w] for _, w, _ in by_id]
 
 
 class _InnerTarImages(Sequence[Example]):
@@ -106,9 +116,9 @@ def _train_split(raw_dir: Path, wnids: list[str]) -> Sequence[Example]:
     )
 
 
-def _val_split(raw_dir: Path, ground_truth_path: Path, num_classes: int) -> list[Example]:
+def _val_split(raw_dir: Path, ground_truth_path: Path, label_of_id: list[int]) -> list[Example]:
     ids = [parse_int(row[0], ground_truth_path, "ILSVRC2012_ID") for row in read_rows(ground_truth_path, min_fields=1)]
-    labels = labels_from_one_based(ids, num_classes, ground_truth_path)
+    labels = [label_of_id[index] for index in labels_from_one_based(ids, len(label_of_id), ground_truth_path)]
     folder = raw_dir / "val" if (raw_dir / "val" / "ILSVRC2012_val_00000001.JPEG").is_file() else raw_dir
     return [
         Example(require_file(folder / f"ILSVRC2012_val_{index:08d}.JPEG", "from ILSVRC2012_img_val.tar"), label)
@@ -118,15 +128,16 @@ def _val_split(raw_dir: Path, ground_truth_path: Path, num_classes: int) -> list
 
 def parse(raw_dir: Path) -> ParsedDataset:
     devkit = require_dir(raw_dir / "ILSVRC2012_devkit_t12" / "data", "from ILSVRC2012_devkit_t12.tar.gz")
-    wnids, names = _leaf_synsets(devkit / "meta.mat")
+    wnids, names, label_of_id = _leaf_synsets(devkit / "meta.mat")
     return ParsedDataset(
         classes=names,
         splits={
             "train": _train_split(raw_dir, wnids),
             # The official validation set is the de-facto test set: the real test labels were never released.
-            "test": _val_split(raw_dir, devkit / "ILSVRC2012_validation_ground_truth.txt", len(wnids)),
+            "test": _val_split(raw_dir, devkit / "ILSVRC2012_validation_ground_truth.txt", label_of_id),
         },
-        info={"wnids": wnids, "test_split": "ILSVRC2012 validation set (50,000 images)"},
+        info={"wnids": wnids, "class_order": "sorted WordNet id (torchvision, timm)",
+              "test_split": "ILSVRC2012 validation set (50,000 images)"},
     )
 
 
@@ -136,7 +147,8 @@ SPEC = DatasetSpec(
     split_sizes={"train": 1281167, "test": 50000},
     protocol="ILSVRC2012 classification: train on the 1,281,167 training images, report top-1/top-5 "
     "on the 50,000 validation images (stored as the test split; the test labels are not public). "
-    "Classes in ILSVRC2012_ID order from the devkit meta.mat.",
+    "Classes in sorted WordNet-id order (label 0 is n01440764), as torchvision, timm and pretrained "
+    "ImageNet classifiers number them; not the devkit's ILSVRC2012_ID order.",
     terms="Registration required; non-commercial research and education only (ImageNet terms of access).",
     homepage="https://image-net.org/challenges/LSVRC/2012/",
     parse=parse,

@@ -26,7 +26,9 @@ _VGG = "https://www.robots.ox.ac.uk/~vgg/data/"
 # ---- Flowers-102 ---------------------------------------------------------------------------
 
 # The dataset ships only numeric labels. These names are the list the community derived from the
-# VGG site (as used in jimgoo/caffe-oxford102), in label order 1..102.
+# VGG site (as used in jimgoo/caffe-oxford102), in label order 1..102, spelled exactly as torchvision's
+# Flowers102.classes (label 59 keeps its "?": the name the list gives is uncertain), so names match
+# across tools.
 FLOWER_NAMES = [
     "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea", "english marigold",
     "tiger lily", "moon orchid", "bird of paradise", "monkshood", "globe thistle", "snapdragon",
@@ -38,7 +40,7 @@ FLOWER_NAMES = [
     "siam tulip", "lenten rose", "barbeton daisy", "daffodil", "sword lily", "poinsettia",
     "bolero deep blue", "wallflower", "marigold", "buttercup", "oxeye daisy", "common dandelion",
     "petunia", "wild pansy", "primula", "sunflower", "pelargonium", "bishop of llandaff", "gaura",
-    "geranium", "orange dahlia", "pink-yellow dahlia", "cautleya spicata", "japanese anemone",
+    "geranium", "orange dahlia", "pink-yellow dahlia?", "cautleya spicata", "japanese anemone",
     "black-eyed susan", "silverbush", "californian poppy", "osteospermum", "spring crocus",
     "bearded iris", "windflower", "tree poppy", "gazania", "azalea", "water lily", "rose",
     "thorn apple", "morning glory", "passion flower", "lotus", "toad lily", "anthurium", "frangipani",
