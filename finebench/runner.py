@@ -35,6 +35,8 @@ from finebench.train.engine import (
     SilentProgress,
     describe_device,
     fit,
+    resolve_channels_last,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -145,6 +147,8 @@ def _summary(
     input_size: int,
     device: torch.device,
     precision: str,
+    compiled: bool,
+    channels_last: bool,
     ctx: DistContext,
     started_at: str,
     rows: Sequence[Mapping[str, Any]] = (),
@@ -152,6 +156,7 @@ def _summary(
     epochs_completed: int = 0,
     train_time_s: float = 0.0,
     images_per_s: float = 0.0,
+    compile_time_s: float = 0.0,
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     return {
@@ -182,7 +187,9 @@ def _summary(
         "images_per_s": images_per_s,
         "device": describe_device(device),
         "precision": precision,
-        "channels_last": recipe.train.channels_last,
+        "channels_last": channels_last,
+        "compile": compiled,
+        "compile_time_s": compile_time_s,
         "world_size": ctx.world_size,
         **environment(),
         "started_at": started_at,
@@ -206,13 +213,17 @@ def _execute(
     train = loaded.recipe.train
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
+    compiled = resolve_compile(train.compile, device)
+    attention = run.variant_kind == "attention"
+    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=attention)
     previous = run_dir.summary() or {}
     seed_everything(run.seed)
     model = _build_model(loaded, run, num_classes)
     loaders = _build_loaders(loaded, data_root, run.seed, ctx, device)
     common = dict(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
-        input_size=costs.input_size, device=device, precision=precision, ctx=ctx,
+        input_size=costs.input_size, device=device, precision=precision, compiled=compiled,
+        channels_last=channels_last, ctx=ctx,
         started_at=previous.get("started_at") or utc_now(),
     )
     if ctx.is_main:
@@ -239,7 +250,7 @@ def _execute(
     summary = _summary(
         loaded, run, status=result.status, failure_reason=result.failure_reason, rows=result.rows,
         epochs_completed=result.epochs_completed, train_time_s=result.train_time_s,
-        images_per_s=result.images_per_s, **common,
+        images_per_s=result.images_per_s, compile_time_s=result.compile_time_s, **common,
     )
     if ctx.is_main:
         run_dir.write_summary(summary)

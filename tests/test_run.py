@@ -57,6 +57,7 @@ SUMMARY_KEYS = {
     "backbone_label", "variant", "variant_name", "variant_options", "seed", "epochs", "epochs_completed",
     "final", "best", "params", "flops", "params_baseline", "flops_baseline", "module_flops", "input_size",
     "train_time_s", "images_per_s", "device", "precision", "channels_last", "world_size", "torch_version",
+    "compile", "compile_time_s",
     "finebench_version", "git_commit", "hostname", "started_at", "finished_at",
 }
 
