@@ -15,6 +15,8 @@ EXPECTED_COLUMN = {
     "attention_overhead.py": "time-FLOP pts",
     "loader.py": "vs ImageFolder",
     "mfu.py": "MFU",
+    "op_count.py": "added",
+    "gpu_suite.py": "gpu_suite: finished",
 }
 
 

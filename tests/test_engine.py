@@ -307,7 +307,8 @@ class CompileCounter(SilentProgress):
 @pytest.mark.slow
 def test_compiled_run_compiles_only_in_its_first_epoch_resumes_and_matches_eager(tmp_path):
     """torch.compile on CPU (Inductor's C++ backend): training and evaluation graphs, full and
-    partial batches, are all built in epoch 1; a compiled run resumes; its metrics are the eager ones."""
+    partial batches, are all built in epoch 1; a compiled run resumes as it would have run on; its
+    metrics are the eager run's within noise (compiled dropout draws other masks)."""
     torch._dynamo.reset()
     eager = run_fit(RunDir(tmp_path / "eager", "r", "id"), mixture=True, epochs=3, compile=False)
     counter = CompileCounter()
@@ -321,7 +322,9 @@ def test_compiled_run_compiles_only_in_its_first_epoch_resumes_and_matches_eager
         run_fit(store, mixture=True, epochs=3, compile=True, progress=InterruptIn(3))
     resumed = run_fit(store, mixture=True, epochs=3, compile=True)
     assert resumed.status == "finished" and [row["epoch"] for row in resumed.rows] == [1, 2, 3]
-    for reference in (eager, compiled):
-        for ours, theirs in zip(resumed.rows, reference.rows, strict=True):
-            assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
-            assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-4)
+    for ours, theirs in zip(resumed.rows, compiled.rows, strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-4)
+    for ours, theirs in zip(compiled.rows, eager.rows, strict=True):  # Inductor draws its own dropout masks
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=0.05)
+        assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=0.05)
