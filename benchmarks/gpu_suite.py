@@ -52,6 +52,7 @@ from finebench.train.engine import (
     autocast,
     build_train_step,
     resolve_channels_last,
+    resolve_compile,
     resolve_precision,
     synchronize_device,
 )
@@ -209,7 +210,7 @@ def make_candidates(config: Config, num_classes: int, variant: str, *, compiled:
     engine.first_call_s = timed_first_call(engine.run, dev)
     out = [engine]
     if with_loop:
-        looped = torch.compile(model, dynamic=False) if compiled else model
+        looped = step.model  # compiled: the same torch.compile'd module, so its graphs are not built twice
         loop = hand_written_step(looped, train, dev, step.precision, attention)
         candidate = Candidate(f"loop {key}", lambda: loop(images, labels), flops)
         candidate.first_call_s = timed_first_call(candidate.run, dev)
@@ -263,6 +264,12 @@ class Part:
 
 
 def part_peak(part: Part) -> None:
+    dev = device()
+    compiled = resolve_compile("auto", dev)
+    layouts = {v: resolve_channels_last("auto", dev, compiled=compiled, attention=v == "attention")
+               for v in ("baseline", "attention")}
+    say(f"defaults on {dev.type}: precision {resolve_precision('auto', dev)}, compile {compiled}, channels_last "
+        f"baseline {layouts['baseline']} / A&R {layouts['attention']}")
     peak = bf16_matmul_peak(part.quick)
     part.results["bf16_flops"] = peak
     say(f"bf16 matmul peak: {peak / 1e12:,.2f} TFLOP/s")
