@@ -68,7 +68,8 @@ def main() -> None:
         for label, backbone, options, variant, size, batch, num_classes in models:
             torch.manual_seed(0)
             model = build_model(backbone, num_classes, variant, None, options)
-            train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision)
+            train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision,
+                                 compile=False)  # FlopCounterMode counts the eager step
             step = build_train_step(model, train, mixture=variant == "attention", steps_per_epoch=100)
             images, labels = synthetic_batch(batch, size, num_classes, device=step.device)
             flops = step_flops(step, images, labels)

@@ -49,7 +49,8 @@ def compare(label: str, backbone: str, options: dict, size: int, batch: int, num
             precision: str, warmup: int, repeats: int) -> list:
     torch.manual_seed(0)
     model = build_model(backbone, num_classes, "baseline", None, options)
-    train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision)
+    train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision,
+                         compile=False, channels_last=False)  # the plain loop is eager NCHW too
     engine = build_train_step(model, train, mixture=False, steps_per_epoch=100)
     # Same model and the same optimiser settings (SGD Nesterov, weight decay, momentum) as the engine's.
     plain = plain_loop_step(model, build_optimizer(model, train), engine.device, engine.precision)

@@ -8,7 +8,9 @@ medians is far steadier than two numbers taken minutes apart.
 ``bench_recipe`` times the real training step (``finebench.train.engine.TrainStep``: forward,
 loss, backward, optimiser, at the recipe's precision and memory format) of each variant on
 in-memory batches, so a user can size a run before launching it. It reads no data and needs no
-weights: speed does not depend on either.
+weights: speed does not depend on either. It builds the step as ``fit`` does (the same resolved
+compile and channels_last settings, the same cuDNN settings) and, as ``fit`` does, times a step
+that compiles apart from the rest, so its images/s predicts a run's first epoch.
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ class BenchRow:
     images_per_s: float
     step_s: float
     spread_pct: float
+    compiled: bool
+    compile_s: float | None
+    """Wall time of the first step, which compiled the model; None when not compiled."""
     train_images: int | None
     """Images per epoch (the prepared split, else the dataset's official size); None when unknown."""
     epoch_s: float | None
@@ -194,7 +199,7 @@ def bench_recipe(
     overrides: Sequence[str] = (),
     *,
     images: int = 256,
-    warmup_steps: int = 1,
+    warmup_steps: int = 2,
     only: Sequence[str] = (),
     data_root: str | None = None,
     on_variant: Callable[[str], None] | None = None,
@@ -202,12 +207,14 @@ def bench_recipe(
     """Time the training step of each variant of a recipe on about ``images`` images.
 
     Steps run at the recipe's batch size, precision, memory format and compile setting, on
-    random in-memory batches; the first ``warmup_steps`` steps are not timed.
+    random in-memory batches. A compiled model's first step (the compilation) is timed apart;
+    then ``warmup_steps`` untimed steps (cuDNN's algorithm search, the allocator) precede the
+    timed ones.
     """
     from finebench.data.registry import get_spec
+    from finebench.models import build_model_from_config
     from finebench.recipe import expand_runs, load_recipe
-    from finebench.runner import _build_model
-    from finebench.train.engine import build_train_step
+    from finebench.train.engine import build_train_step, synchronize_device
     from finebench.train.threads import apply_threads
 
     if images < 1:
@@ -229,9 +236,19 @@ def bench_recipe(
         if on_variant is not None:
             on_variant(run.variant_name)
         torch.manual_seed(run.seed)
-        model = _build_model(loaded, run, num_classes, pretrained=False)  # weights do not change the speed
+        try:  # random weights: they do not change the speed
+            model = build_model_from_config(run.config, num_classes, pretrained=False)
+        except FinebenchError as error:
+            raise FinebenchError(f"{loaded.path}: model: {error}") from None
         step = build_train_step(model, train, mixture=run.variant_kind == "attention", steps_per_epoch=steps_per_epoch)
         batch = synthetic_batch(train.batch_size, input_size, num_classes, seed=run.seed, device=step.device)
+        compile_s = None
+        if step.compiling(batch[0]):
+            synchronize_device(step.device)
+            start = time.perf_counter()
+            step(*batch)
+            synchronize_device(step.device)
+            compile_s = time.perf_counter() - start
         timing = time_side_by_side(
             {run.variant_name: lambda: step(*batch)}, items=train.batch_size, warmup=warmup_steps,
             repeats=timed_steps, device=step.device,
@@ -239,8 +256,8 @@ def bench_recipe(
         epoch_s = train_images / timing.per_s if train_images else None
         rows.append(
             BenchRow(
-                run.variant_name, train.batch_size, input_size, step.precision, train.channels_last,
-                timing.per_s, timing.median_s, timing.spread_pct,
+                run.variant_name, train.batch_size, input_size, step.precision, step.channels_last,
+                timing.per_s, timing.median_s, timing.spread_pct, step.compiled, compile_s,
                 train_images, epoch_s, epoch_s * train.epochs if epoch_s is not None else None,
             )
         )

@@ -449,12 +449,12 @@ def bench_command(
         return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
     table = Table(title=f"{recipe}: training-step speed", caption=machine_line())
-    for column in ("variant", "batch", "precision", "img/s", "step", "images/epoch", "epoch", "run (all epochs)"):
+    for column in ("variant", "batch", "precision", "img/s", "step", "compile", "images/epoch", "epoch", "run (all epochs)"):
         table.add_column(column, justify="left" if column in ("variant", "precision") else "right")
     for row in rows:
         table.add_row(
             row.variant, str(row.batch_size), row.precision + (" CL" if row.channels_last else ""),
-            f"{row.images_per_s:,.1f}", f"{row.step_s * 1000:,.0f} ms",
+            f"{row.images_per_s:,.1f}", f"{row.step_s * 1000:,.0f} ms", duration(row.compile_s),
             f"{row.train_images:,}" if row.train_images else "-", duration(row.epoch_s), duration(row.run_s),
         )
     Console().print(table)

@@ -29,7 +29,10 @@ _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mn
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
 """The values of ``train.device``."""
 
-_RUN_ID_EXCLUDE = (("dataset", "root"), ("train", "workers"), ("train", "threads"), ("train", "log_every"))
+_RUN_ID_EXCLUDE = (
+    ("dataset", "root"), ("train", "workers"), ("train", "threads"), ("train", "log_every"),
+    ("train", "compile"), ("train", "channels_last"),
+)
 """Settings that change where or how fast a run goes but not what it computes."""
 
 
@@ -172,8 +175,11 @@ class TrainSection(_Section):
     grad_clip: Annotated[float, Field(gt=0)] | None = None
     """Clip the global gradient norm to this value; unset means no clipping."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: Literal["auto"] | bool = "auto"
+    """NHWC activations; "auto" picks per device and case what was measured faster
+    (``finebench.train.engine.resolve_channels_last``); the choice is recorded in summary.json."""
+    compile: Literal["auto"] | bool = "auto"
+    """``torch.compile`` the model; "auto": on CUDA, off on CPU (``resolve_compile``)."""
     workers: Annotated[int, Field(ge=0)] = 0
     sync_batchnorm: bool = False
     """Distributed runs: batch statistics over all workers (``SyncBatchNorm``)."""

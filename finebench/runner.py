@@ -45,6 +45,8 @@ from finebench.train.engine import (
     SilentProgress,
     describe_device,
     fit,
+    resolve_channels_last,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -183,6 +185,8 @@ def _summary(
     input_size: int,
     device: torch.device,
     precision: str,
+    compiled: bool,
+    channels_last: bool,
     ctx: DistContext,
     started_at: str,
     rows: Sequence[Mapping[str, Any]] = (),
@@ -193,6 +197,7 @@ def _summary(
     data_path: str = "workers",
     dataset_digest: str | None = None,
     threads: ThreadChoice | None = None,
+    compile_time_s: float = 0.0,
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     return {
@@ -225,7 +230,9 @@ def _summary(
         "images_per_s": images_per_s,
         "device": describe_device(device),
         "precision": precision,
-        "channels_last": recipe.train.channels_last,
+        "channels_last": channels_last,
+        "compile": compiled,
+        "compile_time_s": compile_time_s,
         "data_path": data_path,
         "world_size": ctx.world_size,
         "dataset_digest": dataset_digest,
@@ -253,6 +260,9 @@ def _execute(
     train = loaded.recipe.train
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
+    compiled = resolve_compile(train.compile, device)
+    attention = run.variant_kind == "attention"
+    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=attention)
     previous = run_dir.summary() or {}
     resumed_threads = previous.get("threads") if run_dir.checkpoint_path.is_file() else None
     threads = apply_threads(train.threads, previous=resumed_threads if isinstance(resumed_threads, int) else None,
@@ -262,7 +272,8 @@ def _execute(
     loaders = _build_loaders(loaded, run, data_root, ctx, device)
     common = dict(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
-        input_size=costs.input_size, device=device, precision=precision, ctx=ctx,
+        input_size=costs.input_size, device=device, precision=precision, compiled=compiled,
+        channels_last=channels_last, ctx=ctx,
         started_at=previous.get("started_at") or utc_now(), data_path=loaders.path,
         dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name), threads=threads,
     )
@@ -303,7 +314,7 @@ def _execute(
     summary = _summary(
         loaded, run, status=result.status, failure_reason=result.failure_reason, rows=result.rows,
         epochs_completed=result.epochs_completed, train_time_s=result.train_time_s,
-        images_per_s=result.images_per_s, **common,
+        images_per_s=result.images_per_s, compile_time_s=result.compile_time_s, **common,
     )
     if result.confusion is not None and summary["final"] is not None:
         summary["final"]["mean_class_top1"] = mean_class_accuracy(result.confusion)

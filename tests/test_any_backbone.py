@@ -77,7 +77,7 @@ def test_declared_taps_have_the_channels_and_stride_of_the_feature_maps(backbone
 def test_taps_by_name_are_put_deepest_first_and_sized_to_their_channels() -> None:
     classifier = model("timm:test_resnet", taps=["layer1", "layer3"])
     assert classifier.attention_taps == ["layer3", "layer1"]
-    channels = [module.attention_head.in_channels for module in classifier.attention.attention_modules]
+    channels = [module.conv.in_channels for module in classifier.attention.attention_modules]
     assert channels == [192, 32]
 
 

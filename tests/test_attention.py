@@ -9,7 +9,7 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.models import build_model, convert_authors_state_dict, load_authors_state_dict
-from finebench.models.attention import AttentionModule
+from finebench.models.attention import HEAD_WEIGHT_NAMES, AttentionModule, fuse_head_weights
 
 torch.set_num_threads(1)
 
@@ -69,8 +69,8 @@ def test_module_output_is_the_head_weighted_sum_of_mask_weighted_class_maps() ->
     features = torch.randn(2, channels, 4, 5)
     logits, masks = module(features)
     weights = module.head_weights(features, masks)
-    class_maps = module.output_head(features).view(2, heads, classes, 4, 5)
-    gate_scores = module.gate_head(features)
+    class_maps = F.conv2d(features, module.output_weight, padding=1).view(2, heads, classes, 4, 5)
+    gate_scores = F.conv2d(features, module.gate_weight, padding=1)
     expected_weights = F.softmax(torch.tanh(torch.stack(
         [(gate_scores[:, k] * masks[:, k]).sum((1, 2)) for k in range(heads)], dim=1)), dim=1)
     expected = sum(
@@ -214,7 +214,7 @@ def test_wide_resnet50_2_attaches_modules_deepest_first_as_the_authors(depth, ta
     with torch.device("meta"):
         model = build_model("wide_resnet50_2", 200, "attention", {"attention_depth": depth})
     assert model.attention_taps == taps
-    assert [m.attention_head.in_channels for m in model.attention.attention_modules] == channels
+    assert [m.conv.in_channels for m in model.attention.attention_modules] == channels
     assert [t["tap"] for t in model.tap_summary()] == taps
 
 
@@ -393,7 +393,9 @@ def test_converter_round_trips_every_key_of_the_authors_state_dict() -> None:
     state = authors_reference().state_dict()
     model = build_model("wrn", 10, "attention", {"attention_width": 2}, {"depth": 16, "width": 1})
     converted = convert_authors_state_dict(state, model.attention_taps)
-    assert set(converted) == set(model.state_dict())  # nothing missing, nothing extra
+    fused = {k for k in model.state_dict() if k.endswith(".conv.weight") and k.startswith("attention.")}
+    separate = {k.replace(".conv.weight", f".{name}.weight") for k in fused for name in HEAD_WEIGHT_NAMES}
+    assert set(converted) == set(model.state_dict()) - fused | separate  # nothing missing, nothing extra
     assert len(converted) == len(state) - 3  # only the three constant diag buffers are dropped
     for key, value in state.items():
         if not key.endswith("diag"):
@@ -406,3 +408,53 @@ def test_converter_rejects_unknown_keys_and_mismatched_shapes() -> None:
         convert_authors_state_dict({**state, "mystery.weight": torch.zeros(1)}, ["group2", "group1", "group0"])
     with pytest.raises(FinebenchError, match="do not fit"):
         load_authors_state_dict(state, 16, 1, 100, 3, 2)
+
+
+# ---- the fused head weight ------------------------------------------------------------------------
+
+
+def three_convolution_module(module: AttentionModule) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]:
+    """The module's heads as the three separate convolutions the authors (and older finebench) used."""
+    heads, classes = module.heads, module.num_classes
+    channels = module.conv.in_channels
+    convs = tuple(nn.Conv2d(channels, rows, 3, padding=1, bias=False) for rows in (heads, heads * classes, heads))
+    for conv, weight in zip(convs, (module.attention_weight, module.output_weight, module.gate_weight), strict=True):
+        conv.weight.data.copy_(weight)
+    return convs
+
+
+def test_fused_head_weight_is_one_parameter_and_splits_back_into_the_three_heads() -> None:
+    module = AttentionModule(5, 7, heads=3)
+    assert [name for name, _ in module.named_parameters()] == ["conv.weight"]
+    parts = [torch.randn(rows, 5, 3, 3) for rows in (3, 21, 3)]
+    module.conv.weight.data.copy_(fuse_head_weights(*parts))
+    assert torch.equal(module.attention_weight, parts[0])
+    assert torch.equal(module.output_weight, parts[1])
+    assert torch.equal(module.gate_weight, parts[2])
+
+
+def test_state_dict_with_separate_head_weights_loads_into_the_fused_module() -> None:
+    torch.manual_seed(0)
+    source = AttentionModule(6, 4, heads=2)
+    attention, output, gate = three_convolution_module(source)
+    legacy = {"attention_head.weight": attention.weight, "output_head.weight": output.weight,
+              "gate_head.weight": gate.weight}
+    target = AttentionModule(6, 4, heads=2)
+    target.load_state_dict(legacy, strict=True)
+    assert torch.equal(target.conv.weight, source.conv.weight)
+    with pytest.raises(RuntimeError, match="conv.weight"):  # an incomplete set is not silently dropped
+        AttentionModule(6, 4, heads=2).load_state_dict({"attention_head.weight": attention.weight}, strict=True)
+
+
+def test_fused_forward_equals_three_separate_convolutions() -> None:
+    """The pre-fusion computation (three convolutions, per-head sums) against the fused forward, in training."""
+    torch.manual_seed(1)
+    module = AttentionModule(6, 5, heads=3)
+    attention, output, gate = three_convolution_module(module)
+    features = torch.randn(2, 6, 4, 6)
+    masks = F.softmax(attention(features).flatten(2), dim=2)
+    reads = torch.einsum("bknp,bkp->bkn", output(features).flatten(2).unflatten(1, (3, 5)), masks)
+    weights = F.softmax(torch.tanh(torch.einsum("bkp,bkp->bk", gate(features).flatten(2), masks)), dim=1)
+    logits, fused_masks = module(features)
+    assert torch.allclose(fused_masks.flatten(2), masks, atol=1e-6)
+    assert torch.allclose(logits, torch.einsum("bkn,bk->bn", reads, weights), atol=1e-5)

@@ -74,6 +74,7 @@ def test_bench_recipe_times_each_variant_and_estimates_the_epoch(recipe: Path, t
         assert row.images_per_s > 0 and row.step_s > 0
         assert row.epoch_s == pytest.approx(50_000 / row.images_per_s)
         assert row.run_s == pytest.approx(3 * row.epoch_s)
+        assert (row.compiled, row.compile_s) == (False, None)  # compile "auto" stays eager on CPU
 
 
 def test_bench_recipe_applies_overrides_and_only(recipe: Path) -> None:
@@ -105,3 +106,12 @@ def test_cli_bench_user_error_is_one_line_and_exit_2(recipe: Path, monkeypatch: 
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "--images 0" in err
+
+
+@pytest.mark.slow
+def test_bench_reports_the_compiling_step_apart_from_the_timed_ones(recipe: Path) -> None:
+    """As ``fit`` does: the first step of a compiled model compiles; bench times it apart."""
+    rows = bench_recipe(str(recipe), ["train.compile=true", "train.channels_last=false"], images=8, only=["baseline"])
+    (row,) = rows
+    assert row.compiled and not row.channels_last
+    assert row.compile_s is not None and row.compile_s > 10 * row.step_s

@@ -16,6 +16,8 @@ EXPECTED_COLUMN = {
     "loader.py": "vs ImageFolder",
     "mfu.py": "MFU",
     "threads.py": "auto vs torch default",
+    "op_count.py": "added",
+    "gpu_suite.py": "gpu_suite: finished",
 }
 
 

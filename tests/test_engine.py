@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 
 import pytest
@@ -15,10 +16,13 @@ from finebench.models.output import ModelOutput
 from finebench.recipe import TrainSection
 from finebench.results import RunDir
 from finebench.train.engine import (
+    SilentProgress,
     TrainStep,
     build_train_step,
     evaluate,
     fit,
+    resolve_channels_last,
+    resolve_compile,
     resolve_precision,
     seed_everything,
     training_loss,
@@ -312,3 +316,95 @@ def test_accumulation_all_reduces_once_per_step_under_ddp():
     step = build_train_step(model, train_cfg(batch_size=16, accumulation_steps=4), mixture=False, steps_per_epoch=10)
     step(*make_data(16).tensors)
     assert model.synced == [False, False, False, True]
+
+
+# ---- compile and channels_last: "auto" per device ------------------------------------------------
+
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Inductor's CUDA backend needs Triton")
+def test_compile_auto_is_on_for_cuda() -> None:
+    assert resolve_compile("auto", CUDA) is True
+    assert resolve_compile("auto", torch.device("cuda:1")) is True
+
+
+def test_compile_auto_is_off_on_cpu_and_other_devices_and_explicit_choices_are_kept() -> None:
+    assert resolve_compile("auto", CPU) is False
+    assert resolve_compile("auto", MPS) is False
+    for device in (CPU, CUDA):
+        assert resolve_compile(True, device) is True
+        assert resolve_compile(False, device) is False
+
+
+@pytest.mark.parametrize(
+    ("device", "compiled", "attention", "expected"),
+    [
+        (CUDA, True, True, True),  # compiled: channels_last for every model
+        (CUDA, True, False, True),
+        (CUDA, False, False, True),  # eager plain backbone: channels_last
+        (CUDA, False, True, False),  # eager Attend and Rectify: NCHW
+        (CPU, False, False, True),
+        (CPU, False, True, True),
+        (MPS, False, False, False),
+    ],
+)
+def test_channels_last_auto_follows_the_measured_choice_per_device(device, compiled, attention, expected):
+    assert resolve_channels_last("auto", device, compiled=compiled, attention=attention) is expected
+
+
+def test_channels_last_explicit_choice_is_kept_on_every_device() -> None:
+    for device in (CPU, CUDA, MPS):
+        for choice in (True, False):
+            assert resolve_channels_last(choice, device, compiled=True, attention=True) is choice
+
+
+def test_fit_reports_what_auto_resolved_to(tmp_path):
+    result = run_fit(RunDir(tmp_path, "r", "id"), epochs=1)
+    expected = resolve_channels_last("auto", CPU, compiled=False, attention=False)
+    assert (result.compiled, result.channels_last, result.compile_time_s) == (False, expected, 0.0)
+
+
+class CompileCounter(SilentProgress):
+    """Graphs torch.compile has built, read at the start and end of every epoch."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, int, int]] = []
+
+    @staticmethod
+    def graphs() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def start_epoch(self, epoch, epochs, steps):
+        self.marks.append(("start", epoch, self.graphs()))
+
+    def end_epoch(self, row):
+        self.marks.append(("end", row["epoch"], self.graphs()))
+
+
+@pytest.mark.slow
+def test_compiled_run_compiles_only_in_its_first_epoch_resumes_and_matches_eager(tmp_path):
+    """torch.compile on CPU (Inductor's C++ backend): training and evaluation graphs, full and
+    partial batches, are all built in epoch 1; a compiled run resumes as it would have run on; its
+    metrics are the eager run's within noise (compiled dropout draws other masks)."""
+    torch._dynamo.reset()
+    eager = run_fit(RunDir(tmp_path / "eager", "r", "id"), mixture=True, epochs=3, compile=False)
+    counter = CompileCounter()
+    compiled = run_fit(RunDir(tmp_path / "compiled", "r", "id"), mixture=True, epochs=3, compile=True,
+                       progress=counter)
+    assert compiled.status == "finished" and compiled.compiled and compiled.compile_time_s > 0
+    graphs = [count for _, _, count in counter.marks]  # start 1, end 1, start 2, ..., end 3
+    assert graphs[0] < graphs[1] == graphs[-1]  # built in epoch 1, nothing compiled after it
+    store = RunDir(tmp_path / "resumed", "r", "id")
+    with pytest.raises(Interrupt):
+        run_fit(store, mixture=True, epochs=3, compile=True, progress=InterruptIn(3))
+    resumed = run_fit(store, mixture=True, epochs=3, compile=True)
+    assert resumed.status == "finished" and [row["epoch"] for row in resumed.rows] == [1, 2, 3]
+    for ours, theirs in zip(resumed.rows, compiled.rows, strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4)
+        assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-4)
+    for ours, theirs in zip(compiled.rows, eager.rows, strict=True):  # Inductor draws its own dropout masks
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=0.05)
+        assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=0.05)

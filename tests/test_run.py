@@ -57,7 +57,8 @@ SUMMARY_KEYS = {
     "schema", "run_id", "recipe", "status", "failure_reason", "dataset", "num_classes", "backbone",
     "backbone_label", "variant", "variant_name", "variant_options", "taps", "seed", "fold", "epochs", "epochs_completed",
     "final", "best", "params", "flops", "params_baseline", "flops_baseline", "module_flops", "input_size",
-    "train_time_s", "images_per_s", "device", "precision", "channels_last", "world_size", "threads", "threads_rule", "torch_version",
+    "train_time_s", "images_per_s", "device", "precision", "channels_last", "world_size", "threads", "threads_rule",
+    "torch_version", "compile", "compile_time_s",
     "finebench_version", "git_commit", "hostname", "started_at", "finished_at",
 }
 

@@ -32,41 +32,86 @@ def spatial_softmax(scores: torch.Tensor) -> torch.Tensor:
     return F.softmax(scores.flatten(2), dim=2).view_as(scores)
 
 
+def as_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.float()`` without the dispatcher call when it already is (most steps in fp32)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
+HEAD_WEIGHT_NAMES = ("attention_head", "output_head", "gate_head")
+"""The three heads' weights as separate convolutions (the authors' layout, and finebench's
+state dicts before the heads were fused); ``AttentionModule`` still loads them."""
+
+
+def fuse_head_weights(attention: torch.Tensor, output: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The fused K·(N+2)-channel weight from the three heads' weights (K, K·N and K out-channels).
+
+    Order: the K attention channels, then per head k its N class channels followed by its gate
+    channel, so that one reshape of the read-out puts each head's classes and gate side by side.
+    """
+    heads = attention.shape[0]
+    per_head = torch.cat([output.unflatten(0, (heads, -1)), gate.unsqueeze(1)], dim=1)
+    return torch.cat([attention, per_head.flatten(0, 1)])
+
+
 class AttentionModule(nn.Module):
     """One Attend and Rectify module: K attention heads, their class hypotheses and a module gate.
 
-    Parameters: 9·C·K (attention) + 9·C·K·N (output) + 9·C·K (gate) = 9·C·K·(N+2).
+    Parameters: 9·C·K (attention) + 9·C·K·N (output) + 9·C·K (gate) = 9·C·K·(N+2), held as one
+    K·(N+2)-channel convolution ``conv`` (layout: ``fuse_head_weights``).
     """
 
     def __init__(self, channels: int, num_classes: int, heads: int = 4) -> None:
         super().__init__()
         self.heads = heads
         self.num_classes = num_classes
-        self.attention_head = nn.Conv2d(channels, heads, 3, padding=1, bias=False)
-        self.output_head = nn.Conv2d(channels, heads * num_classes, 3, padding=1, bias=False)
-        self.gate_head = nn.Conv2d(channels, heads, 3, padding=1, bias=False)
-        for conv in (self.attention_head, self.output_head, self.gate_head):
-            nn.init.kaiming_normal_(conv.weight)
+        # The three heads read the same input, so they are one convolution: the same multiply-adds,
+        # but one kernel instead of three (K-channel convolutions run far below oneDNN's peak) and
+        # one parameter instead of a ``cat`` of three each step (benchmarks/op_count.py).
+        self.conv = nn.Conv2d(channels, heads * (num_classes + 2), 3, padding=1, bias=False)
+        parts = [torch.empty(rows, channels, 3, 3) for rows in (heads, heads * num_classes, heads)]
+        for part in parts:  # each head initialised as its own convolution was (same fan-in, same draws)
+            nn.init.kaiming_normal_(part)
+        with torch.no_grad():
+            self.conv.weight.copy_(fuse_head_weights(*parts))
         self.register_buffer("off_diagonal", 1.0 - torch.eye(heads).unsqueeze(0), persistent=False)
+        self.register_load_state_dict_pre_hook(_fuse_legacy_head_weights)
+
+    @property
+    def attention_weight(self) -> torch.Tensor:
+        """K×C×3×3: the attention head's filters (a view of ``conv.weight``)."""
+        return self.conv.weight[: self.heads]
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """K·N×C×3×3: the output head's filters, head-major (a copy)."""
+        return self._per_head()[:, : self.num_classes].flatten(0, 1)
+
+    @property
+    def gate_weight(self) -> torch.Tensor:
+        """K×C×3×3: the module gate's filters (a view of ``conv.weight``)."""
+        return self._per_head()[:, self.num_classes]
+
+    def _per_head(self) -> torch.Tensor:
+        return self.conv.weight[self.heads :].unflatten(0, (self.heads, self.num_classes + 1))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (module logits B×N, masks B×K×H×W)."""
         heads, classes = self.heads, self.num_classes
-        # The three heads read the same input, so they run as one K·(N+2)-channel convolution: the
-        # same multiply-adds, but no K-channel convolutions, which oneDNN runs far below its peak
-        # (measured: benchmarks/attention_overhead.py). The weights stay three parameters.
-        weight = torch.cat([self.attention_head.weight, self.output_head.weight, self.gate_head.weight])
-        maps = F.conv2d(features, weight, padding=1)
-        masks = spatial_softmax(maps[:, :heads])
+        # A split, not slices: its backward is one concatenation, where each slice's backward fills
+        # a conv-output-sized tensor with zeros and adds it to the others.
+        maps = self.conv(features)
+        attention_maps, head_maps = maps.flatten(2).split([heads, heads * (classes + 1)], dim=1)
+        masks = F.softmax(attention_maps, dim=2)
         # One GEMM reads out every map against every mask and head k keeps its own block: K times
-        # the multiply-adds of a per-head sum, but a real matrix product on the whole (NCHW or
+        # the multiply-adds of a per-head sum, but a real matrix product on the (NCHW or
         # channels_last) conv output in place, where a per-head einsum is a slow batched
-        # matrix-vector product, and a slice of the output would be copied.
-        read = torch.bmm(maps.flatten(2), masks.flatten(2).transpose(1, 2))  # B×K·(N+2)×K
-        class_reads, gate_reads = read[:, heads:].split([heads * classes, heads], dim=1)
-        head_logits = class_reads.unflatten(1, (heads, classes)).diagonal(dim1=1, dim2=3)  # B×N×K
-        head_weights = F.softmax(torch.tanh(gate_reads.diagonal(dim1=1, dim2=2)), dim=1)
-        return torch.einsum("bnk,bk->bn", head_logits, head_weights), masks
+        # matrix-vector product that first copies the maps.
+        read = torch.bmm(head_maps, masks.mT)  # B×K·(N+1)×K
+        class_reads, gate_reads = read.unflatten(1, (heads, classes + 1)).diagonal(dim1=1, dim2=3).split(
+            [classes, 1], dim=1
+        )  # B×N×K, B×1×K
+        head_weights = F.softmax(torch.tanh(gate_reads), dim=2)
+        return (class_reads * head_weights).sum(2), masks.unflatten(2, maps.shape[2:])
 
     def head_weights(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Module gate: B×K weights of the heads, softmax over heads of tanh(Σ_xy M_k·S_k).
@@ -74,15 +119,33 @@ class AttentionModule(nn.Module):
         For tools drawing the attention (``finebench attend``); ``masks`` are the ones ``forward``
         returned for ``features``, and ``forward`` computes the same weights in its fused read-out.
         """
-        head_scores = torch.einsum("bkhw,bkhw->bk", self.gate_head(features), masks)
+        gate_scores = F.conv2d(features, self.gate_weight, padding=1)
+        head_scores = torch.einsum("bkhw,bkhw->bk", gate_scores, masks)
         return F.softmax(torch.tanh(head_scores), dim=1)
 
     def mask_overlap(self, masks: torch.Tensor) -> torch.Tensor:
         """Inter-head regulariser (unweighted): mean of the squared off-diagonal Gram entries
         of the 2x2 average-pooled masks, averaged over the batch and all K×K entries."""
+        return self.weighted_overlap(masks, self.off_diagonal) / (masks.shape[0] * self.heads**2)
+
+    def weighted_overlap(self, masks: torch.Tensor, entry_weights: torch.Tensor) -> torch.Tensor:
+        """Σ over the batch and the K×K entries of w_ij·G_ij², G the Gram matrix of the 2x2
+        average-pooled masks; ``entry_weights`` (1×K×K) carries the off-diagonal 0/1 mask and any
+        constant factors (loss weight, mean), so the training step spends no kernel on them."""
         pooled = F.avg_pool2d(masks, 2, 2).flatten(2)
-        gram = torch.bmm(pooled, pooled.transpose(1, 2)) * self.off_diagonal
-        return gram.pow(2).mean()
+        gram = torch.bmm(pooled, pooled.mT)
+        return (gram * gram * entry_weights).sum()  # the mask is 0/1, so (G·mask)² = G²·mask
+
+
+def _fuse_legacy_head_weights(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    """Load hook: three separate head weights (the authors' layout, older finebench checkpoints)
+    become the fused ``conv.weight``; a state dict holding only some of them is left for the strict
+    load to report."""
+    keys = [f"{prefix}{name}.weight" for name in HEAD_WEIGHT_NAMES]
+    if all(key in state_dict for key in keys):
+        state_dict[f"{prefix}conv.weight"] = fuse_head_weights(*(state_dict.pop(key) for key in keys))
 
 
 class GlobalGate(nn.Module):
@@ -136,7 +199,7 @@ class AttendAndRectify(nn.Module):
         """Weighted sum of B×S×N source log-probabilities; returns (mixture, weights or None)."""
         if self.global_gate is None:
             return log_probs.mean(1), None
-        scores = self.global_gate(pooled).float()
+        scores = as_float32(self.global_gate(pooled))
         if self.gates == "softmax":
             weights = F.softmax(scores, dim=1)
         else:
@@ -145,28 +208,35 @@ class AttendAndRectify(nn.Module):
         # elementwise, not einsum: autocast would run einsum in bf16 and round the log-probabilities
         return (log_probs * weights.unsqueeze(2)).sum(1), weights
 
+    def _overlap_weights(self, batch: int) -> torch.Tensor:
+        """Gram entry weights giving reg_w × the mean over modules of ``mask_overlap``: the loss
+        weight and both means folded into one small tensor, one multiplication a step instead of
+        a division per module and a stack, a mean and a multiplication."""
+        heads = self.attention_modules[0].heads
+        return self.attention_modules[0].off_diagonal * (self.reg_w / (len(self.taps) * batch * heads**2))
+
     def forward(self, taps: Mapping[str, torch.Tensor], pooled: torch.Tensor, logits: torch.Tensor) -> ModelOutput:
         """``gates`` are the effective B×(D+1) source weights (modules deepest first, then the
         network), so ``log_probs = Σ_i gates_i · log_softmax(source_i)`` in every mode; None without gates."""
         module_logits: list[torch.Tensor] = []
-        overlaps: list[torch.Tensor] = []
+        reg_loss: torch.Tensor | None = None
         want_reg = self.training and self.reg_w > 0
+        entry_weights = self._overlap_weights(next(iter(taps.values())).shape[0]) if want_reg else None
         for name, module in zip(self.taps, self.attention_modules, strict=True):
             prediction, masks = module(taps[name])
             module_logits.append(prediction)
             if want_reg:
-                overlaps.append(module.mask_overlap(masks))
+                overlap = module.weighted_overlap(masks, entry_weights)
+                reg_loss = overlap if reg_loss is None else reg_loss + overlap
         # log-probabilities and their mixture in float32 even under autocast: they feed the NLL
-        network_log_probs = F.log_softmax(logits.float(), dim=1)
         if self.output_mode == "mixture":
-            sources = F.log_softmax(torch.stack([*module_logits, logits], dim=1).float(), dim=2)
+            sources = F.log_softmax(as_float32(torch.stack([*module_logits, logits], dim=1)), dim=2)
             log_probs, weights = self.mix(sources, pooled)
         else:
-            sources = F.log_softmax(torch.stack(module_logits, dim=1).float(), dim=2)
+            sources = F.log_softmax(as_float32(torch.stack(module_logits, dim=1)), dim=2)
             attention_log_probs, module_weights = self.mix(sources, pooled)
-            log_probs = 0.5 * (attention_log_probs + network_log_probs)
+            log_probs = 0.5 * (attention_log_probs + F.log_softmax(as_float32(logits), dim=1))
             weights = None
             if module_weights is not None:
                 weights = torch.cat([0.5 * module_weights, torch.full_like(module_weights[:, :1], 0.5)], dim=1)
-        reg_loss = self.reg_w * torch.stack(overlaps).mean() if want_reg else None
         return ModelOutput(log_probs, logits, tuple(module_logits), weights, reg_loss)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -109,6 +110,46 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """``auto``: compile on CUDA, stay eager elsewhere.
+
+    On the H200 (issue 15) compiling made the WRN-28-10 step 1.13x (baseline) and 1.9x (Attend and
+    Rectify) faster, and its cost, a minute or two once per run, is small beside a GPU run. On CPU
+    the step is bound by oneDNN's convolutions, which Inductor calls as they are, while compiling
+    takes minutes on a few cores: nothing measured there pays it back, so "auto" stays eager. Triton
+    is what Inductor generates CUDA kernels with; without it "auto" stays eager too.
+    """
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def resolve_channels_last(setting: bool | str, device: torch.device, *, compiled: bool, attention: bool) -> bool:
+    """``auto``: the memory format measured faster in the same case (issue 15's measurements).
+
+    * CUDA, compiled: channels_last (H200, WRN-28-10 bf16: the fastest configuration measured for
+      both the baseline and Attend and Rectify; Inductor fuses the layout changes around the heads).
+    * CUDA, eager: channels_last for plain backbones (9,292 vs 6,303 img/s) but NCHW with Attend and
+      Rectify, whose softmax and read-out over channels_last maps copy them (5,811 vs 5,423 img/s).
+    * CPU: channels_last. WRN-16-4, batch 32, channels_last / NCHW speed on the 2-core EPYC of
+      this project (median of paired repeats, under load 11-14): 1.14 fp32, 1.16 bf16 (baseline),
+      1.22 fp32, 1.16 bf16 (A&R) on one thread; 1.31 fp32, 1.06 bf16 (baseline) on two; idle, bf16
+      2.20x vs 2.05x over fp32 NCHW (issue 15). Only tiny models at tiny batches went the other
+      way, within their noise.
+    """
+    if setting != "auto":
+        return bool(setting)
+    if device.type == "cuda":
+        return compiled or not attention
+    return device.type == "cpu"
+
+
+def configure_backends(device: torch.device) -> None:
+    """What every training step on ``device`` runs with; ``fit`` and ``finebench bench`` share it."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
 
 
 def seed_everything(seed: int) -> None:
@@ -204,12 +245,19 @@ class TrainStep:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     channels_last: bool = False
+    compiled: bool = False
+    """``model`` is ``torch.compile``d: the first step of each batch shape compiles (``compiling``)."""
     accumulation_steps: int = 1
     """Micro-batches per optimiser step (``train.accumulation_steps``)."""
     scaler: torch.amp.GradScaler = field(init=False)
+    compiled_shapes: set[tuple[int, ...]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def compiling(self, images: torch.Tensor) -> bool:
+        """Whether a step on ``images`` will compile a graph first (a shape this process has not run)."""
+        return self.compiled and tuple(images.shape) not in self.compiled_shapes
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.accumulation_steps > 1:
@@ -229,6 +277,8 @@ class TrainStep:
             self.scheduler.step()
         scores = output.log_probs if self.mixture else output.logits
         correct = (scores.argmax(dim=1) == labels).sum()
+        if self.compiled:
+            self.compiled_shapes.add(tuple(images.shape))
         return loss.detach(), correct
 
     def _accumulated_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,10 +478,15 @@ class FitResult:
     epochs_completed: int
     train_time_s: float
     images_per_s: float
+    """Training images per second, steps that compiled a graph left out (``compile_time_s``)."""
     precision: str
     device: torch.device
     confusion: list[list[int]] | None = None
     """Confusion matrix of the final evaluation (rows: true class); None when it did not run."""
+    compiled: bool = False
+    channels_last: bool = False
+    compile_time_s: float = 0.0
+    """Wall time of the training steps that compiled (the first of each batch shape per process)."""
 
 
 class RunStore(Protocol):
@@ -470,9 +525,18 @@ def _train_epoch(
     correct_sum = torch.zeros((), device=step.device, dtype=torch.float64)
     seen = 0
     pending: list[torch.Tensor] = []
+    compile_s, compile_images = 0.0, 0
     start = time.perf_counter()
     for index, (images, labels) in enumerate(loader):
-        loss, correct = step(images, labels)
+        if step.compiling(images):  # timed apart: compile time is not training throughput
+            synchronize_device(step.device)
+            compile_start = time.perf_counter()
+            loss, correct = step(images, labels)
+            synchronize_device(step.device)
+            compile_s += time.perf_counter() - compile_start
+            compile_images += labels.shape[0]
+        else:
+            loss, correct = step(images, labels)
         batch = labels.shape[0]
         loss_sum += loss.double() * batch
         correct_sum += correct
@@ -481,17 +545,22 @@ def _train_epoch(
         if len(pending) == log_every or index + 1 == steps:
             _check_finite(pending, epoch, index + 1 - len(pending), ctx)
             pending = []
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start - compile_s
             progress.update(
                 index + 1,
-                images_per_s=seen / max(elapsed, 1e-9),
+                images_per_s=(seen - compile_images) / max(elapsed, 1e-9),
                 loss=loss_sum.item() / seen,
                 lr=step.optimizer.param_groups[-1]["lr"],
             )
-    if step.device.type == "cuda":
-        torch.cuda.synchronize(step.device)
-    elapsed = time.perf_counter() - start
-    return loss_sum, correct_sum, seen, elapsed
+    synchronize_device(step.device)
+    elapsed = time.perf_counter() - start - compile_s
+    return loss_sum, correct_sum, seen, elapsed, compile_s, compile_images
+
+
+def synchronize_device(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock reading covers it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _check_same_checkpoint(checkpoint: Mapping[str, Any] | None, ctx: DistContext) -> None:
@@ -533,25 +602,27 @@ def fit(
     precision = resolve_precision(train.precision, device)
     if isinstance(train.threads, int):  # "auto" is chosen by the caller, which knows the run's history
         torch.set_num_threads(train.threads)
+    compiled = resolve_compile(train.compile, device)
+    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=mixture)
     model.to(device)
-    if train.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    configure_backends(device)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, len(train_loader))
     wrapped = ctx.wrap(model)
-    trained_model = torch.compile(wrapped) if train.compile else wrapped
+    trained_model = compile_model(wrapped) if compiled else wrapped
     # Under DDP evaluate the bare model: test shards may differ in size by one batch, and DDP's
     # forward would wait for a buffer broadcast from ranks that have already finished.
-    eval_model = trained_model if wrapped is model else (torch.compile(model) if train.compile else model)
+    eval_model = trained_model if wrapped is model else (compile_model(model) if compiled else model)
     step = TrainStep(
         trained_model, optimizer, scheduler, device, precision, mixture,
-        train.label_smoothing, train.grad_clip, train.channels_last, accumulation_steps=train.accumulation_steps,
+        train.label_smoothing, train.grad_clip, channels_last, compiled,
+        accumulation_steps=train.accumulation_steps,
     )
 
     rows: list[dict[str, Any]] = []
-    start_epoch, train_time, train_images = 1, 0.0, 0
+    start_epoch, train_time, train_images, compile_time = 1, 0.0, 0, 0.0
     checkpoint = store.load_checkpoint() if store is not None else None
     _check_same_checkpoint(checkpoint, ctx)
     if checkpoint is not None:
@@ -564,6 +635,7 @@ def fit(
         restore_rng_state(per_rank[ctx.rank] if len(per_rank) == ctx.world_size else checkpoint["rng"], train_loader)
         start_epoch = int(checkpoint["epoch"]) + 1
         train_time, train_images = float(checkpoint["train_time_s"]), int(checkpoint["train_images"])
+        compile_time = float(checkpoint.get("compile_time_s", 0.0))
         rows = [row for row in store.read_metrics() if row["epoch"] < start_epoch]
         progress.message(f"resuming from epoch {start_epoch - 1}")
 
@@ -571,8 +643,10 @@ def fit(
 
     def result(status: str, reason: str | None, epochs_done: int) -> FitResult:
         throughput = train_images / train_time if train_time else 0.0
-        return FitResult(status, reason, rows, epochs_done, train_time, throughput, precision, device,
-                         confusion=final_confusion)
+        return FitResult(
+            status, reason, rows, epochs_done, train_time, throughput, precision, device,
+            confusion=final_confusion, compiled=compiled, channels_last=channels_last, compile_time_s=compile_time,
+        )
 
     for epoch in range(start_epoch, train.epochs + 1):
         sampler = getattr(train_loader, "sampler", None)
@@ -580,26 +654,30 @@ def fit(
             sampler.set_epoch(epoch)
         trained_model.train()
         try:
-            loss_sum, correct_sum, seen, elapsed = _train_epoch(
+            loss_sum, correct_sum, seen, elapsed, epoch_compile_s, compile_images = _train_epoch(
                 step, train_loader, epoch, train.epochs, train.log_every, progress, ctx
             )
         except NonFiniteLoss as error:
             return result("failed", str(error), epoch - 1)
-        counts = ctx.reduce_sum(torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(seen)])).tolist()
+        counts = ctx.reduce_sum(
+            torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(seen), loss_sum.new_tensor(compile_images)])
+        ).tolist()
+        timed_images = counts[2] - counts[3]
         train_time += elapsed
-        train_images += int(counts[2])
+        train_images += int(timed_images)
+        compile_time += epoch_compile_s
         row: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": counts[0] / counts[2],
             "train_top1": 100.0 * counts[1] / counts[2],
             "lr": optimizer.param_groups[-1]["lr"],
             "epoch_time_s": elapsed,
-            "images_per_s": counts[2] / elapsed if elapsed else 0.0,
+            "images_per_s": timed_images / elapsed if elapsed else 0.0,
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             metrics = evaluate(
                 eval_model, test_loader, device=device, precision=precision, mixture=mixture,
-                channels_last=train.channels_last, ctx=ctx, confusion=epoch == train.epochs,
+                channels_last=channels_last, ctx=ctx, confusion=epoch == train.epochs,
             )
             final_confusion = metrics.pop("confusion", None)
             row = {"epoch": epoch, "train_loss": row["train_loss"], "train_top1": row["train_top1"], **metrics,
@@ -626,6 +704,7 @@ def fit(
                     "rng_ranks": rng_ranks,
                     "train_time_s": train_time,
                     "train_images": train_images,
+                    "compile_time_s": compile_time,
                     **dict(checkpoint_extra or {}),
                 }
             )
@@ -639,13 +718,24 @@ def build_train_step(
 ) -> TrainStep:
     """A ready ``TrainStep`` (device, precision, optimiser, schedule) for benchmarks on in-memory batches."""
     device = resolve_device(train.device)
+    precision = resolve_precision(train.precision, device)
+    compiled = resolve_compile(train.compile, device)
+    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=mixture)
     model.to(device).train()
-    if train.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
+    configure_backends(device)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, steps_per_epoch)
-    compiled: Callable = torch.compile(model) if train.compile else model
     return TrainStep(
-        compiled, optimizer, scheduler, device, resolve_precision(train.precision, device), mixture,
-        train.label_smoothing, train.grad_clip, train.channels_last, accumulation_steps=train.accumulation_steps,
+        compile_model(model) if compiled else model, optimizer, scheduler, device, precision, mixture,
+        train.label_smoothing, train.grad_clip, channels_last, compiled,
+        accumulation_steps=train.accumulation_steps,
     )
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` with static shapes: a run sees at most four (training and evaluation
+    batches, each full and the last partial one), each compiled once in the first epoch and
+    reused after, where automatic dynamic shapes would compile a second, slower generic graph."""
+    return torch.compile(model, dynamic=False)  # type: ignore[return-value]
