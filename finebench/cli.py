@@ -29,17 +29,23 @@ def _follow_conventions(params: list[Any]) -> None:
             param.metavar = (param.name or "").upper()
 
 
-class ConventionalCommand(typer.core.TyperCommand):
-    """A Typer command whose usage line reads ``RECIPE`` / ``[PATHS]...`` (click's convention), not ``{recipe}``."""
+class _Conventional:
+    """Mixin for a Typer command or group: its parameters, help option included, follow the conventions."""
+
+    params: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _follow_conventions(self.params)
 
     def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         _follow_conventions([option] if option is not None else [])
         return option
+
+
+class ConventionalCommand(_Conventional, typer.core.TyperCommand):
+    """A Typer command whose usage line reads ``RECIPE`` / ``[PATHS]...`` (click's convention), not ``{recipe}``."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -52,15 +58,8 @@ class ConventionalCommand(typer.core.TyperCommand):
         return pieces
 
 
-class ConventionalGroup(typer.core.TyperGroup):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _follow_conventions(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        _follow_conventions([option] if option is not None else [])
-        return option
+class ConventionalGroup(_Conventional, typer.core.TyperGroup):
+    pass
 
 
 class FinebenchApp(typer.Typer):

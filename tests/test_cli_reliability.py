@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from tiny_data import DATASET, prepare_tiny_bars
+from tiny_data import DATASET, prepare_tiny_bars, tiny_recipe
 
 import finebench
 from finebench.cli import app, main
@@ -32,25 +32,7 @@ from finebench.runner import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPE = f"""
-seeds = [0]
-[dataset]
-name = "{DATASET}"
-input_size = 16
-augmentation = "none"
-[model]
-backbone = "wrn"
-options = {{ depth = 10, width = 1 }}
-[[variants]]
-kind = "baseline"
-[train]
-epochs = 1
-batch_size = 16
-eval_batch_size = 40
-lr = 0.05
-schedule = "cosine"
-precision = "fp32"
-"""
+RECIPE = tiny_recipe(schedule="cosine")
 
 
 @dataclass(frozen=True)

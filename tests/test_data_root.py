@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_data import DATASET, prepare_tiny_bars
+from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench.bench import bench_recipe
 from finebench.data.root import ENV_VAR, choose_data_root, resolve_data_root
@@ -20,26 +20,7 @@ from finebench.runner import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPE = f"""
-seeds = [0]
-[dataset]
-name = "{DATASET}"
-input_size = 16
-augmentation = "none"
-[model]
-backbone = "wrn"
-options = {{ depth = 10, width = 1 }}
-[[variants]]
-kind = "baseline"
-[train]
-epochs = 1
-batch_size = 16
-eval_batch_size = 40
-lr = 0.05
-schedule = "constant"
-precision = "fp32"
-threads = 1
-"""
+RECIPE = tiny_recipe(extra_train="threads = 1")
 
 
 @pytest.fixture(scope="module")

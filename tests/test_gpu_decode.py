@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_data import tiny_recipe
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
@@ -207,26 +208,9 @@ def test_a_run_trains_through_the_device_path_and_records_it(tmp_path, data_root
     from finebench.runner import run_recipe
 
     recipe = tmp_path / "jpeg.toml"
-    recipe.write_text(f"""
-[dataset]
-name = "{NAME}"
-input_size = {SIZE}
-augmentation = "imagenet"
-decode = "device"
-[model]
-backbone = "wrn"
-options = {{ depth = 10, width = 1 }}
-[[variants]]
-kind = "attention"
-attention_depth = 1
-attention_width = 2
-[train]
-epochs = 1
-batch_size = 6
-lr = 0.05
-schedule = "constant"
-precision = "fp32"
-""")
+    recipe.write_text(tiny_recipe(seeds=None, dataset=NAME, input_size=SIZE, augmentation="imagenet",
+                                  extra_dataset='decode = "device"', variants=("attention",), attention_depth=1,
+                                  batch_size=6, eval_batch_size=None))
     # Already prepared: the run only needs the name registered.
     spec = DatasetSpec(name=NAME, num_classes=CLASSES, split_sizes={}, protocol="test", terms="test", homepage="",
                        parse=lambda _raw: ParsedDataset([], {}), offline=True)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_data import CLASSES, DATASET, prepare_tiny_bars
+from tiny_data import CLASSES, DATASET, prepare_tiny_bars, tiny_recipe
 
 from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe
@@ -28,30 +28,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare_tiny_bars(tmp_path_factory.mktemp("data"), 96, 40)
 
 
-RECIPE = f"""
-seeds = [0, 1]
-[dataset]
-name = "{DATASET}"
-input_size = 16
-augmentation = "none"
-[model]
-backbone = "wrn"
-options = {{ depth = 10, width = 1 }}
-[[variants]]
-kind = "baseline"
-[[variants]]
-kind = "attention"
-attention_depth = 2
-attention_width = 2
-[train]
-epochs = 1
-batch_size = 16
-eval_batch_size = 40
-lr = 0.05
-schedule = "cosine"
-precision = "fp32"
-threads = 1
-"""
+RECIPE = tiny_recipe(seeds=(0, 1), variants=("baseline", "attention"), schedule="cosine", extra_train="threads = 1")
 
 SUMMARY_KEYS = {
     "schema", "run_id", "recipe", "status", "failure_reason", "dataset", "num_classes", "backbone",

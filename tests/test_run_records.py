@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_data import DATASET, prepare_tiny_bars
+from tiny_data import DATASET, prepare_tiny_bars, tiny_recipe
 
 from finebench.data.store import meta_digest
 from finebench.recipe import load_recipe
@@ -17,25 +17,7 @@ from finebench.runner import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPE = f"""
-seeds = [0]
-[dataset]
-name = "{DATASET}"
-input_size = 16
-augmentation = "none"
-[model]
-backbone = "wrn"
-options = {{ depth = 10, width = 1 }}
-[[variants]]
-kind = "baseline"
-[train]
-epochs = 2
-batch_size = 16
-eval_batch_size = 40
-lr = 0.05
-schedule = "cosine"
-precision = "fp32"
-"""
+RECIPE = tiny_recipe(epochs=2, schedule="cosine")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from tiny_data import DATASET, prepare_tiny_bars
+from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench.recipe import load_recipe
 from finebench.runner import run_recipe
@@ -55,22 +55,7 @@ def test_a_run_records_the_thread_count_it_chose(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     data_root = prepare_tiny_bars(tmp_path / "data", 32, 20)
     recipe = tmp_path / "tiny.toml"
-    recipe.write_text(f"""
-[dataset]
-name = "{DATASET}"
-input_size = 16
-augmentation = "none"
-[model]
-backbone = "wrn"
-options = {{ depth = 10, width = 1 }}
-[[variants]]
-kind = "baseline"
-[train]
-epochs = 1
-batch_size = 16
-schedule = "constant"
-precision = "fp32"
-""")
+    recipe.write_text(tiny_recipe(seeds=None, eval_batch_size=None, lr=None))
     (outcome,) = run_recipe(load_recipe(recipe), results_dir=tmp_path / "results", data_root=data_root, quiet=True)
     summary = json.loads((outcome.path / "summary.json").read_text())
     assert summary["status"] == "finished"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_data import DATASET, prepare_tiny_bars
+from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench.errors import FinebenchError
 from finebench.recipe import load_recipe
@@ -18,27 +18,7 @@ from finebench.trained import EXPORT_FORMAT, export_run, load_exported, load_tra
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPE = f"""
-seeds = [3]
-[dataset]
-name = "{DATASET}"
-input_size = 16
-augmentation = "none"
-[model]
-backbone = "wrn"
-options = {{ depth = 10, width = 1 }}
-[[variants]]
-kind = "attention"
-attention_depth = 2
-attention_width = 2
-[train]
-epochs = 1
-batch_size = 16
-eval_batch_size = 16
-lr = 0.05
-schedule = "cosine"
-precision = "fp32"
-"""
+RECIPE = tiny_recipe(seeds=(3,), variants=("attention",), eval_batch_size=16, schedule="cosine")
 
 
 @pytest.fixture(scope="module")

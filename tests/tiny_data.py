@@ -43,3 +43,48 @@ def prepare_tiny_bars(root: Path, train_images: int, test_images: int) -> Path:
     with registry.override(spec):
         prepare_dataset(DATASET, root, quiet=True)
     return root
+
+
+def tiny_recipe(
+    *,
+    seeds: tuple[int, ...] | None = (0,),
+    variants: tuple[str, ...] = ("baseline",),
+    attention_depth: int = 2,
+    attention_width: int = 2,
+    dataset: str = DATASET,
+    input_size: int = 16,
+    augmentation: str = "none",
+    extra_dataset: str = "",
+    epochs: int = 1,
+    batch_size: int = 16,
+    eval_batch_size: int | None = 40,
+    lr: float | None = 0.05,
+    schedule: str = "constant",
+    extra_train: str = "",
+) -> str:
+    """The TOML of a tiny fp32 WRN-10-1 recipe on ``dataset`` (by default the bars set), one line per key.
+
+    ``variants`` are kinds, ``"baseline"`` or ``"attention"`` (the latter with ``attention_depth`` and
+    ``attention_width``); ``seeds``, ``eval_batch_size`` or ``lr`` of None leave that key out;
+    ``extra_dataset`` and ``extra_train`` are lines appended to their tables.
+    """
+    lines = [""]
+    if seeds is not None:
+        lines.append(f"seeds = [{', '.join(str(seed) for seed in seeds)}]")
+    lines += ["[dataset]", f'name = "{dataset}"', f"input_size = {input_size}", f'augmentation = "{augmentation}"']
+    if extra_dataset:
+        lines.append(extra_dataset)
+    lines += ["[model]", 'backbone = "wrn"', "options = { depth = 10, width = 1 }"]
+    for kind in variants:
+        lines += ["[[variants]]", f'kind = "{kind}"']
+        if kind == "attention":
+            lines += [f"attention_depth = {attention_depth}", f"attention_width = {attention_width}"]
+    lines += ["[train]", f"epochs = {epochs}", f"batch_size = {batch_size}"]
+    if eval_batch_size is not None:
+        lines.append(f"eval_batch_size = {eval_batch_size}")
+    if lr is not None:
+        lines.append(f"lr = {lr}")
+    lines += [f'schedule = "{schedule}"', 'precision = "fp32"']
+    if extra_train:
+        lines.append(extra_train)
+    return "\n".join(lines) + "\n"

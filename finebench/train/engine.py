@@ -268,6 +268,15 @@ class TrainStep:
             loss = training_loss(output, labels, mixture=self.mixture, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self._optimizer_step()
+        scores = output.log_probs if self.mixture else output.logits
+        correct = (scores.argmax(dim=1) == labels).sum()
+        if self.compiled:
+            self.compiled_shapes.add(tuple(images.shape))
+        return loss.detach(), correct
+
+    def _optimizer_step(self) -> None:
+        """Apply the gradients ``backward`` left: clip (unscaled) if asked, step, update the scaler, schedule."""
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -275,11 +284,6 @@ class TrainStep:
         self.scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
-        scores = output.log_probs if self.mixture else output.logits
-        correct = (scores.argmax(dim=1) == labels).sum()
-        if self.compiled:
-            self.compiled_shapes.add(tuple(images.shape))
-        return loss.detach(), correct
 
     def _accumulated_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step over ``accumulation_steps`` micro-batches of this batch.
@@ -306,13 +310,7 @@ class TrainStep:
             total_loss += loss.detach().float()
             scores = output.log_probs if self.mixture else output.logits
             correct += (scores.argmax(dim=1) == part_labels).sum()
-        if self.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        self._optimizer_step()
         return total_loss, correct
 
 
