@@ -97,16 +97,16 @@ class AttentionModule(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (module logits B×N, masks B×K×H×W)."""
         heads, classes = self.heads, self.num_classes
-        # A split, not slices: its backward is one concatenation, where each slice's backward fills
-        # a conv-output-sized tensor with zeros and adds it to the others.
         maps = self.conv(features)
-        attention_maps, head_maps = maps.flatten(2).split([heads, heads * (classes + 1)], dim=1)
-        masks = F.softmax(attention_maps, dim=2)
+        flat = maps.flatten(2)
+        masks = F.softmax(flat[:, :heads], dim=2)
         # One GEMM reads out every map against every mask and head k keeps its own block: K times
         # the multiply-adds of a per-head sum, but a real matrix product on the (NCHW or
         # channels_last) conv output in place, where a per-head einsum is a slow batched
-        # matrix-vector product that first copies the maps.
-        read = torch.bmm(head_maps, masks.mT)  # B×K·(N+1)×K
+        # matrix-vector product that first copies the maps. The whole output, attention maps
+        # included (K×K more entries): oneDNN copies a channel slice of it before a bf16 GEMM
+        # (+2 to +5 % step time at N = 100 on CPU, benchmarks/attention_overhead.py).
+        read = torch.bmm(flat, masks.mT)[:, heads:]  # B×K·(N+1)×K
         class_reads, gate_reads = read.unflatten(1, (heads, classes + 1)).diagonal(dim1=1, dim2=3).split(
             [classes, 1], dim=1
         )  # B×N×K, B×1×K
