@@ -110,7 +110,7 @@ def evaluate_run(
     """
     from finebench.data.loader import build_eval_loader
     from finebench.report.stats import mean_class_accuracy
-    from finebench.train.engine import evaluate, resolve_device
+    from finebench.train.engine import compile_model, configure_backends, evaluate, resolve_device
 
     try:
         torch_device = resolve_device(device)
@@ -127,7 +127,17 @@ def evaluate_run(
         input_size=dataset.get("input_size"), augmentation=dataset.get("augmentation", "auto"),
     )
     precision = run.summary.get("precision") or "fp32"
-    metrics = evaluate(run.model, loader, device=torch_device, precision=precision,
+    # The run's own evaluation ran with the memory format and compilation it resolved to; on a GPU
+    # they change kernels (and so bf16 rounding), so evaluate as the run did when the device allows.
+    same_device_type = torch_device.type == str(run.summary.get("device") or "cpu").split()[0].split(":")[0]
+    channels_last = bool(run.summary.get("channels_last")) and same_device_type
+    model = run.model.to(torch_device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    configure_backends(torch_device)
+    if run.summary.get("compile") and same_device_type:
+        model = compile_model(model)
+    metrics = evaluate(model, loader, device=torch_device, precision=precision, channels_last=channels_last,
                        mixture=(run.config.get("variant") or {}).get("kind") == "attention", confusion=True)
     metrics["mean_class_top1"] = mean_class_accuracy(metrics["confusion"])
     final = run.summary.get("final") or {}

@@ -131,11 +131,12 @@ def resolve_compile(setting: bool | str, device: torch.device) -> bool:
 
 def resolve_channels_last(setting: bool | str, device: torch.device, *, compiled: bool, attention: bool) -> bool:
     """``auto``: the memory format measured faster in the same case (issue 15's measurements).
+    ``compiled`` and ``attention`` name the case: today every measured case on CUDA and CPU agrees.
 
-    * CUDA, compiled: channels_last (H200, WRN-28-10 bf16: the fastest configuration measured for
-      both the baseline and Attend and Rectify; Inductor fuses the layout changes around the heads).
-    * CUDA, eager: channels_last for plain backbones (9,292 vs 6,303 img/s) but NCHW with Attend and
-      Rectify, whose softmax and read-out over channels_last maps copy them (5,811 vs 5,423 img/s).
+    * CUDA: channels_last, compiled or eager, plain backbone or Attend and Rectify. Measured by
+      ``benchmarks/gpu_suite.py`` on an H200 (WRN-28-10, batch 128, bf16, eager, 30 Nov 2026):
+      baseline 9,332 vs 6,268 img/s, A&R N=10 8,273 vs 5,813 img/s, WRN-50-2 224 A&R N=120 2,471 vs
+      1,600 img/s. (Before the fused head weight, eager A&R had gone the other way, 5,423 vs 5,811.)
     * CPU: channels_last. WRN-16-4, batch 32, channels_last / NCHW speed on the 2-core EPYC of
       this project (median of paired repeats, under load 11-14): 1.14 fp32, 1.16 bf16 (baseline),
       1.22 fp32, 1.16 bf16 (A&R) on one thread; 1.31 fp32, 1.06 bf16 (baseline) on two; idle, bf16
@@ -144,9 +145,7 @@ def resolve_channels_last(setting: bool | str, device: torch.device, *, compiled
     """
     if setting != "auto":
         return bool(setting)
-    if device.type == "cuda":
-        return compiled or not attention
-    return device.type == "cpu"
+    return device.type in ("cuda", "cpu")
 
 
 def configure_backends(device: torch.device) -> None:
