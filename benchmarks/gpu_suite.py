@@ -265,10 +265,11 @@ class Part:
 
 def part_peak(part: Part) -> None:
     dev = device()
-    compiled = resolve_compile("auto", dev)
-    layouts = {v: resolve_channels_last("auto", dev, compiled=compiled, attention=v == "attention")
+    compiled = {v: resolve_compile("auto", dev, attention=v == "attention") for v in ("baseline", "attention")}
+    layouts = {v: resolve_channels_last("auto", dev, compiled=compiled[v], attention=v == "attention")
                for v in ("baseline", "attention")}
-    say(f"defaults on {dev.type}: precision {resolve_precision('auto', dev)}, compile {compiled}, channels_last "
+    say(f"defaults on {dev.type}: precision {resolve_precision('auto', dev)}, compile baseline "
+        f"{compiled['baseline']} / A&R {compiled['attention']}, channels_last "
         f"baseline {layouts['baseline']} / A&R {layouts['attention']}")
     peak = bf16_matmul_peak(part.quick)
     part.results["bf16_flops"] = peak
@@ -506,11 +507,15 @@ def table_estimate(state: dict, quick: bool) -> None:
     if (compiled is None and eager is None) or not evals:
         say("table estimate: needs the eager part (and the compiled part on CUDA)")
         return
-    defaults_compile = torch.cuda.is_available()
-    source, mode = (compiled, "compiled") if defaults_compile and compiled else (eager, "eager")
     total_s = 0.0
-    parts = []
+    parts, modes = [], []
     for variant in ("baseline", "attention"):
+        wants_compile = resolve_compile("auto", device(), attention=variant == "attention")
+        source, mode = (compiled, "compiled") if wants_compile and compiled else (eager, "eager")
+        if source is None:
+            say(f"table estimate: no {mode} {variant} figure measured")
+            return
+        modes.append(f"{variant} {mode}")
         auto_cl = resolve_channels_last("auto", device(), compiled=mode == "compiled", attention=variant == "attention")
         fmt = "CL" if auto_cl else "NCHW"  # the memory format "auto" picks; else the one measured
         result = source.get(f"engine {variant}/{fmt}/{mode}") or source.get(f"engine {variant}/CL/{mode}")
@@ -522,7 +527,7 @@ def table_estimate(state: dict, quick: bool) -> None:
         total_s += CIFAR_TABLE["seeds"] * run_s
         parts.append(f"{variant} {result['images_per_s']:,.0f} img/s -> {run_s / 3600:.2f} h a run")
     say(f"CIFAR-10 table (baseline + A&R, {CIFAR_TABLE['seeds']} seeds, {CIFAR_TABLE['epochs']} epochs, "
-        f"{cifar.label}, defaults: {mode}): {total_s / 3600:.2f} h on this device ({'; '.join(parts)}; "
+        f"{cifar.label}, defaults: {', '.join(modes)}): {total_s / 3600:.2f} h on this device ({'; '.join(parts)}; "
         "evaluation at the eager speed, data loading assumed free: the in-memory path)")
 
 

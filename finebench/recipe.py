@@ -179,7 +179,7 @@ class TrainSection(_Section):
     """NHWC activations; "auto" picks per device and case what was measured faster
     (``finebench.train.engine.resolve_channels_last``); the choice is recorded in summary.json."""
     compile: Literal["auto"] | bool = "auto"
-    """``torch.compile`` the model; "auto": on CUDA, off on CPU (``resolve_compile``)."""
+    """``torch.compile`` the model; "auto": on CUDA for plain backbones, otherwise eager (``resolve_compile``)."""
     workers: Annotated[int, Field(ge=0)] = 0
     sync_batchnorm: bool = False
     """Distributed runs: batch statistics over all workers (``SyncBatchNorm``)."""

@@ -260,8 +260,8 @@ def _execute(
     train = loaded.recipe.train
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
-    compiled = resolve_compile(train.compile, device)
     attention = run.variant_kind == "attention"
+    compiled = resolve_compile(train.compile, device, attention=attention)
     channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=attention)
     previous = run_dir.summary() or {}
     resumed_threads = previous.get("threads") if run_dir.checkpoint_path.is_file() else None

@@ -327,6 +327,9 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 def test_compile_auto_is_on_for_cuda() -> None:
     assert resolve_compile("auto", CUDA) is True
     assert resolve_compile("auto", torch.device("cuda:1")) is True
+    # Attend and Rectify compiled ran slower than eager on the H200 (gpu_suite, N=10)
+    assert resolve_compile("auto", CUDA, attention=True) is False
+    assert resolve_compile(True, CUDA, attention=True) is True
 
 
 def test_compile_auto_is_off_on_cpu_and_other_devices_and_explicit_choices_are_kept() -> None:

@@ -112,21 +112,23 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
-def resolve_compile(setting: bool | str, device: torch.device) -> bool:
-    """``auto``: compile on CUDA, stay eager elsewhere.
+def resolve_compile(setting: bool | str, device: torch.device, *, attention: bool = False) -> bool:
+    """``auto``: compile plain backbones on CUDA; Attend and Rectify and every CPU run stay eager.
 
-    On the H200 (issue 15) compiling made the WRN-28-10 step 1.13x (baseline) and 1.9x (Attend and
-    Rectify) faster, and its cost, a minute or two once per run, is small beside a GPU run. On CPU
-    the step is bound by oneDNN's convolutions, which Inductor calls as they are: on the project's
-    2-core EPYC (one thread, bf16, WRN-16-4 batch 32) compiling took 30 s and made the step 1.069x
-    (baseline) and 1.035x (A&R, 247 ms eager) faster, which pays back only after some 2,300-3,700
-    steps (and up to 2 minutes per compile under load), more than the CPU runs this tool is used for
-    (the quickstart: 750 steps a variant); so "auto" stays eager there. Triton is what Inductor
+    Measured by ``benchmarks/gpu_suite.py`` on an H200 (WRN-28-10, batch 128, bf16, channels_last,
+    30 Nov 2026, two sessions): the baseline runs 10,131-10,246 img/s compiled against 9,332 eager,
+    so compiling pays within the first epoch. Attend and Rectify (N=10) ran 6,854-8,231 img/s
+    compiled against 8,273 eager (N=100: 7,601 against 7,378), so with today's module compiling
+    does not pay and "auto" leaves it eager; ``compile = true`` still compiles it. On CPU the step
+    is bound by oneDNN's convolutions, which Inductor calls as they are: on the project's 2-core EPYC
+    (one thread, bf16, WRN-16-4 batch 32) compiling took 30 s and made the step 1.069x (baseline)
+    and 1.035x (A&R) faster, which pays back only after some 2,300-3,700 steps, more than the CPU
+    runs this tool is used for (the quickstart: 750 steps a variant). Triton is what Inductor
     generates CUDA kernels with; without it "auto" stays eager too.
     """
     if setting != "auto":
         return bool(setting)
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and not attention and importlib.util.find_spec("triton") is not None
 
 
 def resolve_channels_last(setting: bool | str, device: torch.device, *, compiled: bool, attention: bool) -> bool:
@@ -602,7 +604,7 @@ def fit(
     precision = resolve_precision(train.precision, device)
     if isinstance(train.threads, int):  # "auto" is chosen by the caller, which knows the run's history
         torch.set_num_threads(train.threads)
-    compiled = resolve_compile(train.compile, device)
+    compiled = resolve_compile(train.compile, device, attention=mixture)
     channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=mixture)
     model.to(device)
     if channels_last:
@@ -719,7 +721,7 @@ def build_train_step(
     """A ready ``TrainStep`` (device, precision, optimiser, schedule) for benchmarks on in-memory batches."""
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
-    compiled = resolve_compile(train.compile, device)
+    compiled = resolve_compile(train.compile, device, attention=mixture)
     channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=mixture)
     model.to(device).train()
     if channels_last:
