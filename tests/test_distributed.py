@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_data import DATASET, prepare_tiny_bars
+from tiny_data import DATASET, EVENTS, prepare_tiny_bars
 
 from finebench.data.loader import BatchShardSampler, build_loaders
 from finebench.errors import FinebenchError
@@ -299,7 +299,7 @@ def test_a_rerun_resumes_the_interrupted_run_on_every_worker(resumed_job: dict, 
 def test_two_workers_write_one_set_of_records(resumed_job: dict):
     run_dir = resumed_job["run_dir"]
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "confusion.json", "last.pt",
-                                                          "metrics.jsonl", "summary.json", "tensorboard"]
+                                                          "metrics.jsonl", "summary.json", *EVENTS]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2
     # The confusion matrix is summed over both workers: every test image once, its diagonal the top-1 count.

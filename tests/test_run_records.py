@@ -73,6 +73,7 @@ def test_the_final_confusion_matrix_gives_the_test_accuracy_and_the_mean_per_cla
 
 
 def test_tensorboard_events_hold_the_jsonl_rows(finished) -> None:
+    pytest.importorskip("tensorboard", reason="TensorBoard is an optional extra")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _, _ = finished

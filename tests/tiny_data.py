@@ -6,6 +6,7 @@ torchrun workers, which cannot see a test's registry override, still find the st
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
 from finebench.data.prepare import prepare_dataset
 
 DATASET = "mnist5k"
+EVENTS = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+"""What a run folder holds beside its records: TensorBoard events where the optional extra is installed."""
 CLASSES = 10
 
 
