@@ -373,6 +373,7 @@ def test_a_second_run_waits_for_the_prepare_of_the_first(world, tmp_path, capsys
 @pytest.mark.slow
 def test_two_runs_started_together_on_a_fresh_data_root_both_finish(world, tmp_path):
     """End to end with the real embedded mnist5k: whichever prepares first, the other waits and uses it."""
+    (tmp_path / "data").mkdir()  # a named data root must exist (run never creates one it was given)
     common = ["run", str(world.recipe), "--data-root", str(tmp_path / "data"), "-q",
               "--set", "train.batch_size=128", "--set", "train.eval_batch_size=500"]
     processes = [
