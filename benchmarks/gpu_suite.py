@@ -9,8 +9,8 @@ It prints, as each figure is measured:
    NCHW; MFU of every step; evaluation speed.
 3. ``compiled``: the same as 2 with ``torch.compile`` (WRN-28-10, N = 10), compile time apart.
 4. ``loader``: training batches/s of the data path at 224 from synthetic 500x375 JPEGs it writes
-   itself (the GPU JPEG path ``finebench.data.gpu_decode`` where it exists, else the worker path)
-   against the WRN-50-2 + A&R step it feeds.
+   itself (the GPU JPEG path ``finebench.data.gpu_decode``, timed by ``finebench.data.throughput``,
+   where it exists, else the worker path) against the WRN-50-2 + A&R step it feeds.
 5. ``compiled_more``: compiled WRN-28-10 N = 100 and WRN-50-2, while the time budget lasts.
 6. ``table``: the estimated time of the paper's CIFAR-10 table (baseline + A&R, 3 seeds, 200
    epochs) with the defaults, from the figures above.
@@ -411,21 +411,21 @@ def part_loader(part: Part) -> None:
     batch = 8 if quick else 128
     results = part.results
     try:
-        from finebench.data import gpu_decode
+        from finebench.data import throughput
     except ImportError as error:  # the GPU JPEG path is not in this tree: the worker path alone
-        say(f"finebench.data.gpu_decode not available ({error}); timing the worker path only")
-        gpu_decode = None
+        say(f"finebench.data.throughput not available ({error}); timing the worker path only")
+        throughput = None
     with tempfile.TemporaryDirectory(prefix="finebench-gpu-suite-") as folder:
-        if gpu_decode is not None:
+        if throughput is not None:
             for path in ("device", "workers"):
-                measured = part.attempt(f"loader {path}", lambda p=path: gpu_decode.measure_throughput(
+                measured = part.attempt(f"loader {path}", lambda p=path: throughput.measure_throughput(
                     dev, path=p, source_size=source, images=images, input_size=fine.input_size, batch_size=batch,
                     workers=workers, repeats=1 if quick else 3, folder=Path(folder)))
                 if measured is not None:
                     results[path] = measured.images_per_s
                     say(f"loader ({path} path, {workers} workers, {source[0]}x{source[1]} JPEG -> "
                         f"{fine.input_size}): {measured.images_per_s:,.0f} img/s")
-            check = part.attempt("pixel check", lambda: gpu_decode.compare_with_workers(
+            check = part.attempt("pixel check", lambda: throughput.compare_with_workers(
                 dev, images=16 if quick else 64, input_size=fine.input_size,
                 source_size=(160, 120) if quick else (400, 300), folder=Path(folder)))
             if check is not None:

@@ -16,7 +16,6 @@ from tiny_data import tiny_recipe
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
 from finebench.data.gpu_decode import (
-    compare_with_workers,
     crop_offsets,
     decode_jpegs,
     decode_on_device,
@@ -25,6 +24,7 @@ from finebench.data.gpu_decode import (
 )
 from finebench.data.loader import IMAGENET_MEAN, IMAGENET_STD, build_loaders
 from finebench.data.prepare import prepare_dataset
+from finebench.data.throughput import compare_with_workers
 from finebench.data.synthetic import synthetic_photo
 from finebench.errors import FinebenchError
 
