@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,17 +28,10 @@ from torch import nn
 from finebench.data.root import resolve_data_root
 from finebench.errors import FinebenchError
 
+if TYPE_CHECKING:
+    from finebench.trained import TrainedRun
+
 TOP_K = 3
-
-
-@dataclass
-class AttentionRun:
-    """A trained run, ready to look at: the model in eval mode and what describes its inputs."""
-
-    model: nn.Module
-    config: dict[str, Any]
-    summary: dict[str, Any]
-    run_dir: Path
 
 
 @dataclass
@@ -57,7 +50,7 @@ class AttentionCapture:
     """B×(D+1) global gate weights (modules, then the network), or None without gates."""
 
 
-def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") -> AttentionRun:
+def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
     """Rebuild a run's model from config.json and load ``last.pt``; it must be an attention run."""
     from finebench.trained import load_trained_run, read_record
 
@@ -69,8 +62,7 @@ def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") 
         raise FinebenchError(
             f"{run_dir / 'config.json'}: variant.kind is {kind!r}; attention maps need an 'attention' run"
         )
-    run = load_trained_run(run_dir, device)
-    return AttentionRun(run.model, run.config, run.summary, run.run_dir)
+    return load_trained_run(run_dir, device)
 
 
 @contextmanager

@@ -29,7 +29,7 @@ _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mn
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
 """The values of ``train.device``."""
 
-_RUN_ID_EXCLUDE = (
+RUN_ID_EXCLUDE = (
     ("dataset", "root"), ("train", "workers"), ("train", "threads"), ("train", "log_every"),
     ("train", "compile"), ("train", "channels_last"),
 )
@@ -421,7 +421,7 @@ def _canonical(value: Any) -> str:
 def run_id_for(config: Mapping[str, Any]) -> str:
     """A stable 12-hex id: the hash of what the run computes (paths and worker counts excluded)."""
     trimmed = json.loads(_canonical(config))
-    for section, key in _RUN_ID_EXCLUDE:
+    for section, key in RUN_ID_EXCLUDE:
         trimmed.get(section, {}).pop(key, None)
     return hashlib.sha256(_canonical(trimmed).encode()).hexdigest()[:12]
 

@@ -22,14 +22,15 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finebench.errors import FinebenchError
+from finebench.recipe import RUN_ID_EXCLUDE
 from finebench.report.stats import mean_class_accuracy
 
 CONFUSION_FILE = "confusion.json"
 
 # Settings that change where or how fast a run goes, or which repetition it is, but not what it
-# computes (the same rule as the run id's, plus the two repetition axes the report pools over).
+# computes: the run id's own rule, plus the repetition axes the report pools over.
 IGNORED_SETTINGS: tuple[str, ...] = (
-    "seed", "recipe", "dataset.fold", "dataset.root", "train.workers", "train.threads", "train.log_every",
+    "seed", "recipe", "dataset.fold", *(f"{section}.{key}" for section, key in RUN_ID_EXCLUDE),
 )
 
 
