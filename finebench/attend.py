@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +25,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from finebench.data.root import resolve_data_root
 from finebench.errors import FinebenchError
-
-if TYPE_CHECKING:
-    from finebench.trained import TrainedRun
+from finebench.trained import TrainedRun, load_trained_run, read_record, run_data_root
 
 TOP_K = 3
 
@@ -52,8 +49,6 @@ class AttentionCapture:
 
 def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
     """Rebuild a run's model from config.json and load ``last.pt``; it must be an attention run."""
-    from finebench.trained import load_trained_run, read_record
-
     run_dir = Path(run_dir)
     config = read_record(run_dir / "config.json")
     variant = config.get("variant")
@@ -278,7 +273,7 @@ def attend(
         raise FinebenchError(f"--device {device!r}: {error}; expected auto, cpu, cuda or cuda:N") from None
     run = load_attention_run(run_dir, torch_device)
     dataset = run.config.get("dataset", {}).get("name") or run.summary.get("dataset")
-    root = resolve_data_root(data_root, run.config.get("dataset", {}).get("root"))
+    root = run_data_root(run.config, data_root)
     meta = _read_meta(root, dataset)
     classes = list(meta["classes"]) if meta and meta.get("classes") else None
     samples = images_from_files(images) if images else []

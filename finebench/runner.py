@@ -287,8 +287,6 @@ def _execute(
 
     def on_epoch(row: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
         """``report`` shows a run in progress with its epochs done; TensorBoard gets the same row."""
-        if not ctx.is_main:
-            return
         run_dir.write_summary(_summary(loaded, run, status="running", rows=rows, epochs_completed=int(row["epoch"]),
                                        **common))
         if events is not None:
@@ -575,16 +573,18 @@ def variant_table(outcomes: Sequence[RunOutcome], *, title: str) -> Table:
     """One row per variant of a dry run: its settings in the paper's terms, its taps and its cost,
     so a plan can be checked against a paper or a log before anything trains."""
     table = Table(title=title)
-    for column in ("variant", "settings", "taps (channels@stride)", "params", "FLOPs"):
+    several = len({outcome.run.config["model"]["backbone"] for outcome in outcomes}) > 1
+    for column in ("backbone",) * several + ("variant", "settings", "taps (channels@stride)", "params", "FLOPs"):
         right = column in ("params", "FLOPs")
         table.add_column(column, justify="right" if right else "left", no_wrap=column != "variant")
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for outcome in outcomes:
         run, summary = outcome.run, outcome.summary
-        if run.variant_name in seen:
+        key = (run.config["model"]["backbone"], run.variant_name)  # a recipe may list several backbones
+        if key in seen:
             continue
-        seen.add(run.variant_name)
-        table.add_row(run.variant_name, variant_settings(run.config["variant"]["options"]),
+        seen.add(key)
+        table.add_row(*key[:several], run.variant_name, variant_settings(run.config["variant"]["options"]),
                       _taps_cell(summary.get("taps") or []), _fmt_count(summary.get("params")),
                       _fmt_count(summary.get("flops")))
     return table

@@ -131,7 +131,7 @@ def evaluate_run(
     # they change kernels (and so bf16 rounding), so evaluate as the run did when the device allows.
     same_device_type = torch_device.type == str(run.summary.get("device") or "cpu").split()[0].split(":")[0]
     channels_last = bool(run.summary.get("channels_last")) and same_device_type
-    model = run.model.to(torch_device)
+    model = run.model  # on torch_device already (load_trained_run)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     configure_backends(torch_device)

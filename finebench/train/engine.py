@@ -18,7 +18,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -264,8 +264,13 @@ class TrainStep:
         return self.compiled and tuple(images.shape) not in self.compiled_shapes
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.accumulation_steps > 1:
-            return self._accumulated_step(images, labels)
+        step = self._accumulated_step if self.accumulation_steps > 1 else self._whole_batch_step
+        loss, correct = step(images, labels)
+        if self.compiled:  # either path: this shape's graphs exist now (``compiling`` reads it)
+            self.compiled_shapes.add(tuple(images.shape))
+        return loss, correct
+
+    def _whole_batch_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = _to_device(images, labels, self.device, self.channels_last)
         with autocast(self.device, self.precision):
             output = self.model(images)
@@ -275,8 +280,6 @@ class TrainStep:
         self._optimizer_step()
         scores = output.log_probs if self.mixture else output.logits
         correct = (scores.argmax(dim=1) == labels).sum()
-        if self.compiled:
-            self.compiled_shapes.add(tuple(images.shape))
         return loss.detach(), correct
 
     def _optimizer_step(self) -> None:

@@ -24,10 +24,6 @@ class TensorBoardLog:
             return
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / EVENTS_DIR))
 
-    @property
-    def enabled(self) -> bool:
-        return self.writer is not None
-
     def log(self, row: Mapping[str, Any]) -> None:
         if self.writer is None:
             return
