@@ -504,7 +504,6 @@ def report_command(
     mean per-class accuracy, paired gains with p-values, overheads."""
     from pathlib import Path
 
-    from rich.markup import escape
 
     from finebench import report as report_module
 

@@ -37,7 +37,6 @@ from finebench.results import (
     final_entry,
     utc_now,
 )
-from finebench.report.stats import mean_class_accuracy
 from finebench.train.events import TensorBoardLog
 from finebench.train.engine import (
     DistContext,
@@ -315,6 +314,8 @@ def _execute(
         images_per_s=result.images_per_s, compile_time_s=result.compile_time_s, **common,
     )
     if result.confusion is not None and summary["final"] is not None:
+        from finebench.report.stats import mean_class_accuracy  # here: the report's pandas/scipy stay out of start-up
+
         summary["final"]["mean_class_top1"] = mean_class_accuracy(result.confusion)
         if ctx.is_main:
             run_dir.write_confusion(result.confusion, list(getattr(loaders, "classes", None) or []) or None)

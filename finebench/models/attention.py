@@ -27,11 +27,6 @@ SIGMOID_EPS = 1e-6
 """The authors' guard against an all-zero sigmoid gate sum."""
 
 
-def spatial_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the H·W positions of each map, so each B×K mask sums to one over space."""
-    return F.softmax(scores.flatten(2), dim=2).view_as(scores)
-
-
 def as_float32(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor.float()`` without the dispatcher call when it already is (most steps in fp32)."""
     return tensor if tensor.dtype == torch.float32 else tensor.float()

@@ -83,7 +83,6 @@ class RunSummary(BaseModel):
     images_per_s: float | None = None
     device: str | None = None
     precision: str | None = None
-    config: dict[str, Any] | None = None
 
 
 class LoadedRuns(NamedTuple):
@@ -176,9 +175,7 @@ def load_runs(paths: Iterable[str | Path] = ("results",)) -> LoadedRuns:
 
 
 def _run_config(summary: RunSummary, run_dir: Path, problems: list[str]) -> dict[str, Any]:
-    """The resolved config: summary.json's own copy where it has one, else config.json beside it."""
-    if summary.config is not None:
-        return summary.config
+    """The resolved config: config.json beside summary.json."""
     path = run_dir / "config.json"
     if not path.is_file():
         return {}
