@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from finebench.errors import FinebenchError
+from finebench.report.stats import is_missing
 
 DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parent.parent.parent / "results" / "reference"
 
@@ -120,14 +121,10 @@ def label_matches(labels: Any, wanted: Any) -> bool:
     return isinstance(labels, str) and wanted in {label.strip() for label in labels.split("|")}
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _same(stated: Any, wanted: Any) -> bool:
     """Blank matches only blank; numbers compare as numbers (AD 3 in a CSV equals 3 in a run)."""
-    if _missing(stated) or _missing(wanted):
-        return _missing(stated) and _missing(wanted)
+    if is_missing(stated) or is_missing(wanted):
+        return is_missing(stated) and is_missing(wanted)
     try:
         return math.isclose(float(stated), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
     except (TypeError, ValueError):

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from finebench.errors import FinebenchError
+from finebench.report.stats import is_missing
 
 FORMATS: tuple[str, ...] = ("markdown", "csv", "latex", "json")
 MISSING = "—"
@@ -30,10 +31,6 @@ _HEADERS = {
 # Columns merged into another cell or left to CSV/JSON.
 _HIDDEN = {"baseline_top1", "baseline_error", "n_pairs", "significant", "delta_ci", "reference_selection",
            "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci"}
-
-
-def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def fmt_number(value: Any, digits: int = 2, signed: bool = False) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -63,7 +63,7 @@ def mean_ci(values: Iterable[float]) -> MeanCI:
 
 def paired_difference(variant: Mapping[Hashable, float], baseline: Mapping[Hashable, float]) -> Paired:
     """``variant − baseline`` over the keys (seed, fold) both sides have."""
-    keys = [k for k in variant if k in baseline and not _nan(variant[k]) and not _nan(baseline[k])]
+    keys = [k for k in variant if k in baseline and not is_missing(variant[k]) and not is_missing(baseline[k])]
     unpaired = (len(variant) - len(keys)) + (len(baseline) - len(keys))
     if not keys:
         return Paired(0, math.nan, math.nan, math.nan, unpaired)
@@ -93,5 +93,6 @@ def mean_class_accuracy(confusion: Sequence[Sequence[float]]) -> float:
     return float(100.0 * (np.diag(matrix)[present] / support[present]).mean())
 
 
-def _nan(value: float | None) -> bool:
+def is_missing(value: Any) -> bool:
+    """None or NaN: a cell the report shows as missing (pandas gives NaN, JSON gives None)."""
     return value is None or (isinstance(value, float) and math.isnan(value))

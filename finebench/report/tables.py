@@ -27,7 +27,7 @@ import pandas as pd
 
 from finebench.errors import FinebenchError
 from finebench.report.reference import SETTING_COLUMNS, match_reference, protocol_notes
-from finebench.report.stats import mean_ci, paired_difference
+from finebench.report.stats import is_missing, mean_ci, paired_difference
 
 DEFAULT_BY: tuple[str, ...] = ("dataset", "backbone_label")
 # Short names researchers use for the ablation axes.
@@ -55,10 +55,6 @@ def resolve_columns(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
     return resolved
 
 
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def _unique_or_none(values: pd.Series) -> Any:
     distinct = values.dropna().unique()
     return distinct[0] if len(distinct) == 1 else None
@@ -66,7 +62,7 @@ def _unique_or_none(values: pd.Series) -> Any:
 
 def _pair_key(run: Any) -> tuple[Any, Any]:
     fold = run.get("fold")
-    return (int(run["seed"]), None if _is_missing(fold) else int(fold))
+    return (int(run["seed"]), None if is_missing(fold) else int(fold))
 
 
 def _setting_labels(fingerprints: Sequence[str]) -> dict[str, str]:
@@ -115,7 +111,7 @@ def summary_table(
             labels = _setting_labels(list(fingerprints))
             split_labels.update(labels)
             key = key if isinstance(key, tuple) else (key,)
-            shown = " / ".join("—" if _is_missing(k) else str(k) for k in key)
+            shown = " / ".join("—" if is_missing(k) else str(k) for k in key)
             differing = sorted({part.split("=")[0] for label in labels.values() for part in label.split(", ")})
             notes.append(f"{shown}: {len(fingerprints)} configurations differ in {', '.join(differing)}; "
                          f"shown as separate rows (add --by {differing[0]} to name them)")
@@ -207,11 +203,11 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
         for tap, accuracy in modules.items():
             exploded.append({**base, "source": tap, "top1": accuracy,
                              "flops": module_flops.get(tap, math.nan)})
-        if not _is_missing(run.get("network_top1")):
+        if not is_missing(run.get("network_top1")):
             # The network's own classifier needs none of the attention modules: baseline cost.
             network_flops = run.get("flops_baseline")
             exploded.append({**base, "source": "network classifier", "top1": run["network_top1"],
-                             "flops": run["flops"] if _is_missing(network_flops) else network_flops})
+                             "flops": run["flops"] if is_missing(network_flops) else network_flops})
         exploded.append({**base, "source": "full model", "top1": run["top1"], "flops": run["flops"]})
     columns = ["dataset", "backbone_label", "variant_name", "source", "n", f"{metric}_mean",
                f"{metric}_std", f"{metric}_ci", "flops", "flops_pct_of_full"]
