@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from finebench.data.root import DEFAULT_ROOT
 from finebench.errors import FinebenchError
 
 _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
@@ -43,7 +44,7 @@ class _Section(BaseModel):
 
 class DatasetSection(_Section):
     name: str
-    root: str = "data"
+    root: str = DEFAULT_ROOT
     input_size: Annotated[int, Field(gt=0)] | None = None
     augmentation: str = "auto"
     train_split: str = "train"
