@@ -25,7 +25,7 @@ from finebench.bench import (
     synthetic_batch,
     time_side_by_side,
 )
-from finebench.models import build_model
+from finebench.methods import build_model
 from finebench.profile import profile_variants
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step

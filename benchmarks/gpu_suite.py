@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from finebench.bench import Timing, machine_line, paired_ratio, synthetic_batch, time_side_by_side
-from finebench.models import build_model
+from finebench.methods import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import (
     autocast,

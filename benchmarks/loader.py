@@ -46,7 +46,7 @@ from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
 from finebench.data.prepare import prepare_dataset
 from finebench.data.synthetic import synthetic_photo
-from finebench.models import build_model
+from finebench.methods import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step
 

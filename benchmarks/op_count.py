@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from finebench.bench import benchmark_arguments, format_table, machine_line, parse_benchmark_arguments, synthetic_batch
-from finebench.models import build_model
+from finebench.methods import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step
 

@@ -30,7 +30,7 @@ from finebench.bench import (
 )
 from finebench.data.loader import build_loaders
 from finebench.data.prepare import prepare_dataset
-from finebench.models import build_model
+from finebench.methods import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step, fit, seed_everything
 

@@ -27,7 +27,7 @@ from finebench.bench import (
     synthetic_batch,
     time_side_by_side,
 )
-from finebench.models import build_model
+from finebench.methods import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step
 from finebench.train.threads import choose_threads

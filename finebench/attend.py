@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from finebench.errors import FinebenchError
+from finebench.methods import METHODS
 from finebench.trained import TrainedRun, load_trained_run, read_record, run_data_root
 
 TOP_K = 3
@@ -53,11 +54,16 @@ def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") 
     config = read_record(run_dir / "config.json")
     variant = config.get("variant")
     kind = variant.get("kind") if isinstance(variant, dict) else None
-    if kind != "attention":
+    if kind not in METHODS or not METHODS[kind].draws_attention_maps:
         raise FinebenchError(
-            f"{run_dir / 'config.json'}: variant.kind is {kind!r}; attention maps need an 'attention' run"
+            f"{run_dir / 'config.json'}: variant.kind is {kind!r}; attention maps need a run of {_map_methods()}"
         )
     return load_trained_run(run_dir, device)
+
+
+def _map_methods() -> str:
+    """The kinds whose models have attention maps to draw (``Method.draws_attention_maps``)."""
+    return " or ".join(repr(kind) for kind, method in METHODS.items() if method.draws_attention_maps)
 
 
 @contextmanager
@@ -66,7 +72,7 @@ def _hooks(model: nn.Module, capture: AttentionCapture) -> Iterator[None]:
 
     modules = [m for m in model.modules() if isinstance(m, AttentionModule)]
     if not modules:
-        raise FinebenchError("the model has no attention modules; attention maps need an 'attention' run")
+        raise FinebenchError(f"the model has no attention modules; attention maps need a run of {_map_methods()}")
 
     def record(module: AttentionModule, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
         _, masks = output

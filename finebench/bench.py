@@ -212,7 +212,7 @@ def bench_recipe(
     timed ones.
     """
     from finebench.data.registry import get_spec
-    from finebench.models import build_model_from_config
+    from finebench.methods import build_model_from_config, get_method
     from finebench.recipe import expand_runs, load_recipe
     from finebench.train.engine import build_train_step, synchronize_device
     from finebench.train.threads import apply_threads
@@ -240,7 +240,9 @@ def bench_recipe(
             model = build_model_from_config(run.config, num_classes, pretrained=False)
         except FinebenchError as error:
             raise FinebenchError(f"{loaded.path}: model: {error}") from None
-        step = build_train_step(model, train, mixture=run.variant_kind == "attention", steps_per_epoch=steps_per_epoch)
+        method = get_method(run.variant_kind)
+        step = build_train_step(model, run.train or train, mixture=method.mixture, steps_per_epoch=steps_per_epoch,
+                                method=method)
         batch = synthetic_batch(train.batch_size, input_size, num_classes, seed=run.seed, device=step.device)
         compile_s = None
         if step.compiling(batch[0]):

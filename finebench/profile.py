@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.models import build_model
-from finebench.models.network import ImageClassifier, unwrap
+from finebench.methods import build_model
+from finebench.methods import Method, get_method
+from finebench.methods.baseline import METHOD as BASELINE
+from finebench.models.network import EarlyPrediction, unwrap
 
 FLOP_CONVENTION = "fvcore: one multiply-add = one flop"
 
@@ -41,16 +43,6 @@ class _TensorOutputs(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         output = self.model(images)
         return (output.log_probs, output.logits, *output.module_logits)
-
-
-class _EarlyPrediction(nn.Module):
-    def __init__(self, model: ImageClassifier, tap: str) -> None:
-        super().__init__()
-        self.model = model
-        self.tap = tap
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.early_prediction(images, self.tap)
 
 
 def _count_flops(module: nn.Module, input_size: int) -> int:
@@ -97,7 +89,13 @@ def tap_flops(model: nn.Module, input_size: int) -> dict[str, int]:
     """FLOPs to classify with each attention module alone: the backbone up to its tap plus the module."""
     classifier = unwrap(model)
     with _in_eval(classifier):
-        return {tap: _count_flops(_EarlyPrediction(classifier, tap), input_size) for tap in classifier.attention_taps}
+        return {tap: _count_flops(EarlyPrediction(classifier, tap), input_size) for tap in classifier.attention_taps}
+
+
+def early_prediction_flops(model: nn.Module, method: Method, input_size: int) -> dict[str, int]:
+    """FLOPs of each cheaper prediction the method offers (``Method.early_predictors``); {} for most."""
+    with _in_eval(model):
+        return {name: _count_flops(module, input_size) for name, module in method.early_predictors(model).items()}
 
 
 @dataclass(frozen=True)
@@ -111,6 +109,10 @@ class VariantCost:
     flops_overhead_pct: float
     taps: list[dict[str, Any]] = field(default_factory=list)
     """Where each attention module reads (``ImageClassifier.tap_summary``); empty for other variants."""
+    test_forward_passes: int = 1
+    """Backbone passes one test prediction needs (``Method.test_forward_passes``); FLOPs count one."""
+    train_passes_per_image: int = 1
+    """Backbone forward passes per training image (``Method.train_passes_per_image``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,10 +127,13 @@ def profile_variants(
 ) -> list[VariantCost]:
     """Profile the baseline and each (label, variant, variant_options); the baseline row comes first."""
     baseline = profile_model(build_model(backbone, num_classes, backbone_options=backbone_options), input_size)
-    rows = [VariantCost("baseline", "baseline", baseline.params, baseline.flops, 0.0, 0.0)]
+    rows = [VariantCost(BASELINE.kind, BASELINE.kind, baseline.params, baseline.flops, 0.0, 0.0,
+                        test_forward_passes=BASELINE.test_forward_passes,
+                        train_passes_per_image=BASELINE.train_passes_per_image)]
     for label, variant, options in variants:
-        if variant == "baseline":
+        if variant == BASELINE.kind:
             continue
+        method = get_method(variant)
         model = build_model(backbone, num_classes, variant, options, backbone_options)
         cost = profile_model(model, input_size)
         rows.append(
@@ -136,7 +141,7 @@ def profile_variants(
                 label, variant, cost.params, cost.flops,
                 100.0 * (cost.params - baseline.params) / baseline.params,
                 100.0 * (cost.flops - baseline.flops) / baseline.flops,
-                model.tap_summary(),
+                model.tap_summary(), method.test_forward_passes, method.train_passes_per_image,
             )
         )
     return rows
@@ -170,7 +175,8 @@ class CostReport:
     input_size: int
     rows: list[VariantCost]
     early_prediction: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Per attention variant label: FLOPs to classify with each module alone (``tap_flops``)."""
+    """Per variant label with cheaper predictions (A&R: each module alone): their FLOPs
+    (``Method.early_predictors``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -194,18 +200,19 @@ def profile_spec(
 ) -> CostReport:
     """Profile a model spec; with ``early_prediction`` also the cost of each attention module alone."""
     rows = profile_variants(backbone, num_classes, input_size, variants, backbone_options)
-    early = {
-        label: tap_flops(build_model(backbone, num_classes, variant, options, backbone_options), input_size)
-        for label, variant, options in variants
-        if early_prediction and variant == "attention"
-    }
+    early = {}
+    for label, variant, options in variants if early_prediction else ():
+        model = build_model(backbone, num_classes, variant, options, backbone_options)
+        costs = early_prediction_flops(model, get_method(variant), input_size)
+        if costs:
+            early[label] = costs
     return CostReport(backbone, dict(backbone_options or {}), num_classes, input_size, rows, early)
 
 
 def profile_recipe(path: str, overrides: Sequence[str] = (), early_prediction: bool = False) -> CostReport:
     """Profile a recipe's backbone on its dataset (classes, input size) with each of its variants."""
     from finebench.data.registry import get_spec
-    from finebench.recipe import load_recipe, variant_name, variant_options
+    from finebench.recipe import load_recipe, variant_name
 
     loaded = load_recipe(path, overrides)
     recipe = loaded.recipe
@@ -214,7 +221,7 @@ def profile_recipe(path: str, overrides: Sequence[str] = (), early_prediction: b
             f"{path}: model.backbone lists {len(recipe.model.backbones())} backbones: profile one with "
             f"--set model.backbone={recipe.model.backbones()[0]}"
         )
-    variants = [(variant_name(v), v.kind, variant_options(v)) for v in recipe.variants]
+    variants = [(variant_name(v), v.kind, v.options()) for v in recipe.variants]
     return profile_spec(
         recipe.model.backbone, get_spec(recipe.dataset.name).num_classes, loaded.input_size(), variants,
         recipe.model.options, early_prediction,

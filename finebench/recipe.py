@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from finebench.data.root import DEFAULT_ROOT
 from finebench.errors import FinebenchError
+from finebench.methods import METHODS, MethodOptions, method_of
 
 _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
 """Input size used for cost estimates when a recipe leaves ``dataset.input_size`` unset."""
@@ -74,84 +75,21 @@ class ModelSection(_Section):
         return [self.backbone] if isinstance(self.backbone, str) else list(self.backbone)
 
 
-class BaselineVariant(_Section):
-    kind: Literal["baseline"]
-    name: str | None = None
-
-
-class AttentionVariant(_Section):
-    kind: Literal["attention"]
-    name: str | None = None
-    attention_depth: Annotated[int, Field(ge=1)] = 3
-    """The D deepest taps before the final stage (the backbone says how many it has)."""
-    attention_width: Annotated[int, Field(ge=1)] = 4
-    gates: Literal["softmax", "sigmoid", "none"] = "softmax"
-    reg_w: Annotated[float, Field(ge=0)] = 1e-3
-    output_mode: Literal["mixture", "50"] = "mixture"
-    taps: list[str] = Field(default_factory=list)
-    """Tap names instead of ``attention_depth`` (see ``finebench models --taps BACKBONE``)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _depth_from_taps(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("taps"):
-            if "attention_depth" in data:
-                raise ValueError("give taps or attention_depth, not both (the depth is the number of taps)")
-            taps = data["taps"]
-            if isinstance(taps, list) and len(set(map(str, taps))) != len(taps):
-                raise ValueError(f"taps must be distinct, got {taps}")
-            data = {**data, "attention_depth": len(taps) if isinstance(taps, list) else 1}
-        return data
-
-
-class SEVariant(_Section):
-    kind: Literal["se"]
-    name: str | None = None
-    reduction: Annotated[int, Field(ge=1)] = 16
-
-
-class CBAMVariant(_Section):
-    kind: Literal["cbam"]
-    name: str | None = None
-    reduction: Annotated[int, Field(ge=1)] = 16
-
-
-class ECAVariant(_Section):
-    """ECA (Wang et al. 2020) in every block, through timm's own layer: timm backbones only."""
-
-    kind: Literal["eca"]
-    name: str | None = None
-
-
 Variant = Annotated[
-    Union[BaselineVariant, AttentionVariant, SEVariant, CBAMVariant, ECAVariant], Field(discriminator="kind")
+    Union[tuple(method.Options for method in METHODS.values())],  # type: ignore[valid-type]
+    Field(discriminator="kind"),
 ]
+"""A ``[[variants]]`` entry: the options of one registered method (``finebench.methods``), by ``kind``."""
 
 
-def variant_options(variant: BaseModel) -> dict[str, Any]:
+def variant_options(variant: MethodOptions) -> dict[str, Any]:
     """The keyword options a variant passes to ``build_model`` (everything but kind and name)."""
-    return variant.model_dump(exclude={"kind", "name"})
+    return variant.options()
 
 
-def variant_name(variant: BaseModel) -> str:
+def variant_name(variant: MethodOptions) -> str:
     """A readable name, unique within a recipe for distinct settings: ``attention-ad3-aw4``."""
-    if variant.name:
-        return variant.name
-    if isinstance(variant, AttentionVariant):
-        defaults = AttentionVariant(kind="attention")
-        name = f"attention-ad{variant.attention_depth}-aw{variant.attention_width}"
-        if variant.gates != defaults.gates:
-            name += f"-gates-{variant.gates}"
-        if variant.reg_w != defaults.reg_w:
-            name += f"-reg{variant.reg_w:g}"
-        if variant.output_mode != defaults.output_mode:
-            name += f"-out{variant.output_mode}"
-        if variant.taps:
-            name += "-taps-" + "+".join(variant.taps)
-        return name
-    if isinstance(variant, (SEVariant, CBAMVariant)) and variant.reduction != 16:
-        return f"{variant.kind}-r{variant.reduction}"
-    return variant.kind
+    return variant.name or method_of(variant).table_name(variant)
 
 
 class TrainSection(_Section):
@@ -269,6 +207,10 @@ class RunSpec:
     run_id: str = field(default="")
     fold: int | None = None
     """The held-out fold on a k-fold dataset (also ``config["dataset"]["fold"]``); None otherwise."""
+    variant: MethodOptions | None = None
+    """The typed variant (its method: ``finebench.methods.method_of``); ``config["variant"]`` is its dump."""
+    train: TrainSection | None = None
+    """The run's train settings: the recipe's, or what its method's ``train_settings`` made of them."""
 
 
 @dataclass(frozen=True)
@@ -323,7 +265,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     problems = []
     for item in error.errors():
         # Drop the union tag pydantic inserts for discriminated variants (variants.1.attention.x).
-        loc = [str(p) for p in item["loc"] if p not in ("baseline", "attention", "se", "cbam", "eca")]
+        loc = [str(p) for p in item["loc"] if p not in METHODS]
         where = ".".join(loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
@@ -458,13 +400,19 @@ def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]
     for variant in variants:
         name = variant_name(variant)
         options_for_id = variant.model_dump(mode="json", exclude={"kind", "name"}, exclude_defaults=True)
+        train = method_of(variant).train_settings(recipe.train, variant)
+        # a method's own train settings enter config and id only where they differ (ids stay put)
+        own_train = {} if train == recipe.train else {"train": train.model_dump(mode="json")}
+        own_train_for_id = {} if train == recipe.train else {"train": train.model_dump(mode="json", exclude_defaults=True)}
         for seed in recipe.seeds:
             for fold in held_out:
                 variant_entry = {"kind": variant.kind, "name": name, "options": variant_options(variant)}
-                config = {"recipe": loaded.name, **base, "dataset": fold_dataset(base["dataset"], fold, fold_count),
+                config = {"recipe": loaded.name, **base, **own_train,
+                          "dataset": fold_dataset(base["dataset"], fold, fold_count),
                           "variant": variant_entry, "seed": seed}
-                basis = {"recipe": loaded.name, **base_for_id,
+                basis = {"recipe": loaded.name, **base_for_id, **own_train_for_id,
                          "dataset": fold_dataset(base_for_id["dataset"], fold, fold_count),
                          "variant": {**variant_entry, "options": options_for_id}, "seed": seed}
-                runs.append(RunSpec(loaded.name, variant.kind, name, seed, config, run_id_for(basis), fold))
+                runs.append(RunSpec(loaded.name, variant.kind, name, seed, config, run_id_for(basis), fold,
+                                    variant, train))
     return runs

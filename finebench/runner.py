@@ -26,6 +26,8 @@ from rich.table import Table
 from finebench.data.root import DataRoot, choose_data_root
 from finebench.data.store import meta_digest
 from finebench.errors import FinebenchError, Interrupted
+from finebench.methods import Method, MethodOptions, get_method, method_of, variant_of_config
+from finebench.methods.baseline import METHOD as BASELINE
 from finebench.recipe import LoadedRecipe, RunSpec, expand_runs, held_out_folds
 from finebench.results import (
     SCHEMA_VERSION,
@@ -103,7 +105,7 @@ def _build_model(
     loaded: LoadedRecipe, run: RunSpec, num_classes: int, *, kind: str | None = None, pretrained: bool = True
 ):
     """The run's model (``kind`` swaps the variant, e.g. for the baseline's cost), errors named by file."""
-    from finebench.models import build_model_from_config
+    from finebench.methods import build_model_from_config
 
     try:
         return build_model_from_config(run.config, num_classes, kind=kind, pretrained=pretrained)
@@ -111,13 +113,13 @@ def _build_model(
         raise FinebenchError(f"{loaded.path}: model: {error}") from None
 
 
-def _cost(model: torch.nn.Module, input_size: int, with_taps: bool) -> Cost:
+def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
     from finebench.models.network import unwrap
-    from finebench.profile import profile_model, tap_flops
+    from finebench.profile import early_prediction_flops, profile_model
 
     was_training = model.training
     profile = profile_model(model, input_size)
-    module_flops = {k: int(v) for k, v in tap_flops(model, input_size).items()} if with_taps else {}
+    module_flops = {k: int(v) for k, v in early_prediction_flops(model, method, input_size).items()}
     model.train(was_training)
     return Cost(int(profile.params), int(profile.flops), module_flops, unwrap(model).tap_summary())
 
@@ -134,17 +136,17 @@ class _CostCache:
         if key not in self._costs:
             # Weights do not change the cost, and a dry run must work before they are downloaded.
             model = model if model is not None else _build_model(self.loaded, run, self.num_classes, pretrained=False)
-            self._costs[key] = _cost(model, self.input_size, run.variant_kind == "attention")
+            self._costs[key] = _cost(model, self.input_size, get_method(run.variant_kind))
         return self._costs[key]
 
     def baseline(self, run: RunSpec) -> Cost:
         key = f"{run.config['model']['backbone']}\0\0baseline"
         if key not in self._costs:
-            if run.variant_kind == "baseline":
+            if run.variant_kind == BASELINE.kind:
                 self._costs[key] = self.of(run)
             else:
-                model = _build_model(self.loaded, run, self.num_classes, kind="baseline", pretrained=False)
-                self._costs[key] = _cost(model, self.input_size, False)
+                model = _build_model(self.loaded, run, self.num_classes, kind=BASELINE.kind, pretrained=False)
+                self._costs[key] = _cost(model, self.input_size, BASELINE)
         return self._costs[key]
 
 
@@ -152,7 +154,7 @@ def _build_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: Dis
     from finebench.data.loader import build_loaders
 
     # the run's own splits: on a k-fold dataset they depend on its held-out fold
-    dataset, train = run.config["dataset"], loaded.recipe.train
+    dataset, train = run.config["dataset"], run.train or loaded.recipe.train
     return build_loaders(
         dataset["name"],
         data_root,
@@ -256,12 +258,12 @@ def _execute(
     console: Console,
 ) -> dict[str, Any]:
     """Train one run inside its lock and return its final summary."""
-    train = loaded.recipe.train
+    train = run.train or loaded.recipe.train
+    method = get_method(run.variant_kind)
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
-    attention = run.variant_kind == "attention"
-    compiled = resolve_compile(train.compile, device, attention=attention)
-    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=attention)
+    compiled = resolve_compile(train.compile, device, attention=method.mixture)
+    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=method.mixture)
     previous = run_dir.summary() or {}
     resumed_threads = previous.get("threads") if run_dir.checkpoint_path.is_file() else None
     threads = apply_threads(train.threads, previous=resumed_threads if isinstance(resumed_threads, int) else None,
@@ -294,8 +296,8 @@ def _execute(
     try:
         result = fit(
             model, loaders.train, loaders.test, train,
-            mixture=run.variant_kind == "attention", store=run_dir, ctx=ctx, progress=progress,
-            on_epoch=on_epoch,
+            mixture=method.mixture, store=run_dir, ctx=ctx, progress=progress,
+            on_epoch=on_epoch, method=method,
         )
     # Only a non-finite loss (a ``failed`` result) says something against the run; whatever else stops
     # it leaves the records as they are, so the next ``finebench run`` resumes from the last checkpoint.
@@ -529,12 +531,9 @@ def _fmt_count(value: Any) -> str:
     return str(int(value))
 
 
-def variant_settings(options: Mapping[str, Any]) -> str:
+def variant_settings(variant: MethodOptions) -> str:
     """A variant's options in the paper's terms: ``AD3 AW2 gates sigmoid output 50 reg_w 0.001``."""
-    if "attention_depth" in options:
-        return (f"AD{options['attention_depth']} AW{options['attention_width']} gates {options['gates']} "
-                f"output {options['output_mode']} reg_w {options['reg_w']:g}")
-    return " ".join(f"{key} {value}" for key, value in options.items()) or "-"
+    return method_of(variant).settings(variant)
 
 
 def _taps_cell(taps: Sequence[Mapping[str, Any]]) -> str:
@@ -585,7 +584,7 @@ def variant_table(outcomes: Sequence[RunOutcome], *, title: str) -> Table:
         if key in seen:
             continue
         seen.add(key)
-        table.add_row(*key[:several], run.variant_name, variant_settings(run.config["variant"]["options"]),
+        table.add_row(*key[:several], run.variant_name, variant_settings(run.variant or variant_of_config(run.config)),
                       _taps_cell(summary.get("taps") or []), _fmt_count(summary.get("params")),
                       _fmt_count(summary.get("flops")))
     return table

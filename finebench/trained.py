@@ -21,7 +21,7 @@ from torch import nn
 
 from finebench.data.root import resolve_data_root
 from finebench.errors import FinebenchError
-from finebench.models import build_model_from_config
+from finebench.methods import build_model_from_config, get_method
 from finebench.models.base import read_state_dict
 
 EXPORT_FORMAT = "finebench-model"
@@ -117,6 +117,7 @@ def evaluate_run(
     except RuntimeError as error:
         raise FinebenchError(f"--device {device!r}: {error}; expected auto, cpu, cuda or cuda:N") from None
     run = load_trained_run(run_dir, torch_device)
+    method = get_method(run.config["variant"]["kind"])  # the model was built from it, so it is there
     dataset = run.config.get("dataset") or {}
     train = run.config.get("train") or {}
     name = dataset.get("name") or run.summary.get("dataset")
@@ -138,7 +139,7 @@ def evaluate_run(
     if run.summary.get("compile") and same_device_type:
         model = compile_model(model)
     metrics = evaluate(model, loader, device=torch_device, precision=precision, channels_last=channels_last,
-                       mixture=(run.config.get("variant") or {}).get("kind") == "attention", confusion=True)
+                       mixture=method.mixture, method=method, confusion=True)
     metrics["mean_class_top1"] = mean_class_accuracy(metrics["confusion"])
     final = run.summary.get("final") or {}
     metrics.update(split=split, images=len(loader.dataset), precision=precision,

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from finebench.errors import FinebenchError
-from finebench.models import build_model, parameter_groups
+from finebench.methods import build_model
+from finebench.models import parameter_groups
 from finebench.models.registry import list_taps
 from finebench.profile import profile_model, profile_variants, tap_flops
 from finebench.train.engine import training_loss

@@ -14,7 +14,7 @@ from PIL import Image
 
 from finebench import attend
 from finebench.errors import FinebenchError
-from finebench.models import build_model
+from finebench.methods import build_model
 
 CLASSES = ["cat", "dog", "bird"]
 BACKBONE_OPTIONS = {"depth": 10, "width": 1, "dropout": 0.0}

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.models import build_model, convert_authors_state_dict, load_authors_state_dict
+from finebench.methods import build_model
+from finebench.models import convert_authors_state_dict, load_authors_state_dict
 from finebench.models.attention import HEAD_WEIGHT_NAMES, AttentionModule, fuse_head_weights
 
 torch.set_num_threads(1)

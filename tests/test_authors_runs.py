@@ -109,7 +109,7 @@ def test_the_dry_run_lines_state_the_logged_settings(row: dict[str, str]) -> Non
     # what `finebench run RECIPE --dry-run` prints: a settings column per variant, a caption for the rest
     loaded = load_recipe(RECIPES / f"{row['recipe']}.toml")
     (attention,) = [v for v in loaded.recipe.variants if v.kind == "attention"]
-    settings = variant_settings(attention.model_dump(exclude={"kind", "name"}))
+    settings = variant_settings(attention)
     assert settings == (f"AD{row['attention_depth']} AW{row['attention_width']} gates {row['gates']} "
                         f"output {row['output_mode']} reg_w {float(row['reg_w']):g}")
     caption = recipe_settings(loaded)

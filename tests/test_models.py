@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.models import BACKBONES, ModelOutput, build_model, list_backbones, parameter_groups
+from finebench.methods import build_model
+from finebench.models import BACKBONES, ModelOutput, list_backbones, parameter_groups
 from finebench.models.plugins import CBAM, SqueezeExcite
 from finebench.models.torchvision import ARCHITECTURES, imagenet_weights_path
 

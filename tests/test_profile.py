@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from finebench.models import build_model
+from finebench.methods import build_model
 from finebench.profile import profile_model, profile_variants, run_cost, tap_flops
 
 torch.set_num_threads(1)

@@ -14,12 +14,16 @@ weighted by a global gate tanh(BN1d(Linear)) on the pooled final features.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from finebench.models.output import ModelOutput
+
+if TYPE_CHECKING:
+    from finebench.models.base import Backbone
 
 GATE_FUNCTIONS = ("softmax", "sigmoid", "none")
 OUTPUT_MODES = ("mixture", "50")
@@ -189,6 +193,12 @@ class AttendAndRectify(nn.Module):
         )
         sources = len(taps) + (1 if output_mode == "mixture" else 0)
         self.global_gate = GlobalGate(final_channels, sources) if gates != "none" else None
+
+    @classmethod
+    def on_backbone(cls, backbone: Backbone, num_classes: int, taps: Sequence[str], **options: Any) -> AttendAndRectify:
+        """Modules on the named taps of ``backbone`` (deepest first), sized from its tap declarations."""
+        return cls([(tap, backbone.tap_point(tap).channels) for tap in taps], backbone.out_channels, num_classes,
+                   **options)
 
     def mix(self, log_probs: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weighted sum of B×S×N source log-probabilities; returns (mixture, weights or None)."""

@@ -14,7 +14,8 @@ import torch
 
 from finebench.errors import FinebenchError
 from finebench.models.network import ImageClassifier
-from finebench.models.registry import build_model
+from finebench.models.attention import AttendAndRectify
+from finebench.models.wrn import WideResNet
 
 _HEAD_NAMES = {"att_head.conv": "attention_head", "out_head.conv": "output_head", "score.conv": "gate_head"}
 
@@ -81,12 +82,12 @@ def load_authors_state_dict(
     """
     if attention_type not in ("softmax", "sigmoid"):
         raise FinebenchError(f"attention_type={attention_type!r} is invalid: expected softmax or sigmoid")
-    model = build_model(
-        "wrn", num_classes, "attention",
-        {"attention_depth": attention_depth, "attention_width": attention_width, "gates": attention_type,
-         "reg_w": float(reg_w), "output_mode": "mixture"},
-        {"depth": depth, "width": width},
+    backbone = WideResNet(depth, width)
+    attention = AttendAndRectify.on_backbone(
+        backbone, num_classes, backbone.attention_taps(attention_depth), attention_width=attention_width,
+        gates=attention_type, reg_w=float(reg_w), output_mode="mixture",
     )
+    model = ImageClassifier(backbone, num_classes, attention)
     converted = convert_authors_state_dict(state_dict, model.attention_taps)
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked") and key not in converted:

@@ -59,6 +59,18 @@ class ImageClassifier(nn.Module):
         return self.attention.attention_modules[self.attention.taps.index(tap)](taps[tap])[0]
 
 
+class EarlyPrediction(nn.Module):
+    """``ImageClassifier.early_prediction`` on one tap as a module (what profiling traces)."""
+
+    def __init__(self, model: ImageClassifier, tap: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tap = tap
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.early_prediction(images, self.tap)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The ImageClassifier inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
     while not isinstance(model, ImageClassifier):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 class ModelOutput(NamedTuple):
@@ -23,3 +24,14 @@ class ModelOutput(NamedTuple):
     """B×(D+1) mixing weights of the sources, or None for models without gates."""
     reg_loss: torch.Tensor | None = None
     """Training only: scalar already weighted by reg_w and averaged over modules; None in eval."""
+
+
+def mixture_loss(output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """NLL on the mixed log-probabilities plus the regulariser (Attend and Rectify's training loss)."""
+    log_probs = output.log_probs.float()
+    loss = F.nll_loss(log_probs, labels)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * log_probs.mean()
+    if output.reg_loss is not None:
+        loss = loss + output.reg_loss.float()
+    return loss

@@ -71,5 +71,3 @@ class CBAM(BlockPlugin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))
 
-
-BLOCK_PLUGINS: dict[str, type[BlockPlugin]] = {"se": SqueezeExcite, "cbam": CBAM}

@@ -1,13 +1,13 @@
-"""Names to models: the backbone and variant registries behind ``build_model``.
+"""Names to backbones: the backbone registry behind ``finebench.methods.build_model``.
 
-Both are dicts, so adding a backbone or a plug-in is one entry, and an unknown name or option is
+It is a dict, so adding a backbone is one entry, and an unknown name or option is
 a user error that lists the valid ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,12 +15,10 @@ from typing import Any
 import torch
 
 from finebench.errors import FinebenchError
-from finebench.models.attention import GATE_FUNCTIONS, OUTPUT_MODES, AttendAndRectify
 from finebench.models.base import Backbone, TapPoint, read_weights_file
 from finebench.models.network import ImageClassifier
-from finebench.models.plugins import BLOCK_PLUGINS
 from finebench.models.resnext import CifarResNeXt
-from finebench.models.timm_backbone import BLOCK_ATTENTION, TimmBackbone
+from finebench.models.timm_backbone import TimmBackbone
 from finebench.models.torchvision import ARCHITECTURES, TorchvisionResNet
 from finebench.models.torchvision_nodes import TorchvisionNodeBackbone
 from finebench.models.wrn import WideResNet
@@ -72,27 +70,6 @@ def split_family(name: str) -> tuple[str, str] | None:
     return family, model_name
 
 
-@dataclass(frozen=True)
-class VariantEntry:
-    description: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-
-VARIANTS: dict[str, VariantEntry] = {
-    "baseline": VariantEntry("the backbone alone"),
-    "attention": VariantEntry(
-        "Attend and Rectify (gated attention modules on the backbone's taps)",
-        {"attention_depth": 3, "attention_width": 4, "gates": "softmax", "reg_w": 1e-3, "output_mode": "mixture",
-         "taps": []},
-        {"gates": GATE_FUNCTIONS, "output_mode": OUTPUT_MODES},
-    ),
-    "se": VariantEntry("Squeeze-and-Excitation in every residual block", {"reduction": 16}),
-    "cbam": VariantEntry("CBAM in every residual block", {"reduction": 16}),
-    "eca": VariantEntry("ECA in every block (timm's EcaModule; timm backbones)"),
-}
-
-
 def _choose(kind: str, name: str, registry: Mapping[str, Any]) -> Any:
     if name not in registry:
         raise FinebenchError(f"unknown {kind} {name!r}: expected one of {', '.join(registry)}")
@@ -131,7 +108,7 @@ def resolve_options(
 
 
 def build_backbone(
-    name: str, options: Mapping[str, Any] | None = None, block_attention: tuple[str, int] | None = None
+    name: str, options: Mapping[str, Any] | None = None, block_attention: tuple[str, int | None] | None = None
 ) -> Backbone:
     """A registered backbone, or ``timm:<name>`` / ``torchvision:<name>``; ``block_attention``
     (variant, reduction) builds timm's own SE/CBAM/ECA layers into a timm model's blocks."""
@@ -166,57 +143,6 @@ def load_pretrained(backbone: Backbone, name: str, pretrained: str) -> None:
     backbone.load_backbone_weights(read_weights_file(pretrained), str(Path(pretrained).expanduser()))
 
 
-def build_model(
-    backbone: str,
-    num_classes: int,
-    variant: str = "baseline",
-    variant_options: Mapping[str, Any] | None = None,
-    backbone_options: Mapping[str, Any] | None = None,
-    pretrained: str | None = None,
-) -> ImageClassifier:
-    """Build a backbone, load its weights, then add the variant (so plug-ins start fresh)."""
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise FinebenchError(f"num_classes={num_classes!r} is invalid: expected an integer >= 2")
-    entry: VariantEntry = _choose("variant", variant, VARIANTS)
-    options = resolve_options(f"variant {variant!r}", entry.options, variant_options, entry.choices)
-    if options.get("reduction", 1) < 1:
-        raise FinebenchError(f"reduction={options['reduction']} is invalid for {variant}: expected an integer >= 1")
-    block_attention = None
-    if variant in BLOCK_ATTENTION and split_family(backbone) is not None:
-        block_attention = (variant, options.get("reduction", 16))  # timm builds its own layers in
-    elif variant in BLOCK_ATTENTION and variant not in BLOCK_PLUGINS:
-        raise FinebenchError(f"variant {variant!r} on {backbone}: expected a timm backbone (timm:<name>)")
-    net = build_backbone(backbone, backbone_options, block_attention)
-    if pretrained is not None:
-        load_pretrained(net, backbone, pretrained)
-    if variant in BLOCK_PLUGINS and block_attention is None:
-        net.insert_plugins(partial(BLOCK_PLUGINS[variant], **options))
-    attention = None
-    if variant == "attention":
-        attention = build_attention(net, num_classes, options)
-    return ImageClassifier(net, num_classes, attention)
-
-
-def build_attention(backbone: Backbone, num_classes: int, options: Mapping[str, Any]) -> AttendAndRectify:
-    if options["attention_width"] < 1:
-        raise FinebenchError(f"attention_width={options['attention_width']} is invalid: expected an integer >= 1")
-    if options["reg_w"] < 0:
-        raise FinebenchError(f"reg_w={options['reg_w']} is invalid: expected a number >= 0")
-    if options["taps"]:
-        taps = backbone.named_taps(options["taps"])
-    else:
-        taps = backbone.attention_taps(options["attention_depth"])
-    return AttendAndRectify(
-        [(tap, backbone.tap_point(tap).channels) for tap in taps],
-        backbone.out_channels,
-        num_classes,
-        attention_width=options["attention_width"],
-        gates=options["gates"],
-        reg_w=options["reg_w"],
-        output_mode=options["output_mode"],
-    )
-
-
 @dataclass(frozen=True)
 class BackboneInfo:
     name: str
@@ -235,8 +161,8 @@ def list_backbones() -> list[BackboneInfo]:
     infos = []
     for name, entry in BACKBONES.items():
         with torch.device("meta"):
-            model = build_model(name, entry.default_num_classes)
-        net = model.backbone
+            net = build_backbone(name)
+            model = ImageClassifier(net, entry.default_num_classes)
         infos.append(
             BackboneInfo(
                 name, entry.description, net.tap_points,
@@ -246,33 +172,6 @@ def list_backbones() -> list[BackboneInfo]:
             )
         )
     return infos
-
-
-def build_model_from_config(
-    config: Mapping[str, Any], num_classes: int, *, kind: str | None = None, pretrained: bool = True
-) -> ImageClassifier:
-    """The model of a resolved run config (a run's config.json), so the trainer, ``finebench attend``
-    and ``finebench bench`` build exactly the same network from one place.
-
-    ``kind`` swaps the variant (e.g. the baseline, for the cost the overheads are measured against);
-    ``pretrained=False`` skips loading backbone weights (a checkpoint or a timing supplies them).
-    """
-    try:
-        model_section, variant = config["model"], config["variant"]
-        use_variant = kind is None or kind == variant["kind"]
-        backbone = model_section["backbone"]
-        variant_kind = variant["kind"] if use_variant else kind
-        variant_options = (variant.get("options") or None) if use_variant else None
-        backbone_options = dict(model_section.get("options") or {}) or None
-        weights = model_section.get("pretrained") if pretrained else None
-    except (KeyError, TypeError, AttributeError) as error:
-        raise FinebenchError(
-            f"run config: unusable model/variant section ({error!r}); expected model.backbone and variant.kind"
-        ) from None
-    return build_model(
-        backbone, num_classes, variant=variant_kind, variant_options=variant_options,
-        backbone_options=backbone_options, pretrained=weights,
-    )
 
 
 @dataclass(frozen=True)

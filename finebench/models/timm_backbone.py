@@ -25,9 +25,6 @@ from torch import nn
 from finebench.errors import FinebenchError
 from finebench.models.base import Backbone, TapPoint, read_weights_file
 
-BLOCK_ATTENTION = ("se", "cbam", "eca")
-"""finebench variant names that map to timm attention layers of the same name."""
-
 _ATTENTION_KWARGS = {
     # How a timm model family takes a block attention layer: ResNet-family blocks through
     # ``block_args``, ByobNet through its config (its constructor overlays keyword arguments).
@@ -62,13 +59,13 @@ def _check_known(name: str) -> None:
         raise FinebenchError(f"unknown timm model {name!r}: expected a name from timm.list_models(){hint}")
 
 
-def attention_layer(kind: str, reduction: int) -> Any:
-    """timm's attention layer class for a finebench peer variant, with finebench's reduction."""
+def attention_layer(kind: str, reduction: int | None) -> Any:
+    """timm's attention layer of that name (``timm.layers.get_attn``), with finebench's reduction;
+    ``None`` for a layer without a bottleneck (ECA: its 1-D kernel follows the channel count)."""
     from timm.layers import get_attn
 
     layer = get_attn(kind)
-    # ECA has no bottleneck: its 1-D kernel size follows the channel count instead.
-    return layer if kind == "eca" else partial(layer, rd_ratio=1.0 / reduction)
+    return layer if reduction is None else partial(layer, rd_ratio=1.0 / reduction)
 
 
 class TimmBackbone(Backbone):
@@ -79,7 +76,7 @@ class TimmBackbone(Backbone):
     """
 
     def __init__(
-        self, name: str, options: Mapping[str, Any] | None = None, block_attention: tuple[str, int] | None = None,
+        self, name: str, options: Mapping[str, Any] | None = None, block_attention: tuple[str, int | None] | None = None,
     ) -> None:
         super().__init__()
         _check_known(name)

@@ -18,7 +18,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.models.output import ModelOutput
+from finebench.methods.base import Method, MicroBatch
+from finebench.models.output import ModelOutput, mixture_loss
 from finebench.recipe import TrainSection
 from finebench.train.optim import build_optimizer, build_scheduler
 
@@ -218,13 +219,7 @@ def training_loss(output: ModelOutput, labels: torch.Tensor, *, mixture: bool, l
     """NLL on the mixed log-probabilities plus the regulariser (Attend and Rectify), else cross-entropy."""
     if not mixture:
         return F.cross_entropy(output.logits.float(), labels, label_smoothing=label_smoothing)
-    log_probs = output.log_probs.float()
-    loss = F.nll_loss(log_probs, labels)
-    if label_smoothing:
-        loss = (1 - label_smoothing) * loss - label_smoothing * log_probs.mean()
-    if output.reg_loss is not None:
-        loss = loss + output.reg_loss.float()
-    return loss
+    return mixture_loss(output, labels, label_smoothing=label_smoothing)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
@@ -253,6 +248,11 @@ class TrainStep:
     """``model`` is ``torch.compile``d: the first step of each batch shape compiles (``compiling``)."""
     accumulation_steps: int = 1
     """Micro-batches per optimiser step (``train.accumulation_steps``)."""
+    method: Method | None = None
+    """The run's method (``finebench.methods``): its loss and scores; and, when it owns its training
+    step (``Method.owns_train_step``), the whole step, run through ``EngineStepContext``."""
+    epoch: int = 1
+    """The epoch being trained (``fit`` sets it; a method's own step may read it)."""
     scaler: torch.amp.GradScaler = field(init=False)
     compiled_shapes: set[tuple[int, ...]] = field(init=False, default_factory=set)
 
@@ -264,7 +264,10 @@ class TrainStep:
         return self.compiled and tuple(images.shape) not in self.compiled_shapes
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self._accumulated_step if self.accumulation_steps > 1 else self._whole_batch_step
+        if self.method is not None and self.method.owns_train_step:
+            step = self._method_step
+        else:
+            step = self._accumulated_step if self.accumulation_steps > 1 else self._whole_batch_step
         loss, correct = step(images, labels)
         if self.compiled:  # either path: this shape's graphs exist now (``compiling`` reads it)
             self.compiled_shapes.add(tuple(images.shape))
@@ -274,23 +277,45 @@ class TrainStep:
         images, labels = _to_device(images, labels, self.device, self.channels_last)
         with autocast(self.device, self.precision):
             output = self.model(images)
-            loss = training_loss(output, labels, mixture=self.mixture, label_smoothing=self.label_smoothing)
+            loss = self.loss(output, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self._optimizer_step()
-        scores = output.log_probs if self.mixture else output.logits
-        correct = (scores.argmax(dim=1) == labels).sum()
+        correct = (self.scores(output).argmax(dim=1) == labels).sum()
         return loss.detach(), correct
+
+    def loss(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        if self.method is not None:
+            return self.method.loss(output, labels, label_smoothing=self.label_smoothing)
+        return training_loss(output, labels, mixture=self.mixture, label_smoothing=self.label_smoothing)
+
+    def scores(self, output: ModelOutput) -> torch.Tensor:
+        if self.method is not None:
+            return self.method.scores(output)
+        return output.log_probs if self.mixture else output.logits
 
     def _optimizer_step(self) -> None:
         """Apply the gradients ``backward`` left: clip (unscaled) if asked, step, update the scaler, schedule."""
+        self.apply_gradients()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def apply_gradients(self) -> None:
+        """Clip (unscaled) if asked, step the optimiser, update the grad scaler (no schedule step)."""
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+
+    def _method_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method's own step on the device batch; then the lr schedule steps once for the batch."""
+        assert self.method is not None
+        images, labels = _to_device(images, labels, self.device, self.channels_last)
+        result = self.method.train_step(EngineStepContext(self), images, labels)
         if self.scheduler is not None:
             self.scheduler.step()
+        return result.loss.detach(), result.correct
 
     def _accumulated_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step over ``accumulation_steps`` micro-batches of this batch.
@@ -311,14 +336,58 @@ class TrainStep:
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
                 with autocast(self.device, self.precision):
                     output = self.model(part_images)
-                    loss = training_loss(output, part_labels, mixture=self.mixture,
-                                         label_smoothing=self.label_smoothing) * (len(part_labels) / len(labels))
+                    loss = self.loss(output, part_labels) * (len(part_labels) / len(labels))
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach().float()
-            scores = output.log_probs if self.mixture else output.logits
-            correct += (scores.argmax(dim=1) == part_labels).sum()
+            correct += (self.scores(output).argmax(dim=1) == part_labels).sum()
         self._optimizer_step()
         return total_loss, correct
+
+
+class EngineStepContext:
+    """The engine's side of ``finebench.methods.StepContext``: a method's own step runs on the
+    engine's model (compiled, DDP-wrapped), precision, grad scaler, clipping and accumulation."""
+
+    def __init__(self, step: TrainStep) -> None:
+        self._step = step
+        self.model = step.model
+        self.optimizer = step.optimizer
+        self.device = step.device
+        self.precision = step.precision
+        self.accumulation_steps = step.accumulation_steps
+        self.epoch = step.epoch
+        self.label_smoothing = step.label_smoothing
+        self._no_sync = getattr(step.model, "no_sync", None)  # DDP only
+        self._parts = 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
+
+    def micro_batches(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[MicroBatch]:
+        parts = [(x, y) for x, y in zip(images.tensor_split(self.accumulation_steps),
+                                        labels.tensor_split(self.accumulation_steps), strict=True) if len(y)]
+        self._parts = len(parts)
+        for index, (part_images, part_labels) in enumerate(parts):
+            last = index == len(parts) - 1
+            part = MicroBatch(part_images, part_labels, len(part_labels) / len(labels), last)
+            # the gradient all-reduce runs once, in the last part's backward
+            with contextlib.nullcontext() if last or self._no_sync is None else self._no_sync():
+                yield part
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        with self.autocast():
+            return self.model(images)
+
+    def backward(self, loss: torch.Tensor, part: MicroBatch | None = None) -> None:
+        if part is not None and self._parts > 1:
+            loss = loss * part.weight
+        self._step.scaler.scale(loss).backward()
+
+    def zero_grad(self, *, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def optimizer_step(self) -> None:
+        self._step.apply_gradients()
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -340,6 +409,7 @@ def evaluate(
     channels_last: bool = False,
     ctx: DistContext | None = None,
     confusion: bool = False,
+    method: Method | None = None,
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 and, for attention models, the network's and each module's own top-1.
 
@@ -355,8 +425,12 @@ def evaluate(
         images, labels = _to_device(images, labels, device, channels_last)
         with autocast(device, precision):
             output = model(images)
-        scores = (output.log_probs if mixture else output.logits).float()
-        loss = training_loss(output._replace(reg_loss=None), labels, mixture=mixture) * labels.numel()
+        if method is not None:
+            scores = method.scores(output).float()
+            loss = method.loss(output._replace(reg_loss=None), labels) * labels.numel()
+        else:
+            scores = (output.log_probs if mixture else output.logits).float()
+            loss = training_loss(output._replace(reg_loss=None), labels, mixture=mixture) * labels.numel()
         top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
         row = [
             labels.new_tensor(labels.numel(), dtype=torch.float64),
@@ -368,6 +442,8 @@ def evaluate(
             module_count = len(output.module_logits)
             row.append((output.logits.argmax(dim=1) == labels).sum().double())
             row.extend((m.argmax(dim=1) == labels).sum().double() for m in output.module_logits)
+        if method is not None:
+            row.extend(count.double() for count in method.eval_counts(output, labels))
         batch = torch.stack(row)
         totals = batch if totals is None else totals + batch
         if confusion:
@@ -389,7 +465,9 @@ def evaluate(
         unwrapped = getattr(model, "module", model)
         result["network_top1"] = 100.0 * values[4] / count
         names = tap_names(getattr(unwrapped, "_orig_mod", unwrapped), module_count)
-        result["module_top1"] = {name: 100.0 * v / count for name, v in zip(names, values[5:])}
+        result["module_top1"] = {name: 100.0 * v / count for name, v in zip(names, values[5:5 + module_count])}
+    if method is not None:
+        result.update(method.eval_metrics(values[4 + (1 + module_count if mixture else 0):], count, model))
     if matrix is not None:
         classes = math.isqrt(matrix.numel())
         result["confusion"] = ctx.reduce_sum(matrix.double()).view(classes, classes).long().tolist()
@@ -593,6 +671,7 @@ def fit(
     progress: Progress | None = None,
     checkpoint_extra: Mapping[str, Any] | None = None,
     on_epoch: Callable[[Mapping[str, Any], list[dict[str, Any]]], None] | None = None,
+    method: Method | None = None,
 ) -> FitResult:
     """Train for ``train.epochs``, resuming from the store's checkpoint when it has one.
 
@@ -623,7 +702,7 @@ def fit(
     step = TrainStep(
         trained_model, optimizer, scheduler, device, precision, mixture,
         train.label_smoothing, train.grad_clip, channels_last, compiled,
-        accumulation_steps=train.accumulation_steps,
+        accumulation_steps=train.accumulation_steps, method=method,
     )
 
     rows: list[dict[str, Any]] = []
@@ -658,6 +737,7 @@ def fit(
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         trained_model.train()
+        step.epoch = epoch
         try:
             loss_sum, correct_sum, seen, elapsed, epoch_compile_s, compile_images = _train_epoch(
                 step, train_loader, epoch, train.epochs, train.log_every, progress, ctx
@@ -682,7 +762,7 @@ def fit(
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             metrics = evaluate(
                 eval_model, test_loader, device=device, precision=precision, mixture=mixture,
-                channels_last=channels_last, ctx=ctx, confusion=epoch == train.epochs,
+                channels_last=channels_last, ctx=ctx, confusion=epoch == train.epochs, method=method,
             )
             final_confusion = metrics.pop("confusion", None)
             row = {"epoch": epoch, "train_loss": row["train_loss"], "train_top1": row["train_top1"], **metrics,
@@ -719,7 +799,7 @@ def fit(
 
 
 def build_train_step(
-    model: nn.Module, train: TrainSection, *, mixture: bool, steps_per_epoch: int
+    model: nn.Module, train: TrainSection, *, mixture: bool, steps_per_epoch: int, method: Method | None = None
 ) -> TrainStep:
     """A ready ``TrainStep`` (device, precision, optimiser, schedule) for benchmarks on in-memory batches."""
     device = resolve_device(train.device)
@@ -735,7 +815,7 @@ def build_train_step(
     return TrainStep(
         compile_model(model) if compiled else model, optimizer, scheduler, device, precision, mixture,
         train.label_smoothing, train.grad_clip, channels_last, compiled,
-        accumulation_steps=train.accumulation_steps,
+        accumulation_steps=train.accumulation_steps, method=method,
     )
 
 

@@ -1,0 +1,230 @@
+"""The method plug-in contract: what one module of ``finebench.methods`` declares about its method.
+
+A method is a way of training and using a backbone (Attend and Rectify, SE, WS-DAN, ...). Its
+module holds, in one place, everything finebench needs to know about it:
+
+* ``Options``: its recipe options (a pydantic model; the ``[[variants]]`` entry of a recipe);
+* ``table_name`` / ``settings``: its name in tables (``attention-ad3-aw4``) and its options in words;
+* ``check_backbone`` / ``build_backbone`` / ``attach``: how it goes onto each backbone family, and a
+  one-line error (raised at ``--dry-run``) naming what works where it cannot;
+* ``loss`` / ``scores`` / ``mixture``: the training loss and what top-1 reads;
+* ``train_step``: optionally, its own training step (several passes, crops, jigsaw, pairs, one
+  optimiser step per granularity) written against ``StepContext``, which the engine implements
+  with its compile / precision / gradient-accumulation / DDP machinery;
+* ``eval_counts`` / ``eval_metrics``: what it evaluates and records beyond top-1;
+* ``test_forward_passes`` / ``train_passes_per_image`` / ``early_predictors``: its cost for ``profile``.
+
+``docs/METHODS.md`` walks through adding one. Nothing here imports the training engine: the
+engine sits above this layer and hands a ``StepContext`` down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from finebench.errors import FinebenchError
+from finebench.models.base import Backbone
+from finebench.models.network import ImageClassifier
+from finebench.models.registry import build_backbone
+from finebench.models.output import ModelOutput
+
+if TYPE_CHECKING:
+    from finebench.recipe import TrainSection
+
+
+class MethodOptions(BaseModel):
+    """A method's recipe options. Subclasses narrow ``kind`` to ``Literal["<kind>"]`` and add fields
+    with defaults and validation; a run id hashes only the fields that differ from their default,
+    so a field added later with a behaviour-keeping default leaves existing ids alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    kind: str
+    name: str | None = None
+    """The variant's name in tables and ``--only`` (default: the method's ``table_name``)."""
+
+    def options(self) -> dict[str, Any]:
+        """The options proper (everything but kind and name): config.json's ``variant.options``."""
+        return self.model_dump(exclude={"kind", "name"})
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One part of a batch under gradient accumulation; ``weight`` is its share of the batch."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    weight: float
+    last: bool
+    """The part after which the optimiser steps (under DDP: the one whose backward all-reduces)."""
+
+
+class StepContext(Protocol):
+    """What a method's own training step gets from the engine (``finebench.train.engine``).
+
+    The engine has already moved the batch to the device (memory format included), zeroed no
+    gradient and taken no step: the method calls ``zero_grad``/``backward``/``optimizer_step`` as
+    its paper does (once per batch, or once per granularity). Precision, the fp16 grad scaler,
+    gradient clipping, ``torch.compile`` and DDP are handled behind these calls:
+
+    * ``forward`` runs the (compiled, DDP-wrapped) model under autocast. Several passes may feed
+      one loss (raw, crop and drop images): autograd sums each parameter's gradient over the passes
+      before DDP's hook sees it, so it is all-reduced once (tests/test_method_step.py checks this
+      against one process on two Gloo workers). Passes with no gradient (a crop box made from the
+      attention) go under ``torch.no_grad()``.
+    * ``micro_batches`` splits a batch into ``accumulation_steps`` parts; inside the loop every
+      part but the last runs under DDP's ``no_sync``. ``backward(loss, part)`` weights the loss by
+      the part's share, so the accumulated gradient is the whole batch's mean-loss gradient.
+    * ``optimizer_step`` unscales, clips (``train.grad_clip``), steps and updates the scaler; the
+      engine steps the lr schedule once per batch after the method returns.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    precision: str
+    accumulation_steps: int
+    epoch: int
+    """1-based epoch being trained (e.g. API-Net's frozen-backbone epochs)."""
+    label_smoothing: float
+
+    def micro_batches(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[MicroBatch]: ...
+    def forward(self, images: torch.Tensor) -> ModelOutput: ...
+    def backward(self, loss: torch.Tensor, part: MicroBatch | None = None) -> None: ...
+    def zero_grad(self, *, set_to_none: bool = True) -> None: ...
+    def optimizer_step(self) -> None: ...
+    def autocast(self) -> Any: ...
+    """Autocast for work outside ``forward`` (a head applied to features, say)."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a training step returns: device tensors, no host sync (the engine reads them rarely)."""
+
+    loss: torch.Tensor
+    """The batch's mean training loss (0-dim, detached), as logged in ``train_loss``."""
+    correct: torch.Tensor
+    """Images of the batch classified right (0-dim), for ``train_top1``."""
+
+
+class Method:
+    """Base class of a method plug-in: subclass it in ``finebench/methods/<kind>.py`` and pass one
+    instance to ``finebench.methods.registry.register``. Every hook has the plain backbone's
+    behaviour by default, so a method overrides only what it changes."""
+
+    kind: ClassVar[str]
+    """The recipe's ``variants.kind`` and the registry key."""
+    description: ClassVar[str]
+    """One line for ``finebench models`` and ``--help``."""
+    Options: ClassVar[type[MethodOptions]]
+    mixture: ClassVar[bool] = False
+    """The model's ``log_probs`` are what it is trained on (NLL) and evaluated by (Attend and
+    Rectify's mixture); otherwise ``logits`` with cross-entropy. Such models also stay eager and
+    take the mixture's memory-format rule under ``compile = "auto"`` (engine ``resolve_compile``)."""
+    test_forward_passes: ClassVar[int] = 1
+    """Backbone passes one test prediction needs (WS-DAN: raw + crop = 2)."""
+    train_passes_per_image: ClassVar[int] = 1
+    """Backbone forward passes per training image (WS-DAN: raw, crop, drop = 3)."""
+    draws_attention_maps: ClassVar[bool] = False
+    """``finebench attend`` can draw its models' attention maps (``models.attention.AttentionModule``)."""
+    profile_options: ClassVar[Mapping[str, str]] = {}
+    """Options ``finebench profile --backbone`` offers as flags, with their help text."""
+
+    # ---- recipe ----------------------------------------------------------------------------
+
+    def table_name(self, options: MethodOptions) -> str:
+        """The variant's name in tables when the recipe gives none; unique for distinct settings."""
+        return self.kind
+
+    def settings(self, options: MethodOptions) -> str:
+        """The options in the paper's terms, for dry-run tables."""
+        return " ".join(f"{key} {value}" for key, value in options.options().items()) or "-"
+
+    def train_settings(self, train: TrainSection, options: MethodOptions) -> TrainSection:
+        """The train section this method's runs use: ``train`` unless its paper's protocol differs
+        in a way its options choose (batch size, lr, epochs). What it returns is the run's config."""
+        return train
+
+    # ---- model -----------------------------------------------------------------------------
+
+    def check_backbone(self, backbone: str, options: MethodOptions) -> None:
+        """Raise a one-line ``FinebenchError`` naming what works where the method cannot attach to
+        ``backbone`` (a registered name, ``timm:<name>`` or ``torchvision:<name>``). Called by
+        ``build_model``, so ``finebench run --dry-run`` reports it before training anything."""
+
+    def build_backbone(self, backbone: str, backbone_options: Mapping[str, Any] | None,
+                       options: MethodOptions) -> Backbone:
+        """The backbone, before weights load (methods that change its construction override this)."""
+        return build_backbone(backbone, backbone_options)
+
+    def attach(self, backbone: Backbone, num_classes: int, options: MethodOptions) -> ImageClassifier:
+        """The whole model on a backbone whose weights are loaded (new parts start fresh). The
+        model returns ``ModelOutput``; a method with heads of its own may return an
+        ``ImageClassifier`` subclass (``parameter_groups`` puts all but the backbone in the head)."""
+        return ImageClassifier(backbone, num_classes)
+
+    # ---- training --------------------------------------------------------------------------
+
+    def loss(self, output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+        """The training loss of one pass (the engine's default step calls this)."""
+        return F.cross_entropy(output.logits.float(), labels, label_smoothing=label_smoothing)
+
+    def scores(self, output: ModelOutput) -> torch.Tensor:
+        """What top-1/top-5 and the confusion matrix read."""
+        return output.log_probs if self.mixture else output.logits
+
+    def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """One training step on a batch already on the device. A method that overrides this owns
+        its step (``owns_train_step``); the engine's own one-forward step is used otherwise (the
+        arithmetic of every run before methods were plug-ins, kept bit for bit). This default is
+        that step written on ``StepContext``, the template for a method's own."""
+        ctx.zero_grad()
+        loss_sum = torch.zeros((), device=labels.device)
+        correct = torch.zeros((), device=labels.device, dtype=torch.long)
+        for part in ctx.micro_batches(images, labels):
+            output = ctx.forward(part.images)
+            with ctx.autocast():
+                loss = self.loss(output, part.labels, label_smoothing=ctx.label_smoothing)
+            ctx.backward(loss, part)
+            loss_sum += loss.detach().float() * part.weight
+            correct += (self.scores(output).argmax(dim=1) == part.labels).sum()
+        ctx.optimizer_step()
+        return StepResult(loss_sum, correct)
+
+    @property
+    def owns_train_step(self) -> bool:
+        """Whether the method's class overrides ``train_step`` (the engine then calls it every batch)."""
+        return type(self).train_step is not Method.train_step
+
+    def batch_sampler(self, labels: Sequence[int], batch_size: int, *, seed: int, rank: int,
+                      world_size: int) -> Any:
+        """A batch sampler of the method's own (API-Net's classes x images), or None for the
+        loader's shuffled batches. ``labels`` are the training split's labels in order."""
+        return None
+
+    # ---- evaluation and cost ---------------------------------------------------------------
+
+    def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Per test batch, counts beyond top-1 (summed over batches and ranks by the evaluator)."""
+        return []
+
+    def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
+        """The metrics.jsonl fields made from the summed ``eval_counts`` (``images`` test images)."""
+        return {}
+
+    def early_predictors(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Each cheaper prediction the method offers, as a module from images to logits (A&R: one
+        attention module, the backbone run only up to its tap); ``profile`` and the run summary's
+        ``module_flops`` count their FLOPs."""
+        return {}
+
+
+def incompatible(method: str, backbone: str, works: str) -> FinebenchError:
+    """The one-line error of a method that cannot attach to a backbone: what works instead."""
+    return FinebenchError(f"variant {method!r} on {backbone}: {works}")

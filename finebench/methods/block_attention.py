@@ -1,0 +1,58 @@
+"""What SE, CBAM and ECA share: a layer in every residual block, attached in one of two ways.
+
+On a registered backbone (wrn, resnext_cifar, resnet..., wide_resnet...) finebench's own layer goes
+into each block (``Backbone.insert_plugins``); on ``timm:<name>`` timm builds its own layer of the
+same name into its blocks (``TimmBackbone(block_attention=...)``), so timm's pretrained weights
+load around them. ``torchvision:<name>`` graphs have no block to put a layer into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, ClassVar
+
+from torch import nn
+
+from finebench.methods.base import Method, MethodOptions, incompatible
+from finebench.models.base import Backbone
+from finebench.models.network import ImageClassifier
+from finebench.models.registry import BACKBONES, build_backbone, split_family
+from finebench.models.timm_backbone import TimmBackbone
+
+
+class BlockAttention(Method):
+    """Base of the block-attention methods: ``layer`` is finebench's own module (None: timm only)."""
+
+    layer: ClassVar[Callable[..., nn.Module] | None] = None
+
+    def reduction(self, options: MethodOptions) -> int | None:
+        """The layer's bottleneck reduction; None for a layer without one (ECA)."""
+        return getattr(options, "reduction", None)
+
+    def table_name(self, options: MethodOptions) -> str:
+        reduction = getattr(options, "reduction", None)
+        return f"{self.kind}-r{reduction}" if reduction is not None and reduction != 16 else self.kind
+
+    def check_backbone(self, backbone: str, options: MethodOptions) -> None:
+        family = split_family(backbone)
+        if family is not None and family[0] == "timm":
+            return
+        if self.layer is None:
+            raise incompatible(self.kind, backbone, "expected a timm backbone (timm:<name>)")
+        if family is not None:
+            raise incompatible(self.kind, backbone, "its layers need a registered backbone or a timm model "
+                               f"(timm:<name>); torchvision: graphs have no blocks to put them in ({', '.join(BACKBONES)} do)")
+
+    def build_backbone(self, backbone: str, backbone_options: Mapping[str, Any] | None,
+                       options: MethodOptions) -> Backbone:
+        self.check_backbone(backbone, options)
+        if split_family(backbone) is not None:  # timm: its own layers, built in before its weights load
+            return build_backbone(backbone, backbone_options, (self.kind, self.reduction(options)))
+        return build_backbone(backbone, backbone_options)
+
+    def attach(self, backbone: Backbone, num_classes: int, options: MethodOptions) -> ImageClassifier:
+        if not isinstance(backbone, TimmBackbone):
+            assert self.layer is not None
+            backbone.insert_plugins(partial(self.layer, **options.options()))
+        return ImageClassifier(backbone, num_classes)
