@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,7 @@ def _build_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: Dis
         in_memory="auto",  # small images: decoded once, augmented in batches on the device
         device=device,
         decode=dataset.get("decode", "auto"),
+        sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
     )
 
 
@@ -217,7 +219,7 @@ def _summary(
         "taps": cost.taps,
         "seed": run.seed,
         "fold": run.fold,
-        "epochs": recipe.train.epochs,
+        "epochs": (run.train or recipe.train).epochs,
         "epochs_completed": epochs_completed,
         "final": final_entry(list(rows)),
         "best": best_entry(list(rows)),

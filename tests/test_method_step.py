@@ -170,3 +170,47 @@ def test_register_checks_the_kind_and_refuses_a_second_registration(monkeypatch:
     assert get_method("two_pass_test") is method
     with pytest.raises(ValueError, match="registered twice"):
         register(TwoPass())
+
+
+class OneClassFirst(torch.utils.data.Sampler[int]):
+    """A method's batch order for the test: every image of class 0 first, then the rest, in order."""
+
+    def __init__(self, labels, global_batch: int) -> None:
+        order = sorted(range(len(labels)), key=lambda index: (int(labels[index]) != 0, index))
+        self.order, self.local_batch = order, global_batch
+        self.steps = -(-len(order) // global_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def indices(self) -> torch.Tensor:
+        return torch.tensor(self.order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+
+class OwnSampler(TwoPass):
+    def batch_sampler(self, options, labels, batch_size, *, seed, rank, world_size):  # noqa: ANN001, ANN201
+        return OneClassFirst(labels, batch_size)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_methods_batch_sampler_orders_the_training_batches_on_every_loader_path(tmp_path, in_memory: bool) -> None:
+    from functools import partial
+
+    from tiny_data import DATASET, prepare_tiny_bars
+
+    from finebench.data.loader import build_loaders
+
+    root = prepare_tiny_bars(tmp_path, 40, 8)
+    method = OwnSampler()
+    loaders = build_loaders(DATASET, root, batch_size=4, input_size=16, augmentation="none", in_memory=in_memory,
+                            sampler_factory=partial(method.batch_sampler, TwoPassOptions(kind="two_pass_test")))
+    assert loaders.path == ("in_memory" if in_memory else "workers")
+    labels = torch.cat([batch_labels for _, batch_labels in loaders.train])
+    zeros = int((labels == 0).sum())
+    assert zeros >= 4 and (labels[:zeros] == 0).all()  # the method's order, not a shuffle

@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,6 +183,22 @@ def per_worker_batch(global_batch: int, world_size: int, field: str = "train.bat
             f"use a multiple of {world_size} (the recipe's batch size is the global batch)"
         )
     return global_batch // world_size
+
+
+SamplerFactory = Callable[..., "Sampler[int] | None"]
+"""A method's own batch order (``finebench.methods.Method.batch_sampler``), called as
+``factory(labels, global_batch, seed=, rank=, world_size=)`` with the training labels (int64 array);
+None keeps ``BatchShardSampler``. What it returns offers ``BatchShardSampler``'s interface
+(``set_epoch``, ``local_batch``, ``steps``, ``__len__``, ``indices()``) and yields this worker's
+indices batch by batch."""
+
+
+def train_sampler(factory: SamplerFactory | None, labels: np.ndarray, global_batch: int, *, rank: int,
+                  world_size: int, seed: int) -> Sampler[int]:
+    """The training order every loader path uses: the method's own, else ``BatchShardSampler``."""
+    own = factory(labels, global_batch, seed=seed, rank=rank, world_size=world_size) if factory else None
+    return own if own is not None else BatchShardSampler(len(labels), global_batch, rank=rank,
+                                                         world_size=world_size, seed=seed)
 
 
 class BatchShardSampler(Sampler[int]):
@@ -465,11 +481,12 @@ def _wants_in_memory(
 def _in_memory_loaders(
     meta: dict, train_dirs: list[Path], test_dirs: list[Path], train_recipe: _Recipe, test_recipe: _Recipe,
     side: int, *, batch_size: int, eval_batch_size: int | None, workers: int, seed: int, rank: int,
-    world_size: int, device: torch.device,
+    world_size: int, device: torch.device, sampler_factory: SamplerFactory | None = None,
 ) -> Loaders:
-    train_labels = torch.from_numpy(_Columns(train_dirs).labels).to(device)
+    labels = _Columns(train_dirs).labels
+    train_labels = torch.from_numpy(labels).to(device)
     test_labels = torch.from_numpy(_Columns(test_dirs).labels).to(device)
-    sampler = BatchShardSampler(len(train_labels), batch_size, rank=rank, world_size=world_size, seed=seed)
+    sampler = train_sampler(sampler_factory, labels, batch_size, rank=rank, world_size=world_size, seed=seed)
     train = InMemoryLoader(
         _decoded(train_dirs, train_recipe, side, workers, device), train_labels, train_recipe,
         batch_size=batch_size, seed=seed + 1000 * rank, sampler=sampler,
@@ -490,14 +507,15 @@ def _in_memory_loaders(
 def _device_decode_loaders(
     meta: dict, train_columns: _Columns, test_columns: _Columns, train_recipe: _Recipe, test_recipe: _Recipe, *,
     batch_size: int, eval_batch_size: int | None, workers: int, seed: int, rank: int, world_size: int,
-    pin_memory: bool, device: torch.device,
+    pin_memory: bool, device: torch.device, sampler_factory: SamplerFactory | None = None,
 ) -> Loaders:
     from finebench.data.gpu_decode import DeviceJpegLoader, DeviceTransform
 
     def transform(recipe: _Recipe) -> DeviceTransform:
         return DeviceTransform(recipe.size, recipe.resize, recipe.train, recipe.flip, recipe.mean, recipe.std)
 
-    sampler = BatchShardSampler(len(train_columns), batch_size, rank=rank, world_size=world_size, seed=seed)
+    sampler = train_sampler(sampler_factory, train_columns.labels, batch_size, rank=rank, world_size=world_size,
+                            seed=seed)
     train = DeviceJpegLoader(
         train_columns, transform(train_recipe), batch_size=batch_size, seed=seed + 1000 * rank, device=device,
         sampler=sampler, workers=workers, pin_memory=pin_memory,
@@ -532,6 +550,7 @@ def build_loaders(
     in_memory: str | bool = False,
     device: torch.device | str | None = None,
     decode: str = "auto",
+    sampler_factory: SamplerFactory | None = None,
 ) -> Loaders:
     """Train and test loaders over ``<data_root>/<dataset>``; batches are (float32 Bx3xHxW, int64 B).
 
@@ -544,7 +563,8 @@ def build_loaders(
     device so the augmentation runs there). ``decode`` ("auto": JPEG stores with the ``imagenet``
     recipe when ``device`` is CUDA; "device" forces it on any device, "workers" never) swaps both
     for ``gpu_decode.DeviceJpegLoader``s: workers only read bytes, the device decodes and augments.
-    ``Loaders.path`` says which path was taken.
+    ``Loaders.path`` says which path was taken. ``sampler_factory``: a method's own batch order
+    (``SamplerFactory``), on every path.
     """
     meta = store.read_meta(Path(data_root), dataset)
     root = store.store_dir(Path(data_root), dataset)
@@ -558,6 +578,7 @@ def build_loaders(
             meta, train_dirs, test_dirs, train_recipe, test_recipe, side,
             batch_size=batch_size, eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank,
             world_size=world_size, device=torch.device(device) if device is not None else torch.device("cpu"),
+            sampler_factory=sampler_factory,
         )
     from finebench.data.gpu_decode import all_jpeg, decode_on_device
 
@@ -568,7 +589,7 @@ def build_loaders(
         return _device_decode_loaders(
             meta, train_columns, _Columns(test_dirs), train_recipe, test_recipe, batch_size=batch_size,
             eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank, world_size=world_size,
-            pin_memory=pin_memory, device=target,
+            pin_memory=pin_memory, device=target, sampler_factory=sampler_factory,
         )
     train_set = StoreDataset(train_columns, train_recipe, seed + 1000 * rank)
     test_set = StoreDataset(_Columns(test_dirs), test_recipe, seed)
@@ -580,7 +601,8 @@ def build_loaders(
         "worker_init_fn": _seed_worker if workers > 0 else None,
         "persistent_workers": workers > 0,
     }
-    sampler = BatchShardSampler(len(train_set), batch_size, rank=rank, world_size=world_size, seed=seed)
+    sampler = train_sampler(sampler_factory, train_columns.labels, batch_size, rank=rank, world_size=world_size,
+                            seed=seed)
     train = DataLoader(train_set, batch_size=sampler.local_batch, sampler=sampler, generator=generator, **common)
     # Non-padded shards: every test image is evaluated once, by one worker.
     test_source = test_set if world_size == 1 else torch.utils.data.Subset(test_set, range(rank, len(test_set), world_size))

@@ -202,10 +202,13 @@ class Method:
         """Whether the method's class overrides ``train_step`` (the engine then calls it every batch)."""
         return type(self).train_step is not Method.train_step
 
-    def batch_sampler(self, labels: Sequence[int], batch_size: int, *, seed: int, rank: int,
-                      world_size: int) -> Any:
-        """A batch sampler of the method's own (API-Net's classes x images), or None for the
-        loader's shuffled batches. ``labels`` are the training split's labels in order."""
+    def batch_sampler(self, options: MethodOptions, labels: Sequence[int], batch_size: int, *, seed: int,
+                      rank: int, world_size: int) -> Any:
+        """A batch order of the method's own (API-Net's classes x images per batch), or None for the
+        loader's shuffled batches. ``labels`` are the training split's labels in order; what it
+        returns has ``finebench.data.loader.BatchShardSampler``'s interface (``set_epoch``,
+        ``local_batch``, ``steps``, ``__len__``, ``indices()``: this worker's indices batch by batch) and is used
+        on every loader path (workers, in-memory, device decode)."""
         return None
 
     # ---- evaluation and cost ---------------------------------------------------------------
