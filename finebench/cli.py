@@ -112,6 +112,7 @@ def models_command(
         None, "--taps", metavar="NAME",
         help="Show one backbone's taps, e.g. timm:convnext_tiny or torchvision:mobilenet_v3_large.",
     ),
+    methods: bool = typer.Option(False, "--methods", help="List the methods (recipe variant kinds) and their options."),
 ) -> None:
     """List the backbones, their tap points (channels @ stride) and parameter counts."""
     import dataclasses
@@ -123,6 +124,9 @@ def models_command(
 
     if taps is not None:
         _print_taps(taps, json_output)
+        return
+    if methods:
+        _print_methods(json_output)
         return
     infos = list_backbones()
     if json_output:
@@ -143,6 +147,27 @@ def models_command(
     )
     Console().print(table)
     Console().print("Any timm or torchvision CNN works too: timm:<name>, torchvision:<name> (see --taps NAME).")
+
+
+def _print_methods(json_output: bool) -> None:
+    import json
+
+    from rich.table import Table
+
+    from finebench.methods import list_methods
+
+    infos = list_methods()
+    if json_output:
+        typer.echo(json.dumps(infos, indent=2))
+        return
+    table = Table(title="finebench methods (a recipe's variants.kind; options with their defaults)")
+    for column in ("kind", "options", "test passes", "train passes"):
+        table.add_column(column, justify="right" if "passes" in column else "left", overflow="fold")
+    for info in infos:
+        options = " ".join(f"{k}={v!r}" for k, v in info["options"].items()) or "-"
+        table.add_row(f"{info['kind']}\n[dim]{info['description']}[/]", options, str(info["test_forward_passes"]),
+                      str(info["train_passes_per_image"]))
+    Console().print(table)
 
 
 def _print_taps(name: str, json_output: bool) -> None:
@@ -169,8 +194,9 @@ def _print_taps(name: str, json_output: bool) -> None:
     Console().print(table)
 
 
-@app.command("profile")
+@app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def profile_command(
+    ctx: typer.Context,
     recipe: str | None = typer.Argument(None, help="A recipe TOML: profile its backbone, dataset and variants."),
     backbone: str | None = typer.Option(None, "--backbone", help="Backbone name (see `finebench models`)."),
     depth: int | None = typer.Option(None, "--depth", help="wrn / resnext_cifar depth."),
@@ -180,44 +206,39 @@ def profile_command(
     num_classes: int = typer.Option(10, "--num-classes", help="Number of classes N."),
     input_size: int = typer.Option(32, "--input-size", help="Square input side in pixels."),
     variant: list[str] = typer.Option(
-        [], "--variant", help="attention, se or cbam; repeat for several (default: attention)."
+        [], "--variant", help="A method (see `finebench models --methods`); repeat for several (default: attention). "
+        "Its options follow as --option-name VALUE, e.g. --attention-depth 2 --gates sigmoid or --reduction 8.",
     ),
-    attention_depth: int = typer.Option(3, "--attention-depth", help="Attention modules AD."),
-    attention_width: int = typer.Option(4, "--attention-width", help="Heads per module AW."),
-    gates: str = typer.Option("softmax", "--gates", help="softmax, sigmoid or none."),
-    output_mode: str = typer.Option("mixture", "--output-mode", help="mixture or 50."),
-    reduction: int = typer.Option(16, "--reduction", help="SE / CBAM reduction."),
     overrides: list[str] = typer.Option([], "--set", help="Recipe override a.b=value (with a recipe)."),
     early: bool = typer.Option(False, "--early", help="Also the FLOPs of predicting with each module alone."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Parameters and FLOPs of the baseline and each variant, with the overhead in percent.
 
-    FLOPs are fvcore's: one multiply-add counts as one flop.
+    FLOPs are fvcore's: one multiply-add counts as one flop. Each method's options are flags named
+    after its recipe options (`finebench models --methods` lists them).
     """
     import json
 
     from rich.table import Table
 
-    from finebench.profile import FLOP_CONVENTION, profile_recipe, profile_spec
+    from finebench.profile import FLOP_CONVENTION, method_variants, profile_recipe, profile_spec
 
+    method_flags = list(ctx.args)
+    if recipe is not None and recipe.startswith("--"):  # an unknown option (a method's) taken as the recipe
+        recipe, method_flags = None, [recipe, *method_flags]
+    if recipe is not None and method_flags:
+        raise typer.BadParameter(f"{' '.join(method_flags)}: method options go in the recipe (or --set)", ctx)
+    try:  # an option no listed method has is a usage error, as an unknown option is
+        variants = method_variants(variant, method_flags) if recipe is None else []
+    except FinebenchError as error:
+        raise typer.BadParameter(str(error).removeprefix("finebench profile: "), ctx) from None
     if recipe is not None:
         report = profile_recipe(recipe, overrides, early)
     elif backbone is None:
         raise FinebenchError("finebench profile: give a recipe path or --backbone NAME")
     else:
         given = {"depth": depth, "width": width, "cardinality": cardinality, "base_width": base_width}
-        per_variant = {
-            "attention": {"attention_depth": attention_depth, "attention_width": attention_width,
-                          "gates": gates, "output_mode": output_mode},
-            "se": {"reduction": reduction},
-            "cbam": {"reduction": reduction},
-        }
-        variants = []
-        for kind in variant or ["attention"]:
-            options = per_variant.get(kind, {})
-            label = f"attention-ad{attention_depth}-aw{attention_width}" if kind == "attention" else kind
-            variants.append((label, kind, options))
         report = profile_spec(
             backbone, num_classes, input_size, variants, {k: v for k, v in given.items() if v is not None}, early
         )
@@ -230,13 +251,15 @@ def profile_command(
         title=f"{name} · N={report.num_classes} · {report.input_size}×{report.input_size}",
         caption=f"FLOPs: {FLOP_CONVENTION}",
     )
-    for column in ("variant", "taps (channels@stride)", "params", "params +%", "FLOPs", "FLOPs +%"):
+    for column in ("variant", "taps (channels@stride)", "params", "params +%", "FLOPs", "FLOPs +%", "test passes",
+                   "train passes"):
         table.add_column(column, justify="left" if column in ("variant", "taps (channels@stride)") else "right")
     for row in report.rows:
         table.add_row(
             row.label, " ".join(f"{t['tap']}:{t['channels']}@{t['stride']}" for t in row.taps) or "-",
             f"{row.params:,}", f"{row.params_overhead_pct:+.2f}%",
             f"{row.flops / 1e9:.3f} G", f"{row.flops_overhead_pct:+.2f}%",
+            str(row.test_forward_passes), str(row.train_passes_per_image),
         )
     Console().print(table)
     baseline_flops = report.rows[0].flops

@@ -19,7 +19,7 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.methods import build_model
-from finebench.methods import Method, get_method
+from finebench.methods import METHODS, Method, get_method, parse_options
 from finebench.methods.baseline import METHOD as BASELINE
 from finebench.models.network import EarlyPrediction, unwrap
 
@@ -207,6 +207,41 @@ def profile_spec(
         if costs:
             early[label] = costs
     return CostReport(backbone, dict(backbone_options or {}), num_classes, input_size, rows, early)
+
+
+def method_variants(kinds: Sequence[str], flags: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, kind, options) per ``--variant`` of ``finebench profile``, its options read from
+    ``--option-name VALUE`` flags (values as in TOML: ``2``, ``1e-3``, ``sigmoid``); each flag goes to
+    every listed method that has that option, and one that none has is an error."""
+    from finebench.recipe import parse_value, variant_name
+
+    texts: dict[str, str | None] = {}
+    pending = list(flags)
+    while pending:
+        flag = pending.pop(0)
+        name, sep, value = flag.partition("=")
+        if not name.startswith("--") or len(name) < 3:
+            raise FinebenchError(f"finebench profile: unexpected argument {flag!r}; expected --option-name VALUE")
+        if not sep:
+            value = pending.pop(0) if pending and not pending[0].startswith("--") else None
+        texts[name[2:].replace("-", "_")] = value
+    kinds = list(kinds) or [kind for kind, method in METHODS.items() if method.profile_default]
+    fields = {kind: [k for k in get_method(kind).Options.model_fields if k not in ("kind", "name")] for kind in kinds}
+    unused = [name for name in texts if not any(name in names for names in fields.values())]
+    if unused:
+        offered = "; ".join(f"{kind}: {', '.join('--' + n.replace('_', '-') for n in names) or 'none'}"
+                            for kind, names in fields.items())
+        raise FinebenchError(f"finebench profile: --{unused[0].replace('_', '-')} is no option of "
+                             f"{', '.join(kinds)} (options: {offered})")
+    missing = [name for name, text in texts.items() if text is None]
+    if missing:
+        raise FinebenchError(f"finebench profile: --{missing[0].replace('_', '-')} needs a value")
+    values = {name: parse_value(str(text)) for name, text in texts.items()}
+    variants = []
+    for kind in kinds:
+        options = parse_options(kind, {k: v for k, v in values.items() if k in fields[kind]})
+        variants.append((variant_name(options), kind, options.options()))
+    return variants
 
 
 def profile_recipe(path: str, overrides: Sequence[str] = (), early_prediction: bool = False) -> CostReport:

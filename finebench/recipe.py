@@ -223,7 +223,7 @@ class LoadedRecipe:
         return self.recipe.dataset.input_size or _DEFAULT_INPUT_SIZE.get(self.recipe.dataset.name, 224)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A command-line value read as TOML (``1``, ``0.1``, ``true``, ``[1, 2]``), else a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -253,9 +253,9 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str)
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise FinebenchError(f"--set {key}: expected a list index below {len(node)}")
-            node[int(last)] = _parse_value(raw.strip())
+            node[int(last)] = parse_value(raw.strip())
         elif isinstance(node, dict):
-            node[last] = _parse_value(raw.strip())
+            node[last] = parse_value(raw.strip())
         else:
             raise FinebenchError(f"--set {key}: {'.'.join(parts[:-1])} is not a section in {source}")
     return data

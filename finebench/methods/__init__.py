@@ -16,6 +16,7 @@ from finebench.methods.registry import (
     build_model,
     build_model_from_config,
     get_method,
+    list_methods,
     method_of,
     parse_options,
     register,
@@ -24,5 +25,5 @@ from finebench.methods.registry import (
 
 __all__ = [
     "METHODS", "Method", "MethodOptions", "MicroBatch", "StepContext", "StepResult", "build_model",
-    "build_model_from_config", "get_method", "method_of", "parse_options", "register", "variant_of_config",
+    "build_model_from_config", "get_method", "list_methods", "method_of", "parse_options", "register", "variant_of_config",
 ]

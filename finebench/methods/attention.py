@@ -57,10 +57,7 @@ class AttendAndRectifyMethod(Method):
     Options = AttentionOptions
     mixture = True
     draws_attention_maps = True
-    profile_options = {
-        "attention_depth": "Attention modules AD.", "attention_width": "Heads per module AW.",
-        "gates": "softmax, sigmoid or none.", "output_mode": "mixture or 50.",
-    }
+    profile_default = True
 
     def table_name(self, options: AttentionOptions) -> str:  # type: ignore[override]
         defaults = AttentionOptions(kind="attention")

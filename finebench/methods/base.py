@@ -133,8 +133,8 @@ class Method:
     """Backbone forward passes per training image (WS-DAN: raw, crop, drop = 3)."""
     draws_attention_maps: ClassVar[bool] = False
     """``finebench attend`` can draw its models' attention maps (``models.attention.AttentionModule``)."""
-    profile_options: ClassVar[Mapping[str, str]] = {}
-    """Options ``finebench profile --backbone`` offers as flags, with their help text."""
+    profile_default: ClassVar[bool] = False
+    """Profiled by ``finebench profile --backbone`` when no ``--variant`` is given (the reference method)."""
 
     # ---- recipe ----------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ class CBAM(BlockAttention):
     description = "CBAM in every residual block"
     Options = CBAMOptions
     layer = CBAMLayer
-    profile_options = {"reduction": "SE / CBAM reduction."}
 
 
 METHOD = register(CBAM())

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel
-
 from finebench.errors import FinebenchError
 from finebench.methods.base import Method, MethodOptions
 from finebench.models.network import ImageClassifier
@@ -83,8 +81,13 @@ def option_defaults(kind: str) -> dict[str, Any]:
     return get_method(kind).Options(kind=kind).options()
 
 
-def is_options(value: Any) -> bool:
-    return isinstance(value, BaseModel) and isinstance(value, MethodOptions)
+def list_methods() -> list[dict[str, Any]]:
+    """Every registered method with its options' defaults and its cost in passes (``finebench models --methods``)."""
+    return [
+        {"kind": kind, "description": method.description, "options": option_defaults(kind),
+         "test_forward_passes": method.test_forward_passes, "train_passes_per_image": method.train_passes_per_image}
+        for kind, method in METHODS.items()
+    ]
 
 
 def build_model(

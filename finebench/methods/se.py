@@ -23,7 +23,6 @@ class SE(BlockAttention):
     description = "Squeeze-and-Excitation in every residual block"
     Options = SEOptions
     layer = SqueezeExcite
-    profile_options = {"reduction": "SE / CBAM reduction."}
 
 
 METHOD = register(SE())
