@@ -25,7 +25,7 @@ from finebench.bench import (
     synthetic_batch,
     time_side_by_side,
 )
-from finebench.methods import build_model
+from finebench.methods import build_model, get_method
 from finebench.profile import profile_variants
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step
@@ -38,7 +38,7 @@ def step_for(depth: int, width: int, num_classes: int, variant: str, train: Trai
     torch.manual_seed(0)
     model = build_model("wrn", num_classes, variant, ATTENTION if variant == "attention" else None,
                         {"depth": depth, "width": width})
-    return build_train_step(model, train, mixture=variant == "attention", steps_per_epoch=100)
+    return build_train_step(model, train, mixture=get_method(variant).mixture, steps_per_epoch=100)
 
 
 def measure(depth: int, width: int, batch: int, warmup: int, repeats: int, precision: str, channels_last: bool):

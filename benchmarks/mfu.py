@@ -22,7 +22,7 @@ from finebench.bench import (
     synthetic_batch,
     time_side_by_side,
 )
-from finebench.methods import build_model
+from finebench.methods import build_model, get_method
 from finebench.recipe import TrainSection
 from finebench.train.engine import build_train_step
 
@@ -70,7 +70,7 @@ def main() -> None:
             model = build_model(backbone, num_classes, variant, None, options)
             train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision,
                                  compile=False)  # FlopCounterMode counts the eager step
-            step = build_train_step(model, train, mixture=variant == "attention", steps_per_epoch=100)
+            step = build_train_step(model, train, mixture=get_method(variant).mixture, steps_per_epoch=100)
             images, labels = synthetic_batch(batch, size, num_classes, device=step.device)
             flops = step_flops(step, images, labels)
             timing = time_side_by_side({"step": lambda: step(images, labels)}, items=batch, warmup=warmup,

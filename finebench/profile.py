@@ -151,7 +151,7 @@ def run_cost(
     backbone: str,
     num_classes: int,
     input_size: int,
-    variant: str = "baseline",
+    variant: str = BASELINE.kind,
     variant_options: Mapping[str, Any] | None = None,
     backbone_options: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from finebench.errors import FinebenchError
+from finebench.methods.baseline import METHOD as BASELINE
 from finebench.report.stats import is_missing
 
 FORMATS: tuple[str, ...] = ("markdown", "csv", "latex", "json")
@@ -160,7 +161,7 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
         score = fmt_mean_ci(record[f"{metric}_mean"], record[f"{metric}_ci"])
         row[f"{name} {measure}"] = f"{score} (n={record['n']})"
         row[f"{name} class"] = fmt_mean_ci(record[f"class_{metric}_mean"], record[f"class_{metric}_ci"])
-        if name != "baseline":
+        if name != BASELINE.kind:
             row[f"{name} {gain}"] = fmt_gain(record["delta_pt"], record["delta_ci"], record["significant"],
                                              record["n_pairs"])
             row[f"{name} p"] = fmt_p(record["p_value"])
@@ -173,7 +174,7 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
     ordered = [_HEADERS.get(c, c) for c in group_keys]
     for name in variants:
         ordered += [f"{name} {measure}", f"{name} class"] + ([f"{name} paper"] if with_reference else [])
-        if name != "baseline":
+        if name != BASELINE.kind:
             ordered += [f"{name} {gain}", f"{name} p", f"{name} ΔP/ΔF%"]
         if with_speed:
             ordered += [f"{name} img/s"]

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from finebench.errors import FinebenchError
+from finebench.methods.baseline import METHOD as BASELINE
 from finebench.report.reference import SETTING_COLUMNS, match_reference, protocol_notes
 from finebench.report.stats import is_missing, mean_ci, paired_difference
 
@@ -101,7 +102,7 @@ def summary_table(
     data["value"] = as_metric(data[value_column])
     # The confusion matrix is saved at the final evaluation only: no per-class figure for the best epoch.
     data["class_value"] = as_metric(data["mean_class_top1"]) if selection == "final" else math.nan
-    baselines = data[data["variant"] == "baseline"]
+    baselines = data[data["variant"] == BASELINE.kind]
 
     notes: list[str] = []
     split_labels: dict[str, str] = {}
@@ -133,7 +134,7 @@ def summary_table(
         row[f"class_{metric}_mean"], row[f"class_{metric}_ci"] = per_class.mean, per_class.half_width
         top5 = mean_ci(pd.to_numeric(group["top5"], errors="coerce").dropna()) if selection == "final" else None
         row["top5_mean"] = top5.mean if top5 is not None else math.nan
-        is_baseline = (group["variant"] == "baseline").all()
+        is_baseline = (group["variant"] == BASELINE.kind).all()
         base = baselines[baselines["base_settings"] == group["base_settings"].iloc[0]]
         base_values = base["value"].dropna()
         row[f"baseline_{metric}"] = base_values.mean() if base_values.size else math.nan
@@ -161,7 +162,7 @@ def summary_table(
         # The baseline leads its group, as in the paper's tables.
         group_keys = [c for c in row_keys if c not in ("variant", "variant_name")]
         variant_key = "variant_name" if "variant_name" in table else "variant"
-        table["_not_baseline"] = (table[variant_key] != "baseline").astype(int)
+        table["_not_baseline"] = (table[variant_key] != BASELINE.kind).astype(int)
         table = table.sort_values([*group_keys, "_not_baseline"], kind="stable", na_position="first")
         table = table.drop(columns="_not_baseline").reset_index(drop=True)
     if reference is not None and not df.empty:
