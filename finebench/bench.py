@@ -224,8 +224,6 @@ def bench_recipe(
     input_size = loaded.input_size()
     num_classes = get_spec(dataset.name).num_classes
     train_images = _train_split_size(dataset, data_root)
-    steps_per_epoch = max(1, -(-(train_images or train.batch_size) // train.batch_size))
-    timed_steps = max(1, -(-images // train.batch_size))
     apply_threads(train.threads)  # as ``run`` does, so the estimate matches the run
     seen: set[tuple[str, str]] = set()
     rows = []
@@ -241,9 +239,11 @@ def bench_recipe(
         except FinebenchError as error:
             raise FinebenchError(f"{loaded.path}: model: {error}") from None
         method = get_method(run.variant_kind)
-        step = build_train_step(model, run.train or train, mixture=method.mixture, steps_per_epoch=steps_per_epoch,
-                                method=method)
-        batch = synthetic_batch(train.batch_size, input_size, num_classes, seed=run.seed, device=step.device)
+        own = run.train or train  # a method's own train settings (batch size, epochs) where its paper differs
+        steps_per_epoch = max(1, -(-(train_images or own.batch_size) // own.batch_size))
+        timed_steps = max(1, -(-images // own.batch_size))
+        step = build_train_step(model, own, mixture=method.mixture, steps_per_epoch=steps_per_epoch, method=method)
+        batch = synthetic_batch(own.batch_size, input_size, num_classes, seed=run.seed, device=step.device)
         compile_s = None
         if step.compiling(batch[0]):
             synchronize_device(step.device)
@@ -252,15 +252,15 @@ def bench_recipe(
             synchronize_device(step.device)
             compile_s = time.perf_counter() - start
         timing = time_side_by_side(
-            {run.variant_name: lambda: step(*batch)}, items=train.batch_size, warmup=warmup_steps,
+            {run.variant_name: lambda: step(*batch)}, items=own.batch_size, warmup=warmup_steps,
             repeats=timed_steps, device=step.device,
         )[run.variant_name]
         epoch_s = train_images / timing.per_s if train_images else None
         rows.append(
             BenchRow(
-                run.variant_name, train.batch_size, input_size, step.precision, step.channels_last,
+                run.variant_name, own.batch_size, input_size, step.precision, step.channels_last,
                 timing.per_s, timing.median_s, timing.spread_pct, step.compiled, compile_s,
-                train_images, epoch_s, epoch_s * train.epochs if epoch_s is not None else None,
+                train_images, epoch_s, epoch_s * own.epochs if epoch_s is not None else None,
             )
         )
         del step, model, batch

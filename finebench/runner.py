@@ -473,7 +473,8 @@ def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size
     from finebench.data.registry import get_spec
     from finebench.data.store import read_meta
 
-    per_worker_batch(loaded.recipe.train.batch_size, world_size)
+    for batch_size in sorted({(run.train or loaded.recipe.train).batch_size for run in expand_runs(loaded)}):
+        per_worker_batch(batch_size, world_size)  # a method may train at its own batch size
     name = loaded.recipe.dataset.name
     chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
     _check_data_root(chosen_root, name)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,8 @@ from finebench.models.network import ImageClassifier
 from finebench.models.registry import build_backbone
 from finebench.models.output import ModelOutput
 
-if TYPE_CHECKING:
-    from finebench.recipe import TrainSection
+TrainSection = Any
+"""``finebench.recipe.TrainSection`` (the recipe sits above this layer, so it is not imported here)."""
 
 
 class MethodOptions(BaseModel):

@@ -14,16 +14,14 @@ weighted by a global gate tanh(BN1d(Linear)) on the pooled final features.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finebench.models.base import Backbone
 from finebench.models.output import ModelOutput
-
-if TYPE_CHECKING:
-    from finebench.models.base import Backbone
 
 GATE_FUNCTIONS = ("softmax", "sigmoid", "none")
 OUTPUT_MODES = ("mixture", "50")
