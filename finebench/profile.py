@@ -36,12 +36,13 @@ class ProfileResult:
 class _TensorOutputs(nn.Module):
     """Tracing needs tensors out; ModelOutput holds Nones and a tuple."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, method: Method | None = None) -> None:
         super().__init__()
         self.model = model
+        self.method = method
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output = self.model(images)
+        output = self.method.predict(self.model, images) if self.method is not None else self.model(images)
         return (output.log_probs, output.logits, *output.module_logits)
 
 
@@ -77,11 +78,12 @@ def _in_eval(model: nn.Module):  # noqa: ANN202 - small context helper
     return _Eval()
 
 
-def profile_model(model: nn.Module, input_size: int) -> ProfileResult:
-    """Parameters and fvcore FLOPs of one forward pass on a 3×input_size×input_size image."""
+def profile_model(model: nn.Module, input_size: int, method: Method | None = None) -> ProfileResult:
+    """Parameters and fvcore FLOPs of one prediction on a 3×input_size×input_size image: one forward
+    pass, or every pass ``method.predict`` makes."""
     params = sum(p.numel() for p in model.parameters())
     with _in_eval(model):
-        flops = _count_flops(_TensorOutputs(model), input_size)
+        flops = _count_flops(_TensorOutputs(model, method), input_size)
     return ProfileResult(params=params, flops=flops)
 
 
@@ -110,7 +112,7 @@ class VariantCost:
     taps: list[dict[str, Any]] = field(default_factory=list)
     """Where each attention module reads (``ImageClassifier.tap_summary``); empty for other variants."""
     test_forward_passes: int = 1
-    """Backbone passes one test prediction needs (``Method.test_forward_passes``); FLOPs count one."""
+    """Backbone passes one test prediction needs (``Method.test_forward_passes``); FLOPs count them all."""
     train_passes_per_image: int = 1
     """Backbone forward passes per training image (``Method.train_passes_per_image``)."""
 
@@ -135,7 +137,7 @@ def profile_variants(
             continue
         method = get_method(variant)
         model = build_model(backbone, num_classes, variant, options, backbone_options)
-        cost = profile_model(model, input_size)
+        cost = profile_model(model, input_size, method)
         rows.append(
             VariantCost(
                 label, variant, cost.params, cost.flops,

@@ -119,7 +119,7 @@ def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
     from finebench.profile import early_prediction_flops, profile_model
 
     was_training = model.training
-    profile = profile_model(model, input_size)
+    profile = profile_model(model, input_size, method)
     module_flops = {k: int(v) for k, v in early_prediction_flops(model, method, input_size).items()}
     model.train(was_training)
     return Cost(int(profile.params), int(profile.flops), module_flops, unwrap(model).tap_summary())

@@ -148,3 +148,38 @@ def test_a_methods_records_beyond_top1_reach_the_evaluation() -> None:
     metrics = evaluate(model, [(images, labels)], device=torch.device("cpu"), method=Doubled())
     assert metrics["test_error"] == pytest.approx(100.0 - metrics["test_top1"])
 
+
+
+class TwoViewOptions(MethodOptions):
+    kind: Literal["two_view_test"]
+
+
+class TwoView(Method):
+    """Predicts from the image and its mirror image, logits averaged (WS-DAN's raw + crop, in shape)."""
+
+    kind = "two_view_test"
+    description = "test method: two passes per test prediction"
+    Options = TwoViewOptions
+    test_forward_passes = 2
+
+    def predict(self, model, images):  # noqa: ANN001, ANN201
+        plain, mirrored = model(images), model(images.flip(3))
+        logits = (plain.logits + mirrored.logits) / 2
+        return plain._replace(logits=logits, log_probs=torch.log_softmax(logits, 1))
+
+
+def test_a_methods_test_time_passes_are_what_is_evaluated_and_costed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finebench.profile import profile_model, profile_variants
+
+    torch.manual_seed(0)
+    model = build_model("wrn", 3, "baseline", None, TINY_WRN).eval()
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        expected = ((model(images).logits + model(images.flip(3)).logits) / 2).argmax(1)
+    metrics = evaluate(model, [(images, labels)], device=torch.device("cpu"), method=TwoView())
+    assert metrics["test_top1"] == pytest.approx(100.0 * float((expected == labels).float().mean()))
+    one = profile_model(model, 16).flops
+    assert profile_model(model, 16, TwoView()).flops == 2 * one
+    monkeypatch.setitem(METHODS, "two_view_test", TwoView())
+    rows = profile_variants("wrn", 3, 16, [("two-view", "two_view_test", None)], TINY_WRN)
+    assert rows[1].flops == 2 * rows[0].flops and rows[1].test_forward_passes == 2

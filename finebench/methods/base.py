@@ -213,6 +213,12 @@ class Method:
 
     # ---- evaluation and cost ---------------------------------------------------------------
 
+    def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
+        """The test-time prediction with every forward pass it needs (WS-DAN: the image and a crop
+        made from its attention, logits averaged), the model already in eval mode. The evaluator
+        (``finebench run``, ``finebench eval``) and ``profile``'s FLOPs use it."""
+        return model(images)
+
     def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
         """Per test batch, counts beyond top-1 (summed over batches and ranks by the evaluator)."""
         return []

@@ -424,7 +424,7 @@ def evaluate(
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with autocast(device, precision):
-            output = model(images)
+            output = method.predict(model, images) if method is not None else model(images)
         if method is not None:
             scores = method.scores(output).float()
             loss = method.loss(output._replace(reg_loss=None), labels) * labels.numel()
