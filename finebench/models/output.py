@@ -24,6 +24,9 @@ class ModelOutput(NamedTuple):
     """B×(D+1) mixing weights of the sources, or None for models without gates."""
     reg_loss: torch.Tensor | None = None
     """Training only: scalar already weighted by reg_w and averaged over modules; None in eval."""
+    aux: tuple[torch.Tensor, ...] = ()
+    """Method-specific tensors its own loss or training step reads (WS-DAN: pooled features and
+    attention maps; CAL: effect logits too); the method's module documents their order."""
 
 
 def mixture_loss(output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
