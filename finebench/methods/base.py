@@ -5,13 +5,16 @@ module holds, in one place, everything finebench needs to know about it:
 
 * ``Options``: its recipe options (a pydantic model; the ``[[variants]]`` entry of a recipe);
 * ``table_name`` / ``settings``: its name in tables (``attention-ad3-aw4``) and its options in words;
+* ``train_settings``: its own batch size, lr, epochs where its paper's protocol differs;
 * ``check_backbone`` / ``build_backbone`` / ``attach``: how it goes onto each backbone family, and a
   one-line error (raised at ``--dry-run``) naming what works where it cannot;
 * ``loss`` / ``scores`` / ``mixture``: the training loss and what top-1 reads;
 * ``train_step``: optionally, its own training step (several passes, crops, jigsaw, pairs, one
   optimiser step per granularity) written against ``StepContext``, which the engine implements
-  with its compile / precision / gradient-accumulation / DDP machinery;
-* ``eval_counts`` / ``eval_metrics``: what it evaluates and records beyond top-1;
+  with its compile / precision / gradient-accumulation / DDP machinery; ``batch_sampler``: its
+  own batch order;
+* ``predict``: the test-time prediction with all its passes; ``eval_counts`` / ``eval_metrics``:
+  what it evaluates and records beyond top-1;
 * ``test_forward_passes`` / ``train_passes_per_image`` / ``early_predictors``: its cost for ``profile``.
 
 ``docs/METHODS.md`` walks through adding one. Nothing here imports the training engine: the
@@ -32,8 +35,8 @@ from torch import nn
 from finebench.errors import FinebenchError
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier
-from finebench.models.registry import build_backbone
 from finebench.models.output import ModelOutput
+from finebench.models.registry import build_backbone
 
 TrainSection = Any
 """``finebench.recipe.TrainSection`` (the recipe sits above this layer, so it is not imported here)."""
