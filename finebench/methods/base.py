@@ -183,22 +183,11 @@ class Method:
         return output.log_probs if self.mixture else output.logits
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """One training step on a batch already on the device. A method that overrides this owns
-        its step (``owns_train_step``); the engine's own one-forward step is used otherwise (the
-        arithmetic of every run before methods were plug-ins, kept bit for bit). This default is
-        that step written on ``StepContext``, the template for a method's own."""
-        ctx.zero_grad()
-        loss_sum = torch.zeros((), device=labels.device)
-        correct = torch.zeros((), device=labels.device, dtype=torch.long)
-        for part in ctx.micro_batches(images, labels):
-            output = ctx.forward(part.images)
-            with ctx.autocast():
-                loss = self.loss(output, part.labels, label_smoothing=ctx.label_smoothing)
-            ctx.backward(loss, part)
-            loss_sum += loss.detach().float() * part.weight
-            correct += (self.scores(output).argmax(dim=1) == part.labels).sum()
-        ctx.optimizer_step()
-        return StepResult(loss_sum, correct)
+        """One training step on a batch already on the device (docs/METHODS.md §3 has a template).
+        A method that overrides this owns its step (``owns_train_step``); otherwise the engine runs
+        its own one-forward step with ``loss`` and ``scores`` (the arithmetic of every run before
+        methods were plug-ins, kept bit for bit), so there is no default here."""
+        raise NotImplementedError(f"{type(self).__name__} does not own its training step")
 
     @property
     def owns_train_step(self) -> bool:
