@@ -184,6 +184,11 @@ class TrainSection(_Section):
     workers: Annotated[int, Field(ge=0)] = 0
     sync_batchnorm: bool = False
     """Distributed runs: batch statistics over all workers (``SyncBatchNorm``)."""
+    batchnorm_group: Annotated[int, Field(ge=0)] = 0
+    """Ghost BatchNorm: training statistics over consecutive groups of this many images of each
+    device's batch (``finebench.models.batchnorm``), so one device reproduces the statistics of
+    the authors' multi-GPU ``DataParallel`` runs (64 = their 2-GPU CIFAR runs at batch 128).
+    0: the whole per-device batch."""
     threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """CPU intra-op threads (``torch.set_num_threads``): ``"auto"`` uses the cores idle at the run's
     first start (finebench.train.threads), a number pins it; recorded in summary.json."""
@@ -213,6 +218,9 @@ class TrainSection(_Section):
             raise ValueError(f"milestones must increase, got {self.milestones}")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        if self.batchnorm_group and self.sync_batchnorm:
+            raise ValueError("batchnorm_group (statistics over groups of images) and sync_batchnorm "
+                             "(statistics over all workers) exclude each other; set one")
         if self.batch_size % self.accumulation_steps:
             raise ValueError(
                 f"batch_size {self.batch_size} does not split into accumulation_steps = {self.accumulation_steps} "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from finebench.errors import FinebenchError
-from finebench.models.attention import GATE_FUNCTIONS, OUTPUT_MODES, AttendAndRectify
+from finebench.models.attention import GATE_FUNCTIONS, OUTPUT_MODES, REG_MASKS, TAP_NORMS, AttendAndRectify
 from finebench.models.base import Backbone, TapPoint, read_weights_file
 from finebench.models.network import ImageClassifier
 from finebench.models.plugins import BLOCK_PLUGINS
@@ -23,7 +23,7 @@ from finebench.models.resnext import CifarResNeXt
 from finebench.models.timm_backbone import BLOCK_ATTENTION, TimmBackbone
 from finebench.models.torchvision import ARCHITECTURES, TorchvisionResNet
 from finebench.models.torchvision_nodes import TorchvisionNodeBackbone
-from finebench.models.wrn import WideResNet
+from finebench.models.wrn import CLASSIFIER_INITS, SHORTCUTS, STEMS, WideResNet
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class BackboneEntry:
 BACKBONES: dict[str, BackboneEntry] = {
     "wrn": BackboneEntry(
         WideResNet, "CIFAR pre-activation Wide ResNet WRN-d-k (authors' layout)",
-        {"depth": 28, "width": 10, "dropout": 0.0}, 10,
+        {"depth": 28, "width": 10, "dropout": 0.0, "stem": STEMS[0], "shortcut": SHORTCUTS[0],
+         "classifier_init": CLASSIFIER_INITS[0]}, 10,
     ),
     "resnext_cifar": BackboneEntry(
         CifarResNeXt, "CIFAR ResNeXt-d (cardinality x base_width d)",
@@ -84,8 +85,8 @@ VARIANTS: dict[str, VariantEntry] = {
     "attention": VariantEntry(
         "Attend and Rectify (gated attention modules on the backbone's taps)",
         {"attention_depth": 3, "attention_width": 4, "gates": "softmax", "reg_w": 1e-3, "output_mode": "mixture",
-         "taps": []},
-        {"gates": GATE_FUNCTIONS, "output_mode": OUTPUT_MODES},
+         "taps": [], "reg_masks": REG_MASKS[0], "tap_norm": TAP_NORMS[0]},
+        {"gates": GATE_FUNCTIONS, "output_mode": OUTPUT_MODES, "reg_masks": REG_MASKS, "tap_norm": TAP_NORMS},
     ),
     "se": VariantEntry("Squeeze-and-Excitation in every residual block", {"reduction": 16}),
     "cbam": VariantEntry("CBAM in every residual block", {"reduction": 16}),
@@ -206,6 +207,8 @@ def build_attention(backbone: Backbone, num_classes: int, options: Mapping[str, 
         taps = backbone.named_taps(options["taps"])
     else:
         taps = backbone.attention_taps(options["attention_depth"])
+    if options.get("tap_norm", TAP_NORMS[0]) == "separate":
+        backbone.separate_tap_norms(taps)
     return AttendAndRectify(
         [(tap, backbone.tap_point(tap).channels) for tap in taps],
         backbone.out_channels,
@@ -214,6 +217,7 @@ def build_attention(backbone: Backbone, num_classes: int, options: Mapping[str, 
         gates=options["gates"],
         reg_w=options["reg_w"],
         output_mode=options["output_mode"],
+        reg_masks=options.get("reg_masks", REG_MASKS[0]),
     )
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finebench.errors import FinebenchError
+from finebench.models.batchnorm import convert_ghost_batchnorm
 from finebench.models.output import ModelOutput
 from finebench.recipe import TrainSection
 from finebench.train.optim import build_optimizer, build_scheduler
@@ -612,6 +613,8 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if train.batchnorm_group:
+        convert_ghost_batchnorm(model, train.batchnorm_group)
     configure_backends(device)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, len(train_loader))
@@ -729,6 +732,8 @@ def build_train_step(
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if train.batchnorm_group:
+        convert_ghost_batchnorm(model, train.batchnorm_group)
     configure_backends(device)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, steps_per_epoch)

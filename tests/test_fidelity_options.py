@@ -1,0 +1,100 @@
+"""The fidelity options that golden tensors cannot show: ghost BatchNorm, classifier init, validation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from finebench.errors import FinebenchError
+from finebench.models import build_model
+from finebench.models.batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, convert_ghost_batchnorm
+from finebench.recipe import TrainSection
+
+
+@pytest.mark.parametrize(("shape", "group"), [((8, 3, 4, 4), 4), ((10, 3, 4, 4), 4), ((6, 5), 2)])
+def test_ghost_batchnorm_equals_torch_batchnorm_chunk_by_chunk(shape: tuple[int, ...], group: int) -> None:
+    """Each group normalised by torch's BatchNorm on that group alone; running statistics are
+    those of a BatchNorm that saw only the first group (DataParallel's replica 0)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3) if len(shape) == 4 else nn.BatchNorm1d(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    reference = copy.deepcopy(bn)
+    holder = nn.Sequential(bn)
+    convert_ghost_batchnorm(holder, group)
+    ghost = holder[0]
+    assert isinstance(ghost, GhostBatchNorm2d if len(shape) == 4 else GhostBatchNorm1d)
+    assert ghost.weight is bn.weight and ghost.running_mean is bn.running_mean  # shared, not copied
+    x = torch.randn(shape, requires_grad=True)
+    out = ghost(x)
+    out.pow(2).sum().backward()
+    expected_parts, replica0 = [], None
+    x_ref = x.detach().clone().requires_grad_(True)
+    for index, part in enumerate(x_ref.split(group)):
+        replica = reference if index == 0 else copy.deepcopy(reference)
+        expected_parts.append(replica(part))
+        replica0 = replica0 or replica
+    expected = torch.cat(expected_parts)
+    expected.pow(2).sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ghost.running_mean, reference.running_mean)
+    torch.testing.assert_close(ghost.running_var, reference.running_var)
+    assert not torch.allclose(out, nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True))
+    ghost.eval()
+    reference.eval()
+    torch.testing.assert_close(ghost(x), reference(x))
+
+
+def test_ghost_batchnorm_keeps_state_dict_keys_and_covers_every_batchnorm() -> None:
+    model = build_model("wrn", 10, "attention", {"attention_depth": 2, "attention_width": 2}, {"depth": 10, "width": 1})
+    keys = list(model.state_dict())
+    convert_ghost_batchnorm(model, 2)
+    assert list(model.state_dict()) == keys
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert kinds == {GhostBatchNorm2d, GhostBatchNorm1d}  # the global gate's BatchNorm1d too
+
+
+def test_batchnorm_group_excludes_sync_batchnorm() -> None:
+    with pytest.raises(ValueError, match="batchnorm_group"):
+        TrainSection(epochs=1, batch_size=8, schedule="constant", batchnorm_group=4, sync_batchnorm=True)
+
+
+@pytest.mark.parametrize("init", ["default", "kaiming"])
+def test_wrn_classifier_init(init: str) -> None:
+    """PyTorch's default Linear init is uniform within 1/sqrt(fan_in); Kaiming-normal goes beyond it."""
+    torch.manual_seed(0)
+    model = build_model("wrn", 100, "baseline", None, {"depth": 10, "width": 1, "classifier_init": init})
+    bound = model.classifier.in_features ** -0.5
+    beyond = model.classifier.weight.abs().max().item() > bound * 1.0001
+    assert beyond == (init == "kaiming")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"stem": "bn"}, "stem='bn' is invalid"),
+    ({"shortcut": "raw"}, "shortcut='raw' is invalid"),
+    ({"classifier_init": "xavier"}, "classifier_init='xavier' is invalid"),
+])
+def test_wrn_fidelity_options_are_checked(options: dict[str, str], message: str) -> None:
+    with pytest.raises(FinebenchError, match=message):
+        build_model("wrn", 10, "baseline", None, {"depth": 10, "width": 1, **options})
+
+
+def test_tap_norm_separate_needs_the_cifar_wrn_and_reg_masks_is_checked() -> None:
+    with pytest.raises(FinebenchError, match="tap_norm='separate' is implemented for the CIFAR WRN"):
+        build_model("resnext_cifar", 10, "attention", {"tap_norm": "separate"}, {"depth": 11, "cardinality": 2,
+                                                                                   "base_width": 4})
+    with pytest.raises(FinebenchError, match="reg_masks='none'"):
+        build_model("wrn", 10, "attention", {"reg_masks": "none"}, {"depth": 10, "width": 1})
+
+
+def test_separate_tap_norms_only_for_the_taps_in_use() -> None:
+    model = build_model("wrn", 10, "attention", {"attention_depth": 2, "tap_norm": "separate"}, {"depth": 10, "width": 1})
+    assert list(model.backbone.tap_norms) == ["group1"]
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).log_probs.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # nothing unused (DDP needs that)
