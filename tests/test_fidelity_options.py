@@ -98,3 +98,73 @@ def test_separate_tap_norms_only_for_the_taps_in_use() -> None:
     model.train()
     model(torch.randn(2, 3, 32, 32)).log_probs.sum().backward()
     assert all(p.grad is not None for p in model.parameters())  # nothing unused (DDP needs that)
+
+
+RECIPE = """
+description = "t"
+{top}
+[dataset]
+name = "cifar10"
+[model]
+backbone = "wrn"
+options = {{ depth = 10, width = 1 }}
+[[variants]]
+kind = "baseline"
+[[variants]]
+kind = "attention"
+attention_width = 2
+[train]
+epochs = 1
+batch_size = 8
+milestones = [1]
+{tables}
+"""
+TABLES = """
+[logged.attention]
+train = { optimizer = "sgd", batchnorm_group = 4 }
+model_options = { stem = "conv" }
+variant = { reg_masks = "full" }
+[logged.attention-ad3-aw2]
+train = { batchnorm_group = 2 }
+"""
+
+
+def _runs(tmp_path, top: str, tables: str, overrides: tuple[str, ...] = ()):
+    from finebench.recipe import expand_runs, load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE.format(top=top, tables=tables))
+    return {run.variant_kind: run for run in expand_runs(load_recipe(path, overrides))}
+
+
+def test_logged_tables_apply_per_variant_name_over_kind(tmp_path) -> None:
+    runs = _runs(tmp_path, 'fidelity = "logged"', TABLES)
+    attention, baseline = runs["attention"], runs["baseline"]
+    assert attention.config["train"]["optimizer"] == "sgd" and attention.config["train"]["batchnorm_group"] == 2
+    assert attention.config["model"]["options"] == {"depth": 10, "width": 1, "stem": "conv"}
+    assert attention.config["variant"]["options"]["reg_masks"] == "full"
+    assert attention.variant_name == "attention-ad3-aw2"  # names do not follow the log-time settings
+    assert attention.train_section().optimizer == "sgd"
+    assert baseline.config["train"]["optimizer"] == "nesterov" and "logged" not in baseline.config
+
+
+def test_released_fidelity_keeps_the_run_ids_of_a_recipe_without_tables(tmp_path) -> None:
+    plain = _runs(tmp_path, "", "")
+    released = _runs(tmp_path, 'fidelity = "released"', TABLES)
+    switched = _runs(tmp_path, 'fidelity = "logged"', TABLES, ("fidelity=released",))
+    logged = _runs(tmp_path, 'fidelity = "logged"', TABLES)
+    for kind in ("baseline", "attention"):
+        assert plain[kind].run_id == released[kind].run_id == switched[kind].run_id
+    assert logged["baseline"].run_id == plain["baseline"].run_id  # no table names it
+    assert logged["attention"].run_id != plain["attention"].run_id
+
+
+@pytest.mark.parametrize(("tables", "message"), [
+    ('[logged.se]\ntrain = { optimizer = "sgd" }', r"logged: \['se'\] name no variant"),
+    ("[logged.baseline]\ntrain = { batch_size = 4 }", "cannot differ per variant"),
+    ('[logged.attention]\nvariant = { reg_masks = "half" }', "reg_masks"),
+    ('[logged.baseline]\ntrain = { optimizer = "sgdd" }', "optimizer"),
+])
+def test_bad_logged_tables_are_named(tmp_path, tables: str, message: str) -> None:
+    with pytest.raises(FinebenchError, match=message):
+        _runs(tmp_path, 'fidelity = "logged"', tables)
