@@ -168,3 +168,21 @@ def test_released_fidelity_keeps_the_run_ids_of_a_recipe_without_tables(tmp_path
 def test_bad_logged_tables_are_named(tmp_path, tables: str, message: str) -> None:
     with pytest.raises(FinebenchError, match=message):
         _runs(tmp_path, 'fidelity = "logged"', tables)
+
+
+@pytest.mark.parametrize("group", [0, 4])
+def test_fit_trains_with_ghost_batchnorm_when_asked(group: int) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from finebench.train.engine import fit, seed_everything
+
+    seed_everything(0)
+    model = build_model("wrn", 4, "baseline", None, {"depth": 10, "width": 1})
+    generator = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(16, 3, 8, 8, generator=generator), torch.arange(16) % 4)
+    train = TrainSection(epochs=1, batch_size=8, schedule="constant", precision="fp32", batchnorm_group=group,
+                         compile=False, channels_last=False, device="cpu")
+    result = fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8), train, mixture=False)
+    assert result.status == "finished"
+    ghosts = [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]
+    assert bool(ghosts) == bool(group) and all(m.group_size == group for m in ghosts)
