@@ -186,3 +186,19 @@ def test_fit_trains_with_ghost_batchnorm_when_asked(group: int) -> None:
     assert result.status == "finished"
     ghosts = [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]
     assert bool(ghosts) == bool(group) and all(m.group_size == group for m in ghosts)
+
+
+def test_report_groups_runs_written_before_the_fidelity_settings_with_runs_at_their_defaults() -> None:
+    from finebench.report.records import RunSummary, fingerprint, run_settings
+
+    summary = RunSummary.model_validate({"run_id": "x", "recipe": "r", "status": "finished", "dataset": "cifar10",
+                                         "backbone": "wrn", "backbone_label": "WRN-10-1", "variant": "attention",
+                                         "variant_name": "a", "seed": 0})
+    old = {"train": {"optimizer": "nesterov", "lr": 0.1}, "variant": {"kind": "attention", "options": {"reg_w": 0.001}}}
+    new = {"fidelity": "released", "train": {"optimizer": "nesterov", "lr": 0.1, "batchnorm_group": 0},
+           "variant": {"kind": "attention", "options": {"reg_w": 0.001, "reg_masks": "pooled", "tap_norm": "shared"}}}
+    logged = {"fidelity": "logged", "logged": {"train": {"batchnorm_group": 64}},
+              "train": {"optimizer": "nesterov", "lr": 0.1, "batchnorm_group": 64},
+              "variant": {"kind": "attention", "options": {"reg_w": 0.001, "reg_masks": "full", "tap_norm": "shared"}}}
+    prints = [fingerprint(run_settings(summary, config)) for config in (old, new, logged)]
+    assert prints[0] == prints[1] != prints[2]

@@ -22,7 +22,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finebench.errors import FinebenchError
-from finebench.recipe import RUN_ID_EXCLUDE
+from finebench.recipe import RUN_ID_EXCLUDE, AttentionVariant, Recipe, TrainSection
 from finebench.report.stats import mean_class_accuracy
 
 CONFUSION_FILE = "confusion.json"
@@ -215,11 +215,32 @@ def run_settings(summary: RunSummary, config: Mapping[str, Any]) -> dict[str, An
     }
     for key, value in known.items():
         settings.setdefault(key, value)
-    ignored = set(IGNORED_SETTINGS)
+    ignored = set(IGNORED_SETTINGS) | {key for key, value in settings.items() if _at_schema_default(key, value)}
     if run_fold(config, summary) is not None:
         # On a k-fold protocol the splits follow from the held-out fold: they vary with it.
         ignored |= {"dataset.train_split", "dataset.test_split"}
     return {k: v for k, v in settings.items() if k not in ignored}
+
+
+def _at_schema_default(key: str, value: Any) -> bool:
+    """A setting at its schema default, or a record derived from the others (``logged.*``): runs
+    written before the setting existed lack it, and must group with runs that hold its default,
+    as their run ids already do (ids hash only what differs from the defaults)."""
+    if key.startswith("logged."):
+        return True
+    section, _, name = key.partition(".")
+    if key == "fidelity":
+        field = Recipe.model_fields["fidelity"]
+    elif section == "train" and name in TrainSection.model_fields:
+        field = TrainSection.model_fields[name]
+    elif key.startswith("variant.options.") and key.count(".") == 2:
+        field = AttentionVariant.model_fields.get(key.rsplit(".", 1)[1])
+        if field is None or key.rsplit(".", 1)[1] not in ("reg_masks", "tap_norm"):
+            return False
+    else:
+        return False
+    default = field.get_default(call_default_factory=True)
+    return isinstance(default, (int, float, str)) and not isinstance(default, bool) and value == default
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
