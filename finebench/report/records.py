@@ -222,25 +222,20 @@ def run_settings(summary: RunSummary, config: Mapping[str, Any]) -> dict[str, An
     return {k: v for k, v in settings.items() if k not in ignored}
 
 
+ADDED_SETTINGS: dict[str, Any] = {
+    "fidelity": Recipe.model_fields["fidelity"].default,
+    "train.batchnorm_group": TrainSection.model_fields["batchnorm_group"].default,
+    "variant.options.reg_masks": AttentionVariant.model_fields["reg_masks"].default,
+    "variant.options.tap_norm": AttentionVariant.model_fields["tap_norm"].default,
+}
+"""Settings added after runs were recorded (issue 20), with their schema defaults."""
+
+
 def _at_schema_default(key: str, value: Any) -> bool:
-    """A setting at its schema default, or a record derived from the others (``logged.*``): runs
-    written before the setting existed lack it, and must group with runs that hold its default,
-    as their run ids already do (ids hash only what differs from the defaults)."""
-    if key.startswith("logged."):
-        return True
-    section, _, name = key.partition(".")
-    if key == "fidelity":
-        field = Recipe.model_fields["fidelity"]
-    elif section == "train" and name in TrainSection.model_fields:
-        field = TrainSection.model_fields[name]
-    elif key.startswith("variant.options.") and key.count(".") == 2:
-        field = AttentionVariant.model_fields.get(key.rsplit(".", 1)[1])
-        if field is None or key.rsplit(".", 1)[1] not in ("reg_masks", "tap_norm"):
-            return False
-    else:
-        return False
-    default = field.get_default(call_default_factory=True)
-    return isinstance(default, (int, float, str)) and not isinstance(default, bool) and value == default
+    """A setting added later, at its default, or a record derived from the others (``logged.*``):
+    runs written before the setting existed lack it and must group with runs that hold its
+    default, as their run ids already do (ids hash only what differs from the defaults)."""
+    return key.startswith("logged.") or (key in ADDED_SETTINGS and value == ADDED_SETTINGS[key])
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
