@@ -309,7 +309,14 @@ class Recipe(_Section):
         if unknown:
             raise ValueError(f"logged: {unknown} name no variant; expected variant names or kinds among {sorted(known)}")
         for variant in self.variants:  # every variant's log-time settings must validate, logged or not
-            effective_settings(self, variant, fidelity="logged")
+            try:
+                effective_settings(self, variant, fidelity="logged")
+            except ValidationError as error:
+                tables = list(dict.fromkeys(k for k in (variant.kind, variant_name(variant)) if k in self.logged))
+                problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']} (got {item.get('input')!r})"
+                                     for item in error.errors())
+                raise ValueError(f"logged.{' / logged.'.join(tables)} gives variant {variant_name(variant)!r} "
+                                 f"invalid settings: {problems}") from None
         return self
 
 
