@@ -122,6 +122,11 @@ class TrainSection(_Section):
     workers: Annotated[int, Field(ge=0)] = 0
     sync_batchnorm: bool = False
     """Distributed runs: batch statistics over all workers (``SyncBatchNorm``)."""
+    batchnorm_group: Annotated[int, Field(ge=0)] = 0
+    """Ghost BatchNorm: training statistics over consecutive groups of this many images of each
+    device's batch (``finebench.models.batchnorm``), so one device reproduces the statistics of
+    the authors' multi-GPU ``DataParallel`` runs (64 = their 2-GPU CIFAR runs at batch 128).
+    0: the whole per-device batch."""
     threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """CPU intra-op threads (``torch.set_num_threads``): ``"auto"`` uses the cores idle at the run's
     first start (finebench.train.threads), a number pins it; recorded in summary.json."""
@@ -151,12 +156,46 @@ class TrainSection(_Section):
             raise ValueError(f"milestones must increase, got {self.milestones}")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        if self.batchnorm_group and self.sync_batchnorm:
+            raise ValueError("batchnorm_group (statistics over groups of images) and sync_batchnorm "
+                             "(statistics over all workers) exclude each other; set one")
         if self.batch_size % self.accumulation_steps:
             raise ValueError(
                 f"batch_size {self.batch_size} does not split into accumulation_steps = {self.accumulation_steps} "
                 "equal micro-batches"
             )
         return self
+
+
+LOGGED_TRAIN_KEYS = (
+    "optimizer", "momentum", "lr", "weight_decay", "backbone_lr_mult", "schedule", "milestones", "step_size",
+    "gamma", "warmup_epochs", "min_lr", "label_smoothing", "grad_clip", "batchnorm_group",
+)
+"""``train`` settings a ``[logged.<variant>]`` table may change: those only the training loop
+reads (batch size, devices and loaders stay the recipe's, shared by every variant)."""
+
+
+class LoggedSettings(_Section):
+    """How the code that produced one variant's logged run differed from the released code.
+
+    Applied on top of the recipe's own settings when ``fidelity = "logged"``; the recipe's own
+    settings are the released code's, so ``fidelity = "released"`` needs no table at all.
+    """
+
+    train: dict[str, Any] = Field(default_factory=dict)
+    """``train`` settings (``LOGGED_TRAIN_KEYS``), e.g. ``{optimizer = "sgd"}`` for plain momentum."""
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    """Backbone options merged into ``model.options``, e.g. ``{stem = "conv"}``."""
+    variant: dict[str, Any] = Field(default_factory=dict)
+    """Variant options, e.g. ``{reg_masks = "full"}``."""
+
+    @field_validator("train")
+    @classmethod
+    def _check_train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(LOGGED_TRAIN_KEYS))
+        if unknown:
+            raise ValueError(f"{unknown} cannot differ per variant; expected keys among {', '.join(LOGGED_TRAIN_KEYS)}")
+        return value
 
 
 def check_results_name(name: str) -> str:
@@ -177,6 +216,12 @@ class Recipe(_Section):
     variants: Annotated[list[Variant], Field(min_length=1)]
     train: TrainSection
     seeds: Annotated[list[int], Field(min_length=1)] = Field(default_factory=lambda: [0])
+    fidelity: Literal["released", "logged"] = "released"
+    """``released``: every variant trains as the authors' released code does (the recipe's own
+    settings). ``logged``: each variant named in ``logged`` trains as the code that produced its
+    logged run did (docs/MECHANISM.md §4)."""
+    logged: dict[str, LoggedSettings] = Field(default_factory=dict)
+    """Variant name or kind -> its log-time settings (a name's table overrides its kind's)."""
 
     @field_validator("name")
     @classmethod
@@ -191,7 +236,49 @@ class Recipe(_Section):
             raise ValueError(f"variant names must be unique, {duplicates} repeat (set `name` on each)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be unique, got {self.seeds}")
+        known = set(names) | {v.kind for v in self.variants}
+        unknown = sorted(set(self.logged) - known)
+        if unknown:
+            raise ValueError(f"logged: {unknown} name no variant; expected variant names or kinds among {sorted(known)}")
+        for variant in self.variants:  # every variant's log-time settings must validate, logged or not
+            try:
+                effective_settings(self, variant, fidelity="logged")
+            except ValidationError as error:
+                tables = list(dict.fromkeys(k for k in (variant.kind, variant_name(variant)) if k in self.logged))
+                problems = "; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']} (got {item.get('input')!r})"
+                                     for item in error.errors())
+                raise ValueError(f"logged.{' / logged.'.join(tables)} gives variant {variant_name(variant)!r} "
+                                 f"invalid settings: {problems}") from None
         return self
+
+
+def effective_settings(
+    recipe: Recipe, variant: BaseModel, *, fidelity: str | None = None
+) -> tuple[TrainSection, ModelSection, BaseModel]:
+    """The ``train``, ``model`` and variant settings one variant trains with: the recipe's own
+    (``fidelity = "released"``) or those overlaid with its ``logged`` tables, kind first, then name."""
+    changes = logged_changes(recipe, variant, fidelity=fidelity)
+    if not changes:
+        return recipe.train, recipe.model, variant
+    train = TrainSection.model_validate({**recipe.train.model_dump(exclude_unset=True), **changes["train"]})
+    model = recipe.model.model_copy(update={"options": {**recipe.model.options, **changes["model_options"]}})
+    changed = type(variant).model_validate({**variant.model_dump(exclude_unset=True), **changes["variant"]})
+    return train, model, changed
+
+
+def logged_changes(recipe: Recipe, variant: BaseModel, *, fidelity: str | None = None) -> dict[str, dict[str, Any]]:
+    """The log-time settings ``fidelity = "logged"`` lays over one variant (``train``,
+    ``model_options``, ``variant``); empty when released or when no table names the variant."""
+    if (fidelity or recipe.fidelity) == "released":
+        return {}
+    tables = [recipe.logged[key] for key in (variant.kind, variant_name(variant)) if key in recipe.logged]
+    if not tables:
+        return {}
+    merged: dict[str, dict[str, Any]] = {"train": {}, "model_options": {}, "variant": {}}
+    for table in tables:
+        for part in merged:
+            merged[part].update(getattr(table, part))
+    return merged
 
 
 @dataclass(frozen=True)
@@ -211,6 +298,11 @@ class RunSpec:
     """The typed variant (its method: ``finebench.methods.method_of``); ``config["variant"]`` is its dump."""
     train: TrainSection | None = None
     """The run's train settings: the recipe's, or what its method's ``train_settings`` made of them."""
+
+    def train_section(self) -> TrainSection:
+        """This run's training settings: the recipe's, its variant's log-time ones (``fidelity``), or
+        what its method's ``train_settings`` made of them."""
+        return self.train if self.train is not None else TrainSection.model_validate(self.config["train"])
 
 
 @dataclass(frozen=True)
@@ -389,30 +481,36 @@ def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]
                 f"--only {', '.join(unknown)}: not a variant of {loaded.path}; choose from {sorted(known)}"
             )
         variants = [v for v in variants if variant_name(v) in only or v.kind in only]
-    shared = {"variants", "seeds", "name", "description"}
-    base = recipe.model_dump(mode="json", exclude=shared)
-    # The id hashes only what differs from the schema's defaults, so a setting added to the
-    # schema later (with a default that keeps old behaviour) does not orphan existing runs.
-    base_for_id = recipe.model_dump(mode="json", exclude=shared, exclude_defaults=True)
+    shared = {"variants", "seeds", "name", "description", "fidelity", "logged"}
     fold_count = get_spec(recipe.dataset.name).folds
     held_out = held_out_folds(loaded)
     runs = []
-    for variant in variants:
-        name = variant_name(variant)
+    for base_variant in variants:
+        name = variant_name(base_variant)  # the recipe's name for it, whatever its log-time settings
+        train, model, variant = effective_settings(recipe, base_variant)
+        changes = logged_changes(recipe, base_variant)
+        effective = recipe.model_copy(update={"train": train, "model": model})
+        base = {**effective.model_dump(mode="json", exclude=shared), "fidelity": recipe.fidelity}
+        # The id hashes only what differs from the schema's defaults, so a setting added to the
+        # schema later (with a default that keeps old behaviour) does not orphan existing runs;
+        # ``fidelity`` itself is not hashed, only the settings it selects.
+        base_for_id = effective.model_dump(mode="json", exclude=shared, exclude_defaults=True)
         options_for_id = variant.model_dump(mode="json", exclude={"kind", "name"}, exclude_defaults=True)
-        train = method_of(variant).train_settings(recipe.train, variant)
+        run_train = method_of(variant).train_settings(train, variant)
         # a method's own train settings enter config and id only where they differ (ids stay put)
-        own_train = {} if train == recipe.train else {"train": train.model_dump(mode="json")}
-        own_train_for_id = {} if train == recipe.train else {"train": train.model_dump(mode="json", exclude_defaults=True)}
+        own_train = {} if run_train == train else {"train": run_train.model_dump(mode="json")}
+        own_train_for_id = {} if run_train == train else {"train": run_train.model_dump(mode="json", exclude_defaults=True)}
         for seed in recipe.seeds:
             for fold in held_out:
                 variant_entry = {"kind": variant.kind, "name": name, "options": variant_options(variant)}
                 config = {"recipe": loaded.name, **base, **own_train,
                           "dataset": fold_dataset(base["dataset"], fold, fold_count),
                           "variant": variant_entry, "seed": seed}
+                if changes:
+                    config["logged"] = changes  # what fidelity = "logged" changed (the sections hold the result)
                 basis = {"recipe": loaded.name, **base_for_id, **own_train_for_id,
                          "dataset": fold_dataset(base_for_id["dataset"], fold, fold_count),
                          "variant": {**variant_entry, "options": options_for_id}, "seed": seed}
                 runs.append(RunSpec(loaded.name, variant.kind, name, seed, config, run_id_for(basis), fold,
-                                    variant, train))
+                                    variant, run_train))
     return runs

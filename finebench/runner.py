@@ -155,7 +155,7 @@ def _build_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: Dis
     from finebench.data.loader import build_loaders
 
     # the run's own splits: on a k-fold dataset they depend on its held-out fold
-    dataset, train = run.config["dataset"], run.train or loaded.recipe.train
+    dataset, train = run.config["dataset"], run.train_section()
     return build_loaders(
         dataset["name"],
         data_root,
@@ -260,7 +260,7 @@ def _execute(
     console: Console,
 ) -> dict[str, Any]:
     """Train one run inside its lock and return its final summary."""
-    train = run.train or loaded.recipe.train
+    train = run.train_section()
     method = get_method(run.variant_kind)
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
@@ -539,6 +539,13 @@ def variant_settings(variant: MethodOptions) -> str:
     return method_of(variant).settings(variant)
 
 
+def logged_settings(changes: Mapping[str, Mapping[str, Any]] | None) -> str:
+    """What ``fidelity = "logged"`` changed for a variant (a dry run's "as logged" column):
+    ``optimizer sgd, stem conv``; empty when nothing."""
+    return ", ".join(f"{key} {value}" for part in ("train", "model_options", "variant") for key, value in
+                     (changes or {}).get(part, {}).items())
+
+
 def _taps_cell(taps: Sequence[Mapping[str, Any]]) -> str:
     return " ".join(f"{tap['tap']}:{tap['channels']}@{tap['stride']}" for tap in taps) or "-"
 
@@ -569,6 +576,10 @@ def recipe_settings(loaded: LoadedRecipe) -> str:
         lr, optimizer, f"wd {train.weight_decay:g}", batch, f"{train.epochs} epochs", schedule,
         f"warm-up {train.warmup_epochs:g} epochs", f"eval every {train.eval_every}", f"precision {train.precision}",
     ]
+    if train.batchnorm_group:
+        parts.append(f"BatchNorm over groups of {train.batchnorm_group} images")
+    parts.append(f"fidelity {recipe.fidelity}" + (" (log-time settings per variant below)" if recipe.logged
+                                                   and recipe.fidelity == "logged" else ""))
     return " · ".join(parts)
 
 
@@ -577,9 +588,11 @@ def variant_table(outcomes: Sequence[RunOutcome], *, title: str) -> Table:
     so a plan can be checked against a paper or a log before anything trains."""
     table = Table(title=title)
     several = len({outcome.run.config["model"]["backbone"] for outcome in outcomes}) > 1
-    for column in ("backbone",) * several + ("variant", "settings", "taps (channels@stride)", "params", "FLOPs"):
+    logged = any(outcome.run.config.get("logged") for outcome in outcomes)
+    columns = ("variant", "settings") + ("as logged",) * logged + ("taps (channels@stride)", "params", "FLOPs")
+    for column in ("backbone",) * several + columns:
         right = column in ("params", "FLOPs")
-        table.add_column(column, justify="right" if right else "left", no_wrap=column != "variant")
+        table.add_column(column, justify="right" if right else "left", no_wrap=column not in ("variant", "as logged"))
     seen: set[tuple[str, str]] = set()
     for outcome in outcomes:
         run, summary = outcome.run, outcome.summary
@@ -587,7 +600,9 @@ def variant_table(outcomes: Sequence[RunOutcome], *, title: str) -> Table:
         if key in seen:
             continue
         seen.add(key)
+        as_logged = (logged_settings(run.config.get("logged")) or "-",) * logged
         table.add_row(*key[:several], run.variant_name, variant_settings(run.variant or variant_of_config(run.config)),
+                      *as_logged,
                       _taps_cell(summary.get("taps") or []), _fmt_count(summary.get("params")),
                       _fmt_count(summary.get("flops")))
     return table

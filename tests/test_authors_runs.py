@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from finebench.cli import app
 from finebench.models import BACKBONES
 from finebench.recipe import expand_runs, load_recipe
-from finebench.runner import recipe_settings, variant_settings
+from finebench.runner import logged_settings, recipe_settings, variant_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "results" / "reference" / "settings" / "authors_runs.csv"
@@ -29,6 +29,9 @@ FINE_GRAINED = {"stanford_dogs", "cub200", "stanford_cars", "uec_food100", "adie
 TRAIN_COLUMNS = ("lr", "backbone_lr_mult", "batch_size", "accumulation_steps", "epochs", "gamma", "weight_decay",
                  "warmup_epochs", "eval_every")
 ATTENTION_COLUMNS = ("attention_depth", "attention_width", "gates", "output_mode", "reg_w")
+FIDELITY_COLUMNS = ("optimizer", "batchnorm_group", "stem", "shortcut", "classifier_init")
+"""The log-time code's settings (docs/MECHANISM.md §4) every variant has; blank where a backbone has no such option."""
+ATTENTION_FIDELITY_COLUMNS = ("tap_norm", "reg_masks")
 
 
 def table() -> list[dict[str, str]]:
@@ -55,8 +58,8 @@ def resolved(row: dict[str, str]) -> dict[str, object]:
         "backbone": model["backbone"],
         "pretrained": model["pretrained"] or "none",
         "milestones": "/".join(str(m) for m in train["milestones"]),
-        **{key: options.get(key, "") for key in ("depth", "width", "dropout")},
-        **{key: train[key] for key in TRAIN_COLUMNS},
+        **{key: options.get(key, "") for key in ("depth", "width", "dropout", "stem", "shortcut", "classifier_init")},
+        **{key: train[key] for key in (*TRAIN_COLUMNS, "optimizer", "batchnorm_group")},
     }
     if row["variant"] == "attention":
         values.update(config["variant"]["options"])
@@ -75,13 +78,41 @@ def test_the_table_holds_every_logged_attention_run_once() -> None:
 @pytest.mark.parametrize("row", table(), ids=lambda row: f"{row['recipe']}-{row['variant']}")
 def test_each_logged_run_has_a_recipe_with_exactly_its_settings(row: dict[str, str]) -> None:
     values = resolved(row)
-    compared = ("dataset", "depth", "width", "dropout", "pretrained", "milestones", *TRAIN_COLUMNS)
+    compared = ("dataset", "depth", "width", "dropout", "pretrained", "milestones", *TRAIN_COLUMNS, *FIDELITY_COLUMNS)
     if row["variant"] == "attention":
-        compared += ATTENTION_COLUMNS
+        compared += ATTENTION_COLUMNS + ATTENTION_FIDELITY_COLUMNS
     wrong = {key: (row[key], values[key]) for key in compared if row[key] != "" and not same(row[key], values[key])}
     assert not wrong, f"{row['recipe']} differs from {row['source']} (logged, recipe): {wrong}"
     # ResNeXt: the log does not say which one; every other backbone exactly
     assert str(values["backbone"]).startswith(row["backbone"])
+
+
+def test_every_logged_run_trains_with_its_log_time_optimizer_and_schedule() -> None:
+    """The issue-20 facts, stated once more outright: CIFAR plain momentum except the dropout
+    run (Nesterov); ResNeXt ImageNet drops after 31/61/91 epochs; every row names its code."""
+    for row in table():
+        values = resolved(row)
+        if row["dataset"] in ("cifar10", "cifar100"):
+            expected = "nesterov" if "dr=0.3" in row["run"] else "sgd"
+            assert values["optimizer"] == expected, row["run"]
+            assert values["batchnorm_group"] == 64  # ngpu 2 at batch 128
+            assert re.fullmatch(r"painless-attention\.pytorch@[0-9a-f]{7}", row["code"]), row["run"]
+        if row["dataset"] == "imagenet":
+            assert values["milestones"] == "31/61/91"
+
+
+def test_fidelity_released_restores_the_released_code_for_every_variant() -> None:
+    for recipe in sorted({row["recipe"] for row in table()}):
+        for run in expand_runs(load_recipe(RECIPES / f"{recipe}.toml", ["fidelity=released"])):
+            options = {**BACKBONES.get(run.config["model"]["backbone"], BACKBONES["wrn"]).options,
+                       **run.config["model"]["options"]}
+            assert run.config["train"]["optimizer"] == "nesterov" and run.config["train"]["batchnorm_group"] == 0
+            assert "logged" not in run.config and run.config["fidelity"] == "released"
+            if run.config["model"]["backbone"] == "wrn":
+                assert (options["stem"], options["shortcut"], options["classifier_init"]) == ("bn_relu", "input", "kaiming")
+            if run.variant_kind == "attention":
+                assert run.config["variant"]["options"]["reg_masks"] == "pooled"
+                assert run.config["variant"]["options"]["tap_norm"] == "shared"
 
 
 @pytest.mark.parametrize("recipe", sorted({row["recipe"] for row in table() if row["variant"] == "attention"}))
@@ -120,6 +151,18 @@ def test_the_dry_run_lines_state_the_logged_settings(row: dict[str, str]) -> Non
         assert f"wd {float(row['weight_decay']):g}" in caption
     if row["backbone_lr_mult"] not in ("", "1"):
         assert f"(backbone x{float(row['backbone_lr_mult']):g})" in caption
+    assert "fidelity logged" in caption
+    (run,) = [r for r in expand_runs(loaded) if r.variant_kind == "attention" and r.seed == loaded.recipe.seeds[0]
+              and r.fold in (None, 0)]
+    cell = logged_settings(run.config.get("logged"))  # the per-variant part of the settings column
+    caption_optimizer = loaded.recipe.train.optimizer
+    if row["optimizer"] and row["optimizer"] != caption_optimizer:
+        assert f"optimizer {row['optimizer']}" in cell
+    for key in ("batchnorm_group", "stem", "shortcut", "classifier_init", "tap_norm", "reg_masks"):
+        default = {"batchnorm_group": "0", "stem": "bn_relu", "shortcut": "input", "classifier_init": "kaiming",
+                   "tap_norm": "shared", "reg_masks": "pooled"}[key]
+        if row[key] and row[key] != default:
+            assert f"{key} {row[key]}" in cell, (key, cell)
 
 
 @pytest.mark.slow
@@ -133,3 +176,4 @@ def test_finebench_run_dry_run_prints_the_logged_settings(recipe: str) -> None:
                 f"output {row['output_mode']} reg_w {float(row['reg_w']):g}") in result.stdout
         assert f"lr {float(row['lr']):g}" in result.stdout
         assert f"lr x{float(row['gamma']):g} after epochs {row['milestones']}" in result.stdout
+        assert "as logged" in result.stdout and "fidelity logged" in result.stdout

@@ -35,6 +35,12 @@ class AttentionOptions(MethodOptions):
     output_mode: Literal["mixture", "50"] = "mixture"
     taps: list[str] = Field(default_factory=list)
     """Tap names instead of ``attention_depth`` (see ``finebench models --taps BACKBONE``)."""
+    reg_masks: Literal["pooled", "full"] = "pooled"
+    """The regulariser's masks: 2x2 average-pooled (released code) or full (the code of every
+    logged run but the CIFAR dropout run, docs/MECHANISM.md §4)."""
+    tap_norm: Literal["shared", "separate"] = "shared"
+    """CIFAR WRN only: modules on groups 0/1 read the next block's pre-activation (released code)
+    or ``relu(BatchNorm(group output))`` with BatchNorms of their own (painless-attention ea7d4af/1bf9ecf)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -58,6 +64,7 @@ class AttendAndRectifyMethod(Method):
     mixture = True
     draws_attention_maps = True
     profile_default = True
+    options_added_later = ("reg_masks", "tap_norm")  # issue 20
 
     def table_name(self, options: AttentionOptions) -> str:  # type: ignore[override]
         defaults = AttentionOptions(kind="attention")
@@ -78,9 +85,11 @@ class AttendAndRectifyMethod(Method):
 
     def attach(self, backbone: Backbone, num_classes: int, options: AttentionOptions) -> ImageClassifier:  # type: ignore[override]
         taps = backbone.named_taps(options.taps) if options.taps else backbone.attention_taps(options.attention_depth)
+        if options.tap_norm == "separate":
+            backbone.separate_tap_norms(taps)
         attention = AttendAndRectify.on_backbone(
             backbone, num_classes, taps, attention_width=options.attention_width, gates=options.gates,
-            reg_w=options.reg_w, output_mode=options.output_mode,
+            reg_w=options.reg_w, output_mode=options.output_mode, reg_masks=options.reg_masks,
         )
         return ImageClassifier(backbone, num_classes, attention)
 

@@ -138,6 +138,9 @@ class Method:
     """``finebench attend`` can draw its models' attention maps (``models.attention.AttentionModule``)."""
     profile_default: ClassVar[bool] = False
     """Profiled by ``finebench profile --backbone`` when no ``--variant`` is given (the reference method)."""
+    options_added_later: ClassVar[tuple[str, ...]] = ()
+    """Options added after runs were recorded: at their default they are left out of the report's
+    configuration labels, so old records (which lack them) group with new ones, as their run ids do."""
 
     # ---- recipe ----------------------------------------------------------------------------
 

@@ -25,6 +25,12 @@ from finebench.models.output import ModelOutput
 
 GATE_FUNCTIONS = ("softmax", "sigmoid", "none")
 OUTPUT_MODES = ("mixture", "50")
+REG_MASKS = ("pooled", "full")
+"""The masks the regulariser's Gram matrices read: average-pooled 2x2 (released code, from
+painless-attention 738122b on) or the full masks (every logged run but the CIFAR dropout run)."""
+TAP_NORMS = ("shared", "separate")
+"""Where a CIFAR WRN module reads groups 0/1: the next block's pre-activation (released code) or
+``relu(BatchNorm_i(group output))`` with a BatchNorm of its own (painless-attention ea7d4af, 1bf9ecf)."""
 SIGMOID_EPS = 1e-6
 """The authors' guard against an all-zero sigmoid gate sum."""
 
@@ -57,9 +63,10 @@ class AttentionModule(nn.Module):
     K·(N+2)-channel convolution ``conv`` (layout: ``fuse_head_weights``).
     """
 
-    def __init__(self, channels: int, num_classes: int, heads: int = 4) -> None:
+    def __init__(self, channels: int, num_classes: int, heads: int = 4, reg_masks: str = "pooled") -> None:
         super().__init__()
         self.heads = heads
+        self.pool_reg_masks = reg_masks == "pooled"
         self.num_classes = num_classes
         # The three heads read the same input, so they are one convolution: the same multiply-adds,
         # but one kernel instead of three (K-channel convolutions run far below oneDNN's peak) and
@@ -122,14 +129,15 @@ class AttentionModule(nn.Module):
 
     def mask_overlap(self, masks: torch.Tensor) -> torch.Tensor:
         """Inter-head regulariser (unweighted): mean of the squared off-diagonal Gram entries
-        of the 2x2 average-pooled masks, averaged over the batch and all K×K entries."""
+        of the 2x2 average-pooled (or, ``reg_masks="full"``, the whole) masks, averaged over the
+        batch and all K×K entries."""
         return self.weighted_overlap(masks, self.off_diagonal) / (masks.shape[0] * self.heads**2)
 
     def weighted_overlap(self, masks: torch.Tensor, entry_weights: torch.Tensor) -> torch.Tensor:
         """Σ over the batch and the K×K entries of w_ij·G_ij², G the Gram matrix of the 2x2
         average-pooled masks; ``entry_weights`` (1×K×K) carries the off-diagonal 0/1 mask and any
         constant factors (loss weight, mean), so the training step spends no kernel on them."""
-        pooled = F.avg_pool2d(masks, 2, 2).flatten(2)
+        pooled = (F.avg_pool2d(masks, 2, 2) if self.pool_reg_masks else masks).flatten(2)
         gram = torch.bmm(pooled, pooled.mT)
         return (gram * gram * entry_weights).sum()  # the mask is 0/1, so (G·mask)² = G²·mask
 
@@ -176,8 +184,11 @@ class AttendAndRectify(nn.Module):
         gates: str = "softmax",
         reg_w: float = 1e-3,
         output_mode: str = "mixture",
+        reg_masks: str = "pooled",
     ) -> None:
         super().__init__()
+        if reg_masks not in REG_MASKS:
+            raise ValueError(f"reg_masks={reg_masks!r}: expected one of {REG_MASKS}")
         if gates not in GATE_FUNCTIONS:
             raise ValueError(f"gates={gates!r}: expected one of {GATE_FUNCTIONS}")
         if output_mode not in OUTPUT_MODES:
@@ -187,7 +198,7 @@ class AttendAndRectify(nn.Module):
         self.reg_w = reg_w
         self.output_mode = output_mode
         self.attention_modules = nn.ModuleList(
-            AttentionModule(channels, num_classes, attention_width) for _, channels in taps
+            AttentionModule(channels, num_classes, attention_width, reg_masks) for _, channels in taps
         )
         sources = len(taps) + (1 if output_mode == "mixture" else 0)
         self.global_gate = GlobalGate(final_channels, sources) if gates != "none" else None

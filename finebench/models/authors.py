@@ -2,7 +2,10 @@
 
 Their ``WideResNetAttention`` and finebench's WRN + Attend and Rectify compute the same function;
 only parameter names differ. The converter maps every key explicitly and refuses unknown ones,
-so a strict load proves that nothing was dropped or left at its initial value.
+so a strict load proves that nothing was dropped or left at its initial value. It also reads the
+earlier layouts that produced their logs (painless-attention 844c4f8 to 1bf9ecf: final BatchNorm
+``bn``, tap BatchNorms ``pre_bn0``/``pre_bn1``), for a model built with the matching
+``stem``/``shortcut`` and ``tap_norm`` options (docs/MECHANISM.md §4).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def _rules(attention_taps: list[str]) -> list[tuple[re.Pattern[str], Callable[[r
         (re.compile(r"group_(\d)\.block_(\d+)\.conv_reduce\.(.+)"), lambda m: f"backbone.groups.{m[1]}.{m[2]}.shortcut.{m[3]}"),
         (re.compile(r"group_(\d)\.block_(\d+)\.((?:conv|bn)[01]\..+)"), lambda m: f"backbone.groups.{m[1]}.{m[2]}.{m[3]}"),
         (re.compile(r"bn_g2\.(.+)"), lambda m: f"backbone.final_bn.{m[1]}"),
+        (re.compile(r"bn\.(.+)"), lambda m: f"backbone.final_bn.{m[1]}"),  # before 9dcf338
+        (re.compile(r"pre_bn([01])\.(.+)"), lambda m: f"backbone.tap_norms.group{m[1]}.{m[2]}"),  # before 9dcf338
         (re.compile(r"classifier\.(.+)"), lambda m: f"classifier.{m[1]}"),
         (re.compile(r"att(\d)\.(att_head\.conv|out_head\.conv|score\.conv)\.weight"),
          lambda m: f"attention.attention_modules.{module_index(m[1])}.{_HEAD_NAMES[m[2]]}.weight"),
@@ -42,10 +47,18 @@ def _rules(attention_taps: list[str]) -> list[tuple[re.Pattern[str], Callable[[r
 
 
 def convert_authors_state_dict(
-    state_dict: Mapping[str, torch.Tensor], attention_taps: list[str]
+    state_dict: Mapping[str, torch.Tensor], attention_taps: list[str], *, sources_shallowest_first: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Rename the authors' keys to finebench's; their constant ``att_head.diag`` buffer is checked and dropped."""
+    """Rename the authors' keys to finebench's; their constant ``att_head.diag`` buffer is checked and dropped.
+
+    ``sources_shallowest_first``: their code before 9dcf338 appended the modules' outputs in
+    group order (group 0 first) where the released code and finebench put the deepest first, so
+    the global gate's rows (its linear layer and BatchNorm channels) for the modules are
+    reversed. That is a relabelling of the gate's outputs: the same function and the same
+    initial distribution, so finebench needs no option for it, only this reordering on loading.
+    """
     rules = _rules(attention_taps)
+    modules = len(attention_taps)
     converted: dict[str, torch.Tensor] = {}
     for raw_key, value in state_dict.items():
         key = raw_key.removeprefix("module.")  # saved from DataParallel
@@ -54,6 +67,8 @@ def convert_authors_state_dict(
             if not torch.equal(value.reshape(heads, heads).float(), 1 - torch.eye(heads)):
                 raise FinebenchError(f"authors' weights: {raw_key} is not 1 - I: this is not their AttentionHead")
             continue
+        if re.fullmatch(r"pre_bn2\..+", key):
+            continue  # created by their early code for group 2 but never used: that tap reads ``bn``
         for pattern, rename in rules:
             match = pattern.fullmatch(key)
             if match:
@@ -61,6 +76,11 @@ def convert_authors_state_dict(
                 break
         else:
             raise FinebenchError(f"authors' weights: key {raw_key!r} has no finebench counterpart")
+    if sources_shallowest_first:
+        order = list(reversed(range(modules)))
+        for key, value in converted.items():
+            if key.startswith("attention.global_gate.") and value.ndim >= 1 and not key.endswith("num_batches_tracked"):
+                converted[key] = torch.cat([value[order], value[modules:]])
     return converted
 
 

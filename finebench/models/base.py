@@ -59,6 +59,13 @@ class Backbone(nn.Module):
     def init_classifier(self, classifier: nn.Linear) -> None:
         """Initialise a fresh classifier the way this family's reference code does (default: torch's)."""
 
+    def separate_tap_norms(self, taps: Sequence[str]) -> None:
+        """Read ``taps`` through BatchNorms of their own (Attend and Rectify's ``tap_norm = "separate"``);
+        only the CIFAR WRN, whose authors' early code did this, implements it."""
+        raise FinebenchError(
+            f"tap_norm='separate' is implemented for the CIFAR WRN ('wrn') only, not {type(self).__name__}"
+        )
+
     # -- shared behaviour -------------------------------------------------------------------------
 
     def tap_point(self, name: str) -> TapPoint:

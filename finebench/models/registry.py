@@ -21,7 +21,7 @@ from finebench.models.resnext import CifarResNeXt
 from finebench.models.timm_backbone import TimmBackbone
 from finebench.models.torchvision import ARCHITECTURES, TorchvisionResNet
 from finebench.models.torchvision_nodes import TorchvisionNodeBackbone
-from finebench.models.wrn import WideResNet
+from finebench.models.wrn import CLASSIFIER_INITS, SHORTCUTS, STEMS, WideResNet
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class BackboneEntry:
 BACKBONES: dict[str, BackboneEntry] = {
     "wrn": BackboneEntry(
         WideResNet, "CIFAR pre-activation Wide ResNet WRN-d-k (authors' layout)",
-        {"depth": 28, "width": 10, "dropout": 0.0}, 10,
+        {"depth": 28, "width": 10, "dropout": 0.0, "stem": STEMS[0], "shortcut": SHORTCUTS[0],
+         "classifier_init": CLASSIFIER_INITS[0]}, 10,
     ),
     "resnext_cifar": BackboneEntry(
         CifarResNeXt, "CIFAR ResNeXt-d (cardinality x base_width d)",

@@ -2,8 +2,15 @@
 
 Layout: stem conv 3->16 + BN + ReLU; three groups of 16k/32k/64k channels (strides 1/2/2) of
 pre-activation blocks; final BN-ReLU, global average pool. The projection shortcut takes the
-block's raw input (not its pre-activated one), as the authors' code does, and each group's
+block's raw input (not its pre-activated one), as the authors' released code does, and each group's
 pre-activated output (the next group's first BN-ReLU) is the tap Attend and Rectify reads.
+
+The options ``stem``, ``shortcut`` and ``classifier_init`` and ``separate_tap_norms`` rebuild the
+code that produced the authors' logs, which differed from their release (docs/MECHANISM.md §4):
+the CIFAR baselines (painless-attention 844c4f8) and the first attention runs (ea7d4af, 1bf9ecf)
+had a conv-only stem, a projection shortcut on the pre-activated input and PyTorch's default
+classifier init; their attention taps on groups 0/1 were ``relu(BatchNorm_i(group output))``
+with BatchNorms of their own.
 """
 
 from __future__ import annotations
@@ -18,18 +25,29 @@ from finebench.errors import FinebenchError
 from finebench.models.base import Backbone, TapPoint
 
 GROUP_WIDTHS = (16, 32, 64)
+STEMS = ("bn_relu", "conv")
+"""``bn_relu``: conv + BN + ReLU (released code); ``conv``: the convolution alone (844c4f8 to 1bf9ecf)."""
+SHORTCUTS = ("input", "preactivated")
+"""What the 1x1 projection shortcut reads: the block's raw input (released code) or its
+pre-activated input, ``conv_reduce(relu(bn0(x)))`` (844c4f8 to 1bf9ecf)."""
+CLASSIFIER_INITS = ("kaiming", "default")
+"""``kaiming``: Kaiming-normal weight (finebench's choice, as their fine-tuning code does);
+``default``: PyTorch's own ``nn.Linear`` init, which every logged CIFAR run kept."""
 
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3, BN-ReLU-[channel dropout]-conv3x3, plus a shortcut; returns its pre-activation too."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, dropout: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, dropout: float, shortcut: str = "input"
+    ) -> None:
         super().__init__()
         self.bn0 = nn.BatchNorm2d(in_channels)
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.dropout = dropout
+        self.shortcut_reads_preactivated = shortcut == "preactivated"
         self.shortcut: nn.Module | None = None
         if in_channels != out_channels or stride != 1:
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
@@ -45,7 +63,10 @@ class PreActBlock(nn.Module):
         if self.dropout > 0:
             y = F.dropout2d(y, self.dropout, training=self.training)
         y = self.plugin(self.conv1(y))
-        shortcut = x if self.shortcut is None else self.shortcut(x)
+        if self.shortcut is None:
+            shortcut = x
+        else:
+            shortcut = self.shortcut(preactivated if self.shortcut_reads_preactivated else x)
         return y + shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,23 +76,32 @@ class PreActBlock(nn.Module):
 class WideResNet(Backbone):
     """WRN-depth-width; taps ``group0..group2`` are the pre-activated outputs of the three groups."""
 
-    def __init__(self, depth: int = 28, width: int = 10, dropout: float = 0.0) -> None:
+    def __init__(
+        self, depth: int = 28, width: float = 10, dropout: float = 0.0,
+        stem: str = "bn_relu", shortcut: str = "input", classifier_init: str = "kaiming",
+    ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise FinebenchError(f"wrn depth={depth} is invalid: expected 6n+4 with n >= 1 (10, 16, 22, 28, 40)")
-        if width < 1:
+        if width < 1 and not (width > 0 and all(float(w * width).is_integer() for w in GROUP_WIDTHS)):
+            # fractional widths with whole group widths (0.25: 4/8/16 channels) serve the golden tests
             raise FinebenchError(f"wrn width={width} is invalid: expected an integer >= 1")
         if not 0.0 <= dropout < 1.0:
             raise FinebenchError(f"wrn dropout={dropout} is invalid: expected 0 <= dropout < 1")
+        for option, value, allowed in (("stem", stem, STEMS), ("shortcut", shortcut, SHORTCUTS),
+                                       ("classifier_init", classifier_init, CLASSIFIER_INITS)):
+            if value not in allowed:
+                raise FinebenchError(f"wrn {option}={value!r} is invalid: expected one of {', '.join(allowed)}")
+        self.classifier_init = classifier_init
         blocks_per_group = (depth - 4) // 6
         widths = [int(w * width) for w in GROUP_WIDTHS]
         self.stem_conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(16)
+        self.stem_bn = nn.BatchNorm2d(16) if stem == "bn_relu" else None
         self.groups = nn.ModuleList()
         in_channels = 16
         for channels, stride in zip(widths, (1, 2, 2), strict=True):
             group = nn.ModuleList(
-                PreActBlock(in_channels if i == 0 else channels, channels, stride if i == 0 else 1, dropout)
+                PreActBlock(in_channels if i == 0 else channels, channels, stride if i == 0 else 1, dropout, shortcut)
                 for i in range(blocks_per_group)
             )
             self.groups.append(group)
@@ -82,12 +112,24 @@ class WideResNet(Backbone):
             TapPoint(f"group{g}", widths[g], 2**g, f"group {g} output after BN-ReLU") for g in range(3)
         )
         self.attention_candidates = ("group2", "group1", "group0")
+        self.tap_norms = nn.ModuleDict()
+        """``separate_tap_norms``: tap name -> the BatchNorm that tap reads the raw group output through."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight)
 
     def init_classifier(self, classifier: nn.Linear) -> None:
-        nn.init.kaiming_normal_(classifier.weight)
+        if self.classifier_init == "kaiming":
+            nn.init.kaiming_normal_(classifier.weight)
+
+    def separate_tap_norms(self, taps: Sequence[str]) -> None:
+        """Give the taps ``group0``/``group1`` among ``taps`` BatchNorms of their own: the tap becomes
+        ``relu(bn(group output))`` instead of the next block's pre-activation, as in the code of the
+        authors' first CIFAR attention runs (``pre_bn0``/``pre_bn1``, painless-attention ea7d4af).
+        ``group2`` keeps the final BN-ReLU, which their code also used for that tap."""
+        for tap in taps:
+            if tap in ("group0", "group1"):
+                self.tap_norms[tap] = nn.BatchNorm2d(self.tap_point(tap).channels)
 
     def residual_blocks(self) -> list[nn.Module]:
         return [block for group in self.groups for block in group]
@@ -101,13 +143,16 @@ class WideResNet(Backbone):
         def done() -> bool:
             return stop_after_taps and wanted.issubset(found)
 
-        x = F.relu(self.stem_bn(self.stem_conv(x)))
+        x = self.stem_conv(x)
+        if self.stem_bn is not None:
+            x = F.relu(self.stem_bn(x))
         for group_index, group in enumerate(self.groups):
             for block_index, block in enumerate(group):
                 preactivated = block.preactivate(x)
                 previous = f"group{group_index - 1}"
                 if block_index == 0 and previous in wanted:
-                    found[previous] = preactivated
+                    norm = self.tap_norms[previous] if previous in self.tap_norms else None
+                    found[previous] = preactivated if norm is None else F.relu(norm(x))
                     if done():
                         return None, found
                 x = block.residual(x, preactivated)

@@ -22,7 +22,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finebench.errors import FinebenchError
-from finebench.recipe import RUN_ID_EXCLUDE
+from finebench.methods import METHODS
+from finebench.recipe import RUN_ID_EXCLUDE, Recipe, TrainSection
 from finebench.report.stats import mean_class_accuracy
 
 CONFUSION_FILE = "confusion.json"
@@ -215,11 +216,27 @@ def run_settings(summary: RunSummary, config: Mapping[str, Any]) -> dict[str, An
     }
     for key, value in known.items():
         settings.setdefault(key, value)
-    ignored = set(IGNORED_SETTINGS)
+    ignored = set(IGNORED_SETTINGS) | {key for key, value in settings.items() if _at_schema_default(key, value)}
     if run_fold(config, summary) is not None:
         # On a k-fold protocol the splits follow from the held-out fold: they vary with it.
         ignored |= {"dataset.train_split", "dataset.test_split"}
     return {k: v for k, v in settings.items() if k not in ignored}
+
+
+ADDED_SETTINGS: dict[str, Any] = {
+    "fidelity": Recipe.model_fields["fidelity"].default,
+    "train.batchnorm_group": TrainSection.model_fields["batchnorm_group"].default,
+    **{f"variant.options.{name}": method.Options.model_fields[name].default
+       for method in METHODS.values() for name in method.options_added_later},
+}
+"""Settings added after runs were recorded (issue 20), with their schema defaults."""
+
+
+def _at_schema_default(key: str, value: Any) -> bool:
+    """A setting added later, at its default, or a record derived from the others (``logged.*``):
+    runs written before the setting existed lack it and must group with runs that hold its
+    default, as their run ids already do (ids hash only what differs from the defaults)."""
+    return key.startswith("logged.") or (key in ADDED_SETTINGS and value == ADDED_SETTINGS[key])
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:

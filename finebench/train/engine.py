@@ -29,6 +29,7 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.methods.base import Method, MicroBatch
+from finebench.models.batchnorm import convert_ghost_batchnorm
 from finebench.models.output import ModelOutput, mixture_loss
 from finebench.recipe import TrainSection
 from finebench.train.optim import build_optimizer, build_scheduler
@@ -691,6 +692,8 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if train.batchnorm_group:
+        convert_ghost_batchnorm(model, train.batchnorm_group)
     configure_backends(device)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, len(train_loader))
@@ -809,6 +812,8 @@ def build_train_step(
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if train.batchnorm_group:
+        convert_ghost_batchnorm(model, train.batchnorm_group)
     configure_backends(device)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, steps_per_epoch)
