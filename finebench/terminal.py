@@ -9,16 +9,24 @@ report can use this module without loading torch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.table import Table
 
-from finebench.recipe import LoadedRecipe, held_out_folds
+from finebench.recipe import LoadedRecipe, RunSpec, held_out_folds
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from finebench.runner import RunOutcome
+
+class RunOutcome(Protocol):
+    """What a run's row shows (``finebench.runner.RunOutcome``), named here so this module imports no runner."""
+
+    run: RunSpec
+    status: str
+    summary: dict[str, Any]
+    state: str | None
+    data: str | None
 
 
 def backbone_label(backbone: str, options: Mapping[str, Any]) -> str:
