@@ -262,36 +262,73 @@ def run_command(
     restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint and records of every selected run that is not finished (interrupted, failed or unreadable) and train it from epoch 1; finished runs are kept."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N data-parallel workers on this machine (torchrun; one GPU each on CUDA). Leave it out under torchrun."),
     dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="Seconds a worker waits for the others before the job fails (distributed runs)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Train N runs at once, one process each (round-robin over the visible GPUs; on a CPU each gets its share of the cores)."),
+    submit: str | None = typer.Option(None, "--submit", help="slurm: submit the runs as a job array (submitit, pip install 'finebench[slurm]'); local: the same path on this machine."),
+    partition: str | None = typer.Option(None, "--partition", help="Slurm partition (with --submit)."),
+    gpus_per_run: int = typer.Option(1, "--gpus-per-run", min=0, help="GPUs per array task; more than one trains each run with DDP (with --submit)."),
+    time_limit: int = typer.Option(24 * 60, "--time-limit", min=1, help="Minutes per array task; one that reaches it is requeued and resumes (with --submit)."),
+    array_parallelism: int | None = typer.Option(None, "--array-parallelism", min=1, help="Array tasks running at once \\[default: all] (with --submit)."),
+    array_tasks: int | None = typer.Option(None, "--array-tasks", min=1, help="Array tasks; task i takes the runs at positions i mod N \\[default: one per run] (with --submit)."),
+    share: str | None = typer.Option(None, "--share", hidden=True, help="I/N: only the runs at positions I mod N (one array task)."),
+    job_of: str | None = typer.Option(None, "--job-of", hidden=True, help="One job of --jobs started at this UTC time: progress as JSON lines, no table."),
 ) -> None:
     """Train every variant × seed of a recipe; finished runs are skipped, interrupted ones resumed.
 
-    Several workers: --nproc-per-node N on this machine, or torchrun ... -m finebench run RECIPE on each machine. The recipe's batch size is the global batch.
+    Several runs at once: --jobs N on this machine, --submit slurm on a cluster. Several workers for each run: --nproc-per-node N on this machine, or torchrun ... -m finebench run RECIPE on each machine. The recipe's batch size is the global batch.
 
     Exit status: 0 when every run is finished (now or earlier); 1 when a run failed (its loss became non-finite, now or earlier) or a disk error stopped it; 2 for bad input (recipe, options, unreadable records); 3 when runs were left to another process training them; 130 when interrupted (Ctrl-C), the run then resumes on the next invocation.
     """
     import time
 
-    from finebench.plan import check_before_launch
+    from finebench.jobs import JsonProgress
+    from finebench.plan import check_before_launch, parse_share
     from finebench.recipe import load_recipe
     from finebench.runner import exit_code, run_recipe
-    from finebench.terminal import run_tables
     from finebench.train.distributed import distributed_context, launch_workers
 
     loaded = load_recipe(recipe, overrides)
+    share_of = parse_share(share) if share else None
+    run_argv = [
+        *(["--debug"] if _state["debug"] else []), "run", recipe, "--results-dir", results_dir,
+        *(["--data-root", data_root] if data_root else []),
+        *[arg for value in overrides for arg in ("--set", value)],
+        *[arg for value in only for arg in ("--only", value)],
+        *(["--quiet"] if quiet else []), *(["--retry-failed"] if retry_failed else []),
+        *(["--restart"] if restart else []),
+        "--dist-timeout", str(dist_timeout),
+    ]
+    if sum([jobs > 1, submit is not None, nproc_per_node > 1]) > 1:
+        raise FinebenchError("--jobs, --submit and --nproc-per-node: give one of them (--submit takes --gpus-per-run)")
+    if submit is not None and not dry_run:
+        from finebench.cluster import submit as submit_array
+
+        submitted = submit_array(
+            loaded, run_argv, cluster=submit, results_dir=Path(results_dir),
+            data_root=Path(data_root) if data_root else None, only=only, retry_failed=retry_failed, restart=restart,
+            partition=partition, gpus_per_run=gpus_per_run, time_limit_min=time_limit,
+            array_parallelism=array_parallelism, array_tasks=array_tasks,
+        )
+        ids = ", ".join(job.job_id for job in submitted) or "nothing (every run is finished or failed)"
+        err_console.print(f"{loaded.name}: submitted {len(submitted)} array task(s): {ids}; "
+                          f"rerun the same command to resume what a dead task left", highlight=False, soft_wrap=True)
+        return
     if nproc_per_node > 1 and not dry_run:
         check_before_launch(loaded, Path(data_root) if data_root else None, nproc_per_node)
-        worker_argv = [
-            *(["--debug"] if _state["debug"] else []), "run", recipe, "--results-dir", results_dir,
-            *(["--data-root", data_root] if data_root else []),
-            *[arg for value in overrides for arg in ("--set", value)],
-            *[arg for value in only for arg in ("--only", value)],
-            *(["--quiet"] if quiet else []), *(["--retry-failed"] if retry_failed else []),
-            *(["--restart"] if restart else []),
-            "--dist-timeout", str(dist_timeout),
-        ]
-        launch_workers(nproc_per_node, worker_argv)
+        launch_workers(nproc_per_node, [*run_argv, *(["--share", share] if share else [])])
         return
     started = time.perf_counter()
+    if jobs > 1 and not dry_run:
+        from finebench.jobs import run_jobs
+
+        outcomes, code = run_jobs(
+            loaded, count=jobs, child_args=run_argv, results_dir=Path(results_dir),
+            data_root=Path(data_root) if data_root else None, only=only, quiet=quiet,
+            retry_failed=retry_failed, restart=restart,
+        )
+        _print_run_tables(loaded, outcomes, dry_run=False, wall=time.perf_counter() - started)
+        if code:
+            raise typer.Exit(code)
+        return
     train = loaded.recipe.train
     with distributed_context(train.device, sync_batchnorm=train.sync_batchnorm, timeout_s=dist_timeout) as ctx:
         outcomes = run_recipe(
@@ -304,19 +341,27 @@ def run_command(
             retry_failed=retry_failed,
             restart=restart,
             ctx=ctx,
+            share=share_of,
+            since=job_of,
+            make_progress=JsonProgress if job_of else None,
         )
-    wall = time.perf_counter() - started
-    stdout = Console()
-    table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
-    if ctx.is_main:
-        for part in run_tables(loaded, outcomes, dry_run=dry_run, wall_s=wall):
-            if isinstance(part, str):
-                table_console.print(part, soft_wrap=True, highlight=False)
-            else:
-                table_console.print(part)
+    if ctx.is_main and not job_of:  # a job of --jobs leaves the table to the command that started it
+        _print_run_tables(loaded, outcomes, dry_run=dry_run, wall=time.perf_counter() - started)
     code = exit_code(outcomes)
     if code:
         raise typer.Exit(code)
+
+
+def _print_run_tables(loaded: Any, outcomes: Any, *, dry_run: bool, wall: float) -> None:
+    from finebench.terminal import run_tables
+
+    stdout = Console()
+    table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
+    for part in run_tables(loaded, outcomes, dry_run=dry_run, wall_s=wall):
+        if isinstance(part, str):
+            table_console.print(part, soft_wrap=True, highlight=False)
+        else:
+            table_console.print(part)
 
 
 @app.command("bench")

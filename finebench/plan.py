@@ -107,6 +107,17 @@ def build_run_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: 
     )
 
 
+def parse_share(text: str) -> tuple[int, int]:
+    """``--share I/N`` (array task I of N, from 0) as ``(I, N)``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise FinebenchError(f"--share {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise FinebenchError(f"--share {text!r}: expected 0 <= I < N")
+    return index, count
+
+
 @dataclass
 class Plan:
     """A recipe's runs and where they stand on disk, as found before anything is locked or written."""
@@ -124,11 +135,21 @@ class Plan:
         return self.chosen_root.path
 
 
-def plan_runs(loaded: LoadedRecipe, *, results_dir: Path, data_root: Path | None, only: Sequence[str]) -> Plan:
-    """The runs ``only`` selects, their folders and states; a file where a results folder belongs stops here."""
+def plan_runs(
+    loaded: LoadedRecipe, *, results_dir: Path, data_root: Path | None, only: Sequence[str],
+    share: tuple[int, int] | None = None,
+) -> Plan:
+    """The runs ``only`` selects, their folders and states; a file where a results folder belongs stops here.
+
+    ``share = (i, n)``: only the runs at positions i, i + n, i + 2n, ... of the recipe's expansion
+    (array task i of n), so the tasks of a job array take disjoint runs without a shared lock.
+    """
     from finebench.data.registry import get_spec
 
     runs = expand_runs(loaded, only)
+    if share is not None:
+        index, count = share
+        runs = [run for position, run in enumerate(runs) if position % count == index]
     results_dir = Path(results_dir)
     chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
     num_classes = get_spec(loaded.recipe.dataset.name).num_classes

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from finebench.terminal import backbone_label
 from finebench.train.events import TensorBoardLog
 from finebench.train.engine import (
     DistContext,
+    Progress,
     RichProgress,
     Runtime,
     SilentProgress,
@@ -164,6 +165,7 @@ def _execute(
     ctx: DistContext,
     quiet: bool,
     console: Console,
+    make_progress: Callable[[str], Progress] | None = None,
 ) -> dict[str, Any]:
     """Train one run inside its lock and return its final summary."""
     train = loaded.recipe.train
@@ -187,7 +189,9 @@ def _execute(
         run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
         run_dir.write_summary(_summary(loaded, run, status="running", rows=run_dir.read_metrics(), **common))
     label = f"{run.variant_name} seed {run.seed}"
-    progress = SilentProgress() if quiet or not ctx.is_main else RichProgress(label, console)
+    progress: Progress = SilentProgress()
+    if not quiet and ctx.is_main:
+        progress = make_progress(label) if make_progress is not None else RichProgress(label, console)
     events = TensorBoardLog(run_dir.path) if ctx.is_main else None
 
     def on_epoch(row: Mapping[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -210,8 +214,9 @@ def _execute(
     except OSError as error:
         raise FinebenchError(f"{label}: {error}; {_how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
     finally:
-        if isinstance(progress, RichProgress):
-            progress.close()
+        close = getattr(progress, "close", None)
+        if close is not None:
+            close()
         if events is not None:
             events.close()
     summary = _summary(
@@ -232,6 +237,12 @@ def _execute(
     return summary
 
 
+def _touched_since(run_dir: RunDir, since: str) -> bool:
+    """Whether another process of the same command started, restarted or failed this run (times in ``utc_now`` form)."""
+    summary = run_dir.summary() or {}
+    return max(summary.get("started_at") or "", summary.get("finished_at") or "") >= since
+
+
 def _how_to_go_on(run_dir: RunDir) -> str:
     if run_dir.checkpoint_path.is_file():
         return f"the run is resumable from its last saved epoch ({run_dir.checkpoint_path}): rerun the same command"
@@ -250,15 +261,24 @@ def run_recipe(
     restart: bool = False,
     ctx: DistContext | None = None,
     console: Console | None = None,
+    share: tuple[int, int] | None = None,
+    since: str | None = None,
+    make_progress: Callable[[str], Progress] | None = None,
 ) -> list[RunOutcome]:
     """Train every run of a recipe that is not finished yet; the result has one outcome per run.
 
     ``restart`` discards the checkpoint and records of every selected run that is not finished
     (interrupted, failed or unreadable) and trains it from epoch 1.
+
+    Several processes on one recipe (``--jobs``, a Slurm array): ``share = (i, n)`` keeps the runs
+    whose position is i mod n; ``since`` is when the command that started the processes began, and
+    a run another of them started, restarted or failed after it is left alone (``--retry-failed``
+    and ``--restart`` act once per run, not once per process). ``make_progress(label)`` replaces
+    the terminal's progress bar (the ``--jobs`` view reads the jobs' progress as JSON lines).
     """
     ctx = ctx or DistContext()
     console = console or Console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
-    plan = plan_runs(loaded, results_dir=Path(results_dir), data_root=data_root, only=only)
+    plan = plan_runs(loaded, results_dir=Path(results_dir), data_root=data_root, only=only, share=share)
     runs, run_dirs, states, data_root = plan.runs, plan.run_dirs, plan.states, plan.data_root
 
     if dry_run:
@@ -294,6 +314,8 @@ def run_recipe(
                     held.enter_context(run_dir.lock())
                     # Another process may have finished or failed it since the plan was made.
                     decision = decide(run_dir.state(), retry_failed=retry_failed, restart=restart)
+                    if decision == "train" and since is not None and _touched_since(run_dir, since):
+                        decision = "skipped-failed" if run_dir.state().kind == "failed" else "locked"
                 except RunLocked:
                     decision = "locked"
                 if decision == "train" and restart:
@@ -313,7 +335,7 @@ def run_recipe(
             else:
                 summary = _execute(
                     loaded, run, run_dir, data_root=data_root, costs=plan.costs, num_classes=plan.num_classes,
-                    ctx=ctx, quiet=quiet, console=console,
+                    ctx=ctx, quiet=quiet, console=console, make_progress=make_progress,
                 )
                 outcomes.append(RunOutcome(run, run_dir.path, summary["status"], summary))
     return outcomes

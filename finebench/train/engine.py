@@ -447,6 +447,17 @@ class SilentProgress:
         pass
 
 
+def epoch_line(label: str, row: Mapping[str, Any]) -> str:
+    """The line printed when an epoch ends (its metrics row), here and in the ``--jobs`` view."""
+    line = f"{label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}"
+    if row.get("test_top1") is not None:
+        line += f"  test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.2f}  top-5 {row['test_top5']:.2f}"
+    if row.get("network_top1") is not None:
+        line += f"  network {row['network_top1']:.2f}"
+    line += f"  {row['images_per_s']:,.0f} img/s  {row['epoch_time_s']:.1f}s"
+    return line
+
+
 class RichProgress:
     """A transient bar per epoch (images/s, loss, lr, ETA) and one printed line per finished epoch."""
 
@@ -479,13 +490,7 @@ class RichProgress:
         self._progress.update(self._task, completed=steps_done, stats=stats)
 
     def end_epoch(self, row: Mapping[str, Any]) -> None:
-        line = f"{self.label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}"
-        if row.get("test_top1") is not None:
-            line += f"  test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.2f}  top-5 {row['test_top5']:.2f}"
-        if row.get("network_top1") is not None:
-            line += f"  network {row['network_top1']:.2f}"
-        line += f"  {row['images_per_s']:,.0f} img/s  {row['epoch_time_s']:.1f}s"
-        self._progress.console.print(line, highlight=False, soft_wrap=True)
+        self._progress.console.print(epoch_line(self.label, row), highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         self._progress.console.print(text, highlight=False)
