@@ -20,6 +20,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,7 @@ def _view(jobs: Sequence[Job], events: queue.Queue, plan: Any, to_train: Sequenc
     tasks = {job.index: progress.add_task(f"job {job.index + 1} ({job.where}) starting", total=None, stats="")
              for job in jobs}
     where = {job.index: job.where for job in jobs}
-    open_streams = 2 * len(jobs)
+    open_streams, next_count = 2 * len(jobs), 0.0
     with progress:
         while open_streams:
             try:
@@ -198,8 +199,10 @@ def _view(jobs: Sequence[Job], events: queue.Queue, plan: Any, to_train: Sequenc
                 _show_event(progress, tasks[job], f"job {job + 1} ({where[job]})", line)
             elif kind == "err" and line and not any(quiet in line for quiet in QUIET_LINES):
                 progress.console.print(f"job {job + 1}: {line}", highlight=False, soft_wrap=True, markup=False)
-            done = sum(plan.run_dirs[run.run_id].state().kind in ("finished", "failed") for run in to_train)
-            progress.update(total, completed=done)
+            if time.monotonic() >= next_count:  # the runs' records, read twice a second at most
+                next_count = time.monotonic() + 0.5
+                done = sum(plan.run_dirs[run.run_id].state().kind in ("finished", "failed") for run in to_train)
+                progress.update(total, completed=done)
 
 
 def _show_event(progress: Progress, task: Any, name: str, line: str) -> None:
