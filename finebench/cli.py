@@ -311,6 +311,13 @@ def run_command(
         ids = ", ".join(job.job_id for job in submitted) or "nothing (every run is finished or failed)"
         err_console.print(f"{loaded.name}: submitted {len(submitted)} array task(s): {ids}; "
                           f"rerun the same command to resume what a dead task left", highlight=False, soft_wrap=True)
+        if submit == "local":  # the tasks are this machine's processes: wait for them, as a plain run would
+            failed = [job for job in submitted if job.exception() is not None]
+            for job in failed:
+                err_console.print(f"task {job.job_id} failed, its log: {job.paths.stderr}", highlight=False,
+                                  soft_wrap=True)
+            if failed:
+                raise typer.Exit(1)
         return
     if nproc_per_node > 1 and not dry_run:
         check_before_launch(loaded, Path(data_root) if data_root else None, nproc_per_node)

@@ -88,7 +88,7 @@ def submit(
     check_before_launch(loaded, data_root, gpus_per_run)
     count = min(array_tasks or len(plan.runs), len(plan.runs))
     folder = Path(results_dir) / ".submitit" / loaded.name
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     parameters: dict[str, Any] = {"name": f"finebench-{loaded.name}", "timeout_min": time_limit_min,
                                   "gpus_per_node": gpus_per_run, "tasks_per_node": 1, "nodes": 1}
     if cluster == "slurm":
