@@ -117,3 +117,14 @@ def test_a_run_another_job_failed_or_restarted_after_the_command_began_is_left_a
     (retried,) = run_recipe(loaded, results_dir=results, data_root=data_root, quiet=True, retry_failed=True,
                             since="9999-01-01T00:00:00Z")
     assert retried.status == "finished"
+
+
+def test_jobs_with_another_way_of_spreading_work_is_one_line(tmp_path) -> None:
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tiny_recipe())
+    done = subprocess.run([sys.executable, "-m", "finebench", "run", str(recipe), "--jobs", "2", "--nproc-per-node", "2",
+                           "--results-dir", str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: --jobs, --submit and --nproc-per-node: give one of them "
+                                   "(--submit takes --gpus-per-run)")
+    assert not (tmp_path / "results").exists()
