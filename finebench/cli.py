@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 import typer.core
@@ -102,9 +103,6 @@ def _global_options(
     _state["debug"] = debug
 
 
-# ---- models and cost (issue 2) -------------------------------------------------------------
-
-
 @app.command("models")
 def models_command(
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -118,9 +116,8 @@ def models_command(
     import dataclasses
     import json
 
-    from rich.table import Table
-
     from finebench.models import list_backbones
+    from finebench.terminal import backbones_table
 
     if taps is not None:
         _print_taps(taps, json_output)
@@ -132,20 +129,7 @@ def models_command(
     if json_output:
         typer.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
         return
-    table = Table(title="finebench backbones (params at the default options, incl. classifier)")
-    for column in ("backbone", "defaults", "tap points (channels@stride)", "params"):
-        table.add_column(column, justify="right" if column == "params" else "left", overflow="fold")
-    for info in infos:
-        defaults = [f"{k}={v}" for k, v in info.default_options.items()] + [f"N={info.num_classes}"]
-        table.add_row(
-            f"{info.name}\n[dim]{info.description}[/]", " ".join(defaults),
-            " ".join(f"{t.name}:{t.channels}@{t.stride}" for t in info.tap_points),
-            f"{info.params / 1e6:.2f}M",
-        )
-    table.caption = "Attend and Rectify uses the attention taps deepest first: " + "; ".join(
-        f"{info.name}: {', '.join(info.attention_taps)}" for info in infos[:3]
-    )
-    Console().print(table)
+    Console().print(backbones_table(infos))
     Console().print("Any timm or torchvision CNN works too: timm:<name>, torchvision:<name> (see --taps NAME).")
 
 
@@ -174,24 +158,14 @@ def _print_taps(name: str, json_output: bool) -> None:
     import dataclasses
     import json
 
-    from rich.table import Table
-
     from finebench.models.registry import list_taps
+    from finebench.terminal import taps_table
 
     listing = list_taps(name)
     if json_output:
         typer.echo(json.dumps(dataclasses.asdict(listing), indent=2))
         return
-    table = Table(title=f"{name}: tap points", caption=(
-        f"attention_depth = D uses the D deepest taps before the final stage; or name them: taps = [...]. "
-        f"Final features: {listing.out_channels} channels."
-    ))
-    for column in ("tap", "channels", "stride", "joins at attention_depth"):
-        table.add_column(column, justify="left" if column == "tap" else "right")
-    for tap in listing.tap_points:
-        depth = listing.attention_candidates.index(tap.name) + 1 if tap.name in listing.attention_candidates else None
-        table.add_row(tap.name, str(tap.channels), str(tap.stride), str(depth) if depth else "-")
-    Console().print(table)
+    Console().print(taps_table(name, listing))
 
 
 @app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -220,9 +194,9 @@ def profile_command(
     """
     import json
 
-    from rich.table import Table
-
     from finebench.profile import FLOP_CONVENTION, method_variants, profile_recipe, profile_spec
+    from finebench.terminal import profile_tables
+
 
     method_flags = list(ctx.args)
     if recipe is not None and recipe.startswith("--"):  # an unknown option (a method's) taken as the recipe
@@ -245,53 +219,11 @@ def profile_command(
     if json_output:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
-    options = ", ".join(f"{k}={v}" for k, v in report.backbone_options.items())
-    name = f"{report.backbone} ({options})" if options else report.backbone
-    table = Table(
-        title=f"{name} · N={report.num_classes} · {report.input_size}×{report.input_size}",
-        caption=f"FLOPs: {FLOP_CONVENTION}",
-    )
-    for column in ("variant", "taps (channels@stride)", "params", "params +%", "FLOPs", "FLOPs +%", "test passes",
-                   "train passes"):
-        table.add_column(column, justify="left" if column in ("variant", "taps (channels@stride)") else "right")
-    for row in report.rows:
-        table.add_row(
-            row.label, " ".join(f"{t['tap']}:{t['channels']}@{t['stride']}" for t in row.taps) or "-",
-            f"{row.params:,}", f"{row.params_overhead_pct:+.2f}%",
-            f"{row.flops / 1e9:.3f} G", f"{row.flops_overhead_pct:+.2f}%",
-            str(row.test_forward_passes), str(row.train_passes_per_image),
-        )
-    Console().print(table)
-    baseline_flops = report.rows[0].flops
-    for label, costs in report.early_prediction.items():
-        early_table = Table(title=f"{label}: early prediction with one module (backbone up to its tap + module)")
-        for column in ("tap", "FLOPs", "% of baseline"):
-            early_table.add_column(column, justify="left" if column == "tap" else "right")
-        for tap, flops in costs.items():
-            early_table.add_row(tap, f"{flops / 1e9:.3f} G", f"{100 * flops / baseline_flops:.1f}%")
-        Console().print(early_table)
+    for table in profile_tables(report, FLOP_CONVENTION):
+        Console().print(table)
 
-
-# ---- datasets (issue 3) --------------------------------------------------------------------
-
-from pathlib import Path  # noqa: E402  (kept inside this section: cli.py is shared by sections)
-from typing import Optional  # noqa: E402
 
 _DATA_ROOT_HELP = "Folder of prepared datasets \\[default: $FINEBENCH_DATA, else data]."
-
-
-def _human_bytes(size: int | None) -> str:
-    if size is None:
-        return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return ""
-
-
-def _first_sentence(text: str) -> str:
-    return text.split(". ", 1)[0].rstrip(".")
 
 
 @app.command("datasets")
@@ -302,10 +234,9 @@ def datasets_command(
     """List every known dataset: classes, splits, protocol, terms, source, and whether it is prepared here."""
     import json
 
-    from rich.table import Table
-
     from finebench.data.prepare import dataset_overview
     from finebench.data.root import resolve_data_root
+    from finebench.terminal import datasets_table
 
     data_root = resolve_data_root(data_root)
     rows = dataset_overview(data_root)
@@ -313,25 +244,7 @@ def datasets_command(
         typer.echo(json.dumps(rows, indent=2))
         return
     console = Console()
-    # prose columns only where they fit: rich would otherwise squeeze the names out of a narrow table
-    wide = console.width >= 150
-    table = Table(title=f"datasets (prepared in {data_root}; protocol and terms with --json)")
-    table.add_column("name", no_wrap=True)
-    table.add_column("classes", no_wrap=True, justify="right")
-    table.add_column("splits")
-    table.add_column("source")
-    table.add_column("prepared")
-    if wide:
-        for column in ("terms", "protocol"):
-            table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=40)
-    for row in rows:
-        splits = " / ".join(f"{k} {v:,}" for k, v in row["splits"].items()) or "folds"
-        prepared = f"yes ({_human_bytes(row['size_bytes'])})" if row["prepared"] else "no"
-        cells = [row["name"], str(row["classes"]), splits, row["source"], prepared]
-        if wide:
-            cells += [_first_sentence(row["terms"]), _first_sentence(row["protocol"])]
-        table.add_row(*cells)
-    console.print(table)
+    console.print(datasets_table(rows, data_root, wide=console.width >= 150))
 
 
 @app.command("prepare")
@@ -358,9 +271,6 @@ def prepare_command(
     )
 
 
-# ---- training (issues 4, 6, 7) -------------------------------------------------------------
-
-
 @app.command("run")
 def run_command(
     recipe: str = typer.Argument(..., help="Recipe TOML file, e.g. recipes/quickstart.toml."),
@@ -374,42 +284,80 @@ def run_command(
     restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint and records of every selected run that is not finished (interrupted, failed or unreadable) and train it from epoch 1; finished runs are kept."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N data-parallel workers on this machine (torchrun; one GPU each on CUDA). Leave it out under torchrun."),
     dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="Seconds a worker waits for the others before the job fails (distributed runs)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Train N runs at once, one process each (round-robin over the visible GPUs; on a CPU each gets its share of the cores)."),
+    submit: str | None = typer.Option(None, "--submit", help="slurm: submit the runs as a job array (submitit, pip install 'finebench[slurm]'); local: the same path on this machine."),
+    partition: str | None = typer.Option(None, "--partition", help="Slurm partition (with --submit)."),
+    gpus_per_run: int = typer.Option(1, "--gpus-per-run", min=0, help="GPUs per array task; more than one trains each run with DDP (with --submit)."),
+    time_limit: int = typer.Option(24 * 60, "--time-limit", min=1, help="Minutes per array task; one that reaches it is requeued and resumes (with --submit)."),
+    array_parallelism: int | None = typer.Option(None, "--array-parallelism", min=1, help="Array tasks running at once \\[default: all] (with --submit)."),
+    array_tasks: int | None = typer.Option(None, "--array-tasks", min=1, help="Array tasks; task i takes the runs at positions i mod N \\[default: one per run] (with --submit)."),
+    share: str | None = typer.Option(None, "--share", hidden=True, help="I/N: only the runs at positions I mod N (one array task)."),
+    job_of: str | None = typer.Option(None, "--job-of", hidden=True, help="One job of --jobs started at this UTC time: progress as JSON lines, no table."),
 ) -> None:
     """Train every variant × seed of a recipe; finished runs are skipped, interrupted ones resumed.
 
-    Several workers: --nproc-per-node N on this machine, or torchrun ... -m finebench run RECIPE on each machine. The recipe's batch size is the global batch.
+    Several runs at once: --jobs N on this machine, --submit slurm on a cluster. Several workers for each run: --nproc-per-node N on this machine, or torchrun ... -m finebench run RECIPE on each machine. The recipe's batch size is the global batch.
 
     Exit status: 0 when every run is finished (now or earlier); 1 when a run failed (its loss became non-finite, now or earlier) or a disk error stopped it; 2 for bad input (recipe, options, unreadable records); 3 when runs were left to another process training them; 130 when interrupted (Ctrl-C), the run then resumes on the next invocation.
     """
     import time
-    from pathlib import Path
 
+    from finebench.jobs import JsonProgress
+    from finebench.plan import check_before_launch, parse_share
     from finebench.recipe import load_recipe
-    from finebench.runner import (
-        check_before_launch,
-        exit_code,
-        outcome_table,
-        recipe_settings,
-        run_recipe,
-        variant_table,
-    )
+    from finebench.runner import exit_code, run_recipe
     from finebench.train.distributed import distributed_context, launch_workers
 
     loaded = load_recipe(recipe, overrides)
+    share_of = parse_share(share) if share else None
+    run_argv = [
+        *(["--debug"] if _state["debug"] else []), "run", recipe, "--results-dir", results_dir,
+        *(["--data-root", data_root] if data_root else []),
+        *[arg for value in overrides for arg in ("--set", value)],
+        *[arg for value in only for arg in ("--only", value)],
+        *(["--quiet"] if quiet else []), *(["--retry-failed"] if retry_failed else []),
+        *(["--restart"] if restart else []),
+        "--dist-timeout", str(dist_timeout),
+    ]
+    if sum([jobs > 1, submit is not None, nproc_per_node > 1]) > 1:
+        raise FinebenchError("--jobs, --submit and --nproc-per-node: give one of them (--submit takes --gpus-per-run)")
+    if submit is not None and not dry_run:
+        from finebench.cluster import submit as submit_array
+
+        submitted = submit_array(
+            loaded, run_argv, cluster=submit, results_dir=Path(results_dir),
+            data_root=Path(data_root) if data_root else None, only=only, retry_failed=retry_failed, restart=restart,
+            partition=partition, gpus_per_run=gpus_per_run, time_limit_min=time_limit,
+            array_parallelism=array_parallelism, array_tasks=array_tasks,
+        )
+        ids = ", ".join(job.job_id for job in submitted) or "nothing (every run is finished or failed)"
+        err_console.print(f"{loaded.name}: submitted {len(submitted)} array task(s): {ids}; "
+                          f"rerun the same command to resume what a dead task left", highlight=False, soft_wrap=True)
+        if submit == "local":  # the tasks are this machine's processes: wait for them, as a plain run would
+            failed = [job for job in submitted if job.exception() is not None]
+            for job in failed:
+                err_console.print(f"task {job.job_id} failed, its log: {job.paths.stderr}", highlight=False,
+                                  soft_wrap=True)
+            if failed:
+                raise typer.Exit(1)
+        return
     if nproc_per_node > 1 and not dry_run:
         check_before_launch(loaded, Path(data_root) if data_root else None, nproc_per_node)
-        worker_argv = [
-            *(["--debug"] if _state["debug"] else []), "run", recipe, "--results-dir", results_dir,
-            *(["--data-root", data_root] if data_root else []),
-            *[arg for value in overrides for arg in ("--set", value)],
-            *[arg for value in only for arg in ("--only", value)],
-            *(["--quiet"] if quiet else []), *(["--retry-failed"] if retry_failed else []),
-            *(["--restart"] if restart else []),
-            "--dist-timeout", str(dist_timeout),
-        ]
-        launch_workers(nproc_per_node, worker_argv)
+        launch_workers(nproc_per_node, [*run_argv, *(["--share", share] if share else [])])
         return
     started = time.perf_counter()
+    if jobs > 1 and not dry_run:
+        from finebench.jobs import run_jobs
+
+        outcomes, code = run_jobs(
+            loaded, count=jobs, child_args=run_argv, results_dir=Path(results_dir),
+            data_root=Path(data_root) if data_root else None, only=only, quiet=quiet,
+            retry_failed=retry_failed, restart=restart,
+        )
+        _print_run_tables(loaded, outcomes, dry_run=False, wall=time.perf_counter() - started)
+        if code:
+            raise typer.Exit(code)
+        return
     train = loaded.recipe.train
     with distributed_context(train.device, sync_batchnorm=train.sync_batchnorm, timeout_s=dist_timeout) as ctx:
         outcomes = run_recipe(
@@ -422,21 +370,27 @@ def run_command(
             retry_failed=retry_failed,
             restart=restart,
             ctx=ctx,
+            share=share_of,
+            since=job_of,
+            make_progress=JsonProgress if job_of else None,
         )
-    wall = time.perf_counter() - started
-    title = f"{loaded.name}: {'planned runs' if dry_run else 'results'}"
-    if not dry_run:
-        title += f" (top-1/top-5 at the final epoch; best@ep is selected on the test set; wall {wall:.0f}s)"
-    stdout = Console()
-    table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
-    if ctx.is_main:
-        if dry_run:  # the settings to check against a paper or a log, then the runs
-            table_console.print(f"{loaded.name}: {recipe_settings(loaded)}", soft_wrap=True, highlight=False)
-            table_console.print(variant_table(outcomes, title=f"{loaded.name}: variants"))
-        table_console.print(outcome_table(outcomes, title=title, dry_run=dry_run))
+    if ctx.is_main and not job_of:  # a job of --jobs leaves the table to the command that started it
+        _print_run_tables(loaded, outcomes, dry_run=dry_run, wall=time.perf_counter() - started)
     code = exit_code(outcomes)
     if code:
         raise typer.Exit(code)
+
+
+def _print_run_tables(loaded: Any, outcomes: Any, *, dry_run: bool, wall: float) -> None:
+    from finebench.terminal import run_tables
+
+    stdout = Console()
+    table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
+    for part in run_tables(loaded, outcomes, dry_run=dry_run, wall_s=wall):
+        if isinstance(part, str):
+            table_console.print(part, soft_wrap=True, highlight=False)
+        else:
+            table_console.print(part)
 
 
 @app.command("bench")
@@ -451,9 +405,8 @@ def bench_command(
     """Time each variant's training step (random in-memory batches) and estimate the time per epoch."""
     import json
 
-    from rich.table import Table
-
     from finebench.bench import bench_recipe, machine_line
+    from finebench.terminal import bench_table
 
     status = Console(stderr=True, quiet=json_output)
     rows = bench_recipe(
@@ -464,48 +417,7 @@ def bench_command(
         typer.echo(json.dumps({"machine": machine_line(), "rows": [row.as_dict() for row in rows]}, indent=2))
         return
 
-    def duration(seconds: float | None) -> str:
-        if seconds is None:
-            return "-"
-        hours, rest = divmod(round(seconds), 3600)
-        return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-    table = Table(title=f"{recipe}: training-step speed", caption=machine_line())
-    for column in ("variant", "batch", "precision", "img/s", "step", "compile", "images/epoch", "epoch", "run (all epochs)"):
-        table.add_column(column, justify="left" if column in ("variant", "precision") else "right")
-    for row in rows:
-        table.add_row(
-            row.variant, str(row.batch_size), row.precision + (" CL" if row.channels_last else ""),
-            f"{row.images_per_s:,.1f}", f"{row.step_s * 1000:,.0f} ms", duration(row.compile_s),
-            f"{row.train_images:,}" if row.train_images else "-", duration(row.epoch_s), duration(row.run_s),
-        )
-    Console().print(table)
-
-
-# ---- report and attention maps (issue 5) ---------------------------------------------------
-
-
-def _emit_table(table, fmt: str, output, title: str, wide: bool = False) -> None:  # noqa: ANN001 (pandas, Path)
-    """A rich table on a terminal, plain text when piped or written to a file (-o)."""
-    from finebench import report as report_module
-    from finebench.results import atomic_write_bytes
-
-    if output is not None:
-        atomic_write_bytes(output, report_module.render(table, fmt, wide=wide).encode())
-        err_console.print(f"wrote {output}", highlight=False)
-        return
-    stdout = Console()
-    if fmt == "markdown" and stdout.is_terminal and not table.empty:
-        note = report_module.table_note(table)
-        parts = report_module.terminal_tables(report_module.wide_view(table), stdout.width, title, note) if wide else []
-        if len(parts) != 1:  # the paper's layout does not fit this terminal: one row per variant does
-            parts = report_module.terminal_tables(report_module.format_table(table), stdout.width, title, note)
-        for part in parts:
-            stdout.print(part)
-        return
-    sys.stdout.write(report_module.render(table, fmt, wide=wide))
-    if fmt == "markdown" and not table.empty:
-        sys.stdout.write(f"\n{report_module.table_note(table)}\n\n")
+    Console().print(bench_table(rows, title=f"{recipe}: training-step speed", caption=machine_line()))
 
 
 @app.command("report")
@@ -525,9 +437,6 @@ def report_command(
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
     mean per-class accuracy, paired gains with p-values, overheads."""
-    from pathlib import Path
-
-
     from finebench import report as report_module
 
     if fmt not in report_module.FORMATS:
@@ -555,10 +464,10 @@ def report_command(
     output_path = Path(output) if output else None
     # the paper's layout unless the user groups by options (an ablation reads better one row per setting)
     wide = not long and not by
-    _emit_table(result.table, fmt, output_path, "finebench report", wide=wide)
+    report_module.emit_table(result.table, fmt, output_path, "finebench report", wide=wide, status=err_console)
     if result.early is not None:
         early_path = output_path.with_name(f"{output_path.stem}_early{output_path.suffix}") if output_path else None
-        _emit_table(result.early, fmt, early_path, "early prediction")
+        report_module.emit_table(result.early, fmt, early_path, "early prediction", status=err_console)
     if plots:
         from finebench.report.plots import write_plots
 
@@ -598,8 +507,7 @@ def eval_command(
     """Evaluate a run's checkpoint again and print the metrics its final evaluation printed."""
     import json
 
-    from rich.table import Table
-
+    from finebench.terminal import eval_table
     from finebench.trained import evaluate_run
 
     metrics = evaluate_run(run_dir, split=split, data_root=data_root, device=device)
@@ -609,19 +517,7 @@ def eval_command(
     console = Console()
     console.print(f"{run_dir}: {metrics['split']} split, {metrics['images']:,} images, {metrics['precision']}",
                   highlight=False, soft_wrap=True)
-    table = Table()
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [("loss", f"{metrics['test_loss']:.4f}"), ("top-1", f"{metrics['test_top1']:.2f}"),
-            ("top-5", f"{metrics['test_top5']:.2f}"), ("mean per-class", f"{metrics['mean_class_top1']:.2f}")]
-    if metrics.get("network_top1") is not None:
-        rows.append(("network classifier top-1", f"{metrics['network_top1']:.2f}"))
-    rows += [(f"module {tap} top-1", f"{value:.2f}") for tap, value in metrics["module_top1"].items()]
-    if metrics.get("recorded_top1") is not None:
-        rows.append(("top-1 the run recorded", f"{metrics['recorded_top1']:.2f}"))
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+    console.print(eval_table(metrics))
 
 
 @app.command("export")

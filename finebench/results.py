@@ -207,6 +207,12 @@ class RunDir:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RunLocked(str(self.path)) from None
+            except OSError as error:  # ENOLCK, EOPNOTSUPP: e.g. Lustre mounted without its flock option
+                raise FinebenchError(
+                    f"{self.path / '.lock'}: the run's lock cannot be taken on this filesystem ({error.strerror}); "
+                    "keep the results folder on a filesystem with working flock (Lustre: mount with -o flock)",
+                    exit_code=1,
+                ) from None
             yield
         finally:
             handle.close()

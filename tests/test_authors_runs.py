@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from finebench.cli import app
 from finebench.models import BACKBONES
 from finebench.recipe import expand_runs, load_recipe
-from finebench.runner import logged_settings, recipe_settings, variant_settings
+from finebench.terminal import logged_settings, recipe_settings, variant_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "results" / "reference" / "settings" / "authors_runs.csv"

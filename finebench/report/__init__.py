@@ -8,11 +8,13 @@ CSV, LaTeX, JSON, terminal) and ``plots`` beside them. This module holds the one
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import pandas as pd
+from rich.console import Console
 
 from finebench.report.records import LoadedRuns, find_summaries, load_metrics, load_runs
 from finebench.report.reference import REFERENCE_COLUMNS, load_reference
@@ -21,17 +23,16 @@ from finebench.report.render import (
     failed_table,
     format_table,
     render,
-    rich_table,
     running_lines,
     table_note,
-    terminal_tables,
     wide_view,
 )
 from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction_table, summary_table
+from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
     "COLUMN_ALIASES", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
-    "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
+    "emit_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
     "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
 ]
 
@@ -67,3 +68,26 @@ def split_by(values: Sequence[str] | None) -> list[str] | None:
     if not values:
         return None
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def emit_table(table: pd.DataFrame, fmt: str, output: Path | None, title: str, *, wide: bool = False,
+               status: Console | None = None) -> None:
+    """A rich table on a terminal, plain text when piped or written to a file (-o); ``status`` says what was written."""
+    from finebench.results import atomic_write_bytes
+
+    if output is not None:
+        atomic_write_bytes(output, render(table, fmt, wide=wide).encode())
+        (status or Console(stderr=True)).print(f"wrote {output}", highlight=False)
+        return
+    stdout = Console()
+    if fmt == "markdown" and stdout.is_terminal and not table.empty:
+        note = table_note(table)
+        parts = terminal_tables(wide_view(table), stdout.width, title, note) if wide else []
+        if len(parts) != 1:  # the paper's layout does not fit this terminal: one row per variant does
+            parts = terminal_tables(format_table(table), stdout.width, title, note)
+        for part in parts:
+            stdout.print(part)
+        return
+    sys.stdout.write(render(table, fmt, wide=wide))
+    if fmt == "markdown" and not table.empty:
+        sys.stdout.write(f"\n{table_note(table)}\n\n")

@@ -1,4 +1,4 @@
-"""Numeric tables → text: markdown, CSV, LaTeX (booktabs), JSON and rich tables for a terminal.
+"""Numeric tables → text: markdown, CSV, LaTeX (booktabs) and JSON (rich tables for a terminal: ``finebench.terminal``).
 
 CSV and JSON keep every number as a number (mean, std, CI half-width, paired difference, p-value,
 significance), which is what scripts want. The text formats merge a mean and its interval into one
@@ -249,60 +249,6 @@ def _latex_escape(cell: Any) -> str:
     text = "".join(_LATEX_SPECIAL.get(char, char) for char in (raw[:-1] if marked else raw))
     text = text.replace(" ± ", r" $\pm$ ").replace("Δ", r"$\Delta$").replace(MISSING, "--")
     return text + (r"$^{*}$" if marked else "")
-
-
-def rich_table(text: pd.DataFrame, title: str | None = None, caption: str | None = None) -> Any:
-    """A rich Table of formatted cells: numbers never wrap, names fold rather than end in an ellipsis."""
-    from rich.table import Table
-
-    align = list(text.attrs.get("align", ["left"] * len(text.columns)))
-    table = Table(title=title, caption=caption, header_style="bold", caption_justify="left")
-    for column, side in zip(text.columns, align):
-        table.add_column(str(column), justify=side, overflow="fold", no_wrap=side == "right")
-    for row in text.itertuples(index=False):
-        table.add_row(*(str(cell) for cell in row))
-    return table
-
-
-def terminal_tables(text: pd.DataFrame, width: int, title: str | None = None,
-                    caption: str | None = None) -> list[Any]:
-    """The table as one or more rich tables that each fit ``width`` columns without cutting a cell.
-
-    Name columns holding one value on every row move into the title; when the numbers still do
-    not fit side by side, they are split over several tables that each repeat the name columns.
-    """
-    align = list(text.attrs.get("align", ["left"] * len(text.columns)))
-    if len(text) > 1:
-        constant = [c for c, side in zip(text.columns, align) if side == "left" and text[c].nunique() == 1]
-        if constant and len(constant) < sum(side == "left" for side in align):
-            lifted = " · ".join(f"{c} {text[c].iloc[0]}" for c in constant)
-            title = f"{title}: {lifted}" if title else lifted
-            align = [side for c, side in zip(text.columns, align) if c not in constant]
-            text = text.drop(columns=constant)
-    keys = [c for c, side in zip(text.columns, align) if side == "left"]
-    values = [c for c, side in zip(text.columns, align) if side == "right"]
-
-    def cost(column: str) -> int:  # cell width + padding + border; headers may wrap at spaces
-        words = max((len(w) for w in str(column).split()), default=1)
-        return max([words, *(len(str(v)) for v in text[column])]) + 3
-
-    budget = width - 1 - sum(cost(c) for c in keys)
-    chunks: list[list[str]] = [[]]
-    used = 0
-    for column in values:
-        if chunks[-1] and used + cost(column) > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(column)
-        used += cost(column)
-    tables = []
-    for index, chunk in enumerate(chunks):
-        part = text[keys + chunk].copy()
-        part.attrs["align"] = ["left"] * len(keys) + ["right"] * len(chunk)
-        suffix = f" ({index + 1}/{len(chunks)})" if len(chunks) > 1 else ""
-        tables.append(rich_table(part, title=f"{title or ''}{suffix}" or None,
-                                 caption=caption if index == len(chunks) - 1 else None))
-    return tables
 
 
 def failed_table(failed: pd.DataFrame) -> pd.DataFrame:

@@ -33,6 +33,7 @@ from finebench.models.batchnorm import convert_ghost_batchnorm
 from finebench.models.output import ModelOutput, mixture_loss
 from finebench.recipe import TrainSection
 from finebench.train.optim import build_optimizer, build_scheduler
+from finebench.train.threads import ThreadChoice
 
 # ---- device, precision, seeds -----------------------------------------------------------------
 
@@ -150,6 +151,32 @@ def resolve_channels_last(setting: bool | str, device: torch.device, *, compiled
     if setting != "auto":
         return bool(setting)
     return device.type in ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run's steps execute, resolved once from its ``train`` settings (``resolve_runtime``)
+    and passed on, so the runner, ``fit`` and the benchmarks' step agree and the run records what ran."""
+
+    device: torch.device
+    precision: str
+    """fp32, bf16 or fp16: ``train.precision`` with "auto" decided for this device."""
+    compiled: bool
+    channels_last: bool
+    threads: ThreadChoice | None = None
+    """The intra-op thread count and why; None leaves torch's count as it is (``train.threads = "auto"``
+    is chosen by the runner, which knows whether the run resumes)."""
+
+
+def resolve_runtime(train: TrainSection, *, attention: bool, threads: ThreadChoice | None = None) -> Runtime:
+    """``train``'s "auto" settings decided for this machine; ``attention`` names the case (Attend and Rectify)."""
+    device = resolve_device(train.device)
+    precision = resolve_precision(train.precision, device)
+    compiled = resolve_compile(train.compile, device, attention=attention)
+    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=attention)
+    if threads is None and isinstance(train.threads, int):
+        threads = ThreadChoice(train.threads, "train.threads")
+    return Runtime(device, precision, compiled, channels_last, threads)
 
 
 def configure_backends(device: torch.device) -> None:
@@ -499,6 +526,17 @@ class SilentProgress:
         pass
 
 
+def epoch_line(label: str, row: Mapping[str, Any]) -> str:
+    """The line printed when an epoch ends (its metrics row), here and in the ``--jobs`` view."""
+    line = f"{label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}"
+    if row.get("test_top1") is not None:
+        line += f"  test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.2f}  top-5 {row['test_top5']:.2f}"
+    if row.get("network_top1") is not None:
+        line += f"  network {row['network_top1']:.2f}"
+    line += f"  {row['images_per_s']:,.0f} img/s  {row['epoch_time_s']:.1f}s"
+    return line
+
+
 class RichProgress:
     """A transient bar per epoch (images/s, loss, lr, ETA) and one printed line per finished epoch."""
 
@@ -531,13 +569,7 @@ class RichProgress:
         self._progress.update(self._task, completed=steps_done, stats=stats)
 
     def end_epoch(self, row: Mapping[str, Any]) -> None:
-        line = f"{self.label} epoch {row['epoch']}: train loss {row['train_loss']:.4f}"
-        if row.get("test_top1") is not None:
-            line += f"  test loss {row['test_loss']:.4f}  top-1 {row['test_top1']:.2f}  top-5 {row['test_top5']:.2f}"
-        if row.get("network_top1") is not None:
-            line += f"  network {row['network_top1']:.2f}"
-        line += f"  {row['images_per_s']:,.0f} img/s  {row['epoch_time_s']:.1f}s"
-        self._progress.console.print(line, highlight=False, soft_wrap=True)
+        self._progress.console.print(epoch_line(self.label, row), highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         self._progress.console.print(text, highlight=False)
@@ -673,22 +705,23 @@ def fit(
     checkpoint_extra: Mapping[str, Any] | None = None,
     on_epoch: Callable[[Mapping[str, Any], list[dict[str, Any]]], None] | None = None,
     method: Method | None = None,
+    runtime: Runtime | None = None,
 ) -> FitResult:
     """Train for ``train.epochs``, resuming from the store's checkpoint when it has one.
 
     The caller seeds the RNGs and builds the model and loaders; ``fit`` owns everything from the
     optimiser on. A NaN/inf loss ends the run with status ``failed`` instead of raising.
     ``on_epoch(row, rows)`` runs on rank 0 after each epoch's records are written (the runner's
-    live summary and TensorBoard events).
+    live summary and TensorBoard events). ``runtime``: the settings the caller resolved (and records);
+    without it they are resolved here from ``train``.
     """
     ctx = ctx or DistContext()
     progress = progress or SilentProgress()
-    device = resolve_device(train.device)
-    precision = resolve_precision(train.precision, device)
-    if isinstance(train.threads, int):  # "auto" is chosen by the caller, which knows the run's history
-        torch.set_num_threads(train.threads)
-    compiled = resolve_compile(train.compile, device, attention=mixture)
-    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=mixture)
+    runtime = runtime or resolve_runtime(train, attention=mixture)
+    device, precision = runtime.device, runtime.precision
+    compiled, channels_last = runtime.compiled, runtime.channels_last
+    if runtime.threads is not None:
+        torch.set_num_threads(runtime.threads.threads)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -805,10 +838,9 @@ def build_train_step(
     model: nn.Module, train: TrainSection, *, mixture: bool, steps_per_epoch: int, method: Method | None = None
 ) -> TrainStep:
     """A ready ``TrainStep`` (device, precision, optimiser, schedule) for benchmarks on in-memory batches."""
-    device = resolve_device(train.device)
-    precision = resolve_precision(train.precision, device)
-    compiled = resolve_compile(train.compile, device, attention=mixture)
-    channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=mixture)
+    runtime = resolve_runtime(train, attention=mixture)
+    device, precision = runtime.device, runtime.precision
+    compiled, channels_last = runtime.compiled, runtime.channels_last
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)

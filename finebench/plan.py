@@ -1,0 +1,272 @@
+"""``finebench run``, before anything trains: the recipe's runs, their state on disk, what to do with each,
+and every check that must pass before the first file is written.
+
+Everything a user can get wrong (recipe, dataset name, unprepared data, model options, unreadable
+run records) is checked here, so a bad input stops the command with nothing written. A run that is
+already finished (or failed) is decided on without its lock, so a read-only results folder can be
+rerun; ``finebench.runner`` takes the lock, decides again under it, and trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from finebench.data.root import DataRoot, choose_data_root
+from finebench.errors import FinebenchError
+from finebench.methods import Method, get_method, variant_of_config
+from finebench.methods.baseline import METHOD as BASELINE
+from finebench.recipe import LoadedRecipe, RunSpec, expand_runs
+from finebench.results import RunDir, RunState
+from finebench.train.engine import DistContext, resolve_device
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    flops: int
+    module_flops: dict[str, int]
+    taps: list[dict[str, Any]] = field(default_factory=list)
+    """Where each attention module reads (``ImageClassifier.tap_summary``); empty for other variants."""
+
+
+def build_model(
+    loaded: LoadedRecipe, run: RunSpec, num_classes: int, *, kind: str | None = None, pretrained: bool = True
+):
+    """The run's model (``kind`` swaps the variant, e.g. for the baseline's cost), errors named by file."""
+    from finebench.methods import build_model_from_config
+
+    try:
+        return build_model_from_config(run.config, num_classes, kind=kind, pretrained=pretrained)
+    except FinebenchError as error:
+        raise FinebenchError(f"{loaded.path}: model: {error}") from None
+
+
+def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
+    from finebench.models.network import unwrap
+    from finebench.profile import early_prediction_flops, profile_model
+
+    was_training = model.training
+    profile = profile_model(model, input_size, method)
+    module_flops = {k: int(v) for k, v in early_prediction_flops(model, method, input_size).items()}
+    model.train(was_training)
+    return Cost(int(profile.params), int(profile.flops), module_flops, unwrap(model).tap_summary())
+
+
+class CostCache:
+    """Params/FLOPs per variant (identical across seeds) and of the plain baseline."""
+
+    def __init__(self, loaded: LoadedRecipe, num_classes: int, input_size: int) -> None:
+        self.loaded, self.num_classes, self.input_size = loaded, num_classes, input_size
+        self._costs: dict[str, Cost] = {}
+
+    def of(self, run: RunSpec, model: torch.nn.Module | None = None) -> Cost:
+        key = f"{run.config['model']['backbone']}\0{run.variant_name}"  # a recipe may list backbones
+        if key not in self._costs:
+            # Weights do not change the cost, and a dry run must work before they are downloaded.
+            model = model if model is not None else build_model(self.loaded, run, self.num_classes, pretrained=False)
+            self._costs[key] = _cost(model, self.input_size, get_method(run.variant_kind))
+        return self._costs[key]
+
+    def baseline(self, run: RunSpec) -> Cost:
+        key = f"{run.config['model']['backbone']}\0\0baseline"
+        if key not in self._costs:
+            if run.variant_kind == BASELINE.kind:
+                self._costs[key] = self.of(run)
+            else:
+                model = build_model(self.loaded, run, self.num_classes, kind=BASELINE.kind, pretrained=False)
+                self._costs[key] = _cost(model, self.input_size, BASELINE)
+        return self._costs[key]
+
+
+def build_run_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device):
+    from finebench.data.loader import build_loaders
+
+    # the run's own splits: on a k-fold dataset they depend on its held-out fold
+    dataset, train = run.config["dataset"], run.train_section()
+    return build_loaders(
+        dataset["name"],
+        data_root,
+        batch_size=train.batch_size,
+        eval_batch_size=train.eval_batch_size,
+        workers=train.workers,
+        seed=run.seed,
+        input_size=dataset["input_size"],
+        augmentation=dataset["augmentation"],
+        train_split=dataset["train_split"],
+        test_split=dataset["test_split"],
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pin_memory=device.type == "cuda",
+        in_memory="auto",  # small images: decoded once, augmented in batches on the device
+        device=device,
+        decode=dataset.get("decode", "auto"),
+        sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
+    )
+
+
+def parse_share(text: str) -> tuple[int, int]:
+    """``--share I/N`` (array task I of N, from 0) as ``(I, N)``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise FinebenchError(f"--share {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise FinebenchError(f"--share {text!r}: expected 0 <= I < N")
+    return index, count
+
+
+@dataclass
+class Plan:
+    """A recipe's runs and where they stand on disk, as found before anything is locked or written."""
+
+    runs: list[RunSpec]
+    run_dirs: dict[str, RunDir]
+    """Keyed by run id."""
+    states: dict[str, RunState]
+    chosen_root: DataRoot
+    num_classes: int
+    costs: CostCache
+
+    @property
+    def data_root(self) -> Path:
+        return self.chosen_root.path
+
+
+def plan_runs(
+    loaded: LoadedRecipe, *, results_dir: Path, data_root: Path | None, only: Sequence[str],
+    share: tuple[int, int] | None = None,
+) -> Plan:
+    """The runs ``only`` selects, their folders and states; a file where a results folder belongs stops here.
+
+    ``share = (i, n)``: only the runs at positions i, i + n, i + 2n, ... of the recipe's expansion
+    (array task i of n), so the tasks of a job array take disjoint runs without a shared lock.
+    """
+    from finebench.data.registry import get_spec
+
+    runs = expand_runs(loaded, only)
+    if share is not None:
+        index, count = share
+        runs = [run for position, run in enumerate(runs) if position % count == index]
+    results_dir = Path(results_dir)
+    chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
+    num_classes = get_spec(loaded.recipe.dataset.name).num_classes
+    costs = CostCache(loaded, num_classes, loaded.input_size())
+    check_results_dir(results_dir, loaded.name)
+    run_dirs = {run.run_id: RunDir(results_dir, loaded.name, run.run_id) for run in runs}
+    states = {run.run_id: run_dirs[run.run_id].state() for run in runs}
+    return Plan(runs, run_dirs, states, chosen_root, num_classes, costs)
+
+
+def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx: DistContext, quiet: bool) -> None:
+    """Fail on unprepared data or bad model options before anything is written; prepare an embedded
+    dataset on first use. Sets the plan's class count and costs from the data as the loaders read it."""
+    chosen_root, data_root = plan.chosen_root, plan.data_root
+    check_data_root(chosen_root, loaded.recipe.dataset.name)
+    if ctx.is_main:
+        prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
+    ctx.barrier()
+    # Fail on unprepared data or bad model options before anything is written.
+    device = resolve_device(loaded.recipe.train.device)
+    loaders = build_run_loaders(loaded, to_train[0], data_root, ctx, device)
+    for run in to_train[1:]:  # every held-out fold of a k-fold dataset must be there too
+        if run.config["dataset"] != to_train[0].config["dataset"]:
+            _check_splits(run.config["dataset"], data_root)
+    num_classes = loaders.num_classes
+    costs = CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or _input_size_of(loaders))
+    for run in to_train:
+        costs.of(run)
+    del loaders
+    plan.num_classes, plan.costs = num_classes, costs
+
+
+def check_results_dir(results_dir: Path, recipe_name: str) -> None:
+    """A file where a results folder belongs is one line before anything runs, not an error mid-way."""
+    for path in (results_dir, results_dir / recipe_name):
+        if path.exists() and not path.is_dir():
+            raise FinebenchError(f"--results-dir {results_dir}: {path} is a file, expected a folder")
+
+
+def decide(state: RunState, *, retry_failed: bool, restart: bool) -> str:
+    """``train`` or ``skipped-<state>``; damaged records stop the command unless ``restart`` discards them."""
+    if state.kind == "finished":
+        return "skipped-finished"
+    if state.kind == "failed" and not (retry_failed or restart):
+        return "skipped-failed"
+    if state.kind == "damaged" and not restart:
+        raise FinebenchError(state.problem or "unreadable run records")
+    return "train"
+
+
+def dataset_state(name: str, data_root: Path) -> str:
+    """For ``--dry-run``: prepared, not prepared, or prepared on the first run (embedded datasets)."""
+    from finebench.data.registry import get_spec
+    from finebench.data.store import is_prepared
+
+    if is_prepared(data_root, name):
+        return "prepared"
+    return "prepared on first run" if get_spec(name).offline else "not prepared"
+
+
+def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size: int) -> None:
+    """What every worker would reject, checked once before ``world_size`` workers start."""
+    from finebench.data.loader import per_worker_batch
+    from finebench.data.registry import get_spec
+    from finebench.data.store import read_meta
+
+    for batch_size in sorted({run.train_section().batch_size for run in expand_runs(loaded)}):
+        per_worker_batch(batch_size, world_size)  # a method may train at its own batch size
+    name = loaded.recipe.dataset.name
+    chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
+    check_data_root(chosen_root, name)
+    if not get_spec(name).offline:  # embedded datasets are prepared by rank 0
+        read_meta(chosen_root.path, name)
+
+
+def check_data_root(chosen: DataRoot, name: str) -> None:
+    """A data root the user named must exist: ``run`` creates only the default one, for an embedded dataset."""
+    from finebench.data.registry import get_spec
+
+    path = chosen.path
+    if path.exists() and not path.is_dir():
+        raise FinebenchError(f"data root {chosen.describe()} is a file, expected a folder of prepared datasets")
+    if not path.exists() and (chosen.origin != "default" or not get_spec(name).offline):
+        raise FinebenchError(
+            f"data root {chosen.describe()} does not exist: prepare the dataset there first "
+            f"(`finebench prepare {name} --data-root {path}`) or point --data-root / FINEBENCH_DATA at its folder"
+        )
+
+
+def prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
+    """Datasets shipped inside an installed package need no download, so a fresh install can
+    ``finebench run recipes/quickstart.toml`` at once; anything else must be prepared explicitly."""
+    from finebench.data.prepare import prepare_dataset
+    from finebench.data.registry import get_spec
+    from finebench.data.store import is_prepared
+
+    if get_spec(name).offline and not is_prepared(data_root, name):
+        if not quiet:
+            Console(stderr=True).print(f"{name} is not prepared in {data_root}: preparing it (embedded, no download)",
+                                       highlight=False, soft_wrap=True)
+        prepare_dataset(name, data_root, quiet=quiet, wait=True)  # a second `run` waits for the first's prepare
+
+
+def _check_splits(dataset: Mapping[str, Any], data_root: Path) -> None:
+    """Fail on a split the store lacks (a fold missing) before anything is written."""
+    from finebench.data.loader import split_dirs
+    from finebench.data.store import read_meta, store_dir
+
+    available = list(read_meta(data_root, dataset["name"]).get("splits", {}))
+    for key in ("train_split", "test_split"):
+        split_dirs(store_dir(data_root, dataset["name"]), dataset[key], available, dataset["name"])
+
+
+def _input_size_of(loaders: Any) -> int:
+    images, _ = next(iter(loaders.test))
+    return int(images.shape[-1])
