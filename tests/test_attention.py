@@ -459,3 +459,19 @@ def test_fused_forward_equals_three_separate_convolutions() -> None:
     logits, fused_masks = module(features)
     assert torch.allclose(fused_masks.flatten(2), masks, atol=1e-6)
     assert torch.allclose(logits, torch.einsum("bkn,bk->bn", reads, weights), atol=1e-5)
+
+
+def test_a_float64_model_mixes_in_float64() -> None:
+    """as_float32 lifts autocast's half-precision scores to float32 but never rounds a float64
+    model down: its log-probabilities stay float64 and equal a float64 recomputation of the mixture."""
+    from finebench.methods import build_model
+
+    torch.manual_seed(0)
+    model = build_model("wrn", 10, "attention", {"attention_depth": 2, "attention_width": 2},
+                        {"depth": 10, "width": 1}).double().eval()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    output = model(images)
+    assert output.log_probs.dtype == torch.float64
+    single = model.float()(images.float()).log_probs
+    assert not torch.equal(output.log_probs.float(), single)  # float64 is not float32 rounded
+    torch.testing.assert_close(output.log_probs.float(), single, rtol=1e-4, atol=1e-5)

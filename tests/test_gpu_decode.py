@@ -18,6 +18,7 @@ from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
 from finebench.data.gpu_decode import (
     crop_offsets,
     decode_jpegs,
+    decoder_library,
     decode_on_device,
     resize_crop_flip,
     resized_size,
@@ -221,3 +222,30 @@ def test_a_run_trains_through_the_device_path_and_records_it(tmp_path, data_root
     summary = json.loads((outcome.path / "summary.json").read_text())
     assert summary["data_path"] == "device_decode"
     assert summary["epochs_completed"] == 1 and np.isfinite(summary["final"]["train_loss"])
+
+
+LIBRARIES = ["torchvision", pytest.param("torchcodec", marks=pytest.mark.skipif(
+    decoder_library() != "torchcodec", reason="TorchCodec is not installed (pip install 'finebench[codec]')"))]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_each_decoder_library_gives_pil_pixels_for_jpeg_grey_jpeg_and_png(library):
+    """TorchCodec (chosen where installed) and torchvision.io decode a store's bytes to the same
+    pixels as PIL (libjpeg-turbo), so the data path does not depend on which one is installed."""
+    rng = np.random.default_rng(3)
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8)
+               for data in (_jpeg(rng, 40, 30), _png(rng, 40, 30), _jpeg(rng, 30, 40, grey=True))]
+    images = decode_jpegs(encoded, torch.device("cpu"), library=library)
+    for data, image in zip(encoded, images):
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as opened:
+            expected = torch.from_numpy(np.array(opened.convert("RGB"))).permute(2, 0, 1)
+        assert image.dtype == torch.uint8 and torch.equal(image, expected)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_each_decoder_library_names_an_undecodable_image(library):
+    rng = np.random.default_rng(4)
+    good = _jpeg(rng, 40, 30)
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in (good, good[:3] + b"\x00" * 40)]
+    with pytest.raises(FinebenchError, match="image 9 cannot be decoded"):
+        decode_jpegs(encoded, torch.device("cpu"), names=[8, 9], library=library)

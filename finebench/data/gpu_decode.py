@@ -39,7 +39,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -189,25 +190,52 @@ def _stack_keeping_layout(images: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(images))
 
 
+def decoder_library(choice: str | None = None) -> str:
+    """The library that decodes images: TorchCodec where it is installed and loads (torchvision 0.29
+    deprecates its own decoders in its favour; ``pip install 'finebench[codec]'``), torchvision.io
+    otherwise. Both give the same pixels on the CPU (tested)."""
+    if choice is not None:
+        return choice
+    try:
+        import torchcodec.decoders  # noqa: F401  (it loads native libraries: may fail though installed)
+    except (ImportError, OSError, RuntimeError):
+        return "torchvision"
+    return "torchcodec"
+
+
+def image_decoders(library: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(decode_jpeg, decode_image) of ``library``, both returning RGB uint8 3×H×W tensors;
+    decode_jpeg also takes a list and a ``device`` (nvJPEG on CUDA)."""
+    if library == "torchcodec":
+        from torchcodec.decoders import decode_image, decode_jpeg
+
+        return partial(decode_jpeg, mode="RGB"), partial(decode_image, mode="RGB")
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    return partial(decode_jpeg, mode=ImageReadMode.RGB), partial(decode_image, mode=ImageReadMode.RGB)
+
+
 def decode_jpegs(
-    encoded: Sequence[torch.Tensor], device: torch.device, names: Sequence[object] | None = None
+    encoded: Sequence[torch.Tensor], device: torch.device, names: Sequence[object] | None = None,
+    library: str | None = None,
 ) -> list[torch.Tensor]:
     """uint8 3×H×W images on ``device`` from 1-D uint8 CPU tensors of encoded bytes, in one batched call.
 
     Entries that are not JPEG (a PNG in a mostly-JPEG store) are decoded on the CPU and moved, and
     so, when the batched call fails, is each JPEG the device decoder rejects (nvJPEG does not take
     every JPEG libjpeg does, e.g. CMYK or arithmetic-coded ones). An image no decoder takes is a
-    ``FinebenchError`` naming it by ``names`` (dataset indices) or its position.
+    ``FinebenchError`` naming it by ``names`` (dataset indices) or its position. ``library``:
+    ``decoder_library``'s choice unless given.
     """
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    decode_jpeg, decode_image = image_decoders(decoder_library(library))
 
     def one(position: int) -> torch.Tensor:
         data = encoded[position]
         if device.type != "cpu" and is_jpeg(bytes(data[:3].tolist())):
             with contextlib.suppress(RuntimeError):
-                return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+                return decode_jpeg(data, device=device)
         try:
-            return decode_image(data, mode=ImageReadMode.RGB).to(device)
+            return decode_image(data).to(device)
         except RuntimeError as error:
             name = names[position] if names is not None else f"at batch position {position}"
             raise FinebenchError(f"image {name} cannot be decoded ({error}): prepare the dataset again") from error
@@ -216,7 +244,7 @@ def decode_jpegs(
     images: list[torch.Tensor | None] = [None] * len(encoded)
     if jpeg:
         try:
-            decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+            decoded = decode_jpeg([encoded[i] for i in jpeg], device=device)
         except RuntimeError:
             decoded = [one(i) for i in jpeg]
         for i, image in zip(jpeg, decoded):

@@ -36,8 +36,10 @@ SIGMOID_EPS = 1e-6
 
 
 def as_float32(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor.float()`` without the dispatcher call when it already is (most steps in fp32)."""
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
+    """At least float32: autocast's bf16/fp16 scores are mixed in float32, while a float32 or
+    float64 model keeps its own precision (no dispatcher call in the common fp32 step; a float64
+    model, as gradcheck uses, must not be rounded to float32 here)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 HEAD_WEIGHT_NAMES = ("attention_head", "output_head", "gate_head")
