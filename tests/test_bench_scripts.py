@@ -19,6 +19,7 @@ EXPECTED_COLUMN = {
     "op_count.py": "added",
     "gpu_suite.py": "gpu_suite: finished",
     "jobs.py": "serial / jobs",
+    "attention_readout.py": "op speed / eager",
 }
 
 

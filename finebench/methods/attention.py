@@ -38,6 +38,10 @@ class AttentionOptions(MethodOptions):
     reg_masks: Literal["pooled", "full"] = "pooled"
     """The regulariser's masks: 2x2 average-pooled (released code) or full (the code of every
     logged run but the CIFAR dropout run, docs/MECHANISM.md §4)."""
+    readout: Literal["eager", "custom_op"] = "eager"
+    """``custom_op``: each module's read-out as one operator with a closed-form backward
+    (``finebench.models.attention_op``), opaque to torch.compile's layout and reduction
+    heuristics; same outputs and gradients (float32 to 1e-5). Not yet measured faster on a GPU."""
     tap_norm: Literal["shared", "separate"] = "shared"
     """CIFAR WRN only: modules on groups 0/1 read the next block's pre-activation (released code)
     or ``relu(BatchNorm(group output))`` with BatchNorms of their own (painless-attention ea7d4af/1bf9ecf)."""
@@ -64,7 +68,7 @@ class AttendAndRectifyMethod(Method):
     mixture = True
     draws_attention_maps = True
     profile_default = True
-    options_added_later = ("reg_masks", "tap_norm")  # issue 20
+    options_added_later = ("reg_masks", "tap_norm", "readout")  # issues 20, 21
 
     def table_name(self, options: AttentionOptions) -> str:  # type: ignore[override]
         defaults = AttentionOptions(kind="attention")
@@ -77,6 +81,8 @@ class AttendAndRectifyMethod(Method):
             name += f"-out{options.output_mode}"
         if options.taps:
             name += "-taps-" + "+".join(options.taps)
+        if options.readout != defaults.readout:
+            name += "-op"
         return name
 
     def settings(self, options: AttentionOptions) -> str:  # type: ignore[override]
@@ -90,6 +96,7 @@ class AttendAndRectifyMethod(Method):
         attention = AttendAndRectify.on_backbone(
             backbone, num_classes, taps, attention_width=options.attention_width, gates=options.gates,
             reg_w=options.reg_w, output_mode=options.output_mode, reg_masks=options.reg_masks,
+            readout=options.readout,
         )
         return ImageClassifier(backbone, num_classes, attention)
 

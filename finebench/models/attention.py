@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finebench.models.attention_op import attention_readout
 from finebench.models.base import Backbone
 from finebench.models.output import ModelOutput
 
@@ -31,6 +32,9 @@ painless-attention 738122b on) or the full masks (every logged run but the CIFAR
 TAP_NORMS = ("shared", "separate")
 """Where a CIFAR WRN module reads groups 0/1: the next block's pre-activation (released code) or
 ``relu(BatchNorm_i(group output))`` with a BatchNorm of its own (painless-attention ea7d4af, 1bf9ecf)."""
+READOUTS = ("eager", "custom_op")
+"""How a module reads its maps out: ordinary ops (default) or one ``torch.library`` operator with a
+closed-form backward that torch.compile treats as one node (``finebench.models.attention_op``)."""
 SIGMOID_EPS = 1e-6
 """The authors' guard against an all-zero sigmoid gate sum."""
 
@@ -65,9 +69,14 @@ class AttentionModule(nn.Module):
     K·(N+2)-channel convolution ``conv`` (layout: ``fuse_head_weights``).
     """
 
-    def __init__(self, channels: int, num_classes: int, heads: int = 4, reg_masks: str = "pooled") -> None:
+    def __init__(
+        self, channels: int, num_classes: int, heads: int = 4, reg_masks: str = "pooled", readout: str = "eager"
+    ) -> None:
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout={readout!r}: expected one of {READOUTS}")
         self.heads = heads
+        self.readout_op = readout == "custom_op"
         self.pool_reg_masks = reg_masks == "pooled"
         self.num_classes = num_classes
         # The three heads read the same input, so they are one convolution: the same multiply-adds,
@@ -104,6 +113,9 @@ class AttentionModule(nn.Module):
         """Return (module logits B×N, masks B×K×H×W)."""
         heads, classes = self.heads, self.num_classes
         maps = self.conv(features)
+        if self.readout_op:  # one opaque node for torch.compile (finebench.models.attention_op)
+            logits, masks = attention_readout(maps, heads)
+            return logits, masks.unflatten(2, maps.shape[2:])
         flat = maps.flatten(2)
         masks = F.softmax(flat[:, :heads], dim=2)
         # One GEMM reads out every map against every mask and head k keeps its own block: K times
@@ -187,6 +199,7 @@ class AttendAndRectify(nn.Module):
         reg_w: float = 1e-3,
         output_mode: str = "mixture",
         reg_masks: str = "pooled",
+        readout: str = "eager",
     ) -> None:
         super().__init__()
         if reg_masks not in REG_MASKS:
@@ -200,7 +213,7 @@ class AttendAndRectify(nn.Module):
         self.reg_w = reg_w
         self.output_mode = output_mode
         self.attention_modules = nn.ModuleList(
-            AttentionModule(channels, num_classes, attention_width, reg_masks) for _, channels in taps
+            AttentionModule(channels, num_classes, attention_width, reg_masks, readout) for _, channels in taps
         )
         sources = len(taps) + (1 if output_mode == "mixture" else 0)
         self.global_gate = GlobalGate(final_channels, sources) if gates != "none" else None
