@@ -194,7 +194,7 @@ def profile_command(
     """
     import json
 
-    from finebench.profile import FLOP_CONVENTION, method_variants, profile_recipe, profile_spec
+    from finebench.profile import FLOP_CONVENTION, method_variants, profile_recipe_backbones, profile_spec
     from finebench.terminal import profile_tables
 
 
@@ -208,19 +208,21 @@ def profile_command(
     except FinebenchError as error:
         raise typer.BadParameter(str(error).removeprefix("finebench profile: "), ctx) from None
     if recipe is not None:
-        report = profile_recipe(recipe, overrides, early)
+        reports = profile_recipe_backbones(recipe, overrides, early)
     elif backbone is None:
         raise FinebenchError("finebench profile: give a recipe path or --backbone NAME")
     else:
         given = {"depth": depth, "width": width, "cardinality": cardinality, "base_width": base_width}
-        report = profile_spec(
+        reports = [profile_spec(
             backbone, num_classes, input_size, variants, {k: v for k, v in given.items() if v is not None}, early
-        )
-    if json_output:
-        typer.echo(json.dumps(report.as_dict(), indent=2))
+        )]
+    if json_output:  # one backbone: its report, as always; a recipe listing several: a list of them
+        dumped = [report.as_dict() for report in reports]
+        typer.echo(json.dumps(dumped[0] if len(dumped) == 1 else dumped, indent=2))
         return
-    for table in profile_tables(report, FLOP_CONVENTION):
-        Console().print(table)
+    for report in reports:
+        for table in profile_tables(report, FLOP_CONVENTION):
+            Console().print(table)
 
 
 _DATA_ROOT_HELP = "Folder of prepared datasets \\[default: $FINEBENCH_DATA, else data]."

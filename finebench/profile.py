@@ -263,3 +263,14 @@ def profile_recipe(path: str, overrides: Sequence[str] = (), early_prediction: b
         recipe.model.backbone, get_spec(recipe.dataset.name).num_classes, loaded.input_size(), variants,
         recipe.model.options, early_prediction,
     )
+
+
+def profile_recipe_backbones(path: str, overrides: Sequence[str] = (), early_prediction: bool = False) -> list[CostReport]:
+    """One ``profile_recipe`` report per backbone a recipe lists (``model.backbone`` may be a list),
+    each as if the recipe named that backbone alone, as ``finebench run`` trains them."""
+    from finebench.recipe import load_recipe
+
+    backbones = load_recipe(path, overrides).recipe.model.backbones()
+    if len(backbones) == 1:
+        return [profile_recipe(path, overrides, early_prediction)]
+    return [profile_recipe(path, [*overrides, f"model.backbone={backbone}"], early_prediction) for backbone in backbones]

@@ -84,7 +84,7 @@ def recipe_settings(loaded: LoadedRecipe) -> str:
     if folds:
         data += f", held-out folds {'/'.join(map(str, folds))} (one run each)"
     parts = [
-        data, backbone_label(model.backbone, model.options)
+        " / ".join(backbone_label(backbone, model.options) for backbone in model.backbones())
         + (f" ({model.pretrained})" if model.pretrained else ""),
         lr, optimizer, f"wd {train.weight_decay:g}", batch, f"{train.epochs} epochs", schedule,
         f"warm-up {train.warmup_epochs:g} epochs", f"eval every {train.eval_every}", f"precision {train.precision}",

@@ -56,15 +56,15 @@ def test_the_ports_head_from_its_golden_tensors_in_float64() -> None:
 
 
 def test_the_papers_signed_root_is_the_default_and_differs_from_the_ports() -> None:
-    features = torch.randn(2, 4, 3, 3)  # signed features (no final ReLU), where only the signed root works
+    features = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))  # signed (no final ReLU)
     signed = bilinear_pool(features, "signed")
     gram = torch.einsum("bchw,bdhw->bcd", features, features).flatten(1) / 9
     torch.testing.assert_close(signed, F.normalize(gram.sign() * gram.abs().sqrt(), dim=1))
     assert torch.isnan(bilinear_pool(features, "plus_eps")).any()  # the port's root assumes relu5_3's x >= 0
-    relu_features = features.relu()
+    relu_features = 0.01 * features.relu()  # small activations: the port's 1e-5 floor dominates some entries
     port = bilinear_pool(relu_features, "plus_eps")
     torch.testing.assert_close(port.norm(dim=1), torch.ones(2))
-    assert (bilinear_pool(relu_features, "signed") - port).abs().max() > 1e-3  # the 1e-5 floor shows
+    assert (bilinear_pool(relu_features, "signed") - port).abs().max() > 1e-2  # the 1e-5 floor shows
     assert build_model("wrn", 3, "bcnn", None, {"depth": 10, "width": 1}).sqrt == "signed"
 
 
