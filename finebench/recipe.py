@@ -40,7 +40,7 @@ RUN_ID_EXCLUDE = (
 
 class _Section(BaseModel):
     # inf and nan are valid TOML floats (and ``--set train.lr=1e999`` parses as inf): never a setting.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class DatasetSection(_Section):
@@ -58,12 +58,33 @@ class DatasetSection(_Section):
     (``finebench.data.gpu_decode``), "device" forces that on any device, "workers" the PIL workers."""
 
 
+NO_PRETRAINED = "none"
+"""``model.pretrained = "none"``: no pretrained weights, whatever the recipe file says."""
+PRETRAINED_SOURCES = ("imagenet", "timm")
+"""``model.pretrained`` values naming a library's weights rather than a file."""
+
+
 class ModelSection(_Section):
     backbone: str | Annotated[list[str], Field(min_length=1)]
     """One backbone, or a list: every variant and seed then runs on each (``timm:<name>`` works too)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Backbone options, e.g. ``{depth = 28, width = 10}`` for WRN."""
     pretrained: str | None = None
+    """``"imagenet"`` (torchvision's), ``"timm"`` (timm's cache) or a weights file; ``"none"`` (the
+    way to turn a recipe's weights off: ``--set model.pretrained=none``) trains from scratch."""
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _no_weights(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == NO_PRETRAINED:
+            return None
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"is empty: expected {NO_PRETRAINED!r} (train from scratch), 'imagenet', 'timm' "
+                             "or a weights file path")
+        if isinstance(value, str) and value not in PRETRAINED_SOURCES and not Path(value).expanduser().is_file():
+            raise ValueError(f"weights file {value!r} does not exist: expected {NO_PRETRAINED!r}, 'imagenet', "
+                             "'timm' or an existing .pth/.safetensors file")
+        return value
 
     @model_validator(mode="after")
     def _check_backbones(self) -> ModelSection:

@@ -124,6 +124,9 @@ def test_ctrl_c_exits_130_and_says_the_run_is_resumable(world, tmp_path):
         [str(console_script()), "run", str(world.recipe), "--data-root", str(world.data_root), "--results-dir",
          str(tmp_path / "results"), "--set", "train.epochs=500", "-q"],
         cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # pytest launched in the background starts with SIGINT ignored, and a child inherits that:
+        # give the run the default disposition a user's terminal gives it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
     )
     deadline = time.monotonic() + 120
     while not run_dir.checkpoint_path.exists() and process.poll() is None and time.monotonic() < deadline:

@@ -47,7 +47,7 @@ class MethodOptions(BaseModel):
     with defaults and validation; a run id hashes only the fields that differ from their default,
     so a field added later with a behaviour-keeping default leaves existing ids alone."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
     kind: str
     name: str | None = None
     """The variant's name in tables and ``--only`` (default: the method's ``table_name``)."""

@@ -1,0 +1,91 @@
+"""Issue 22 (reliability, second round): what a new user and a hostile tester broke, one test each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finebench.errors import FinebenchError
+from finebench.profile import profile_recipe_backbones
+from finebench.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = """
+seeds = [0]
+[dataset]
+name = "mnist5k"
+input_size = 32
+[model]
+backbone = ["timm:resnet10t", "torchvision:resnet18"]
+[[variants]]
+kind = "baseline"
+[train]
+epochs = 1
+batch_size = 8
+lr = 0.05
+schedule = "constant"
+"""
+
+
+def finebench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finebench", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("lr = 0.05", 'lr = "0.05"'), "train.lr: Input should be a valid number"),
+    (("epochs = 1", "epochs = true"), "train.epochs: Input should be a valid integer"),
+    (("seeds = [0]", "seeds = [true]"), "seeds.0: Input should be a valid integer"),
+    (("input_size = 32", "input_size = 32.0"), "dataset.input_size: Input should be a valid integer"),
+])
+def test_a_quoted_number_or_a_boolean_where_a_number_goes_is_an_error(tmp_path: Path, edit, message) -> None:
+    """Item 5: the schema no longer coerces "0.05" to 0.05 or true to 1 (an int where a float goes still works)."""
+    recipe = tmp_path / "typed.toml"
+    recipe.write_text(RECIPE.replace(*edit))
+    with pytest.raises(FinebenchError, match=message):
+        load_recipe(recipe)
+    (tmp_path / "ok.toml").write_text(RECIPE.replace("lr = 0.05", "lr = 1"))
+    assert load_recipe(tmp_path / "ok.toml").recipe.train.lr == 1.0
+
+
+def test_set_with_a_boolean_for_an_integer_exits_2_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "r.toml").write_text(RECIPE)
+    result = finebench("run", "r.toml", "--dry-run", "--set", "train.epochs=true", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.epochs: Input should be a valid integer" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_the_shipped_several_backbone_recipe_dry_runs_and_profiles_each_backbone(tmp_path: Path) -> None:
+    """Item 6: ``finebench run recipes/any_backbone_cub200.toml --dry-run`` died in recipe_settings."""
+    dry = finebench("run", str(ROOT / "recipes" / "any_backbone_cub200.toml"), "--dry-run", "--data-root",
+                    str(tmp_path), cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr[-1500:]
+    assert "Traceback" not in dry.stderr
+    (tmp_path / "r.toml").write_text(RECIPE)
+    reports = profile_recipe_backbones(str(tmp_path / "r.toml"))
+    assert [report.backbone for report in reports] == ["timm:resnet10t", "torchvision:resnet18"]
+    assert reports[0].rows[0].params != reports[1].rows[0].params
+    listed = finebench("profile", "r.toml", "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr[-1500:]
+    assert [entry["backbone"] for entry in json.loads(listed.stdout)] == ["timm:resnet10t", "torchvision:resnet18"]
+
+
+def test_pretrained_none_turns_a_recipes_weights_off_and_bad_values_fail_at_load(tmp_path: Path) -> None:
+    """Item 13: ``--set model.pretrained=none`` means no weights; "" and a missing file are one-line
+    errors when the recipe is loaded (so at --dry-run), not when the run starts."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.replace('backbone = ["timm:resnet10t", "torchvision:resnet18"]',
+                                     'backbone = "timm:resnet10t"\npretrained = "timm"'))
+    assert load_recipe(recipe).recipe.model.pretrained == "timm"
+    assert load_recipe(recipe, ["model.pretrained=none"]).recipe.model.pretrained is None
+    with pytest.raises(FinebenchError, match="model.pretrained: .*is empty: expected 'none'"):
+        load_recipe(recipe, ['model.pretrained=""'])
+    with pytest.raises(FinebenchError, match="model.pretrained: .*weights file './missing.pth' does not exist"):
+        load_recipe(recipe, ["model.pretrained=./missing.pth"])
+    result = finebench("run", "r.toml", "--dry-run", "--set", "model.pretrained=", cwd=tmp_path)
+    assert result.returncode == 2 and "is empty: expected 'none'" in result.stderr
