@@ -33,7 +33,7 @@ class ProfileResult:
     """fvcore's count: one multiply-add is one flop."""
 
 
-class _TensorOutputs(nn.Module):
+class TensorOutputs(nn.Module):
     """Tracing needs tensors out; ModelOutput holds Nones and a tuple."""
 
     def __init__(self, model: nn.Module, method: Method | None = None) -> None:
@@ -47,9 +47,23 @@ class _TensorOutputs(nn.Module):
 
 
 def _count_flops(module: nn.Module, input_size: int) -> int:
+    images = _probe_images(input_size)
+    total, by_operator = _fvcore_counts(module, images)
+    check = FlopCrossCheck(fvcore_product_macs(by_operator), flop_counter_product_flops(module, images))
+    if not check.agrees:
+        warnings.warn(f"fvcore and torch.utils.flop_counter disagree on {type(module).__name__}'s "
+                      f"convolutions and matrix products: {check}", stacklevel=2)
+    return total
+
+
+def _probe_images(input_size: int) -> torch.Tensor:
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise FinebenchError(f"input_size={input_size!r} is invalid: expected an integer >= 1 (pixels)")
-    images = torch.zeros(1, 3, input_size, input_size)
+    return torch.zeros(1, 3, input_size, input_size)
+
+
+def _fvcore_counts(module: nn.Module, images: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """fvcore's total and per-operator counts of one forward pass."""
     fvcore_logger = logging.getLogger("fvcore")
     level = fvcore_logger.level
     fvcore_logger.setLevel(logging.ERROR)  # "unsupported operator" noise
@@ -61,9 +75,54 @@ def _count_flops(module: nn.Module, input_size: int) -> int:
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit deprecation notices from fvcore's tracer
-            return int(analysis.total())
+            return int(analysis.total()), dict(analysis.by_operator())
     finally:
         fvcore_logger.setLevel(level)
+
+
+FVCORE_PRODUCTS = ("conv", "linear", "matmul", "bmm", "einsum", "addmm", "mm", "baddbmm")
+"""fvcore's names of the operations both counters count (convolutions and matrix products)."""
+FLOP_COUNTER_PRODUCTS = ("aten.convolution", "aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")
+"""``torch.utils.flop_counter``'s names of the same operations (einsum and linear lower to these)."""
+
+
+@dataclass(frozen=True)
+class FlopCrossCheck:
+    """fvcore traces through TorchScript (deprecated in torch 2.11) and has had no release since 2022,
+    so every count is checked against torch's own ``FlopCounterMode`` on the operations both count:
+    fvcore counts a multiply-add as one flop, flop_counter as two; fvcore also counts BatchNorm and
+    pooling, which flop_counter leaves out, so those are not compared."""
+
+    fvcore_macs: int
+    flop_counter_flops: int
+
+    @property
+    def agrees(self) -> bool:
+        return 2 * self.fvcore_macs == self.flop_counter_flops
+
+    def __str__(self) -> str:
+        return f"fvcore {self.fvcore_macs:,} multiply-adds x 2 vs flop_counter {self.flop_counter_flops:,} flops"
+
+
+def fvcore_product_macs(by_operator: Mapping[str, int]) -> int:
+    return int(sum(count for name, count in by_operator.items() if name in FVCORE_PRODUCTS))
+
+
+def flop_counter_product_flops(module: nn.Module, images: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(images)
+    counts = counter.get_flop_counts().get("Global", {})
+    return int(sum(count for op, count in counts.items() if str(op) in FLOP_COUNTER_PRODUCTS))
+
+
+def cross_check_flops(module: nn.Module, input_size: int) -> FlopCrossCheck:
+    """Both counters' figures for one prediction on a 3×input_size×input_size image (for tests)."""
+    images = _probe_images(input_size)
+    _, by_operator = _fvcore_counts(module, images)
+    return FlopCrossCheck(fvcore_product_macs(by_operator), flop_counter_product_flops(module, images))
 
 
 def _in_eval(model: nn.Module):  # noqa: ANN202 - small context helper
@@ -83,7 +142,7 @@ def profile_model(model: nn.Module, input_size: int, method: Method | None = Non
     pass, or every pass ``method.predict`` makes."""
     params = sum(p.numel() for p in model.parameters())
     with _in_eval(model):
-        flops = _count_flops(_TensorOutputs(model, method), input_size)
+        flops = _count_flops(TensorOutputs(model, method), input_size)
     return ProfileResult(params=params, flops=flops)
 
 
@@ -263,6 +322,7 @@ def profile_recipe(path: str, overrides: Sequence[str] = (), early_prediction: b
         recipe.model.backbone, get_spec(recipe.dataset.name).num_classes, loaded.input_size(), variants,
         recipe.model.options, early_prediction,
     )
+
 
 
 def profile_recipe_backbones(path: str, overrides: Sequence[str] = (), early_prediction: bool = False) -> list[CostReport]:

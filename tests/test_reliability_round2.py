@@ -89,3 +89,27 @@ def test_pretrained_none_turns_a_recipes_weights_off_and_bad_values_fail_at_load
         load_recipe(recipe, ["model.pretrained=./missing.pth"])
     result = finebench("run", "r.toml", "--dry-run", "--set", "model.pretrained=", cwd=tmp_path)
     assert result.returncode == 2 and "is empty: expected 'none'" in result.stderr
+
+
+@pytest.mark.parametrize(("backbone", "kind", "options", "backbone_options", "size"), [
+    ("wrn", "baseline", None, {"depth": 10, "width": 1}, 32),
+    ("wrn", "attention", {"attention_depth": 2, "attention_width": 2}, {"depth": 10, "width": 1}, 32),
+    ("wrn", "cbam", None, {"depth": 10, "width": 1}, 32),
+    ("wrn", "bcnn", None, {"depth": 10, "width": 1}, 32),
+    ("resnext_cifar", "se", None, {"depth": 11, "cardinality": 2, "base_width": 4}, 32),
+    ("timm:resnet10t", "attention", None, None, 64),
+    ("timm:resnet10t", "eca", None, None, 64),
+    ("torchvision:resnet18", "attention", {"attention_depth": 1}, None, 64),
+])
+def test_fvcore_agrees_with_torchs_flop_counter_on_convolutions_and_matrix_products(
+    backbone, kind, options, backbone_options, size
+) -> None:
+    """Item 12: fvcore (no release since 2022, traces through deprecated TorchScript) is checked by
+    ``profile`` against torch.utils.flop_counter on every model; here on every method and family."""
+    from finebench.methods import build_model, get_method
+    from finebench.profile import TensorOutputs, cross_check_flops
+
+    model = build_model(backbone, 10, kind, options, backbone_options).eval()
+    check = cross_check_flops(TensorOutputs(model, get_method(kind)), size)
+    assert check.fvcore_macs > 0
+    assert check.agrees, str(check)
