@@ -722,12 +722,7 @@ def fit(
     compiled, channels_last = runtime.compiled, runtime.channels_last
     if runtime.threads is not None:
         torch.set_num_threads(runtime.threads.threads)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if train.batchnorm_group:
-        convert_ghost_batchnorm(model, train.batchnorm_group)
-    configure_backends(device)
+    place_model(model, train, runtime)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, len(train_loader))
     wrapped = ctx.wrap(model)
@@ -834,6 +829,17 @@ def fit(
     return result("finished", None, train.epochs)
 
 
+def place_model(model: nn.Module, train: TrainSection, runtime: Runtime) -> None:
+    """The one way ``fit`` and ``build_train_step`` ready a model: on the run's device, in its memory
+    format, with ghost BatchNorm where the recipe asks, and the device's backend settings."""
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if train.batchnorm_group:
+        convert_ghost_batchnorm(model, train.batchnorm_group)
+    configure_backends(runtime.device)
+
+
 def build_train_step(
     model: nn.Module, train: TrainSection, *, mixture: bool, steps_per_epoch: int, method: Method | None = None
 ) -> TrainStep:
@@ -841,12 +847,8 @@ def build_train_step(
     runtime = resolve_runtime(train, attention=mixture)
     device, precision = runtime.device, runtime.precision
     compiled, channels_last = runtime.compiled, runtime.channels_last
-    model.to(device).train()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if train.batchnorm_group:
-        convert_ghost_batchnorm(model, train.batchnorm_group)
-    configure_backends(device)
+    model.train()
+    place_model(model, train, runtime)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, steps_per_epoch)
     return TrainStep(
