@@ -265,3 +265,49 @@ def bench_recipe(
         )
         del step, model, batch
     return rows
+
+
+@dataclass(frozen=True)
+class RecipeEstimate:
+    """Time to a recipe's finished table when ``jobs`` runs train at once (``finebench run --jobs``)."""
+
+    runs: int
+    jobs: int
+    job_slowdown: float
+    compile_graphs: int
+    seconds: float | None
+    """None when some variant's run time is unknown (its dataset's size is unknown)."""
+
+    def describe(self) -> str:
+        what = ("unknown (the training split's size is unknown)" if self.seconds is None
+                else f"{self.seconds / 3600:.2f} h")
+        return (f"whole recipe, {self.runs} runs on {self.jobs} job(s): {what} — training steps plus "
+                f"{self.compile_graphs} compiled graph(s) per run, each job {self.job_slowdown:g}x slower than "
+                "alone; evaluation and data loading not included")
+
+
+def recipe_estimate(rows: Sequence[BenchRow], runs_per_variant: Mapping[str, int], *, jobs: int = 1,
+                    job_slowdown: float = 1.0, compile_graphs: int = 4) -> RecipeEstimate:
+    """Longest-first schedule of every run over ``jobs`` concurrent jobs (the makespan).
+
+    Each run costs its variant's measured ``run_s`` times ``job_slowdown`` (how much slower one job
+    trains beside the others: 1.0 is the optimistic bound; measure it with benchmarks/jobs.py or on
+    the GPU) plus ``compile_graphs`` times the measured compile time (a static-shape run compiles
+    train and eval graphs, full and last batch: 4). Written by hand: a greedy makespan is ten lines
+    and no scheduling library is a dependency here.
+    """
+    if jobs < 1:
+        raise FinebenchError(f"--jobs {jobs}: expected at least 1")
+    if job_slowdown < 1.0:
+        raise FinebenchError(f"--job-slowdown {job_slowdown}: expected a factor >= 1 (jobs do not speed each other up)")
+    by_variant = {row.variant: row for row in rows}
+    costs: list[float] = []
+    for variant, count in runs_per_variant.items():
+        row = by_variant.get(variant)
+        if row is None or row.run_s is None:
+            return RecipeEstimate(sum(runs_per_variant.values()), jobs, job_slowdown, compile_graphs, None)
+        costs += [row.run_s * job_slowdown + compile_graphs * (row.compile_s or 0.0)] * count
+    loads = [0.0] * jobs
+    for cost in sorted(costs, reverse=True):
+        loads[loads.index(min(loads))] += cost
+    return RecipeEstimate(len(costs), jobs, job_slowdown, compile_graphs, max(loads) if costs else 0.0)

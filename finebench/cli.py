@@ -403,11 +403,15 @@ def bench_command(
     only: list[str] = typer.Option([], "--only", help="Time only this variant (name or kind; repeatable)."),
     data_root: str | None = typer.Option(None, "--data-root", help="Prepared datasets folder, for the epoch size \\[default: $FINEBENCH_DATA, else the recipe's dataset.root, else data]."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    jobs: int = typer.Option(1, "--jobs", help="Estimate the whole recipe with N runs at once (as run --jobs N)."),
+    job_slowdown: float = typer.Option(1.0, "--job-slowdown", help="How much slower one job trains beside the others (1 = the optimistic bound; measure it with benchmarks/jobs.py)."),
 ) -> None:
-    """Time each variant's training step (random in-memory batches) and estimate the time per epoch."""
+    """Time each variant's training step (random in-memory batches), estimate the time per epoch and to the finished table."""
     import json
+    from collections import Counter
 
-    from finebench.bench import bench_recipe, machine_line
+    from finebench.bench import bench_recipe, machine_line, recipe_estimate
+    from finebench.recipe import expand_runs, load_recipe
     from finebench.terminal import bench_table
 
     status = Console(stderr=True, quiet=json_output)
@@ -415,11 +419,15 @@ def bench_command(
         recipe, overrides, images=images, only=only, data_root=data_root,
         on_variant=lambda name: status.print(f"timing {name} ...", highlight=False),
     )
+    runs = Counter(run.variant_name for run in expand_runs(load_recipe(recipe, overrides), only))
+    estimate = recipe_estimate(rows, runs, jobs=jobs, job_slowdown=job_slowdown)
     if json_output:
-        typer.echo(json.dumps({"machine": machine_line(), "rows": [row.as_dict() for row in rows]}, indent=2))
+        typer.echo(json.dumps({"machine": machine_line(), "rows": [row.as_dict() for row in rows],
+                               "recipe_estimate": vars(estimate)}, indent=2))
         return
 
     Console().print(bench_table(rows, title=f"{recipe}: training-step speed", caption=machine_line()))
+    Console().print(estimate.describe(), highlight=False)
 
 
 @app.command("report")

@@ -115,3 +115,22 @@ def test_bench_reports_the_compiling_step_apart_from_the_timed_ones(recipe: Path
     (row,) = rows
     assert row.compiled and not row.channels_last
     assert row.compile_s is not None and row.compile_s > 10 * row.step_s
+
+
+def test_the_whole_recipe_estimate_is_the_longest_first_makespan_over_the_jobs() -> None:
+    from finebench.bench import BenchRow, recipe_estimate
+
+    def row(name: str, run_s: float | None, compile_s: float | None = None) -> BenchRow:
+        return BenchRow(name, 32, 32, "fp32", False, 100.0, 0.1, 1.0, compile_s is not None, compile_s, 1000,
+                        None if run_s is None else run_s / 10, run_s)
+
+    rows = [row("baseline", 100.0), row("attention", 150.0, compile_s=5.0)]
+    runs = {"baseline": 3, "attention": 3}
+    serial = recipe_estimate(rows, runs)
+    assert serial.seconds == 3 * 100.0 + 3 * (150.0 + 4 * 5.0)
+    two = recipe_estimate(rows, runs, jobs=2)
+    assert two.seconds == 170.0 * 2 + 100.0  # 170,170,170,100,100,100 longest first: [170+170+100, 170+100+100]
+    slowed = recipe_estimate(rows, runs, jobs=6, job_slowdown=1.5)
+    assert slowed.seconds == 150.0 * 1.5 + 20.0
+    assert recipe_estimate([row("baseline", None)], {"baseline": 1}).seconds is None
+    assert "6 job(s)" in slowed.describe()
