@@ -208,24 +208,6 @@ def profile_variants(
     return rows
 
 
-def run_cost(
-    backbone: str,
-    num_classes: int,
-    input_size: int,
-    variant: str = BASELINE.kind,
-    variant_options: Mapping[str, Any] | None = None,
-    backbone_options: Mapping[str, Any] | None = None,
-) -> dict[str, int]:
-    """The cost fields of a run summary: params, flops, params_baseline, flops_baseline."""
-    rows = profile_variants(backbone, num_classes, input_size, [(variant, variant, variant_options)], backbone_options)
-    return {
-        "params": rows[-1].params,
-        "flops": rows[-1].flops,
-        "params_baseline": rows[0].params,
-        "flops_baseline": rows[0].flops,
-    }
-
-
 @dataclass(frozen=True)
 class CostReport:
     """A profile table: what was profiled, then the baseline row and one row per variant."""

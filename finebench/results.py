@@ -15,12 +15,10 @@ import fcntl
 import functools
 import io
 import json
-import os
 import platform
 import shutil
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,46 +28,11 @@ from typing import Any
 import torch
 
 import finebench
+from finebench.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401  (run records' writers)
 from finebench.errors import FinebenchError
 
 SCHEMA_VERSION = 1
 BEST_NOTE = "best-epoch test accuracy (optimistic: selected on the test set)"
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_read_umask()
-"""What ``open()`` would have given; ``mkstemp`` alone makes files private (0600)."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = str(path)  # a failed write or fsync names no file; the user needs it
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -293,12 +256,3 @@ def final_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
     last = rows[-1]
     keys = ("epoch", "test_top1", "test_top5", "test_loss", "train_loss", "network_top1", "module_top1")
     return {key: last.get(key) for key in keys}
-
-
-def iter_summaries(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every readable ``summary.json`` below ``root`` (what ``finebench report`` aggregates)."""
-    for path in sorted(Path(root).rglob("summary.json")):
-        try:
-            yield path.parent, read_json(path)
-        except (OSError, json.JSONDecodeError):
-            continue

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from finebench.methods import build_model
-from finebench.profile import profile_model, profile_variants, run_cost, tap_flops
+from finebench.profile import profile_model, profile_variants, tap_flops
 
 torch.set_num_threads(1)
 
@@ -56,12 +56,6 @@ def test_tap_flops_grow_with_depth_and_stay_below_the_full_model() -> None:
     full = profile_model(model, 32).flops
     assert list(costs) == ["group2", "group1", "group0"]
     assert costs["group0"] < costs["group1"] < costs["group2"] < full
-
-
-def test_run_cost_has_the_summary_fields() -> None:
-    cost = run_cost("wrn", 10, 32, "se", None, WRN_16_1)
-    assert set(cost) == {"params", "flops", "params_baseline", "flops_baseline"}
-    assert cost["params"] > cost["params_baseline"]
 
 
 @pytest.mark.parametrize(("classes", "expected_pct"), [(10, 1.33), (100, 11.3)])

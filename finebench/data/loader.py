@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from finebench.atomic import atomic_write
 from finebench.data import store
 from finebench.errors import FinebenchError
 
@@ -443,15 +443,10 @@ def _decode_split(split_dir: Path, recipe: _Recipe, side: int, workers: int) -> 
     loader = DataLoader(dataset, batch_size=512, num_workers=workers, collate_fn=_stack_uint8)
     chunks = [batch.numpy() for batch in loader]
     array = np.concatenate(chunks) if chunks else np.zeros((0, 3, side, side), np.uint8)
-    temporary = cache.with_name(f"{cache.name}.tmp-{os.getpid()}.npy")
     try:
-        with open(temporary, "wb") as handle:
-            np.save(handle, array)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, cache)
+        atomic_write(cache, lambda handle: np.save(handle, array))
     except OSError:  # a read-only store still works, only without the cache
-        temporary.unlink(missing_ok=True)
+        pass
     return array
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 import finebench
+from finebench.atomic import atomic_write_json
 from finebench.data.builders.base import Example, ImageSource, ParsedDataset
 from finebench.errors import FinebenchError
 
@@ -72,13 +73,7 @@ def disk_size(path: Path) -> int:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    atomic_write_json(path, payload)
 
 
 # ---- images ---------------------------------------------------------------------------------

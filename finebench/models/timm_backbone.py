@@ -47,10 +47,6 @@ def _timm():  # noqa: ANN202 - the module
     return timm
 
 
-def timm_model_names(pattern: str = "*") -> list[str]:
-    return list(_timm().list_models(pattern))
-
-
 def _check_known(name: str) -> None:
     timm = _timm()
     if not timm.is_model(name.split(".", 1)[0]):

@@ -24,7 +24,6 @@ from finebench.report.tables import early_prediction_table
 
 SUFFIXES: tuple[str, ...] = ("png", "svg")
 NETWORK_CLASSIFIER = "network classifier"
-FULL_MODEL = "full model"
 
 
 def _slug(text: str) -> str:

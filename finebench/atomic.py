@@ -1,0 +1,60 @@
+"""Atomic file writes, the one implementation every layer uses (run records, dataset metadata, the
+decoded-image cache): a reader sees the old file or the new one, never a torn one, even after a
+crash or a full disk.
+
+Why by hand: the standard library has the parts (``mkstemp``, ``fsync``, ``os.replace``) but no
+function that joins them with the directory fsync and the permissions ``open()`` would have given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+"""What ``open()`` would have given; ``mkstemp`` alone makes files private (0600)."""
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(handle)`` into a temporary file beside ``path``, fsync it, then rename it over ``path``
+    and fsync the folder. On any failure the temporary file is removed and ``path`` is unchanged;
+    an ``OSError`` without a file name gets ``path``'s (a failed write or fsync names none)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=False) + "\n").encode())
