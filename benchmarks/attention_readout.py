@@ -16,6 +16,7 @@ import torch
 
 from finebench.bench import (
     benchmark_arguments,
+    calls_for_duration,
     format_table,
     machine_line,
     paired_ratio,
@@ -33,18 +34,6 @@ def step_for(depth: int, width: int, num_classes: int, readout: str, train: Trai
     options = {"attention_depth": 3, "attention_width": 4, "readout": readout}
     model = build_model("wrn", num_classes, "attention", options, {"depth": depth, "width": width})
     return build_train_step(model, train, mixture=True, steps_per_epoch=100)
-
-
-def calls_for(step, images, labels, min_repeat_s: float) -> int:
-    """Steps per repeat so that one repeat lasts at least ``min_repeat_s`` (short repeats are noise)."""
-    import time
-
-    step(images, labels)  # warm-up (and compilation)
-    started = time.perf_counter()
-    step(images, labels)
-    if images.device.type == "cuda":
-        torch.cuda.synchronize()
-    return max(1, int(min_repeat_s / max(time.perf_counter() - started, 1e-6)) + 1)
 
 
 def main() -> None:
@@ -69,7 +58,7 @@ def main() -> None:
             train = TrainSection(epochs=1, batch_size=batch, schedule="constant", compile=compiled)
             steps = {readout: step_for(depth, width, num_classes, readout, train) for readout in ("eager", "custom_op")}
             images, labels = synthetic_batch(batch, 32, num_classes, device=steps["eager"].device)
-            calls = calls_for(steps["eager"], images, labels, min_repeat_s)
+            calls = calls_for_duration(lambda: steps["eager"](images, labels), images.device, min_repeat_s)
             steps["custom_op"](images, labels)  # its warm-up / compilation too
             timings = time_side_by_side(
                 {name: (lambda s=step: s(images, labels)) for name, step in steps.items()},

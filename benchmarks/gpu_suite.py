@@ -45,7 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from finebench.bench import Timing, machine_line, paired_ratio, synthetic_batch, time_side_by_side
+from finebench.bench import Timing, calls_for_duration, machine_line, paired_ratio, synthetic_batch, time_side_by_side
+from finebench.profile import profile_model
 from finebench.methods import build_model
 from finebench.recipe import TrainSection
 from finebench.train.engine import (
@@ -210,7 +211,15 @@ def make_candidates(config: Config, num_classes: int, variant: str, *, compiled:
     engine.first_call_s = timed_first_call(engine.run, dev)
     out = [engine]
     if with_loop:
-        looped = step.model  # compiled: the same torch.compile'd module, so its graphs are not built twice
+        # a plain PyTorch loop with a model of its own (same weights), compiled by itself when the
+        # engine's is: the ratio then measures the engine against real hand-written training
+        torch.manual_seed(0)
+        own = build_model(config.backbone, num_classes, variant, ATTENTION if attention else None, config.options)
+        own.load_state_dict(model.state_dict())
+        own.to(dev).train()
+        if channels_last:
+            own.to(memory_format=torch.channels_last)
+        looped = torch.compile(own) if compiled else own
         loop = hand_written_step(looped, train, dev, step.precision, attention)
         candidate = Candidate(f"loop {key}", lambda: loop(images, labels), flops)
         candidate.first_call_s = timed_first_call(candidate.run, dev)
@@ -218,10 +227,16 @@ def make_candidates(config: Config, num_classes: int, variant: str, *, compiled:
     return out
 
 
+MIN_REPEAT_S = 0.5
+"""Each timed repeat lasts at least this long (issue 21: 5-step repeats of 60-90 ms spread 17-34 %)."""
+
+
 def time_candidates(candidates: list[Candidate], batch: int, quick: bool) -> dict[str, Timing]:
-    """Interleaved repeats (finebench.bench), after the first call each candidate already made."""
+    """Interleaved repeats (finebench.bench) of at least ``MIN_REPEAT_S`` each, after the first call
+    each candidate already made; the printed img/s and every ratio come from these timings."""
+    calls = 1 if quick else calls_for_duration(candidates[0].run, device(), MIN_REPEAT_S)
     return time_side_by_side({c.name: c.run for c in candidates}, items=batch, warmup=1 if quick else 3,
-                             repeats=2 if quick else 5, calls_per_repeat=1 if quick else 5, device=device())
+                             repeats=2 if quick else 5, calls_per_repeat=calls, device=device())
 
 
 def free() -> None:
@@ -310,10 +325,16 @@ def measure_config(part: Part, config: Config, num_classes: int, *, compiled: bo
         timings = time_candidates(list(engines.values()), config.batch, part.quick)
         base, attn = (timings[engines[v].name] for v in ("baseline", "attention"))
         time_overhead = 100.0 * (paired_ratio(base, attn) - 1.0)
-        flop_overhead = 100.0 * (engines["attention"].flops / engines["baseline"].flops - 1.0)
+        # one FLOP convention, every table's: fvcore, forward, one multiply-add = one flop
+        fvcore = {variant: profile_model(build_model(config.backbone, num_classes, variant,
+                                                     ATTENTION if variant == "attention" else None, config.options),
+                                         config.input_size).flops for variant in ("baseline", "attention")}
+        flop_overhead = 100.0 * (fvcore["attention"] / fvcore["baseline"] - 1.0)
         met = "yes" if time_overhead <= flop_overhead + TARGET_POINTS else "NO"
-        results[f"overhead/{fmt}/{mode}"] = {"time_pct": time_overhead, "flop_pct": flop_overhead}
-        say(f"  -> A&R overhead {config.label} N={num_classes} {fmt} {mode}: time {time_overhead:+.1f}% vs "
+        results[f"overhead/{fmt}/{mode}"] = {"time_pct": time_overhead, "flop_pct": flop_overhead,
+                                             "baseline_images_per_s": base.per_s, "attention_images_per_s": attn.per_s}
+        say(f"  -> A&R overhead {config.label} N={num_classes} {fmt} {mode}: baseline {base.per_s:,.0f} vs A&R "
+            f"{attn.per_s:,.0f} img/s (these timings: median of per-repeat ratios {time_overhead:+.1f}%) vs fvcore "
             f"FLOPs {flop_overhead:+.1f}% (target <= FLOPs + {TARGET_POINTS:.0f} points: {met})")
         part.save()
         del engines, timings, base, attn

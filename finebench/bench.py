@@ -91,6 +91,17 @@ def time_side_by_side(
     return {name: Timing(tuple(values), items * calls_per_repeat) for name, values in seconds.items()}
 
 
+def calls_for_duration(run: Callable[[], Any], device: torch.device | str | None, min_repeat_s: float) -> int:
+    """Calls per repeat so that one repeat lasts at least ``min_repeat_s``: repeats of a few short
+    steps (60-90 ms) spread 17-34 % on a GPU, which a ratio of two such timings cannot carry."""
+    run()  # warm-up (and any compilation)
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return max(1, int(min_repeat_s / max(time.perf_counter() - start, 1e-6)) + 1)
+
+
 def paired_ratio(numerator: Timing, denominator: Timing) -> float:
     """Median over repeats of the per-repeat speed ratio numerator/denominator.
 
