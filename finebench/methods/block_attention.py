@@ -17,7 +17,7 @@ from torch import nn
 from finebench.methods.base import Method, MethodOptions, incompatible
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier
-from finebench.models.registry import BACKBONES, build_backbone, split_family
+from finebench.models.registry import BACKBONES, build_backbone, family_of
 from finebench.models.timm_backbone import TimmBackbone
 
 
@@ -35,8 +35,8 @@ class BlockAttention(Method):
         return f"{self.kind}-r{reduction}" if reduction is not None and reduction != 16 else self.kind
 
     def check_backbone(self, backbone: str, options: MethodOptions) -> None:
-        family = split_family(backbone)
-        if family is not None and family[0] == "timm":
+        family = family_of(backbone)
+        if family is not None and family.builds_block_attention:
             return
         if self.layer is None:
             raise incompatible(self.kind, backbone, "expected a timm backbone (timm:<name>)")
@@ -47,7 +47,7 @@ class BlockAttention(Method):
     def build_backbone(self, backbone: str, backbone_options: Mapping[str, Any] | None,
                        options: MethodOptions) -> Backbone:
         self.check_backbone(backbone, options)
-        if split_family(backbone) is not None:  # timm: its own layers, built in before its weights load
+        if family_of(backbone) is not None:  # timm: its own layers, built in before its weights load
             return build_backbone(backbone, backbone_options, (self.kind, self.reduction(options)))
         return build_backbone(backbone, backbone_options)
 

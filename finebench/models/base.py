@@ -7,7 +7,7 @@ block carries (an ``nn.Identity`` in the baseline, so it adds no parameters and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,9 +107,7 @@ class Backbone(nn.Module):
 
     def load_backbone_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Load feature-extractor weights strictly; classifier keys of the source are ignored."""
-        weights = {k.removeprefix("module."): v for k, v in state_dict.items()}
-        if any(k.startswith("backbone.") for k in weights):  # a whole finebench model: keep its backbone
-            weights = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+        weights, _ = unwrap_state_dict(state_dict)
         weights = {k: v for k, v in weights.items() if not k.startswith(("fc.", "classifier."))}
         result = self.load_state_dict(weights, strict=False)
         problems = [*result.missing_keys, *result.unexpected_keys]
@@ -118,6 +116,15 @@ class Backbone(nn.Module):
                 f"weights in {source} do not fit {type(self).__name__}: "
                 f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
             )
+
+
+def unwrap_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Without DataParallel's ``module.`` prefix; a whole finebench model's state dict reduced to its
+    backbone's weights (``backbone.`` removed), with True to say it was one."""
+    weights = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if any(k.startswith("backbone.") for k in weights):
+        return {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}, True
+    return weights, False
 
 
 def _load_failure(error: Exception) -> str:

@@ -51,11 +51,26 @@ BACKBONES: dict[str, BackboneEntry] = {
 }
 
 
-BACKBONE_FAMILIES: dict[str, Callable[..., Backbone]] = {
-    "timm": TimmBackbone,
-    "torchvision": TorchvisionNodeBackbone,
+@dataclass(frozen=True)
+class BackboneFamily:
+    """``family:<model name>``: any model of a library, its options passed to its constructor."""
+
+    build: Callable[[str, Mapping[str, Any] | None, tuple[str, int | None] | None], Backbone]
+    """(model name, options, block attention) -> backbone."""
+    builds_block_attention: bool
+    """The library builds SE/CBAM/ECA into its own blocks (``block_attention``)."""
+    library_weights: str
+    """The ``model.pretrained`` keyword for the library's own weights (the other keyword is an error)."""
+    listing_device: str
+    """Where ``list_taps`` builds it: "meta" is instant; a family whose stage search runs the model needs "cpu"."""
+
+
+BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
+    "timm": BackboneFamily(TimmBackbone, True, "timm", "meta"),
+    "torchvision": BackboneFamily(lambda name, options, _: TorchvisionNodeBackbone(name, options), False,
+                                  "imagenet", "cpu"),
 }
-"""``family:<model name>`` backbones: any model of the library, its options passed to its constructor."""
+LIBRARY_WEIGHTS = tuple(family.library_weights for family in BACKBONE_FAMILIES.values())
 
 
 def split_family(name: str) -> tuple[str, str] | None:
@@ -69,6 +84,12 @@ def split_family(name: str) -> tuple[str, str] | None:
             + " or ".join(f"{f}:<model name>" for f in BACKBONE_FAMILIES)
         )
     return family, model_name
+
+
+def family_of(name: str) -> BackboneFamily | None:
+    """The library family of a ``family:<model name>`` backbone; None for a registered name."""
+    family = split_family(name)
+    return BACKBONE_FAMILIES[family[0]] if family is not None else None
 
 
 def _choose(kind: str, name: str, registry: Mapping[str, Any]) -> Any:
@@ -115,13 +136,12 @@ def build_backbone(
     (variant, reduction) builds timm's own SE/CBAM/ECA layers into a timm model's blocks."""
     family = split_family(name)
     if family is not None:
-        if block_attention is not None and family[0] != "timm":
+        entry = BACKBONE_FAMILIES[family[0]]
+        if block_attention is not None and not entry.builds_block_attention:
             raise FinebenchError(
                 f"variant {block_attention[0]!r} on {name}: SE/CBAM/ECA need a registered backbone or a timm model"
             )
-        if family[0] == "timm":
-            return TimmBackbone(family[1], options, block_attention)
-        return BACKBONE_FAMILIES[family[0]](family[1], options)
+        return entry.build(family[1], options, block_attention)
     entry: BackboneEntry = _choose("backbone", name, BACKBONES)
     return entry.build(**resolve_options(f"backbone {name!r}", entry.options, options))
 
@@ -129,10 +149,11 @@ def build_backbone(
 def load_pretrained(backbone: Backbone, name: str, pretrained: str) -> None:
     """``"imagenet"``: torchvision's weights from the hub cache; ``"timm"``: timm's from its cache;
     anything else: a local file path (``.pth`` or ``.safetensors``)."""
-    if isinstance(backbone, TimmBackbone | TorchvisionNodeBackbone):
-        if pretrained == ("imagenet" if isinstance(backbone, TimmBackbone) else "timm"):
-            expected = "timm" if isinstance(backbone, TimmBackbone) else "imagenet"
-            raise FinebenchError(f"pretrained={pretrained!r} for {name}: expected {expected!r} or a weights file path")
+    family = family_of(name)
+    if family is not None:
+        if pretrained in LIBRARY_WEIGHTS and pretrained != family.library_weights:
+            raise FinebenchError(f"pretrained={pretrained!r} for {name}: expected {family.library_weights!r} or a "
+                                 "weights file path")
         backbone.load_pretrained(pretrained)
         return
     if pretrained == "imagenet":
@@ -188,10 +209,9 @@ class TapListing:
 
 def list_taps(name: str, options: Mapping[str, Any] | None = None) -> TapListing:
     """The taps of any backbone name (registered, ``timm:``, ``torchvision:``), with channels and stride."""
-    family = split_family(name)
-    # timm and the registered backbones build on the meta device (instant, no memory); the
-    # torchvision stage search runs the model, which some ops cannot do on meta tensors.
-    device = "cpu" if family is not None and family[0] == "torchvision" else "meta"
+    family = family_of(name)
+    # registered backbones build on the meta device (instant, no memory); a family says where it can
+    device = family.listing_device if family is not None else "meta"
     with torch.device(device):
         net = build_backbone(name, options)
     return TapListing(name, net.tap_points, tuple(net.attention_candidates), net.out_channels)

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from finebench.errors import FinebenchError
-from finebench.models.base import Backbone, TapPoint, read_weights_file
+from finebench.models.base import Backbone, TapPoint, read_weights_file, unwrap_state_dict
 from finebench.models.torchvision import imagenet_weights_path
 
 PROBE_SIZE = 128
@@ -224,9 +224,7 @@ class TorchvisionNodeBackbone(Backbone):
         else:
             file = Path(source).expanduser()
         state = read_weights_file(file)
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        if any(k.startswith("backbone.") for k in state):  # a whole finebench model: keep its backbone
-            state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        else:
+        state, whole_model = unwrap_state_dict(state)
+        if not whole_model:  # torchvision's own model: its weights sit under ``net.``, without its head
             state = {f"net.{k}": v for k, v in state.items() if not k.startswith(f"{self.head_name}.")}
         self.load_backbone_weights(state, str(file))
