@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from finebench.data.root import DEFAULT_ROOT
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS, MethodOptions, method_of
+from finebench.models.registry import LIBRARY_WEIGHTS
 
 _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
 """Input size used for cost estimates when a recipe leaves ``dataset.input_size`` unset."""
@@ -60,8 +61,6 @@ class DatasetSection(_Section):
 
 NO_PRETRAINED = "none"
 """``model.pretrained = "none"``: no pretrained weights, whatever the recipe file says."""
-PRETRAINED_SOURCES = ("imagenet", "timm")
-"""``model.pretrained`` values naming a library's weights rather than a file."""
 
 
 class ModelSection(_Section):
@@ -81,7 +80,7 @@ class ModelSection(_Section):
         if isinstance(value, str) and not value.strip():
             raise ValueError(f"is empty: expected {NO_PRETRAINED!r} (train from scratch), 'imagenet', 'timm' "
                              "or a weights file path")
-        if isinstance(value, str) and value not in PRETRAINED_SOURCES and not Path(value).expanduser().is_file():
+        if isinstance(value, str) and value not in LIBRARY_WEIGHTS and not Path(value).expanduser().is_file():
             raise ValueError(f"weights file {value!r} does not exist: expected {NO_PRETRAINED!r}, 'imagenet', "
                              "'timm' or an existing .pth/.safetensors file")
         return value
