@@ -27,6 +27,7 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
+from finebench.results import RunDir
 from finebench.trained import TrainedRun, load_trained_run, read_record, run_data_root
 
 TOP_K = 3
@@ -51,7 +52,7 @@ class AttentionCapture:
 def load_attention_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
     """Rebuild a run's model from config.json and load ``last.pt``; it must be an attention run."""
     run_dir = Path(run_dir)
-    config = read_record(run_dir / "config.json")
+    config = read_record(RunDir.at(run_dir).config_path)
     variant = config.get("variant")
     kind = variant.get("kind") if isinstance(variant, dict) else None
     if kind not in METHODS or not METHODS[kind].draws_attention_maps:

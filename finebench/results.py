@@ -110,14 +110,26 @@ class RunState:
 class RunDir:
     """One run's folder and the only code that writes into it."""
 
+    CONFIG_FILE = "config.json"
+    METRICS_FILE = "metrics.jsonl"
+    SUMMARY_FILE = "summary.json"
+    CHECKPOINT_FILE = "last.pt"
+    CONFUSION_FILE = "confusion.json"
+
     def __init__(self, results_dir: Path, recipe_name: str, run_id: str) -> None:
         self.path = Path(results_dir) / recipe_name / run_id
 
-    config_path = property(lambda self: self.path / "config.json")
-    metrics_path = property(lambda self: self.path / "metrics.jsonl")
-    summary_path = property(lambda self: self.path / "summary.json")
-    checkpoint_path = property(lambda self: self.path / "last.pt")
-    confusion_path = property(lambda self: self.path / "confusion.json")
+    @classmethod
+    def at(cls, folder: Path) -> RunDir:
+        """The run folder at ``folder`` (``results/<recipe>/<run id>``), for readers given a path."""
+        folder = Path(folder)
+        return cls(folder.parent.parent, folder.parent.name, folder.name)
+
+    config_path = property(lambda self: self.path / self.CONFIG_FILE)
+    metrics_path = property(lambda self: self.path / self.METRICS_FILE)
+    summary_path = property(lambda self: self.path / self.SUMMARY_FILE)
+    checkpoint_path = property(lambda self: self.path / self.CHECKPOINT_FILE)
+    confusion_path = property(lambda self: self.path / self.CONFUSION_FILE)
 
     def summary(self) -> dict[str, Any] | None:
         """``summary.json``, or None before the first write; unreadable is a ``FinebenchError`` naming it."""

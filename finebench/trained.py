@@ -23,6 +23,7 @@ from finebench.data.root import resolve_data_root
 from finebench.errors import FinebenchError
 from finebench.methods import build_model_from_config, get_method
 from finebench.models.base import read_state_dict
+from finebench.results import RunDir
 
 EXPORT_FORMAT = "finebench-model"
 EXPORT_VERSION = 1
@@ -70,12 +71,12 @@ def load_trained_run(run_dir: str | Path, device: str | torch.device = "cpu") ->
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FinebenchError(f"{run_dir}: no such run folder; expected results/<recipe>/<run-id>")
-    config = read_record(run_dir / "config.json")
-    summary = read_record(run_dir / "summary.json")
+    config = read_record(RunDir.at(run_dir).config_path)
+    summary = read_record(RunDir.at(run_dir).summary_path)
     num_classes = summary.get("num_classes")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool):
         raise FinebenchError(f"{run_dir / 'summary.json'}: num_classes is {num_classes!r}; expected an integer")
-    checkpoint_path = run_dir / "last.pt"
+    checkpoint_path = RunDir.at(run_dir).checkpoint_path
     if not checkpoint_path.is_file():
         raise FinebenchError(f"{checkpoint_path}: not found; the run has no checkpoint")
     state = read_state_dict(checkpoint_path, "run checkpoint", keys=("model",))
@@ -191,7 +192,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[P
 
 def _classes(run: TrainedRun) -> list[str] | None:
     """Class names from the run's confusion record (saved at its final evaluation), when there is one."""
-    path = run.run_dir / "confusion.json"
+    path = RunDir.at(run.run_dir).confusion_path
     if not path.is_file():
         return None
     try:

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.recipe import RUN_ID_EXCLUDE, Recipe, TrainSection
+from finebench.results import RunDir
 from finebench.report.stats import mean_class_accuracy
 
-CONFUSION_FILE = "confusion.json"
 
 # Settings that change where or how fast a run goes, or which repetition it is, but not what it
 # computes: the run id's own rule, plus the repetition axes the report pools over.
@@ -125,7 +125,7 @@ def find_summaries(paths: Iterable[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(path.rglob("summary.json")))
+            found.extend(sorted(path.rglob(RunDir.SUMMARY_FILE)))
         else:
             raise FinebenchError(f"{path}: no such file or folder; expected a results folder, a run folder or a summary.json")
     return sorted(set(found))
@@ -177,7 +177,7 @@ def load_runs(paths: Iterable[str | Path] = ("results",)) -> LoadedRuns:
 
 def _run_config(summary: RunSummary, run_dir: Path, problems: list[str]) -> dict[str, Any]:
     """The resolved config: config.json beside summary.json."""
-    path = run_dir / "config.json"
+    path = RunDir.at(run_dir).config_path
     if not path.is_file():
         return {}
     try:
@@ -259,7 +259,7 @@ def _overhead_pct(value: float | None, baseline: float | None) -> float:
 
 def read_confusion(run_dir: Path) -> list[list[int]] | None:
     """The confusion matrix the run saved at its final evaluation (rows: true class), if any."""
-    path = Path(run_dir) / CONFUSION_FILE
+    path = RunDir.at(run_dir).confusion_path
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
@@ -274,7 +274,7 @@ def _mean_class(summary: RunSummary, run_dir: Path, problems: list[str]) -> floa
     try:
         matrix = read_confusion(run_dir)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
-        problems.append(f"{run_dir / CONFUSION_FILE}: ignored, not a readable confusion matrix ({error})")
+        problems.append(f"{RunDir.at(run_dir).confusion_path}: ignored, not a readable confusion matrix ({error})")
         matrix = None
     if matrix is not None:
         return mean_class_accuracy(matrix)
@@ -383,7 +383,7 @@ def _find_key(tree: Any, keys: Sequence[str]) -> Any:
 
 def load_metrics(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """A run's ``metrics.jsonl`` as one row an epoch; bad lines (a crash mid-write) are skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir.at(run_dir).metrics_path
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     try:
