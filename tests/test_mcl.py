@@ -95,3 +95,30 @@ def test_a_backbone_with_xi_times_classes_channels_needs_no_projection() -> None
 def test_a_bad_option_is_one_line_at_build() -> None:
     with pytest.raises((FinebenchError, ValueError)):
         build_model("wrn", 4, "mcl", {"xi": 0}, {"depth": 10, "width": 1})
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_engines_step_trains_on_the_mutual_channel_loss(accumulation: int) -> None:
+    """The engine's own step calls ``MCL.loss``: its logged loss is CE + both MC terms, the masks
+    drawn from Python ``random`` once per forward (one per accumulated part)."""
+    import copy
+
+    from finebench.recipe import TrainSection
+    from finebench.train.engine import build_train_step
+
+    torch.manual_seed(0)
+    model = build_model("wrn", 4, "mcl", {"xi": 2}, {"depth": 10, "width": 1})
+    reference = copy.deepcopy(model).train()
+    method = get_method("mcl")
+    train = TrainSection(epochs=1, batch_size=4, schedule="constant", precision="fp32",
+                         accumulation_steps=accumulation)
+    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=method)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    random.seed(5)
+    loss, _ = step(images, labels)
+    random.seed(5)
+    parts = zip(images.chunk(accumulation), labels.chunk(accumulation), strict=True)
+    expected = sum(method.loss(reference(x), y) for x, y in parts) / accumulation
+    plain = torch.nn.functional.cross_entropy(reference.eval()(images).logits, labels)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    assert loss > plain + 1.0  # the MC terms are in it (beta 20 x L_div alone is several units)
