@@ -7,7 +7,8 @@ repeat by repeat so the load of a shared machine hits them alike; the time overh
 median of the per-repeat ratios. The FLOP overhead is ``finebench profile``'s (fvcore, the
 test-time prediction as the method makes it), and the training cost multiplies it by the
 method's backbone passes per training image. Training-only work outside the prediction (MCL's
-two loss terms) is in the time but not in the FLOPs: that is part of what the gap shows.
+two loss terms, PMG's jigsaws and three extra optimiser steps) is in the time but not in the
+FLOPs: that is part of what the gap shows.
 
     python benchmarks/peers_overhead.py                 # timm:resnet10t at 224 px, N = 200
     python benchmarks/peers_overhead.py --quick         # a smoke run
@@ -35,6 +36,7 @@ from finebench.train.engine import build_train_step
 VARIANTS: list[tuple[str, str, dict]] = [
     ("bcnn-r512", "bcnn", {"reduce": 512}),
     ("mcl", "mcl", {}),
+    ("pmg", "pmg", {}),
 ]
 """(table name, kind, options): the peers measured, each against the baseline."""
 
