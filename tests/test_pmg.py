@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finebench.errors import FinebenchError
-from finebench.models.base import Backbone, TapPoint
 from finebench.methods import build_model, get_method, parse_options
 from finebench.methods.pmg import jigsaw
 from finebench.recipe import TrainSection
@@ -202,82 +201,3 @@ def test_the_heads_and_one_four_step_batch_equal_the_official_pmg() -> None:
         tested = model(images)
     for index, logits in enumerate((*tested.module_logits, tested.logits)):
         torch.testing.assert_close(logits, golden[f"eval_{index}"], **close)
-
-
-HEADS = Path(__file__).parent / "data" / "golden" / "pmg_heads" / "golden.safetensors"
-
-
-class _FixedTrunk(Backbone):
-    """ResNet-50's last three stage widths at 448 px as fixed maps (what tools/golden/pmg_heads.py feeds)."""
-
-    tap_points = tuple(TapPoint(f"stage{i}", c, 8 * 2**i, "fixed") for i, (c, _) in enumerate(((512, 56), (1024, 28), (2048, 14))))
-    out_channels = 2048
-    attention_candidates = ()
-
-    def __init__(self, maps: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.maps = maps
-
-    def forward(self, x, taps=(), stop_after_taps=False):  # type: ignore[no-untyped-def]
-        return None, {f"stage{i}": m for i, m in enumerate(self.maps)}
-
-
-def _official_order(names: list[str]) -> list[str]:
-    """The official state-dict order (classifier_concat, then conv_block/classifier 1..3) in our names."""
-    def under(prefix: str) -> list[str]:
-        return [n for n in names if n.startswith(prefix)]
-    return under("concat.") + [n for i in range(3) for n in under(f"blocks.{i}.") + under(f"heads.{i}.")]
-
-
-@pytest.mark.slow
-def test_heads_and_the_four_step_training_equal_the_official_pmg() -> None:
-    """Official setting (feature size 512, 200 classes, ResNet-50 widths at 448 px): train-mode outputs,
-    the four step losses, parameters and BatchNorm statistics after one batch, and eval outputs."""
-    golden = load_file(HEADS)
-    maps = [torch.randn(2, c, s, s, generator=torch.Generator().manual_seed(20 + i)).clamp_min(0)
-            for i, (c, s) in enumerate(((512, 56), (1024, 28), (2048, 14)))]
-    model = get_method("pmg").attach(_FixedTrunk(maps), 200, parse_options("pmg", {}))
-    state = model.state_dict()
-    with torch.no_grad():
-        for index, name in enumerate(_official_order([n for n in state if not n.startswith("backbone.")])):
-            tensor = state[name]
-            if not tensor.is_floating_point():
-                continue
-            values = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(100 + index))
-            if name.endswith("running_var"):
-                values = torch.ones_like(values)
-            elif tensor.dim() > 1:
-                values = values / tensor[0].numel() ** 0.5
-            elif name.endswith("weight"):
-                values = 1 + 0.1 * values
-            else:
-                values = 0.1 * values
-            tensor.copy_(values)
-    images, labels = torch.zeros(2, 3, 448, 448), golden["labels"]
-    model.train()
-    first = model(images)
-    for i, logits in enumerate((*first.module_logits, first.logits)):
-        torch.testing.assert_close(logits, golden[f"train_{i}"], rtol=1e-4, atol=1e-4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
-    losses = []
-    for index, weight in enumerate((1, 1, 1, 2)):
-        optimizer.zero_grad(set_to_none=False)
-        output = model(images)
-        loss = weight * torch.nn.functional.cross_entropy((*output.module_logits, output.logits)[index], labels)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-    torch.testing.assert_close(torch.stack(losses), golden["losses"], rtol=1e-4, atol=1e-5)
-    ours = {"conv_block1.1.conv.weight": "blocks.0.1.0.weight", "conv_block3.0.conv.weight": "blocks.2.0.0.weight",
-            "classifier1.4.weight": "heads.0.4.weight", "classifier2.1.weight": "heads.1.1.weight",
-            "classifier_concat.1.weight": "concat.1.weight", "classifier_concat.4.bias": "concat.4.bias",
-            "conv_block2.1.bn.running_var": "blocks.1.1.1.running_var",
-            "classifier3.0.running_mean": "heads.2.0.running_mean", "classifier_concat.2.weight": "concat.2.weight"}
-    after = model.state_dict()
-    for official, name in ours.items():
-        torch.testing.assert_close(after[name].flatten()[:4096], golden[f"after.{official}"], rtol=1e-4, atol=1e-5)
-    model.eval()
-    with torch.no_grad():
-        tested = model(images)
-    for i, logits in enumerate((*tested.module_logits, tested.logits)):
-        torch.testing.assert_close(logits, golden[f"eval_{i}"], rtol=1e-4, atol=1e-4)
