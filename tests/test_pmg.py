@@ -201,3 +201,15 @@ def test_the_heads_and_one_four_step_batch_equal_the_official_pmg() -> None:
         tested = model(images)
     for index, logits in enumerate((*tested.module_logits, tested.logits)):
         torch.testing.assert_close(logits, golden[f"eval_{index}"], **close)
+
+
+def test_the_dry_run_names_an_input_size_the_jigsaw_cannot_cut(tmp_path: Path) -> None:
+    """The dry run's cost estimate is a forward at the recipe's input size: PMG's forward checks it."""
+    model = build_model("wrn", 3, "pmg", {"feature_size": 8}, TINY).eval()
+    with pytest.raises(FinebenchError, match=r"^variant 'pmg': input_size 36x36 does not split into its 8x8 jigsaw; "
+                                             r"expected a multiple of 8 \(e.g. 40, or 448 as the paper\)$"):
+        model(torch.zeros(1, 3, 36, 36))
+    from finebench.profile import profile_variants
+
+    with pytest.raises(FinebenchError, match="input_size 36x36"):
+        profile_variants("wrn", 3, 36, [("pmg", "pmg", {"feature_size": 8})], TINY)

@@ -51,6 +51,17 @@ class PMGOptions(MethodOptions):
     """``zero``: gradients zeroed in place (the official PyTorch 1.3); ``none``: set to None."""
 
 
+def check_input_size(size: tuple[int, int]) -> None:
+    """PMG trains on 8×8 jigsaws of its inputs; checked on every forward, so the cost estimate of
+    ``finebench run --dry-run`` (a forward at the recipe's input size) reports a size it cannot cut."""
+    cells = max(GRANULARITIES)
+    height, width = int(size[0]), int(size[1])  # ints while traced for FLOPs too
+    if height % cells or width % cells:
+        nearest = cells * max(1, round(height / cells))
+        raise FinebenchError(f"variant 'pmg': input_size {height}x{width} does not split into its {cells}x{cells} "
+                             f"jigsaw; expected a multiple of {cells} (e.g. {nearest}, or 448 as the paper)")
+
+
 def jigsaw(images: torch.Tensor, n: int, order: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
     """The batch cut into n×n cells and rearranged by the official swap procedure; ``order``
     replaces the shuffled cell list (golden tests pass the official draw in)."""
@@ -102,6 +113,7 @@ class PMGClassifier(ImageClassifier):
         self.zero_grad_to_none = options.zero_grad == "none"
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
+        check_input_size(tuple(images.shape[-2:]))
         _, taps = self.backbone(images, self.taps, stop_after_taps=True)
         pooled = [F.adaptive_max_pool2d(block(taps[name]), 1).flatten(1) for block, name in zip(self.blocks, self.taps, strict=True)]
         stage_logits = tuple(head(vector) for head, vector in zip(self.heads, pooled, strict=True))
