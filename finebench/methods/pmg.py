@@ -57,7 +57,7 @@ def check_input_size(size: tuple[int, int]) -> None:
     cells = max(GRANULARITIES)
     height, width = int(size[0]), int(size[1])  # ints while traced for FLOPs too
     if height % cells or width % cells:
-        nearest = cells * max(1, round(height / cells))
+        nearest = cells * -(-height // cells)  # the next multiple up
         raise FinebenchError(f"variant 'pmg': input_size {height}x{width} does not split into its {cells}x{cells} "
                              f"jigsaw; expected a multiple of {cells} (e.g. {nearest}, or 448 as the paper)")
 
