@@ -11,6 +11,8 @@ from finebench.methods import se  # noqa: F401
 from finebench.methods import cbam  # noqa: F401
 from finebench.methods import eca  # noqa: F401
 from finebench.methods import bcnn  # noqa: F401
+from finebench.methods import mcl  # noqa: F401
+from finebench.methods import pmg  # noqa: F401
 from finebench.methods.base import Method, MethodOptions, MicroBatch, StepContext, StepResult
 from finebench.methods.registry import (
     METHODS,

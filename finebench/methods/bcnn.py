@@ -1,13 +1,12 @@
-"""Bilinear CNN (Lin, RoyChowdhury and Maji, ICCV 2015): the outer product of the last feature map
-with itself, averaged over positions, square-rooted, L2-normalised and classified linearly.
+"""Bilinear CNN (Lin et al., ICCV 2015): the outer product of the last feature map with itself,
+averaged over positions, square-rooted, L2-normalised and classified by one linear layer.
 
 The authors' code is MatConvNet; the PyTorch port most papers run is HaoMood/bilinear-cnn
-(bcc2883). The paper's signed square root ``sign(x)·sqrt(|x|)`` is the default; the port's
-``sqrt(x + 1e-5)`` (which floors every entry at about 0.0032 before the normalisation) is
-``sqrt = "plus_eps"``, and equals the port's head to float64 rounding (tests/test_bcnn.py, golden
-tensors written by tools/golden/bcnn.py from a checkout). ``reduction = 512`` first maps the last
-stage to 512 channels with a 1x1 convolution (with BatchNorm and ReLU), so a 2048-channel ResNet
-does not need a 4M-wide classifier: an extension without an official counterpart.
+(``bcc2883``), whose square root is ``sqrt(x + 1e-5)`` (unsigned: its VGG-16 features are
+post-ReLU). The paper's signed square root is the default here and the port's is
+``sqrt = "haomood"`` (tests/test_bcnn.py checks it against golden tensors from the port). The
+optional 1x1 reduction has no official counterpart: it keeps a 2048-channel ResNet's classifier at
+512² inputs instead of 2048² (4M per class).
 """
 
 from __future__ import annotations
@@ -25,90 +24,82 @@ from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier
 from finebench.models.output import ModelOutput
 
-PORT_EPS = 1e-5
-"""HaoMood's ``torch.sqrt(X + 1e-5)`` (``sqrt = "plus_eps"``)."""
-SIGNED_FLOOR = 1e-12
-"""The signed root's |x| is clamped here: sqrt's gradient is infinite at 0, and entries below it
-are rounding noise next to the normalised vector (values change by at most 1e-6)."""
+HAOMOOD_SHIFT = 1e-5
+"""The port's ``sqrt(x + 1e-5)`` (``src/bilinear_cnn_all.py`` forward)."""
+SIGNED_EPS = 1e-12
+"""Keeps the signed root's gradient finite next to zero (the paper's sign(x)·sqrt(|x|))."""
 
 
-class BilinearOptions(MethodOptions):
+class BCNNOptions(MethodOptions):
     kind: Literal["bcnn"]
-    sqrt: Literal["signed", "plus_eps"] = "signed"
-    """``signed``: the paper's sign(x)·sqrt(|x|); ``plus_eps``: the HaoMood port's sqrt(x + 1e-5),
-    which assumes non-negative features (VGG's relu5_3) and gives NaN on a backbone whose last
-    stage ends without a ReLU, as the port would."""
-    reduction: Annotated[int, Field(ge=0)] = 0
-    """Channels of a 1x1 convolution (+ BatchNorm + ReLU) before the pooling; 0 = none (the paper)."""
+    sqrt: Literal["signed", "haomood"] = "signed"
+    """``signed``: the paper's sign(x)·sqrt(|x|); ``haomood``: the PyTorch port's sqrt(x + 1e-5)."""
+    reduce: Annotated[int, Field(ge=1)] | None = None
+    """Channels of a 1x1 convolution (+ BatchNorm + ReLU) before pooling; None pools the backbone's
+    last map as it is (512 is the usual choice on a 2048-channel ResNet)."""
 
 
-def bilinear_pool(features: torch.Tensor, sqrt: str) -> torch.Tensor:
-    """B×C×H×W -> B×C² : mean over positions of x·xᵀ, square root, L2 normalisation (in float32 or
-    float64: the C² entries are summed in the norm)."""
-    flat = features.flatten(2)
-    flat = flat if flat.dtype == torch.float64 else flat.float()
-    gram = torch.bmm(flat, flat.mT) / flat.shape[2]
-    vector = gram.flatten(1)
-    if sqrt == "plus_eps":
-        vector = torch.sqrt(vector + PORT_EPS)
-    else:
-        vector = torch.sign(vector) * torch.sqrt(vector.abs().clamp_min(SIGNED_FLOOR))
-    return F.normalize(vector, dim=1)
+class BilinearHead(nn.Module):
+    """Bilinear pooling + square root + L2 normalisation + linear classifier on one feature map.
+
+    Pooling runs in float32 even under autocast: the C² sums overflow half precision."""
+
+    def __init__(self, channels: int, num_classes: int, sqrt: str = "signed", reduce: int | None = None) -> None:
+        super().__init__()
+        self.reduce = (
+            nn.Sequential(nn.Conv2d(channels, reduce, 1, bias=False), nn.BatchNorm2d(reduce), nn.ReLU(inplace=True))
+            if reduce is not None else nn.Identity()
+        )
+        self.channels = reduce if reduce is not None else channels
+        self.sqrt = sqrt
+        self.fc = nn.Linear(self.channels**2, num_classes)
+        # The port's fc initialisation (bilinear_cnn_fc.py): Kaiming normal, zero bias.
+        nn.init.kaiming_normal_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """The normalised bilinear vector (B × C²) of a B × C × H × W map."""
+        features = self.reduce(features)
+        with torch.autocast(features.device.type, enabled=False):
+            x = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+            x = x.flatten(2)
+            gram = torch.bmm(x, x.transpose(1, 2)).flatten(1) / x.shape[2]
+            if self.sqrt == "haomood":
+                gram = torch.sqrt(gram + HAOMOOD_SHIFT)
+            else:
+                gram = torch.sign(gram) * torch.sqrt(gram.abs() + SIGNED_EPS)
+            return F.normalize(gram)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(features))
 
 
-class BilinearClassifier(ImageClassifier):
-    """The backbone up to its last stage, bilinear pooling and one linear classifier on C² features."""
+class BCNNClassifier(ImageClassifier):
+    """The backbone's last feature map (its deepest tap) through ``BilinearHead``."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, options: BilinearOptions) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, options: BCNNOptions) -> None:
         super().__init__(backbone, num_classes)
-        self.final_tap = backbone.tap_points[-1].name
-        channels = backbone.tap_point(self.final_tap).channels
-        self.reduce: nn.Module | None = None
-        if options.reduction:
-            self.reduce = nn.Sequential(
-                nn.Conv2d(channels, options.reduction, 1, bias=False), nn.BatchNorm2d(options.reduction), nn.ReLU()
-            )
-            channels = options.reduction
-        self.sqrt = options.sqrt
-        self.classifier = nn.Linear(channels * channels, num_classes)
-        # the port's initialisation (Kaiming normal, fan-in; bias 0)
-        nn.init.kaiming_normal_(self.classifier.weight)
-        nn.init.zeros_(self.classifier.bias)
-
-    def bilinear_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The last stage's feature map (reduced if asked): the backbone stops there, unpooled."""
-        _, taps = self.backbone(images, [self.final_tap], stop_after_taps=True)
-        features = taps[self.final_tap]
-        return self.reduce(features) if self.reduce is not None else features
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from a feature map (what the golden test compares with the port's head)."""
-        return self.classifier(bilinear_pool(features, self.sqrt).to(self.classifier.weight.dtype))
+        self.tap = backbone.tap_points[-1].name
+        del self.classifier  # the bilinear head's fc replaces it
+        self.head = BilinearHead(backbone.tap_points[-1].channels, num_classes, options.sqrt, options.reduce)
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
-        logits = self.head(self.bilinear_features(images))
+        _, taps = self.backbone(images, [self.tap], stop_after_taps=True)
+        logits = self.head(taps[self.tap])
         return ModelOutput(F.log_softmax(logits.float(), dim=1), logits)
 
 
-class BilinearCNN(Method):
+class BCNN(Method):
     kind = "bcnn"
-    description = "bilinear pooling of the last feature map (Lin et al., ICCV 2015)"
-    Options = BilinearOptions
+    description = "bilinear pooling of the last feature map, square root, L2 norm, linear classifier (Lin et al. 2015)"
+    Options = BCNNOptions
 
-    def table_name(self, options: BilinearOptions) -> str:  # type: ignore[override]
-        name = self.kind
-        if options.reduction:
-            name += f"-r{options.reduction}"
-        if options.sqrt != "signed":
-            name += f"-{options.sqrt}"
-        return name
+    def table_name(self, options: BCNNOptions) -> str:  # type: ignore[override]
+        name = self.kind if options.sqrt == "signed" else f"{self.kind}-{options.sqrt}"
+        return name if options.reduce is None else f"{name}-r{options.reduce}"
 
-    def settings(self, options: BilinearOptions) -> str:  # type: ignore[override]
-        reduction = f"1x1 to {options.reduction} channels" if options.reduction else "no reduction"
-        return f"sqrt {options.sqrt} · {reduction}"
-
-    def attach(self, backbone: Backbone, num_classes: int, options: BilinearOptions) -> ImageClassifier:  # type: ignore[override]
-        return BilinearClassifier(backbone, num_classes, options)
+    def attach(self, backbone: Backbone, num_classes: int, options: BCNNOptions) -> ImageClassifier:  # type: ignore[override]
+        return BCNNClassifier(backbone, num_classes, options)
 
 
-METHOD = register(BilinearCNN())
+METHOD = register(BCNN())

@@ -1,82 +1,56 @@
-"""Golden tensors of the HaoMood/bilinear-cnn port's B-CNN head (PEERS.md §6.4), for tests/test_bcnn.py.
+"""Golden tensors for ``bcnn`` from HaoMood/bilinear-cnn (the PyTorch port of B-CNN).
 
-    python tools/golden/bcnn.py CHECKOUT [--commit bcc2883]
+Usage: python tools/golden/bcnn.py <checkout of HaoMood/bilinear-cnn> [out dir]
 
-CHECKOUT is a clone (or bare mirror) of https://github.com/HaoMood/bilinear-cnn. The harness reads
-``src/bilinear_cnn_all.py`` at the commit, fixes only its Python-3 syntax (``async=True``), runs
-the module's imports and ``class BCNN`` (not the training manager), swaps its VGG-16 trunk for a
-module returning seeded relu5_3-like features (the head is what B-CNN adds; the trunk is
-torchvision's VGG-16), and records in float64: logits, the cross-entropy, exact slices and seeded
-projections of the gradients of the features and of the classifier. No official code is stored.
+Runs the official ``BCNN`` (src/bilinear_cnn_all.py, ``async=True`` rewritten as
+``non_blocking=True`` so it parses) in float64 on CPU with its VGG trunk replaced by a module
+returning a fixed post-ReLU map X (2 × 512 × 28 × 28; the asserts need 448 px input), so the
+bilinear head is compared exactly: logits, cross-entropy, dL/dX and the fc gradients. X and the fc
+weights come from seeded generators (``common.generated``) the test regenerates; only checksums and
+outputs are stored.
 """
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
-import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bcnn_common as common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from common import generated, official_commit, official_file, run_parts, write  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[2] / "tests" / "data" / "golden" / "bcnn"
+BATCH, CHANNELS, SIDE, CLASSES = 2, 512, 28, 200
 
 
-class StoredFeatures(torch.nn.Module):
-    def __init__(self, stored: torch.Tensor) -> None:
+class Fixed(torch.nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
         super().__init__()
-        self.stored = torch.nn.Parameter(stored)
+        self.value = value
 
-    def forward(self, _: torch.Tensor) -> torch.Tensor:
-        return self.stored
-
-
-def official_bcnn(checkout: str, commit: str) -> type:
-    source = subprocess.run(["git", "-C", checkout, "show", f"{commit}:src/bilinear_cnn_all.py"],
-                            check=True, capture_output=True, text=True).stdout
-    source = source.replace("async=True", "non_blocking=True")
-    sys.modules["cub200"] = types.ModuleType("cub200")  # imported by the script, used only by its data manager
-    namespace: dict = {"__name__": "bilinear_cnn_all"}
-    exec(compile(source, "bilinear_cnn_all.py", "exec"), namespace)  # noqa: S102 (the official file, by design)
-    return namespace["BCNN"]
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkout")
-    parser.add_argument("--commit", default="bcc2883c43c1f5fad1b58b906014354876d76911")
-    args = parser.parse_args()
-    commit = subprocess.run(["git", "-C", args.checkout, "rev-parse", args.commit], check=True,
-                            capture_output=True, text=True).stdout.strip()
-    model = official_bcnn(args.checkout, commit)().double()
-    model.features = StoredFeatures(common.features())
-    weight, bias = common.classifier()
+def main(checkout: str, out: str = "tests/data/golden/bcnn") -> None:
+    source = official_file(checkout, "src/bilinear_cnn_all.py").replace("async=True", "non_blocking=True")
+    namespace = run_parts(source, {"BCNN"}, {"cub200.py": ""})
+    model = namespace["BCNN"]().double()
+    x = generated(0, BATCH, CHANNELS, SIDE, SIDE, relu=True).requires_grad_(True)
+    labels = torch.tensor([3, 150])
     with torch.no_grad():
-        model.fc.weight.copy_(weight)
-        model.fc.bias.copy_(bias)
-    logits = model(torch.zeros(common.BATCH, 3, 448, 448, dtype=torch.float64))
-    loss = F.cross_entropy(logits, common.labels())
+        model.fc.weight.copy_(generated(1, CLASSES, CHANNELS**2, scale=0.003))
+        model.fc.bias.copy_(generated(2, CLASSES, scale=0.01))
+    model.features = Fixed(x)
+    logits = model(torch.zeros(BATCH, 3, 448, 448, dtype=torch.float64))
+    loss = torch.nn.functional.cross_entropy(logits, labels)
     loss.backward()
-    grad_features, grad_weight = model.features.stored.grad, model.fc.weight.grad
-    tensors = {
-        "logits": logits.detach(), "loss": loss.detach().reshape(1),
-        "grad_features_slice": grad_features[:, :8, :4, :4].contiguous(),
-        "grad_weight_slice": grad_weight[:4, :256].contiguous(), "grad_bias": model.fc.bias.grad,
-        "grad_features_projections": torch.stack([(grad_features * r).sum() for r in common.projections(grad_features.shape)]),
-        "grad_weight_projections": torch.stack([(grad_weight * r).sum() for r in common.projections(grad_weight.shape)]),
-    }
-    OUT.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(OUT / "head.safetensors"), metadata={
-        "repository": "https://github.com/HaoMood/bilinear-cnn", "commit": commit, "file": "src/bilinear_cnn_all.py",
-        "torch": torch.__version__})
-    print(f"wrote {OUT / 'head.safetensors'} from HaoMood/bilinear-cnn {commit}")
+    write(Path(out), {
+        "x_checksum": x.detach().sum().reshape(1), "labels": labels, "logits": logits, "loss": loss.reshape(1),
+        "grad_x_head": x.grad[:, :8], "grad_x_norm": x.grad.norm().reshape(1),
+        "grad_fc_bias": model.fc.bias.grad, "grad_fc_weight_head": model.fc.weight.grad[:8, :512],
+    }, official_commit(checkout), "HaoMood/bilinear-cnn")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])

@@ -1,0 +1,83 @@
+"""Training-step time of each fine-grained peer method against the baseline on the same backbone,
+beside its FLOP overhead (issue 19).
+
+Every model runs finebench's own training step (``build_train_step``: forward, the method's loss,
+or its own step where it has one, backward, SGD) on one in-memory batch, the variants interleaved
+repeat by repeat so the load of a shared machine hits them alike; the time overhead is the
+median of the per-repeat ratios. The FLOP overhead is ``finebench profile``'s (fvcore, the
+test-time prediction as the method makes it), and the training cost multiplies it by the
+method's backbone passes per training image. Training-only work outside the prediction (MCL's
+two loss terms, PMG's jigsaws and three extra optimiser steps) is in the time but not in the
+FLOPs: that is part of what the gap shows.
+
+    python benchmarks/peers_overhead.py                 # timm:resnet10t at 224 px, N = 200
+    python benchmarks/peers_overhead.py --quick         # a smoke run
+    python benchmarks/peers_overhead.py --backbone resnet50 --size 224 --batch 4
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finebench.bench import (
+    benchmark_arguments,
+    format_table,
+    machine_line,
+    paired_ratio,
+    parse_benchmark_arguments,
+    synthetic_batch,
+    time_side_by_side,
+)
+from finebench.methods import build_model, get_method
+from finebench.profile import profile_variants
+from finebench.recipe import TrainSection
+from finebench.train.engine import build_train_step
+
+VARIANTS: list[tuple[str, str, dict]] = [
+    ("bcnn-r512", "bcnn", {"reduce": 512}),
+    ("mcl", "mcl", {}),
+    ("pmg", "pmg", {}),
+]
+"""(table name, kind, options): the peers measured, each against the baseline."""
+
+
+def main() -> None:
+    parser = benchmark_arguments(__doc__)
+    parser.add_argument("--backbone", default="timm:resnet10t")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parse_benchmark_arguments(parser)
+    batch, repeats, warmup = (2, 1, 1) if args.quick else (args.batch, args.repeats, 2)
+    train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision="fp32")
+    costs = {row.label: row for row in profile_variants(args.backbone, args.classes, args.size, VARIANTS)}
+    steps = {}
+    for label, kind, options in [("baseline", "baseline", {}), *VARIANTS]:
+        torch.manual_seed(0)
+        model = build_model(args.backbone, args.classes, kind, options)
+        method = get_method(kind)
+        steps[label] = build_train_step(model, train, mixture=method.mixture, steps_per_epoch=100, method=method)
+    images, labels = synthetic_batch(batch, args.size, args.classes, device=steps["baseline"].device)
+    print("peers_overhead: training-step time of each peer method vs the baseline, beside its FLOP overhead")
+    print(machine_line())
+    timings = time_side_by_side({label: (lambda s=step: s(images, labels)) for label, step in steps.items()},
+                                items=batch, warmup=warmup, repeats=repeats, device=steps["baseline"].device)
+    base = timings["baseline"]
+    rows = [[args.backbone, args.size, args.classes, batch, "baseline", f"{base.median_s * 1000:.0f}",
+             "+0.0%", "1", "+0.0%", "+0.0%", f"{base.spread_pct:.0f}%"]]
+    for label, _, _ in VARIANTS:
+        timing, cost = timings[label], costs[label]
+        time_overhead = 100.0 * (paired_ratio(base, timing) - 1.0)
+        train_flops = 100.0 * (cost.train_passes_per_image * (1 + cost.flops_overhead_pct / 100) - 1)
+        rows.append([args.backbone, args.size, args.classes, batch, label, f"{timing.median_s * 1000:.0f}",
+                     f"{cost.flops_overhead_pct:+.1f}%", str(cost.train_passes_per_image), f"{train_flops:+.1f}%",
+                     f"{time_overhead:+.1f}%", f"{timing.spread_pct:.0f}%"])
+    print(format_table(["backbone", "px", "N", "batch", "variant", "step ms", "test FLOP +%", "train passes",
+                        "train FLOP +%", "step time +%", "spread"], rows))
+    print("FLOPs: fvcore forward, one multiply-add = one flop; train FLOP +% = passes x (1 + test FLOP +%) - 1")
+    print(machine_line())
+
+
+if __name__ == "__main__":
+    main()

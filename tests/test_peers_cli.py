@@ -1,0 +1,34 @@
+"""A peer method trains from a recipe through the CLI beside the baseline: records, a report row,
+profile figures (issue 19's smoke check, on the tests' tiny data instead of mnist5k)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_a_recipe_trains_baseline_and_bcnn_from_the_cli_with_records_and_profile(tmp_path: Path) -> None:
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 40, 20)
+    recipe = tmp_path / "bcnn.toml"
+    recipe.write_text(tiny_recipe(variants=("baseline", "bcnn")).replace(
+        'kind = "bcnn"', 'kind = "bcnn"\nreduce = 8') + "threads = 1\n")
+    results = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "finebench", "run", str(recipe), "--data-root", str(root),
+                          "--results-dir", str(results)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summaries = [json.loads(path.read_text()) for path in results.glob("bcnn/*/summary.json")]
+    assert sorted(s["variant_name"] for s in summaries) == ["baseline", "bcnn-r8"]
+    assert all(s["status"] == "finished" for s in summaries)
+    report = subprocess.run([sys.executable, "-m", "finebench", "report", str(results), "--format", "csv"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "bcnn-r8" in report.stdout
+    profile = subprocess.run([sys.executable, "-m", "finebench", "profile", str(recipe), "--json"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert profile.returncode == 0, profile.stderr[-2000:]
+    rows = {row["label"]: row for row in json.loads(profile.stdout)["rows"]}
+    assert rows["bcnn-r8"]["params"] > rows["baseline"]["params"]
