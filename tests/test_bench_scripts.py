@@ -18,6 +18,7 @@ EXPECTED_COLUMN = {
     "threads.py": "auto vs torch default",
     "op_count.py": "added",
     "gpu_suite.py": "gpu_suite: finished",
+    "peers_overhead.py": "step time +%",
 }
 
 
