@@ -20,7 +20,7 @@ EXPECTED_COLUMN = {
     "gpu_suite.py": "gpu_suite: finished",
     "jobs.py": "serial / jobs",
     "attention_readout.py": "op speed / eager",
-    "peers_overhead.py": "test FLOP +%",
+    "peers_overhead.py": "step time +%",
 }
 
 

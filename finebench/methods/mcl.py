@@ -13,7 +13,7 @@ beside the classifier's cross-entropy:
 Loss = CE(logits) + ``alpha``·L_dis + ``beta``·L_div (official HEAD: 1.5 and 20). The mask is
 drawn from Python ``random`` exactly as the official ``Mask`` does (one in-place shuffle of one
 list per class), so a seeded run draws the official masks. Where the official code hard-codes
-200 classes and a 14×14 map (its L_dis pooling silently goes wrong at 448 px, PEERS.md §1.3),
+200 classes and a 14×14 map (at 448 px its L_dis pooling silently yields 800 scores),
 this module averages over the map's positions whatever its size and class count. Where the
 backbone's last stage does not have ``xi × classes`` channels, a 1x1 convolution (+ BatchNorm +
 ReLU, keeping the map non-negative as the official post-ReLU features are) maps it there first.

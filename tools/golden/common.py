@@ -1,6 +1,6 @@
 """Shared by the golden-tensor scripts: read an official checkout, run chosen parts of a file, write
 safetensors with the official commit. Official code is read from the checkout given on the
-command line and never enters finebench (PEERS.md §0.4)."""
+command line and never enters finebench (docs/PEERS.md)."""
 
 from __future__ import annotations
 
