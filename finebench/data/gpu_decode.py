@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from finebench.data.presets import Normalise
 from finebench.errors import FinebenchError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -318,8 +319,7 @@ class DeviceJpegLoader:
         self.transform, self.device, self.sampler = transform, torch.device(device), sampler
         self.batch_size = getattr(sampler, "local_batch", batch_size)
         self.generator = torch.Generator().manual_seed(seed)
-        self.mean = (torch.tensor(transform.mean) * 255).view(1, 3, 1, 1).to(self.device)
-        self.std = (torch.tensor(transform.std) * 255).view(1, 3, 1, 1).to(self.device)
+        self.normalise = Normalise(transform.mean, transform.std, self.device)
         order = sampler if sampler is not None else (list(indices) if indices is not None else None)
         self.reader = DataLoader(
             EncodedBytes(images), batch_size=self.batch_size, sampler=order, shuffle=False, num_workers=workers,
@@ -361,4 +361,4 @@ class DeviceJpegLoader:
         if transform.train and transform.flip:
             flips = torch.rand(len(images), generator=self.generator) < 0.5
         pixels = resize_crop_flip(images, size=transform.size, resize=transform.resize, offsets=offsets, flips=flips)
-        return ((pixels - self.mean) / self.std).contiguous(), labels.to(self.device, non_blocking=True)
+        return self.normalise(pixels).contiguous(), labels.to(self.device, non_blocking=True)

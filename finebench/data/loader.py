@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finebench.atomic import atomic_write
 from finebench.data import store
+from finebench.data.presets import Normalise, rank_seed
 from finebench.errors import FinebenchError
 
 if TYPE_CHECKING:
@@ -166,13 +167,12 @@ class _Collate:
     """Stack uint8 samples and normalise the whole batch at once (picklable for worker processes)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self.normalise = Normalise(mean, std)
 
     def __call__(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([image for image, _ in batch]).float()
         labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
-        return (images - self.mean) / self.std, labels
+        return self.normalise(images), labels
 
 
 def per_worker_batch(global_batch: int, world_size: int, field: str = "train.batch_size") -> int:
@@ -324,9 +324,7 @@ class EvalTransform:
 
     def normalise(self, array: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float()
-        mean = torch.tensor(self.mean).view(3, 1, 1) * 255
-        std = torch.tensor(self.std).view(3, 1, 1) * 255
-        return (pixels - mean) / std
+        return Normalise(self.mean, self.std)(pixels.unsqueeze(0))[0]
 
 
 def eval_transform(meta: dict, augmentation: str = "auto", input_size: int | None = None) -> EvalTransform:
@@ -390,14 +388,17 @@ class InMemoryLoader:
         self.batch_size = sampler.local_batch if sampler is not None else batch_size
         self.generator = torch.Generator().manual_seed(seed)
         device = images.device
-        self.mean = (torch.tensor(recipe.mean) * 255).view(1, 3, 1, 1).to(device)
-        self.std = (torch.tensor(recipe.std) * 255).view(1, 3, 1, 1).to(device)
+        self.normalise = Normalise(recipe.mean, recipe.std, device)
         height, width = images.shape[2:]
         self.pad = 4 if recipe.kind == "cifar" and recipe.train else 0
         self.augment = recipe.train and (self.pad > 0 or recipe.flip)
         # Source row/column of every position of the reflect-padded image.
         self.rows = torch.from_numpy(_reflect(np.arange(-self.pad, height + self.pad), height)).to(device)
         self.cols = torch.from_numpy(_reflect(np.arange(-self.pad, width + self.pad), width)).to(device)
+
+    # The statistics in the batch shape, for callers that undo the normalisation.
+    mean = property(lambda self: self.normalise.mean)
+    std = property(lambda self: self.normalise.std)
 
     def __len__(self) -> int:
         return self.sampler.steps if self.sampler is not None else -(-len(self.labels) // self.batch_size)
@@ -422,7 +423,7 @@ class InMemoryLoader:
             col_index = self.cols[offsets[:, 1:] + torch.where(flips[:, None], width - 1 - steps, steps)]
             # Advanced indices around a slice put their dims first: B×H×W×C, back to B×C×H×W below.
             batch = self.images[index[:, None, None], :, row_index[:, :, None], col_index[:, None, :]].permute(0, 3, 1, 2)
-        return ((batch.float() - self.mean) / self.std).contiguous()
+        return self.normalise(batch.float()).contiguous()
 
 
 def _stack_uint8(batch: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
@@ -484,7 +485,7 @@ def _in_memory_loaders(
     sampler = train_sampler(sampler_factory, labels, batch_size, rank=rank, world_size=world_size, seed=seed)
     train = InMemoryLoader(
         _decoded(train_dirs, train_recipe, side, workers, device), train_labels, train_recipe,
-        batch_size=batch_size, seed=seed + 1000 * rank, sampler=sampler,
+        batch_size=batch_size, seed=rank_seed(seed, rank), sampler=sampler,
     )
     # Non-padded shards, as on the worker path: every test image is evaluated once, by one worker.
     test = InMemoryLoader(
@@ -512,7 +513,7 @@ def _device_decode_loaders(
     sampler = train_sampler(sampler_factory, train_columns.labels, batch_size, rank=rank, world_size=world_size,
                             seed=seed)
     train = DeviceJpegLoader(
-        train_columns, transform(train_recipe), batch_size=batch_size, seed=seed + 1000 * rank, device=device,
+        train_columns, transform(train_recipe), batch_size=batch_size, seed=rank_seed(seed, rank), device=device,
         sampler=sampler, workers=workers, pin_memory=pin_memory,
     )
     # Non-padded shards, as on the worker path: every test image is evaluated once, by one worker.
@@ -586,9 +587,9 @@ def build_loaders(
             eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank, world_size=world_size,
             pin_memory=pin_memory, device=target, sampler_factory=sampler_factory,
         )
-    train_set = StoreDataset(train_columns, train_recipe, seed + 1000 * rank)
+    train_set = StoreDataset(train_columns, train_recipe, rank_seed(seed, rank))
     test_set = StoreDataset(_Columns(test_dirs), test_recipe, seed)
-    generator = torch.Generator().manual_seed(seed + 1000 * rank)
+    generator = torch.Generator().manual_seed(rank_seed(seed, rank))
     common: dict[str, Any] = {
         "num_workers": workers,
         "pin_memory": pin_memory,
