@@ -8,7 +8,7 @@ read with an unpickler that resolves only the numpy internals an ndarray needs. 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,47 +145,30 @@ def parse_cifar100(raw_dir: Path) -> ParsedDataset:
 
 _PROTOCOL = "top-1 accuracy on the official 10,000-image test split; no validation split"
 
+def _cifar_spec(classes: int, parse: Callable[[Path], ParsedDataset], md5: str, protocol: str,
+                label_column: str, description: str) -> DatasetSpec:
+    """CIFAR-10 and CIFAR-100 share their host, layout and Hub copy's columns; they differ in these."""
+    archive = f"cifar-{classes}-python.tar.gz"
+    return DatasetSpec(
+        name=f"cifar{classes}",
+        num_classes=classes,
+        split_sizes={"train": 50000, "test": 10000},
+        protocol=protocol,
+        terms="free",
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+        parse=parse,
+        sources=(Source(archive, url=f"https://www.cs.toronto.edu/~kriz/{archive}", md5=md5),),
+        hub_id=f"uoft-cs/cifar{classes}",
+        hub_splits={"train": "train", "test": "test"},
+        hub_image_column="img",
+        hub_label_column=label_column,
+        description=description,
+    )
+
+
 SPECS = [
-    DatasetSpec(
-        name="cifar10",
-        num_classes=10,
-        split_sizes={"train": 50000, "test": 10000},
-        protocol=_PROTOCOL,
-        terms="free",
-        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
-        parse=parse_cifar10,
-        sources=(
-            Source(
-                "cifar-10-python.tar.gz",
-                url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                md5="c58f30108f718f92721af3b95e74349a",
-            ),
-        ),
-        hub_id="uoft-cs/cifar10",
-        hub_splits={"train": "train", "test": "test"},
-        hub_image_column="img",
-        hub_label_column="label",
-        description="CIFAR-10: 32x32 colour images, 10 classes",
-    ),
-    DatasetSpec(
-        name="cifar100",
-        num_classes=100,
-        split_sizes={"train": 50000, "test": 10000},
-        protocol=_PROTOCOL + "; fine (100-class) labels",
-        terms="free",
-        homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
-        parse=parse_cifar100,
-        sources=(
-            Source(
-                "cifar-100-python.tar.gz",
-                url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                md5="eb9058c3a382ffc7106e4002c42a8d85",
-            ),
-        ),
-        hub_id="uoft-cs/cifar100",
-        hub_splits={"train": "train", "test": "test"},
-        hub_image_column="img",
-        hub_label_column="fine_label",
-        description="CIFAR-100: 32x32 colour images, 100 fine classes (20 coarse)",
-    ),
+    _cifar_spec(10, parse_cifar10, "c58f30108f718f92721af3b95e74349a", _PROTOCOL, "label",
+                "CIFAR-10: 32x32 colour images, 10 classes"),
+    _cifar_spec(100, parse_cifar100, "eb9058c3a382ffc7106e4002c42a8d85", _PROTOCOL + "; fine (100-class) labels",
+                "fine_label", "CIFAR-100: 32x32 colour images, 100 fine classes (20 coarse)"),
 ]
