@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finebench.data.presets import Normalise
+from finebench.data.presets import Normalise, resized_size
 from finebench.errors import FinebenchError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -112,13 +112,6 @@ def decode_on_device(
 
 
 # ---- transforms -------------------------------------------------------------------------------
-
-
-def resized_size(width: int, height: int, resize: int, size: int) -> tuple[int, int]:
-    """(width, height) after scaling the shorter side to ``resize``, never below the crop ``size``
-    (the worker path's arithmetic, so both paths crop the same boxes)."""
-    scale = resize / min(width, height)
-    return max(size, round(width * scale)), max(size, round(height * scale))
 
 
 def crop_offsets(

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finebench.atomic import atomic_write
 from finebench.data import store
-from finebench.data.presets import Normalise, rank_seed
+from finebench.data.presets import Normalise, rank_seed, resized_size
 from finebench.errors import FinebenchError
 
 if TYPE_CHECKING:
@@ -131,9 +131,7 @@ class StoreDataset(Dataset):
     def _transform(self, image: Image.Image) -> np.ndarray:
         recipe, rng = self.recipe, self.rng
         if recipe.kind == "imagenet":
-            width, height = image.size
-            scale = recipe.resize / min(width, height)
-            width, height = max(recipe.size, round(width * scale)), max(recipe.size, round(height * scale))
+            width, height = resized_size(*image.size, recipe.resize, recipe.size)
             if recipe.train:
                 left, top = int(rng.integers(0, width - recipe.size + 1)), int(rng.integers(0, height - recipe.size + 1))
             else:

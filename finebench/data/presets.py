@@ -1,5 +1,5 @@
 """What every data path shares about its pixels (after torchvision's references/classification/presets.py):
-the normalisation and the per-rank augmentation seed. The worker, in-memory, device-decode and
+the resize box, the normalisation and the per-rank augmentation seed. The worker, in-memory, device-decode and
 evaluation paths all call these, so the four paths cannot drift apart.
 """
 
@@ -30,3 +30,10 @@ class Normalise:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.mean) / self.std
+
+
+def resized_size(width: int, height: int, resize: int, size: int) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to ``resize``, never below the crop ``size``:
+    one rule, so the worker and device paths crop the same boxes."""
+    scale = resize / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
