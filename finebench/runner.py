@@ -186,7 +186,10 @@ def _execute(
         started_at=previous.get("started_at") or utc_now(), data_path=loaders.path,
         dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name),
     )
-    if ctx.is_main:
+    # A resume writes nothing until its first epoch is done: a resume that fails (an unreadable
+    # last.pt) must leave every record as it was, epochs done included.
+    resuming = bool(previous) and run_dir.checkpoint_path.is_file()
+    if ctx.is_main and not resuming:
         # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
         run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
         run_dir.write_summary(_summary(loaded, run, status="running", rows=run_dir.read_metrics(), **common))

@@ -113,3 +113,36 @@ def test_fvcore_agrees_with_torchs_flop_counter_on_convolutions_and_matrix_produ
     check = cross_check_flops(TensorOutputs(model, get_method(kind)), size)
     assert check.fvcore_macs > 0
     assert check.agrees, str(check)
+
+
+def test_a_resume_that_fails_changes_no_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 4: an unreadable last.pt used to rewrite summary.json first (epochs_completed 1 -> 0)."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    from finebench.errors import Interrupted
+    from finebench.recipe import expand_runs
+    from finebench.results import RunDir
+    from finebench.runner import run_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tiny_recipe(epochs=3) + "threads = 1\n")
+    loaded = load_recipe(recipe)
+    run_dir = RunDir(tmp_path / "results", "tiny", expand_runs(loaded)[0].run_id)
+    save = RunDir.save_checkpoint
+
+    def save_then_stop(self: RunDir, state) -> None:  # noqa: ANN001
+        save(self, state)
+        raise KeyboardInterrupt  # as Ctrl-C right after the first epoch's checkpoint
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "save_checkpoint", save_then_stop)
+        with pytest.raises(Interrupted):
+            run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
+    assert run_dir.state().kind == "resumable"
+    run_dir.checkpoint_path.write_bytes(b"not a checkpoint")
+    before = {path.name: path.read_bytes() for path in run_dir.path.iterdir() if path.is_file()}
+    with pytest.raises(FinebenchError):
+        run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
+    after = {path.name: path.read_bytes() for path in run_dir.path.iterdir() if path.is_file()}
+    assert after == before
