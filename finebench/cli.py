@@ -284,6 +284,7 @@ def run_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output; the final table still prints."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Resume runs recorded as failed from their last checkpoint."),
     restart: bool = typer.Option(False, "--restart", help="Discard the checkpoint and records of every selected run that is not finished (interrupted, failed or unreadable) and train it from epoch 1; finished runs are kept."),
+    discard_finished: bool = typer.Option(False, "--discard-finished", help="With --restart: also discard runs whose records show every epoch done (their summary was damaged), training them again."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N data-parallel workers on this machine (torchrun; one GPU each on CUDA). Leave it out under torchrun."),
     dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="Seconds a worker waits for the others before the job fails (distributed runs)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Train N runs at once, one process each (round-robin over the visible GPUs; on a CPU each gets its share of the cores)."),
@@ -318,7 +319,7 @@ def run_command(
         *[arg for value in overrides for arg in ("--set", value)],
         *[arg for value in only for arg in ("--only", value)],
         *(["--quiet"] if quiet else []), *(["--retry-failed"] if retry_failed else []),
-        *(["--restart"] if restart else []),
+        *(["--restart"] if restart else []), *(["--discard-finished"] if discard_finished else []),
         "--dist-timeout", str(dist_timeout),
     ]
     if sum([jobs > 1, submit is not None, nproc_per_node > 1]) > 1:
@@ -329,7 +330,7 @@ def run_command(
         submitted = submit_array(
             loaded, run_argv, cluster=submit, results_dir=Path(results_dir),
             data_root=Path(data_root) if data_root else None, only=only, retry_failed=retry_failed, restart=restart,
-            partition=partition, gpus_per_run=gpus_per_run, time_limit_min=time_limit,
+            discard_finished=discard_finished, partition=partition, gpus_per_run=gpus_per_run, time_limit_min=time_limit,
             array_parallelism=array_parallelism, array_tasks=array_tasks,
         )
         ids = ", ".join(job.job_id for job in submitted) or "nothing (every run is finished or failed)"
@@ -354,7 +355,7 @@ def run_command(
         outcomes, code = run_jobs(
             loaded, count=jobs, child_args=run_argv, results_dir=Path(results_dir),
             data_root=Path(data_root) if data_root else None, only=only, quiet=quiet,
-            retry_failed=retry_failed, restart=restart,
+            retry_failed=retry_failed, restart=restart, discard_finished=discard_finished,
         )
         _print_run_tables(loaded, outcomes, dry_run=False, wall=time.perf_counter() - started)
         if code:
@@ -371,6 +372,7 @@ def run_command(
             quiet=quiet,
             retry_failed=retry_failed,
             restart=restart,
+            discard_finished=discard_finished,
             ctx=ctx,
             share=share_of,
             since=job_of,

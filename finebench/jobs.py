@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from finebench.errors import Interrupted
-from finebench.plan import check_before_launch, decide, plan_runs, prepare_if_embedded
+from finebench.plan import check_before_launch, decide_runs, plan_runs, prepare_if_embedded
 from finebench.recipe import LoadedRecipe
 from finebench.results import utc_now
 from finebench.runner import EXIT_FAILED, EXIT_LOCKED, RunOutcome, exit_code
@@ -113,6 +113,7 @@ def run_jobs(
     quiet: bool = False,
     retry_failed: bool = False,
     restart: bool = False,
+    discard_finished: bool = False,
     console: Console | None = None,
 ) -> tuple[list[RunOutcome], int]:
     """Train the recipe with ``count`` jobs; returns one outcome per run and the command's exit code.
@@ -125,8 +126,7 @@ def run_jobs(
     plan = plan_runs(loaded, results_dir=results_dir, data_root=data_root, only=only)
     before = {run_id: state.kind for run_id, state in plan.states.items()}
     # unreadable records stop here, as they stop a serial run, before any job starts
-    planned = {run.run_id: decide(plan.states[run.run_id], retry_failed=retry_failed, restart=restart)
-               for run in plan.runs}
+    planned = decide_runs(plan, retry_failed=retry_failed, restart=restart, discard_finished=discard_finished)
     to_train = [run for run in plan.runs if planned[run.run_id] == "train"]
     if to_train:
         check_before_launch(loaded, data_root, 1)

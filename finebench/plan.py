@@ -204,6 +204,27 @@ def decide(state: RunState, *, retry_failed: bool, restart: bool) -> str:
     return "train"
 
 
+def decide_runs(plan: Plan, *, retry_failed: bool, restart: bool, discard_finished: bool = False) -> dict[str, str]:
+    """Every planned run's decision (``decide``), keyed by run id; checked in full before anything is discarded.
+
+    ``--restart`` throws away a run's checkpoint: where it holds every epoch done (a finished
+    run whose summary.json was damaged, or one killed just before its summary was written), that is
+    a trained model, so it takes ``discard_finished`` (``--discard-finished``) to do it; without
+    ``--restart`` such a run resumes, trains nothing and gets its summary rebuilt."""
+    decisions = {}
+    for run in plan.runs:
+        state, run_dir = plan.states[run.run_id], plan.run_dirs[run.run_id]
+        decision = decide(state, retry_failed=retry_failed, restart=restart)
+        if (decision == "train" and restart and not discard_finished and state.kind in ("resumable", "damaged")
+                and run_dir.epochs_saved() >= run.train_section().epochs):
+            raise FinebenchError(
+                f"{run_dir.path}: its checkpoint holds all {run.train_section().epochs} epochs done, and --restart "
+                "would discard the trained model; rerun without --restart to rebuild its summary, or add "
+                "--discard-finished to train it again from epoch 1")
+        decisions[run.run_id] = decision
+    return decisions
+
+
 def dataset_state(name: str, data_root: Path) -> str:
     """For ``--dry-run``: prepared, not prepared, or prepared on the first run (embedded datasets)."""
     from finebench.data.registry import get_spec

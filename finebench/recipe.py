@@ -219,11 +219,18 @@ class LoggedSettings(_Section):
 
 
 def check_results_name(name: str) -> str:
-    """A recipe name becomes a folder under the results folder, so it must be one plain folder name."""
-    if name.strip() in ("", ".", "..") or any(char in name for char in "/\\\0") or name != name.strip():
-        raise ValueError(
-            "cannot name a results folder: expected one folder name without '/', '\\' or '..', e.g. 'wrn_cifar10'"
-        )
+    """A recipe name becomes a folder under the results folder and a text column of every record and
+    report, so it must be one plain folder name and UTF-8 text (a file name of other bytes reaches
+    Python as lone surrogates, which JSON, TensorBoard and pyarrow refuse mid-run)."""
+    example = "e.g. 'wrn_cifar10'"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"is not UTF-8 text (the file name has bytes of another encoding): rename it, {example}") from None
+    if name != name.strip():
+        raise ValueError(f"starts or ends with whitespace: expected a name without it, {example}")
+    if name in ("", ".", "..") or any(char in name for char in "/\\\0"):
+        raise ValueError(f"cannot name a results folder: expected one folder name without '/', '\\' or '..', {example}")
     return name
 
 

@@ -39,8 +39,10 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utc_now(timestamp: float | None = None) -> str:
+    """Now (or a POSIX ``timestamp``) as the records write times: ``2026-12-03T06:15:00Z``."""
+    moment = _dt.datetime.now(_dt.timezone.utc) if timestamp is None else _dt.datetime.fromtimestamp(timestamp, _dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @functools.cache
@@ -105,6 +107,9 @@ class RunState:
     """For ``damaged``: one line naming the file and how to go on."""
     failure_reason: str | None = None
     """For ``failed``: why training stopped."""
+    rebuild_summary: bool = False
+    """For ``resumable``: summary.json is unreadable but ``last.pt`` and metrics.jsonl are intact, so
+    the resume rebuilds it (a finished run trains nothing: its model is never thrown away)."""
 
 
 class RunDir:
@@ -153,6 +158,19 @@ class RunDir:
         """Finished and failed come from the summary; the rest resumes when ``last.pt`` exists."""
         try:
             summary = self.summary() or {}
+        except FinebenchError as error:
+            # The summary is the one record made only from the others: with the checkpoint and the
+            # metrics intact, resuming rebuilds it (and trains nothing when every epoch is done).
+            if not self.checkpoint_path.is_file():
+                return RunState("damaged", problem=str(error))
+            try:
+                self.read_metrics()
+            except FinebenchError as metrics_error:
+                return RunState("damaged", problem=str(metrics_error))
+            return RunState("resumable", problem=f"{self.summary_path}: unreadable; rebuilt from {self.CONFIG_FILE}, "
+                            f"{self.METRICS_FILE} and {self.CHECKPOINT_FILE} when the run is resumed",
+                            rebuild_summary=True)
+        try:
             status = summary.get("status")
             if status == "finished":
                 return RunState("finished")
@@ -164,6 +182,24 @@ class RunDir:
             return RunState("resumable")
         except FinebenchError as error:
             return RunState("damaged", problem=str(error))
+
+    def summary_if_readable(self) -> dict[str, Any]:
+        """``summary.json``, or ``{}`` when it is missing or damaged (a resume rebuilds a damaged one)."""
+        try:
+            return self.summary() or {}
+        except FinebenchError:
+            return {}
+
+    def epochs_saved(self) -> int:
+        """The epoch of the model in ``last.pt`` (0 when there is none or it is unreadable).
+
+        ``--restart`` reads it to refuse throwing away a trained model by accident; the metrics
+        alone do not count, since without a readable checkpoint there is no model to keep."""
+        try:
+            checkpoint = self.load_checkpoint()
+        except (FinebenchError, OSError):
+            return 0
+        return int(checkpoint["epoch"]) if checkpoint else 0
 
     def discard(self) -> None:
         """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
@@ -202,6 +238,20 @@ class RunDir:
         """The final evaluation's confusion matrix (rows: true class, columns: prediction)."""
         atomic_write_json(self.confusion_path, {"rows": "true class", "columns": "predicted class",
                                                 "classes": classes, "matrix": matrix})
+
+    def read_confusion(self) -> list[list[int]] | None:
+        """The matrix of ``confusion.json`` (rows: true class), or None before the final evaluation;
+        unreadable is a ``FinebenchError`` naming the file."""
+        if not self.confusion_path.is_file():
+            return None
+        try:
+            record = read_json(self.confusion_path)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FinebenchError(f"{self.confusion_path}: not a readable confusion matrix ({error})") from None
+        matrix = record.get("matrix") if isinstance(record, dict) else None
+        if not isinstance(matrix, list):
+            raise FinebenchError(f"{self.confusion_path}: no 'matrix' list")
+        return matrix
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """One row per logged epoch; a line that is not an epoch's record is a ``FinebenchError`` naming it."""

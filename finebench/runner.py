@@ -30,6 +30,7 @@ from finebench.plan import (
     build_run_loaders,
     dataset_state,
     decide,
+    decide_runs,
     plan_runs,
     preflight,
 )
@@ -172,7 +173,7 @@ def _execute(
     train = run.train_section()
     method = get_method(run.variant_kind)
     attention = method.mixture
-    previous = run_dir.summary() or {}
+    previous = run_dir.summary_if_readable()  # a damaged summary is rebuilt from the other records
     resumed_threads = previous.get("threads") if run_dir.checkpoint_path.is_file() else None
     threads = apply_threads(train.threads, previous=resumed_threads if isinstance(resumed_threads, int) else None,
                             workers_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -183,12 +184,12 @@ def _execute(
     common = dict(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
         input_size=costs.input_size, runtime=runtime, ctx=ctx,
-        started_at=previous.get("started_at") or utc_now(), data_path=loaders.path,
+        started_at=previous.get("started_at") or _first_written(run_dir) or utc_now(), data_path=loaders.path,
         dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name),
     )
     # A resume writes nothing until its first epoch is done: a resume that fails (an unreadable
     # last.pt) must leave every record as it was, epochs done included.
-    resuming = bool(previous) and run_dir.checkpoint_path.is_file()
+    resuming = run_dir.checkpoint_path.is_file()
     if ctx.is_main and not resuming:
         # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
         run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
@@ -229,17 +230,33 @@ def _execute(
         epochs_completed=result.epochs_completed, train_time_s=result.train_time_s,
         images_per_s=result.images_per_s, compile_time_s=result.compile_time_s, **common,
     )
-    if result.confusion is not None and summary["final"] is not None:
+    # A resume of a run whose every epoch was done (its summary rebuilt) evaluates nothing: the
+    # matrix of its last evaluation is on disk.
+    confusion = result.confusion
+    if confusion is None:
+        try:
+            confusion = run_dir.read_confusion()
+        except FinebenchError:
+            confusion = None  # the figure is left out; the run's other records stand
+    if confusion is not None and summary["final"] is not None and result.status == "finished":
         from finebench.report.stats import mean_class_accuracy  # here: the report's pandas/scipy stay out of start-up
 
-        summary["final"]["mean_class_top1"] = mean_class_accuracy(result.confusion)
-        if ctx.is_main:
-            run_dir.write_confusion(result.confusion, list(getattr(loaders, "classes", None) or []) or None)
+        summary["final"]["mean_class_top1"] = mean_class_accuracy(confusion)
+    if result.confusion is not None and ctx.is_main:
+        run_dir.write_confusion(result.confusion, list(getattr(loaders, "classes", None) or []) or None)
     if ctx.is_main:
         run_dir.write_summary(summary)
     if result.status == "failed" and not quiet:
         console.print(f"[red]{label}: failed: {result.failure_reason}[/]", highlight=False)
     return summary
+
+
+def _first_written(run_dir: RunDir) -> str | None:
+    """When the run began, for a summary rebuilt without its own record of it: config.json is written first."""
+    try:
+        return utc_now(run_dir.config_path.stat().st_mtime)
+    except OSError:
+        return None
 
 
 def _touched_since(run_dir: RunDir, since: str) -> bool:
@@ -264,6 +281,7 @@ def run_recipe(
     quiet: bool = False,
     retry_failed: bool = False,
     restart: bool = False,
+    discard_finished: bool = False,
     ctx: DistContext | None = None,
     console: Console | None = None,
     share: tuple[int, int] | None = None,
@@ -300,8 +318,8 @@ def run_recipe(
         ]
 
     # Unreadable records stop the command here, before anything is trained or written.
-    planned = ctx.broadcast({run.run_id: decide(states[run.run_id], retry_failed=retry_failed, restart=restart)
-                             for run in runs})
+    planned = ctx.broadcast(decide_runs(plan, retry_failed=retry_failed, restart=restart,
+                                        discard_finished=discard_finished))
     to_train = [run for run in runs if planned[run.run_id] == "train"]
     if to_train:
         preflight(loaded, plan, to_train, ctx, quiet)

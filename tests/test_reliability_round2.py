@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,105 @@ def test_a_resume_that_fails_changes_no_record(tmp_path: Path, monkeypatch: pyte
         run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
     after = {path.name: path.read_bytes() for path in run_dir.path.iterdir() if path.is_file()}
     assert after == before
+
+
+def _finished_tiny_run(tmp_path: Path, epochs: int = 2):
+    """A finished tiny run (its loaded recipe, data root and folder) for the damaged-summary tests."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    from finebench.recipe import expand_runs
+    from finebench.results import RunDir
+    from finebench.runner import run_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tiny_recipe(epochs=epochs) + "threads = 1\n")
+    loaded = load_recipe(recipe)
+    run_dir = RunDir(tmp_path / "results", "tiny", expand_runs(loaded)[0].run_id)
+    [outcome] = run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
+    assert outcome.status == "finished"
+    return loaded, root, run_dir
+
+
+def test_a_finished_run_with_a_damaged_summary_is_rebuilt_not_retrained(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 1: a damaged summary.json used to stop `run` with advice to --restart, which deleted the
+    intact model. Now the rerun rebuilds the summary from config.json, metrics.jsonl and last.pt."""
+    from finebench.runner import run_recipe
+    from finebench.train import engine
+
+    loaded, root, run_dir = _finished_tiny_run(tmp_path)
+    intact = json.loads(run_dir.summary_path.read_text())
+    checkpoint, metrics = run_dir.checkpoint_path.read_bytes(), run_dir.metrics_path.read_bytes()
+    run_dir.summary_path.write_text('{"status": "fini')  # cut mid-write by a full disk, say
+    assert run_dir.state().kind == "resumable" and run_dir.state().rebuild_summary
+
+    def no_training(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(engine, "_train_epoch", no_training)
+    [outcome] = run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
+    assert outcome.status == "finished"
+    rebuilt = json.loads(run_dir.summary_path.read_text())
+    assert run_dir.checkpoint_path.read_bytes() == checkpoint and run_dir.metrics_path.read_bytes() == metrics
+    for key in ("status", "run_id", "epochs_completed", "final", "best", "params", "flops", "train_time_s",
+                "images_per_s", "variant_name", "seed", "started_at"):
+        assert rebuilt[key] == intact[key], key
+    assert run_dir.state().kind == "finished"
+
+
+def test_restart_refuses_to_discard_a_run_whose_records_show_every_epoch_done(tmp_path: Path) -> None:
+    """Item 1: `--restart` needs `--discard-finished` to throw away a trained model (a readable last.pt of the last epoch)."""
+    from finebench.runner import run_recipe
+
+    loaded, root, run_dir = _finished_tiny_run(tmp_path)
+    run_dir.summary_path.write_text("not json")
+    kept = {path.name: path.read_bytes() for path in run_dir.path.iterdir() if path.is_file()}
+    with pytest.raises(FinebenchError, match="holds all 2 epochs done.*--discard-finished"):
+        run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True, restart=True)
+    assert {path.name: path.read_bytes() for path in run_dir.path.iterdir() if path.is_file()} == kept
+    cli = finebench("run", str(tmp_path / "tiny.toml"), "--restart", "--results-dir", str(tmp_path / "results"),
+                    "--data-root", str(root), cwd=tmp_path)
+    assert cli.returncode == 2 and "--discard-finished" in cli.stderr and "Traceback" not in cli.stderr
+    [outcome] = run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True, restart=True,
+                           discard_finished=True)
+    assert outcome.status == "finished"
+    assert run_dir.checkpoint_path.read_bytes() != kept["last.pt"]  # trained again from epoch 1
+
+
+def test_a_recipe_file_name_that_is_not_utf8_is_one_line_before_anything_is_written(tmp_path: Path) -> None:
+    """Item 2: `q\\xff.toml` died in the TensorBoard writer mid-run and left the run "running"."""
+    from tiny_data import tiny_recipe
+
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/q\xff.toml"))
+    odd.write_text(tiny_recipe(epochs=1))
+    result = finebench("run", str(odd), "--results-dir", str(tmp_path / "results"), "--data-root",
+                       str(tmp_path / "data"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert "is not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists()
+    named = finebench("run", str(odd), "--set", "name=q_ok", "--dry-run", "--data-root", str(tmp_path / "data"),
+                      cwd=tmp_path)
+    assert named.returncode == 0, named.stderr[-1500:]  # a `name` replaces the file's
+    spaced = finebench("run", str(odd), "--set", 'name=" x"', "--dry-run", cwd=tmp_path)
+    assert spaced.returncode == 2 and "starts or ends with whitespace" in spaced.stderr
+
+
+def test_report_shows_the_table_when_one_record_has_non_utf8_names(tmp_path: Path) -> None:
+    """Item 2: a record written under a non-UTF-8 folder name stopped every report of the folder in pyarrow."""
+    from finebench.report.records import load_runs
+
+    _, _, run_dir = _finished_tiny_run(tmp_path, epochs=1)
+    summary = json.loads(run_dir.summary_path.read_text())
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/results/q\xff/" + run_dir.path.name.encode()))
+    odd.parent.mkdir()
+    import shutil
+
+    shutil.copytree(run_dir.path, odd)
+    (odd / "summary.json").write_text(json.dumps({**summary, "recipe": "q\udcff", "run_id": "odd"}))
+    loaded = load_runs([tmp_path / "results"])
+    assert sorted(loaded.runs["recipe"]) == ["q\\xff", "tiny"]
+    assert any("not UTF-8 text" in problem for problem in loaded.warnings)
+    loaded.runs.to_json()  # the writers of the table accept it
+    report = finebench("report", str(tmp_path / "results"), cwd=tmp_path)
+    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr[-1500:]

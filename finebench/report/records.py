@@ -159,20 +159,52 @@ def load_runs(paths: Iterable[str | Path] = ("results",)) -> LoadedRuns:
             continue
         seen[summary.run_id] = summary_path
         config = _run_config(summary, run_dir, problems)
-        if summary.status == "failed":
-            failed_rows.append(_failed_row(summary, run_dir))
-        elif summary.status == "running":
-            running_rows.append(_running_row(summary, run_dir, config))
-        elif summary.final is None:
-            problems.append(f"{summary_path}: skipped, status 'finished' but no 'final' metrics")
-        else:
-            rows.append(_run_row(summary, run_dir, config, problems))
+        try:
+            if summary.status == "failed":
+                failed_rows.append(_text_safe(_failed_row(summary, run_dir), summary_path, problems))
+            elif summary.status == "running":
+                running_rows.append(_text_safe(_running_row(summary, run_dir, config), summary_path, problems))
+            elif summary.final is None:
+                problems.append(f"{summary_path}: skipped, status 'finished' but no 'final' metrics")
+            else:
+                rows.append(_text_safe(_run_row(summary, run_dir, config, problems), summary_path, problems))
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as error:
+            # whatever else is odd in one record (a value of a type no record was written with) costs
+            # that record, never the table
+            problems.append(f"{summary_path}: skipped, {type(error).__name__}: {error}")
     runs = pd.DataFrame(rows)
     if runs.empty:
         runs = pd.DataFrame(columns=list(RUN_COLUMNS))
     failed = pd.DataFrame(failed_rows, columns=list(FAILED_COLUMNS))
     running = pd.DataFrame(running_rows, columns=list(RUNNING_COLUMNS))
     return LoadedRuns(runs, failed, running, problems)
+
+
+def _text_safe(row: dict[str, Any], summary_path: Path, problems: list[str]) -> dict[str, Any]:
+    """The row with every string made UTF-8 text: a folder or recipe name of non-UTF-8 bytes reaches
+    Python as lone surrogates, which pyarrow (and every writer of the table) refuses. Such bytes are
+    shown as ``\\xff`` escapes and the record is named in a warning."""
+    changed = False
+
+    def clean(value: Any) -> Any:
+        nonlocal changed
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                changed = True
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            return value
+        if isinstance(value, dict):
+            return {clean(key): clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(clean(item) for item in value)
+        return value
+
+    cleaned = clean(row)
+    if changed:
+        problems.append(f"{summary_path}: names or fields that are not UTF-8 text are shown with \\x escapes")
+    return cleaned
 
 
 def _run_config(summary: RunSummary, run_dir: Path, problems: list[str]) -> dict[str, Any]:
@@ -257,24 +289,12 @@ def _overhead_pct(value: float | None, baseline: float | None) -> float:
     return (value / baseline - 1.0) * 100.0
 
 
-def read_confusion(run_dir: Path) -> list[list[int]] | None:
-    """The confusion matrix the run saved at its final evaluation (rows: true class), if any."""
-    path = RunDir.at(run_dir).confusion_path
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    matrix = record.get("matrix") if isinstance(record, dict) else None
-    if not isinstance(matrix, list):
-        raise ValueError(f"{path}: no 'matrix' list")
-    return matrix
-
-
 def _mean_class(summary: RunSummary, run_dir: Path, problems: list[str]) -> float:
     """From the saved confusion matrix (the record itself), else the summary's copy of the figure."""
     try:
-        matrix = read_confusion(run_dir)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
-        problems.append(f"{RunDir.at(run_dir).confusion_path}: ignored, not a readable confusion matrix ({error})")
+        matrix = RunDir.at(run_dir).read_confusion()
+    except FinebenchError as error:
+        problems.append(f"{error}: ignored")
         matrix = None
     if matrix is not None:
         return mean_class_accuracy(matrix)
