@@ -76,7 +76,9 @@ def git_dirty() -> bool | None:
 def environment() -> dict[str, Any]:
     import torchvision
 
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    # Asking cuDNN its version loads the library (hundreds of MB of address space), so a CPU run,
+    # which never uses it, does not ask: under a memory limit that load alone aborts the process.
+    cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() and torch.backends.cudnn.is_available() else None
     return {
         "torch_version": torch.__version__.split("+")[0],
         "torchvision_version": torchvision.__version__.split("+")[0],

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from finebench.data.store import meta_digest
@@ -219,6 +220,11 @@ def _execute(
         raise Interrupted(f"{label} stopped; {_how_to_go_on(run_dir)}") from None
     except OSError as error:
         raise FinebenchError(f"{label}: {error}; {_how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
+        if not is_out_of_memory(error):
+            raise
+        raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {_how_to_go_on(run_dir)}",
+                             exit_code=1) from None
     finally:
         close = getattr(progress, "close", None)
         if close is not None:
@@ -249,6 +255,25 @@ def _execute(
     if result.status == "failed" and not quiet:
         console.print(f"[red]{label}: failed: {result.failure_reason}[/]", highlight=False)
     return summary
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation the device could not serve: CUDA's ``OutOfMemoryError``, or the CPU allocator's
+    ``RuntimeError`` (torch has no type of its own for it, only this message), or Python's own."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(error)
+    return "can't allocate memory" in message or "out of memory" in message.lower()
+
+
+def out_of_memory_advice(train: Any, world_size: int) -> str:
+    """One line: the batch that did not fit and the settings that make it fit."""
+    per_step = train.batch_size // max(world_size, 1) // train.accumulation_steps
+    doubled = train.accumulation_steps * 2
+    return (f"out of memory with train.batch_size {train.batch_size} ({per_step} images per forward pass"
+            + (f" on each of {world_size} workers" if world_size > 1 else "") + "); "
+            f"--set train.accumulation_steps={doubled} keeps the batch and halves what a pass holds, or lower "
+            f"train.batch_size (train.eval_batch_size {train.eval_batch_size} if it ran out while evaluating)")
 
 
 def _first_written(run_dir: RunDir) -> str | None:

@@ -249,3 +249,55 @@ def test_report_shows_the_table_when_one_record_has_non_utf8_names(tmp_path: Pat
     loaded.runs.to_json()  # the writers of the table accept it
     report = finebench("report", str(tmp_path / "results"), cwd=tmp_path)
     assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr[-1500:]
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_and_leaves_the_run_resumable(tmp_path: Path) -> None:
+    """Item 3: an allocation failure gave a raw allocator traceback. Reproduced for real: the CPU
+    allocator under an address-space limit (RLIMIT_AS), the path a CUDA OOM takes too."""
+    import resource
+
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    (tmp_path / "r.toml").write_text(tiny_recipe(epochs=1) + "threads = 1\n")
+    limit = 5 * 2**30
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    args = [sys.executable, "-m", "finebench", "run", "r.toml", "--data-root", str(root), "--results-dir", "results",
+            "-q", "--set", "train.batch_size=4000", "--set", "dataset.input_size=160",
+            "--set", "model.options.depth=16", "--set", "model.options.width=4"]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300, preexec_fn=limited)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert "out of memory with train.batch_size 4000" in result.stderr
+    assert "--set train.accumulation_steps=2" in result.stderr
+    [run_dir] = (tmp_path / "results" / "r").iterdir()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"  # not failed: rerun resumes
+
+
+def test_a_cuda_out_of_memory_error_takes_the_same_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 3 on the CUDA error type (no GPU here), raised while evaluating: one line, the run kept."""
+    import torch
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    from finebench.results import RunDir
+    from finebench.runner import run_recipe
+    from finebench.train import engine
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tiny_recipe(epochs=1, extra_train="threads = 1\naccumulation_steps = 2"))
+    loaded = load_recipe(recipe)
+
+    def out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine, "evaluate", out_of_memory)
+    with pytest.raises(FinebenchError, match=r"out of memory with train.batch_size 16 \(8 images per forward pass\)"
+                       r".*accumulation_steps=4.*eval_batch_size 40") as raised:
+        run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
+    assert raised.value.exit_code == 1 and "\n" not in str(raised.value)
+    [run_dir] = (tmp_path / "results" / "tiny").iterdir()
+    assert RunDir.at(run_dir).state().kind in ("new", "resumable") and RunDir.at(run_dir).status() == "running"
