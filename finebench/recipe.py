@@ -147,9 +147,11 @@ class TrainSection(_Section):
     device's batch (``finebench.models.batchnorm``), so one device reproduces the statistics of
     the authors' multi-GPU ``DataParallel`` runs (64 = their 2-GPU CIFAR runs at batch 128).
     0: the whole per-device batch."""
-    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
-    """CPU intra-op threads (``torch.set_num_threads``): ``"auto"`` uses the cores idle at the run's
-    first start (finebench.train.threads), a number pins it; recorded in summary.json."""
+    threads: Annotated[int, Field(ge=1)] | Literal["auto", "auto-once"] = "auto"
+    """CPU intra-op threads (``torch.set_num_threads``): ``"auto"`` uses the cores idle at each epoch
+    start; ``"auto-once"`` those idle at the run's first start, kept by its resumes (bit-identical
+    kill-and-resume on the CPU); a number pins it (finebench.train.threads). Recorded per epoch in
+    metrics.jsonl with the load average."""
     accumulation_steps: Annotated[int, Field(ge=1)] = 1
     """Micro-batches per optimiser step: each batch is split this many ways, each part's gradient
     added up, one step taken. The gradient is the whole batch's; BatchNorm sees micro-batches, as

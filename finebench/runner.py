@@ -151,10 +151,19 @@ def _summary(
         "dataset_digest": dataset_digest,
         "threads": runtime.threads.threads if runtime.threads else None,
         "threads_rule": runtime.threads.rule if runtime.threads else None,
+        **speed_conditions(rows),
         **environment(),
         "started_at": started_at,
         "finished_at": utc_now() if status != "running" else None,
     }
+
+
+def speed_conditions(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the run's img/s was measured under, from its epochs' rows: the thread counts they used
+    and their mean 1-minute load (None for records written before epochs recorded them)."""
+    loads = [row["load_1min"] for row in rows if isinstance(row.get("load_1min"), (int, float))]
+    return {"threads_used": sorted({int(row["threads"]) for row in rows if isinstance(row.get("threads"), int)}),
+            "load_1min": round(sum(loads) / len(loads), 2) if loads else None}
 
 
 def _execute(
@@ -176,9 +185,10 @@ def _execute(
     attention = method.mixture
     previous = run_dir.summary_if_readable()  # a damaged summary is rebuilt from the other records
     resumed_threads = previous.get("threads") if run_dir.checkpoint_path.is_file() else None
+    workers_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = apply_threads(train.threads, previous=resumed_threads if isinstance(resumed_threads, int) else None,
-                            workers_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    runtime = resolve_runtime(train, attention=attention, threads=threads)
+                            workers_here=workers_here)
+    runtime = resolve_runtime(train, attention=attention, threads=threads, workers_here=workers_here)
     seed_everything(run.seed)
     model = build_model(loaded, run, num_classes)
     loaders = build_run_loaders(loaded, run, data_root, ctx, runtime.device)

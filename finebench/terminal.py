@@ -15,6 +15,7 @@ from rich.table import Table
 
 from finebench.methods import MethodOptions, method_of, variant_of_config
 from finebench.recipe import LoadedRecipe, RunSpec, held_out_folds
+from finebench.train.threads import speed_conditions_differ
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -136,8 +137,15 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     else:
         columns += ["status", "top-1", "top-5", "net top-1", "best@ep"]
     columns += ["params", "FLOPs"]
+    marked = False
     if not dry_run:
-        columns += ["time", "img/s"]
+        columns += ["time", "img/s", "threads", "load"]
+        measured = [outcome.summary for outcome in outcomes if outcome.summary.get("images_per_s")]
+        marked = speed_conditions_differ([(s.get("threads_used") or [], s.get("load_1min")) for s in measured])
+        if marked:
+            table.caption = ("* img/s measured with different thread counts or under a load from other processes "
+                             "differing by more than a core: not a comparison of the variants")
+            table.caption_justify = "left"
     for column in columns:
         left = column in ("backbone", "variant", "status", "run id", "state", "dataset")
         table.add_column(column, justify="left" if left else "right")
@@ -161,8 +169,11 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
         cells += [_fmt_count(summary.get("params")), _fmt_count(summary.get("flops"))]
         if not dry_run:
             seconds = summary.get("train_time_s")
-            cells += [f"{seconds:.0f}s" if isinstance(seconds, (int, float)) else "-",
-                      f"{summary['images_per_s']:,.0f}" if summary.get("images_per_s") else "-"]
+            speed = f"{summary['images_per_s']:,.0f}{'*' * marked}" if summary.get("images_per_s") else "-"
+            load = summary.get("load_1min")
+            cells += [f"{seconds:.0f}s" if isinstance(seconds, (int, float)) else "-", speed,
+                      "/".join(map(str, summary.get("threads_used") or [])) or "-",
+                      f"{load:.1f}" if isinstance(load, (int, float)) else "-"]
         table.add_row(*cells)
     return table
 

@@ -16,6 +16,7 @@ from finebench.models.output import ModelOutput
 from finebench.recipe import TrainSection
 from finebench.results import RunDir
 from finebench.train.engine import (
+    MACHINE_FIELDS,
     SilentProgress,
     TrainStep,
     build_train_step,
@@ -89,11 +90,11 @@ def run_fit(store, *, mixture=False, seed=0, progress=None, **train_overrides):
 
 
 def comparable(rows):
-    return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "images_per_s")} for row in rows]
+    return [{k: v for k, v in row.items() if k not in MACHINE_FIELDS} for row in rows]
 
 
 CONTRACT_KEYS = {"epoch", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr",
-                 "epoch_time_s", "images_per_s", "network_top1", "module_top1"}
+                 "epoch_time_s", "images_per_s", "threads", "load_1min", "network_top1", "module_top1"}
 
 
 def test_fit_writes_one_metrics_row_per_epoch_with_the_contract_keys(tmp_path):

@@ -497,3 +497,20 @@ def test_cli_report_unknown_by_column_is_one_line_error(results: Path) -> None:
     )
     assert done.returncode == 2
     assert "nonsense" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_report_speed_marks_img_s_measured_under_different_threads_or_load(tmp_path: Path) -> None:
+    """Issue 22 item 7: `report --speed` compared 74 img/s on 2 busy threads with 377 on 1."""
+    for variant, used, load in (("baseline", [2], 3.9), ("se", [1], 1.1)):
+        run_dir = write_run(tmp_path, variant=variant, variant_name=variant, seed=0, top1=90.0, images_per_s=100.0)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": used, "load_1min": load}))
+    table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
+    rows = {row["Variant"]: row for row in _markdown_rows(report.render(table, "markdown"))}
+    assert rows["se"]["img/s"] == "100*" and rows["se"]["threads"] == "1" and rows["baseline"]["load"] == "3.9"
+    assert any("different thread counts" in note for note in table.attrs["notes"])
+    for run_dir in tmp_path.glob("*/*"):  # the same conditions: nothing to mark
+        summary = json.loads((run_dir / "summary.json").read_text())
+        (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": [1], "load_1min": 1.2}))
+    table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
+    assert "100*" not in report.render(table, "markdown") and not table.attrs["speed_marked"]

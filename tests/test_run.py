@@ -18,6 +18,7 @@ from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe
 from finebench.results import RunDir, RunLocked
 from finebench.runner import run_recipe
+from finebench.train.engine import MACHINE_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +54,7 @@ def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProc
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in ("epoch_time_s", "images_per_s")} for row in rows]
+    return [{k: v for k, v in row.items() if k not in MACHINE_FIELDS} for row in rows]
 
 
 def test_a_recipe_writes_valid_records_for_every_variant_and_seed_and_a_rerun_skips_them(tmp_path, data_root):

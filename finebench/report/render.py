@@ -26,7 +26,7 @@ _HEADERS = {
     "dataset": "Dataset", "backbone_label": "Backbone", "variant_name": "Variant", "variant": "Kind",
     "attention_depth": "AD", "attention_width": "AW", "source": "Classifier", "n": "n",
     "setting": "Setting", "params": "Params", "params_overhead_pct": "ΔP%", "flops": "FLOPs",
-    "flops_overhead_pct": "ΔF%", "images_per_s": "img/s", "flops_pct_of_full": "% FLOPs",
+    "flops_overhead_pct": "ΔF%", "images_per_s": "img/s", "load_1min": "load", "flops_pct_of_full": "% FLOPs",
     "unpaired": "Unpaired", "fold": "Fold",
 }
 # Columns merged into another cell or left to CSV/JSON.
@@ -120,7 +120,9 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         elif column == "flops":
             out[header] = count_formatter(values, "G")
         elif column == "images_per_s":
-            out[header] = [MISSING if is_missing(v) else f"{v:,.0f}" for v in values]
+            out[header] = [speed_cell(v, table) for v in values]
+        elif column == "load_1min":
+            out[header] = [fmt_number(v, 1) for v in values]
         elif column == "flops_pct_of_full":
             out[header] = [fmt_number(v, 1) for v in values]
         elif column == f"reference_{metric}":
@@ -168,7 +170,7 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
             row[f"{name} ΔP/ΔF%"] = (f"{fmt_number(record['params_overhead_pct'], signed=True)} / "
                                      f"{fmt_number(record['flops_overhead_pct'], signed=True)}")
         if with_speed:
-            row[f"{name} img/s"] = MISSING if is_missing(record["images_per_s"]) else f"{record['images_per_s']:,.0f}"
+            row[f"{name} img/s"] = speed_cell(record["images_per_s"], table)
         if with_reference:
             row[f"{name} paper"] = fmt_number(record[f"reference_{metric}"])
     ordered = [_HEADERS.get(c, c) for c in group_keys]
@@ -181,6 +183,13 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
     wide = pd.DataFrame(list(rows.values())).reindex(columns=ordered).fillna(MISSING)
     wide.attrs["align"] = ["left"] * len(group_keys) + ["right"] * (len(ordered) - len(group_keys))
     return wide
+
+
+def speed_cell(images_per_s: Any, table: pd.DataFrame) -> str:
+    """img/s, starred where the table's speeds were measured under different threads or load."""
+    if is_missing(images_per_s):
+        return MISSING
+    return f"{images_per_s:,.0f}" + ("*" if table.attrs.get("speed_marked") else "")
 
 
 def table_note(table: pd.DataFrame) -> str:

@@ -29,6 +29,7 @@ from finebench.errors import FinebenchError
 from finebench.methods.baseline import METHOD as BASELINE
 from finebench.report.reference import SETTING_COLUMNS, match_reference, protocol_notes
 from finebench.report.stats import is_missing, mean_ci, paired_difference
+from finebench.train.threads import speed_conditions_differ
 
 DEFAULT_BY: tuple[str, ...] = ("dataset", "backbone_label")
 # Short names researchers use for the ablation axes.
@@ -152,6 +153,9 @@ def summary_table(
             row[column] = pd.to_numeric(group[column], errors="coerce").mean()
         if speed:
             row["images_per_s"] = pd.to_numeric(group["images_per_s"], errors="coerce").mean()
+            row["threads"] = "/".join(map(str, sorted({int(t) for used in group["threads_used"]
+                                                        if isinstance(used, list) for t in used}))) or math.nan
+            row["load_1min"] = pd.to_numeric(group["load_1min"], errors="coerce").mean()
         if reference is not None:
             _add_reference(row, group, reference, metric, selection)
         rows.append(row)
@@ -167,10 +171,17 @@ def summary_table(
         table = table.drop(columns="_not_baseline").reset_index(drop=True)
     if reference is not None and not df.empty:
         notes += protocol_notes(reference, df["dataset"].unique())
+    speed_marked = speed and speed_conditions_differ(
+        [(used if isinstance(used, list) else [], None if is_missing(load) else float(load))
+         for used, load in zip(df["threads_used"], df["load_1min"], strict=True)])
+    if speed_marked:
+        notes.append("img/s*: measured with different thread counts or under a load from other processes "
+                     "differing by more than a core; not a comparison of the methods' speed.")
     if (table.get("unpaired", pd.Series(dtype=int)) > 0).any():
         notes.append("unpaired: runs whose seed (and fold) has no partner on the other side; "
                      "left out of the paired gain.")
-    table.attrs.update(metric=metric, selection=selection, keys=row_keys, notes=notes, folds=bool(folds_seen))
+    table.attrs.update(metric=metric, selection=selection, keys=row_keys, notes=notes, folds=bool(folds_seen),
+                       speed_marked=speed_marked)
     return table
 
 

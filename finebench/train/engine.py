@@ -33,7 +33,7 @@ from finebench.models.batchnorm import convert_ghost_batchnorm
 from finebench.models.output import ModelOutput, mixture_loss
 from finebench.recipe import TrainSection
 from finebench.train.optim import build_optimizer, build_scheduler
-from finebench.train.threads import ThreadChoice
+from finebench.train.threads import ThreadChoice, choose_threads, decided_each_epoch, load_average
 
 # ---- device, precision, seeds -----------------------------------------------------------------
 
@@ -153,6 +153,10 @@ def resolve_channels_last(setting: bool | str, device: torch.device, *, compiled
     return device.type in ("cuda", "cpu")
 
 
+MACHINE_FIELDS = ("epoch_time_s", "images_per_s", "threads", "load_1min")
+"""metrics.jsonl fields that say how the machine ran an epoch, not what the run computed."""
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a run's steps execute, resolved once from its ``train`` settings (``resolve_runtime``)
@@ -166,9 +170,14 @@ class Runtime:
     threads: ThreadChoice | None = None
     """The intra-op thread count and why; None leaves torch's count as it is (``train.threads = "auto"``
     is chosen by the runner, which knows whether the run resumes)."""
+    threads_each_epoch: bool = False
+    """Decide the count again at every epoch after the first (``train.threads = "auto"``)."""
+    workers_here: int = 1
+    """Processes of the run on this machine, which share its idle cores."""
 
 
-def resolve_runtime(train: TrainSection, *, attention: bool, threads: ThreadChoice | None = None) -> Runtime:
+def resolve_runtime(train: TrainSection, *, attention: bool, threads: ThreadChoice | None = None,
+                    workers_here: int = 1) -> Runtime:
     """``train``'s "auto" settings decided for this machine; ``attention`` names the case (Attend and Rectify)."""
     device = resolve_device(train.device)
     precision = resolve_precision(train.precision, device)
@@ -176,7 +185,9 @@ def resolve_runtime(train: TrainSection, *, attention: bool, threads: ThreadChoi
     channels_last = resolve_channels_last(train.channels_last, device, compiled=compiled, attention=attention)
     if threads is None and isinstance(train.threads, int):
         threads = ThreadChoice(train.threads, "train.threads")
-    return Runtime(device, precision, compiled, channels_last, threads)
+    return Runtime(device, precision, compiled, channels_last, threads,
+                   threads_each_epoch=threads is not None and decided_each_epoch(train.threads),
+                   workers_here=workers_here)
 
 
 def configure_backends(device: torch.device) -> None:
@@ -764,6 +775,9 @@ def fit(
         )
 
     for epoch in range(start_epoch, train.epochs + 1):
+        if runtime.threads_each_epoch and epoch > start_epoch:  # the caller chose for the first one
+            torch.set_num_threads(choose_threads(train.threads, workers_here=runtime.workers_here).threads)
+        epoch_threads = torch.get_num_threads()
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -789,6 +803,8 @@ def fit(
             "lr": optimizer.param_groups[-1]["lr"],
             "epoch_time_s": elapsed,
             "images_per_s": timed_images / elapsed if elapsed else 0.0,
+            "threads": epoch_threads,
+            "load_1min": load_average(),
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             metrics = evaluate(
@@ -797,7 +813,7 @@ def fit(
             )
             final_confusion = metrics.pop("confusion", None)
             row = {"epoch": epoch, "train_loss": row["train_loss"], "train_top1": row["train_top1"], **metrics,
-                   **{k: row[k] for k in ("lr", "epoch_time_s", "images_per_s")}}
+                   **{k: row[k] for k in ("lr", *MACHINE_FIELDS)}}
             if not math.isfinite(row["test_loss"]):
                 rows.append(row)
                 if store is not None and ctx.is_main:

@@ -7,8 +7,16 @@ default) counts the cores that are idle right now and uses that many threads (at
 between the workers of a distributed run on this machine; ``OMP_NUM_THREADS`` in the environment is
 taken as the user's own choice. A number pins the count.
 
-A thread count changes the order of floating-point sums, so a resumed run keeps the count its first
-start chose (``previous``); that keeps kill-and-resume bit-identical.
+Under ``"auto"`` the count is decided again at the start of every epoch (the runner's first choice
+covers the first epoch), so a run that started while the machine was busy speeds up once it is
+not. A thread count changes the order of floating-point sums on the CPU, so there a run's numbers
+then depend on the load it met; ``"auto-once"`` decides once, at the run's first start, and a
+resumed run keeps that count (``previous``), which keeps kill-and-resume bit-identical. On a GPU
+the model's arithmetic does not run on these threads and both give the same numbers.
+
+Each epoch's row in metrics.jsonl records the count and the 1-minute load average
+(``load_1min``, the run's own threads included), so speeds measured under different conditions
+are marked as such (``speed_conditions_differ``).
 """
 
 from __future__ import annotations
@@ -24,6 +32,37 @@ SAMPLE_S = 0.25
 """How long the idle cores are watched: long enough for 25 scheduler ticks per core, short beside an epoch."""
 ROUND_UP_FROM = 0.7
 """Idle fraction of a core that still counts as a whole idle core (our own start-up noise costs ~0.1-0.2)."""
+
+
+AUTO = "auto"
+"""Decided at every epoch start (the recipe default)."""
+AUTO_ONCE = "auto-once"
+"""Decided at the run's first start and kept by its resumes (bit-identical kill-and-resume on the CPU)."""
+OTHER_LOAD_TOLERANCE = 1.0
+"""Cores of load from other processes by which two measurements may differ and still compare."""
+
+
+def decided_each_epoch(setting: int | str | None) -> bool:
+    return setting == AUTO
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def speed_conditions_differ(conditions: list[tuple[list[int], float | None]]) -> bool:
+    """Whether img/s figures measured under these conditions compare: each is (thread counts the
+    run's epochs used, its mean 1-minute load). They differ when the counts differ, or when the load
+    from other processes (load minus the run's own threads) differs by more than a core."""
+    counts = {tuple(sorted(set(threads))) for threads, _ in conditions if threads}
+    if len(counts) > 1:
+        return True
+    others = [load - max(threads) for threads, load in conditions if threads and load is not None]
+    return bool(others) and max(others) - min(others) > OTHER_LOAD_TOLERANCE
 
 
 class ThreadChoice(NamedTuple):
@@ -80,15 +119,15 @@ def idle_cores(cores: list[int] | None = None, sample_s: float = SAMPLE_S) -> tu
 def choose_threads(setting: int | str | None, *, previous: int | None = None, workers_here: int = 1) -> ThreadChoice:
     """The intra-op thread count for ``train.threads`` (a number, ``"auto"``, or None for torch's default).
 
-    ``previous``: the count a resumed run started with, kept for bit-identical results.
+    ``previous``: the count a resumed run started with, kept under ``"auto-once"`` for bit-identical results.
     ``workers_here``: processes of one distributed job on this machine, which share the idle cores.
     """
     if isinstance(setting, int):
         return ThreadChoice(setting, "train.threads")
     if setting is None:
         return ThreadChoice(torch.get_num_threads(), "torch default")
-    if previous is not None and previous >= 1:
-        return ThreadChoice(previous, "auto, kept from the run's first start (bit-identical resume)")
+    if setting == AUTO_ONCE and previous is not None and previous >= 1:
+        return ThreadChoice(previous, "auto-once, kept from the run's first start (bit-identical resume)")
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) >= 1:  # the user (or a scheduler) already decided
         return ThreadChoice(int(omp), "auto: OMP_NUM_THREADS")
@@ -96,7 +135,7 @@ def choose_threads(setting: int | str | None, *, previous: int | None = None, wo
     idle, how = idle_cores(cores)
     split = f" shared by {workers_here} workers" if workers_here > 1 else ""
     return ThreadChoice(threads_for(idle, len(cores), workers_here),
-                        f"auto: {idle:.1f} of {len(cores)} cores idle ({how}){split}")
+                        f"{setting}: {idle:.1f} of {len(cores)} cores idle ({how}){split}")
 
 
 def threads_for(idle: float, cores: int, workers_here: int = 1) -> int:
