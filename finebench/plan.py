@@ -169,6 +169,9 @@ def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx
     dataset on first use. Sets the plan's class count and costs from the data as the loaders read it."""
     chosen_root, data_root = plan.chosen_root, plan.data_root
     check_data_root(chosen_root, loaded.recipe.dataset.name)
+    weights = missing_weights(to_train)
+    if weights:
+        raise FinebenchError(f"{loaded.path}: {weights[0]}; or --set model.pretrained=none to train from scratch")
     if ctx.is_main:
         prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
     ctx.barrier()
@@ -184,6 +187,20 @@ def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx
         costs.of(run)
     del loaders
     plan.num_classes, plan.costs = num_classes, costs
+
+
+def missing_weights(runs: Sequence[RunSpec]) -> list[str]:
+    """One line per backbone whose pretrained weights are not where loading looks (never downloads)."""
+    from finebench.models.registry import missing_pretrained_weights
+
+    problems: dict[tuple[str, str | None], str] = {}
+    for run in runs:
+        model = run.config["model"]
+        key = (model["backbone"], model.get("pretrained"))
+        if key not in problems:
+            problem = missing_pretrained_weights(*key)
+            problems[key] = f"model.pretrained = {key[1]!r} for {key[0]}: {problem}" if problem else ""
+    return [problem for problem in problems.values() if problem]
 
 
 def check_results_dir(results_dir: Path, recipe_name: str) -> None:

@@ -32,6 +32,7 @@ from finebench.plan import (
     dataset_state,
     decide,
     decide_runs,
+    missing_weights,
     plan_runs,
     preflight,
 )
@@ -344,6 +345,8 @@ def run_recipe(
         for state in states.values():
             if state.problem:
                 console.print(f"[yellow]warning:[/] {state.problem}", highlight=False)
+        for problem in missing_weights(runs):
+            console.print(f"[yellow]warning:[/] {problem}: the run would stop here", highlight=False)
         return [
             RunOutcome(run, run_dirs[run.run_id].path, "planned",
                        {"params": plan.costs.of(run).params, "flops": plan.costs.of(run).flops,

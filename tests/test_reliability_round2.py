@@ -301,3 +301,26 @@ def test_a_cuda_out_of_memory_error_takes_the_same_path(tmp_path: Path, monkeypa
     assert raised.value.exit_code == 1 and "\n" not in str(raised.value)
     [run_dir] = (tmp_path / "results" / "tiny").iterdir()
     assert RunDir.at(run_dir).state().kind in ("new", "resumable") and RunDir.at(run_dir).status() == "running"
+
+
+def test_dry_run_warns_when_pretrained_weights_are_not_cached_and_run_stops_before_writing(tmp_path: Path) -> None:
+    """Item 11: a recipe whose weights are not in the cache passed --dry-run and failed only once its run began."""
+    import os as _os
+
+    from tiny_data import prepare_tiny_bars
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    (tmp_path / "r.toml").write_text(RECIPE.replace('backbone = ["timm:resnet10t", "torchvision:resnet18"]',
+                                                    'backbone = "torchvision:resnet18"\npretrained = "imagenet"')
+                                     )
+    env = {**_os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
+    common = ["--data-root", str(root), "--results-dir", str(tmp_path / "results")]
+    dry = subprocess.run([sys.executable, "-m", "finebench", "run", "r.toml", "--dry-run", *common],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-1500:]
+    assert "warning: model.pretrained = 'imagenet' for torchvision:resnet18" in dry.stderr
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in dry.stderr
+    run = subprocess.run([sys.executable, "-m", "finebench", "run", "r.toml", *common],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert run.returncode == 2 and "--set model.pretrained=none" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "results").exists()

@@ -19,7 +19,8 @@ from finebench.models.base import Backbone, TapPoint, read_weights_file
 from finebench.models.network import ImageClassifier
 from finebench.models.resnext import CifarResNeXt
 from finebench.models.timm_backbone import TimmBackbone
-from finebench.models.torchvision import ARCHITECTURES, TorchvisionResNet
+from finebench.models.timm_backbone import cached_weights as cached_timm_weights
+from finebench.models.torchvision import ARCHITECTURES, TorchvisionResNet, cached_imagenet_weights
 from finebench.models.torchvision_nodes import TorchvisionNodeBackbone
 from finebench.models.wrn import CLASSIFIER_INITS, SHORTCUTS, STEMS, WideResNet
 
@@ -63,12 +64,20 @@ class BackboneFamily:
     """The ``model.pretrained`` keyword for the library's own weights (the other keyword is an error)."""
     listing_device: str
     """Where ``list_taps`` builds it: "meta" is instant; a family whose stage search runs the model needs "cpu"."""
+    cached_weights: Callable[[str], Path]
+    """(model name) -> the cached file of the library's weights; a miss is a ``FinebenchError`` saying where to put it."""
+
+
+def _torchvision_weights(model_name: str) -> Path:
+    import torchvision.models as tvm
+
+    return cached_imagenet_weights(tvm.get_model_weights(model_name).DEFAULT, f"torchvision:{model_name}")
 
 
 BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
-    "timm": BackboneFamily(TimmBackbone, True, "timm", "meta"),
+    "timm": BackboneFamily(TimmBackbone, True, "timm", "meta", cached_timm_weights),
     "torchvision": BackboneFamily(lambda name, options, _: TorchvisionNodeBackbone(name, options), False,
-                                  "imagenet", "cpu"),
+                                  "imagenet", "cpu", _torchvision_weights),
 }
 LIBRARY_WEIGHTS = tuple(family.library_weights for family in BACKBONE_FAMILIES.values())
 
@@ -163,6 +172,25 @@ def load_pretrained(backbone: Backbone, name: str, pretrained: str) -> None:
         backbone.load_imagenet_weights()
         return
     backbone.load_backbone_weights(read_weights_file(pretrained), str(Path(pretrained).expanduser()))
+
+
+def missing_pretrained_weights(name: str, pretrained: str | None) -> str | None:
+    """Why loading ``pretrained`` for backbone ``name`` would stop the run (weights not in the cache,
+    a file that is not there), or None; looks, never downloads. ``run --dry-run`` warns with it and
+    ``run`` stops with it before anything is written, instead of when the run's model is built."""
+    if pretrained is None:
+        return None
+    family = split_family(name)
+    try:
+        if family is not None and pretrained == BACKBONE_FAMILIES[family[0]].library_weights:
+            BACKBONE_FAMILIES[family[0]].cached_weights(family[1])
+        elif family is None and pretrained == "imagenet" and name in ARCHITECTURES:
+            cached_imagenet_weights(ARCHITECTURES[name].weights, name)
+        elif pretrained not in LIBRARY_WEIGHTS and not Path(pretrained).expanduser().is_file():
+            return f"pretrained weights file {Path(pretrained).expanduser()} does not exist"
+    except FinebenchError as error:
+        return str(error)
+    return None
 
 
 @dataclass(frozen=True)

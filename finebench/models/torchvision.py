@@ -131,13 +131,7 @@ class TorchvisionResNet(Backbone):
 
     def load_imagenet_weights(self) -> None:
         """Load torchvision's ImageNet weights from the torch hub cache; never download."""
-        weights = ARCHITECTURES[self.architecture_name].weights
-        file = imagenet_weights_path(weights)
-        if not file.is_file():
-            raise FinebenchError(
-                f"ImageNet weights for {self.architecture_name} are not in the torch hub cache: "
-                f"place {Path(urlparse(weights.url).path).name} (from {weights.url}) at {file}"
-            )
+        file = cached_imagenet_weights(ARCHITECTURES[self.architecture_name].weights, self.architecture_name)
         state_dict = torch.load(file, map_location="cpu", weights_only=True)
         self.load_backbone_weights(state_dict, str(file))
 
@@ -145,3 +139,14 @@ class TorchvisionResNet(Backbone):
 def imagenet_weights_path(weights: tvm.WeightsEnum) -> Path:
     """Where ``torch.hub.load_state_dict_from_url`` looks for (and would store) these weights."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+
+
+def cached_imagenet_weights(weights: tvm.WeightsEnum, label: str) -> Path:
+    """The cached file of ``weights``; never downloads: a miss is one line saying where to put it."""
+    file = imagenet_weights_path(weights)
+    if not file.is_file():
+        raise FinebenchError(
+            f"ImageNet weights for {label} are not in the torch hub cache (no download happens): "
+            f"place {file.name} (from {weights.url}) at {file}"
+        )
+    return file

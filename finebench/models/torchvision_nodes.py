@@ -20,7 +20,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from finebench.errors import FinebenchError
 from finebench.models.base import Backbone, TapPoint, read_weights_file, unwrap_state_dict
-from finebench.models.torchvision import imagenet_weights_path
+from finebench.models.torchvision import cached_imagenet_weights
 
 PROBE_SIZE = 128
 """Side of the image run once to measure strides: every classifier's stride-32 map is still 4×4."""
@@ -214,13 +214,7 @@ class TorchvisionNodeBackbone(Backbone):
     def load_pretrained(self, source: str) -> None:
         """``"imagenet"``: torchvision's default weights from the torch hub cache; else a local file."""
         if source == "imagenet":
-            weights = tvm.get_model_weights(self.model_name).DEFAULT
-            file = imagenet_weights_path(weights)
-            if not file.is_file():
-                raise FinebenchError(
-                    f"ImageNet weights for torchvision:{self.model_name} are not in the torch hub cache (no download "
-                    f"happens): place {file.name} (from {weights.url}) at {file}"
-                )
+            file = cached_imagenet_weights(tvm.get_model_weights(self.model_name).DEFAULT, f"torchvision:{self.model_name}")
         else:
             file = Path(source).expanduser()
         state = read_weights_file(file)
