@@ -85,30 +85,25 @@ class CostCache:
         return self._costs[key]
 
 
+def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device) -> dict[str, Any]:
+    """What the run's loaders are built from (its own splits: on a k-fold dataset they depend on its held-out fold)."""
+    dataset, train = run.config["dataset"], run.train_section()
+    return dict(
+        dataset=dataset["name"], data_root=data_root, batch_size=train.batch_size, seed=run.seed,
+        input_size=dataset["input_size"], augmentation=dataset["augmentation"], train_split=dataset["train_split"],
+        test_split=dataset["test_split"], rank=ctx.rank, world_size=ctx.world_size,
+        in_memory="auto",  # small images: decoded once, augmented in batches on the device
+        device=device, decode=dataset.get("decode", "auto"),
+        sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
+    )
+
+
 def build_run_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device):
     from finebench.data.loader import build_loaders
 
-    # the run's own splits: on a k-fold dataset they depend on its held-out fold
-    dataset, train = run.config["dataset"], run.train_section()
-    return build_loaders(
-        dataset["name"],
-        data_root,
-        batch_size=train.batch_size,
-        eval_batch_size=train.eval_batch_size,
-        workers=train.workers,
-        seed=run.seed,
-        input_size=dataset["input_size"],
-        augmentation=dataset["augmentation"],
-        train_split=dataset["train_split"],
-        test_split=dataset["test_split"],
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        pin_memory=device.type == "cuda",
-        in_memory="auto",  # small images: decoded once, augmented in batches on the device
-        device=device,
-        decode=dataset.get("decode", "auto"),
-        sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
-    )
+    train = run.train_section()
+    return build_loaders(**_loader_choices(run, data_root, ctx, device), eval_batch_size=train.eval_batch_size,
+                         workers=train.workers, pin_memory=device.type == "cuda")
 
 
 def parse_share(text: str) -> tuple[int, int]:
@@ -176,16 +171,18 @@ def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx
         prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
     ctx.barrier()
     # Fail on unprepared data or bad model options before anything is written.
+    from finebench.data.loader import check_loaders
+
     device = resolve_device(loaded.recipe.train.device)
-    loaders = build_run_loaders(loaded, to_train[0], data_root, ctx, device)
+    # The loaders' own checks without their work: nothing is decoded or copied to the device here.
+    checked = check_loaders(**_loader_choices(to_train[0], data_root, ctx, device))
     for run in to_train[1:]:  # every held-out fold of a k-fold dataset must be there too
         if run.config["dataset"] != to_train[0].config["dataset"]:
             _check_splits(run.config["dataset"], data_root)
-    num_classes = loaders.num_classes
-    costs = CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or _input_size_of(loaders))
+    num_classes = checked.num_classes
+    costs = CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or checked.input_size)
     for run in to_train:
         costs.of(run)
-    del loaders
     plan.num_classes, plan.costs = num_classes, costs
 
 
@@ -303,8 +300,3 @@ def _check_splits(dataset: Mapping[str, Any], data_root: Path) -> None:
     available = list(read_meta(data_root, dataset["name"]).get("splits", {}))
     for key in ("train_split", "test_split"):
         split_dirs(store_dir(data_root, dataset["name"]), dataset[key], available, dataset["name"])
-
-
-def _input_size_of(loaders: Any) -> int:
-    images, _ = next(iter(loaders.test))
-    return int(images.shape[-1])

@@ -324,3 +324,27 @@ def test_dry_run_warns_when_pretrained_weights_are_not_cached_and_run_stops_befo
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert run.returncode == 2 and "--set model.pretrained=none" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_the_pre_flight_check_decodes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: the pre-flight check built the first run's full loaders; on the in-memory path
+    that decoded both splits and copied them to the device only to throw them away."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    from finebench.data import loader
+    from finebench.runner import run_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tiny_recipe(epochs=1, extra_train="threads = 1"))
+    decoded: list[str] = []
+    real = loader._decoded
+
+    def counted(split_dirs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        decoded.extend(path.name for path in split_dirs)
+        return real(split_dirs, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "_decoded", counted)
+    [outcome] = run_recipe(load_recipe(recipe), results_dir=tmp_path / "results", data_root=root, quiet=True)
+    assert outcome.status == "finished" and outcome.summary["data_path"] == "in_memory"
+    assert decoded == ["train", "test"]  # once, by the run itself

@@ -526,6 +526,72 @@ def _device_decode_loaders(
     )
 
 
+@dataclass(frozen=True)
+class LoaderPlan:
+    """Which data path a run's loaders take and what they read, decided without decoding an image.
+
+    ``build_loaders`` builds from it; ``finebench run``'s pre-flight check (``check_loaders``) stops
+    at it, so checking a dataset costs the store's metadata and label columns, not a decoded split
+    copied to the device."""
+
+    meta: dict
+    train_recipe: _Recipe
+    test_recipe: _Recipe
+    train_dirs: list[Path]
+    test_dirs: list[Path]
+    side: int | None
+    device: torch.device
+    path: str
+    """"workers", "in_memory" or "device_decode" (``Loaders.path``)."""
+    train_columns: _Columns
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["classes"])
+
+    @property
+    def input_size(self) -> int | None:
+        """The side of the square images the network gets (None: images of their own sizes)."""
+        return self.test_recipe.size or self.side
+
+
+def plan_loaders(
+    dataset: str, data_root: Path, *, input_size: int | None = None, augmentation: str = "auto",
+    train_split: str = "train", test_split: str = "test", in_memory: str | bool = False,
+    device: torch.device | str | None = None, decode: str = "auto",
+) -> LoaderPlan:
+    """Every check ``build_loaders`` makes (store, splits, augmentation, data path), nothing decoded."""
+    meta = store.read_meta(Path(data_root), dataset)
+    root = store.store_dir(Path(data_root), dataset)
+    available = list(meta.get("splits", {}))
+    train_recipe, test_recipe = _recipes(meta, augmentation, input_size)
+    train_dirs = split_dirs(root, train_split, available, dataset)
+    test_dirs = split_dirs(root, test_split, available, dataset)
+    side = train_recipe.size or (meta.get("image_size") or [None])[0]
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    train_columns = _Columns(train_dirs)
+    if _wants_in_memory(in_memory, train_recipe, side, meta, train_dirs + test_dirs, dataset):
+        path = "in_memory"
+    else:
+        from finebench.data.gpu_decode import all_jpeg, decode_on_device
+
+        on_device = decode_on_device(decode, augmentation=train_recipe.kind, device=target,
+                                     jpeg=lambda: all_jpeg(train_columns), dataset=dataset)
+        path = "device_decode" if on_device else "workers"
+    return LoaderPlan(meta, train_recipe, test_recipe, train_dirs, test_dirs, side, target, path, train_columns)
+
+
+def check_loaders(
+    dataset: str, data_root: Path, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+    sampler_factory: SamplerFactory | None = None, **choices: Any,
+) -> LoaderPlan:
+    """``plan_loaders`` plus the training batch order (a method's own sampler checks the batch size
+    against the labels), for a check before anything is written; ``choices`` as ``plan_loaders``."""
+    plan = plan_loaders(dataset, data_root, **choices)
+    train_sampler(sampler_factory, plan.train_columns.labels, batch_size, rank=rank, world_size=world_size, seed=seed)
+    return plan
+
+
 def build_loaders(
     dataset: str,
     data_root: Path,
@@ -560,33 +626,25 @@ def build_loaders(
     ``Loaders.path`` says which path was taken. ``sampler_factory``: a method's own batch order
     (``SamplerFactory``), on every path.
     """
-    meta = store.read_meta(Path(data_root), dataset)
-    root = store.store_dir(Path(data_root), dataset)
-    available = list(meta.get("splits", {}))
-    train_recipe, test_recipe = _recipes(meta, augmentation, input_size)
-    train_dirs = split_dirs(root, train_split, available, dataset)
-    test_dirs = split_dirs(root, test_split, available, dataset)
-    side = train_recipe.size or (meta.get("image_size") or [None])[0]
-    if _wants_in_memory(in_memory, train_recipe, side, meta, train_dirs + test_dirs, dataset):
+    plan = plan_loaders(dataset, data_root, input_size=input_size, augmentation=augmentation,
+                        train_split=train_split, test_split=test_split, in_memory=in_memory, device=device,
+                        decode=decode)
+    meta, train_recipe, test_recipe, target = plan.meta, plan.train_recipe, plan.test_recipe, plan.device
+    if plan.path == "in_memory":
         return _in_memory_loaders(
-            meta, train_dirs, test_dirs, train_recipe, test_recipe, side,
+            meta, plan.train_dirs, plan.test_dirs, train_recipe, test_recipe, plan.side,
             batch_size=batch_size, eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank,
-            world_size=world_size, device=torch.device(device) if device is not None else torch.device("cpu"),
-            sampler_factory=sampler_factory,
+            world_size=world_size, device=target, sampler_factory=sampler_factory,
         )
-    from finebench.data.gpu_decode import all_jpeg, decode_on_device
-
-    train_columns = _Columns(train_dirs)
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    if decode_on_device(decode, augmentation=train_recipe.kind, device=target, jpeg=lambda: all_jpeg(train_columns),
-                        dataset=dataset):
+    train_columns = plan.train_columns
+    if plan.path == "device_decode":
         return _device_decode_loaders(
-            meta, train_columns, _Columns(test_dirs), train_recipe, test_recipe, batch_size=batch_size,
+            meta, train_columns, _Columns(plan.test_dirs), train_recipe, test_recipe, batch_size=batch_size,
             eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank, world_size=world_size,
             pin_memory=pin_memory, device=target, sampler_factory=sampler_factory,
         )
     train_set = StoreDataset(train_columns, train_recipe, rank_seed(seed, rank))
-    test_set = StoreDataset(_Columns(test_dirs), test_recipe, seed)
+    test_set = StoreDataset(_Columns(plan.test_dirs), test_recipe, seed)
     generator = torch.Generator().manual_seed(rank_seed(seed, rank))
     common: dict[str, Any] = {
         "num_workers": workers,
