@@ -10,6 +10,7 @@ skipped in a read-only results folder.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import fcntl
 import functools
@@ -19,13 +20,14 @@ import platform
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 import finebench
 from finebench.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401  (run records' writers)
@@ -92,6 +94,40 @@ def environment() -> dict[str, Any]:
     }
 
 
+def parse_summary(path: Path) -> dict[str, Any]:
+    """summary.json as a dict; anything else is a ``FinebenchError`` naming the file."""
+    try:
+        summary = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FinebenchError(f"{path}: not a readable run summary ({error}): {RESTART_HINT}") from None
+    if not isinstance(summary, dict):
+        raise FinebenchError(f"{path}: expected a JSON object, found {type(summary).__name__}: {RESTART_HINT}")
+    return summary
+
+
+def parse_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """metrics.jsonl's epoch rows, and one line per line that is not one (the one rule for both the
+    strict reader, which a resume uses, and the lenient one, which the report uses)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        return [], [f"{path}: not UTF-8 text ({error.reason})"]
+    rows, problems = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"{path} line {number}: not valid JSON ({error})")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            problems.append(f"{path} line {number}: expected an object with an integer 'epoch'")
+            continue
+        rows.append(row)
+    return rows, problems
+
+
 class RunLocked(Exception):
     """Another process holds this run's lock."""
 
@@ -125,6 +161,7 @@ class RunDir:
 
     def __init__(self, results_dir: Path, recipe_name: str, run_id: str) -> None:
         self.path = Path(results_dir) / recipe_name / run_id
+        self._cache: dict[str, tuple[tuple[int, int, int], Any]] = {}
 
     @classmethod
     def at(cls, folder: Path) -> RunDir:
@@ -138,19 +175,24 @@ class RunDir:
     checkpoint_path = property(lambda self: self.path / self.CHECKPOINT_FILE)
     confusion_path = property(lambda self: self.path / self.CONFUSION_FILE)
 
+    def _parsed(self, path: Path, parse: Callable[[Path], Any]) -> Any:
+        """``parse(path)``, or None when the file is missing. A record is parsed once while it is
+        unchanged (same inode, size and mtime: every write here replaces the file by a rename), so the
+        plan, the lock's second look and the resume read a run's records once between them."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._cache.get(path.name)
+        if cached is None or cached[0] != key:
+            cached = (key, parse(path))  # a FinebenchError is not cached: the next read tries again
+            self._cache[path.name] = cached
+        return copy.deepcopy(cached[1])
+
     def summary(self) -> dict[str, Any] | None:
         """``summary.json``, or None before the first write; unreadable is a ``FinebenchError`` naming it."""
-        if not self.summary_path.is_file():
-            return None
-        try:
-            summary = read_json(self.summary_path)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise FinebenchError(f"{self.summary_path}: not a readable run summary ({error}): {RESTART_HINT}") from None
-        if not isinstance(summary, dict):
-            raise FinebenchError(
-                f"{self.summary_path}: expected a JSON object, found {type(summary).__name__}: {RESTART_HINT}"
-            )
-        return summary
+        return self._parsed(self.summary_path, parse_summary)
 
     def status(self) -> str | None:
         summary = self.summary()
@@ -256,29 +298,16 @@ class RunDir:
         return matrix
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """One row per logged epoch; a line that is not an epoch's record is a ``FinebenchError`` naming it."""
-        if not self.metrics_path.is_file():
-            return []
-        rows = []
-        try:
-            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as error:
-            raise FinebenchError(f"{self.metrics_path}: not UTF-8 text ({error.reason}): {RESTART_HINT}") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise FinebenchError(
-                    f"{self.metrics_path} line {number}: not valid JSON ({error}): {RESTART_HINT}"
-                ) from None
-            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-                raise FinebenchError(
-                    f"{self.metrics_path} line {number}: expected an object with an integer 'epoch': {RESTART_HINT}"
-                )
-            rows.append(row)
+        """One row per logged epoch; a line that is not an epoch's record is a ``FinebenchError`` naming it
+        (a resume replays the rows, so it must not go on from a guess)."""
+        rows, problems = self._parsed(self.metrics_path, parse_metrics) or ([], [])
+        if problems:
+            raise FinebenchError(f"{problems[0]}: {RESTART_HINT}")
         return rows
+
+    def read_metrics_lenient(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The rows that parse, and one line per line that does not (the report and plots go on without it)."""
+        return self._parsed(self.metrics_path, parse_metrics) or ([], [])
 
     def write_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Rewrite the whole file: a few hundred short lines, and atomic unlike an append."""
@@ -304,6 +333,62 @@ class RunDir:
         if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
             raise FinebenchError(f"{self.checkpoint_path}: not a finebench checkpoint (no epoch): {RESTART_HINT}")
         return state
+
+
+# ---- summary.json's schema, beside its writer --------------------------------------------------
+# The runner builds each summary (``runner._summary``); these are the fields readers rely on, each
+# checked when the report reads a record. New fields get defaults, so old records stay readable.
+
+
+class FinalMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    epoch: int | None = None
+    test_top1: float
+    test_top5: float | None = None
+    test_loss: float | None = None
+    train_loss: float | None = None
+    network_top1: float | None = None
+    module_top1: dict[str, float] = Field(default_factory=dict)
+    mean_class_top1: float | None = None
+
+
+class BestMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    epoch: int | None = None
+    test_top1: float | None = None
+
+
+class RunSummary(BaseModel):
+    """The fields of ``summary.json`` the report relies on; anything else is kept but unchecked."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    schema_version: int = Field(1, alias="schema")
+    run_id: str
+    recipe: str
+    status: Literal["finished", "failed", "running"]
+    failure_reason: str | None = None
+    dataset: str
+    num_classes: int | None = None
+    backbone: str
+    backbone_label: str
+    variant: str
+    variant_name: str
+    variant_options: dict[str, Any] = Field(default_factory=dict)
+    seed: int
+    epochs: int | None = None
+    epochs_completed: int | None = None
+    final: FinalMetrics | None = None
+    best: BestMetrics | None = None
+    params: float | None = None
+    flops: float | None = None
+    params_baseline: float | None = None
+    flops_baseline: float | None = None
+    module_flops: dict[str, float] = Field(default_factory=dict)
+    input_size: int | None = None
+    train_time_s: float | None = None
+    images_per_s: float | None = None
+    device: str | None = None
+    precision: str | None = None
 
 
 def best_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:

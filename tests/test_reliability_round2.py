@@ -348,3 +348,36 @@ def test_the_pre_flight_check_decodes_nothing(tmp_path: Path, monkeypatch: pytes
     [outcome] = run_recipe(load_recipe(recipe), results_dir=tmp_path / "results", data_root=root, quiet=True)
     assert outcome.status == "finished" and outcome.summary["data_path"] == "in_memory"
     assert decoded == ["train", "test"]  # once, by the run itself
+
+
+def test_a_resume_parses_the_summary_and_the_metrics_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: a resumed run read summary.json 3 times and metrics.jsonl 4 times (plan, the lock's
+    second look, the runner, the engine). RunDir is the one reader and parses an unchanged file once."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    from finebench import results
+    from finebench.errors import Interrupted
+    from finebench.results import RunDir
+    from finebench.runner import run_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tiny_recipe(epochs=2, extra_train="threads = 1"))
+    loaded = load_recipe(recipe)
+    save = RunDir.save_checkpoint
+
+    def save_then_stop(self: RunDir, state) -> None:  # noqa: ANN001
+        save(self, state)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "save_checkpoint", save_then_stop)
+        with pytest.raises(Interrupted):
+            run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
+    parsed: list[str] = []
+    for name in ("parse_summary", "parse_metrics"):
+        real = getattr(results, name)
+        monkeypatch.setattr(results, name, lambda path, real=real: parsed.append(path.name) or real(path))
+    [outcome] = run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
+    assert outcome.status == "finished" and outcome.summary["epochs_completed"] == 2
+    assert sorted(parsed) == ["metrics.jsonl", "summary.json"]

@@ -13,7 +13,13 @@ from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench.recipe import load_recipe
 from finebench.runner import run_recipe
-from finebench.train.threads import ThreadChoice, choose_threads, idle_cores, speed_conditions_differ, threads_for
+from finebench.train.threads import (
+    ThreadChoice,
+    choose_threads,
+    idle_cores,
+    speed_conditions_differ,
+    threads_for,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,15 +16,15 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.recipe import RUN_ID_EXCLUDE, Recipe, TrainSection
-from finebench.results import RunDir
+from finebench.results import BestMetrics, RunDir, RunSummary
 from finebench.report.stats import mean_class_accuracy
 
 
@@ -33,57 +33,6 @@ from finebench.report.stats import mean_class_accuracy
 IGNORED_SETTINGS: tuple[str, ...] = (
     "seed", "recipe", "dataset.fold", *(f"{section}.{key}" for section, key in RUN_ID_EXCLUDE),
 )
-
-
-class FinalMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    epoch: int | None = None
-    test_top1: float
-    test_top5: float | None = None
-    test_loss: float | None = None
-    train_loss: float | None = None
-    network_top1: float | None = None
-    module_top1: dict[str, float] = Field(default_factory=dict)
-    mean_class_top1: float | None = None
-
-
-class BestMetrics(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    epoch: int | None = None
-    test_top1: float | None = None
-
-
-class RunSummary(BaseModel):
-    """The fields of ``summary.json`` the report relies on; anything else is kept but unchecked."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-    schema_version: int = Field(1, alias="schema")
-    run_id: str
-    recipe: str
-    status: Literal["finished", "failed", "running"]
-    failure_reason: str | None = None
-    dataset: str
-    num_classes: int | None = None
-    backbone: str
-    backbone_label: str
-    variant: str
-    variant_name: str
-    variant_options: dict[str, Any] = Field(default_factory=dict)
-    seed: int
-    epochs: int | None = None
-    epochs_completed: int | None = None
-    final: FinalMetrics | None = None
-    best: BestMetrics | None = None
-    params: float | None = None
-    flops: float | None = None
-    params_baseline: float | None = None
-    flops_baseline: float | None = None
-    module_flops: dict[str, float] = Field(default_factory=dict)
-    input_size: int | None = None
-    train_time_s: float | None = None
-    images_per_s: float | None = None
-    device: str | None = None
-    precision: str | None = None
 
 
 class LoadedRuns(NamedTuple):
@@ -405,24 +354,9 @@ def _find_key(tree: Any, keys: Sequence[str]) -> Any:
 
 
 def load_metrics(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """A run's ``metrics.jsonl`` as one row an epoch; bad lines (a crash mid-write) are skipped."""
-    path = RunDir.at(run_dir).metrics_path
-    rows: list[dict[str, Any]] = []
-    problems: list[str] = []
+    """A run's ``metrics.jsonl`` as one row an epoch; bad lines (a crash mid-write) are skipped and named."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        return pd.DataFrame(), [f"{path}: skipped, not readable ({error})"]
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            problems.append(f"{path}:{number}: skipped line, not valid JSON")
-            continue
-        if not isinstance(record, dict) or "epoch" not in record:
-            problems.append(f"{path}:{number}: skipped line, no 'epoch'")
-            continue
-        rows.append(record)
-    return pd.DataFrame(rows), problems
+        rows, problems = RunDir.at(Path(run_dir)).read_metrics_lenient()
+    except OSError as error:
+        return pd.DataFrame(), [f"{RunDir.at(Path(run_dir)).metrics_path}: skipped, not readable ({error})"]
+    return pd.DataFrame(rows), [f"{problem}: line skipped" for problem in problems]
