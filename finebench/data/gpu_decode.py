@@ -1,8 +1,7 @@
 """JPEG batches decoded and augmented on the training device; CPU workers only read encoded bytes.
 
-Why: at 224 px the worker path spends most of a sample's time in the PIL JPEG decode, so a
-16-core GPU host delivered 2,599 img/s from 500x375 photos and 1,031 from 1024x768 ones (issue
-15), less than the GPU trains on. Here worker processes read each batch's encoded bytes from the
+Why: at 224 px the worker path spends most of a sample's time in the PIL JPEG decode, so on a
+16-core GPU host it delivered less than the GPU trains on (benchmarks/README.md, "Decisions"). Here worker processes read each batch's encoded bytes from the
 Arrow store; the main process decodes the whole batch with one
 ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA, batched and on the
 hardware JPEG engine where the GPU has one; libjpeg-turbo on CPU), then resizes (antialiased
@@ -10,9 +9,8 @@ bilinear), crops, flips and normalises on the device. The arithmetic is the work
 ``imagenet`` recipe (shorter side to ``resize``, random or centre crop ``size``, flip), so both
 paths give the same pixels within one grey level on the same JPEGs (tests/test_gpu_decode.py).
 One exception: for photos whose shorter side is at least twice ``resize`` the worker path lets
-libjpeg decode at 1/2, 1/4 or 1/8 scale (PIL draft), which this path cannot ask nvJPEG for (on
-1024x768 synthetic photos at 224: up to 8 grey levels apart, 0.37 on average; 0 at 500x375, both
-from ``compare_with_workers("cpu")``); preparing at training scale (``finebench prepare NAME
+libjpeg decode at 1/2, 1/4 or 1/8 scale (PIL draft), which this path cannot ask nvJPEG for (a
+few grey levels apart then: ``compare_with_workers("cpu")``); preparing at training scale (``finebench prepare NAME
 --short-side 256``) removes that case and makes every decode cheaper on either path.
 
 Why not NVIDIA DALI, the library built for exactly this: it is faster in principle (decode,

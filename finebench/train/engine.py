@@ -118,16 +118,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def resolve_compile(setting: bool | str, device: torch.device, *, attention: bool = False) -> bool:
     """``auto``: compile plain backbones on CUDA; Attend and Rectify and every CPU run stay eager.
 
-    Measured by ``benchmarks/gpu_suite.py`` on an H200 (WRN-28-10, batch 128, bf16, channels_last,
-    30 Nov 2026, two sessions): the baseline runs 10,131-10,246 img/s compiled against 9,332 eager,
-    so compiling pays within the first epoch. Attend and Rectify (N=10) ran 6,854-8,231 img/s
-    compiled against 8,273 eager (N=100: 7,601 against 7,378), so with today's module compiling
-    does not pay and "auto" leaves it eager; ``compile = true`` still compiles it. On CPU the step
-    is bound by oneDNN's convolutions, which Inductor calls as they are: on the project's 2-core EPYC
-    (one thread, bf16, WRN-16-4 batch 32) compiling took 30 s and made the step 1.069x (baseline)
-    and 1.035x (A&R) faster, which pays back only after some 2,300-3,700 steps, more than the CPU
-    runs this tool is used for (the quickstart: 750 steps a variant). Triton is what Inductor
-    generates CUDA kernels with; without it "auto" stays eager too.
+    Why, in short: on CUDA compiling a plain backbone pays within the first epoch, while with
+    today's A&R module the compiled step was not faster than eager; on CPU the step is bound by
+    oneDNN's convolutions, which Inductor calls as they are, so compiling pays back only after more
+    steps than the CPU runs this tool is used for. Triton is what Inductor generates CUDA kernels
+    with; without it "auto" stays eager too. The figures: benchmarks/README.md, "Decisions".
     """
     if setting != "auto":
         return bool(setting)
@@ -135,18 +130,9 @@ def resolve_compile(setting: bool | str, device: torch.device, *, attention: boo
 
 
 def resolve_channels_last(setting: bool | str, device: torch.device, *, compiled: bool, attention: bool) -> bool:
-    """``auto``: the memory format measured faster in the same case (issue 15's measurements).
-    ``compiled`` and ``attention`` name the case: today every measured case on CUDA and CPU agrees.
-
-    * CUDA: channels_last, compiled or eager, plain backbone or Attend and Rectify. Measured by
-      ``benchmarks/gpu_suite.py`` on an H200 (WRN-28-10, batch 128, bf16, eager, 30 Nov 2026):
-      baseline 9,332 vs 6,268 img/s, A&R N=10 8,273 vs 5,813 img/s, WRN-50-2 224 A&R N=120 2,471 vs
-      1,600 img/s. (Before the fused head weight, eager A&R had gone the other way, 5,423 vs 5,811.)
-    * CPU: channels_last. WRN-16-4, batch 32, channels_last / NCHW speed on the 2-core EPYC of
-      this project (median of paired repeats, under load 11-14): 1.14 fp32, 1.16 bf16 (baseline),
-      1.22 fp32, 1.16 bf16 (A&R) on one thread; 1.31 fp32, 1.06 bf16 (baseline) on two; idle, bf16
-      2.20x vs 2.05x over fp32 NCHW (issue 15). Only tiny models at tiny batches went the other
-      way, within their noise.
+    """``auto``: the memory format measured faster in the same case (benchmarks/README.md, "Decisions").
+    ``compiled`` and ``attention`` name the case: today every measured case on CUDA and CPU agrees
+    on channels_last (on CPU only tiny models at tiny batches went the other way, within noise).
     """
     if setting != "auto":
         return bool(setting)

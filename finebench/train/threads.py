@@ -1,8 +1,8 @@
 """How many CPU threads a run's tensor ops use, so a busy machine slows a run down instead of stalling it.
 
 torch's default is one intra-op thread per core. On cores that other processes also use, every
-parallel op then waits for its slowest thread, which the scheduler has just handed to someone else:
-on 2 shared cores the quickstart fell from ~490 to 11-29 img/s. ``train.threads = "auto"`` (the
+parallel op then waits for its slowest thread, which the scheduler has just handed to someone else
+(README.md, "On a shared machine", has the figures). ``train.threads = "auto"`` (the
 default) counts the cores that are idle right now and uses that many threads (at least one), split
 between the workers of a distributed run on this machine; ``OMP_NUM_THREADS`` in the environment is
 taken as the user's own choice. A number pins the count.
