@@ -239,9 +239,9 @@ def bench_recipe(
     seen: set[tuple[str, str]] = set()
     rows = []
     for run in expand_runs(loaded, only):
-        if (run.config["model"]["backbone"], run.variant_name) in seen:  # seeds do not change the speed
+        if (run.backbone, run.variant_name) in seen:  # seeds do not change the speed
             continue
-        seen.add((run.config["model"]["backbone"], run.variant_name))
+        seen.add((run.backbone, run.variant_name))
         if on_variant is not None:
             on_variant(run.variant_name)
         torch.manual_seed(run.seed)

@@ -9,7 +9,7 @@ rerun; ``finebench.runner`` takes the lock, decides again under it, and trains.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,7 +22,7 @@ from finebench.data.root import DataRoot, choose_data_root
 from finebench.errors import FinebenchError
 from finebench.methods import Method, get_method, variant_of_config
 from finebench.methods.baseline import METHOD as BASELINE
-from finebench.recipe import LoadedRecipe, RunSpec, expand_runs
+from finebench.recipe import DatasetSection, LoadedRecipe, RunSpec, expand_runs
 from finebench.results import RunDir, RunState
 from finebench.train.engine import DistContext, resolve_device
 
@@ -67,7 +67,7 @@ class CostCache:
         self._costs: dict[str, Cost] = {}
 
     def of(self, run: RunSpec, model: torch.nn.Module | None = None) -> Cost:
-        key = f"{run.config['model']['backbone']}\0{run.variant_name}"  # a recipe may list backbones
+        key = f"{run.backbone}\0{run.variant_name}"  # a recipe may list backbones
         if key not in self._costs:
             # Weights do not change the cost, and a dry run must work before they are downloaded.
             model = model if model is not None else build_model(self.loaded, run, self.num_classes, pretrained=False)
@@ -75,7 +75,7 @@ class CostCache:
         return self._costs[key]
 
     def baseline(self, run: RunSpec) -> Cost:
-        key = f"{run.config['model']['backbone']}\0\0baseline"
+        key = f"{run.backbone}\0\0baseline"
         if key not in self._costs:
             if run.variant_kind == BASELINE.kind:
                 self._costs[key] = self.of(run)
@@ -87,13 +87,13 @@ class CostCache:
 
 def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device) -> dict[str, Any]:
     """What the run's loaders are built from (its own splits: on a k-fold dataset they depend on its held-out fold)."""
-    dataset, train = run.config["dataset"], run.train_section()
+    dataset, train = run.dataset_section(), run.train_section()
     return dict(
-        dataset=dataset["name"], data_root=data_root, batch_size=train.batch_size, seed=run.seed,
-        input_size=dataset["input_size"], augmentation=dataset["augmentation"], train_split=dataset["train_split"],
-        test_split=dataset["test_split"], rank=ctx.rank, world_size=ctx.world_size,
+        dataset=dataset.name, data_root=data_root, batch_size=train.batch_size, seed=run.seed,
+        input_size=dataset.input_size, augmentation=dataset.augmentation, train_split=dataset.train_split,
+        test_split=dataset.test_split, rank=ctx.rank, world_size=ctx.world_size,
         in_memory="auto",  # small images: decoded once, augmented in batches on the device
-        device=device, decode=dataset.get("decode", "auto"),
+        device=device, decode=dataset.decode,
         sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
     )
 
@@ -177,8 +177,8 @@ def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx
     # The loaders' own checks without their work: nothing is decoded or copied to the device here.
     checked = check_loaders(**_loader_choices(to_train[0], data_root, ctx, device))
     for run in to_train[1:]:  # every held-out fold of a k-fold dataset must be there too
-        if run.config["dataset"] != to_train[0].config["dataset"]:
-            _check_splits(run.config["dataset"], data_root)
+        if run.dataset_section() != to_train[0].dataset_section():
+            _check_splits(run.dataset_section(), data_root)
     num_classes = checked.num_classes
     costs = CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or checked.input_size)
     for run in to_train:
@@ -292,11 +292,11 @@ def prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
         prepare_dataset(name, data_root, quiet=quiet, wait=True)  # a second `run` waits for the first's prepare
 
 
-def _check_splits(dataset: Mapping[str, Any], data_root: Path) -> None:
+def _check_splits(dataset: DatasetSection, data_root: Path) -> None:
     """Fail on a split the store lacks (a fold missing) before anything is written."""
     from finebench.data.loader import split_dirs
     from finebench.data.store import read_meta, store_dir
 
-    available = list(read_meta(data_root, dataset["name"]).get("splits", {}))
-    for key in ("train_split", "test_split"):
-        split_dirs(store_dir(data_root, dataset["name"]), dataset[key], available, dataset["name"])
+    available = list(read_meta(data_root, dataset.name).get("splits", {}))
+    for split in (dataset.train_split, dataset.test_split):
+        split_dirs(store_dir(data_root, dataset.name), split, available, dataset.name)

@@ -328,10 +328,25 @@ class RunSpec:
     train: TrainSection | None = None
     """The run's train settings: the recipe's, or what its method's ``train_settings`` made of them."""
 
+    model: ModelSection | None = None
+    """The run's model section (one backbone; the variant's log-time settings applied)."""
+
     def train_section(self) -> TrainSection:
         """This run's training settings: the recipe's, its variant's log-time ones (``fidelity``), or
         what its method's ``train_settings`` made of them."""
         return self.train if self.train is not None else TrainSection.model_validate(self.config["train"])
+
+    def model_section(self) -> ModelSection:
+        return self.model if self.model is not None else ModelSection.model_validate(self.config["model"])
+
+    def dataset_section(self) -> DatasetSection:
+        """The run's dataset settings, its held-out fold's splits included."""
+        return DatasetSection.model_validate(self.config["dataset"])
+
+    @property
+    def backbone(self) -> str:
+        """The run's one backbone (a recipe listing several expands into runs of each)."""
+        return str(self.model_section().backbone)
 
 
 @dataclass(frozen=True)
@@ -541,5 +556,5 @@ def expand_runs(loaded: LoadedRecipe, only: Sequence[str] = ()) -> list[RunSpec]
                          "dataset": fold_dataset(base_for_id["dataset"], fold, fold_count),
                          "variant": {**variant_entry, "options": options_for_id}, "seed": seed}
                 runs.append(RunSpec(loaded.name, variant.kind, name, seed, config, run_id_for(basis), fold,
-                                    variant, run_train))
+                                    variant, run_train, model))
     return runs

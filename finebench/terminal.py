@@ -101,7 +101,7 @@ def variant_table(outcomes: Sequence[RunOutcome], *, title: str) -> Table:
     """One row per variant of a dry run: its settings in the paper's terms, its taps and its cost,
     so a plan can be checked against a paper or a log before anything trains."""
     table = Table(title=title)
-    several = len({outcome.run.config["model"]["backbone"] for outcome in outcomes}) > 1
+    several = len({outcome.run.backbone for outcome in outcomes}) > 1
     logged = any(outcome.run.config.get("logged") for outcome in outcomes)
     columns = ("variant", "settings") + ("as logged",) * logged + ("taps (channels@stride)", "params", "FLOPs")
     for column in ("backbone",) * several + columns:
@@ -110,7 +110,7 @@ def variant_table(outcomes: Sequence[RunOutcome], *, title: str) -> Table:
     seen: set[tuple[str, str]] = set()
     for outcome in outcomes:
         run, summary = outcome.run, outcome.summary
-        key = (run.config["model"]["backbone"], run.variant_name)  # a recipe may list several backbones
+        key = (run.backbone, run.variant_name)  # a recipe may list several backbones
         if key in seen:
             continue
         seen.add(key)
@@ -128,7 +128,7 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     The best epoch is shown only as ``best@epoch`` in its own column: it is selected on the test set.
     """
     table = Table(title=title)
-    backbones = {outcome.run.config["model"]["backbone"] for outcome in outcomes}
+    backbones = {outcome.run.backbone for outcome in outcomes}
     several = len(backbones) > 1  # a recipe that lists backbones: say which row is which
     with_folds = any(outcome.run.fold is not None for outcome in outcomes)
     columns = ["backbone"] * several + ["variant", *(["fold"] if with_folds else []), "seed", "run id"]
@@ -156,7 +156,7 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
     for outcome in outcomes:
         summary = outcome.summary
         run = outcome.run
-        cells = [run.config["model"]["backbone"]] * several + [
+        cells = [run.backbone] * several + [
             run.variant_name, *([str(run.fold) if run.fold is not None else "-"] if with_folds else []),
             str(run.seed), run.run_id]
         if dry_run:
