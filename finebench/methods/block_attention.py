@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
+from pydantic import Field
 from torch import nn
 
 from finebench.methods.base import Method, MethodOptions, incompatible
@@ -19,6 +20,13 @@ from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier
 from finebench.models.registry import BACKBONES, build_backbone, family_of
 from finebench.models.timm_backbone import TimmBackbone
+
+
+class ReductionOptions(MethodOptions):
+    """Options of a block layer with a bottleneck MLP (SE, CBAM); subclasses narrow ``kind``."""
+
+    reduction: Annotated[int, Field(ge=1)] = 16
+    """Channel reduction of the layer's bottleneck MLP (CBAM: of its channel gate)."""
 
 
 class BlockAttention(Method):

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field
-
-from finebench.methods.base import MethodOptions
-from finebench.methods.block_attention import BlockAttention
+from finebench.methods.block_attention import BlockAttention, ReductionOptions
 from finebench.methods.registry import register
 from finebench.models.plugins import SqueezeExcite
 
 
-class SEOptions(MethodOptions):
+class SEOptions(ReductionOptions):
     kind: Literal["se"]
-    reduction: Annotated[int, Field(ge=1)] = 16
-    """Channel reduction of the bottleneck MLP."""
 
 
 class SE(BlockAttention):
