@@ -437,7 +437,7 @@ def report_command(
     paths: list[str] = typer.Argument(None, help="Results folders, run folders or summary.json files \\[default: results]."),
     by: list[str] = typer.Option(None, "--by", help="Grouping columns, repeated or comma-separated, e.g. --by dataset,AD,AW \\[default: dataset,backbone_label]."),
     fmt: str = typer.Option("markdown", "--format", "-f", help="markdown | csv | latex | json."),
-    output: str = typer.Option(None, "--output", "-o", help="Write the table to this file (--early adds FILE_early)."),
+    output: str = typer.Option(None, "--output", "-o", help="Write the table to this file (--early adds FILE_early, --predictions FILE_predictions)."),
     error: bool = typer.Option(False, "--error", help="Error rate instead of accuracy (the paper's CIFAR tables)."),
     reference: bool = typer.Option(False, "--reference", help="The authors' number beside each row whose settings their log states (last epoch; best epoch with --best)."),
     reference_file: list[str] = typer.Option(None, "--reference-file", help="Reference CSV(s) instead of results/reference/."),
@@ -445,6 +445,7 @@ def report_command(
     early: bool = typer.Option(False, "--early", help="Also the early-prediction table: each module alone against its FLOPs."),
     plots: str = typer.Option(None, "--plots", help="Write accuracy/cost, learning-curve and early-prediction plots (PNG, SVG) here."),
     speed: bool = typer.Option(False, "--speed", help="Also the training throughput (img/s; depends on the machine's load at the time)."),
+    predictions: bool = typer.Option(False, "--predictions", help="Also every prediction a method records beside its top-1 (PMG's heads and their sum, WS-DAN's crop-refined prediction)."),
     long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
@@ -461,6 +462,7 @@ def report_command(
         selection="best" if best else "final",
         early=early,
         speed=speed,
+        predictions=predictions,
     )
     for warning in result.loaded.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
@@ -480,6 +482,9 @@ def report_command(
     if result.early is not None:
         early_path = output_path.with_name(f"{output_path.stem}_early{output_path.suffix}") if output_path else None
         report_module.emit_table(result.early, fmt, early_path, "early prediction", status=err_console)
+    if result.predictions is not None:
+        path = output_path.with_name(f"{output_path.stem}_predictions{output_path.suffix}") if output_path else None
+        report_module.emit_table(result.predictions, fmt, path, "predictions", status=err_console)
     if plots:
         from finebench.report.plots import write_plots
 

@@ -391,6 +391,12 @@ class RunSummary(BaseModel):
     precision: str | None = None
 
 
+MACHINE_FIELDS = ("epoch_time_s", "images_per_s", "threads", "load_1min")
+"""metrics.jsonl fields that say how the machine ran an epoch, not what the run computed."""
+PROGRESS_FIELDS = ("train_top1", "lr", *MACHINE_FIELDS)
+"""metrics.jsonl fields of the epoch's training, left out of the summary's ``final`` entry."""
+
+
 def best_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The epoch with the highest test top-1, labelled as the optimistic number it is."""
     if not rows:
@@ -404,4 +410,6 @@ def final_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
         return None
     last = rows[-1]
     keys = ("epoch", "test_top1", "test_top5", "test_loss", "train_loss", "network_top1", "module_top1")
-    return {key: last.get(key) for key in keys}
+    # and whatever else the method evaluates (``Method.eval_metrics``: PMG's heads, WS-DAN's crops)
+    extra = {key: value for key, value in last.items() if key not in keys and key not in PROGRESS_FIELDS}
+    return {**{key: last.get(key) for key in keys}, **extra}

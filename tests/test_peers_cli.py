@@ -32,3 +32,33 @@ def test_a_recipe_trains_baseline_and_bcnn_from_the_cli_with_records_and_profile
     assert profile.returncode == 0, profile.stderr[-2000:]
     rows = {row["label"]: row for row in json.loads(profile.stdout)["rows"]}
     assert rows["bcnn-r8"]["params"] > rows["baseline"]["params"]
+
+
+def test_report_predictions_lists_every_prediction_pmg_records_and_names_the_shown_one(tmp_path: Path) -> None:
+    """Issue 19: each method records every prediction its paper reports and the table says which it
+    shows (PMG: the concatenated head; also each head and the four heads summed)."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    recipe = tmp_path / "pmg.toml"
+    recipe.write_text(tiny_recipe(variants=("baseline", "pmg")).replace('kind = "pmg"', 'kind = "pmg"\nfeature_size = 8')
+                      + "threads = 1\n")
+    results = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "finebench", "run", str(recipe), "--data-root", str(root),
+                          "--results-dir", str(results), "-q"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    [summary] = [json.loads(p.read_text()) for p in results.glob("pmg/*/summary.json")
+                 if json.loads(p.read_text())["variant"] == "pmg"]
+    assert set(summary["final"]["top1_granularity"]) == {"8", "4", "2"} and "top1_combined" in summary["final"]
+    report = subprocess.run([sys.executable, "-m", "finebench", "report", str(results), "--predictions", "--format",
+                             "csv"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    markdown = subprocess.run([sys.executable, "-m", "finebench", "report", str(results)], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=300)
+    assert "pmg: top-1 is the concatenated head" in markdown.stdout  # said under the summary table
+    lines = [line for line in report.stdout.splitlines() if line.startswith("mnist5k") or "pmg-f8" in line]
+    sources = [line for line in lines if "pmg-f8" in line]
+    assert any("top-1 as shown: the concatenated head" in line for line in sources)
+    assert any("head 1 alone" in line for line in sources) and any("logits summed" in line for line in sources)
+    assert len(sources) >= 1 + 5  # the summary table's row, then shown + 3 heads + combined

@@ -138,6 +138,12 @@ class Method:
     """``finebench attend`` can draw its models' attention maps (``models.attention.AttentionModule``)."""
     profile_default: ClassVar[bool] = False
     """Profiled by ``finebench profile --backbone`` when no ``--variant`` is given (the reference method)."""
+    shown_prediction: ClassVar[str] = ""
+    """What the tables' top-1 is, where the method makes several predictions (PMG: "the concatenated
+    head"); ``finebench report`` says it under the table."""
+    prediction_labels: ClassVar[Mapping[str, str]] = {}
+    """Words for the other predictions ``eval_metrics`` records (keys as in summary.json's ``final``,
+    a dict's entries as ``key.entry``), for ``finebench report --predictions``."""
     options_added_later: ClassVar[tuple[str, ...]] = ()
     """Options added after runs were recorded: at their default they are left out of the report's
     configuration labels, so old records (which lack them) group with new ones, as their run ids do."""

@@ -126,6 +126,13 @@ class PMG(Method):
     description = "Progressive Multi-Granularity: jigsaw 8/4/2 + whole image, one optimiser step each (Du et al. 2020)"
     Options = PMGOptions
     train_passes_per_image = 4
+    shown_prediction = "the concatenated head"
+    prediction_labels = {
+        "top1_granularity.8": "head 1 alone (the stage trained on 8x8 jigsaws)",
+        "top1_granularity.4": "head 2 alone (4x4 jigsaws)",
+        "top1_granularity.2": "head 3 alone (2x2 jigsaws)",
+        "top1_combined": "the four heads' logits summed (the official 'combined' accuracy)",
+    }
 
     def table_name(self, options: PMGOptions) -> str:  # type: ignore[override]
         name = self.kind if options.feature_size == 512 else f"{self.kind}-f{options.feature_size}"

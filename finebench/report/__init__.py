@@ -27,11 +27,12 @@ from finebench.report.render import (
     table_note,
     wide_view,
 )
-from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction_table, summary_table
+from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction_table, predictions_table, summary_table
 from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
     "COLUMN_ALIASES", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
+    "predictions_table",
     "emit_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
     "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
 ]
@@ -41,6 +42,7 @@ class Report(NamedTuple):
     table: pd.DataFrame
     early: pd.DataFrame | None
     loaded: LoadedRuns
+    predictions: pd.DataFrame | None = None
 
 
 def make_report(
@@ -51,6 +53,7 @@ def make_report(
     selection: Literal["final", "best"] = "final",
     early: bool = False,
     speed: bool = False,
+    predictions: bool = False,
 ) -> Report:
     """Load the records and build the tables a ``finebench report`` call asks for."""
     loaded = load_runs(paths)
@@ -60,7 +63,8 @@ def make_report(
     table = summary_table(loaded.runs, by=by, error=error, reference=reference_table, selection=selection,
                           speed=speed)
     early_table = early_prediction_table(loaded.runs, error=error) if early else None
-    return Report(table, early_table, loaded)
+    predictions_part = predictions_table(loaded.runs, error=error) if predictions else None
+    return Report(table, early_table, loaded, predictions_part)
 
 
 def split_by(values: Sequence[str] | None) -> list[str] | None:

@@ -51,7 +51,7 @@ RUN_COLUMNS: tuple[str, ...] = (
     "variant", "variant_name", "seed", "fold", "epochs", "epochs_completed", "top1", "top5",
     "mean_class_top1", "best_top1", "best_epoch", "network_top1", "module_top1", "module_flops",
     "params", "flops", "params_baseline", "flops_baseline", "params_overhead_pct", "flops_overhead_pct",
-    "images_per_s", "threads_used", "load_1min", "train_time_s", "device", "precision", "dropout", "settings",
+    "predictions", "images_per_s", "threads_used", "load_1min", "train_time_s", "device", "precision", "dropout", "settings",
     "base_settings",
 )
 FAILED_COLUMNS: tuple[str, ...] = (
@@ -155,6 +155,19 @@ def _text_safe(row: dict[str, Any], summary_path: Path, problems: list[str]) -> 
     if changed:
         problems.append(f"{summary_path}: names or fields that are not UTF-8 text are shown with \\x escapes")
     return cleaned
+
+
+def method_predictions(extra: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers a method recorded beyond top-1 (summary.json ``final``'s other fields, a dict's
+    entries as ``key.entry``): PMG's heads, WS-DAN's crop-refined prediction."""
+    found: dict[str, float] = {}
+    for key, value in extra.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found.update(method_predictions(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[name] = float(value)
+    return found
 
 
 def _run_config(summary: RunSummary, run_dir: Path, problems: list[str]) -> dict[str, Any]:
@@ -278,6 +291,7 @@ def _run_row(summary: RunSummary, run_dir: Path, config: dict[str, Any], problem
         "best_epoch": best.epoch,
         "network_top1": final.network_top1,
         "module_top1": dict(final.module_top1),
+        "predictions": method_predictions(final.model_extra or {}),
         "module_flops": dict(summary.module_flops),
         "params": summary.params,
         "flops": summary.flops,

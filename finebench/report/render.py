@@ -24,7 +24,7 @@ SIGNIFICANT = "*"
 
 _HEADERS = {
     "dataset": "Dataset", "backbone_label": "Backbone", "variant_name": "Variant", "variant": "Kind",
-    "attention_depth": "AD", "attention_width": "AW", "source": "Classifier", "n": "n",
+    "attention_depth": "AD", "attention_width": "AW", "source": "Classifier", "prediction": "Prediction", "n": "n",
     "setting": "Setting", "params": "Params", "params_overhead_pct": "ΔP%", "flops": "FLOPs",
     "flops_overhead_pct": "ΔF%", "images_per_s": "img/s", "load_1min": "load", "flops_pct_of_full": "% FLOPs",
     "unpaired": "Unpaired", "fold": "Fold",
@@ -194,6 +194,9 @@ def speed_cell(images_per_s: Any, table: pd.DataFrame) -> str:
 
 def table_note(table: pd.DataFrame) -> str:
     """The legend printed under a table: which epoch, which interval, which test, what each short header means."""
+    if table.attrs.get("kind") == "predictions":
+        return ("final-epoch test accuracy of each prediction the method records; mean ± 95% CI half-width "
+                "(Student t, n−1 df) over seeds; the first row of each variant is the summary table's top-1.")
     if table.attrs.get("kind") == "early":
         return ("final-epoch test accuracy of each classifier alone; mean ± 95% CI half-width (Student t, "
                 "n−1 df) over seeds; % FLOPs: cost of reaching that classifier relative to the full model.")

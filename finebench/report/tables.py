@@ -26,6 +26,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from finebench.errors import FinebenchError
+from finebench.methods import METHODS
 from finebench.methods.baseline import METHOD as BASELINE
 from finebench.report.reference import SETTING_COLUMNS, match_reference, protocol_notes
 from finebench.report.stats import is_missing, mean_ci, paired_difference
@@ -171,6 +172,10 @@ def summary_table(
         table = table.drop(columns="_not_baseline").reset_index(drop=True)
     if reference is not None and not df.empty:
         notes += protocol_notes(reference, df["dataset"].unique())
+    for kind in dict.fromkeys(df["variant"]) if not df.empty else ():
+        method = METHODS.get(kind)
+        if method is not None and method.shown_prediction:
+            notes.append(f"{kind}: top-1 is {method.shown_prediction}; its other predictions: report --predictions.")
     speed_marked = speed and speed_conditions_differ(
         [(used if isinstance(used, list) else [], None if is_missing(load) else float(load))
          for used, load in zip(df["threads_used"], df["load_1min"], strict=True)])
@@ -196,6 +201,42 @@ def _add_reference(row: dict[str, Any], group: pd.DataFrame, reference: pd.DataF
     row["reference_top5"] = math.nan if top5 is None else float(top5["value"])
     row["reference_selection"] = None if match is None else match["selection"]
     row["reference_source"] = None if match is None else match["source"]
+
+
+def predictions_table(df: pd.DataFrame, error: bool = False) -> pd.DataFrame:
+    """Every prediction a method records (``Method.prediction_labels``) beside the one the summary
+    table shows as top-1, mean ± CI over seeds: PMG's heads and their sum, WS-DAN's crop-refined
+    prediction. One row per dataset × backbone × variant × prediction."""
+    metric = "error" if error else "top1"
+    exploded = []
+    for _, run in df.iterrows():
+        recorded = run.get("predictions")
+        if not isinstance(recorded, dict) or not recorded:
+            continue
+        method = METHODS.get(run["variant"])
+        shown = f"top-1 as shown: {method.shown_prediction}" if method and method.shown_prediction else "top-1 as shown"
+        labels = dict(method.prediction_labels) if method else {}
+        base = {k: run[k] for k in ("dataset", "backbone_label", "variant_name", "settings")}
+        exploded.append({**base, "prediction": shown, "order": 0, "top1": run["top1"]})
+        for order, (key, value) in enumerate(recorded.items(), start=1):
+            exploded.append({**base, "prediction": labels.get(key, key), "order": order, "top1": value})
+    columns = ["dataset", "backbone_label", "variant_name", "prediction", "n", f"{metric}_mean", f"{metric}_std",
+               f"{metric}_ci"]
+    if not exploded:
+        empty = pd.DataFrame(columns=columns)
+        empty.attrs.update(metric=metric, kind="predictions", empty="(no runs of a method with several predictions)")
+        return empty
+    data = pd.DataFrame(exploded)
+    data["value"] = 100.0 - data["top1"] if error else data["top1"]
+    rows = []
+    keys = ["dataset", "backbone_label", "variant_name", "settings", "order", "prediction"]
+    for key, group in data.groupby(keys, sort=True):
+        summary = mean_ci(group["value"])
+        rows.append({**dict(zip(keys, key)), "n": summary.n, f"{metric}_mean": summary.mean,
+                     f"{metric}_std": summary.std, f"{metric}_ci": summary.half_width})
+    table = pd.DataFrame(rows)[columns].reset_index(drop=True)
+    table.attrs.update(metric=metric, kind="predictions", selection="final")
+    return table
 
 
 def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFrame:

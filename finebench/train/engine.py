@@ -32,6 +32,7 @@ from finebench.methods.base import Method, MicroBatch
 from finebench.models.batchnorm import convert_ghost_batchnorm
 from finebench.models.output import ModelOutput, mixture_loss
 from finebench.recipe import TrainSection
+from finebench.results import MACHINE_FIELDS
 from finebench.train.optim import build_optimizer, build_scheduler
 from finebench.train.threads import ThreadChoice, choose_threads, decided_each_epoch, load_average
 
@@ -137,10 +138,6 @@ def resolve_channels_last(setting: bool | str, device: torch.device, *, compiled
     if setting != "auto":
         return bool(setting)
     return device.type in ("cuda", "cpu")
-
-
-MACHINE_FIELDS = ("epoch_time_s", "images_per_s", "threads", "load_1min")
-"""metrics.jsonl fields that say how the machine ran an epoch, not what the run computed."""
 
 
 @dataclass(frozen=True)
