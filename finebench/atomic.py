@@ -29,10 +29,13 @@ _FILE_MODE = 0o666 & ~_read_umask()
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(handle)`` into a temporary file beside ``path``, fsync it, then rename it over ``path``
     and fsync the folder. On any failure the temporary file is removed and ``path`` is unchanged;
-    an ``OSError`` without a file name gets ``path``'s (a failed write or fsync names none)."""
+    an ``OSError`` names ``path``, never the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _naming(error, path) from None
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
@@ -42,14 +45,22 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = str(path)
+        if isinstance(error, OSError):
+            raise _naming(error, path) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The error as the user's file would give it: the temporary file is ours, not a name they know
+    (a failed write or fsync names no file; a failed mkstemp or rename names the temporary one)."""
+    if error.filename == str(path) and error.filename2 is None:
+        return error
+    return type(error)(error.errno, error.strerror, str(path))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
+from finebench.atomic import atomic_write
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.results import RunDir
@@ -250,9 +251,7 @@ def draw_attention(
     figure.suptitle("w: a head's weight inside its module (module gate); gate: a source's weight in "
                     "the network's mixture (global gate)", fontsize=7, y=0.005, va="bottom")
     figure.tight_layout(rect=(0, 0.02, 1, 1))
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
     return path
 
 

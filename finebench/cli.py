@@ -14,10 +14,10 @@ from typing import Any, Optional
 
 import typer
 import typer.core
-from rich.console import Console
 from rich.markup import escape
 
 import finebench
+from finebench.console import make_console
 from finebench.errors import FinebenchError, Interrupted
 
 
@@ -83,7 +83,7 @@ app = FinebenchApp(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err_console = Console(stderr=True)
+err_console = make_console(stderr=True)
 _state = {"debug": False}
 
 
@@ -129,8 +129,8 @@ def models_command(
     if json_output:
         typer.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
         return
-    Console().print(backbones_table(infos))
-    Console().print("Any timm or torchvision CNN works too: timm:<name>, torchvision:<name> (see --taps NAME).")
+    make_console().print(backbones_table(infos))
+    make_console().print("Any timm or torchvision CNN works too: timm:<name>, torchvision:<name> (see --taps NAME).")
 
 
 def _print_methods(json_output: bool) -> None:
@@ -151,7 +151,7 @@ def _print_methods(json_output: bool) -> None:
         options = " ".join(f"{k}={v!r}" for k, v in info["options"].items()) or "-"
         table.add_row(f"{info['kind']}\n[dim]{info['description']}[/]", options, str(info["test_forward_passes"]),
                       str(info["train_passes_per_image"]))
-    Console().print(table)
+    make_console().print(table)
 
 
 def _print_taps(name: str, json_output: bool) -> None:
@@ -165,7 +165,7 @@ def _print_taps(name: str, json_output: bool) -> None:
     if json_output:
         typer.echo(json.dumps(dataclasses.asdict(listing), indent=2))
         return
-    Console().print(taps_table(name, listing))
+    make_console().print(taps_table(name, listing))
 
 
 @app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -194,7 +194,12 @@ def profile_command(
     """
     import json
 
-    from finebench.profile import FLOP_CONVENTION, method_variants, profile_recipe_backbones, profile_spec
+    from finebench.profile import (
+        FLOP_CONVENTION,
+        method_variants,
+        profile_recipe_backbones,
+        profile_spec,
+    )
     from finebench.terminal import profile_tables
 
 
@@ -222,7 +227,7 @@ def profile_command(
         return
     for report in reports:
         for table in profile_tables(report, FLOP_CONVENTION):
-            Console().print(table)
+            make_console().print(table)
 
 
 _DATA_ROOT_HELP = "Folder of prepared datasets \\[default: $FINEBENCH_DATA, else data]."
@@ -245,7 +250,7 @@ def datasets_command(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    console = Console()
+    console = make_console()
     console.print(datasets_table(rows, data_root, wide=console.width >= 150))
 
 
@@ -388,13 +393,12 @@ def run_command(
 def _print_run_tables(loaded: Any, outcomes: Any, *, dry_run: bool, wall: float) -> None:
     from finebench.terminal import run_tables
 
-    stdout = Console()
-    table_console = stdout if stdout.is_terminal else Console(width=150)  # files and pipes: no wrapping
+    stdout = make_console()
     for part in run_tables(loaded, outcomes, dry_run=dry_run, wall_s=wall):
         if isinstance(part, str):
-            table_console.print(part, soft_wrap=True, highlight=False)
+            stdout.print(part, soft_wrap=True, highlight=False)
         else:
-            table_console.print(part)
+            stdout.print(part)
 
 
 @app.command("bench")
@@ -416,7 +420,7 @@ def bench_command(
     from finebench.recipe import expand_runs, load_recipe
     from finebench.terminal import bench_table
 
-    status = Console(stderr=True, quiet=json_output)
+    status = make_console(stderr=True, quiet=json_output)
     rows = bench_recipe(
         recipe, overrides, images=images, only=only, data_root=data_root,
         on_variant=lambda name: status.print(f"timing {name} ...", highlight=False),
@@ -428,8 +432,8 @@ def bench_command(
                                "recipe_estimate": vars(estimate)}, indent=2))
         return
 
-    Console().print(bench_table(rows, title=f"{recipe}: training-step speed", caption=machine_line()))
-    Console().print(estimate.describe(), highlight=False)
+    make_console().print(bench_table(rows, title=f"{recipe}: training-step speed", caption=machine_line()))
+    make_console().print(estimate.describe(), highlight=False)
 
 
 @app.command("report")
@@ -531,7 +535,7 @@ def eval_command(
     if json_output:
         typer.echo(json.dumps(metrics, indent=2))
         return
-    console = Console()
+    console = make_console()
     console.print(f"{run_dir}: {metrics['split']} split, {metrics['images']:,} images, {metrics['precision']}",
                   highlight=False, soft_wrap=True)
     console.print(eval_table(metrics))

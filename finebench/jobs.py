@@ -27,10 +27,22 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
+from finebench.console import make_console
 from finebench.errors import Interrupted
-from finebench.plan import check_before_launch, decide_runs, plan_runs, prepare_if_embedded
+from finebench.plan import (
+    check_before_launch,
+    decide_runs,
+    plan_runs,
+    prepare_if_embedded,
+)
 from finebench.recipe import LoadedRecipe
 from finebench.results import utc_now
 from finebench.runner import EXIT_FAILED, EXIT_LOCKED, RunOutcome, exit_code
@@ -122,7 +134,7 @@ def run_jobs(
     The exit code is the serial command's (``runner.exit_code`` of the outcomes) unless a job stopped
     for another reason (bad input, Ctrl-C), whose code it then is.
     """
-    console = console or Console(stderr=True, quiet=quiet, soft_wrap=True)
+    console = console or make_console(stderr=True, quiet=quiet, soft_wrap=True)
     plan = plan_runs(loaded, results_dir=results_dir, data_root=data_root, only=only)
     before = {run_id: state.kind for run_id, state in plan.states.items()}
     # unreadable records stop here, as they stop a serial run, before any job starts

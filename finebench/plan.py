@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from finebench.console import make_console
 from finebench.data.root import DataRoot, choose_data_root
 from finebench.errors import FinebenchError
 from finebench.methods import Method, get_method, variant_of_config
@@ -287,7 +288,7 @@ def prepare_if_embedded(name: str, data_root: Path, quiet: bool) -> None:
 
     if get_spec(name).offline and not is_prepared(data_root, name):
         if not quiet:
-            Console(stderr=True).print(f"{name} is not prepared in {data_root}: preparing it (embedded, no download)",
+            make_console(stderr=True).print(f"{name} is not prepared in {data_root}: preparing it (embedded, no download)",
                                        highlight=False, soft_wrap=True)
         prepare_dataset(name, data_root, quiet=quiet, wait=True)  # a second `run` waits for the first's prepare
 

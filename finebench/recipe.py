@@ -367,6 +367,18 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _list_index(key: str, path: str, part: str, items: list[Any], source: str) -> int:
+    """``part`` as an index into ``items`` (``variants.1``), or a line saying which indices exist."""
+    parent = path.rpartition(".")[0] or path
+    count = f"{len(items)} entr{'y' if len(items) == 1 else 'ies'}"
+    valid = "no index" if not items else "index 0" if len(items) == 1 else f"indices 0-{len(items) - 1}"
+    if not part.isdigit():
+        raise FinebenchError(f"--set {key}: {parent} is a list, expected an index ({valid}), got {part!r}")
+    if int(part) >= len(items):
+        raise FinebenchError(f"--set {key}: index {part} is out of range: {parent} in {source} has {count} ({valid})")
+    return int(part)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides in place; list items are addressed by index (``variants.1.reg_w``)."""
     for override in overrides:
@@ -378,18 +390,14 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str)
         for depth, part in enumerate(parts[:-1]):
             path = ".".join(parts[: depth + 1])
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise FinebenchError(f"--set {key}: {path} is a list of {len(node)}, expected an index")
-                node = node[int(part)]
+                node = node[_list_index(key, path, part, node, source)]
             elif isinstance(node, dict):
                 node = node.setdefault(part, {})
             else:
                 raise FinebenchError(f"--set {key}: {path} is not a section in {source}")
         last = parts[-1]
         if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise FinebenchError(f"--set {key}: expected a list index below {len(node)}")
-            node[int(last)] = parse_value(raw.strip())
+            node[_list_index(key, key.strip(), last, node, source)] = parse_value(raw.strip())
         elif isinstance(node, dict):
             node[last] = parse_value(raw.strip())
         else:
@@ -415,6 +423,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_dataset: bool = True) -> LoadedRecipe:
     """Read, override and validate a recipe; the one place a recipe file becomes a ``Recipe``."""
     path = Path(path)
+    if path.is_dir():
+        raise FinebenchError(f"{path}: is a folder, expected a recipe .toml file (e.g. {path / 'quickstart.toml'})")
     if not path.is_file():
         raise FinebenchError(f"{path}: recipe file not found")
     try:

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from finebench.console import make_console
 from finebench.data.store import meta_digest
 from finebench.errors import FinebenchError, Interrupted
+from finebench.methods import get_method
 from finebench.plan import (
     Cost,
     CostCache,
@@ -36,7 +38,6 @@ from finebench.plan import (
     plan_runs,
     preflight,
 )
-from finebench.methods import get_method
 from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import (
     SCHEMA_VERSION,
@@ -48,7 +49,6 @@ from finebench.results import (
     utc_now,
 )
 from finebench.terminal import backbone_label
-from finebench.train.events import TensorBoardLog
 from finebench.train.engine import (
     DistContext,
     Progress,
@@ -60,6 +60,7 @@ from finebench.train.engine import (
     resolve_runtime,
     seed_everything,
 )
+from finebench.train.events import TensorBoardLog
 from finebench.train.threads import apply_threads
 
 
@@ -256,7 +257,9 @@ def _execute(
         except FinebenchError:
             confusion = None  # the figure is left out; the run's other records stand
     if confusion is not None and summary["final"] is not None and result.status == "finished":
-        from finebench.report.stats import mean_class_accuracy  # here: the report's pandas/scipy stay out of start-up
+        from finebench.report.stats import (
+            mean_class_accuracy,  # here: the report's pandas/scipy stay out of start-up
+        )
 
         summary["final"]["mean_class_top1"] = mean_class_accuracy(confusion)
     if result.confusion is not None and ctx.is_main:
@@ -336,7 +339,7 @@ def run_recipe(
     the terminal's progress bar (the ``--jobs`` view reads the jobs' progress as JSON lines).
     """
     ctx = ctx or DistContext()
-    console = console or Console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
+    console = console or make_console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
     plan = plan_runs(loaded, results_dir=Path(results_dir), data_root=data_root, only=only, share=share)
     runs, run_dirs, states, data_root = plan.runs, plan.run_dirs, plan.states, plan.data_root
 

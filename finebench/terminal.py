@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.table import Table
+from rich.text import Text
 
 from finebench.methods import MethodOptions, method_of, variant_of_config
 from finebench.recipe import LoadedRecipe, RunSpec, held_out_folds
@@ -190,11 +191,12 @@ def rich_table(text: pd.DataFrame, title: str | None = None, caption: str | None
 
 
 def terminal_tables(text: pd.DataFrame, width: int, title: str | None = None,
-                    caption: str | None = None) -> list[Table]:
+                    caption: str | None = None) -> list[Table | Text]:
     """The table as one or more rich tables that each fit ``width`` columns without cutting a cell.
 
     Name columns holding one value on every row move into the title; when the numbers still do
-    not fit side by side, they are split over several tables that each repeat the name columns.
+    not fit side by side, they are split over as few tables of even widths as fit, each repeating
+    the name columns. ``caption`` (the notes) follows as text at the full width.
     """
     align = list(text.attrs.get("align", ["left"] * len(text.columns)))
     if len(text) > 1:
@@ -211,22 +213,31 @@ def terminal_tables(text: pd.DataFrame, width: int, title: str | None = None,
         words = max((len(w) for w in str(column).split()), default=1)
         return max([words, *(len(str(v)) for v in text[column])]) + 3
 
+    def split(budget: int) -> list[list[str]]:
+        chunks: list[list[str]] = [[]]
+        used = 0
+        for column in values:
+            if chunks[-1] and used + cost(column) > budget:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(column)
+            used += cost(column)
+        return chunks
+
     budget = width - 1 - sum(cost(c) for c in keys)
-    chunks: list[list[str]] = [[]]
-    used = 0
-    for column in values:
-        if chunks[-1] and used + cost(column) > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(column)
-        used += cost(column)
+    chunks = split(budget)
+    if len(chunks) > 1:  # as many tables, but of even widths: no trailing table of one column
+        even = -(-sum(cost(c) for c in values) // len(chunks))
+        chunks = next((trial for target in range(even, budget + 1)
+                       if len(trial := split(target)) == len(chunks)), chunks)
     tables = []
     for index, chunk in enumerate(chunks):
         part = text[keys + chunk].copy()
         part.attrs["align"] = ["left"] * len(keys) + ["right"] * len(chunk)
         suffix = f" ({index + 1}/{len(chunks)})" if len(chunks) > 1 else ""
-        tables.append(rich_table(part, title=f"{title or ''}{suffix}" or None,
-                                 caption=caption if index == len(chunks) - 1 else None))
+        tables.append(rich_table(part, title=f"{title or ''}{suffix}" or None))
+    if caption:  # below the last table at the terminal's width, not wrapped to the table's
+        tables.append(Text(caption, style="dim italic"))
     return tables
 
 

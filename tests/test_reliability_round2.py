@@ -381,3 +381,60 @@ def test_a_resume_parses_the_summary_and_the_metrics_once(tmp_path: Path, monkey
     [outcome] = run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True)
     assert outcome.status == "finished" and outcome.summary["epochs_completed"] == 2
     assert sorted(parsed) == ["metrics.jsonl", "summary.json"]
+
+
+def test_messages_name_what_the_user_gave(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 9: a folder as the recipe, an out-of-range list index, a failed write naming our temporary
+    file, and a rebuild hint without the --data-root the store lives under."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    from finebench.atomic import atomic_write_bytes
+
+    (tmp_path / "recipes").mkdir()
+    with pytest.raises(FinebenchError, match="is a folder, expected a recipe .toml file"):
+        load_recipe(tmp_path / "recipes")
+    (tmp_path / "r.toml").write_text(tiny_recipe(variants=("baseline", "attention")))
+    with pytest.raises(FinebenchError, match=r"index 5 is out of range: variants in .*r.toml has 2 entries \(indices 0-1\)"):
+        load_recipe(tmp_path / "r.toml", ["variants.5.reg_w=1"])
+    with pytest.raises(FinebenchError, match=r"variants is a list, expected an index \(indices 0-1\), got 'x'"):
+        load_recipe(tmp_path / "r.toml", ["variants.x.reg_w=1"])
+
+    import os as _os
+
+    def read_only(src, dst):  # noqa: ANN001  (as EROFS would refuse the rename)
+        raise OSError(30, "Read-only file system", src, None, dst)
+
+    monkeypatch.setattr(_os, "replace", read_only)
+    with pytest.raises(OSError) as raised:
+        atomic_write_bytes(tmp_path / "table.md", b"x")
+    assert raised.value.filename == str(tmp_path / "table.md") and ".tmp" not in str(raised.value)
+    monkeypatch.undo()
+
+    root = prepare_tiny_bars(tmp_path / "elsewhere", 8, 4)
+    [arrow] = list((root / "mnist5k" / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    run = finebench("run", "r.toml", "--data-root", str(root), "--results-dir", str(tmp_path / "res"), cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-1500:]
+    assert f"finebench prepare mnist5k --data-root {root} --force" in run.stderr
+
+
+def test_output_into_a_pipe_keeps_whole_lines_and_cells(tmp_path: Path) -> None:
+    """Item 9: captured output wrapped prepare's counts mid-phrase and cut table names (`attention-ad...`)."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    deep = tmp_path / ("a_rather_long_folder_name_for_the_data_" * 4)
+    root = prepare_tiny_bars(deep, 16, 8)
+    long_name = "attention-with-a-long-descriptive-name-that-a-table-would-cut-" * 2
+    recipe = tiny_recipe(variants=("baseline", "attention")).replace('kind = "attention"',
+                                                                     f'kind = "attention"\nname = "{long_name}"')
+    (tmp_path / "r.toml").write_text(recipe.replace('backbone = "wrn"', 'backbone = ["wrn", "resnext_cifar"]')
+                                     .replace("options = { depth = 10, width = 1 }", ""))
+    dry = finebench("run", "r.toml", "--dry-run", "--data-root", str(root), cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr[-1500:]
+    assert long_name in dry.stdout and "…" not in dry.stdout
+    other = tmp_path / ("another_rather_long_folder_name_" * 4)
+    prepared = subprocess.run([sys.executable, "-m", "finebench", "prepare", "mnist5k", "--data-root", str(other)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-1500:]
+    assert any(line.startswith("prepared mnist5k in ") and line.endswith("test 1000")
+               for line in (prepared.stdout + prepared.stderr).splitlines())

@@ -514,3 +514,23 @@ def test_report_speed_marks_img_s_measured_under_different_threads_or_load(tmp_p
         (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": [1], "load_1min": 1.2}))
     table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
     assert "100*" not in report.render(table, "markdown") and not table.attrs["speed_marked"]
+
+
+def test_a_split_report_has_even_tables_and_notes_at_the_terminal_width(results: Path) -> None:
+    """Issue 22 item 9: at 130 columns the report split into a second table of one column and
+    wrapped its notes to that table's 47 columns."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = report.summary_table(report.load_runs([results]).runs, reference=report.load_reference(), speed=True)
+    for width in (130, 100, 80):
+        parts = report.terminal_tables(report.format_table(table), width, "finebench report", report.table_note(table))
+        tables = [part for part in parts if isinstance(part, Table)]
+        console = Console(record=True, width=width)
+        assert min(len(part.columns) - 1 for part in tables) >= 2  # never one value column alone
+        drawn = [console.measure(part).maximum for part in tables]
+        assert min(drawn) >= 0.6 * max(drawn), drawn  # tables of even widths
+        for part in parts:
+            console.print(part)
+        notes = console.export_text().split("final-epoch", 1)[1]
+        assert max(len(line) for line in notes.splitlines()) > width - 20  # wrapped at the terminal's width

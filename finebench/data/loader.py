@@ -78,7 +78,7 @@ class _Columns:
             except (OSError, ValueError, pyarrow.ArrowException) as error:  # how pyarrow reports a truncated file
                 raise FinebenchError(
                     f"{split_dir}: the prepared store cannot be read ({error}): "
-                    f"rebuild it with `finebench prepare {split_dir.parent.name} --force`"
+                    f"rebuild it with `{store.prepare_command(split_dir.parent.name, split_dir.parent.parent, force=True)}`"
                 ) from None
             labels.append(table.column("label").to_numpy())
             self.chunks.extend(chunk.field("bytes") for chunk in table.column("image").chunks)

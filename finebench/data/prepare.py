@@ -35,6 +35,7 @@ from typing import Any
 
 from rich.console import Console
 
+from finebench.console import make_console
 from finebench.data import download, store
 from finebench.data.builders._layout import MissingLayoutPath
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset, Source
@@ -342,13 +343,13 @@ def _resolve_and_parse(
         if from_path.is_dir() and not any(src.extract for src, _, _ in files):
             # Nothing to unpack: the plain files are verified and the folder is parsed in place.
             return _parse_from_folder(spec, from_path, from_path, missing), origin, seen
-        _unpack(files, raw_dir, Console(stderr=True, quiet=quiet))
+        _unpack(files, raw_dir, make_console(stderr=True, quiet=quiet))
         if from_path.is_dir():
             _link_rest_of_folder(spec, from_path, raw_dir)
         return _parse_from_folder(spec, raw_dir, from_path, missing), origin, seen
     files = _download_sources(spec, data_root, mirror, quiet)
     origin = {"kind": "mirror", "mirror": mirror} if mirror else {"kind": "official"}
-    _unpack(files, raw_dir, Console(stderr=True, quiet=quiet))
+    _unpack(files, raw_dir, make_console(stderr=True, quiet=quiet))
     seen = {s.filename: digests for s, _, digests in files}
     return spec.parse(raw_dir), origin, seen
 
@@ -374,7 +375,7 @@ def _exclusive_prepare(data_root: Path, name: str, wait: bool = False) -> Iterat
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if wait:
-                Console(stderr=True).print(f"waiting for another prepare of {name!r} (lock {lock_path})", highlight=False)
+                make_console(stderr=True).print(f"waiting for another prepare of {name!r} (lock {lock_path})", highlight=False)
                 fcntl.flock(handle, fcntl.LOCK_EX)
             else:
                 raise FinebenchError(
@@ -466,7 +467,7 @@ def prepare_dataset(
     if short_side is not None and short_side < 8:
         raise FinebenchError(f"--short-side {short_side} is too small: expected at least 8 pixels")
     data_root = Path(data_root)
-    console = Console(stderr=True, quiet=quiet)
+    console = make_console(stderr=True, quiet=quiet)
     if store.is_prepared(data_root, name) and not force:  # no lock needed, so a read-only data root works
         console.print(f"{name} is already prepared in {store.store_dir(data_root, name)} (use --force to rebuild)")
         return store.store_dir(data_root, name)

@@ -43,17 +43,23 @@ def is_prepared(data_root: Path, name: str) -> bool:
     return (store_dir(data_root, name) / META_FILE).is_file()
 
 
+def prepare_command(name: str, data_root: Path, *, force: bool = False) -> str:
+    """The command that (re)builds a store, with the data root it lives in: a hint that left out
+    ``--data-root`` would rebuild the default root's store, not the broken one."""
+    return f"finebench prepare {name} --data-root {Path(data_root)}" + (" --force" if force else "")
+
+
 def read_meta(data_root: Path, name: str) -> dict[str, Any]:
     path = store_dir(data_root, name) / META_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FinebenchError(
-            f"dataset {name!r} is not prepared in {Path(data_root)}: run `finebench prepare {name} --data-root "
-            f"{Path(data_root)}`, or point --data-root or FINEBENCH_DATA at the folder where you prepared it"
+            f"dataset {name!r} is not prepared in {Path(data_root)}: run `{prepare_command(name, data_root)}`, "
+            "or point --data-root or FINEBENCH_DATA at the folder where you prepared it"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FinebenchError(f"{path} is not valid JSON ({error}): rerun `finebench prepare {name} --force`") from error
+        raise FinebenchError(f"{path} is not valid JSON ({error}): rerun `{prepare_command(name, data_root, force=True)}`") from error
 
 
 def meta_digest(data_root: Path, name: str) -> str | None:

@@ -15,7 +15,9 @@ from typing import Literal, NamedTuple
 
 import pandas as pd
 from rich.console import Console
+from rich.table import Table
 
+from finebench.console import make_console
 from finebench.report.records import LoadedRuns, find_summaries, load_metrics, load_runs
 from finebench.report.reference import REFERENCE_COLUMNS, load_reference
 from finebench.report.render import (
@@ -27,7 +29,13 @@ from finebench.report.render import (
     table_note,
     wide_view,
 )
-from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction_table, predictions_table, summary_table
+from finebench.report.tables import (
+    COLUMN_ALIASES,
+    DEFAULT_BY,
+    early_prediction_table,
+    predictions_table,
+    summary_table,
+)
 from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
@@ -81,13 +89,13 @@ def emit_table(table: pd.DataFrame, fmt: str, output: Path | None, title: str, *
 
     if output is not None:
         atomic_write_bytes(output, render(table, fmt, wide=wide).encode())
-        (status or Console(stderr=True)).print(f"wrote {output}", highlight=False)
+        (status or make_console(stderr=True)).print(f"wrote {output}", highlight=False)
         return
-    stdout = Console()
+    stdout = make_console()
     if fmt == "markdown" and stdout.is_terminal and not table.empty:
         note = table_note(table)
         parts = terminal_tables(wide_view(table), stdout.width, title, note) if wide else []
-        if len(parts) != 1:  # the paper's layout does not fit this terminal: one row per variant does
+        if sum(isinstance(part, Table) for part in parts) != 1:  # the paper's layout does not fit: one row per variant
             parts = terminal_tables(format_table(table), stdout.width, title, note)
         for part in parts:
             stdout.print(part)

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from finebench.atomic import atomic_write
 from finebench.report.records import load_metrics
 from finebench.report.stats import mean_ci
 from finebench.report.tables import early_prediction_table
@@ -36,9 +37,7 @@ def _save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
     written = []
     for suffix in SUFFIXES:
         path = out_dir / f"{stem}.{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        figure.savefig(tmp, format=suffix, dpi=150)
-        tmp.replace(path)
+        atomic_write(path, lambda handle, suffix=suffix: figure.savefig(handle, format=suffix, dpi=150))
         written.append(path)
     return written
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finebench.console import make_console
 from finebench.errors import FinebenchError
 from finebench.methods.base import Method, MicroBatch
 from finebench.models.batchnorm import convert_ghost_batchnorm
@@ -34,7 +35,12 @@ from finebench.models.output import ModelOutput, mixture_loss
 from finebench.recipe import TrainSection
 from finebench.results import MACHINE_FIELDS
 from finebench.train.optim import build_optimizer, build_scheduler
-from finebench.train.threads import ThreadChoice, choose_threads, decided_each_epoch, load_average
+from finebench.train.threads import (
+    ThreadChoice,
+    choose_threads,
+    decided_each_epoch,
+    load_average,
+)
 
 # ---- device, precision, seeds -----------------------------------------------------------------
 
@@ -536,10 +542,16 @@ class RichProgress:
 
     def __init__(self, label: str, console: Any = None) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.label = label
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
