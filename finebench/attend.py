@@ -32,6 +32,9 @@ from finebench.results import RunDir
 from finebench.trained import TrainedRun, load_trained_run, read_record, run_data_root
 
 TOP_K = 3
+HEAD_WEIGHT_SHOWN_FROM = 0.01
+"""Spread of a module's head weights on an image below which they are left off its heads' titles
+(they would all read the same at two decimals: 0.50 in a trained CIFAR run)."""
 
 
 @dataclass
@@ -43,6 +46,8 @@ class AttentionCapture:
     """Per module: B×K×H×W spatial masks (each sums to 1 over H·W)."""
     head_weights: list[torch.Tensor] = field(default_factory=list)
     """Per module: B×K weights of its heads (the module gate)."""
+    head_log_probs: list[torch.Tensor] = field(default_factory=list)
+    """Per module: B×K×N, each head's own class prediction."""
     module_log_probs: list[torch.Tensor] = field(default_factory=list)
     network_log_probs: torch.Tensor | None = None
     mixture_log_probs: torch.Tensor | None = None
@@ -80,6 +85,7 @@ def _hooks(model: nn.Module, capture: AttentionCapture) -> Iterator[None]:
         _, masks = output
         capture.masks.append(masks.detach().float().cpu())
         capture.head_weights.append(module.head_weights(inputs[0], masks).detach().float().cpu())
+        capture.head_log_probs.append(F.log_softmax(module.head_outputs(inputs[0], masks).float(), dim=2).cpu())
 
     handles = [module.register_forward_hook(record) for module in modules]
     try:
@@ -190,9 +196,10 @@ def _unique_names(samples: list[tuple[str, Image.Image, int | None]]) -> list[tu
 # ---- drawing ------------------------------------------------------------------------------
 
 
-def _top(log_probs: torch.Tensor, classes: Sequence[str] | None) -> str:
+def _top(log_probs: torch.Tensor, classes: Sequence[str] | None, k: int = 0) -> str:
+    """The ``k`` (default ``TOP_K``) most probable classes with their probability, one a line."""
     probs = log_probs.exp()
-    values, indices = probs.topk(min(TOP_K, probs.numel()))
+    values, indices = probs.topk(min(k or TOP_K, probs.numel()))
     names = [classes[i] if classes and i < len(classes) else str(i) for i in indices.tolist()]
     return "\n".join(f"{name[:22]} {value * 100:.1f}%" for name, value in zip(names, values.tolist()))
 
@@ -205,7 +212,20 @@ def draw_attention(
     classes: Sequence[str] | None = None,
     label: int | None = None,
 ) -> Path:
-    """One PNG: input and predictions on top, then a row per module with each head's overlay."""
+    """One PNG of ``attention_figure``."""
+    figure = attention_figure(picture, capture, index, classes, label)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+    return path
+
+
+def attention_figure(
+    picture: np.ndarray,
+    capture: AttentionCapture,
+    index: int,
+    classes: Sequence[str] | None = None,
+    label: int | None = None,
+) -> Figure:
+    """Input and predictions on top, then a row per module with each head's overlay and its own top class."""
     modules = len(capture.masks)
     heads = max(mask.shape[1] for mask in capture.masks)
     columns = heads + 1
@@ -214,6 +234,9 @@ def draw_attention(
     grid = figure.add_gridspec(modules + 1, columns)
     height, width = picture.shape[:2]
     gates = capture.source_gates[index] if capture.source_gates is not None else None
+    # a module's head weights are shown only where they tell its heads apart at the title's precision
+    head_weights_differ = [bool(weights[index].max() - weights[index].min() >= HEAD_WEIGHT_SHOWN_FROM)
+                           for weights in capture.head_weights]
 
     def gate_text(source: int) -> str:
         return f"gate {gates[source]:.2f}" if gates is not None else "gate: mean"
@@ -246,13 +269,16 @@ def draw_attention(
             axes = figure.add_subplot(grid[row, head + 1])
             axes.imshow(picture)
             axes.imshow(mask, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-            axes.set_title(f"{tap} head {head}  w={weights[index, head]:.2f}", fontsize=7)
+            says = _top(capture.head_log_probs[row - 1][index, head], classes, 1)
+            weight = f"  w={weights[index, head]:.2f}" if head_weights_differ[row - 1] else ""
+            axes.set_title(f"{tap} head {head}{weight}\n{says}", fontsize=7)
             axes.axis("off")
-    figure.suptitle("w: a head's weight inside its module (module gate); gate: a source's weight in "
-                    "the network's mixture (global gate)", fontsize=7, y=0.005, va="bottom")
+    legend = "under each head: its own top class; gate: a source's weight in the network's mixture (global gate)"
+    if any(head_weights_differ):
+        legend = "w: a head's weight inside its module (module gate); " + legend
+    figure.suptitle(legend, fontsize=7, y=0.005, va="bottom")
     figure.tight_layout(rect=(0, 0.02, 1, 1))
-    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
-    return path
+    return figure
 
 
 def attend(

@@ -167,3 +167,37 @@ def test_images_with_the_same_name_get_separate_figures(tiny: tuple[Path, Path],
         paths.append(path)
     written = attend.attend(tiny[0], paths, data_root=tiny[1], out_dir=tmp_path / "maps")
     assert [p.name for p in written] == ["cat.png", "cat_1.png"]
+
+
+def test_heads_are_told_apart_by_what_they_say_not_by_equal_gates(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 22 item 10: every head was labelled `w=0.50` (gates 0.5000 ± 3e-5 in a trained run).
+    Each head now shows its own top class; a module's weights only where they differ."""
+    from finebench.models.attention import AttentionModule
+
+    run = attend.load_attention_run(tiny[0])
+    images = torch.randn(1, 3, 32, 32)
+    capture = attend.capture_attention(run.model, images)
+    assert len(capture.head_log_probs) == 3 and capture.head_log_probs[0].shape == (1, 2, len(CLASSES))
+    # the heads' own scores add up to the module's logits under the module gate
+    module = next(m for m in run.model.modules() if isinstance(m, AttentionModule))
+    seen = {}
+    hook = module.register_forward_hook(lambda m, i, o: seen.update(features=i[0], out=o))
+    with torch.no_grad():
+        run.model(images)
+        hook.remove()
+        logits, masks = seen["out"]
+        weights = module.head_weights(seen["features"], masks)
+        assert torch.allclose((module.head_outputs(seen["features"], masks) * weights[:, :, None]).sum(1), logits,
+                              atol=1e-5)
+    picture = np.zeros((32, 32, 3), np.uint8)
+
+    def head_titles() -> list[str]:
+        figure = attend.attention_figure(picture, capture, 0, CLASSES)
+        return [axes.get_title() for axes in figure.axes if " head " in axes.get_title()]
+
+    capture.head_weights = [torch.full_like(w, 0.5) for w in capture.head_weights]
+    titles = head_titles()
+    assert len(titles) == 6 and not any("w=" in t for t in titles)
+    assert all(any(name in t for name in CLASSES) for t in titles)
+    capture.head_weights = [torch.tensor([[0.7, 0.3]]) for _ in capture.head_weights]
+    assert all("w=0.70" in t or "w=0.30" in t for t in head_titles())

@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection
+from test_report import ATTENTION_OPTIONS, write_run
+
 from finebench import report
 from finebench.report import plots
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from test_report import ATTENTION_OPTIONS, write_run
 
 
 def _records(root: Path) -> Path:
@@ -85,3 +87,29 @@ def test_learning_curves_use_whole_epochs_show_the_seed_spread_and_state_n(tmp_p
     # Seeds 0 and 1 differ by 0.1 in train loss: the band spans them at every epoch.
     band = loss.collections[0].get_paths()[0].vertices
     assert band[:, 1].max() - band[:, 1].min() > 0.1
+
+
+def test_every_early_prediction_label_is_inside_the_frame(tmp_path: Path) -> None:
+    """Issue 22 item 10: the early-prediction plot cut the "full model" label at the frame's right edge."""
+    table = report.early_prediction_table(report.load_runs([_records(tmp_path / "results")]).runs)
+    figure = plots.early_prediction_figure(table, "cifar10")
+    canvas = FigureCanvasAgg(figure)
+    figure.tight_layout()
+    canvas.draw()
+    frame = figure.axes[0].bbox  # annotations are clipped at the axes' frame
+    for text in figure.axes[0].texts:
+        box = text.get_window_extent(canvas.get_renderer())
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, text.get_text()
+
+
+def test_the_cost_plot_keeps_every_point_inside_its_frame(tmp_path: Path) -> None:
+    """Issue 22 item 10: the baseline point (the cheapest) sat on the axes' corner."""
+    runs = report.load_runs([_records(tmp_path / "results")]).runs
+    figure = plots.cost_accuracy_figure(runs[runs["dataset"] == "cifar10"], "cifar10")
+    for axes in figure.axes:
+        points = [xy for collection in axes.collections if isinstance(collection, PathCollection)
+                  for xy in collection.get_offsets()]
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        (x0, x1), (y0, y1) = axes.get_xlim(), axes.get_ylim()
+        pad_x, pad_y = 0.05 * (x1 - x0), 0.05 * (y1 - y0)
+        assert x0 + pad_x < min(xs) and max(xs) < x1 - pad_x and y0 + pad_y < min(ys) and max(ys) < y1 - pad_y

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.axes import Axes
@@ -59,28 +60,35 @@ def _finish_axes(axes: Axes, xlabel: str, ylabel: str, title: str, integer_x: bo
         axes.legend(fontsize=7)
 
 
-def plot_cost_accuracy(runs: pd.DataFrame, out_dir: Path, error: bool = False) -> list[Path]:
-    """Accuracy against FLOPs and against parameters: a faint point per run, mean ± 95% CI per variant."""
-    written: list[Path] = []
+def cost_accuracy_figure(data: pd.DataFrame, dataset: str, error: bool = False) -> Figure:
+    """One dataset's accuracy against FLOPs and against parameters: a faint point per run, mean ±
+    95% CI per variant."""
     metric = "Error (%)" if error else "Top-1 (%)"
+    data = data.assign(value=100.0 - data["top1"] if error else data["top1"])
+    several = data["backbone_label"].nunique() > 1
+    figure = Figure(figsize=(11, 4.5))
+    for index, (cost, unit, scale) in enumerate((("flops", "GFLOPs", 1e9), ("params", "M params", 1e6))):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for (backbone, variant), series in data.groupby(["backbone_label", "variant_name"], sort=True):
+            x = pd.to_numeric(series[cost], errors="coerce") / scale
+            if x.isna().all():
+                continue
+            summary = mean_ci(series["value"])
+            points = axes.scatter(x, series["value"], alpha=0.35, s=14)
+            yerr = 0.0 if math.isnan(summary.half_width) else summary.half_width
+            axes.errorbar(x.mean(), summary.mean, yerr=yerr, fmt="o", capsize=4,
+                          color=points.get_facecolor()[0][:3],
+                          label=_series_label(backbone, variant, several, summary.n))
+        axes.margins(0.15)  # the cheapest point (the baseline) inside the frame, not on its corner
+        _finish_axes(axes, unit, metric, f"{dataset}: {metric} vs {unit} (bars: 95% CI)")
+    return figure
+
+
+def plot_cost_accuracy(runs: pd.DataFrame, out_dir: Path, error: bool = False) -> list[Path]:
+    """One cost/accuracy figure per dataset."""
+    written: list[Path] = []
     for dataset, data in runs.groupby("dataset", sort=True):
-        data = data.assign(value=100.0 - data["top1"] if error else data["top1"])
-        several = data["backbone_label"].nunique() > 1
-        figure = Figure(figsize=(11, 4.5))
-        for index, (cost, unit, scale) in enumerate((("flops", "GFLOPs", 1e9), ("params", "M params", 1e6))):
-            axes = figure.add_subplot(1, 2, index + 1)
-            for (backbone, variant), series in data.groupby(["backbone_label", "variant_name"], sort=True):
-                x = pd.to_numeric(series[cost], errors="coerce") / scale
-                if x.isna().all():
-                    continue
-                summary = mean_ci(series["value"])
-                points = axes.scatter(x, series["value"], alpha=0.35, s=14)
-                yerr = 0.0 if math.isnan(summary.half_width) else summary.half_width
-                axes.errorbar(x.mean(), summary.mean, yerr=yerr, fmt="o", capsize=4,
-                              color=points.get_facecolor()[0][:3],
-                              label=_series_label(backbone, variant, several, summary.n))
-            _finish_axes(axes, unit, metric, f"{dataset}: {metric} vs {unit} (bars: 95% CI)")
-        written += _save(figure, out_dir, f"cost_accuracy_{_slug(dataset)}")
+        written += _save(cost_accuracy_figure(data, str(dataset), error), out_dir, f"cost_accuracy_{_slug(dataset)}")
     return written
 
 
@@ -135,6 +143,7 @@ def early_prediction_figure(table: pd.DataFrame, dataset: str, error: bool = Fal
     axes = figure.add_subplot(1, 1, 1)
     several = data["backbone_label"].nunique() > 1
     split = "setting" in data and (data["setting"] != "").any()
+    labels: list[tuple[float, float, str, Any]] = []
     for key, series in data.groupby(["backbone_label", "variant_name", *(["setting"] if split else [])], sort=True):
         backbone, variant = key[0], f"{key[1]} {key[2]}".strip() if split else key[1]
         series = series.dropna(subset=["flops"])
@@ -143,14 +152,19 @@ def early_prediction_figure(table: pd.DataFrame, dataset: str, error: bool = Fal
         x, y = path["flops"] / 1e9, path[f"{metric}_mean"]
         (line,) = axes.plot(x, y, marker="o", label=_series_label(backbone, variant, several, n))
         axes.errorbar(x, y, yerr=path[f"{metric}_ci"].fillna(0.0), fmt="none", capsize=3, color=line.get_color())
-        for xi, yi, source in zip(x, y, path["source"]):
-            axes.annotate(str(source), (xi, yi), fontsize=7, xytext=(4, -10), textcoords="offset points",
-                          color=line.get_color())
+        labels += [(xi, yi, str(source), line.get_color()) for xi, yi, source in zip(x, y, path["source"])]
         network = series[series["source"] == NETWORK_CLASSIFIER]
         if not network.empty:
             axes.plot(network["flops"] / 1e9, network[f"{metric}_mean"], linestyle="none", marker="*",
                       markersize=11, color=line.get_color(), label=f"{variant}: {NETWORK_CLASSIFIER}")
-    axes.margins(x=0.12)  # room for the labels of the first and last points
+    axes.margins(x=0.12, y=0.12)
+    # Labels right of their point, except in the right half of the plot (the full model is the
+    # costliest point), where they would run past the frame and be cut off.
+    low, high = axes.get_xlim()
+    for xi, yi, text, color in labels:
+        right_half = xi > (low + high) / 2
+        axes.annotate(text, (xi, yi), fontsize=7, xytext=(-4 if right_half else 4, -10), textcoords="offset points",
+                      ha="right" if right_half else "left", color=color)
     _finish_axes(axes, "GFLOPs to reach the classifier", "Error (%)" if error else "Top-1 (%)",
                  f"{dataset}: early prediction (bars: 95% CI)")
     return figure
