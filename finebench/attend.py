@@ -273,11 +273,11 @@ def attention_figure(
             weight = f"  w={weights[index, head]:.2f}" if head_weights_differ[row - 1] else ""
             axes.set_title(f"{tap} head {head}{weight}\n{says}", fontsize=7)
             axes.axis("off")
-    legend = "under each head: its own top class; gate: a source's weight in the network's mixture (global gate)"
+    legend = ["under each head: its own top class", "gate: a source's weight in the network's mixture (global gate)"]
     if any(head_weights_differ):
-        legend = "w: a head's weight inside its module (module gate); " + legend
-    figure.suptitle(legend, fontsize=7, y=0.005, va="bottom")
-    figure.tight_layout(rect=(0, 0.02, 1, 1))
+        legend.insert(1, "w: a head's weight inside its module (module gate)")
+    figure.suptitle("\n".join(legend), fontsize=7, y=0.005, va="bottom")  # a line each: narrow figures cut one long line
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     return figure
 
 
