@@ -311,21 +311,19 @@ def run_command(
     import time
 
     from finebench.jobs import JsonProgress
-    from finebench.plan import check_before_launch, parse_share
+    from finebench.plan import RunSelection, check_before_launch, parse_share
     from finebench.recipe import load_recipe
     from finebench.runner import exit_code, run_recipe
     from finebench.train.distributed import distributed_context, launch_workers
 
     loaded = load_recipe(recipe, overrides)
     share_of = parse_share(share) if share else None
+    selection = RunSelection(tuple(only), retry_failed, restart, discard_finished)
     run_argv = [
         *(["--debug"] if _state["debug"] else []), "run", recipe, "--results-dir", results_dir,
         *(["--data-root", data_root] if data_root else []),
         *[arg for value in overrides for arg in ("--set", value)],
-        *[arg for value in only for arg in ("--only", value)],
-        *(["--quiet"] if quiet else []), *(["--retry-failed"] if retry_failed else []),
-        *(["--restart"] if restart else []), *(["--discard-finished"] if discard_finished else []),
-        "--dist-timeout", str(dist_timeout),
+        *selection.argv(), *(["--quiet"] if quiet else []), "--dist-timeout", str(dist_timeout),
     ]
     if sum([jobs > 1, submit is not None, nproc_per_node > 1]) > 1:
         raise FinebenchError("--jobs, --submit and --nproc-per-node: give one of them (--submit takes --gpus-per-run)")
@@ -334,8 +332,8 @@ def run_command(
 
         submitted = submit_array(
             loaded, run_argv, cluster=submit, results_dir=Path(results_dir),
-            data_root=Path(data_root) if data_root else None, only=only, retry_failed=retry_failed, restart=restart,
-            discard_finished=discard_finished, partition=partition, gpus_per_run=gpus_per_run, time_limit_min=time_limit,
+            data_root=Path(data_root) if data_root else None, selection=selection, partition=partition,
+            gpus_per_run=gpus_per_run, time_limit_min=time_limit,
             array_parallelism=array_parallelism, array_tasks=array_tasks,
         )
         ids = ", ".join(job.job_id for job in submitted) or "nothing (every run is finished or failed)"
@@ -359,8 +357,7 @@ def run_command(
 
         outcomes, code = run_jobs(
             loaded, count=jobs, child_args=run_argv, results_dir=Path(results_dir),
-            data_root=Path(data_root) if data_root else None, only=only, quiet=quiet,
-            retry_failed=retry_failed, restart=restart, discard_finished=discard_finished,
+            data_root=Path(data_root) if data_root else None, selection=selection, quiet=quiet,
         )
         _print_run_tables(loaded, outcomes, dry_run=False, wall=time.perf_counter() - started)
         if code:

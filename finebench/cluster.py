@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finebench.errors import FinebenchError
-from finebench.plan import check_before_launch, decide_runs, plan_runs
+from finebench.plan import RunSelection, check_before_launch, decide_runs, plan_runs
 from finebench.recipe import LoadedRecipe
 
 CLUSTERS = ("slurm", "local")
@@ -63,10 +63,7 @@ def submit(
     cluster: str,
     results_dir: Path,
     data_root: Path | None,
-    only: Sequence[str] = (),
-    retry_failed: bool = False,
-    restart: bool = False,
-    discard_finished: bool = False,
+    selection: RunSelection = RunSelection(),
     partition: str | None = None,
     gpus_per_run: int = 1,
     time_limit_min: int = 24 * 60,
@@ -82,8 +79,8 @@ def submit(
     if cluster not in CLUSTERS:
         raise FinebenchError(f"--submit {cluster}: expected one of {', '.join(CLUSTERS)}")
     submitit = _submitit()
-    plan = plan_runs(loaded, results_dir=results_dir, data_root=data_root, only=only)
-    planned = decide_runs(plan, retry_failed=retry_failed, restart=restart, discard_finished=discard_finished)
+    plan = plan_runs(loaded, results_dir=results_dir, data_root=data_root, only=selection.only)
+    planned = decide_runs(plan, selection)
     if "train" not in planned.values():
         return []
     check_before_launch(loaded, data_root, gpus_per_run)

@@ -38,6 +38,7 @@ from rich.progress import (
 from finebench.console import make_console
 from finebench.errors import Interrupted
 from finebench.plan import (
+    RunSelection,
     check_before_launch,
     decide_runs,
     plan_runs,
@@ -121,11 +122,8 @@ def run_jobs(
     child_args: Sequence[str],
     results_dir: Path,
     data_root: Path | None,
-    only: Sequence[str] = (),
+    selection: RunSelection = RunSelection(),
     quiet: bool = False,
-    retry_failed: bool = False,
-    restart: bool = False,
-    discard_finished: bool = False,
     console: Console | None = None,
 ) -> tuple[list[RunOutcome], int]:
     """Train the recipe with ``count`` jobs; returns one outcome per run and the command's exit code.
@@ -135,10 +133,10 @@ def run_jobs(
     for another reason (bad input, Ctrl-C), whose code it then is.
     """
     console = console or make_console(stderr=True, quiet=quiet, soft_wrap=True)
-    plan = plan_runs(loaded, results_dir=results_dir, data_root=data_root, only=only)
+    plan = plan_runs(loaded, results_dir=results_dir, data_root=data_root, only=selection.only)
     before = {run_id: state.kind for run_id, state in plan.states.items()}
     # unreadable records stop here, as they stop a serial run, before any job starts
-    planned = decide_runs(plan, retry_failed=retry_failed, restart=restart, discard_finished=discard_finished)
+    planned = decide_runs(plan, selection)
     to_train = [run for run in plan.runs if planned[run.run_id] == "train"]
     if to_train:
         check_before_launch(loaded, data_root, 1)

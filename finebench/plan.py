@@ -219,7 +219,25 @@ def decide(state: RunState, *, retry_failed: bool, restart: bool) -> str:
     return "train"
 
 
-def decide_runs(plan: Plan, *, retry_failed: bool, restart: bool, discard_finished: bool = False) -> dict[str, str]:
+@dataclass(frozen=True)
+class RunSelection:
+    """Which of a recipe's runs a command takes and what it does with those not finished: the
+    CLI's ``--only``, ``--retry-failed``, ``--restart`` and ``--discard-finished``, passed as one
+    object to every way of running (serial, ``--jobs``, ``--submit``)."""
+
+    only: Sequence[str] = ()
+    retry_failed: bool = False
+    restart: bool = False
+    discard_finished: bool = False
+
+    def argv(self) -> list[str]:
+        """The same selection as ``finebench run`` arguments (for the processes a command starts)."""
+        return [*[arg for value in self.only for arg in ("--only", value)],
+                *(["--retry-failed"] if self.retry_failed else []), *(["--restart"] if self.restart else []),
+                *(["--discard-finished"] if self.discard_finished else [])]
+
+
+def decide_runs(plan: Plan, selection: RunSelection) -> dict[str, str]:
     """Every planned run's decision (``decide``), keyed by run id; checked in full before anything is discarded.
 
     ``--restart`` throws away a run's checkpoint: where it holds every epoch done (a finished
@@ -229,8 +247,9 @@ def decide_runs(plan: Plan, *, retry_failed: bool, restart: bool, discard_finish
     decisions = {}
     for run in plan.runs:
         state, run_dir = plan.states[run.run_id], plan.run_dirs[run.run_id]
-        decision = decide(state, retry_failed=retry_failed, restart=restart)
-        if (decision == "train" and restart and not discard_finished and state.kind in ("resumable", "damaged")
+        decision = decide(state, retry_failed=selection.retry_failed, restart=selection.restart)
+        if (decision == "train" and selection.restart and not selection.discard_finished
+                and state.kind in ("resumable", "damaged")
                 and run_dir.epochs_saved() >= run.train_section().epochs):
             raise FinebenchError(
                 f"{run_dir.path}: its checkpoint holds all {run.train_section().epochs} epochs done, and --restart "

@@ -29,6 +29,7 @@ from finebench.methods import get_method
 from finebench.plan import (
     Cost,
     CostCache,
+    RunSelection,
     build_model,
     build_run_loaders,
     dataset_state,
@@ -359,8 +360,8 @@ def run_recipe(
         ]
 
     # Unreadable records stop the command here, before anything is trained or written.
-    planned = ctx.broadcast(decide_runs(plan, retry_failed=retry_failed, restart=restart,
-                                        discard_finished=discard_finished))
+    selection = RunSelection(tuple(only), retry_failed, restart, discard_finished)
+    planned = ctx.broadcast(decide_runs(plan, selection))
     to_train = [run for run in runs if planned[run.run_id] == "train"]
     if to_train:
         preflight(loaded, plan, to_train, ctx, quiet)

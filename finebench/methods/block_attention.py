@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, create_model
 from torch import nn
 
 from finebench.methods.base import Method, MethodOptions, incompatible
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier
 from finebench.models.registry import BACKBONES, build_backbone, family_of
+from finebench.methods.registry import register
 from finebench.models.timm_backbone import TimmBackbone
 
 
@@ -64,3 +65,17 @@ class BlockAttention(Method):
             assert self.layer is not None
             backbone.insert_plugins(partial(self.layer, **options.options()))
         return ImageClassifier(backbone, num_classes)
+
+
+def block_attention_method(kind: str, description: str, layer: Callable[..., nn.Module] | None,
+                           options: type[MethodOptions] = MethodOptions) -> BlockAttention:
+    """Declare and register a block-attention method: its options are ``options`` with ``kind``
+    narrowed to ``Literal[kind]``. SE, CBAM and ECA differ only in name, layer and options, so
+    each module is this one call rather than two near-identical classes."""
+    options_class = create_model(f"{kind.upper()}Options", __base__=options,
+                                 kind=(Literal[kind], ...))  # type: ignore[call-overload, valid-type]
+    method_class = type(kind.upper(), (BlockAttention,), {
+        "kind": kind, "description": description, "Options": options_class, "layer": layer,
+        "__doc__": description, "__module__": f"finebench.methods.{kind}",
+    })
+    return register(method_class())

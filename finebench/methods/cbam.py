@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from finebench.methods.block_attention import ReductionOptions, block_attention_method
+from finebench.models.plugins import CBAM
 
-from finebench.methods.block_attention import BlockAttention, ReductionOptions
-from finebench.methods.registry import register
-from finebench.models.plugins import CBAM as CBAMLayer
-
-
-class CBAMOptions(ReductionOptions):
-    kind: Literal["cbam"]
-
-
-class CBAM(BlockAttention):
-    kind = "cbam"
-    description = "CBAM in every residual block"
-    Options = CBAMOptions
-    layer = CBAMLayer
-
-
-METHOD = register(CBAM())
+METHOD = block_attention_method("cbam", "CBAM in every residual block", CBAM, ReductionOptions)

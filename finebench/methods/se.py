@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from finebench.methods.block_attention import BlockAttention, ReductionOptions
-from finebench.methods.registry import register
+from finebench.methods.block_attention import ReductionOptions, block_attention_method
 from finebench.models.plugins import SqueezeExcite
 
-
-class SEOptions(ReductionOptions):
-    kind: Literal["se"]
-
-
-class SE(BlockAttention):
-    kind = "se"
-    description = "Squeeze-and-Excitation in every residual block"
-    Options = SEOptions
-    layer = SqueezeExcite
-
-
-METHOD = register(SE())
+METHOD = block_attention_method("se", "Squeeze-and-Excitation in every residual block", SqueezeExcite,
+                                ReductionOptions)

@@ -29,19 +29,12 @@ from finebench.report.render import (
     table_note,
     wide_view,
 )
-from finebench.report.tables import (
-    COLUMN_ALIASES,
-    DEFAULT_BY,
-    early_prediction_table,
-    predictions_table,
-    summary_table,
-)
+from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction_table, predictions_table, summary_table
 from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
     "COLUMN_ALIASES", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
-    "predictions_table",
-    "emit_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
+    "emit_table", "predictions_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
     "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
 ]
 

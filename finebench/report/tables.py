@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import pandas as pd
@@ -203,16 +203,46 @@ def _add_reference(row: dict[str, Any], group: pd.DataFrame, reference: pd.DataF
     row["reference_source"] = None if match is None else match["source"]
 
 
+def _runs_recording(df: pd.DataFrame, column: str) -> Iterator[tuple[pd.Series, dict[str, Any]]]:
+    """The runs whose ``column`` holds a non-empty dict (per-module or per-prediction accuracies)."""
+    for _, run in df.iterrows():
+        recorded = run.get(column)
+        if isinstance(recorded, dict) and recorded:
+            yield run, recorded
+
+
+def _empty(columns: list[str], metric: str, kind: str, why: str) -> pd.DataFrame:
+    empty = pd.DataFrame(columns=columns)
+    empty.attrs.update(metric=metric, kind=kind, empty=why)
+    return empty
+
+
+def _with_values(exploded: list[dict[str, Any]], error: bool) -> pd.DataFrame:
+    """One row per run and source, with ``value`` the accuracy (or error) the table summarises."""
+    data = pd.DataFrame(exploded)
+    data["value"] = 100.0 - data["top1"] if error else data["top1"]
+    return data
+
+
+def _means(data: pd.DataFrame, keys: list[str], metric: str, *, sort: bool,
+           also_mean: Sequence[str] = ()) -> pd.DataFrame:
+    """Mean ± CI of ``value`` over the runs of each ``keys`` group (and the plain mean of ``also_mean``)."""
+    rows = []
+    for key, group in data.groupby(keys, sort=sort):
+        summary = mean_ci(group["value"])
+        rows.append({**dict(zip(keys, key)), "n": summary.n, f"{metric}_mean": summary.mean,
+                     f"{metric}_std": summary.std, f"{metric}_ci": summary.half_width,
+                     **{column: group[column].mean() for column in also_mean}})
+    return pd.DataFrame(rows)
+
+
 def predictions_table(df: pd.DataFrame, error: bool = False) -> pd.DataFrame:
     """Every prediction a method records (``Method.prediction_labels``) beside the one the summary
     table shows as top-1, mean ± CI over seeds: PMG's heads and their sum, WS-DAN's crop-refined
     prediction. One row per dataset × backbone × variant × prediction."""
     metric = "error" if error else "top1"
     exploded = []
-    for _, run in df.iterrows():
-        recorded = run.get("predictions")
-        if not isinstance(recorded, dict) or not recorded:
-            continue
+    for run, recorded in _runs_recording(df, "predictions"):
         method = METHODS.get(run["variant"])
         shown = f"top-1 as shown: {method.shown_prediction}" if method and method.shown_prediction else "top-1 as shown"
         labels = dict(method.prediction_labels) if method else {}
@@ -223,18 +253,10 @@ def predictions_table(df: pd.DataFrame, error: bool = False) -> pd.DataFrame:
     columns = ["dataset", "backbone_label", "variant_name", "prediction", "n", f"{metric}_mean", f"{metric}_std",
                f"{metric}_ci"]
     if not exploded:
-        empty = pd.DataFrame(columns=columns)
-        empty.attrs.update(metric=metric, kind="predictions", empty="(no runs of a method with several predictions)")
-        return empty
-    data = pd.DataFrame(exploded)
-    data["value"] = 100.0 - data["top1"] if error else data["top1"]
-    rows = []
+        return _empty(columns, metric, "predictions", "(no runs of a method with several predictions)")
+    data = _with_values(exploded, error)
     keys = ["dataset", "backbone_label", "variant_name", "settings", "order", "prediction"]
-    for key, group in data.groupby(keys, sort=True):
-        summary = mean_ci(group["value"])
-        rows.append({**dict(zip(keys, key)), "n": summary.n, f"{metric}_mean": summary.mean,
-                     f"{metric}_std": summary.std, f"{metric}_ci": summary.half_width})
-    table = pd.DataFrame(rows)[columns].reset_index(drop=True)
+    table = _means(data, keys, metric, sort=True)[columns].reset_index(drop=True)
     table.attrs.update(metric=metric, kind="predictions", selection="final")
     return table
 
@@ -247,10 +269,7 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
     """
     metric = "error" if error else "top1"
     exploded = []
-    for _, run in df.iterrows():
-        modules = run.get("module_top1")
-        if not isinstance(modules, dict) or not modules:
-            continue
+    for run, modules in _runs_recording(df, "module_top1"):
         module_flops = run.get("module_flops") if isinstance(run.get("module_flops"), dict) else {}
         base = {k: run[k] for k in ("dataset", "backbone_label", "variant_name", "seed", "settings")}
         for tap, accuracy in modules.items():
@@ -265,11 +284,8 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
     columns = ["dataset", "backbone_label", "variant_name", "source", "n", f"{metric}_mean",
                f"{metric}_std", f"{metric}_ci", "flops", "flops_pct_of_full"]
     if not exploded:
-        empty = pd.DataFrame(columns=columns)
-        empty.attrs.update(metric=metric, kind="early", empty="(no attention runs with per-module accuracy)")
-        return empty
-    data = pd.DataFrame(exploded)
-    data["value"] = 100.0 - data["top1"] if error else data["top1"]
+        return _empty(columns, metric, "early", "(no attention runs with per-module accuracy)")
+    data = _with_values(exploded, error)
     # As in the summary table: configurations that share a name stay apart, labelled by what differs.
     labels: dict[str, str] = {}
     for _, fingerprints in data.groupby(["dataset", "backbone_label", "variant_name"])["settings"].unique().items():
@@ -277,13 +293,7 @@ def early_prediction_table(df: pd.DataFrame, error: bool = False) -> pd.DataFram
             labels.update(_setting_labels(list(fingerprints)))
     data["setting"] = data["settings"].map(lambda f: labels.get(f, ""))
     keys = ["dataset", "backbone_label", "variant_name", "setting", "settings"]
-    rows = []
-    for key, group in data.groupby([*keys, "source"], sort=False):
-        summary = mean_ci(group["value"])
-        rows.append({**dict(zip([*keys, "source"], key)), "n": summary.n, f"{metric}_mean": summary.mean,
-                     f"{metric}_std": summary.std, f"{metric}_ci": summary.half_width,
-                     "flops": group["flops"].mean()})
-    grouped = pd.DataFrame(rows)
+    grouped = _means(data, [*keys, "source"], metric, sort=False, also_mean=("flops",))
     full = grouped[grouped["source"] == "full model"].set_index(keys)["flops"]
     grouped["flops_pct_of_full"] = [
         row.flops / full.get(tuple(getattr(row, k) for k in keys), math.nan) * 100.0
