@@ -410,6 +410,8 @@ def final_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
         return None
     last = rows[-1]
     keys = ("epoch", "test_top1", "test_top5", "test_loss", "train_loss", "network_top1", "module_top1")
-    # and whatever else the method evaluates (``Method.eval_metrics``: PMG's heads, WS-DAN's crops)
-    extra = {key: value for key, value in last.items() if key not in keys and key not in PROGRESS_FIELDS}
+    # and whatever else the method evaluates (``Method.eval_metrics``: PMG's heads, WS-DAN's crops);
+    # what it records of its training is named ``train_*`` (``Method.train_metrics``) and stays out
+    extra = {key: value for key, value in last.items()
+             if key not in keys and key not in PROGRESS_FIELDS and not key.startswith("train_")}
     return {**{key: last.get(key) for key in keys}, **extra}
