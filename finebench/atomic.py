@@ -8,6 +8,7 @@ function that joins them with the directory fsync and the permissions ``open()``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -31,7 +32,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     and fsync the folder. On any failure the temporary file is removed and ``path`` is unchanged;
     an ``OSError`` without a file name gets ``path``'s (a failed write or fsync names none)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)
@@ -50,6 +51,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def make_folder(folder: Path, target: Path | None = None) -> None:
+    """``folder`` and its parents, as ``mkdir(parents=True, exist_ok=True)``; where a file stands in
+    the way, the error names it and ``target`` (what was to be written there; default ``folder``),
+    since mkdir's own says only "File exists: 'a'" of an ``a/b/out.md``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((part for part in (folder, *folder.parents) if part.exists() and not part.is_dir()), None)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, expected a folder",
+                                 str(target or folder)) from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
+from finebench.atomic import make_folder
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.results import RunDir
@@ -289,7 +290,7 @@ def attend(
     samples = _unique_names(samples)
     preprocess = eval_preprocess(run.config, meta)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "attention_maps"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     written: list[Path] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
