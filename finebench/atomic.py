@@ -27,6 +27,21 @@ _FILE_MODE = 0o666 & ~_read_umask()
 """What ``open()`` would have given; ``mkstemp`` alone makes files private (0600)."""
 
 
+def make_folder(folder: Path, target: Path | None = None) -> None:
+    """``folder`` and its parents, as ``mkdir(parents=True, exist_ok=True)``; where a file stands in
+    the way, the error names it and ``target`` (what was to be written there; default ``folder``),
+    since mkdir's own says only "File exists: 'a'" of an ``a/b/out.md``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((part for part in (folder, *folder.parents) if part.exists() and not part.is_dir()), None)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, expected a folder",
+                                 str(target or folder)) from None
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(handle)`` into a temporary file beside ``path``, fsync it, then rename it over ``path``
     and fsync the folder. On any failure the temporary file is removed and ``path`` is unchanged;
@@ -51,21 +66,6 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def make_folder(folder: Path, target: Path | None = None) -> None:
-    """``folder`` and its parents, as ``mkdir(parents=True, exist_ok=True)``; where a file stands in
-    the way, the error names it and ``target`` (what was to be written there; default ``folder``),
-    since mkdir's own says only "File exists: 'a'" of an ``a/b/out.md``."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((part for part in (folder, *folder.parents) if part.exists() and not part.is_dir()), None)
-        if blocker is None:
-            raise
-        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, expected a folder",
-                                 str(target or folder)) from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
