@@ -14,7 +14,7 @@ from finebench.attend import attend
 
 
 def finebench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finebench", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "finebench", *args], capture_output=True, text=True, cwd=cwd, check=False,
                           timeout=300)
 
 
