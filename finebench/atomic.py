@@ -8,6 +8,7 @@ function that joins them with the directory fsync and the permissions ``open()``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -26,12 +27,27 @@ _FILE_MODE = 0o666 & ~_read_umask()
 """What ``open()`` would have given; ``mkstemp`` alone makes files private (0600)."""
 
 
+def make_folder(folder: Path, target: Path | None = None) -> None:
+    """``folder`` and its parents, as ``mkdir(parents=True, exist_ok=True)``; where a file stands in
+    the way, the error names it and ``target`` (what was to be written there; default ``folder``),
+    since mkdir's own says only "File exists: 'a'" of an ``a/b/out.md``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((part for part in (folder, *folder.parents) if part.exists() and not part.is_dir()), None)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocker} is a file, expected a folder",
+                                 str(target or folder)) from None
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(handle)`` into a temporary file beside ``path``, fsync it, then rename it over ``path``
     and fsync the folder. On any failure the temporary file is removed and ``path`` is unchanged;
     an ``OSError`` names ``path``, never the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from finebench.atomic import atomic_write
+from finebench.atomic import atomic_write, make_folder
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.results import RunDir
@@ -168,10 +168,12 @@ def images_from_split(data_root: Path, dataset: str, split: str, n: int) -> list
     """``n`` images spread evenly over a prepared split, so several classes show up."""
     import datasets
 
+    from finebench.data.store import prepare_command
+
     split_dir = data_root / dataset / split
     if not split_dir.is_dir():
         raise FinebenchError(f"{split_dir}: no prepared split {split!r} of {dataset!r}; "
-                              f"run `finebench prepare {dataset} --data-root {data_root}` or give --data-root")
+                              f"run `{prepare_command(dataset, data_root)}` or give --data-root")
     store = datasets.load_from_disk(str(split_dir))
     if len(store) == 0:
         raise FinebenchError(f"{split_dir}: the split is empty")
@@ -314,7 +316,7 @@ def attend(
     samples = _unique_names(samples)
     preprocess = eval_preprocess(run.config, meta)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "attention_maps"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     written: list[Path] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]

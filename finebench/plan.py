@@ -287,6 +287,7 @@ def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size
 def check_data_root(chosen: DataRoot, name: str) -> None:
     """A data root the user named must exist: ``run`` creates only the default one, for an embedded dataset."""
     from finebench.data.registry import get_spec
+    from finebench.data.store import prepare_command
 
     path = chosen.path
     if path.exists() and not path.is_dir():
@@ -294,7 +295,7 @@ def check_data_root(chosen: DataRoot, name: str) -> None:
     if not path.exists() and (chosen.origin != "default" or not get_spec(name).offline):
         raise FinebenchError(
             f"data root {chosen.describe()} does not exist: prepare the dataset there first "
-            f"(`finebench prepare {name} --data-root {path}`) or point --data-root / FINEBENCH_DATA at its folder"
+            f"(`{prepare_command(name, path)}`) or point --data-root / FINEBENCH_DATA at its folder"
         )
 
 

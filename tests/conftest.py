@@ -136,3 +136,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _subprocesses_import_this_tree() -> Iterator[None]:
+    """A ``python -m finebench`` (or torchrun) the tests start imports the finebench under test:
+    from a git worktree the editable install would otherwise give it another checkout's code."""
+    root = str(Path(__file__).resolve().parents[1])
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *([previous] if previous else [])])
+    yield
+    if previous is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = previous

@@ -22,7 +22,7 @@ ATTENTION_OPTIONS = {"attention_depth": 3, "attention_width": 2, "gates": "softm
                      "output_mode": "mixture"}
 
 
-def _tiny_run(root: Path, data_root: Path) -> Path:
+def tiny_attention_run(root: Path, data_root: Path) -> Path:
     """Train WRN-10-1 + attention a few steps on random 32×32 images; save it as `finebench run` does."""
     torch.manual_seed(0)
     model = build_model("wrn", len(CLASSES), variant="attention", variant_options=ATTENTION_OPTIONS,
@@ -56,7 +56,7 @@ def _tiny_run(root: Path, data_root: Path) -> Path:
     return run_dir
 
 
-def _toy_store(data_root: Path) -> None:
+def toy_store(data_root: Path) -> None:
     """A prepared 'toy' dataset (Arrow store + meta.json) with a 6-image test split."""
     import datasets
 
@@ -75,8 +75,8 @@ def _toy_store(data_root: Path) -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("attend")
     data_root = base / "data"
-    _toy_store(data_root)
-    return _tiny_run(base / "results", data_root), data_root
+    toy_store(data_root)
+    return tiny_attention_run(base / "results", data_root), data_root
 
 
 def test_capture_gives_spatial_masks_and_gates(tiny: tuple[Path, Path]) -> None:

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from finebench.atomic import atomic_write
+from finebench.atomic import atomic_write, make_folder
 from finebench.report.records import load_metrics
 from finebench.report.stats import mean_ci
 from finebench.report.tables import early_prediction_table
@@ -186,7 +186,7 @@ def write_plots(runs: pd.DataFrame, out_dir: str | Path, error: bool = False,
                 warnings: list[str] | None = None) -> list[Path]:
     """Every figure of the report into ``out_dir``; returns the files written."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     if runs.empty:
         return []
     written: list[Path] = []
