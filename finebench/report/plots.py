@@ -158,13 +158,14 @@ def early_prediction_figure(table: pd.DataFrame, dataset: str, error: bool = Fal
             axes.plot(network["flops"] / 1e9, network[f"{metric}_mean"], linestyle="none", marker="*",
                       markersize=11, color=line.get_color(), label=f"{variant}: {NETWORK_CLASSIFIER}")
     axes.margins(x=0.12, y=0.12)
-    # Labels right of their point, except in the right half of the plot (the full model is the
-    # costliest point), where they would run past the frame and be cut off.
+    # Labels right of and below their point, except in the right half of the plot (the full model
+    # is the costliest point), where they go left and above: past the frame they would be cut off,
+    # and below they would cover the network classifier's star.
     low, high = axes.get_xlim()
     for xi, yi, text, color in labels:
         right_half = xi > (low + high) / 2
-        axes.annotate(text, (xi, yi), fontsize=7, xytext=(-4 if right_half else 4, -10), textcoords="offset points",
-                      ha="right" if right_half else "left", color=color)
+        axes.annotate(text, (xi, yi), fontsize=7, xytext=(-4, 6) if right_half else (4, -10),
+                      textcoords="offset points", ha="right" if right_half else "left", color=color)
     _finish_axes(axes, "GFLOPs to reach the classifier", "Error (%)" if error else "Top-1 (%)",
                  f"{dataset}: early prediction (bars: 95% CI)")
     return figure
