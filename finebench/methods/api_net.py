@@ -74,11 +74,15 @@ class APINetOptions(MethodOptions):
 # ---- pairs -----------------------------------------------------------------------------------
 
 
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (autocast) in float32; float32 and float64 as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def pair_distances(features: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances of the rows, as the official ``pdist`` forms them (float32 at least,
     no gradient): −2·X·Xᵀ + ‖x_j‖² + ‖x_i‖², in that order, so near ties fall the official way."""
-    x = features.detach()
-    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    x = full_precision(features.detach())
     squares = x.pow(2).sum(dim=1)
     return -2 * x.mm(x.t()) + squares.view(1, -1) + squares.view(-1, 1)
 
@@ -118,7 +122,7 @@ class APINetClassifier(ImageClassifier):
         self.map2 = nn.Linear(options.hidden, width)
         self.drop = nn.Dropout(options.dropout)
         self.freeze_backbone_epochs = options.freeze_backbone_epochs
-        self.register_buffer("margin", torch.tensor(float(options.margin)), persistent=False)
+        self.margin = options.margin
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                 pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
@@ -130,7 +134,7 @@ class APINetClassifier(ImageClassifier):
     def classify(self, pooled: torch.Tensor, labels: torch.Tensor | None = None,
                  pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
         logits = self.classifier(pooled)
-        log_probs = F.log_softmax(logits.float(), dim=1)
+        log_probs = F.log_softmax(full_precision(logits), dim=1)
         if not self.training or labels is None:
             return ModelOutput(log_probs, logits)
         anchors, partners = mine_pairs(pooled, labels) if pairs is None else pairs
@@ -142,8 +146,10 @@ class APINetClassifier(ImageClassifier):
         s1_other = self.classifier(self.drop(gate2 * x1 + x1))
         s2_self = self.classifier(self.drop(gate2 * x2 + x2))
         s2_other = self.classifier(self.drop(gate1 * x2 + x2))
+        # the margin in the loss's precision, made here so that a float64 model keeps it exact
+        margin = torch.full((), self.margin, dtype=full_precision(s1_self).dtype, device=s1_self.device)
         aux = (torch.cat([s1_self, s2_self]), torch.cat([s1_other, s2_other]),
-               torch.cat([labels[anchors], labels[partners]]), self.margin)
+               torch.cat([labels[anchors], labels[partners]]), margin)
         return ModelOutput(log_probs, logits, aux=aux)
 
 
@@ -153,7 +159,7 @@ def pair_terms(output: ModelOutput, label_smoothing: float = 0.0) -> tuple[torch
     The official ``MarginRankingLoss(margin)`` with target 1 on the true-class softmax scores:
     max(0, margin − (p_self − p_other)) per row."""
     self_logits, other_logits, pair_labels, margin = output.aux
-    self_logits, other_logits = self_logits.float(), other_logits.float()
+    self_logits, other_logits = full_precision(self_logits), full_precision(other_logits)
     ce = F.cross_entropy(torch.cat([self_logits, other_logits]), torch.cat([pair_labels, pair_labels]),
                          label_smoothing=label_smoothing)
     rows = torch.arange(len(pair_labels), device=pair_labels.device)
@@ -222,10 +228,7 @@ class ClassBalancedSampler(Sampler[int]):
             label = self.classes[int(sizes.argmin())]
             raise FinebenchError(f"variant 'api_net': class {label} has {sizes.min()} training images, fewer than "
                                  f"images_per_class = {images_per_class}; expected images_per_class <= {sizes.min()}")
-        self.steps = len(labels) // self.global_batch
-        if not self.steps:
-            raise FinebenchError(f"variant 'api_net': the training split has {len(labels)} images, fewer than one "
-                                 f"batch of {self.global_batch}; expected a smaller train.batch_size")
+        self.steps = len(labels) // self.global_batch  # >= 1: classes_per_batch classes of >= k images exist
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
