@@ -344,15 +344,17 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
         images, labels = _batch()
         wrapped = nn.parallel.DistributedDataParallel(model)
         step = _engine(wrapped, accumulation=1, batch=(images[rank * 4:(rank + 1) * 4], labels[rank * 4:(rank + 1) * 4]))
-        queue.put((rank, {k: v.detach().clone() for k, v in model.state_dict().items()},
-                   step.take_method_counts()))
+        # NumPy arrays and lists travel by value (shared-memory tensors die with the worker)
+        queue.put((rank, {k: v.detach().numpy().copy() for k, v in model.named_parameters()},
+                   step.take_method_counts().tolist()))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_gloo_workers_mine_the_pairs_of_a_one_process_run_with_two_micro_batches() -> None:
-    """Each worker's share is one micro-batch's worth of whole classes: the same pairs, the same step."""
+    """Each worker's share is one micro-batch's worth of whole classes: the same pairs, the same step
+    (parameters; BatchNorm running statistics differ: DDP keeps rank 0's, accumulation updates twice)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -366,6 +368,7 @@ def test_two_gloo_workers_mine_the_pairs_of_a_one_process_run_with_two_micro_bat
     expected_counts = step.take_method_counts()
     for rank in (0, 1):
         weights, _ = results[rank]
-        for name, value in model.state_dict().items():
-            torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    torch.testing.assert_close(results[0][1] + results[1][1], expected_counts)
+        for name, value in model.named_parameters():
+            torch.testing.assert_close(torch.from_numpy(weights[name]), value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(torch.tensor(results[0][1], dtype=torch.float64) + torch.tensor(results[1][1], dtype=torch.float64),
+                               expected_counts)
