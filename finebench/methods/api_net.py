@@ -287,6 +287,13 @@ class APINet(Method):
             parts.append(options.mutual_activation)
         return "-".join([self.kind, *parts])
 
+    def settings(self, options: APINetOptions) -> str:  # type: ignore[override]
+        classes = "batch/k" if options.classes_per_batch is None else str(options.classes_per_batch)
+        mlp = "" if options.mutual_activation == "none" else f" {options.mutual_activation}"
+        return (f"{classes} classes x {options.images_per_class} images, margin {options.margin:g}, "
+                f"hidden {options.hidden}{mlp}, dropout {options.dropout:g}, "
+                f"backbone frozen {options.freeze_backbone_epochs} epochs")
+
     def train_settings(self, train: TrainSection, options: APINetOptions) -> TrainSection:  # type: ignore[override]
         if options.classes_per_batch is not None:
             train = train.model_copy(update={"batch_size": options.classes_per_batch * options.images_per_class})
