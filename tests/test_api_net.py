@@ -19,7 +19,12 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
-from finebench.methods.api_net import APINetClassifier, ClassBalancedSampler, mine_pairs, pair_terms
+from finebench.methods.api_net import (
+    APINetClassifier,
+    ClassBalancedSampler,
+    mine_pairs,
+    pair_terms,
+)
 from finebench.models.base import Backbone
 from finebench.recipe import TrainSection
 from finebench.train.engine import TrainStep, fit
@@ -41,7 +46,7 @@ class Pooled(Backbone):
     out_channels = 2048
     attention_candidates = ()
 
-    def forward(self, x, taps=(), stop_after_taps=False):  # noqa: ANN001, ANN201
+    def forward(self, x, taps=(), stop_after_taps=False):
         return x, {}
 
 
@@ -135,7 +140,7 @@ def test_the_test_prediction_is_the_plain_classifier_on_the_pooled_feature() -> 
 def test_an_image_without_a_candidate_pairs_with_image_0_as_the_official() -> None:
     golden = load_file(GOLDEN)
     for name, labels in (("alone", [3, 3, 8, 8, 11]), ("one_class", [4, 4, 4, 4])):
-        anchors, partners = mine_pairs(golden["features"][:len(labels)], torch.tensor(labels))
+        _, partners = mine_pairs(golden["features"][:len(labels)], torch.tensor(labels))
         assert torch.equal(partners, torch.cat([golden[f"{name}_intra_pairs"][:, 1], golden[f"{name}_inter_pairs"][:, 1]]))
 
 
@@ -220,13 +225,15 @@ def test_train_settings_take_the_papers_batch_only_when_the_options_choose_it() 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"batch_size": 30}, r"train.batch_size = 30 is not a multiple of images_per_class = 4; expected e.g. 28 or 32$"),
     ({"batch_size": 6}, r"train.batch_size = 6 is not a multiple of images_per_class = 4; expected e.g. 8$"),
-    ({"batch_size": 4}, r"train.batch_size = 4 holds 1 class x 4 images, and inter-class pairs need at least 2 "
-                        r"classes per batch; expected batch_size >= 8 \(e.g. 8\)$"),
-    ({"batch_size": 20, "accumulation_steps": 2}, r"train.batch_size = 20 holds 5 classes x 4 images, which do not "
-     r"split into 2 micro-batches \(train.accumulation_steps\) of whole classes, at least 2 each \(pairs are mined "
-     r"within each\); expected a multiple of 2 classes, at least 4 \(e.g. batch_size = 24\)$"),
-    ({"batch_size": 8, "accumulation_steps": 2}, r"train.batch_size = 8 holds 2 classes x 4 images, which do not split into 2 "
-     r"micro-batches .*; expected a multiple of 2 classes, at least 4 \(e.g. batch_size = 16\)$"),
+    ({"batch_size": 4}, (r"train.batch_size = 4 holds 1 class x 4 images, and inter-class pairs need at least 2 "
+                         r"classes per batch; expected batch_size >= 8$")),
+    ({"batch_size": 20, "accumulation_steps": 2}, (
+        r"train.batch_size = 20 holds 5 classes x 4 images, which do not split into 2 micro-batches "
+        r"\(train.accumulation_steps\) of whole classes, at least 2 each \(pairs are mined within each\); "
+        r"expected a multiple of 2 classes, at least 4 \(e.g. batch_size = 24\)$")),
+    ({"batch_size": 8, "accumulation_steps": 2}, (
+        r"train.batch_size = 8 holds 2 classes x 4 images, which do not split into 2 micro-batches .*; "
+        r"expected a multiple of 2 classes, at least 4 \(e.g. batch_size = 16\)$")),
 ])
 def test_a_batch_that_cannot_be_paired_is_one_line_naming_the_setting(changes: dict, message: str) -> None:
     with pytest.raises(FinebenchError, match=f"^variant 'api_net': {message}"):
@@ -283,7 +290,7 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
-def _engine(model: nn.Module, accumulation: int, epoch: int = 1, batch=None) -> TrainStep:  # noqa: ANN001
+def _engine(model: nn.Module, accumulation: int, epoch: int = 1, batch=None) -> TrainStep:
     step = TrainStep(model, _sgd(model), None, torch.device("cpu"), accumulation_steps=accumulation,
                      method=get_method("api_net"))
     step.epoch = epoch

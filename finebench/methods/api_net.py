@@ -44,7 +44,13 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from finebench.errors import FinebenchError
-from finebench.methods.base import Method, MethodOptions, StepContext, StepResult, TrainSection
+from finebench.methods.base import (
+    Method,
+    MethodOptions,
+    StepContext,
+    StepResult,
+    TrainSection,
+)
 from finebench.methods.registry import register
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier, parameter_groups, unwrap
@@ -186,7 +192,7 @@ def batch_problem(batch_size: int, images_per_class: int, parts: int, what: str)
     good = max(2 * parts, -(-classes // parts) * parts) * k
     if parts == 1:
         return (f"train.batch_size = {batch_size} holds {classes} class x {k} images, and inter-class pairs need "
-                f"at least 2 classes per batch; expected batch_size >= {good} (e.g. {good})")
+                f"at least 2 classes per batch; expected batch_size >= {good}")
     return (f"train.batch_size = {batch_size} holds {classes} classes x {k} images, which do not split into "
             f"{parts} {what} of whole classes, at least 2 each (pairs are mined within each); expected a multiple "
             f"of {parts} classes, at least {2 * parts} (e.g. batch_size = {good})")
@@ -259,7 +265,7 @@ class ClassBalancedSampler(Sampler[int]):
         share = self.global_batches()[:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
         return torch.from_numpy(share.reshape(-1).copy())
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.indices().tolist())
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import generated, official_commit, official_file, run_parts, write  # noqa: E402
+from common import generated, official_commit, official_file, run_parts, write
 
 WIDTH, CLASSES = 2048, 200
 LABELS = [5, 17, 5, 199, 17, 0, 199, 0, 5, 17]
