@@ -379,3 +379,50 @@ def test_two_gloo_workers_mine_the_pairs_of_a_one_process_run_with_two_micro_bat
             torch.testing.assert_close(torch.from_numpy(weights[name]), value.detach(), rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(torch.tensor(results[0][1], dtype=torch.float64) + torch.tensor(results[1][1], dtype=torch.float64),
                                expected_counts)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_every_loader_path_hands_out_the_class_balanced_batches(tmp_path: Path, in_memory: bool) -> None:
+    from functools import partial
+
+    from tiny_data import DATASET, prepare_tiny_bars
+
+    from finebench.data.loader import build_loaders
+
+    root = prepare_tiny_bars(tmp_path, 40, 8)
+    options = parse_options("api_net", {"images_per_class": 2})
+    loaders = build_loaders(DATASET, root, batch_size=8, input_size=16, augmentation="none", in_memory=in_memory,
+                            sampler_factory=partial(get_method("api_net").batch_sampler, options))
+    assert loaders.path == ("in_memory" if in_memory else "workers")
+    loaders.train.sampler.set_epoch(1)
+    batches = [labels for _, labels in loaders.train]
+    assert len(batches) == 40 // 8
+    for labels in batches:
+        pairs = labels.view(4, 2)
+        assert (pairs[:, 0] == pairs[:, 1]).all() and len(set(pairs[:, 0].tolist())) == 4
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_api_net_from_the_cli_and_records_its_pair_statistics(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 40, 20)
+    recipe = tmp_path / "pairs.toml"
+    recipe.write_text(tiny_recipe(variants=("baseline", "api_net"), batch_size=16).replace(
+        'kind = "api_net"', 'kind = "api_net"\nhidden = 8\nfreeze_backbone_epochs = 0') + "threads = 1\n")
+    results = tmp_path / "results"
+    tree = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}  # this checkout's finebench
+    run = subprocess.run([sys.executable, "-m", "finebench", "run", str(recipe), "--data-root", str(root),
+                          "--results-dir", str(results)], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
+                         env=tree)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for path in results.glob("pairs/*/metrics.jsonl")
+            for line in path.read_text().splitlines() if "train_pairs" in line]
+    assert len(rows) == 1 and rows[0]["train_pairs"]["ce"] > 0
+    summaries = [json.loads(path.read_text()) for path in results.glob("pairs/*/summary.json")]
+    assert sorted(s["variant_name"] for s in summaries) == ["api_net-h8-f0", "baseline"]
+    assert all(s["status"] == "finished" for s in summaries)

@@ -135,10 +135,6 @@ class APINetClassifier(ImageClassifier):
         """``pairs`` (anchors, partners) replaces the mining (golden tests feed the official pairs in)."""
         pooled, _ = self.backbone(images)
         assert pooled is not None
-        return self.classify(pooled, labels, pairs)
-
-    def classify(self, pooled: torch.Tensor, labels: torch.Tensor | None = None,
-                 pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
         logits = self.classifier(pooled)
         log_probs = F.log_softmax(full_precision(logits), dim=1)
         if not self.training or labels is None:
