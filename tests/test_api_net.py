@@ -417,8 +417,8 @@ def test_a_recipe_trains_api_net_from_the_cli_and_records_its_pair_statistics(tm
     results = tmp_path / "results"
     tree = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}  # this checkout's finebench
     run = subprocess.run([sys.executable, "-m", "finebench", "run", str(recipe), "--data-root", str(root),
-                          "--results-dir", str(results)], capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
-                         env=tree)
+                          "--results-dir", str(results)], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         check=False, env=tree)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for path in results.glob("pairs/*/metrics.jsonl")
             for line in path.read_text().splitlines() if "train_pairs" in line]
