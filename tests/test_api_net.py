@@ -203,6 +203,8 @@ def test_options_default_to_the_official_code_and_name_what_differs() -> None:
             options.mutual_activation, options.freeze_backbone_epochs) == (4, None, 0.05, 512, 0.5, "none", 8)
     assert method.train_passes_per_image == 1 and method.test_forward_passes == 1
     assert method.table_name(options) == "api_net"
+    assert method.settings(options) == ("batch/4 classes x 4 images, margin 0.05, hidden 512, dropout 0.5, "
+                                        "backbone frozen 8 epochs")
     assert method.table_name(parse_options("api_net", {"classes_per_batch": 30, "margin": 0.0,
                                                        "freeze_backbone_epochs": 0, "mutual_activation": "relu"})) \
         == "api_net-n30-m0-f0-relu"

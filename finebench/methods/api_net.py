@@ -33,7 +33,7 @@ optimiser idle for the first 8 epochs (the lr schedule and BatchNorm statistics 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -209,7 +209,9 @@ class ClassBalancedSampler(Sampler[int]):
 
     def __init__(self, labels: Sequence[int], classes_per_batch: int, images_per_class: int, *, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
-        from finebench.data.loader import per_worker_batch
+        from finebench.data.loader import (
+            per_worker_batch,  # here: the data layer costs 0.3 s to import
+        )
 
         labels = np.asarray(labels, dtype=np.int64)
         self.classes = np.unique(labels)
@@ -261,7 +263,7 @@ class ClassBalancedSampler(Sampler[int]):
         share = self.global_batches()[:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
         return torch.from_numpy(share.reshape(-1).copy())
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
 
 
@@ -290,9 +292,10 @@ class APINet(Method):
         return "-".join([self.kind, *parts])
 
     def settings(self, options: APINetOptions) -> str:  # type: ignore[override]
-        classes = "batch/k" if options.classes_per_batch is None else str(options.classes_per_batch)
+        k = options.images_per_class
+        classes = f"batch/{k}" if options.classes_per_batch is None else str(options.classes_per_batch)
         mlp = "" if options.mutual_activation == "none" else f" {options.mutual_activation}"
-        return (f"{classes} classes x {options.images_per_class} images, margin {options.margin:g}, "
+        return (f"{classes} classes x {k} images, margin {options.margin:g}, "
                 f"hidden {options.hidden}{mlp}, dropout {options.dropout:g}, "
                 f"backbone frozen {options.freeze_backbone_epochs} epochs")
 
