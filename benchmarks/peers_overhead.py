@@ -7,8 +7,9 @@ repeat by repeat so the load of a shared machine hits them alike; the time overh
 median of the per-repeat ratios. The FLOP overhead is ``finebench profile``'s (fvcore, the
 test-time prediction as the method makes it), and the training cost multiplies it by the
 method's backbone passes per training image. Training-only work outside the prediction (MCL's
-two loss terms, PMG's jigsaws and three extra optimiser steps) is in the time but not in the
-FLOPs: that is part of what the gap shows.
+two loss terms, PMG's jigsaws and three extra optimiser steps, API-Net's pair head) is in the time
+but not in the FLOPs: that is part of what the gap shows. The batch's labels are class-balanced
+(classes of 4 images as API-Net's sampler draws them; the others do not care).
 
     python benchmarks/peers_overhead.py                 # timm:resnet10t at 224 px, N = 200
     python benchmarks/peers_overhead.py --quick         # a smoke run
@@ -37,6 +38,7 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("bcnn-r512", "bcnn", {"reduce": 512}),
     ("mcl", "mcl", {}),
     ("pmg", "pmg", {}),
+    ("api_net-f0", "api_net", {"freeze_backbone_epochs": 0}),  # the step after its frozen epochs
 ]
 """(table name, kind, options): the peers measured, each against the baseline."""
 
@@ -48,17 +50,20 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", nargs="*", default=None, help="measure only these variants (table names)")
     args = parse_benchmark_arguments(parser)
     batch, repeats, warmup = (2, 1, 1) if args.quick else (args.batch, args.repeats, 2)
+    variants = [v for v in VARIANTS if args.only is None or v[0] in args.only]
     train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision="fp32")
-    costs = {row.label: row for row in profile_variants(args.backbone, args.classes, args.size, VARIANTS)}
+    costs = {row.label: row for row in profile_variants(args.backbone, args.classes, args.size, variants)}
     steps = {}
-    for label, kind, options in [("baseline", "baseline", {}), *VARIANTS]:
+    for label, kind, options in [("baseline", "baseline", {}), *variants]:
         torch.manual_seed(0)
         model = build_model(args.backbone, args.classes, kind, options)
         method = get_method(kind)
         steps[label] = build_train_step(model, train, mixture=method.mixture, steps_per_epoch=100, method=method)
-    images, labels = synthetic_batch(batch, args.size, args.classes, device=steps["baseline"].device)
+    images, _ = synthetic_batch(batch, args.size, args.classes, device=steps["baseline"].device)
+    labels = torch.arange(batch, device=images.device) // 4 % args.classes  # classes of 4 images
     print("peers_overhead: training-step time of each peer method vs the baseline, beside its FLOP overhead")
     print(machine_line())
     timings = time_side_by_side({label: (lambda s=step: s(images, labels)) for label, step in steps.items()},
@@ -66,7 +71,7 @@ def main() -> None:
     base = timings["baseline"]
     rows = [[args.backbone, args.size, args.classes, batch, "baseline", f"{base.median_s * 1000:.0f}",
              "+0.0%", "1", "+0.0%", "+0.0%", f"{base.spread_pct:.0f}%"]]
-    for label, _, _ in VARIANTS:
+    for label, _, _ in variants:
         timing, cost = timings[label], costs[label]
         time_overhead = 100.0 * (paired_ratio(base, timing) - 1.0)
         train_flops = 100.0 * (cost.train_passes_per_image * (1 + cost.flops_overhead_pct / 100) - 1)

@@ -13,6 +13,7 @@ from finebench.methods import eca  # noqa: F401
 from finebench.methods import bcnn  # noqa: F401
 from finebench.methods import mcl  # noqa: F401
 from finebench.methods import pmg  # noqa: F401
+from finebench.methods import api_net  # noqa: F401
 from finebench.methods.base import Method, MethodOptions, MicroBatch, StepContext, StepResult
 from finebench.methods.registry import (
     METHODS,

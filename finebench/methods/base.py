@@ -98,7 +98,8 @@ class StepContext(Protocol):
     label_smoothing: float
 
     def micro_batches(self, images: torch.Tensor, labels: torch.Tensor) -> Iterator[MicroBatch]: ...
-    def forward(self, images: torch.Tensor) -> ModelOutput: ...
+    def forward(self, images: torch.Tensor, **inputs: Any) -> ModelOutput: ...
+    """The model on ``images``; ``inputs`` go to its forward too (API-Net's ``labels=`` for pair mining)."""
     def backward(self, loss: torch.Tensor, part: MicroBatch | None = None) -> None: ...
     def zero_grad(self, *, set_to_none: bool = True) -> None: ...
     def optimizer_step(self) -> None: ...
@@ -114,6 +115,10 @@ class StepResult:
     """The batch's mean training loss (0-dim, detached), as logged in ``train_loss``."""
     correct: torch.Tensor
     """Images of the batch classified right (0-dim), for ``train_top1``."""
+    counts: tuple[torch.Tensor, ...] = ()
+    """Sums the method records beyond loss and top-1 (0-dim each, the same count every step): the
+    engine adds them up over the epoch and the ranks and ``Method.train_metrics`` makes them fields
+    of the epoch's metrics.jsonl row (API-Net's pair statistics)."""
 
 
 class Method:
@@ -226,6 +231,11 @@ class Method:
 
     def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
         """The metrics.jsonl fields made from the summed ``eval_counts`` (``images`` test images)."""
+        return {}
+
+    def train_metrics(self, counts: Sequence[float], images: float) -> dict[str, Any]:
+        """The metrics.jsonl fields made from an epoch's summed ``StepResult.counts`` (``images``
+        training images), beside ``train_loss`` and ``train_top1``."""
         return {}
 
     def early_predictors(self, model: nn.Module) -> dict[str, nn.Module]:

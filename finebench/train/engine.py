@@ -282,6 +282,8 @@ class TrainStep:
     epoch: int = 1
     """The epoch being trained (``fit`` sets it; a method's own step may read it)."""
     scaler: torch.amp.GradScaler = field(init=False)
+    method_counts: torch.Tensor | None = field(init=False, default=None)
+    """The method's ``StepResult.counts`` summed since ``take_method_counts`` last read them."""
     compiled_shapes: set[tuple[int, ...]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
@@ -343,7 +345,15 @@ class TrainStep:
         result = self.method.train_step(EngineStepContext(self), images, labels)
         if self.scheduler is not None:
             self.scheduler.step()
+        if result.counts:
+            counts = torch.stack([count.detach().double() for count in result.counts])
+            self.method_counts = counts if self.method_counts is None else self.method_counts + counts
         return result.loss.detach(), result.correct
+
+    def take_method_counts(self) -> torch.Tensor | None:
+        """The method's step counts summed since the last call (None if it records none), reset."""
+        counts, self.method_counts = self.method_counts, None
+        return counts
 
     def _accumulated_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step over ``accumulation_steps`` micro-batches of this batch.
@@ -402,9 +412,9 @@ class EngineStepContext:
             with contextlib.nullcontext() if last or self._no_sync is None else self._no_sync():
                 yield part
 
-    def forward(self, images: torch.Tensor) -> ModelOutput:
+    def forward(self, images: torch.Tensor, **inputs: Any) -> ModelOutput:
         with self.autocast():
-            return self.model(images)
+            return self.model(images, **inputs)
 
     def backward(self, loss: torch.Tensor, part: MicroBatch | None = None) -> None:
         if part is not None and self._parts > 1:
@@ -784,6 +794,7 @@ def fit(
             )
         except NonFiniteLoss as error:
             return result("failed", str(error), epoch - 1)
+        method_counts = step.take_method_counts()
         counts = ctx.reduce_sum(
             torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(seen), loss_sum.new_tensor(compile_images)])
         ).tolist()
@@ -795,6 +806,8 @@ def fit(
             "epoch": epoch,
             "train_loss": counts[0] / counts[2],
             "train_top1": 100.0 * counts[1] / counts[2],
+            **({} if method is None or method_counts is None
+               else method.train_metrics(ctx.reduce_sum(method_counts).tolist(), counts[2])),
             "lr": optimizer.param_groups[-1]["lr"],
             "epoch_time_s": elapsed,
             "images_per_s": timed_images / elapsed if elapsed else 0.0,
@@ -807,8 +820,8 @@ def fit(
                 channels_last=channels_last, ctx=ctx, confusion=epoch == train.epochs, method=method,
             )
             final_confusion = metrics.pop("confusion", None)
-            row = {"epoch": epoch, "train_loss": row["train_loss"], "train_top1": row["train_top1"], **metrics,
-                   **{k: row[k] for k in ("lr", *MACHINE_FIELDS)}}
+            trained = {k: v for k, v in row.items() if k not in ("lr", *MACHINE_FIELDS)}
+            row = {**trained, **metrics, **{k: row[k] for k in ("lr", *MACHINE_FIELDS)}}
             if not math.isfinite(row["test_loss"]):
                 rows.append(row)
                 if store is not None and ctx.is_main:
