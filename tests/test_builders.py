@@ -168,7 +168,7 @@ def test_fgvc_aircraft_labels_and_images_agree_with_torchvision(name, local_http
     mini = archives.fgvc_aircraft(name)
     level, cropped = archives.AIRCRAFT_SPECS[name]
     store = prepare_via_server(mini, local_http_server, tmp_path / "data")
-    reference_root = _aircraft_extracted(tmp_path) / ""
+    reference_root = _aircraft_extracted(tmp_path)
     palette = {e.colour: e for examples in mini.splits.values() for e in examples}
     ours: dict[str, dict] = {}
     for split in ("train", "val", "test"):
@@ -451,3 +451,19 @@ def test_flowers102_class_names_are_torchvision_s(local_http_server, tmp_path):
 
     store = prepare_via_server(archives.flowers102(FLOWER_NAMES), local_http_server, tmp_path / "data")
     assert json.loads((store / "meta.json").read_text())["classes"] == tv.Flowers102.classes
+
+
+def test_peers_fgvc_aircraft_recipe_trains_on_trainval_and_tests_on_test(local_http_server, tmp_path):
+    """The recipe's train_split "train+val" is the benchmark's trainval on a prepared store."""
+    from finebench.data.loader import build_loaders
+    from finebench.recipe import load_recipe
+
+    dataset = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "peers_fgvc_aircraft.toml").recipe.dataset
+    mini = archives.fgvc_aircraft(dataset.name)
+    prepare_via_server(mini, local_http_server, tmp_path / "data")
+    loaders = build_loaders(dataset.name, tmp_path / "data", batch_size=2, input_size=16, augmentation=dataset.augmentation,
+                            train_split=dataset.train_split, test_split=dataset.test_split, decode="workers")
+    train_labels = sorted(int(y) for _, labels in loaders.train for y in labels)
+    test_labels = sorted(int(y) for _, labels in loaders.test for y in labels)
+    assert train_labels == sorted(e.label for split in ("train", "val") for e in mini.splits[split])
+    assert test_labels == sorted(e.label for e in mini.splits["test"])
