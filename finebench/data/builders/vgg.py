@@ -117,7 +117,9 @@ def _aircraft_list(data: Path, level: str, split: str, label_of: dict[str, int])
     for image_id, name in read_rows(list_path, min_fields=2, maxsplit=1):
         name = name.strip()
         if name not in label_of:
-            raise FinebenchError(f"{list_path}: {level} {name!r} of image {image_id} is not in {AIRCRAFT_LEVELS[level]}")
+            raise FinebenchError(
+                f"{list_path}: {level} {name!r} of image {image_id} is not in {AIRCRAFT_LEVELS[level]}"
+            )
         rows.append((image_id, label_of[name]))
     return rows
 
@@ -126,7 +128,8 @@ def parse_fgvc_aircraft(raw_dir: Path, level: str = "variant", crop_banner: bool
     """train / val / test at one annotation level; trainval is stored as train + val, checked against its list.
 
     ``crop_banner`` re-encodes every image without its bottom banner (JPEG q95); otherwise the
-    files are stored as they are, banner included, as torchvision and the peers' official loaders read them.
+    files are stored as they are, banner included, as torchvision and the peers' official loaders
+    (WS-DAN, CAL) read them.
     """
     data = require_dir(raw_dir / "fgvc-aircraft-2013b" / "data", "from fgvc-aircraft-2013b.tar.gz")
     images = require_dir(data / "images", "from fgvc-aircraft-2013b.tar.gz")
@@ -164,7 +167,8 @@ def _without_banner(item: tuple[Path, int]) -> Example:
 _AIRCRAFT_ARCHIVE = Source(
     "fgvc-aircraft-2013b.tar.gz",
     url=_VGG + "fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-    # The MD5 the dataset page links (archives/fgvc-aircraft-2013b.html); torchvision checks none.
+    # torchvision checks no digest. The dataset page links an MD5 page (archives/fgvc-aircraft-2013b.html,
+    # not readable from here); this is the value other loaders of the same URL check (e.g. the R torchvision port).
     md5="d4acdd33327262359767eeaa97a4f732",
 )
 
@@ -172,18 +176,19 @@ _AIRCRAFT_ARCHIVE = Source(
 def _aircraft_spec(name: str, level: str, num_classes: int, crop_banner: bool) -> DatasetSpec:
     """One registered dataset per (level, banner) pair, so a store's name says which images and labels it holds."""
     banner = (
-        f"the {AIRCRAFT_BANNER_PX}-pixel copyright banner at the bottom of each image is cropped away (the dataset "
-        "authors' evaluation; images re-encoded as JPEG q95)"
+        f"the {AIRCRAFT_BANNER_PX}-pixel copyright banner at the bottom of each image is cropped away (images "
+        "re-encoded as JPEG q95)"
         if crop_banner
         else f"images are stored as distributed, {AIRCRAFT_BANNER_PX}-pixel copyright banner included, as the "
-        "official WS-DAN and CAL loaders and torchvision read them (fgvc_aircraft_cropped drops it)"
+        "official WS-DAN and CAL loaders (the only peers' code that reads Aircraft) and torchvision read them "
+        "(fgvc_aircraft_cropped drops it)"
     )
     return DatasetSpec(
         name=name,
         num_classes=num_classes,
         split_sizes={"train": 3334, "val": 3333, "test": 3333},
-        protocol=f"{level.capitalize()} level ({num_classes} classes), official images_{level}_{{train,val,test}}.txt; "
-        f"{banner}. Select on val; for final numbers train on trainval (train_split = \"train+val\", 6,667 "
+        protocol=f"{level.capitalize()} level ({num_classes} classes), official "
+        f"images_{level}_{{train,val,test}}.txt; {banner}. Select on val; for final numbers train on trainval (train_split = \"train+val\", 6,667 "
         "images) and report top-1 on test (3,333).",
         terms="Non-commercial research only; images courtesy of airliners.net photographers.",
         homepage=_VGG + "fgvc-aircraft/",
@@ -251,4 +256,6 @@ OXFORD_PETS = DatasetSpec(
     "file-name prefixes (cat breeds capitalised, dog breeds lower case), in class-id order.",
 )
 
-SPECS = [FLOWERS102, FGVC_AIRCRAFT, FGVC_AIRCRAFT_CROPPED, FGVC_AIRCRAFT_FAMILY, FGVC_AIRCRAFT_MANUFACTURER, OXFORD_PETS]
+SPECS = [
+    FLOWERS102, FGVC_AIRCRAFT, FGVC_AIRCRAFT_CROPPED, FGVC_AIRCRAFT_FAMILY, FGVC_AIRCRAFT_MANUFACTURER, OXFORD_PETS,
+]
