@@ -188,8 +188,8 @@ def _aircraft_spec(name: str, level: str, num_classes: int, crop_banner: bool) -
         num_classes=num_classes,
         split_sizes={"train": 3334, "val": 3333, "test": 3333},
         protocol=f"{level.capitalize()} level ({num_classes} classes), official "
-        f"images_{level}_{{train,val,test}}.txt; {banner}. Select on val; for final numbers train on trainval (train_split = \"train+val\", 6,667 "
-        "images) and report top-1 on test (3,333).",
+        f"images_{level}_{{train,val,test}}.txt; {banner}. Select on val; for final numbers train on trainval "
+        "(train_split = \"train+val\", 6,667 images) and report top-1 on test (3,333).",
         terms="Non-commercial research only; images courtesy of airliners.net photographers.",
         homepage=_VGG + "fgvc-aircraft/",
         parse=functools.partial(parse_fgvc_aircraft, level=level, crop_banner=crop_banner),
