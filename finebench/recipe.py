@@ -340,8 +340,8 @@ class RunSpec:
         return self.model if self.model is not None else ModelSection.model_validate(self.config["model"])
 
     def dataset_section(self) -> DatasetSection:
-        """The run's dataset settings, its held-out fold's splits included."""
-        return DatasetSection.model_validate(self.config["dataset"])
+        """The run's dataset settings, its held-out fold's splits included (the fold itself is ``fold``)."""
+        return DatasetSection.model_validate({k: v for k, v in self.config["dataset"].items() if k != "fold"})
 
     @property
     def backbone(self) -> str:

@@ -35,6 +35,8 @@ class Expected:
     label: int
     colour: Colour
     size: tuple[int, int] | None = None
+    body_rows: int | None = None
+    """Rows from the top that show the colour (the rest is a banner); ``None``: the whole image."""
 
 
 @dataclass
@@ -369,27 +371,60 @@ def flowers102(flower_names: list[str]) -> Miniature:
 
 
 AIRCRAFT_BODY = (24, 16)
+AIRCRAFT_BANNER = 20
+AIRCRAFT_FAMILY = {"707-320": "Boeing 707", "737-200": "Boeing 737", "737-300": "Boeing 737", "A300B4": "A300"}
+AIRCRAFT_MANUFACTURER = {"Boeing 707": "Boeing", "Boeing 737": "Boeing", "A300": "Airbus"}
+AIRCRAFT_SPECS = {
+    "fgvc_aircraft": ("variant", False),
+    "fgvc_aircraft_cropped": ("variant", True),
+    "fgvc_aircraft_family": ("family", False),
+    "fgvc_aircraft_manufacturer": ("manufacturer", False),
+}
+"""Registered name -> (annotation level, banner cropped)."""
 
 
-def fgvc_aircraft() -> Miniature:
+def fgvc_aircraft(name: str = "fgvc_aircraft") -> Miniature:
+    """The 2013b layout: three-level class lists (families and manufacturers not in variant order, so
+    labels must come from each level's own list), per-level split lists, a banner under every photo."""
+    level, cropped = AIRCRAFT_SPECS[name]
     colour = _Colours()
-    variants = ["707-320", "A300B4", "Cessna 172"]
+    variants = list(AIRCRAFT_FAMILY)
+    families = ["A300", "Boeing 707", "Boeing 737"]
+    manufacturers = ["Airbus", "Boeing"]
     root = "fgvc-aircraft-2013b/data"
-    members = {f"{root}/variants.txt": text(variants)}
-    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    splits = {"train": [], "val": [], "test": []}
+    members = {
+        f"{root}/variants.txt": text(variants),
+        f"{root}/families.txt": text(families),
+        f"{root}/manufacturers.txt": text(manufacturers),
+    }
+    name_of = {
+        "variant": lambda v: v,
+        "family": lambda v: AIRCRAFT_FAMILY[v],
+        "manufacturer": lambda v: AIRCRAFT_MANUFACTURER[AIRCRAFT_FAMILY[v]],
+    }
+    classes = {"variant": variants, "family": families, "manufacturer": manufacturers}
+    lists: dict[str, dict[str, list[str]]] = {lv: {"train": [], "val": [], "test": []} for lv in name_of}
+    boxes: list[str] = []
+    splits: dict[str, list[Expected]] = {"train": [], "val": [], "test": []}
+    width, height = AIRCRAFT_BODY
+    size = AIRCRAFT_BODY if cropped else (width, height + AIRCRAFT_BANNER)
     image_id = 1025794
-    for label, variant in enumerate(variants):
+    for variant in variants:
         for split in ("train", "val", "test", "train"):
             image_id += 1
             c = colour()
-            members[f"{root}/images/{image_id:07d}.jpg"] = jpeg(c, AIRCRAFT_BODY, banner=20)
-            lists[split].append(f"{image_id:07d} {variant}")
-            splits[split].append(Expected(label, c, AIRCRAFT_BODY))
-    for split, lines in lists.items():
-        members[f"{root}/images_variant_{split}.txt"] = text(lines)
-    members[f"{root}/images_variant_trainval.txt"] = text(lists["train"] + lists["val"])
-    return Miniature("fgvc_aircraft", {"fgvc-aircraft-2013b.tar.gz": tar_bytes(members, "gz")}, variants, splits)
+            members[f"{root}/images/{image_id:07d}.jpg"] = jpeg(c, AIRCRAFT_BODY, banner=AIRCRAFT_BANNER)
+            for lv, lv_name in name_of.items():
+                lists[lv][split].append(f"{image_id:07d} {lv_name(variant)}")
+            boxes.append(f"{image_id:07d} 2 3 20 12")
+            label = classes[level].index(name_of[level](variant))
+            splits[split].append(Expected(label, c, size, body_rows=height))
+    for lv, per_split in lists.items():
+        for split, lines in per_split.items():
+            members[f"{root}/images_{lv}_{split}.txt"] = text(lines)
+        members[f"{root}/images_{lv}_trainval.txt"] = text(per_split["train"] + per_split["val"])
+    members[f"{root}/images_box.txt"] = text(boxes)
+    return Miniature(name, {"fgvc-aircraft-2013b.tar.gz": tar_bytes(members, "gz")}, classes[level], splits)
 
 
 def oxford_pets() -> Miniature:

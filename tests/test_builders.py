@@ -4,6 +4,7 @@ store), then the store is read back and each image is identified by its pixels."
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -50,11 +51,12 @@ def _identify(image, palette: dict[tuple[int, int, int], archives.Expected]) -> 
     """The expected example whose colour every sampled pixel of ``image`` shows."""
     pixels = np.asarray(image.convert("RGB"), dtype=int)
     height, width, _ = pixels.shape
-    samples = [pixels[y, x] for y in (1, height // 2, height - 1) for x in (1, width // 2, width - 1)]
     for colour, expected in palette.items():
+        rows = min(expected.body_rows or height, height)
+        samples = [pixels[y, x] for y in (1, rows // 2, rows - 1) for x in (1, width // 2, width - 1)]
         if all(np.abs(sample - colour).max() <= TOLERANCE for sample in samples):
             return expected
-    raise AssertionError(f"stored image with pixels {samples[4]} matches no source image")
+    raise AssertionError(f"stored image with pixels {pixels[height // 2, width // 2]} matches no source image")
 
 
 def read_split(store: Path, split: str, palette: dict) -> list[archives.Expected]:
@@ -87,7 +89,7 @@ DOWNLOADABLE = {
     "cub200": archives.cub200,
     "stanford_cars": archives.stanford_cars,
     "flowers102": lambda: archives.flowers102(FLOWER_NAMES),
-    "fgvc_aircraft": archives.fgvc_aircraft,
+    **{name: functools.partial(archives.fgvc_aircraft, name) for name in archives.AIRCRAFT_SPECS},
     "oxford_pets": archives.oxford_pets,
     "food101": archives.food101,
 }
@@ -102,13 +104,88 @@ def test_prepare_from_mirror_stores_official_splits_labels_and_pixels(name, loca
     assert all(meta["sources"][f]["md5"] == mini.md5(f) for f in mini.files)
 
 
-def test_fgvc_aircraft_crops_the_bottom_banner(local_http_server, tmp_path):
+def test_fgvc_aircraft_keeps_the_banner_by_default_and_fgvc_aircraft_cropped_drops_it(local_http_server, tmp_path):
+    """The default is what the peers' official loaders (WS-DAN, CAL) and torchvision feed the network."""
+    width, height = archives.AIRCRAFT_BODY
+    banner = archives.AIRCRAFT_BANNER
+    for name, size, banner_rows in (("fgvc_aircraft", (width, height + banner), banner),
+                                    ("fgvc_aircraft_cropped", archives.AIRCRAFT_BODY, 0)):
+        store = prepare_via_server(archives.fgvc_aircraft(name), local_http_server, tmp_path / name)
+        pixels = np.asarray(datasets.load_from_disk(str(store / "test"))[0]["image"].convert("RGB"), dtype=int)
+        assert (pixels.shape[1], pixels.shape[0]) == size
+        assert pixels[height:].size == 0 or pixels[height:].max() < 10, "the black banner rows are not the bottom rows"
+        assert pixels[:height].min() > 10 and len(pixels) - height == banner_rows
+        meta = json.loads((store / "meta.json").read_text())
+        assert meta["info"]["banner"] == ("kept" if banner_rows else f"cropped ({archives.AIRCRAFT_BANNER} px)")
+
+
+def _aircraft_extracted(tmp_path: Path) -> Path:
+    """The miniature archive unpacked by hand: a folder ``prepare --from`` parses in place."""
+    from finebench.data.download import extract_archive
+
     mini = archives.fgvc_aircraft()
+    archive = tmp_path / "fgvc-aircraft-2013b.tar.gz"
+    archive.write_bytes(mini.files[archive.name])
+    extract_archive(archive, tmp_path / "extracted")
+    return tmp_path / "extracted"
+
+
+def test_fgvc_aircraft_damaged_archive_stores_nothing(local_http_server, tmp_path):
+    mini = archives.fgvc_aircraft()
+    data = mini.files["fgvc-aircraft-2013b.tar.gz"]
+    local_http_server.add("fgvc-aircraft-2013b.tar.gz", data[: len(data) // 2])
+    with _with_miniature_checksums(mini), pytest.raises(FinebenchError, match=r"checksum mismatch.*fgvc-aircraft-2013b"):
+        prepare_dataset("fgvc_aircraft", tmp_path / "data", mirror=local_http_server.url, quiet=True)
+    assert not (tmp_path / "data" / "fgvc_aircraft").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: (data / "images_variant_trainval.txt").write_text("1025795 707-320\n"),
+         r"images_variant_trainval\.txt: its 1 lines are not the train and val lists together"),
+        (lambda data: (data / "images" / "1025797.jpg").unlink(), r"missing .*images/1025797\.jpg"),
+        (lambda data: (data / "images_variant_val.txt").write_text("1025796 707-321\n"),
+         r"images_variant_val\.txt: variant '707-321' of image 1025796 is not in variants\.txt"),
+    ],
+    ids=["trainval-disagrees", "image-missing", "unknown-variant"],
+)
+def test_fgvc_aircraft_damaged_layout_is_named(damage, message, tmp_path):
+    extracted = _aircraft_extracted(tmp_path)
+    damage(extracted / "fgvc-aircraft-2013b" / "data")
+    with pytest.raises(FinebenchError, match=message):
+        prepare_dataset("fgvc_aircraft", tmp_path / "data", from_path=extracted, quiet=True)
+    assert not (tmp_path / "data" / "fgvc_aircraft").exists()
+
+
+@pytest.mark.parametrize("name", sorted(archives.AIRCRAFT_SPECS))
+def test_fgvc_aircraft_labels_and_images_agree_with_torchvision(name, local_http_server, tmp_path):
+    """torchvision's FGVCAircraft reads the same miniature at the same annotation level: the same classes,
+    every image the same label in train, val and test, trainval = our train + val, and (banner kept)
+    the same pixels."""
+    import torchvision.datasets as tv
+
+    mini = archives.fgvc_aircraft(name)
+    level, cropped = archives.AIRCRAFT_SPECS[name]
     store = prepare_via_server(mini, local_http_server, tmp_path / "data")
-    row = datasets.load_from_disk(str(store / "test"))[0]
-    assert row["image"].size == archives.AIRCRAFT_BODY  # 20 rows shorter than the file
-    bottom_row = np.asarray(row["image"].convert("RGB"), dtype=int)[-1]
-    assert bottom_row.min() > 10, "the black banner survived the crop"
+    reference_root = _aircraft_extracted(tmp_path)
+    palette = {e.colour: e for examples in mini.splits.values() for e in examples}
+    ours: dict[str, dict] = {}
+    for split in ("train", "val", "test"):
+        rows = datasets.load_from_disk(str(store / split))
+        ours[split] = {_identify(row["image"], palette).colour: (row["label"], row["image"].size) for row in rows}
+    ours["trainval"] = {**ours["train"], **ours["val"]}
+    for split, found in ours.items():
+        reference = tv.FGVCAircraft(str(reference_root), split=split, annotation_level=level)
+        assert json.loads((store / "meta.json").read_text())["classes"] == reference.classes
+        theirs = {}
+        for index in range(len(reference)):
+            image, label = reference[index]
+            theirs[_identify(image, palette).colour] = (label, image.size)
+        assert {c: label for c, (label, _) in found.items()} == {c: label for c, (label, _) in theirs.items()}
+        for colour, (_, (width, height)) in theirs.items():
+            assert found[colour][1] == ((width, height - archives.AIRCRAFT_BANNER) if cropped else (width, height))
+    assert len(ours["trainval"]) == len(ours["train"]) + len(ours["val"])
 
 
 def test_uec_food100_crops_boxes_into_seeded_photo_folds(local_http_server, tmp_path):
@@ -201,7 +278,7 @@ def test_extracted_layout_with_a_listed_image_missing_names_that_image(tmp_path)
 
 def test_specs_state_sources_protocol_and_terms():
     names = ["stanford_dogs", "cub200", "stanford_cars", "uec_food100", "adience", "imagenet",
-             "flowers102", "fgvc_aircraft", "oxford_pets", "food101", "nabirds"]
+             "flowers102", *archives.AIRCRAFT_SPECS, "oxford_pets", "food101", "nabirds"]
     for name in names:
         spec = registry.get_spec(name)
         assert spec.sources and spec.protocol and spec.terms and spec.homepage
@@ -212,6 +289,7 @@ def test_specs_state_sources_protocol_and_terms():
             assert all(s.url for s in spec.sources)
     expected_classes = {"stanford_dogs": 120, "cub200": 200, "stanford_cars": 196, "uec_food100": 100,
                         "adience": 2, "imagenet": 1000, "flowers102": 102, "fgvc_aircraft": 100,
+                        "fgvc_aircraft_cropped": 100, "fgvc_aircraft_family": 70, "fgvc_aircraft_manufacturer": 30,
                         "oxford_pets": 37, "food101": 101, "nabirds": 555}
     assert {name: registry.get_spec(name).num_classes for name in names} == expected_classes
     assert len(FLOWER_NAMES) == 102 == len(set(FLOWER_NAMES))
@@ -373,3 +451,20 @@ def test_flowers102_class_names_are_torchvision_s(local_http_server, tmp_path):
 
     store = prepare_via_server(archives.flowers102(FLOWER_NAMES), local_http_server, tmp_path / "data")
     assert json.loads((store / "meta.json").read_text())["classes"] == tv.Flowers102.classes
+
+
+def test_peers_fgvc_aircraft_recipe_trains_on_trainval_and_tests_on_test(local_http_server, tmp_path):
+    """The recipe's train_split "train+val" is the benchmark's trainval on a prepared store."""
+    from finebench.data.loader import build_loaders
+    from finebench.recipe import load_recipe
+
+    dataset = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "peers_fgvc_aircraft.toml").recipe.dataset
+    mini = archives.fgvc_aircraft(dataset.name)
+    prepare_via_server(mini, local_http_server, tmp_path / "data")
+    loaders = build_loaders(dataset.name, tmp_path / "data", batch_size=2, input_size=16,
+                            augmentation=dataset.augmentation, train_split=dataset.train_split,
+                            test_split=dataset.test_split, decode="workers")
+    train_labels = sorted(int(y) for _, labels in loaders.train for y in labels)
+    test_labels = sorted(int(y) for _, labels in loaders.test for y in labels)
+    assert train_labels == sorted(e.label for split in ("train", "val") for e in mini.splits[split])
+    assert test_labels == sorted(e.label for e in mini.splits["test"])

@@ -114,3 +114,18 @@ def test_the_kfold_recipe_trains_one_run_per_fold_end_to_end(dataset: str, tmp_p
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["test_top1"] in (0.0, 100.0)
         assert summary["status"] == "finished"
+
+
+def test_each_fold_run_reads_its_own_splits_as_a_typed_section() -> None:
+    """The pre-flight check reads a run's dataset through ``RunSpec.dataset_section``; a k-fold
+    run's config also names its held-out fold, which is the run's ``fold``, not a recipe field."""
+    from pathlib import Path
+
+    from finebench.recipe import expand_runs, load_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "wrn50_adience.toml"
+    runs = expand_runs(load_recipe(recipe, ["seeds=[0]"], check_dataset=False), ["baseline"])
+    sections = [run.dataset_section() for run in runs]
+    assert [run.fold for run in runs] == list(range(5))
+    assert [section.test_split for section in sections] == [f"fold{fold}" for fold in range(5)]
+    assert all(f"fold{run.fold}" not in section.train_split for run, section in zip(runs, sections))

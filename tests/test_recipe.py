@@ -132,3 +132,13 @@ def test_every_shipped_recipe_is_valid_and_the_paper_settings_are_there():
     assert {v.kind for v in loaded["peers_cifar100"].recipe.variants} == {"baseline", "attention", "se", "cbam"}
     dogs = loaded["wrn50_stanford_dogs"].recipe
     assert (dogs.model.backbone, dogs.train.backbone_lr_mult, dogs.train.milestones) == ("wide_resnet50_2", 0.1, [40, 80])
+
+
+def test_peers_fgvc_aircraft_is_the_cub200_protocol_on_aircraft_trainval():
+    """The peers table on FGVC-Aircraft is comparable with cub200's: only the data differ."""
+    cub = load_recipe(RECIPES / "peers_cub200.toml").recipe.model_dump()
+    aircraft = load_recipe(RECIPES / "peers_fgvc_aircraft.toml").recipe.model_dump()
+    assert aircraft["dataset"] == {**cub["dataset"], "name": "fgvc_aircraft", "train_split": "train+val"}
+    assert {k: v for k, v in aircraft.items() if k not in ("dataset", "description")} == {
+        k: v for k, v in cub.items() if k not in ("dataset", "description")
+    }

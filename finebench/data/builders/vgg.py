@@ -1,8 +1,12 @@
-"""The Oxford VGG fine-grained sets: Flowers-102, FGVC-Aircraft and Oxford-IIIT Pets."""
+"""The Oxford VGG fine-grained sets: Flowers-102, FGVC-Aircraft (four registered views of one archive) and
+Oxford-IIIT Pets."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -98,55 +102,109 @@ FLOWERS102 = DatasetSpec(
 # ---- FGVC-Aircraft -------------------------------------------------------------------------
 
 AIRCRAFT_BANNER_PX = 20
-"""Every image carries a 20-pixel copyright banner at the bottom; the official protocol drops it."""
+"""Height of the photographer's copyright banner at the bottom of every FGVC-Aircraft image."""
+
+AIRCRAFT_LEVELS = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
+"""Annotation level -> the class list naming its classes in label order (torchvision's ``annotation_level``)."""
+
+_AIRCRAFT_SPLITS = ("train", "val", "test")
 
 
-def parse_fgvc_aircraft(raw_dir: Path) -> ParsedDataset:
+def _aircraft_list(data: Path, level: str, split: str, label_of: dict[str, int]) -> list[tuple[str, int]]:
+    """(image id, label) from ``images_<level>_<split>.txt``, whose lines are "<id> <class name with spaces>"."""
+    list_path = data / f"images_{level}_{split}.txt"
+    rows = []
+    for image_id, name in read_rows(list_path, min_fields=2, maxsplit=1):
+        name = name.strip()
+        if name not in label_of:
+            raise FinebenchError(
+                f"{list_path}: {level} {name!r} of image {image_id} is not in {AIRCRAFT_LEVELS[level]}"
+            )
+        rows.append((image_id, label_of[name]))
+    return rows
+
+
+def parse_fgvc_aircraft(raw_dir: Path, level: str = "variant", crop_banner: bool = False) -> ParsedDataset:
+    """train / val / test at one annotation level; trainval is stored as train + val, checked against its list.
+
+    ``crop_banner`` re-encodes every image without its bottom banner (JPEG q95); otherwise the
+    files are stored as they are, banner included, as torchvision and the peers' official loaders
+    (WS-DAN, CAL) read them.
+    """
     data = require_dir(raw_dir / "fgvc-aircraft-2013b" / "data", "from fgvc-aircraft-2013b.tar.gz")
-    images = require_dir(data / "images")
-    classes = [row[0].strip() for row in read_rows(data / "variants.txt", min_fields=1, maxsplit=0)]
+    images = require_dir(data / "images", "from fgvc-aircraft-2013b.tar.gz")
+    classes = [row[0].strip() for row in read_rows(data / AIRCRAFT_LEVELS[level], min_fields=1, maxsplit=0)]
     label_of = {name: label for label, name in enumerate(classes)}
-    splits = {}
-    for split in ("train", "val", "test"):
-        list_path = data / f"images_variant_{split}.txt"
-        items = []
-        for image_id, variant in read_rows(list_path, min_fields=2, maxsplit=1):
-            variant = variant.strip()
-            if variant not in label_of:
-                raise FinebenchError(f"{list_path}: variant {variant!r} is not in variants.txt")
-            items.append((require_file(images / f"{image_id}.jpg", f"listed in {list_path.name}"), label_of[variant]))
-        splits[split] = LazyExamples(items, _crop_banner)
-    return ParsedDataset(
-        classes=classes,
-        splits=splits,
-        info={"annotation_level": "variant", "banner_cropped_px": AIRCRAFT_BANNER_PX, "crop_encoding": "JPEG q95",
-              "trainval": "train + val (images_variant_trainval.txt)"},
-    )
+    lists = {split: _aircraft_list(data, level, split, label_of) for split in _AIRCRAFT_SPLITS}
+    trainval = _aircraft_list(data, level, "trainval", label_of)
+    if sorted(trainval) != sorted(lists["train"] + lists["val"]):
+        raise FinebenchError(
+            f"{data / f'images_{level}_trainval.txt'}: its {len(trainval)} lines are not the train and val "
+            f"lists together ({len(lists['train'])} + {len(lists['val'])}); the archive is damaged or mixed"
+        )
+    splits: dict[str, Sequence[Example]] = {}
+    for split, rows in lists.items():
+        listed = f"listed in images_{level}_{split}.txt"
+        items = [(require_file(images / f"{image_id}.jpg", listed), label) for image_id, label in rows]
+        splits[split] = LazyExamples(items, _without_banner) if crop_banner else [Example(p, y) for p, y in items]
+    info: dict[str, Any] = {
+        "annotation_level": level,
+        "banner": f"cropped ({AIRCRAFT_BANNER_PX} px)" if crop_banner else "kept",
+        "trainval": f"train + val (= images_{level}_trainval.txt; use train_split = \"train+val\")",
+    }
+    if crop_banner:
+        info["crop_encoding"] = "JPEG q95"
+    return ParsedDataset(classes=classes, splits=splits, info=info)
 
 
-def _crop_banner(item: tuple[Path, int]) -> Example:
+def _without_banner(item: tuple[Path, int]) -> Example:
     path, label = item
     with Image.open(path) as image:
         width, height = image.size
     return Example(cropped(path, (0, 0, width, height - AIRCRAFT_BANNER_PX)), label)
 
 
-FGVC_AIRCRAFT = DatasetSpec(
-    name="fgvc_aircraft",
-    num_classes=100,
-    split_sizes={"train": 3334, "val": 3333, "test": 3333},
-    protocol="Variant level (100 classes), official images_variant_{train,val,test}.txt; the 20-pixel "
-    "banner at the bottom of each image is cropped away. Select on val; for final numbers train on "
-    "trainval (= train + val, 6,667 images) and report top-1 on test (3,333).",
-    terms="Non-commercial research only; images courtesy of airliners.net photographers.",
-    homepage=_VGG + "fgvc-aircraft/",
-    parse=parse_fgvc_aircraft,
-    sources=(
-        Source("fgvc-aircraft-2013b.tar.gz", url=_VGG + "fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-               md5="d4acdd33327262359767eeaa97a4f732"),
-    ),
-    description="FGVC-Aircraft 2013b: 10,000 images of aircraft, 100 variants (class names from variants.txt).",
+_AIRCRAFT_ARCHIVE = Source(
+    "fgvc-aircraft-2013b.tar.gz",
+    url=_VGG + "fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+    # torchvision checks no digest. The dataset page links an MD5 page (archives/fgvc-aircraft-2013b.html,
+    # not readable from here); this is the value other loaders of the same URL check (e.g. the R torchvision port).
+    md5="d4acdd33327262359767eeaa97a4f732",
 )
+
+
+def _aircraft_spec(name: str, level: str, num_classes: int, crop_banner: bool) -> DatasetSpec:
+    """One registered dataset per (level, banner) pair, so a store's name says which images and labels it holds."""
+    banner = (
+        f"the {AIRCRAFT_BANNER_PX}-pixel copyright banner at the bottom of each image is cropped away (images "
+        "re-encoded as JPEG q95)"
+        if crop_banner
+        else f"images are stored as distributed, {AIRCRAFT_BANNER_PX}-pixel copyright banner included, as the "
+        "official WS-DAN and CAL loaders (the only peers' code that reads Aircraft) and torchvision read them "
+        "(fgvc_aircraft_cropped drops it)"
+    )
+    return DatasetSpec(
+        name=name,
+        num_classes=num_classes,
+        split_sizes={"train": 3334, "val": 3333, "test": 3333},
+        protocol=f"{level.capitalize()} level ({num_classes} classes), official "
+        f"images_{level}_{{train,val,test}}.txt; {banner}. Select on val; for final numbers train on trainval "
+        "(train_split = \"train+val\", 6,667 images) and report top-1 on test (3,333).",
+        terms="Non-commercial research only; images courtesy of airliners.net photographers.",
+        homepage=_VGG + "fgvc-aircraft/",
+        parse=functools.partial(parse_fgvc_aircraft, level=level, crop_banner=crop_banner),
+        sources=(_AIRCRAFT_ARCHIVE,),
+        description=f"FGVC-Aircraft 2013b: 10,000 images of aircraft, {num_classes} {level} classes (names from "
+        f"{AIRCRAFT_LEVELS[level]}), banner {'cropped' if crop_banner else 'kept'}. Every fgvc_aircraft* dataset "
+        "reads the same archive: prepare the others with --from <data root>/.downloads/<the first one's name> "
+        "to skip a second download.",
+    )
+
+
+FGVC_AIRCRAFT = _aircraft_spec("fgvc_aircraft", "variant", 100, crop_banner=False)
+FGVC_AIRCRAFT_CROPPED = _aircraft_spec("fgvc_aircraft_cropped", "variant", 100, crop_banner=True)
+FGVC_AIRCRAFT_FAMILY = _aircraft_spec("fgvc_aircraft_family", "family", 70, crop_banner=False)
+FGVC_AIRCRAFT_MANUFACTURER = _aircraft_spec("fgvc_aircraft_manufacturer", "manufacturer", 30, crop_banner=False)
 
 # ---- Oxford-IIIT Pets ----------------------------------------------------------------------
 
@@ -198,4 +256,6 @@ OXFORD_PETS = DatasetSpec(
     "file-name prefixes (cat breeds capitalised, dog breeds lower case), in class-id order.",
 )
 
-SPECS = [FLOWERS102, FGVC_AIRCRAFT, OXFORD_PETS]
+SPECS = [
+    FLOWERS102, FGVC_AIRCRAFT, FGVC_AIRCRAFT_CROPPED, FGVC_AIRCRAFT_FAMILY, FGVC_AIRCRAFT_MANUFACTURER, OXFORD_PETS,
+]
