@@ -468,3 +468,18 @@ def test_peers_fgvc_aircraft_recipe_trains_on_trainval_and_tests_on_test(local_h
     test_labels = sorted(int(y) for _, labels in loaders.test for y in labels)
     assert train_labels == sorted(e.label for split in ("train", "val") for e in mini.splits[split])
     assert test_labels == sorted(e.label for e in mini.splits["test"])
+
+
+def test_a_store_prepared_under_the_old_banner_rule_is_refused_with_the_rebuild_command(local_http_server, tmp_path):
+    """fgvc_aircraft once cropped the banner; a store prepared then (its meta has no 'banner') must
+    not be trained on as if it held the images as distributed."""
+    from finebench.data.loader import build_loaders
+    from finebench.errors import FinebenchError
+
+    store = prepare_via_server(archives.fgvc_aircraft(), local_http_server, tmp_path / "data")
+    meta = json.loads((store / "meta.json").read_text())
+    del meta["info"]["banner"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FinebenchError, match=rf"info 'banner' is missing, expected 'kept'.*finebench prepare "
+                                             rf"fgvc_aircraft --data-root {tmp_path / 'data'} --force"):
+        build_loaders("fgvc_aircraft", tmp_path / "data", batch_size=2, input_size=16, decode="workers")

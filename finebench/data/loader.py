@@ -562,6 +562,7 @@ def plan_loaders(
 ) -> LoaderPlan:
     """Every check ``build_loaders`` makes (store, splits, augmentation, data path), nothing decoded."""
     meta = store.read_meta(Path(data_root), dataset)
+    store.check_store_info(meta, dataset, Path(data_root))
     root = store.store_dir(Path(data_root), dataset)
     available = list(meta.get("splits", {}))
     train_recipe, test_recipe = _recipes(meta, augmentation, input_size)

@@ -62,6 +62,20 @@ def read_meta(data_root: Path, name: str) -> dict[str, Any]:
         raise FinebenchError(f"{path} is not valid JSON ({error}): rerun `{prepare_command(name, data_root, force=True)}`") from error
 
 
+def check_store_info(meta: dict[str, Any], name: str, data_root: Path) -> None:
+    """Refuse a store whose ``info`` lacks what its dataset now promises (``DatasetSpec.store_info``)."""
+    from finebench.data.registry import get_spec
+
+    info = meta.get("info") or {}
+    for key, expected in get_spec(name).store_info.items():
+        if info.get(key) != expected:
+            found = "missing" if key not in info else repr(info[key])
+            raise FinebenchError(
+                f"{store_dir(data_root, name) / META_FILE}: info {key!r} is {found}, expected {expected!r} "
+                f"(prepared by another finebench version): rebuild it with `{prepare_command(name, data_root, force=True)}`"
+            )
+
+
 def meta_digest(data_root: Path, name: str) -> str | None:
     """``sha256:<hex>`` of the store's meta.json, which names one prepared build (its sources'
     checksums, split sizes, creation time): what a run records to say which data it trained on."""

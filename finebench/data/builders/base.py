@@ -86,3 +86,7 @@ class DatasetSpec:
     """k-fold protocol: the store holds splits ``fold0``..``fold{k-1}`` and each run holds one out
     for testing and trains on the others; 0 for a fixed train/test split."""
     description: str = ""
+    store_info: Mapping[str, Any] = field(default_factory=dict)
+    """Entries a prepared store's ``meta.json`` ``info`` must hold: a store an older finebench
+    prepared differently under the same name (FGVC-Aircraft's banner, once cropped) is refused with
+    the command that rebuilds it, rather than trained on silently."""

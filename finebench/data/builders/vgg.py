@@ -193,6 +193,8 @@ def _aircraft_spec(name: str, level: str, num_classes: int, crop_banner: bool) -
         terms="Non-commercial research only; images courtesy of airliners.net photographers.",
         homepage=_VGG + "fgvc-aircraft/",
         parse=functools.partial(parse_fgvc_aircraft, level=level, crop_banner=crop_banner),
+        store_info={"annotation_level": level,
+                    "banner": f"cropped ({AIRCRAFT_BANNER_PX} px)" if crop_banner else "kept"},
         sources=(_AIRCRAFT_ARCHIVE,),
         description=f"FGVC-Aircraft 2013b: 10,000 images of aircraft, {num_classes} {level} classes (names from "
         f"{AIRCRAFT_LEVELS[level]}), banner {'cropped' if crop_banner else 'kept'}. Every fgvc_aircraft* dataset "
