@@ -405,6 +405,16 @@ def best_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
     return {"epoch": best["epoch"], "test_top1": best["test_top1"], "note": BEST_NOTE}
 
 
+def method_training_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """What the method recorded of its last epoch's training (``Method.train_metrics``, named
+    ``train_*``: API-Net's pair statistics), or None when it records nothing."""
+    if not rows:
+        return None
+    found = {key: value for key, value in rows[-1].items()
+             if key.startswith("train_") and key not in ("train_loss", "train_top1")}
+    return found or None
+
+
 def final_entry(rows: list[Mapping[str, Any]]) -> dict[str, Any] | None:
     if not rows:
         return None

@@ -47,6 +47,7 @@ from finebench.results import (
     best_entry,
     environment,
     final_entry,
+    method_training_entry,
     utc_now,
 )
 from finebench.terminal import backbone_label
@@ -135,6 +136,7 @@ def _summary(
         "epochs": run.train_section().epochs,
         "epochs_completed": epochs_completed,
         "final": final_entry(list(rows)),
+        "method_training": method_training_entry(list(rows)),
         "best": best_entry(list(rows)),
         "params": cost.params,
         "flops": cost.flops,

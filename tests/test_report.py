@@ -534,3 +534,24 @@ def test_a_split_report_has_even_tables_and_notes_at_the_terminal_width(results:
             console.print(part)
         notes = console.export_text().split("final-epoch", 1)[1]
         assert max(len(line) for line in notes.splitlines()) > width - 20  # wrapped at the terminal's width
+
+
+def test_report_predictions_shows_api_nets_pair_statistics_with_their_labels(tmp_path: Path) -> None:
+    """Issue 19 item 4: API-Net's pair statistics reach the report (summary.json ``method_training``)."""
+    from finebench.results import method_training_entry
+
+    rows = [{"epoch": 1, "train_loss": 1.0, "train_top1": 50.0, "train_pairs": {"self_beats_other": 40.0}},
+            {"epoch": 2, "train_loss": 0.5, "train_top1": 60.0, "train_pairs": {"self_beats_other": 60.0,
+                                                                                "rank_loss": 0.1}}]
+    assert method_training_entry(rows) == {"train_pairs": {"self_beats_other": 60.0, "rank_loss": 0.1}}
+    assert method_training_entry([{"epoch": 1, "train_loss": 1.0, "train_top1": 5.0}]) is None
+    for seed, share in enumerate((60.0, 70.0)):
+        run_dir = write_run(tmp_path, variant="api_net", variant_name="api_net", seed=seed, top1=90.0)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["method_training"] = {"train_pairs": {"self_beats_other": share, "rank_loss": 0.1}}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    table = report.predictions_table(report.load_runs([tmp_path]).runs)
+    rows = {row["Prediction"]: row for row in _markdown_rows(report.render(table, "markdown"))}
+    assert rows["training pairs: own-gate score above the partner's (%, last epoch)"]["Value"].startswith("65.00 ±")
+    assert rows["training pairs: mean ranking loss (last epoch)"]["Value"].startswith("0.10")
+    assert rows["top-1 as shown"]["Value"].startswith("90.00")

@@ -279,6 +279,12 @@ class APINet(Method):
     kind = "api_net"
     description = "Attentive Pairwise Interaction: mined intra/inter-class pairs, mutual gates, score ranking (Zhuang et al. 2020)"
     Options = APINetOptions
+    prediction_labels = {
+        "train_pairs.self_beats_other": "training pairs: own-gate score above the partner's (%, last epoch)",
+        "train_pairs.margin_met": "training pairs: ahead by the margin (%, last epoch)",
+        "train_pairs.rank_loss": "training pairs: mean ranking loss (last epoch)",
+        "train_pairs.ce": "training pairs: mean cross-entropy (last epoch)",
+    }
 
     def table_name(self, options: APINetOptions) -> str:  # type: ignore[override]
         default = APINetOptions(kind="api_net")

@@ -89,6 +89,8 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """Display text for each cell of a summary or early-prediction table (long layout)."""
     metric = table.attrs.get("metric", "top1")
     label = "Error" if metric == "error" else "Top-1"
+    if table.attrs.get("kind") == "predictions":
+        label = "Value"  # accuracies, and a method's training statistics (API-Net's pair losses)
     out = pd.DataFrame(index=table.index)
     for column in table.columns:
         if column in _HIDDEN:
@@ -195,8 +197,9 @@ def speed_cell(images_per_s: Any, table: pd.DataFrame) -> str:
 def table_note(table: pd.DataFrame) -> str:
     """The legend printed under a table: which epoch, which interval, which test, what each short header means."""
     if table.attrs.get("kind") == "predictions":
-        return ("final-epoch test accuracy of each prediction the method records; mean ± 95% CI half-width "
-                "(Student t, n−1 df) over seeds; the first row of each variant is the summary table's top-1.")
+        return ("final-epoch test accuracy (%) of each prediction the method records, and the statistics it "
+                "records of its last training epoch; mean ± 95% CI half-width (Student t, n−1 df) over seeds; "
+                "the first row of each variant is the summary table's top-1.")
     if table.attrs.get("kind") == "early":
         return ("final-epoch test accuracy of each classifier alone; mean ± 95% CI half-width (Student t, "
                 "n−1 df) over seeds; % FLOPs: cost of reaching that classifier relative to the full model.")
