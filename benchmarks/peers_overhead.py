@@ -6,7 +6,7 @@ or its own step where it has one, backward, SGD) on one in-memory batch, the var
 repeat by repeat so the load of a shared machine hits them alike; the time overhead is the
 median of the per-repeat ratios. The FLOP overhead is ``finebench profile``'s (fvcore, the
 test-time prediction as the method makes it), and the training cost is one test pass's share of it
-(WS-DAN's prediction takes 2 passes) times the method's backbone passes per training image. Training-only work outside the prediction (MCL's
+(WS-DAN's prediction takes 2 passes, CAL's 8) times the method's backbone passes per training image. Training-only work outside the prediction (MCL's
 two loss terms, PMG's jigsaws and three extra optimiser steps, WS-DAN's crops, drops and centre
 update) is in the time but not in the FLOPs: that is part of what the gap shows.
 
@@ -38,6 +38,7 @@ VARIANTS: list[tuple[str, str, dict]] = [
     ("mcl", "mcl", {}),
     ("pmg", "pmg", {}),
     ("ws_dan", "ws_dan", {}),
+    ("cal", "cal", {}),
 ]
 """(table name, kind, options): the peers measured, each against the baseline."""
 

@@ -176,3 +176,37 @@ def test_a_backbone_without_taps_is_one_line() -> None:
     backbone.tap_points = ()
     with pytest.raises(FinebenchError, match="variant 'ws_dan' on SmallTrunk: expected a backbone that declares"):
         get_method("ws_dan").attach(backbone, 2, parse_options("ws_dan", {}))
+
+
+def test_attend_draws_the_mean_map_with_its_crop_box_and_the_heaviest_maps(tmp_path: Path) -> None:
+    """``finebench attend`` on a tiny WS-DAN run: the method's ``maps_to_draw`` (mean map, test crop
+    box, maps by weight, predictions) drawn into one PNG per image."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from finebench.attend import attend
+
+    torch.manual_seed(0)
+    options = {"attentions": 3}
+    model = build_model("wrn", 3, "ws_dan", options, TINY).eval()
+    drawn = get_method("ws_dan").maps_to_draw(model, torch.randn(2, 3, 32, 32))
+    assert drawn.maps.shape == (2, 4, 8, 8) and len(drawn.captions[0]) == 4 and drawn.captions[0][0] == "mean map (crop)"
+    assert set(drawn.log_probs) == {"prediction", "raw", "crop"} and len(drawn.boxes) == 2
+    run_dir = tmp_path / "tiny" / "abc123def456"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({
+        "recipe": "tiny", "dataset": {"name": "toy", "root": str(tmp_path), "input_size": 32, "augmentation": "none",
+                                      "train_split": "train", "test_split": "test"},
+        "model": {"backbone": "wrn", "options": TINY, "pretrained": None},
+        "variant": {"kind": "ws_dan", "name": "ws_dan-m3", "options": options}, "seed": 0}))
+    (run_dir / "summary.json").write_text(json.dumps({
+        "schema": 1, "run_id": "abc123def456", "recipe": "tiny", "status": "finished", "dataset": "toy",
+        "num_classes": 3, "backbone": "wrn", "backbone_label": "WRN-10-1", "variant": "ws_dan",
+        "variant_name": "ws_dan-m3", "variant_options": options, "seed": 0}))
+    torch.save({"epoch": 1, "model": model.state_dict()}, run_dir / "last.pt")
+    picture = tmp_path / "bird.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(picture)
+    written = attend(run_dir, [picture], out_dir=tmp_path / "maps", device="cpu")
+    assert [path.name for path in written] == ["bird.png"] and Image.open(written[0]).size[0] > 100

@@ -15,7 +15,8 @@ module holds, in one place, everything finebench needs to know about it:
   own batch order;
 * ``predict``: the test-time prediction with all its passes; ``eval_counts`` / ``eval_metrics``:
   what it evaluates and records beyond top-1;
-* ``test_forward_passes`` / ``train_passes_per_image`` / ``early_predictors``: its cost for ``profile``.
+* ``test_forward_passes`` / ``train_passes_per_image`` / ``early_predictors``: its cost for ``profile``;
+* ``draws_attention_maps`` / ``maps_to_draw``: what ``finebench attend`` draws.
 
 ``docs/METHODS.md`` walks through adding one. Nothing here imports the training engine: the
 engine sits above this layer and hands a ``StepContext`` down.
@@ -114,6 +115,23 @@ class StepResult:
     """The batch's mean training loss (0-dim, detached), as logged in ``train_loss``."""
     correct: torch.Tensor
     """Images of the batch classified right (0-dim), for ``train_top1``."""
+
+
+@dataclass(frozen=True)
+class MapsToDraw:
+    """What ``finebench attend`` draws for a method whose maps are not Attend and Rectify modules
+    (WS-DAN, CAL): one row of maps per image, a box on the input, named predictions."""
+
+    title: str
+    """What the maps are (e.g. "attention maps on layer4")."""
+    maps: torch.Tensor
+    """B × K × H × W maps, each drawn over the input (normalised to its own range)."""
+    captions: list[list[str]]
+    """Per image, one caption per map."""
+    log_probs: dict[str, torch.Tensor]
+    """Named B × N predictions, shown as their top classes."""
+    boxes: list[tuple[int, int, int, int]] | None = None
+    """Per image (top, bottom, left, right) input pixels to outline (a crop), or None."""
 
 
 class Method:
@@ -221,6 +239,11 @@ class Method:
     def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
         """The metrics.jsonl fields made from the summed ``eval_counts`` (``images`` test images)."""
         return {}
+
+    def maps_to_draw(self, model: nn.Module, images: torch.Tensor) -> MapsToDraw | None:
+        """The maps ``finebench attend`` draws for a batch, the model in eval mode; None: the
+        model's Attend and Rectify modules (read with hooks). Only where ``draws_attention_maps``."""
+        return None
 
     def early_predictors(self, model: nn.Module) -> dict[str, nn.Module]:
         """Each cheaper prediction the method offers, as a module from images to logits (A&R: one

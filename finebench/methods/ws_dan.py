@@ -36,7 +36,13 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.methods.base import Method, MethodOptions, StepContext, StepResult
+from finebench.methods.base import (
+    MapsToDraw,
+    Method,
+    MethodOptions,
+    StepContext,
+    StepResult,
+)
 from finebench.methods.registry import register
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier, unwrap
@@ -315,6 +321,30 @@ def refine(model: nn.Module, images: torch.Tensor, output: ModelOutput, theta: f
     return model(crop(images, boxes)).logits
 
 
+DRAWN_MAPS = 7
+"""``finebench attend`` draws the mean attention map and this many maps of the largest weight."""
+
+
+def attention_figure(model: nn.Module, images: torch.Tensor, predictions: ModelOutput,
+                     names: Sequence[str]) -> MapsToDraw:
+    """What ``finebench attend`` draws for WS-DAN and CAL: the mean attention map with the test crop
+    box, the maps of the largest sampling weight, and the test prediction beside the passes named
+    in ``names`` (the first ``module_logits``)."""
+    classifier = unwrap(model)
+    maps = model(images).aux[1].detach().float()
+    mean = maps.mean(dim=1, keepdim=True)
+    boxes = crop_boxes(mean, tuple(images.shape[-2:]), classifier.options.test_theta, classifier.options.test_padding)
+    weights = map_weights(maps, classifier.epsilon)
+    order = weights.argsort(dim=1, descending=True)[:, :DRAWN_MAPS]
+    captions = [["mean map (crop)"] + [f"map {int(k)}  w={float(weights[i, k]):.2f}" for k in order[i]]
+                for i in range(len(order))]
+    log_probs = {"prediction": F.log_softmax(predictions.logits.float(), dim=1).cpu()}
+    log_probs |= {name: F.log_softmax(logits.float(), dim=1).cpu()
+                  for name, logits in zip(names, predictions.module_logits, strict=False)}
+    return MapsToDraw(f"attention maps on {classifier.tap} (w: sampling weight, ∝ √mass); box: the test crop",
+                      torch.cat([mean, pick_maps(maps, order)], dim=1).cpu(), captions, log_probs, boxes)
+
+
 class WSDAN(Method):
     kind = "ws_dan"
     description = "WS-DAN: attention maps, bilinear attention pooling, attention crop and drop (Hu et al. 2019)"
@@ -358,6 +388,9 @@ class WSDAN(Method):
         refined = refine(model, images, output, options.test_theta, options.test_padding)
         logits = (output.logits + refined) / 2.0
         return ModelOutput(F.log_softmax(logits.float(), dim=1), logits, module_logits=(output.logits, refined))
+
+    def maps_to_draw(self, model: nn.Module, images: torch.Tensor) -> MapsToDraw:
+        return attention_figure(model, images, self.predict(model, images), ("raw", "crop"))
 
     def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
         return [(logits.argmax(1) == labels).sum() for logits in output.module_logits]
