@@ -13,6 +13,7 @@ update) is in the time but not in the FLOPs: that is part of what the gap shows.
     python benchmarks/peers_overhead.py                 # timm:resnet10t at 224 px, N = 200
     python benchmarks/peers_overhead.py --quick         # a smoke run
     python benchmarks/peers_overhead.py --backbone resnet50 --size 224 --batch 4
+    python benchmarks/peers_overhead.py --only ws_dan cal   # some peers (each still against the baseline)
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", nargs="+", choices=[label for label, _, _ in VARIANTS], default=None,
+                        help="measure these peers only (default: all)")
     args = parse_benchmark_arguments(parser)
+    variants = [v for v in VARIANTS if args.only is None or v[0] in args.only]
     batch, repeats, warmup = (2, 1, 1) if args.quick else (args.batch, args.repeats, 2)
     train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision="fp32")
-    costs = {row.label: row for row in profile_variants(args.backbone, args.classes, args.size, VARIANTS)}
+    costs = {row.label: row for row in profile_variants(args.backbone, args.classes, args.size, variants)}
     steps = {}
-    for label, kind, options in [("baseline", "baseline", {}), *VARIANTS]:
+    for label, kind, options in [("baseline", "baseline", {}), *variants]:
         torch.manual_seed(0)
         model = build_model(args.backbone, args.classes, kind, options)
         method = get_method(kind)
@@ -68,7 +72,7 @@ def main() -> None:
     base = timings["baseline"]
     rows = [[args.backbone, args.size, args.classes, batch, "baseline", f"{base.median_s * 1000:.0f}",
              "+0.0%", "1", "+0.0%", "+0.0%", f"{base.spread_pct:.0f}%"]]
-    for label, _, _ in VARIANTS:
+    for label, _, _ in variants:
         timing, cost = timings[label], costs[label]
         time_overhead = 100.0 * (paired_ratio(base, timing) - 1.0)
         per_pass = (1 + cost.flops_overhead_pct / 100) / cost.test_forward_passes
