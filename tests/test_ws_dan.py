@@ -171,6 +171,15 @@ def test_an_input_too_small_for_two_by_two_maps_is_one_line_at_the_dry_run() -> 
         profile_variants("timm:resnet10t", 3, 32, [("ws_dan", "ws_dan", {"attentions": 2})])
 
 
+def test_the_maps_can_read_a_chosen_tap_and_an_unknown_one_is_one_line() -> None:
+    model = build_model("timm:resnet10t", 3, "ws_dan", {"attentions": 2, "tap": "layer3"}).eval()
+    assert model.tap == "layer3" and model.attentions[0].in_channels == model.backbone.tap_point("layer3").channels
+    assert get_method("ws_dan").table_name(parse_options("ws_dan", {"tap": "layer3"})) == "ws_dan-layer3"
+    with pytest.raises(FinebenchError, match=r"^variant 'cal' on .*: tap 'Mixed_6e' is not one of its tap points; "
+                                             r"expected one of act1, layer1, .*, layer4 \(or no tap: the deepest\)$"):
+        build_model("timm:resnet10t", 3, "cal", {"tap": "Mixed_6e"})
+
+
 def test_a_backbone_without_taps_is_one_line() -> None:
     backbone = SmallTrunk()
     backbone.tap_points = ()

@@ -142,7 +142,7 @@ class CAL(Method):
         return WSDAN().settings(options)
 
     def attach(self, backbone: Backbone, num_classes: int, options: CALOptions) -> ImageClassifier:  # type: ignore[override]
-        check_taps(self.kind, backbone)
+        check_taps(self.kind, backbone, options.tap)
         return CALClassifier(backbone, num_classes, options)
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:

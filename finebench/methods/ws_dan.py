@@ -2,7 +2,7 @@
 the PyTorch code papers run is GuYuc/WS-DAN.PyTorch ``8777912``).
 
 M attention maps (1x1 conv + BatchNorm (eps 1e-3) + ReLU) read the backbone's last feature map
-(its deepest tap); bilinear attention pooling averages each map times each channel over the
+(its deepest tap, or the tap named by ``tap``: the paper's Inception-v3 Mixed_6e); bilinear attention pooling averages each map times each channel over the
 positions (an M·C vector, map-major), takes the signed square root, L2-normalises it, and a
 linear layer without bias classifies 100 times that vector. Training takes three passes per
 image: the raw image; a crop around the part one attention map picks; the image with that
@@ -63,6 +63,9 @@ class WSDANOptions(MethodOptions):
     kind: Literal["ws_dan"]
     attentions: Annotated[int, Field(ge=1)] = 32
     """M, the number of attention maps."""
+    tap: str | None = None
+    """The backbone tap the maps and pooling read; None: the deepest (the last feature map). The
+    paper's Inception-v3 setting reads Mixed_6e (``torchvision:inception_v3`` declares it)."""
     centre_beta: Annotated[float, Field(ge=0)] = 0.05
     """β, the rate at which feature centres follow the pooled vectors."""
     centre_weight: Annotated[float, Field(ge=0)] = 1.0
@@ -130,11 +133,15 @@ def check_map_size(method: str, images: torch.Tensor, maps: torch.Tensor, tap: s
                              f"(input_size {MIN_MAP_SIDE * stride} or more)")
 
 
-def check_taps(method: str, backbone: Backbone) -> None:
-    """The attention reads the backbone's deepest tap: a backbone must declare one."""
+def check_taps(method: str, backbone: Backbone, tap: str | None) -> None:
+    """The attention reads a tap (by default the deepest): the backbone must declare it."""
     if not backbone.tap_points:
         raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: expected a backbone that "
                              "declares its last feature map as a tap point, it declares none")
+    names = [point.name for point in backbone.tap_points]
+    if tap is not None and tap not in names:
+        raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: tap {tap!r} is not one of its "
+                             f"tap points; expected one of {', '.join(names)} (or no tap: the deepest)")
 
 
 def map_weights(maps: torch.Tensor, epsilon: float = EPSILON) -> torch.Tensor:
@@ -213,7 +220,7 @@ class WSDANClassifier(ImageClassifier):
     def __init__(self, backbone: Backbone, num_classes: int, options: WSDANOptions) -> None:
         super().__init__(backbone, num_classes)
         del self.classifier  # the pooled-vector classifier replaces it
-        last = backbone.tap_points[-1]
+        last = backbone.tap_point(options.tap) if options.tap is not None else backbone.tap_points[-1]
         self.tap = last.name
         count = options.attentions
         self.attentions = nn.Sequential(nn.Conv2d(last.channels, count, 1, bias=False),
@@ -355,16 +362,18 @@ class WSDAN(Method):
 
     def table_name(self, options: WSDANOptions) -> str:  # type: ignore[override]
         name = self.kind if options.attentions == 32 else f"{self.kind}-m{options.attentions}"
+        name = name if options.tap is None else f"{name}-{options.tap}"
         return name if options.centre_update == "official" else f"{name}-mean"
 
     def settings(self, options: WSDANOptions) -> str:  # type: ignore[override]
-        return (f"M {options.attentions} · crop θ {options.crop_theta_min:g}-{options.crop_theta_max:g} "
+        where = "" if options.tap is None else f" on {options.tap}"
+        return (f"M {options.attentions}{where} · crop θ {options.crop_theta_min:g}-{options.crop_theta_max:g} "
                 f"pad {options.crop_padding:g} · drop θ {options.drop_theta_min:g}-{options.drop_theta_max:g} · "
                 f"centre β {options.centre_beta:g} x{options.centre_weight:g} {options.centre_update} · "
                 f"test θ {options.test_theta:g} pad {options.test_padding:g}")
 
     def attach(self, backbone: Backbone, num_classes: int, options: WSDANOptions) -> ImageClassifier:  # type: ignore[override]
-        check_taps(self.kind, backbone)
+        check_taps(self.kind, backbone, options.tap)
         return WSDANClassifier(backbone, num_classes, options)
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
