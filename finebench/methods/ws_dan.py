@@ -2,9 +2,9 @@
 the PyTorch code papers run is GuYuc/WS-DAN.PyTorch ``8777912``).
 
 M attention maps (1x1 conv + BatchNorm (eps 1e-3) + ReLU) read the backbone's last feature map
-(its deepest tap, or the tap named by ``tap``: the paper's Inception-v3 Mixed_6e); bilinear attention pooling averages each map times each channel over the
-positions (an M·C vector, map-major), takes the signed square root, L2-normalises it, and a
-linear layer without bias classifies 100 times that vector. Training takes three passes per
+(its deepest tap, or the tap named by ``tap``: the paper's Inception-v3 Mixed_6e); bilinear
+attention pooling averages each map times each channel over the positions (an M·C vector,
+map-major), takes the signed square root, L2-normalises it, and a linear layer without bias classifies 100 times that vector. Training takes three passes per
 image: the raw image; a crop around the part one attention map picks; the image with that
 (another) map's part erased. The maps are drawn per image with replacement, with weights
 proportional to the square root of each map's mass; the crop keeps the upsampled map
