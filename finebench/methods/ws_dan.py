@@ -1,18 +1,18 @@
 """WS-DAN: Weakly Supervised Data Augmentation Network (Hu et al., arXiv 1901.09891, 2019;
 the PyTorch code papers run is GuYuc/WS-DAN.PyTorch ``8777912``).
 
-M attention maps (1x1 conv + BatchNorm (eps 1e-3) + ReLU) read the backbone's last feature map
-(its deepest tap, or the tap named by ``tap``: the paper's Inception-v3 Mixed_6e); bilinear
-attention pooling averages each map times each channel over the positions (an M·C vector,
-map-major), takes the signed square root, L2-normalises it, and a linear layer without bias classifies 100 times that vector. Training takes three passes per
-image: the raw image; a crop around the part one attention map picks; the image with that
-(another) map's part erased. The maps are drawn per image with replacement, with weights
-proportional to the square root of each map's mass; the crop keeps the upsampled map
-(bilinear, corners aligned) at or above θ·max plus a margin, θ ~ U(0.4, 0.6); the drop zeroes
-where it is at or above θ·max, θ ~ U(0.2, 0.5). Loss = the three cross-entropies over 3 plus the
-centre loss (each pooled vector against its class's normalised feature centre, squared distance
-summed, over the batch). The test prediction averages the raw logits and those of a crop around
-the mean attention map (θ 0.1, margin 0.05).
+M attention maps (1x1 conv + BatchNorm (eps 1e-3) + ReLU) read the backbone's last feature map (its
+deepest tap, or the tap named by ``tap``: the paper's Inception-v3 Mixed_6e); bilinear attention
+pooling averages each map times each channel over the positions (an M·C vector, map-major), takes
+the signed square root, L2-normalises it, and a linear layer without bias classifies 100 times that
+vector. Training takes three passes per image: the raw image; a crop around the part one attention
+map picks; the image with that (another) map's part erased. The maps are drawn per image with
+replacement, with weights proportional to the square root of each map's mass; the crop keeps the
+upsampled map (bilinear, corners aligned) at or above θ·max plus a margin, θ ~ U(0.4, 0.6); the
+drop zeroes where it is at or above θ·max, θ ~ U(0.2, 0.5). Loss = the three cross-entropies over 3
+plus the centre loss (each pooled vector against its class's normalised feature centre, squared
+distance summed, over the batch). The test prediction averages the raw logits and those of a crop
+around the mean attention map (θ 0.1, margin 0.05).
 
 The official code draws the maps with NumPy and θ with Python ``random``; here both come from
 torch (same distributions, on the device, no host round trip per image), and every draw can be
