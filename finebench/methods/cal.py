@@ -12,7 +12,7 @@ attention weights use ε = 1e-6 (WS-DAN: 1e-12).
 The test prediction is the paper's (``fgvc/infer.py``, which the maintainers say the paper's
 numbers come from): the image and its horizontal flip, each with its own mean attention map,
 each giving the raw logits and three crops with (θ, padding) = (0.3, 0.1), (0.2, 0.1),
-(0.1, 0.05); logits averaged over the four per orientation, then over the two orientations:
+(0.1, 0.05) (the last is ``test_theta`` / ``test_padding``, WS-DAN's test crop); logits averaged over the four per orientation, then over the two orientations:
 8 backbone passes. ``eval_metrics`` also records the raw prediction (``top1_raw``), the
 training log's two-view prediction (raw + the (0.1, 0.05) crop; ``top1_two_view``) and the
 effect logits' accuracies under both (``top1_effect_two_view``, ``top1_effect``).
@@ -49,6 +49,7 @@ from finebench.methods.ws_dan import (
     crop_boxes,
     draw,
     full,
+    training_settings,
 )
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier, unwrap
@@ -56,9 +57,9 @@ from finebench.models.output import ModelOutput
 
 EPSILON = 1e-6
 """The official CAL's ε (``fgvc/models/cal.py``)."""
-TEST_CROPS = ((0.3, 0.1), (0.2, 0.1), (0.1, 0.05))
-"""(θ, padding) of the paper's three test crops per orientation (``infer.py``); the last is the
-training log's crop."""
+WIDE_TEST_CROPS = ((0.3, 0.1), (0.2, 0.1))
+"""(θ, padding) of the paper's first two test crops per orientation (``infer.py``); the third is
+the options' ``test_theta`` / ``test_padding`` (official 0.1, 0.05: the training log's crop)."""
 
 
 class CALOptions(WSDANOptions):
@@ -120,10 +121,11 @@ def step_losses(model: CALClassifier, forward: Callable[[torch.Tensor], ModelOut
 
 def views(model: nn.Module, images: torch.Tensor) -> Iterator[ModelOutput]:
     """The paper's test views of one orientation: the image, then its three crops around the mean map."""
+    options = unwrap(model).options
     output = model(images)
     yield output
     maps = full(output.aux[1].detach().mean(dim=1, keepdim=True))
-    for theta, padding in TEST_CROPS:
+    for theta, padding in (*WIDE_TEST_CROPS, (options.test_theta, options.test_padding)):
         yield model(crop(images, crop_boxes(maps, tuple(images.shape[-2:]), theta, padding)))
 
 
@@ -131,15 +133,17 @@ class CAL(Method):
     kind = "cal"
     description = "Counterfactual Attention Learning: WS-DAN + random-attention effect loss, 8-view test (Rao et al. 2021)"
     Options = CALOptions
-    test_forward_passes = 2 * (1 + len(TEST_CROPS))
+    test_forward_passes = 2 * (1 + len(WIDE_TEST_CROPS) + 1)
     train_passes_per_image = 3
     draws_attention_maps = True
 
     def table_name(self, options: CALOptions) -> str:  # type: ignore[override]
-        return self.kind + WSDAN().table_name(options).removeprefix(WSDAN.kind)
+        return WSDAN.table_name(self, options)  # type: ignore[arg-type]  # WS-DAN's rule with CAL's kind
 
     def settings(self, options: CALOptions) -> str:  # type: ignore[override]
-        return WSDAN().settings(options)
+        crops = ", ".join(f"({theta:g}, {padding:g})" for theta, padding in
+                          (*WIDE_TEST_CROPS, (options.test_theta, options.test_padding)))
+        return f"{training_settings(options)} · test: image + flip, each raw + crops (θ, pad) {crops}"
 
     def attach(self, backbone: Backbone, num_classes: int, options: CALOptions) -> ImageClassifier:  # type: ignore[override]
         check_taps(self.kind, backbone, options.tap)

@@ -328,6 +328,14 @@ def refine(model: nn.Module, images: torch.Tensor, output: ModelOutput, theta: f
     return model(crop(images, boxes)).logits
 
 
+def training_settings(options: WSDANOptions) -> str:
+    """The maps, augmentation and centre settings in the paper's terms (WS-DAN's and CAL's tables)."""
+    where = "" if options.tap is None else f" on {options.tap}"
+    return (f"M {options.attentions}{where} · crop θ {options.crop_theta_min:g}-{options.crop_theta_max:g} "
+            f"pad {options.crop_padding:g} · drop θ {options.drop_theta_min:g}-{options.drop_theta_max:g} · "
+            f"centre β {options.centre_beta:g} x{options.centre_weight:g} {options.centre_update}")
+
+
 DRAWN_MAPS = 7
 """``finebench attend`` draws the mean attention map and this many maps of the largest weight."""
 
@@ -366,11 +374,7 @@ class WSDAN(Method):
         return name if options.centre_update == "official" else f"{name}-mean"
 
     def settings(self, options: WSDANOptions) -> str:  # type: ignore[override]
-        where = "" if options.tap is None else f" on {options.tap}"
-        return (f"M {options.attentions}{where} · crop θ {options.crop_theta_min:g}-{options.crop_theta_max:g} "
-                f"pad {options.crop_padding:g} · drop θ {options.drop_theta_min:g}-{options.drop_theta_max:g} · "
-                f"centre β {options.centre_beta:g} x{options.centre_weight:g} {options.centre_update} · "
-                f"test θ {options.test_theta:g} pad {options.test_padding:g}")
+        return f"{training_settings(options)} · test θ {options.test_theta:g} pad {options.test_padding:g}"
 
     def attach(self, backbone: Backbone, num_classes: int, options: WSDANOptions) -> ImageClassifier:  # type: ignore[override]
         check_taps(self.kind, backbone, options.tap)
