@@ -5,6 +5,7 @@ rules, every backbone family, the engine's step and the one-line errors."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -219,3 +220,50 @@ def test_attend_draws_the_mean_map_with_its_crop_box_and_the_heaviest_maps(tmp_p
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(picture)
     written = attend(run_dir, [picture], out_dir=tmp_path / "maps", device="cpu")
     assert [path.name for path in written] == ["bird.png"] and Image.open(written[0]).size[0] > 100
+
+
+def _ddp_worker(rank: int, port: int, queue: Any) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from finebench.train.engine import TrainStep
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = build_model("wrn", 4, "ws_dan", {"attentions": 2}, TINY)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        step = TrainStep(torch.nn.parallel.DistributedDataParallel(model), optimizer, None, torch.device("cpu"),
+                         accumulation_steps=2, method=get_method("ws_dan"))
+        generator = torch.Generator().manual_seed(rank + 1)  # each rank its own half batch
+        step(torch.randn(4, 3, 32, 32, generator=generator), torch.tensor([0, 1, 2, 3]) if rank else torch.zeros(4).long())
+        # as NumPy arrays: torch would share the tensors by file descriptors that die with this process
+        queue.put((rank, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_ddp_the_parameters_stay_in_step_and_each_rank_keeps_its_own_centres() -> None:
+    """Three passes into one backward all-reduce once per step (the ranks' parameters agree); the
+    centres are left out of DDP's buffer broadcast, so each rank keeps the centres of its own images."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    queue = mp.get_context("spawn").Queue()
+    processes = mp.start_processes(_ddp_worker, args=(port, queue), nprocs=2, join=False, start_method="spawn")
+    states = {rank: {k: torch.from_numpy(v) for k, v in state.items()}
+              for rank, state in (queue.get(timeout=120) for _ in range(2))}
+    processes.join(timeout=120)
+    for name, value in states[0].items():
+        if name == "centres" or "running_" in name or "num_batches" in name:
+            continue
+        torch.testing.assert_close(states[1][name], value, msg=name)
+    assert states[0]["centres"][1:].abs().sum() == 0 and states[1]["centres"][1:].abs().sum() > 0
