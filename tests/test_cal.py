@@ -70,7 +70,7 @@ def test_two_steps_and_the_test_predictions_equal_the_official_cal(precision: st
     model.eval()
     with torch.no_grad():
         output = get_method("cal").predict(model, images)
-    raw, two_view, effect_two_view, effect = output.module_logits
+    raw, _, two_view, effect_two_view, effect = output.module_logits
     torch.testing.assert_close(output.logits, golden["eval.prediction"], **close)
     torch.testing.assert_close(raw, golden["eval.raw"], **close)
     torch.testing.assert_close(two_view, golden["eval.two_view"], **close)
@@ -108,7 +108,7 @@ def test_cal_attaches_on_every_family_with_the_effect_branch(backbone: str, opti
     assert output.logits.shape == (2, 5) and output.aux[2].shape == (2, 5)
     with torch.no_grad():
         predicted = get_method("cal").predict(model.eval(), torch.randn(2, 3, 64, 64))
-    assert predicted.logits.shape == (2, 5) and len(predicted.module_logits) == 4
+    assert predicted.logits.shape == (2, 5) and len(predicted.module_logits) == 5
 
 
 def test_the_engine_step_takes_two_forwards_and_records_four_test_accuracies() -> None:
@@ -126,7 +126,7 @@ def test_the_engine_step_takes_two_forwards_and_records_four_test_accuracies() -
         output = method.predict(model, torch.randn(4, 3, 32, 32))
     labels = output.logits.argmax(1)
     metrics = method.eval_metrics([float(c) for c in method.eval_counts(output, labels)], 4, model)
-    assert set(metrics) == {"top1_raw", "top1_two_view", "top1_effect_two_view", "top1_effect"}
+    assert set(metrics) == {"top1_raw", "top1_crop", "top1_two_view", "top1_effect_two_view", "top1_effect"}
     assert metrics["top1_raw"] == 100.0 * float((output.module_logits[0].argmax(1) == labels).sum()) / 4
 
 

@@ -52,4 +52,4 @@ def test_ws_dan_and_cal_train_from_the_cli_and_record_their_extra_test_predictio
     records = {json.loads(path.with_name("summary.json").read_text())["variant_name"]:
                json.loads(path.read_text().splitlines()[-1]) for path in results.glob("attn/*/metrics.jsonl")}
     assert {"top1_raw", "top1_crop"} <= set(records["ws_dan-m2"])
-    assert {"top1_raw", "top1_two_view", "top1_effect_two_view", "top1_effect"} <= set(records["cal-m2"])
+    assert {"top1_raw", "top1_crop", "top1_two_view", "top1_effect_two_view", "top1_effect"} <= set(records["cal-m2"])

@@ -13,8 +13,8 @@ The test prediction is the paper's (``fgvc/infer.py``, which the maintainers say
 numbers come from): the image and its horizontal flip, each with its own mean attention map,
 each giving the raw logits and three crops with (θ, padding) = (0.3, 0.1), (0.2, 0.1),
 (0.1, 0.05) (the last is ``test_theta`` / ``test_padding``, WS-DAN's test crop); logits averaged over the four per orientation, then over the two orientations:
-8 backbone passes. ``eval_metrics`` also records the raw prediction (``top1_raw``), the
-training log's two-view prediction (raw + the (0.1, 0.05) crop; ``top1_two_view``) and the
+8 backbone passes. ``eval_metrics`` also records the raw prediction (``top1_raw``), the test crop's
+(``top1_crop``), the training log's two-view prediction (raw + the (0.1, 0.05) crop; ``top1_two_view``) and the
 effect logits' accuracies under both (``top1_effect_two_view``, ``top1_effect``).
 
 Ā comes from the torch generator of its device, as the official ``uniform_``; tests pass the
@@ -164,7 +164,8 @@ class CAL(Method):
         return StepResult(total, correct)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
-        """The 8-view prediction; ``module_logits`` = (raw, two-view, effect two-view, effect 8-view)."""
+        """The 8-view prediction; ``module_logits`` = (raw, the test crop, two-view, effect two-view,
+        effect 8-view)."""
         upright = list(views(model, images))
         mirrored = list(views(model, torch.flip(images, [3])))
         logits = (sum(v.logits for v in upright) / 4.0 + sum(v.logits for v in mirrored) / 4.0) / 2.0
@@ -172,16 +173,16 @@ class CAL(Method):
         two_view = (upright[0].logits + upright[-1].logits) / 2.0
         effect_two_view = (upright[0].aux[2] + upright[-1].aux[2]) / 2.0
         return ModelOutput(F.log_softmax(logits.float(), dim=1), logits,
-                           module_logits=(upright[0].logits, two_view, effect_two_view, effect))
+                           module_logits=(upright[0].logits, upright[-1].logits, two_view, effect_two_view, effect))
 
     def maps_to_draw(self, model: nn.Module, images: torch.Tensor) -> MapsToDraw:
-        return attention_figure(model, images, self.predict(model, images), ("raw", "two-view"))
+        return attention_figure(model, images, self.predict(model, images), ("raw", "crop", "two-view"))
 
     def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
         return [(logits.argmax(1) == labels).sum() for logits in output.module_logits]
 
     def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
-        names = ("top1_raw", "top1_two_view", "top1_effect_two_view", "top1_effect")
+        names = ("top1_raw", "top1_crop", "top1_two_view", "top1_effect_two_view", "top1_effect")
         return {name: 100.0 * count / images for name, count in zip(names, counts, strict=True)}
 
 
