@@ -2,7 +2,9 @@
 
 For each image: the input, every head's mask of every module upsampled and overlaid on it, the
 gates (each head's weight inside its module and each source's weight in the global mixture) and
-the top predictions of each module, of the network's own classifier and of the mixture.
+the top predictions of each module, of the network's own classifier and of the mixture. A method
+whose maps are not Attend and Rectify modules (WS-DAN, CAL) says what to draw through
+``Method.maps_to_draw``: a row of maps, a box on the input and named predictions.
 
 The masks are read with forward hooks on the ``AttentionModule``s, so the model code stays as it
 is trained; the per-head gate weights, which forward does not return, come from the module's
@@ -28,6 +30,7 @@ from torch import nn
 from finebench.atomic import atomic_write, make_folder
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
+from finebench.methods.base import MapsToDraw
 from finebench.results import RunDir
 from finebench.trained import TrainedRun, load_trained_run, read_record, run_data_root
 
@@ -283,6 +286,55 @@ def attention_figure(
     return figure
 
 
+def draw_maps(
+    picture: np.ndarray,
+    drawn: MapsToDraw,
+    index: int,
+    path: Path,
+    classes: Sequence[str] | None = None,
+    label: int | None = None,
+) -> Path:
+    """One PNG from a method's ``MapsToDraw``: the input (with its box) and the predictions on top,
+    then each map overlaid on the input."""
+    from matplotlib.patches import Rectangle
+
+    columns = max(drawn.maps.shape[1], 2)
+    figure = Figure(figsize=(2.3 * columns, 2.4 * 2))
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(2, columns)
+    height, width = picture.shape[:2]
+    axes = figure.add_subplot(grid[0, 0])
+    axes.imshow(picture)
+    if drawn.boxes is not None:
+        top, bottom, left, right = drawn.boxes[index]
+        axes.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, color="lime", lw=1.5))
+    truth = "" if label is None else f"\ntrue: {classes[label] if classes and label < len(classes) else label}"
+    axes.set_title(f"input{' + crop box' if drawn.boxes is not None else ''}{truth}", fontsize=8)
+    axes.axis("off")
+    summary = figure.add_subplot(grid[0, 1:])
+    summary.axis("off")
+    for column, (name, log_probs) in enumerate(drawn.log_probs.items()):
+        summary.text(column / max(len(drawn.log_probs), 1), 1.0, f"{name}\n" + _top(log_probs[index], classes),
+                     va="top", fontsize=8, family="monospace")
+    upsampled = F.interpolate(drawn.maps[index : index + 1].float().cpu(), size=(height, width), mode="bilinear",
+                              align_corners=False)[0]
+    for column in range(drawn.maps.shape[1]):
+        mask = upsampled[column].numpy()
+        span = float(mask.max() - mask.min())
+        mask = (mask - mask.min()) / span if span > 0 else np.zeros_like(mask)
+        axes = figure.add_subplot(grid[1, column])
+        axes.imshow(picture)
+        axes.imshow(mask, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+        axes.set_title(drawn.captions[index][column], fontsize=7)
+        axes.axis("off")
+    figure.suptitle(drawn.title, fontsize=7, y=0.005, va="bottom")
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+    return path
+
+
 def attend(
     run_dir: str | Path,
     images: Sequence[str | Path] = (),
@@ -306,6 +358,7 @@ def attend(
     except RuntimeError as error:
         raise FinebenchError(f"--device {device!r}: {error}; expected auto, cpu, cuda or cuda:N") from None
     run = load_attention_run(run_dir, torch_device)
+    method = METHODS[run.config["variant"]["kind"]]
     dataset = run.config.get("dataset", {}).get("name") or run.summary.get("dataset")
     root = run_data_root(run.config, data_root)
     meta = _read_meta(root, dataset)
@@ -322,8 +375,12 @@ def attend(
         chunk = samples[start : start + batch_size]
         prepared = [preprocess(image) for _, image, _ in chunk]
         batch = torch.stack([tensor for tensor, _ in prepared]).to(torch_device)
-        capture = capture_attention(run.model, batch)
+        with torch.no_grad():
+            drawn = method.maps_to_draw(run.model, batch)
+        capture = capture_attention(run.model, batch) if drawn is None else None
         for index, ((name, _, label), (_, picture)) in enumerate(zip(chunk, prepared)):
-            written.append(draw_attention(picture, capture, index, out / f"{name}.png", classes, label))
+            path = out / f"{name}.png"
+            written.append(draw_maps(picture, drawn, index, path, classes, label) if drawn is not None
+                           else draw_attention(picture, capture, index, path, classes, label))
     return written
 

@@ -20,7 +20,8 @@ TINY_WRN = {"depth": 10, "width": 1}
 
 
 def test_the_shipped_methods_are_registered_in_order() -> None:
-    assert list(METHODS) == ["baseline", "attention", "se", "cbam", "eca", "bcnn", "mcl", "pmg", "api_net"]
+    assert list(METHODS) == ["baseline", "attention", "se", "cbam", "eca", "bcnn", "mcl", "pmg", "ws_dan", "cal",
+                             "api_net"]
     assert all(isinstance(method, Method) and method.kind == kind for kind, method in METHODS.items())
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_a_recipe_trains_baseline_and_bcnn_from_the_cli_with_records_and_profile(tmp_path: Path) -> None:
     from tiny_data import prepare_tiny_bars, tiny_recipe
@@ -62,3 +64,22 @@ def test_report_predictions_lists_every_prediction_pmg_records_and_names_the_sho
     assert any("top-1 as shown: the concatenated head" in line for line in sources)
     assert any("head 1 alone" in line for line in sources) and any("logits summed" in line for line in sources)
     assert len(sources) >= 1 + 5  # the summary table's row, then shown + 3 heads + combined
+
+
+@pytest.mark.slow
+def test_ws_dan_and_cal_train_from_the_cli_and_record_their_extra_test_predictions(tmp_path: Path) -> None:
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 40, 20)
+    recipe = tmp_path / "attn.toml"
+    text = tiny_recipe(variants=("ws_dan", "cal"), input_size=32)
+    recipe.write_text(text.replace('kind = "ws_dan"', 'kind = "ws_dan"\nattentions = 2')
+                      .replace('kind = "cal"', 'kind = "cal"\nattentions = 2') + "threads = 1\n")
+    results = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "finebench", "run", str(recipe), "--data-root", str(root),
+                          "--results-dir", str(results)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = {json.loads(path.with_name("summary.json").read_text())["variant_name"]:
+               json.loads(path.read_text().splitlines()[-1]) for path in results.glob("attn/*/metrics.jsonl")}
+    assert {"top1_raw", "top1_crop"} <= set(records["ws_dan-m2"])
+    assert {"top1_raw", "top1_crop", "top1_two_view", "top1_effect_two_view", "top1_effect"} <= set(records["cal-m2"])

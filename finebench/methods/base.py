@@ -15,7 +15,8 @@ module holds, in one place, everything finebench needs to know about it:
   own batch order;
 * ``predict``: the test-time prediction with all its passes; ``eval_counts`` / ``eval_metrics``:
   what it evaluates and records beyond top-1;
-* ``test_forward_passes`` / ``train_passes_per_image`` / ``early_predictors``: its cost for ``profile``.
+* ``test_forward_passes`` / ``train_passes_per_image`` / ``early_predictors``: its cost for ``profile``;
+* ``draws_attention_maps`` / ``maps_to_draw``: what ``finebench attend`` draws.
 
 ``docs/METHODS.md`` walks through adding one. Nothing here imports the training engine: the
 engine sits above this layer and hands a ``StepContext`` down.
@@ -119,6 +120,23 @@ class StepResult:
     """Sums the method records beyond loss and top-1 (0-dim each, the same count every step): the
     engine adds them up over the epoch and the ranks and ``Method.train_metrics`` makes them fields
     of the epoch's metrics.jsonl row (API-Net's pair statistics)."""
+
+
+@dataclass(frozen=True)
+class MapsToDraw:
+    """What ``finebench attend`` draws for a method whose maps are not Attend and Rectify modules
+    (WS-DAN, CAL): one row of maps per image, a box on the input, named predictions."""
+
+    title: str
+    """What the maps are (e.g. "attention maps on layer4")."""
+    maps: torch.Tensor
+    """B × K × H × W maps, each drawn over the input (normalised to its own range)."""
+    captions: list[list[str]]
+    """Per image, one caption per map."""
+    log_probs: dict[str, torch.Tensor]
+    """Named B × N predictions, shown as their top classes."""
+    boxes: list[tuple[int, int, int, int]] | None = None
+    """Per image (top, bottom, left, right) input pixels to outline (a crop), or None."""
 
 
 class Method:
@@ -237,6 +255,11 @@ class Method:
         """The metrics.jsonl fields made from an epoch's summed ``StepResult.counts`` (``images``
         training images), beside ``train_loss`` and ``train_top1``."""
         return {}
+
+    def maps_to_draw(self, model: nn.Module, images: torch.Tensor) -> MapsToDraw | None:
+        """The maps ``finebench attend`` draws for a batch, the model in eval mode; None: the
+        model's Attend and Rectify modules (read with hooks). Only where ``draws_attention_maps``."""
+        return None
 
     def early_predictors(self, model: nn.Module) -> dict[str, nn.Module]:
         """Each cheaper prediction the method offers, as a module from images to logits (A&R: one

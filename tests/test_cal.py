@@ -1,0 +1,136 @@
+"""CAL (``finebench.methods.cal``): two training steps and the 8-view test prediction against the
+official raoyongming/CAL code's golden tensors (tools/golden/cal.py), every backbone family, the
+engine's step and the recorded test predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from wsdan_golden import FAMILIES, TINY, SmallTrunk, golden_images, official_name
+
+from finebench.errors import FinebenchError
+from finebench.methods import build_model, get_method, parse_options
+from finebench.methods.cal import CALClassifier, step_losses
+from finebench.methods.ws_dan import Draws
+from finebench.models.output import ModelOutput
+from finebench.recipe import TrainSection
+from finebench.train.engine import build_train_step
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "cal" / "golden.safetensors"
+
+
+def test_the_golden_tensors_name_the_official_commit() -> None:
+    with safe_open(GOLDEN, "pt") as file:
+        assert file.metadata() == {"repository": "raoyongming/CAL", "commit": "0ba9d5084f2532eeb21c9ef051c23f8b339595ff"}
+
+
+@pytest.mark.parametrize(("precision", "close", "after"), [
+    ("f64", {"rtol": 1e-10, "atol": 1e-12}, {"rtol": 1e-10, "atol": 1e-12}),
+    ("f32", {"rtol": 1e-5, "atol": 1e-6}, {"rtol": 1e-4, "atol": 1e-6}),
+])
+def test_two_steps_and_the_test_predictions_equal_the_official_cal(precision: str, close: dict, after: dict) -> None:
+    golden = {k.removeprefix(f"{precision}."): v for k, v in load_file(GOLDEN).items() if k.startswith(f"{precision}.")}
+    dtype = torch.float64 if precision == "f64" else torch.float32
+    model = CALClassifier(SmallTrunk(), 5, parse_options("cal", {"attentions": 4})).to(dtype)
+    state = model.state_dict()
+    model.load_state_dict({name: golden[f"init.{official_name(name)}"] if name != "centres" else state[name]
+                           for name in state})
+    images, labels = golden_images(dtype), load_file(GOLDEN)["labels"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-5)
+    model.train()
+    for step in range(2):
+        g = {k.removeprefix(f"step{step}."): v for k, v in golden.items() if k.startswith(f"step{step}.")}
+        fakes = iter((g["fake_raw"], g["fake_aug"]))
+
+        def forward(x: torch.Tensor, fakes=fakes) -> ModelOutput:
+            return model(x, counterfactual=next(fakes))
+
+        optimizer.zero_grad()
+        losses = step_losses(model, forward, images, labels, Draws(g["maps"], g["crop_theta"], g["drop_theta"]))
+        losses.total.backward()
+        optimizer.step()
+        pooled, maps, effect = losses.raw.aux
+        torch.testing.assert_close(losses.raw.logits.detach(), g["raw"], **close)
+        torch.testing.assert_close(pooled.detach(), g["features"], **close)
+        torch.testing.assert_close(maps.detach()[torch.arange(3)[:, None], g["maps"]], g["attention"], **close)
+        torch.testing.assert_close(losses.augmented_images.sum(dim=(1, 2, 3)), g["aug_images.sum"], **close)
+        torch.testing.assert_close(losses.augmented_images[:, :, 112], g["aug_images.row"], **close)
+        torch.testing.assert_close(losses.augmented.logits.detach(), g["aug"], **close)
+        torch.testing.assert_close(torch.cat([effect, losses.augmented.aux[2]]).detach(), g["effect"], **close)
+        torch.testing.assert_close(torch.stack([t.detach() for t in losses.terms]), g["terms"], **close)
+        torch.testing.assert_close(losses.total.detach(), g["loss"], **close)
+        torch.testing.assert_close(model.centres, g["centres"], **close)
+    for name, value in model.state_dict().items():
+        if name != "centres":
+            torch.testing.assert_close(value, golden[f"after.{official_name(name)}"], **after, msg=name)
+    model.eval()
+    with torch.no_grad():
+        output = get_method("cal").predict(model, images)
+    raw, _, two_view, effect_two_view, effect = output.module_logits
+    torch.testing.assert_close(output.logits, golden["eval.prediction"], **close)
+    torch.testing.assert_close(raw, golden["eval.raw"], **close)
+    torch.testing.assert_close(two_view, golden["eval.two_view"], **close)
+    torch.testing.assert_close(effect_two_view, golden["eval.effect_two_view"], **close)
+    torch.testing.assert_close(effect, golden["eval.effect"], **close)
+
+
+def test_a_seeded_counterfactual_is_the_official_uniform_draw_and_ones_at_test_time() -> None:
+    model = CALClassifier(SmallTrunk(), 3, parse_options("cal", {"attentions": 2})).train()
+    images = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(5)
+    drawn = model(images)
+    _, maps = model.attend(images)
+    torch.manual_seed(5)
+    given = model(images, counterfactual=torch.zeros_like(maps).uniform_(0, 2))
+    torch.testing.assert_close(drawn.aux[2], given.aux[2])
+    model.eval()
+    with torch.no_grad():
+        tested = model(images)
+        ones = model(images, counterfactual=torch.ones_like(tested.aux[1]))
+    torch.testing.assert_close(tested.aux[2], ones.aux[2])
+
+
+def test_options_and_table_names() -> None:
+    method = get_method("cal")
+    assert (method.test_forward_passes, method.train_passes_per_image) == (8, 3)
+    assert method.table_name(parse_options("cal", {})) == "cal"
+    assert method.table_name(parse_options("cal", {"attentions": 8, "centre_update": "mean"})) == "cal-m8-mean"
+
+
+@pytest.mark.parametrize(("backbone", "options"), FAMILIES)
+def test_cal_attaches_on_every_family_with_the_effect_branch(backbone: str, options: dict | None) -> None:
+    model = build_model(backbone, 5, "cal", {"attentions": 3}, options).train()
+    output = model(torch.randn(2, 3, 64, 64))
+    assert output.logits.shape == (2, 5) and output.aux[2].shape == (2, 5)
+    with torch.no_grad():
+        predicted = get_method("cal").predict(model.eval(), torch.randn(2, 3, 64, 64))
+    assert predicted.logits.shape == (2, 5) and len(predicted.module_logits) == 5
+
+
+def test_the_engine_step_takes_two_forwards_and_records_four_test_accuracies() -> None:
+    torch.manual_seed(0)
+    method = get_method("cal")
+    model = build_model("wrn", 4, "cal", {"attentions": 2}, TINY)
+    train = TrainSection(epochs=1, batch_size=4, schedule="constant", precision="fp32", lr=0.1)
+    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=method)
+    batches = []
+    model.register_forward_hook(lambda _m, inputs, _o: batches.append(inputs[0].shape[0]))
+    loss, _ = step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(loss) and batches == [4, 8]
+    model.eval()
+    with torch.no_grad():
+        output = method.predict(model, torch.randn(4, 3, 32, 32))
+    labels = output.logits.argmax(1)
+    metrics = method.eval_metrics([float(c) for c in method.eval_counts(output, labels)], 4, model)
+    assert set(metrics) == {"top1_raw", "top1_crop", "top1_two_view", "top1_effect_two_view", "top1_effect"}
+    assert metrics["top1_raw"] == 100.0 * float((output.module_logits[0].argmax(1) == labels).sum()) / 4
+
+
+def test_an_input_too_small_is_one_line_naming_cal() -> None:
+    model = build_model("timm:resnet10t", 3, "cal", {"attentions": 2}).eval()
+    with pytest.raises(FinebenchError, match=r"^variant 'cal': input_size 32x32 gives 1x1 attention maps"):
+        model(torch.zeros(1, 3, 32, 32))
