@@ -136,6 +136,14 @@ class CAL(Method):
     test_forward_passes = 2 * (1 + len(WIDE_TEST_CROPS) + 1)
     train_passes_per_image = 3
     draws_attention_maps = True
+    shown_prediction = "the paper's 8 views (the image and its flip, each raw and three crops: infer.py)"
+    prediction_labels = {
+        "top1_raw": "the raw image alone",
+        "top1_crop": "the test crop alone",
+        "top1_two_view": "raw + crop (the official training log's figure)",
+        "top1_effect_two_view": "the counterfactual effect, raw + crop",
+        "top1_effect": "the counterfactual effect, 8 views",
+    }
 
     def table_name(self, options: CALOptions) -> str:  # type: ignore[override]
         return WSDAN.table_name(self, options)  # type: ignore[arg-type]  # WS-DAN's rule with CAL's kind

@@ -367,6 +367,8 @@ class WSDAN(Method):
     test_forward_passes = 2
     train_passes_per_image = 3
     draws_attention_maps = True
+    shown_prediction = "the raw image's and the attention crop's logits averaged (the official test)"
+    prediction_labels = {"top1_raw": "the raw image alone", "top1_crop": "the attention crop alone"}
 
     def table_name(self, options: WSDANOptions) -> str:  # type: ignore[override]
         name = self.kind if options.attentions == 32 else f"{self.kind}-m{options.attentions}"
