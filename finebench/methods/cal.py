@@ -41,6 +41,7 @@ from finebench.methods.ws_dan import (
     WSDANClassifier,
     WSDANOptions,
     attention_figure,
+    attention_train_step,
     augment,
     bilinear_attention_pool,
     centre_loss,
@@ -159,17 +160,7 @@ class CAL(Method):
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Raw pass, then crops and drops in one pass; one backward, one optimiser step."""
-        model = unwrap(ctx.model)
-        total = torch.zeros((), device=labels.device)
-        correct = torch.zeros((), device=labels.device, dtype=torch.long)
-        ctx.zero_grad()
-        for part in ctx.micro_batches(images, labels):
-            losses = step_losses(model, ctx.forward, part.images, part.labels, label_smoothing=ctx.label_smoothing)
-            ctx.backward(losses.total, part)
-            total += losses.total.detach() * part.weight
-            correct += (losses.raw.logits.argmax(1) == part.labels).sum()
-        ctx.optimizer_step()
-        return StepResult(total, correct)
+        return attention_train_step(ctx, images, labels, step_losses)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
         """The 8-view prediction; ``module_logits`` = (raw, the test crop, two-view, effect two-view,

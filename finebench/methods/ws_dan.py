@@ -303,6 +303,24 @@ def augment(images: torch.Tensor, maps: torch.Tensor, draws: Draws, options: WSD
         return crop(images, boxes), drop(images, chosen[:, 1:], draws.drop_theta), boxes
 
 
+def attention_train_step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
+                         losses_of: Callable[..., Any]) -> StepResult:
+    """The step WS-DAN and CAL share: their passes and loss (``losses_of``: this module's or CAL's
+    ``step_losses``) on each micro-batch, one backward each, one optimiser step; the correct count
+    is the raw pass's."""
+    model = unwrap(ctx.model)
+    total = torch.zeros((), device=labels.device)
+    correct = torch.zeros((), device=labels.device, dtype=torch.long)
+    ctx.zero_grad()
+    for part in ctx.micro_batches(images, labels):
+        losses = losses_of(model, ctx.forward, part.images, part.labels, label_smoothing=ctx.label_smoothing)
+        ctx.backward(losses.total, part)
+        total += losses.total.detach() * part.weight
+        correct += (losses.raw.logits.argmax(1) == part.labels).sum()
+    ctx.optimizer_step()
+    return StepResult(total, correct)
+
+
 def step_losses(model: WSDANClassifier, forward: Callable[[torch.Tensor], ModelOutput], images: torch.Tensor,
                 labels: torch.Tensor, draws: Draws | None = None, label_smoothing: float = 0.0) -> StepLosses:
     """The official step's three passes and loss on one batch (the centres are updated)."""
@@ -384,17 +402,7 @@ class WSDAN(Method):
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Raw, crop and drop passes, one backward, one optimiser step; the correct count is the raw pass's."""
-        model = unwrap(ctx.model)
-        total = torch.zeros((), device=labels.device)
-        correct = torch.zeros((), device=labels.device, dtype=torch.long)
-        ctx.zero_grad()
-        for part in ctx.micro_batches(images, labels):
-            losses = step_losses(model, ctx.forward, part.images, part.labels, label_smoothing=ctx.label_smoothing)
-            ctx.backward(losses.total, part)
-            total += losses.total.detach() * part.weight
-            correct += (losses.raw.logits.argmax(1) == part.labels).sum()
-        ctx.optimizer_step()
-        return StepResult(total, correct)
+        return attention_train_step(ctx, images, labels, step_losses)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
         """Raw and crop logits averaged (official); ``module_logits`` keeps both for ``eval_counts``."""
