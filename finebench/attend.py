@@ -209,18 +209,28 @@ def _top(log_probs: torch.Tensor, classes: Sequence[str] | None, k: int = 0) -> 
     return "\n".join(f"{name[:22]} {value * 100:.1f}%" for name, value in zip(names, values.tolist()))
 
 
-def draw_attention(
-    picture: np.ndarray,
-    capture: AttentionCapture,
-    index: int,
-    path: Path,
-    classes: Sequence[str] | None = None,
-    label: int | None = None,
-) -> Path:
-    """One PNG of ``attention_figure``."""
-    figure = attention_figure(picture, capture, index, classes, label)
+def save_png(figure: Figure, path: Path) -> Path:
     atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
     return path
+
+
+def _input_panel(axes: Any, picture: np.ndarray, classes: Sequence[str] | None, label: int | None,
+                 what: str = "input") -> None:
+    """The picture the network saw, titled with its true class when known."""
+    axes.imshow(picture)
+    truth = "" if label is None else f"\ntrue: {classes[label] if classes and label < len(classes) else label}"
+    axes.set_title(f"{what}{truth}", fontsize=8)
+    axes.axis("off")
+
+
+def _overlay(axes: Any, picture: np.ndarray, mask: np.ndarray, title: str) -> None:
+    """One map over the picture, stretched to its own range (a flat map draws as nothing)."""
+    span = float(mask.max() - mask.min())
+    mask = (mask - mask.min()) / span if span > 0 else np.zeros_like(mask)
+    axes.imshow(picture)
+    axes.imshow(mask, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    axes.set_title(title, fontsize=7)
+    axes.axis("off")
 
 
 def attention_figure(
@@ -246,11 +256,7 @@ def attention_figure(
     def gate_text(source: int) -> str:
         return f"gate {gates[source]:.2f}" if gates is not None else "gate: mean"
 
-    axes = figure.add_subplot(grid[0, 0])
-    axes.imshow(picture)
-    truth = "" if label is None else f"\ntrue: {classes[label] if classes and label < len(classes) else label}"
-    axes.set_title(f"input{truth}", fontsize=8)
-    axes.axis("off")
+    _input_panel(figure.add_subplot(grid[0, 0]), picture, classes, label)
     summary = figure.add_subplot(grid[0, 1:])
     summary.axis("off")
     assert capture.mixture_log_probs is not None and capture.network_log_probs is not None
@@ -268,16 +274,10 @@ def attention_figure(
         upsampled = F.interpolate(masks[index : index + 1], size=(height, width), mode="bilinear",
                                   align_corners=False)[0]
         for head in range(masks.shape[1]):
-            mask = upsampled[head].numpy()
-            span = float(mask.max() - mask.min())
-            mask = (mask - mask.min()) / span if span > 0 else np.zeros_like(mask)
-            axes = figure.add_subplot(grid[row, head + 1])
-            axes.imshow(picture)
-            axes.imshow(mask, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
             says = _top(capture.head_log_probs[row - 1][index, head], classes, 1)
             weight = f"  w={weights[index, head]:.2f}" if head_weights_differ[row - 1] else ""
-            axes.set_title(f"{tap} head {head}{weight}\n{says}", fontsize=7)
-            axes.axis("off")
+            _overlay(figure.add_subplot(grid[row, head + 1]), picture, upsampled[head].numpy(),
+                     f"{tap} head {head}{weight}\n{says}")
     legend = ["under each head: its own top class", "gate: a source's weight in the network's mixture (global gate)"]
     if any(head_weights_differ):
         legend.insert(1, "w: a head's weight inside its module (module gate)")
@@ -286,15 +286,14 @@ def attention_figure(
     return figure
 
 
-def draw_maps(
+def maps_figure(
     picture: np.ndarray,
     drawn: MapsToDraw,
     index: int,
-    path: Path,
     classes: Sequence[str] | None = None,
     label: int | None = None,
-) -> Path:
-    """One PNG from a method's ``MapsToDraw``: the input (with its box) and the predictions on top,
+) -> Figure:
+    """A method's ``MapsToDraw`` (WS-DAN, CAL): the input (with its box) and the predictions on top,
     then each map overlaid on the input."""
     from matplotlib.patches import Rectangle
 
@@ -304,13 +303,10 @@ def draw_maps(
     grid = figure.add_gridspec(2, columns)
     height, width = picture.shape[:2]
     axes = figure.add_subplot(grid[0, 0])
-    axes.imshow(picture)
+    _input_panel(axes, picture, classes, label, "input + crop box" if drawn.boxes is not None else "input")
     if drawn.boxes is not None:
         top, bottom, left, right = drawn.boxes[index]
         axes.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, color="lime", lw=1.5))
-    truth = "" if label is None else f"\ntrue: {classes[label] if classes and label < len(classes) else label}"
-    axes.set_title(f"input{' + crop box' if drawn.boxes is not None else ''}{truth}", fontsize=8)
-    axes.axis("off")
     summary = figure.add_subplot(grid[0, 1:])
     summary.axis("off")
     for column, (name, log_probs) in enumerate(drawn.log_probs.items()):
@@ -319,20 +315,10 @@ def draw_maps(
     upsampled = F.interpolate(drawn.maps[index : index + 1].float().cpu(), size=(height, width), mode="bilinear",
                               align_corners=False)[0]
     for column in range(drawn.maps.shape[1]):
-        mask = upsampled[column].numpy()
-        span = float(mask.max() - mask.min())
-        mask = (mask - mask.min()) / span if span > 0 else np.zeros_like(mask)
-        axes = figure.add_subplot(grid[1, column])
-        axes.imshow(picture)
-        axes.imshow(mask, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-        axes.set_title(drawn.captions[index][column], fontsize=7)
-        axes.axis("off")
+        _overlay(figure.add_subplot(grid[1, column]), picture, upsampled[column].numpy(), drawn.captions[index][column])
     figure.suptitle(drawn.title, fontsize=7, y=0.005, va="bottom")
     figure.tight_layout(rect=(0, 0.02, 1, 1))
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
-    return path
+    return figure
 
 
 def attend(
@@ -380,7 +366,8 @@ def attend(
         capture = capture_attention(run.model, batch) if drawn is None else None
         for index, ((name, _, label), (_, picture)) in enumerate(zip(chunk, prepared)):
             path = out / f"{name}.png"
-            written.append(draw_maps(picture, drawn, index, path, classes, label) if drawn is not None
-                           else draw_attention(picture, capture, index, path, classes, label))
+            figure = (maps_figure(picture, drawn, index, classes, label) if drawn is not None
+                      else attention_figure(picture, capture, index, classes, label))
+            written.append(save_png(figure, path))
     return written
 
