@@ -233,13 +233,8 @@ def _overlay(axes: Any, picture: np.ndarray, mask: np.ndarray, title: str) -> No
     axes.axis("off")
 
 
-def attention_figure(
-    picture: np.ndarray,
-    capture: AttentionCapture,
-    index: int,
-    classes: Sequence[str] | None = None,
-    label: int | None = None,
-) -> Figure:
+def attention_figure(picture: np.ndarray, capture: AttentionCapture, index: int,
+                     classes: Sequence[str] | None = None, label: int | None = None) -> Figure:
     """Input and predictions on top, then a row per module with each head's overlay and its own top class."""
     modules = len(capture.masks)
     heads = max(mask.shape[1] for mask in capture.masks)
@@ -286,13 +281,8 @@ def attention_figure(
     return figure
 
 
-def maps_figure(
-    picture: np.ndarray,
-    drawn: MapsToDraw,
-    index: int,
-    classes: Sequence[str] | None = None,
-    label: int | None = None,
-) -> Figure:
+def maps_figure(picture: np.ndarray, drawn: MapsToDraw, index: int,
+                classes: Sequence[str] | None = None, label: int | None = None) -> Figure:
     """A method's ``MapsToDraw`` (WS-DAN, CAL): the input (with its box) and the predictions on top,
     then each map overlaid on the input."""
     from matplotlib.patches import Rectangle

@@ -22,35 +22,42 @@ from finebench.errors import FinebenchError
 from finebench.models.base import Backbone, TapPoint
 
 
-class PluggableBasicBlock(BasicBlock):
+class PluginSlot(nn.Module):
+    """The ``plugin`` slot both block subclasses add: applied to the residual branch (after the
+    block's last BatchNorm, named ``plugin_bn``) before the sum with the identity path."""
+
+    plugin_bn: str
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.plugin: nn.Module = nn.Identity()
+        self.plugin_channels = getattr(self, self.plugin_bn).num_features
+
+    def join(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """relu(plugin(branch) + identity(x)), the block's output."""
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.plugin(branch) + identity)
+
+
+class PluggableBasicBlock(PluginSlot, BasicBlock):
     """torchvision's BasicBlock with a plug-in applied to the residual branch before the sum."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.plugin: nn.Module = nn.Identity()
-        self.plugin_channels = self.bn2.num_features
+    plugin_bn = "bn2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         y = self.relu(self.bn1(self.conv1(x)))
-        y = self.plugin(self.bn2(self.conv2(y)))
-        return self.relu(y + identity)
+        return self.join(x, self.bn2(self.conv2(y)))
 
 
-class PluggableBottleneck(Bottleneck):
+class PluggableBottleneck(PluginSlot, Bottleneck):
     """torchvision's Bottleneck with a plug-in applied to the residual branch before the sum."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.plugin: nn.Module = nn.Identity()
-        self.plugin_channels = self.bn3.num_features
+    plugin_bn = "bn3"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
-        y = self.plugin(self.bn3(self.conv3(y)))
-        return self.relu(y + identity)
+        return self.join(x, self.bn3(self.conv3(y)))
 
 
 @dataclass(frozen=True)
