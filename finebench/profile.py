@@ -179,13 +179,9 @@ class VariantCost:
         return asdict(self)
 
 
-def profile_variants(
-    backbone: str,
-    num_classes: int,
-    input_size: int,
-    variants: Sequence[tuple[str, str, Mapping[str, Any] | None]],
-    backbone_options: Mapping[str, Any] | None = None,
-) -> list[VariantCost]:
+def profile_variants(backbone: str, num_classes: int, input_size: int,
+                     variants: Sequence[tuple[str, str, Mapping[str, Any] | None]],
+                     backbone_options: Mapping[str, Any] | None = None) -> list[VariantCost]:
     """Profile the baseline and each (label, variant, variant_options); the baseline row comes first."""
     baseline = profile_model(build_model(backbone, num_classes, backbone_options=backbone_options), input_size)
     rows = [VariantCost(BASELINE.kind, BASELINE.kind, baseline.params, baseline.flops, 0.0, 0.0,
@@ -233,14 +229,9 @@ class CostReport:
         }
 
 
-def profile_spec(
-    backbone: str,
-    num_classes: int,
-    input_size: int,
-    variants: Sequence[tuple[str, str, Mapping[str, Any] | None]],
-    backbone_options: Mapping[str, Any] | None = None,
-    early_prediction: bool = False,
-) -> CostReport:
+def profile_spec(backbone: str, num_classes: int, input_size: int,
+                 variants: Sequence[tuple[str, str, Mapping[str, Any] | None]],
+                 backbone_options: Mapping[str, Any] | None = None, early_prediction: bool = False) -> CostReport:
     """Profile a model spec; with ``early_prediction`` also the cost of each attention module alone."""
     rows = profile_variants(backbone, num_classes, input_size, variants, backbone_options)
     early = {}
