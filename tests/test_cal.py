@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
-from wsdan_golden import FAMILIES, TINY, SmallTrunk, golden_images, official_name
+from wsdan_golden import FAMILIES, TINY, SmallTrunk, golden_start, official_name
 
 from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
@@ -33,15 +32,7 @@ def test_the_golden_tensors_name_the_official_commit() -> None:
     ("f32", {"rtol": 1e-5, "atol": 1e-6}, {"rtol": 1e-4, "atol": 1e-6}),
 ])
 def test_two_steps_and_the_test_predictions_equal_the_official_cal(precision: str, close: dict, after: dict) -> None:
-    golden = {k.removeprefix(f"{precision}."): v for k, v in load_file(GOLDEN).items() if k.startswith(f"{precision}.")}
-    dtype = torch.float64 if precision == "f64" else torch.float32
-    model = CALClassifier(SmallTrunk(), 5, parse_options("cal", {"attentions": 4})).to(dtype)
-    state = model.state_dict()
-    model.load_state_dict({name: golden[f"init.{official_name(name)}"] if name != "centres" else state[name]
-                           for name in state})
-    images, labels = golden_images(dtype), load_file(GOLDEN)["labels"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-5)
-    model.train()
+    golden, model, images, labels, optimizer = golden_start(GOLDEN, precision, CALClassifier, "cal")
     for step in range(2):
         g = {k.removeprefix(f"step{step}."): v for k, v in golden.items() if k.startswith(f"step{step}.")}
         fakes = iter((g["fake_raw"], g["fake_aug"]))

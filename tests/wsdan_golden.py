@@ -3,9 +3,14 @@ backbone, its inputs, the official state-dict names, and the backbone families e
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from finebench.methods import parse_options
 from finebench.models.base import Backbone, TapPoint
 
 TINY = {"depth": 10, "width": 1}
@@ -43,3 +48,27 @@ def official_name(name: str) -> str:
 def golden_images(dtype: torch.dtype) -> torch.Tensor:
     noise = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     return F.interpolate(noise, size=(224, 224), mode="bilinear", align_corners=False).to(dtype)
+
+
+class GoldenStart(NamedTuple):
+    golden: dict[str, torch.Tensor]
+    """One precision's tensors, its prefix removed."""
+    model: Any
+    images: torch.Tensor
+    labels: torch.Tensor
+    optimizer: torch.optim.Optimizer
+
+
+def golden_start(path: Path, precision: str, classifier: type, kind: str) -> GoldenStart:
+    """Where both golden tests start: the official initial weights in a finebench model on the stand-in
+    trunk (M 4, 5 classes; the centres stay finebench's zeros), the inputs, and the official optimiser."""
+    everything = load_file(path)
+    golden = {k.removeprefix(f"{precision}."): v for k, v in everything.items() if k.startswith(f"{precision}.")}
+    dtype = torch.float64 if precision == "f64" else torch.float32
+    model = classifier(SmallTrunk(), 5, parse_options(kind, {"attentions": 4})).to(dtype)
+    state = model.state_dict()
+    model.load_state_dict({name: golden[f"init.{official_name(name)}"] if name != "centres" else state[name]
+                           for name in state})
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-5)
+    model.train()
+    return GoldenStart(golden, model, golden_images(dtype), everything["labels"], optimizer)
