@@ -199,33 +199,31 @@ class RunDir:
         return summary.get("status") if summary else None
 
     def state(self) -> RunState:
-        """Finished and failed come from the summary; the rest resumes when ``last.pt`` exists."""
+        """Finished and failed come from the summary; the rest resumes when ``last.pt`` exists.
+
+        The summary is the one record made only from the others: unreadable, with ``last.pt`` and
+        the metrics intact, the run resumes and the resume rebuilds it (training nothing when every
+        epoch is done)."""
         try:
-            summary = self.summary() or {}
+            summary, summary_problem = self.summary() or {}, None
         except FinebenchError as error:
-            # The summary is the one record made only from the others: with the checkpoint and the
-            # metrics intact, resuming rebuilds it (and trains nothing when every epoch is done).
-            if not self.checkpoint_path.is_file():
-                return RunState("damaged", problem=str(error))
-            try:
-                self.read_metrics()
-            except FinebenchError as metrics_error:
-                return RunState("damaged", problem=str(metrics_error))
+            summary, summary_problem = {}, str(error)
+        status = summary.get("status")
+        if status == "finished":
+            return RunState("finished")
+        if status == "failed":
+            return RunState("failed", failure_reason=summary.get("failure_reason"))
+        if not self.checkpoint_path.is_file():
+            return RunState("damaged", problem=summary_problem) if summary_problem else RunState("new")
+        try:
+            self.read_metrics()  # a resume replays them: a bad line would stop it only after the model is built
+        except FinebenchError as error:
+            return RunState("damaged", problem=str(error))
+        if summary_problem:
             return RunState("resumable", problem=f"{self.summary_path}: unreadable; rebuilt from {self.CONFIG_FILE}, "
                             f"{self.METRICS_FILE} and {self.CHECKPOINT_FILE} when the run is resumed",
                             rebuild_summary=True)
-        try:
-            status = summary.get("status")
-            if status == "finished":
-                return RunState("finished")
-            if status == "failed":
-                return RunState("failed", failure_reason=summary.get("failure_reason"))
-            if not self.checkpoint_path.is_file():
-                return RunState("new")
-            self.read_metrics()  # a resume replays them: a bad line would stop it only after the model is built
-            return RunState("resumable")
-        except FinebenchError as error:
-            return RunState("damaged", problem=str(error))
+        return RunState("resumable")
 
     def summary_if_readable(self) -> dict[str, Any]:
         """``summary.json``, or ``{}`` when it is missing or damaged (a resume rebuilds a damaged one)."""
