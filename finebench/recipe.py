@@ -122,6 +122,12 @@ class TrainSection(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
     backbone_lr_mult: Annotated[float, Field(ge=0)] = 1.0
     """Learning-rate factor of the pretrained backbone (0.1 in the paper's fine-grained runs)."""
+    head_only_epochs: Annotated[int, Field(ge=0)] = 0
+    """The first this many epochs train only the new layers (classifier and the method's heads): the
+    backbone's gradients are dropped before each optimiser step, so it takes no update, weight decay
+    or momentum, while its BatchNorm statistics still move. B-CNN's two-stage protocol (classifier
+    first, then everything) is this plus a multistep lr drop at the same epoch; equal to ``epochs``
+    it is a linear probe."""
     schedule: Literal["constant", "step", "multistep", "cosine"] = "multistep"
     milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
     """Epochs after which the lr is multiplied by ``gamma`` (multistep)."""
@@ -176,6 +182,8 @@ class TrainSection(_Section):
             raise ValueError("schedule 'multistep' needs train.milestones, e.g. [60, 120, 160]")
         if self.milestones != sorted(self.milestones):
             raise ValueError(f"milestones must increase, got {self.milestones}")
+        if self.head_only_epochs > self.epochs:
+            raise ValueError(f"head_only_epochs ({self.head_only_epochs}) must be at most epochs ({self.epochs})")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
         if self.batchnorm_group and self.sync_batchnorm:
@@ -191,7 +199,7 @@ class TrainSection(_Section):
 
 LOGGED_TRAIN_KEYS = (
     "optimizer", "momentum", "lr", "weight_decay", "backbone_lr_mult", "schedule", "milestones", "step_size",
-    "gamma", "warmup_epochs", "min_lr", "label_smoothing", "grad_clip", "batchnorm_group",
+    "gamma", "warmup_epochs", "min_lr", "label_smoothing", "grad_clip", "batchnorm_group", "head_only_epochs",
 )
 """``train`` settings a ``[logged.<variant>]`` table may change: those only the training loop
 reads (batch size, devices and loaders stay the recipe's, shared by every variant)."""

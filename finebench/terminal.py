@@ -88,7 +88,9 @@ def recipe_settings(loaded: LoadedRecipe) -> str:
     parts = [
         " / ".join(backbone_label(backbone, model.options) for backbone in model.backbones())
         + (f" ({model.pretrained})" if model.pretrained else ""),
-        lr, optimizer, f"wd {train.weight_decay:g}", batch, f"{train.epochs} epochs", schedule,
+        lr, optimizer, f"wd {train.weight_decay:g}", batch,
+        f"{train.epochs} epochs" + (f" (the first {train.head_only_epochs} head only)" if train.head_only_epochs else ""),
+        schedule,
         f"warm-up {train.warmup_epochs:g} epochs", f"eval every {train.eval_every}", f"precision {train.precision}",
     ]
     if train.batchnorm_group:

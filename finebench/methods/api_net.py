@@ -53,7 +53,12 @@ from finebench.methods.base import (
 )
 from finebench.methods.registry import register
 from finebench.models.base import Backbone
-from finebench.models.network import ImageClassifier, parameter_groups, unwrap
+from finebench.models.network import (
+    ImageClassifier,
+    drop_gradients,
+    parameter_groups,
+    unwrap,
+)
 from finebench.models.output import ModelOutput
 
 
@@ -350,8 +355,7 @@ class APINet(Method):
                 sums += torch.stack([lead.new_tensor(float(rows)), (lead > 0).sum().float(),
                                      (lead >= output.aux[3]).sum().float(), rank * rows, ce * 2 * rows]).double()
         if ctx.epoch <= model.freeze_backbone_epochs:
-            for parameter in parameter_groups(model)["backbone"]:
-                parameter.grad = None
+            drop_gradients(parameter_groups(model)["backbone"])
         ctx.optimizer_step()
         return StepResult(total, correct, counts=tuple(sums))
 

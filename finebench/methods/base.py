@@ -271,3 +271,15 @@ class Method:
 def incompatible(method: str, backbone: str, works: str) -> FinebenchError:
     """The one-line error of a method that cannot attach to a backbone: what works instead."""
     return FinebenchError(f"variant {method!r} on {backbone}: {works}")
+
+
+def check_tap(method: str, backbone: Backbone, tap: str | None) -> None:
+    """A method reading one tap (by default the deepest: WS-DAN's and CAL's attention, B-CNN's
+    pooling) needs the backbone to declare it; the error lists the taps it does declare."""
+    if not backbone.tap_points:
+        raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: expected a backbone that "
+                             "declares its last feature map as a tap point, it declares none")
+    names = [point.name for point in backbone.tap_points]
+    if tap is not None and tap not in names:
+        raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: tap {tap!r} is not one of its "
+                             f"tap points; expected one of {', '.join(names)} (or no tap: the deepest)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from finebench.methods.base import Method, MethodOptions
+from finebench.methods.base import Method, MethodOptions, check_tap
 from finebench.methods.registry import register
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier
@@ -37,6 +37,9 @@ class BCNNOptions(MethodOptions):
     reduce: Annotated[int, Field(ge=1)] | None = None
     """Channels of a 1x1 convolution (+ BatchNorm + ReLU) before pooling; None pools the backbone's
     last map as it is (512 is the usual choice on a 2048-channel ResNet)."""
+    tap: str | None = None
+    """The backbone tap pooled; None: the deepest. The paper's VGG-16 setting pools relu5_3, before
+    the last max-pool (``torchvision:vgg16``'s ``features.29``; its deepest tap is pool5)."""
 
 
 class BilinearHead(nn.Module):
@@ -79,9 +82,10 @@ class BCNNClassifier(ImageClassifier):
 
     def __init__(self, backbone: Backbone, num_classes: int, options: BCNNOptions) -> None:
         super().__init__(backbone, num_classes)
-        self.tap = backbone.tap_points[-1].name
+        pooled = backbone.tap_point(options.tap) if options.tap is not None else backbone.tap_points[-1]
+        self.tap = pooled.name
         del self.classifier  # the bilinear head's fc replaces it
-        self.head = BilinearHead(backbone.tap_points[-1].channels, num_classes, options.sqrt, options.reduce)
+        self.head = BilinearHead(pooled.channels, num_classes, options.sqrt, options.reduce)
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         _, taps = self.backbone(images, [self.tap], stop_after_taps=True)
@@ -93,12 +97,15 @@ class BCNN(Method):
     kind = "bcnn"
     description = "bilinear pooling of the last feature map, square root, L2 norm, linear classifier (Lin et al. 2015)"
     Options = BCNNOptions
+    options_added_later = ("tap",)
 
     def table_name(self, options: BCNNOptions) -> str:  # type: ignore[override]
         name = self.kind if options.sqrt == "signed" else f"{self.kind}-{options.sqrt}"
-        return name if options.reduce is None else f"{name}-r{options.reduce}"
+        name = name if options.reduce is None else f"{name}-r{options.reduce}"
+        return name if options.tap is None else f"{name}-{options.tap}"
 
     def attach(self, backbone: Backbone, num_classes: int, options: BCNNOptions) -> ImageClassifier:  # type: ignore[override]
+        check_tap(self.kind, backbone, options.tap)
         return BCNNClassifier(backbone, num_classes, options)
 
 

@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finebench.methods.base import MapsToDraw, Method, StepContext, StepResult
+from finebench.methods.base import (
+    MapsToDraw,
+    Method,
+    StepContext,
+    StepResult,
+    check_tap,
+)
 from finebench.methods.registry import register
 from finebench.methods.ws_dan import (
     LOGIT_SCALE,
@@ -45,7 +51,6 @@ from finebench.methods.ws_dan import (
     augment,
     bilinear_attention_pool,
     centre_loss,
-    check_taps,
     crop,
     crop_boxes,
     draw,
@@ -155,7 +160,7 @@ class CAL(Method):
         return f"{training_settings(options)} · test: image + flip, each raw + crops (θ, pad) {crops}"
 
     def attach(self, backbone: Backbone, num_classes: int, options: CALOptions) -> ImageClassifier:  # type: ignore[override]
-        check_taps(self.kind, backbone, options.tap)
+        check_tap(self.kind, backbone, options.tap)
         return CALClassifier(backbone, num_classes, options)
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:

@@ -42,6 +42,7 @@ from finebench.methods.base import (
     MethodOptions,
     StepContext,
     StepResult,
+    check_tap,
 )
 from finebench.methods.registry import register
 from finebench.models.base import Backbone
@@ -131,17 +132,6 @@ def check_map_size(method: str, images: torch.Tensor, maps: torch.Tensor, tap: s
         raise FinebenchError(f"variant {method!r}: input_size {rows}x{cols} gives {height}x{width} attention maps "
                              f"on {tap!r}; expected at least {MIN_MAP_SIDE}x{MIN_MAP_SIDE} "
                              f"(input_size {MIN_MAP_SIDE * stride} or more)")
-
-
-def check_taps(method: str, backbone: Backbone, tap: str | None) -> None:
-    """The attention reads a tap (by default the deepest): the backbone must declare it."""
-    if not backbone.tap_points:
-        raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: expected a backbone that "
-                             "declares its last feature map as a tap point, it declares none")
-    names = [point.name for point in backbone.tap_points]
-    if tap is not None and tap not in names:
-        raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: tap {tap!r} is not one of its "
-                             f"tap points; expected one of {', '.join(names)} (or no tap: the deepest)")
 
 
 def map_weights(maps: torch.Tensor, epsilon: float = EPSILON) -> torch.Tensor:
@@ -397,7 +387,7 @@ class WSDAN(Method):
         return f"{training_settings(options)} · test θ {options.test_theta:g} pad {options.test_padding:g}"
 
     def attach(self, backbone: Backbone, num_classes: int, options: WSDANOptions) -> ImageClassifier:  # type: ignore[override]
-        check_taps(self.kind, backbone, options.tap)
+        check_tap(self.kind, backbone, options.tap)
         return WSDANClassifier(backbone, num_classes, options)
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:

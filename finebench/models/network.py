@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -92,3 +93,11 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     backbone_ids = {id(p) for p in backbone}
     head = [p for p in classifier.parameters() if id(p) not in backbone_ids]
     return {"backbone": backbone, "head": head}
+
+
+def drop_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """Keep ``parameters`` out of the next optimiser step: torch's optimisers skip a parameter whose
+    gradient is None (no update, no weight decay, no momentum), unlike a zero gradient, which
+    still decays and moves with momentum. Used for the backbone's head-only epochs."""
+    for parameter in parameters:
+        parameter.grad = None

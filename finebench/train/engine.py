@@ -31,6 +31,7 @@ from finebench.console import make_console
 from finebench.errors import FinebenchError
 from finebench.methods.base import Method, MicroBatch
 from finebench.models.batchnorm import convert_ghost_batchnorm
+from finebench.models.network import drop_gradients, parameter_groups
 from finebench.models.output import ModelOutput, mixture_loss
 from finebench.recipe import TrainSection
 from finebench.results import MACHINE_FIELDS
@@ -281,6 +282,8 @@ class TrainStep:
     step (``Method.owns_train_step``), the whole step, run through ``EngineStepContext``."""
     epoch: int = 1
     """The epoch being trained (``fit`` sets it; a method's own step may read it)."""
+    head_only_epochs: int = 0
+    """Epochs (from the first) whose optimiser steps leave the backbone alone (``train.head_only_epochs``)."""
     scaler: torch.amp.GradScaler = field(init=False)
     method_counts: torch.Tensor | None = field(init=False, default=None)
     """The method's ``StepResult.counts`` summed since ``take_method_counts`` last read them."""
@@ -331,7 +334,12 @@ class TrainStep:
             self.scheduler.step()
 
     def apply_gradients(self) -> None:
-        """Clip (unscaled) if asked, step the optimiser, update the grad scaler (no schedule step)."""
+        """Clip (unscaled) if asked, step the optimiser, update the grad scaler (no schedule step).
+        Every step goes through here (the engine's and a method's own), so head-only epochs hold for
+        every method; the backbone's gradients are computed and dropped rather than never made, which
+        keeps DDP's gradient hooks and a compiled graph the same in both stages."""
+        if self.epoch <= self.head_only_epochs:
+            drop_gradients(parameter_groups(self.model)["backbone"])
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -551,7 +559,6 @@ class RichProgress:
     """A transient bar per epoch (images/s, loss, lr, ETA) and one printed line per finished epoch."""
 
     def __init__(self, label: str, console: Any = None) -> None:
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -749,7 +756,7 @@ def fit(
     step = TrainStep(
         trained_model, optimizer, scheduler, device, precision, mixture,
         train.label_smoothing, train.grad_clip, channels_last, compiled,
-        accumulation_steps=train.accumulation_steps, method=method,
+        accumulation_steps=train.accumulation_steps, method=method, head_only_epochs=train.head_only_epochs,
     )
 
     rows: list[dict[str, Any]] = []
@@ -878,7 +885,7 @@ def build_train_step(
     return TrainStep(
         compile_model(model) if compiled else model, optimizer, scheduler, device, precision, mixture,
         train.label_smoothing, train.grad_clip, channels_last, compiled,
-        accumulation_steps=train.accumulation_steps, method=method,
+        accumulation_steps=train.accumulation_steps, method=method, head_only_epochs=train.head_only_epochs,
     )
 
 
