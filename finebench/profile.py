@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.methods import build_model
-from finebench.methods import METHODS, Method, get_method, parse_options
+from finebench.methods import METHODS, Method, build_model, get_method, parse_options
 from finebench.methods.baseline import METHOD as BASELINE
-from finebench.models.network import EarlyPrediction, unwrap
+from finebench.models.network import EarlyPrediction, unwrap, used_parameter_count
 
 FLOP_CONVENTION = "fvcore: one multiply-add = one flop"
 
@@ -140,7 +139,7 @@ def _in_eval(model: nn.Module):  # noqa: ANN202 - small context helper
 def profile_model(model: nn.Module, input_size: int, method: Method | None = None) -> ProfileResult:
     """Parameters and fvcore FLOPs of one prediction on a 3×input_size×input_size image: one forward
     pass, or every pass ``method.predict`` makes."""
-    params = sum(p.numel() for p in model.parameters())
+    params = used_parameter_count(model)
     with _in_eval(model):
         flops = _count_flops(TensorOutputs(model, method), input_size)
     return ProfileResult(params=params, flops=flops)

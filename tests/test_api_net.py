@@ -5,14 +5,12 @@ DDP shares), the batch checks, the method on every backbone family and its train
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import on_two_workers
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -344,34 +342,19 @@ def test_fit_records_the_pair_statistics_of_each_epoch() -> None:
     assert list(row)[:4] == ["epoch", "train_loss", "train_top1", "train_pairs"] and "test_top1" in row
 
 
-def _worker(rank: int, port: int, queue: mp.Queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        model = _model().train()
-        images, labels = _batch()
-        wrapped = nn.parallel.DistributedDataParallel(model)
-        step = _engine(wrapped, accumulation=1, batch=(images[rank * 4:(rank + 1) * 4], labels[rank * 4:(rank + 1) * 4]))
-        # NumPy arrays and lists travel by value (shared-memory tensors die with the worker)
-        queue.put((rank, {k: v.detach().numpy().copy() for k, v in model.named_parameters()},
-                   step.take_method_counts().tolist()))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int) -> tuple[dict, list]:
+    model = _model().train()
+    images, labels = _batch()
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    step = _engine(wrapped, accumulation=1, batch=(images[rank * 4:(rank + 1) * 4], labels[rank * 4:(rank + 1) * 4]))
+    return ({k: v.detach().numpy().copy() for k, v in model.named_parameters()}, step.take_method_counts().tolist())
 
 
 @pytest.mark.slow
 def test_two_gloo_workers_mine_the_pairs_of_a_one_process_run_with_two_micro_batches() -> None:
     """Each worker's share is one micro-batch's worth of whole classes: the same pairs, the same step
     (parameters; BatchNorm running statistics differ: DDP keeps rank 0's, accumulation updates twice)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = mp.start_processes(_worker, args=(port, queue), nprocs=2, join=False, start_method="spawn")
-    results = {rank: (weights, counts) for rank, weights, counts in (queue.get(timeout=120) for _ in range(2))}
-    processes.join(timeout=120)
+    results = on_two_workers(_worker)
     model = _model().train()
     step = _engine(model, accumulation=2)
     expected_counts = step.take_method_counts()

@@ -88,3 +88,13 @@ def test_bcnn_attaches_on_every_family_and_a_training_step_moves_the_head(backbo
     optimizer.step()
     assert torch.isfinite(loss) and not torch.equal(model.head.fc.weight, head_before)
     assert not hasattr(model, "classifier")  # the bilinear fc is the only classifier
+
+
+def test_bcnn_pools_the_tap_it_is_given_and_names_the_taps_there_are_when_it_does_not_exist() -> None:
+    """The paper pools VGG-16's relu5_3, a tap before the deepest (pool5): ``tap`` chooses it."""
+    model = build_model("wrn", 5, "bcnn", {"tap": "group1"}, {"depth": 10, "width": 1})
+    assert model.tap == "group1" and model.head.fc.in_features == 32**2  # group1 has 32 channels
+    assert model(torch.randn(2, 3, 32, 32)).logits.shape == (2, 5)
+    assert get_method("bcnn").table_name(parse_options("bcnn", {"tap": "group1"})) == "bcnn-group1"
+    with pytest.raises(Exception, match=r"tap 'relu5_3' is not one of its tap points; expected one of group0, group1, group2"):
+        build_model("wrn", 5, "bcnn", {"tap": "relu5_3"}, {"depth": 10, "width": 1})

@@ -9,18 +9,22 @@ The model has no BatchNorm, so micro-batches and shards change nothing but the s
 
 from __future__ import annotations
 
-import os
-import socket
 from typing import Literal
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import on_two_workers
 from torch import nn
 
-from finebench.methods import METHODS, Method, MethodOptions, StepContext, StepResult, register
+from finebench.methods import (
+    METHODS,
+    Method,
+    MethodOptions,
+    StepContext,
+    StepResult,
+    register,
+)
 from finebench.methods.registry import get_method
 from finebench.models.output import ModelOutput
 from finebench.recipe import TrainSection
@@ -130,26 +134,13 @@ def test_two_passes_under_gradient_accumulation_take_the_whole_batch_step() -> N
     assert_same(weights, manual_reference())
 
 
-def _worker(rank: int, port: int, queue: mp.Queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        weights, _ = engine_steps(2, model=nn.parallel.DistributedDataParallel, shard=(rank, 2))
-        queue.put((rank, weights))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int) -> dict[str, torch.Tensor]:
+    weights, _ = engine_steps(2, model=nn.parallel.DistributedDataParallel, shard=(rank, 2))
+    return weights
 
 
 def test_two_passes_with_accumulation_on_two_gloo_workers_match_one_process() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    processes = mp.start_processes(_worker, args=(port, queue), nprocs=2, join=False, start_method="spawn")
-    results = dict(queue.get(timeout=120) for _ in range(2))
-    processes.join(timeout=120)
+    results = on_two_workers(_worker)
     expected = manual_reference()
     for rank in (0, 1):
         assert_same(results[rank], expected)

@@ -84,6 +84,7 @@ class BCNNClassifier(ImageClassifier):
         super().__init__(backbone, num_classes)
         pooled = backbone.tap_point(options.tap) if options.tap is not None else backbone.tap_points[-1]
         self.tap = pooled.name
+        self.backbone_taps_read = (self.tap,)
         del self.classifier  # the bilinear head's fc replaces it
         self.head = BilinearHead(pooled.channels, num_classes, options.sqrt, options.reduce)
 

@@ -101,6 +101,7 @@ class MCLClassifier(ImageClassifier):
         super().__init__(backbone, num_classes)
         last = backbone.tap_points[-1]
         self.tap = last.name
+        self.backbone_taps_read = (self.tap,)
         channels = num_classes * options.xi
         self.project = (
             nn.Sequential(nn.Conv2d(last.channels, channels, 1, bias=False), nn.BatchNorm2d(channels),

@@ -103,6 +103,7 @@ class PMGClassifier(ImageClassifier):
         del self.classifier  # the concatenated head replaces it
         stages = backbone.tap_points[-3:]
         self.taps = [tap.name for tap in stages]
+        self.backbone_taps_read = tuple(self.taps)
         width = options.feature_size
         self.blocks = nn.ModuleList(
             nn.Sequential(conv_bn_relu(tap.channels, width, 1), conv_bn_relu(width, 2 * width, 3)) for tap in stages

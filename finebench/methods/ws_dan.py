@@ -212,6 +212,7 @@ class WSDANClassifier(ImageClassifier):
         del self.classifier  # the pooled-vector classifier replaces it
         last = backbone.tap_point(options.tap) if options.tap is not None else backbone.tap_points[-1]
         self.tap = last.name
+        self.backbone_taps_read = (self.tap,)
         count = options.attentions
         self.attentions = nn.Sequential(nn.Conv2d(last.channels, count, 1, bias=False),
                                         nn.BatchNorm2d(count, eps=0.001), nn.ReLU(inplace=True))

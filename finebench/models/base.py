@@ -16,6 +16,9 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 
+PARAMETER_PROBE_SIZE = 128
+"""Side of the blank image ``parameters_unread`` runs: every family runs on it (Inception-v3 needs 75)."""
+
 PluginFactory = Callable[[int], nn.Module]
 """Builds one block plug-in for a residual branch with the given number of output channels."""
 
@@ -93,6 +96,34 @@ class Backbone(nn.Module):
             self.tap_point(name)
         order = [t.name for t in self.tap_points]
         return sorted(names, key=order.index, reverse=True)
+
+    def parameters_unread(self, taps: Sequence[str] | None) -> list[str]:
+        """Names of the parameters a pass that stops after ``taps`` never reads (None: the whole
+        pass to the pooled features): the layers beyond the deepest tap, a torchvision model's
+        layers between its last map and its classifier, Inception's auxiliary head. Found by one
+        pass on a blank probe image and the gradient it leaves: which layers lie off the path is
+        each family's own business (WRN's final BatchNorm, VGG's fc6/fc7, Inception's Mixed_7),
+        and autograd reads it off every family alike."""
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if not trainable:
+            return []
+        first = trainable[0][1]
+        probe = torch.zeros(1, 3, PARAMETER_PROBE_SIZE, PARAMETER_PROBE_SIZE, device=first.device, dtype=first.dtype)
+        was_training = self.training
+        self.eval()  # no BatchNorm statistics move
+        try:
+            with torch.enable_grad():
+                if taps is None:
+                    pooled, _ = self(probe)
+                    outputs = [pooled]
+                else:
+                    _, maps = self(probe, list(taps), stop_after_taps=True)
+                    outputs = list(maps.values())
+                reached = sum(output.float().sum() for output in outputs if output is not None)
+                grads = torch.autograd.grad(reached, [p for _, p in trainable], allow_unused=True)
+        finally:
+            self.train(was_training)
+        return [name for (name, _), grad in zip(trainable, grads, strict=True) if grad is None]
 
     def plugin_modules(self) -> list[nn.Module]:
         """Modules added by a block-plug-in variant: new weights, trained with the head's learning rate."""

@@ -20,6 +20,10 @@ class ImageClassifier(nn.Module):
     Block plug-ins (SE, CBAM) live inside the backbone's blocks; this class does not need to know.
     """
 
+    backbone_taps_read: tuple[str, ...] | None = None
+    """The taps after which every forward of the model stops reading its backbone (a method pooling
+    one feature map; PMG's three stages); None: the whole backbone, to its pooled features."""
+
     def __init__(self, backbone: Backbone, num_classes: int, attention: AttendAndRectify | None = None) -> None:
         super().__init__()
         self.backbone = backbone
@@ -27,6 +31,19 @@ class ImageClassifier(nn.Module):
         backbone.init_classifier(self.classifier)
         self.attention = attention
         self.num_classes = num_classes
+        self._unused_parameter_names: list[str] | None = None
+
+    def unused_parameter_names(self) -> list[str]:
+        """Backbone parameters no forward of this model reads: those past ``backbone_taps_read``
+        (VGG-16's fc6/fc7 under B-CNN, Inception's Mixed_7 under WS-DAN at Mixed_6e) or off the
+        path to the pooled features (Inception's auxiliary head). They stay in the state dict
+        (weights load as before, checkpoints keep their keys) but are left out of the parameter
+        count and of DDP's all-reduce, which would otherwise stop at the second step waiting for
+        their gradients. Found once, on first use (profiling, DDP), not at every build."""
+        if self._unused_parameter_names is None:
+            unread = self.backbone.parameters_unread(self.backbone_taps_read)
+            self._unused_parameter_names = [f"backbone.{name}" for name in unread]
+        return list(self._unused_parameter_names)
 
     @property
     def attention_taps(self) -> list[str]:
@@ -93,6 +110,17 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     backbone_ids = {id(p) for p in backbone}
     head = [p for p in classifier.parameters() if id(p) not in backbone_ids]
     return {"backbone": backbone, "head": head}
+
+
+def used_parameter_count(model: nn.Module) -> int:
+    """Parameters a finebench model's forward reads (``ImageClassifier.unused_parameter_names`` left
+    out); any other module: all of its parameters."""
+    try:
+        classifier = unwrap(model)
+    except TypeError:  # not a finebench model
+        return sum(p.numel() for p in model.parameters())
+    unused = set(classifier.unused_parameter_names())
+    return sum(p.numel() for name, p in classifier.named_parameters() if name not in unused)
 
 
 def drop_gradients(parameters: Iterable[nn.Parameter]) -> None:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from finebench.errors import FinebenchError
+from finebench.models.network import ImageClassifier
 from finebench.train.engine import DistContext, resolve_device
 
 DEFAULT_TIMEOUT_S = 1800.0
@@ -198,10 +199,16 @@ class DDPContext(DistContext):
 
         ``find_unused_parameters`` stays off: Attend and Rectify uses all of its weights in every
         training forward (the regulariser and the gates included), and the search would cost a
-        graph traversal per step.
+        graph traversal per step. Parameters the model never reads (a backbone's layers past the
+        tap a method pools: ``ImageClassifier.unused_parameter_names``) are named to DDP as ignored
+        instead, the mechanism WS-DAN's per-rank centres already use.
         """
         if self.sync_batchnorm:
             model = convert_sync_batchnorm(model, self.device)
+        unused = model.unused_parameter_names() if isinstance(model, ImageClassifier) else []
+        if unused:
+            ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+            model._ddp_params_and_buffers_to_ignore = [*ignored, *unused]
         device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)

@@ -1,0 +1,65 @@
+"""Backbone layers a method never reads (those past the tap it pools): found by autograd, left out
+of the parameter count, and ignored by DDP, which otherwise stops at the second step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gloo import on_two_workers
+
+from finebench.methods import build_model
+from finebench.models.network import used_parameter_count
+from finebench.profile import profile_model
+from finebench.train.distributed import DDPContext
+
+WRN = {"depth": 10, "width": 1}
+
+
+def test_the_layers_past_the_pooled_tap_are_the_unused_ones() -> None:
+    model = build_model("wrn", 5, "bcnn", {"tap": "group1"}, WRN)
+    unused = model.unused_parameter_names()
+    assert all(name.startswith(("backbone.groups.2.", "backbone.final_bn.")) for name in unused), unused
+    convolutions_past = [name for name, _ in model.named_parameters() if name.startswith("backbone.groups.2.")
+                         and name.endswith("weight") and "conv" in name]
+    assert convolutions_past and set(convolutions_past) <= set(unused)
+    assert {"backbone.final_bn.weight", "backbone.final_bn.bias"} <= set(unused)
+    total = sum(p.numel() for p in model.parameters())
+    past = sum(p.numel() for name, p in model.named_parameters() if name in set(unused))
+    assert used_parameter_count(model) == total - past
+    assert profile_model(model, 32).params == total - past
+
+
+@pytest.mark.parametrize(("variant", "options"), [("baseline", {}), ("bcnn", {}), ("mcl", {"xi": 2}), ("pmg", {})])
+def test_a_model_reading_the_whole_backbone_has_none(variant: str, options: dict) -> None:
+    """WRN's deepest tap is its last map: a method pooling it reads every backbone layer."""
+    assert build_model("wrn", 5, variant, options, WRN).unused_parameter_names() == []
+
+
+def test_a_torchvision_models_layers_between_its_last_map_and_classifier_are_unused_under_bcnn() -> None:
+    """MobileNet-V3's 576→1024 linear sits between its last feature map and the classifier finebench
+    replaces: the baseline uses it, B-CNN pooling the last map does not (VGG's fc6/fc7 alike)."""
+    assert build_model("torchvision:mobilenet_v3_small", 5).unused_parameter_names() == []
+    unused = build_model("torchvision:mobilenet_v3_small", 5, "bcnn", {"reduce": 8}).unused_parameter_names()
+    assert unused == ["backbone.net.classifier.0.weight", "backbone.net.classifier.0.bias"]
+
+
+def _ddp_steps(rank: int) -> dict[str, np.ndarray]:
+    torch.manual_seed(0)
+    model = build_model("wrn", 5, "bcnn", {"tap": "group1"}, WRN).train()
+    wrapped = DDPContext(rank=rank, world_size=2).wrap(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(3):  # DDP checks the previous step's reduction at each forward after the first
+        images, labels = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 5, (4,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(images).logits, labels).backward()
+        optimizer.step()
+    return {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+
+
+def test_ddp_trains_a_model_with_unused_backbone_layers_and_keeps_the_ranks_equal() -> None:
+    results = on_two_workers(_ddp_steps)
+    for name, value in results[0].items():
+        np.testing.assert_array_equal(results[1][name], value, err_msg=name)
