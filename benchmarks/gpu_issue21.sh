@@ -6,7 +6,9 @@
 # 1. jobs sweep: 1-4 concurrent WRN-28-10 runs (mnist5k, embedded and offline, at 32 px; one epoch
 #    each, two seeds per job), total images/s = images trained / wall time, printed per N;
 # 2. compiled vs eager A&R, and the read-out operator, at N = 10 and 100 (benchmarks/attention_readout.py);
-# 3. the suite (benchmarks/gpu_suite.py) in what time is left.
+# 3. issue 19: each peer's training-step time against the baseline beside its FLOP overhead, at the
+#    peers recipes' setting (ResNet-50, 448 px, N = 200, batch 16, bf16, eager; about a minute);
+# 4. the suite (benchmarks/gpu_suite.py) in what time is left.
 set -uo pipefail
 start=$(date +%s)
 work=$(mktemp -d)
@@ -44,5 +46,7 @@ print(f"jobs sweep: {jobs} job(s), {2 * jobs} runs, wall {t1 - t0:.1f} s, total 
 PY
 done
 python benchmarks/attention_readout.py --depth 28 --width 10 --repeats 5
+timeout 150 python benchmarks/peers_overhead.py --backbone resnet50 --size 448 --classes 200 --batch 16 \
+  --precision bf16 --repeats 5 || echo "peers_overhead.py did not finish in 150 s"
 left=$(( 480 - ($(date +%s) - start) ))
 if [ "$left" -gt 60 ]; then python benchmarks/gpu_suite.py --budget-s "$left"; else echo "no time left for gpu_suite.py"; fi

@@ -16,6 +16,7 @@ not in the FLOPs: that is part of what the gap shows. The batch's labels are cla
     python benchmarks/peers_overhead.py --quick         # a smoke run
     python benchmarks/peers_overhead.py --backbone resnet50 --size 224 --batch 4
     python benchmarks/peers_overhead.py --only ws_dan cal   # some peers (each still against the baseline)
+    python benchmarks/peers_overhead.py --backbone resnet50 --size 448 --batch 16 --precision bf16   # GPU
 """
 
 from __future__ import annotations
@@ -56,10 +57,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", nargs="+", choices=[label for label, _, _ in VARIANTS], default=None,
                         help="measure these peers only (default: all)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="training precision (bf16 for the GPU figures)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every model (default eager: seven compilations would dwarf the steps)")
     args = parse_benchmark_arguments(parser)
     variants = [v for v in VARIANTS if args.only is None or v[0] in args.only]
     batch, repeats, warmup = (2, 1, 1) if args.quick else (args.batch, args.repeats, 2)
-    train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision="fp32")
+    train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=args.precision,
+                         compile=args.compile)
     costs = {row.label: row for row in profile_variants(args.backbone, args.classes, args.size, variants)}
     steps = {}
     for label, kind, options in [("baseline", "baseline", {}), *variants]:
