@@ -128,11 +128,16 @@ class TrainSection(_Section):
     or momentum, while its BatchNorm statistics still move. B-CNN's two-stage protocol (classifier
     first, then everything) is this plus a multistep lr drop at the same epoch; equal to ``epochs``
     it is a linear probe."""
-    schedule: Literal["constant", "step", "multistep", "cosine"] = "multistep"
+    schedule: Literal["constant", "step", "multistep", "cosine", "exponential"] = "multistep"
+    """``exponential``: lr x ``gamma`` ** (epochs / ``step_size``), epochs counted in fractions
+    (CAL's official 0.9 ** ((epoch + i / N) / 2)); ``step``: the same in whole steps of ``step_size``."""
     milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
     """Epochs after which the lr is multiplied by ``gamma`` (multistep)."""
     step_size: Annotated[int, Field(ge=1)] = 30
-    """Epochs between lr decays (step)."""
+    """Epochs between lr decays (step), or per factor of ``gamma`` (exponential)."""
+    lr_updates: Literal["batch", "epoch"] = "batch"
+    """When the decay moves: at every batch, or once at each epoch start (PMG's official cosine).
+    Only the cosine and exponential decays change within an epoch; warm-up is per batch either way."""
     gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
     min_lr: Annotated[float, Field(ge=0)] = 0.0
@@ -182,6 +187,9 @@ class TrainSection(_Section):
             raise ValueError("schedule 'multistep' needs train.milestones, e.g. [60, 120, 160]")
         if self.milestones != sorted(self.milestones):
             raise ValueError(f"milestones must increase, got {self.milestones}")
+        if self.lr_updates == "epoch" and self.schedule not in ("cosine", "exponential"):
+            raise ValueError(f"lr_updates 'epoch' changes nothing with schedule {self.schedule!r} (its lr already "
+                             "moves at epoch boundaries): expected schedule 'cosine' or 'exponential', or lr_updates 'batch'")
         if self.head_only_epochs > self.epochs:
             raise ValueError(f"head_only_epochs ({self.head_only_epochs}) must be at most epochs ({self.epochs})")
         if self.warmup_epochs >= self.epochs:
@@ -200,6 +208,7 @@ class TrainSection(_Section):
 LOGGED_TRAIN_KEYS = (
     "optimizer", "momentum", "lr", "weight_decay", "backbone_lr_mult", "schedule", "milestones", "step_size",
     "gamma", "warmup_epochs", "min_lr", "label_smoothing", "grad_clip", "batchnorm_group", "head_only_epochs",
+    "lr_updates",
 )
 """``train`` settings a ``[logged.<variant>]`` table may change: those only the training loop
 reads (batch size, devices and loaders stay the recipe's, shared by every variant)."""

@@ -77,6 +77,10 @@ def recipe_settings(loaded: LoadedRecipe) -> str:
         schedule = f"lr x{train.gamma:g} after epochs {'/'.join(map(str, train.milestones))}"
     elif train.schedule == "step":
         schedule = f"lr x{train.gamma:g} every {train.step_size} epochs"
+    elif train.schedule == "exponential":
+        schedule = f"lr x{train.gamma:g} per {train.step_size} epochs, continuously"
+    if train.lr_updates == "epoch":
+        schedule += " (updated at each epoch start)"
     optimizer = train.optimizer if train.optimizer == "adamw" else f"{train.optimizer} momentum {train.momentum:g}"
     batch = f"batch {train.batch_size}"
     if train.accumulation_steps > 1:

@@ -250,6 +250,32 @@ def test_schedules_warm_up_then_decay_at_the_milestones():
     assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
 
 
+def test_the_exponential_decay_is_cals_official_per_iteration_formula():
+    """CAL (raoyongming/CAL train_distributed.py): lr = 1e-3 * 0.9 ** ((epoch + i / N) / 2)."""
+    steps = 7
+    factor = lr_factor_fn(train_cfg(epochs=6, schedule="exponential", gamma=0.9, step_size=2, warmup_epochs=0), steps_per_epoch=steps)
+    for epoch in range(6):
+        for i in range(steps):
+            assert factor(epoch * steps + i) == pytest.approx(0.9 ** ((epoch + i / steps) / 2), rel=1e-12)
+
+
+def test_lr_updates_per_epoch_is_pmgs_official_cosine():
+    """PMG (its train.py's cosine_anneal_schedule): lr0 / 2 * (cos(pi * epoch / epochs) + 1), set at
+    each epoch start and held through the epoch."""
+    steps, epochs = 5, 8
+    factor = lr_factor_fn(train_cfg(epochs=epochs, schedule="cosine", lr_updates="epoch", warmup_epochs=0), steps_per_epoch=steps)
+    for epoch in range(epochs):
+        expected = 0.5 * (math.cos(math.pi * epoch / epochs) + 1)
+        assert [factor(epoch * steps + i) for i in range(steps)] == pytest.approx([expected] * steps, rel=1e-12)
+    per_batch = lr_factor_fn(train_cfg(epochs=epochs, schedule="cosine", warmup_epochs=0), steps_per_epoch=steps)
+    assert per_batch(steps + 2) < factor(steps + 2)  # per batch, the lr has moved on within the epoch
+
+
+def test_lr_updates_per_epoch_with_a_schedule_it_cannot_change_is_refused():
+    with pytest.raises(ValueError, match="lr_updates 'epoch' changes nothing with schedule 'multistep'"):
+        train_cfg(epochs=4, schedule="multistep", milestones=[2], lr_updates="epoch")
+
+
 def test_rich_progress_prints_one_line_per_finished_epoch(tmp_path):
     import io
 

@@ -55,6 +55,8 @@ def lr_factor_fn(train: TrainSection, steps_per_epoch: int) -> Callable[[int], f
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if train.lr_updates == "epoch":
+            step -= step % steps_per_epoch  # the decay as it stood at this epoch's first batch
         epoch = step / steps_per_epoch
         if train.schedule == "constant":
             return 1.0
@@ -62,7 +64,9 @@ def lr_factor_fn(train: TrainSection, steps_per_epoch: int) -> Callable[[int], f
             return train.gamma ** int(epoch // train.step_size)
         if train.schedule == "multistep":
             return train.gamma ** bisect.bisect_right(train.milestones, int(epoch))
-        progress = (step - warmup) / max(1, total - warmup)
+        if train.schedule == "exponential":
+            return train.gamma ** (epoch / train.step_size)
+        progress = max(0, step - warmup) / max(1, total - warmup)
         return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
