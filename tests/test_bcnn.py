@@ -98,3 +98,10 @@ def test_bcnn_pools_the_tap_it_is_given_and_names_the_taps_there_are_when_it_doe
     assert get_method("bcnn").table_name(parse_options("bcnn", {"tap": "group1"})) == "bcnn-group1"
     with pytest.raises(Exception, match=r"tap 'relu5_3' is not one of its tap points; expected one of group0, group1, group2"):
         build_model("wrn", 5, "bcnn", {"tap": "relu5_3"}, {"depth": 10, "width": 1})
+
+
+def test_bcnn_on_a_torchvision_model_takes_any_graph_node_as_its_tap() -> None:
+    model = build_model("torchvision:mobilenet_v3_small", 5, "bcnn", {"tap": "features.11.block.0", "reduce": 4})
+    assert model.tap == "features.11.block.0" and model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 5)
+    with pytest.raises(Exception, match=r"tap 'nope' is not one of its tap points; .*; or a graph node name"):
+        build_model("torchvision:mobilenet_v3_small", 5, "bcnn", {"tap": "nope"})

@@ -280,6 +280,11 @@ def check_tap(method: str, backbone: Backbone, tap: str | None) -> None:
         raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: expected a backbone that "
                              "declares its last feature map as a tap point, it declares none")
     names = [point.name for point in backbone.tap_points]
-    if tap is not None and tap not in names:
+    if tap is None or tap in names:
+        return
+    try:
+        backbone.tap_point(tap)  # a torchvision model also takes any graph node (VGG's features.28)
+    except FinebenchError:
         raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: tap {tap!r} is not one of its "
-                             f"tap points; expected one of {', '.join(names)} (or no tap: the deepest)")
+                             f"tap points; expected one of {', '.join(names)} (or no tap: the deepest)"
+                             + (f"; or {backbone.other_taps}" if backbone.other_taps else "")) from None

@@ -44,6 +44,8 @@ class Backbone(nn.Module):
     tap_points: tuple[TapPoint, ...]
     out_channels: int
     attention_candidates: tuple[str, ...]
+    other_taps: str = ""
+    """What ``tap_point`` takes besides the declared ``tap_points``, in words for errors ("" : nothing)."""
 
     def forward(  # pragma: no cover - interface
         self, x: torch.Tensor, taps: Sequence[str] = (), stop_after_taps: bool = False

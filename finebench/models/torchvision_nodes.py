@@ -107,6 +107,8 @@ def stage_taps(net: nn.Module, size: int = PROBE_SIZE) -> list[TapPoint]:
 class TorchvisionNodeBackbone(Backbone):
     """A torchvision model with its last ``nn.Linear`` removed; taps are FX graph node names."""
 
+    other_taps = "a graph node name (torchvision.models.feature_extraction.get_graph_node_names)"
+
     def __init__(self, name: str, options: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if name not in torchvision_model_names():
