@@ -180,7 +180,7 @@ def test_a_bad_value_is_one_line_naming_the_field(value: str, expected: str) -> 
 def test_the_cli_dry_run_rejects_a_bad_value_in_one_line() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "finebench", "run", str(ROOT / "recipes" / "ws_dan_cub200.toml"), "--dry-run",
-         "--set", "dataset.color_jitter.saturation=-1"], capture_output=True, text=True, timeout=120,
+         "--set", "dataset.color_jitter.saturation=-1"], check=False, capture_output=True, text=True, timeout=120,
     )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "dataset.color_jitter.saturation" in lines[0], result.stderr

@@ -382,9 +382,9 @@ class InMemoryLoader:
     augmentation (reflect-pad 4, random crop, flip) is one gather per batch whose indices fold in
     the padding, the crop and the flip (then the recipe's colour jitter, image by image). Training
     order comes from the same ``BatchShardSampler`` as the worker path (call ``sampler.set_epoch``);
-    crop offsets, flips and jitter factors come from ``generator`` (CPU, so the stream is the same on any device; the engine checkpoints it, so a
-    resumed run repeats the uninterrupted one). Batches are (float32 B×3×H×W normalised, int64 B)
-    on the images' device, like the worker path's.
+    crop offsets, flips and jitter factors come from ``generator`` (CPU, so the stream is the same
+    on any device; the engine checkpoints it, so a resumed run repeats the uninterrupted one).
+    Batches are (float32 B×3×H×W normalised, int64 B) on the images' device, like the worker path's.
     """
 
     def __init__(

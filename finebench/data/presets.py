@@ -55,7 +55,8 @@ class ColorJitter(BaseModel):
     factors in [max(0, 1-b), 1+b]), the random order of the four adjustments and the uint8 colour
     arithmetic are then torchvision's by construction, while the factors come from the run's
     augmentation generator instead of the global torch RNG, so seeded runs and kill-and-resume
-    repeat them.
+    repeat them. The kernels are torchvision's uint8 tensor ones; the official code jittered PIL
+    images (``transforms.ColorJitter``), which give the same factors' pixels within 2 grey levels.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
@@ -82,15 +83,16 @@ class ColorJitter(BaseModel):
         (a permutation of the four adjustments, then one uniform factor per active property, in
         the order brightness, contrast, saturation, hue), from ``generator``."""
         jitter = self.torchvision()
-        order = torch.randperm(4, generator=generator)
+        order = torch.randperm(4, generator=generator, device="cpu")
 
         def factor(bounds: tuple[float, float] | None) -> float | None:
             if bounds is None:
                 return None
-            return float(torch.empty(1).uniform_(bounds[0], bounds[1], generator=generator).item())
+            return float(torch.empty(1, device="cpu").uniform_(bounds[0], bounds[1], generator=generator).item())
 
-        return dict(fn_idx=order, brightness_factor=factor(jitter.brightness), contrast_factor=factor(jitter.contrast),
-                    saturation_factor=factor(jitter.saturation), hue_factor=factor(jitter.hue))
+        return {"fn_idx": order, "brightness_factor": factor(jitter.brightness),
+                "contrast_factor": factor(jitter.contrast), "saturation_factor": factor(jitter.saturation),
+                "hue_factor": factor(jitter.hue)}
 
     def apply(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One uint8 3×H×W image jittered with factors drawn from ``generator`` (uint8 out)."""
