@@ -205,3 +205,33 @@ def test_a_recipe_without_color_jitter_keeps_its_run_ids(tmp_path: Path) -> None
                for run in expand_runs(load_recipe(recipe, check_dataset=False))]
     assert without == WS_DAN_IDS_BEFORE_COLOR_JITTER
     assert not set(without) & set(_frozen()["ws_dan_cub200.toml"])  # the shipped recipe sets it: other ids
+
+
+def test_a_recipes_color_jitter_reaches_the_training_loader(tmp_path: Path, data_root: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``finebench run``'s loaders get the recipe's setting: every training image of the epoch is
+    jittered once, and config.json records the setting."""
+    from tiny_data import tiny_recipe
+
+    from finebench.runner import run_recipe
+
+    calls: list[ColorJitter] = []
+    apply = ColorJitter.apply
+
+    def counting(self: ColorJitter, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        calls.append(self)
+        return apply(self, image, generator)
+
+    monkeypatch.setattr(ColorJitter, "apply", counting)
+    recipe = tmp_path / "jitter.toml"
+    dataset_lines = 'decode = "workers"\ncolor_jitter = { brightness = 0.126, saturation = 0.5 }'
+    recipe.write_text(tiny_recipe(seeds=None, dataset="jitter_jpeg", input_size=32, augmentation="imagenet",
+                                  extra_dataset=dataset_lines, batch_size=4, eval_batch_size=None))
+    spec = DatasetSpec(name="jitter_jpeg", num_classes=3, split_sizes={}, protocol="test", terms="test", homepage="",
+                       parse=lambda _raw: ParsedDataset([], {}), offline=True)
+    with registry.override(spec):
+        (outcome,) = run_recipe(load_recipe(recipe), results_dir=tmp_path / "results", data_root=data_root, quiet=True)
+    assert outcome.status == "finished"
+    assert calls == [ColorJitter(brightness=0.126, saturation=0.5)] * 8  # the 8 training images, once each
+    config = json.loads((outcome.path / "config.json").read_text())
+    assert config["dataset"]["color_jitter"] == {"brightness": 0.126, "contrast": 0.0, "saturation": 0.5, "hue": 0.0}
