@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from finebench.data.presets import ColorJitter
 from finebench.data.root import DEFAULT_ROOT
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS, MethodOptions, method_of
@@ -57,6 +58,10 @@ class DatasetSection(_Section):
     decode: Literal["auto", "workers", "device"] = "auto"
     """JPEG stores: "auto" decodes and augments batches on the device when training on CUDA
     (``finebench.data.gpu_decode``), "device" forces that on any device, "workers" the PIL workers."""
+    color_jitter: ColorJitter | None = None
+    """torchvision's ColorJitter on training images after the crop and flip, e.g. ``{brightness =
+    0.126, saturation = 0.5}`` (WS-DAN's and CAL's official transform); unset: none. Drawn from the
+    run's augmentation generator, on every data path (``finebench.data.presets.ColorJitter``)."""
 
 
 NO_PRETRAINED = "none"

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finebench.data.presets import Normalise, resized_size
+from finebench.data.presets import ColorJitter, Normalise, resized_size
 from finebench.errors import FinebenchError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -283,14 +283,16 @@ class DeviceTransform:
     flip: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    jitter: ColorJitter | None = None
+    """Training only: colour jitter after the crop and flip, on the uint8 pixels as the worker path."""
 
 
 class DeviceJpegLoader:
     """Batches (float32 B×3×size×size normalised, int64 B) on ``device`` from JPEG bytes.
 
     Order comes from ``sampler`` (a ``BatchShardSampler``, the same batches as the worker path;
-    call ``sampler.set_epoch``) or ``indices`` (evaluation shards); crop offsets and flips come
-    from ``generator`` (CPU, so the stream is the same on any device, and the engine checkpoints
+    call ``sampler.set_epoch``) or ``indices`` (evaluation shards); crop offsets, flips and colour
+    jitter factors come from ``generator`` (CPU, so the stream is the same on any device, and the engine checkpoints
     it, so a resumed run repeats the uninterrupted one).
     """
 
@@ -352,4 +354,7 @@ class DeviceJpegLoader:
         if transform.train and transform.flip:
             flips = torch.rand(len(images), generator=self.generator) < 0.5
         pixels = resize_crop_flip(images, size=transform.size, resize=transform.resize, offsets=offsets, flips=flips)
+        if transform.train and transform.jitter is not None:
+            # whole grey levels 0..255 already: uint8 exactly, jittered as the worker path's uint8 images
+            pixels = transform.jitter.apply_batch(pixels.clamp(0, 255).to(torch.uint8), self.generator).float()
         return self.normalise(pixels).contiguous(), labels.to(self.device, non_blocking=True)

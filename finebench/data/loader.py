@@ -15,6 +15,9 @@ Recipes (the authors' transforms, docs/MECHANISM.md §3):
 - ``auto``: ``cifar`` for stores whose images are at most 64 px (meta ``image_max_side``),
   ``imagenet`` otherwise. Datasets whose meta says ``info.no_flip`` (digits) are never flipped.
 
+``color_jitter`` (``presets.ColorJitter``, off by default) adds torchvision's colour jitter to the
+training images of any recipe but ``none``, after the crop and flip, on every path.
+
 JPEG stores trained on CUDA (``decode``) take ``finebench.data.gpu_decode`` instead: the same
 ``imagenet`` recipe, decoded and augmented in batches on the device.
 """
@@ -36,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finebench.atomic import atomic_write
 from finebench.data import store
-from finebench.data.presets import Normalise, rank_seed, resized_size
+from finebench.data.presets import ColorJitter, Normalise, rank_seed, resized_size
 from finebench.errors import FinebenchError
 
 if TYPE_CHECKING:
@@ -102,6 +105,7 @@ class _Recipe:
     flip: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    jitter: ColorJitter | None = None  # training only
 
 
 class StoreDataset(Dataset):
@@ -152,6 +156,12 @@ class StoreDataset(Dataset):
                                      _reflect(np.arange(array.shape[1]) + left, array.shape[1]))]
         if recipe.train and recipe.flip and rng.random() < 0.5:
             array = array[:, ::-1]
+        if recipe.train and recipe.jitter is not None:
+            # A torch generator seeded from the dataset's own numpy one: the draws stay in the state
+            # the engine checkpoints (and worker_init_fn reseeds), and torchvision's draw order holds.
+            generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+            pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+            array = recipe.jitter.apply(pixels, generator).permute(1, 2, 0).numpy()
         return array
 
 
@@ -273,12 +283,17 @@ def split_dirs(root: Path, spec: str, available: list[str], dataset: str) -> lis
     return [root / n for n in names]
 
 
-def _recipes(meta: dict, augmentation: str, input_size: int | None) -> tuple[_Recipe, _Recipe]:
+def _recipes(
+    meta: dict, augmentation: str, input_size: int | None, color_jitter: ColorJitter | None = None
+) -> tuple[_Recipe, _Recipe]:
     if augmentation not in AUGMENTATIONS:
         raise FinebenchError(f"augmentation {augmentation!r} is not valid: expected one of {', '.join(AUGMENTATIONS)}")
     max_side = meta.get("image_max_side") or 0
     small = max_side <= SMALL_IMAGE_MAX_SIDE
     kind = augmentation if augmentation != "auto" else ("cifar" if small else "imagenet")
+    if color_jitter is not None and kind == "none":
+        raise FinebenchError("dataset.color_jitter: augmentation 'none' trains on unaugmented images; "
+                             "remove color_jitter or choose augmentation auto, cifar or imagenet")
     flip = kind != "none" and not meta.get("info", {}).get("no_flip", False)
     if kind == "imagenet":
         size = input_size or 224
@@ -294,7 +309,7 @@ def _recipes(meta: dict, augmentation: str, input_size: int | None) -> tuple[_Re
                 )
         size = resize = input_size
         mean, std = (CIFAR_MEAN, CIFAR_STD) if small else (IMAGENET_MEAN, IMAGENET_STD)
-    train = _Recipe(kind, True, size, resize, flip, mean, std)
+    train = _Recipe(kind, True, size, resize, flip, mean, std, color_jitter)
     return train, _Recipe(kind, False, size, resize, False, mean, std)
 
 
@@ -365,11 +380,11 @@ class InMemoryLoader:
 
     The approach of the fastest CIFAR trainers: no per-sample Python and no workers; the ``cifar``
     augmentation (reflect-pad 4, random crop, flip) is one gather per batch whose indices fold in
-    the padding, the crop and the flip. Training order comes from the same ``BatchShardSampler``
-    as the worker path (call ``sampler.set_epoch``); crop offsets and flips come from
-    ``generator`` (CPU, so the stream is the same on any device; the engine checkpoints it, so a
-    resumed run repeats the uninterrupted one). Batches are (float32 B×3×H×W normalised, int64 B)
-    on the images' device, like the worker path's.
+    the padding, the crop and the flip (then the recipe's colour jitter, image by image). Training
+    order comes from the same ``BatchShardSampler`` as the worker path (call ``sampler.set_epoch``);
+    crop offsets, flips and jitter factors come from ``generator`` (CPU, so the stream is the same
+    on any device; the engine checkpoints it, so a resumed run repeats the uninterrupted one).
+    Batches are (float32 B×3×H×W normalised, int64 B) on the images' device, like the worker path's.
     """
 
     def __init__(
@@ -421,6 +436,8 @@ class InMemoryLoader:
             col_index = self.cols[offsets[:, 1:] + torch.where(flips[:, None], width - 1 - steps, steps)]
             # Advanced indices around a slice put their dims first: B×H×W×C, back to B×C×H×W below.
             batch = self.images[index[:, None, None], :, row_index[:, :, None], col_index[:, None, :]].permute(0, 3, 1, 2)
+        if self.recipe.train and self.recipe.jitter is not None:
+            batch = self.recipe.jitter.apply_batch(batch, self.generator)
         return self.normalise(batch.float()).contiguous()
 
 
@@ -506,7 +523,8 @@ def _device_decode_loaders(
     from finebench.data.gpu_decode import DeviceJpegLoader, DeviceTransform
 
     def transform(recipe: _Recipe) -> DeviceTransform:
-        return DeviceTransform(recipe.size, recipe.resize, recipe.train, recipe.flip, recipe.mean, recipe.std)
+        return DeviceTransform(recipe.size, recipe.resize, recipe.train, recipe.flip, recipe.mean, recipe.std,
+                               recipe.jitter)
 
     sampler = train_sampler(sampler_factory, train_columns.labels, batch_size, rank=rank, world_size=world_size,
                             seed=seed)
@@ -558,14 +576,14 @@ class LoaderPlan:
 def plan_loaders(
     dataset: str, data_root: Path, *, input_size: int | None = None, augmentation: str = "auto",
     train_split: str = "train", test_split: str = "test", in_memory: str | bool = False,
-    device: torch.device | str | None = None, decode: str = "auto",
+    device: torch.device | str | None = None, decode: str = "auto", color_jitter: ColorJitter | None = None,
 ) -> LoaderPlan:
     """Every check ``build_loaders`` makes (store, splits, augmentation, data path), nothing decoded."""
     meta = store.read_meta(Path(data_root), dataset)
     store.check_store_info(meta, dataset, Path(data_root))
     root = store.store_dir(Path(data_root), dataset)
     available = list(meta.get("splits", {}))
-    train_recipe, test_recipe = _recipes(meta, augmentation, input_size)
+    train_recipe, test_recipe = _recipes(meta, augmentation, input_size, color_jitter)
     train_dirs = split_dirs(root, train_split, available, dataset)
     test_dirs = split_dirs(root, test_split, available, dataset)
     side = train_recipe.size or (meta.get("image_size") or [None])[0]
@@ -612,6 +630,7 @@ def build_loaders(
     device: torch.device | str | None = None,
     decode: str = "auto",
     sampler_factory: SamplerFactory | None = None,
+    color_jitter: ColorJitter | None = None,
 ) -> Loaders:
     """Train and test loaders over ``<data_root>/<dataset>``; batches are (float32 Bx3xHxW, int64 B).
 
@@ -625,11 +644,12 @@ def build_loaders(
     recipe when ``device`` is CUDA; "device" forces it on any device, "workers" never) swaps both
     for ``gpu_decode.DeviceJpegLoader``s: workers only read bytes, the device decodes and augments.
     ``Loaders.path`` says which path was taken. ``sampler_factory``: a method's own batch order
-    (``SamplerFactory``), on every path.
+    (``SamplerFactory``), on every path. ``color_jitter``: torchvision's colour jitter on the
+    training images (``presets.ColorJitter``), on every path.
     """
     plan = plan_loaders(dataset, data_root, input_size=input_size, augmentation=augmentation,
                         train_split=train_split, test_split=test_split, in_memory=in_memory, device=device,
-                        decode=decode)
+                        decode=decode, color_jitter=color_jitter)
     meta, train_recipe, test_recipe, target = plan.meta, plan.train_recipe, plan.test_recipe, plan.device
     if plan.path == "in_memory":
         return _in_memory_loaders(
