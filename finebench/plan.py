@@ -34,7 +34,8 @@ class Cost:
     flops: int
     module_flops: dict[str, int]
     taps: list[dict[str, Any]] = field(default_factory=list)
-    """Where each attention module reads (``ImageClassifier.tap_summary``); empty for other variants."""
+    """Where each attention module or a method's head reads (``ImageClassifier.tap_summary``); empty for
+    a model reading the pooled features."""
 
 
 def build_model(

@@ -168,7 +168,8 @@ class VariantCost:
     """Relative to the baseline of the same backbone and number of classes."""
     flops_overhead_pct: float
     taps: list[dict[str, Any]] = field(default_factory=list)
-    """Where each attention module reads (``ImageClassifier.tap_summary``); empty for other variants."""
+    """Where each attention module or a method's head reads (``ImageClassifier.tap_summary``); empty for
+    a model reading the pooled features."""
     test_forward_passes: int = 1
     """Backbone passes one test prediction needs (``Method.test_forward_passes``); FLOPs count them all."""
     train_passes_per_image: int = 1

@@ -52,9 +52,12 @@ class ImageClassifier(nn.Module):
 
     def tap_summary(self) -> list[dict[str, Any]]:
         """Where each attention module reads, from the backbone's own tap declarations, in module
-        order: ``{"module", "tap", "channels", "stride"}`` (``summary.json``'s ``taps``; empty without attention)."""
+        order: ``{"module", "tap", "channels", "stride"}`` (``summary.json``'s ``taps``). Without
+        attention, the taps a head pools (``backbone_taps_read``: B-CNN at relu5_3, PMG's three
+        stages) as module "head"; empty for a model reading the pooled features."""
         if self.attention is None:
-            return []
+            return [{"module": "head", "tap": tap, "channels": self.backbone.tap_point(tap).channels,
+                     "stride": self.backbone.tap_point(tap).stride} for tap in self.backbone_taps_read or ()]
         return [
             {"module": f"attention.attention_modules.{index}", "tap": tap,
              "channels": self.backbone.tap_point(tap).channels, "stride": self.backbone.tap_point(tap).stride}
