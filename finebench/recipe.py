@@ -77,8 +77,8 @@ class DatasetSection(_Section):
         positive = lambda item: isinstance(item, int) and not isinstance(item, bool) and item > 0  # noqa: E731
         if value is not None and not (positive(value) or (isinstance(value, list) and len(value) == 2
                                                           and all(map(positive, value)))):
-            raise ValueError(f"expected a positive int (the shorter side, aspect kept) or [height, width] "
-                             f"(exactly that size), got {value!r}")
+            raise ValueError("expected a positive int (the shorter side, aspect kept) or [height, width] "
+                             "(exactly that size)")
         augmentation = info.data.get("augmentation")
         if augmentation not in (None, "auto"):  # "auto" depends on the store: the loaders check it
             problem = resize_problem(value, augmentation, info.data.get("input_size"))
@@ -101,7 +101,7 @@ class DatasetSection(_Section):
                 raise ValueError(problems) from None
         if value is not None and not isinstance(value, (str, Normalization)):
             raise ValueError(f"expected a preset name ({', '.join(NORMALIZATIONS)}) or "
-                             f"{{mean = [r, g, b], std = [r, g, b]}}, got {value!r}")
+                             "{mean = [r, g, b], std = [r, g, b]}")
         return value
 
 

@@ -324,8 +324,7 @@ def resize_problem(resize: int | Sequence[int] | None, kind: str, input_size: in
                 "imagenet (or auto on a store of photos)")
     size = input_size or IMAGENET_INPUT_SIZE
     if min(resize if isinstance(resize, tuple) else (resize,)) < size:
-        shown = list(resize) if isinstance(resize, tuple) else resize
-        return (f"{shown} is smaller than the {size} px crop (dataset.input_size = {input_size}): "
+        return (f"smaller than the {size} px crop (dataset.input_size = {input_size}): "
                 f"every side must be at least {size}")
     return None
 
@@ -359,7 +358,8 @@ def _recipes(
                              "remove color_jitter or choose augmentation auto, cifar or imagenet")
     problem = resize_problem(resize, kind, input_size)
     if problem:
-        raise FinebenchError(f"dataset.resize: {problem}")
+        shown = list(resize) if isinstance(resize, (list, tuple)) else resize
+        raise FinebenchError(f"dataset.resize = {shown}: {problem}")
     flip = kind != "none" and not meta.get("info", {}).get("no_flip", False)
     if kind == "imagenet":
         size = input_size or IMAGENET_INPUT_SIZE
