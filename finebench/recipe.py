@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from finebench.data.loader import NORMALIZATIONS, resize_problem
 from finebench.data.presets import ColorJitter, Normalization
@@ -74,7 +82,9 @@ class DatasetSection(_Section):
     @field_validator("resize", mode="before")
     @classmethod
     def _resize_form(cls, value: Any, info: ValidationInfo) -> Any:
-        positive = lambda item: isinstance(item, int) and not isinstance(item, bool) and item > 0  # noqa: E731
+        def positive(item: Any) -> bool:
+            return isinstance(item, int) and not isinstance(item, bool) and item > 0
+
         if value is not None and not (positive(value) or (isinstance(value, list) and len(value) == 2
                                                           and all(map(positive, value)))):
             raise ValueError("expected a positive int (the shorter side, aspect kept) or [height, width] "

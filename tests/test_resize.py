@@ -293,12 +293,12 @@ def test_eval_transforms_follow_the_run_settings(data_root: Path, images) -> Non
     ("dataset.resize='512'", "dataset.resize: Value error, expected a positive int"),
     ("dataset.resize=[512, 440]", "dataset.resize: Value error, smaller than the 448 px crop (dataset.input_size = 448)"),
     ("dataset.resize=400", "dataset.resize: Value error, smaller than the 448 px crop"),
-    ("dataset.normalize='halves'", "dataset.normalize: Value error, unknown preset 'halves': expected one of "
-                                   "imagenet, cifar, half"),
-    ("dataset.normalize={mean=[0.5, 0.5], std=[1, 1, 1]}", "dataset.normalize: Value error, mean: List should have "
-                                                            "at least 3 items"),
-    ("dataset.normalize={mean=[0.5, 0.5, 0.5], std=[1, 1, 0]}", "dataset.normalize: Value error, std.2: Input should "
-                                                                 "be greater than 0"),
+    ("dataset.normalize='halves'",
+     "dataset.normalize: Value error, unknown preset 'halves': expected one of imagenet, cifar, half"),
+    ("dataset.normalize={mean=[0.5, 0.5], std=[1, 1, 1]}",
+     "dataset.normalize: Value error, mean: List should have at least 3 items"),
+    ("dataset.normalize={mean=[0.5, 0.5, 0.5], std=[1, 1, 0]}",
+     "dataset.normalize: Value error, std.2: Input should be greater than 0"),
     ("dataset.normalize=0.5", "dataset.normalize: Value error, expected a preset name"),
 ])
 def test_a_bad_value_is_one_line_naming_the_field(setting: str, expected: str) -> None:

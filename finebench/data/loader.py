@@ -29,8 +29,7 @@ JPEG stores trained on CUDA (``decode``) take ``finebench.data.gpu_decode`` inst
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
