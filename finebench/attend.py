@@ -140,7 +140,8 @@ def eval_preprocess(config: dict[str, Any], meta: dict[str, Any] | None) -> Prep
         # No prepared store beside the run: judge the image kind from the input size alone.
         meta = {"name": dataset.get("name"), "image_max_side": input_size or 224,
                 "image_size": [input_size, input_size] if input_size else None}
-    return Preprocess(eval_transform(meta, dataset.get("augmentation", "auto"), input_size))
+    return Preprocess(eval_transform(meta, dataset.get("augmentation", "auto"), input_size,
+                                     resize=dataset.get("resize"), normalize=dataset.get("normalize")))
 
 
 def _read_meta(data_root: Path, name: str | None) -> dict[str, Any] | None:

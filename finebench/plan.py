@@ -95,7 +95,8 @@ def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: tor
         input_size=dataset.input_size, augmentation=dataset.augmentation, train_split=dataset.train_split,
         test_split=dataset.test_split, rank=ctx.rank, world_size=ctx.world_size,
         in_memory="auto",  # small images: decoded once, augmented in batches on the device
-        device=device, decode=dataset.decode, color_jitter=dataset.color_jitter,
+        device=device, decode=dataset.decode, color_jitter=dataset.color_jitter, resize=dataset.resize,
+        normalize=dataset.normalize,
         sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
     )
 

@@ -19,9 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from finebench.data.presets import ColorJitter
+from finebench.data.loader import NORMALIZATIONS, resize_problem
+from finebench.data.presets import ColorJitter, Normalization
 from finebench.data.root import DEFAULT_ROOT
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS, MethodOptions, method_of
@@ -62,6 +71,48 @@ class DatasetSection(_Section):
     """torchvision's ColorJitter on training images after the crop and flip, e.g. ``{brightness =
     0.126, saturation = 0.5}`` (WS-DAN's and CAL's official transform); unset: none. Drawn from the
     run's augmentation generator, on every data path (``finebench.data.presets.ColorJitter``)."""
+    resize: int | list[int] | None = None
+    """The ``imagenet`` augmentation's resize before its random (train) and centre (test) crop: an
+    int scales the shorter side to it (B-CNN's ``Resize(448)``), ``[height, width]`` to exactly that
+    size, aspect not kept (``Resize((512, 512))`` of WS-DAN, CAL, API-Net); unset: round(s*256/224)."""
+    normalize: str | Normalization | None = None
+    """The mean/std: a preset (``finebench.data.loader.NORMALIZATIONS``: "imagenet", "cifar", "half"
+    = PMG's mean = std = 0.5) or ``{mean = [r, g, b], std = [r, g, b]}``; unset: the augmentation's own."""
+
+    @field_validator("resize", mode="before")
+    @classmethod
+    def _resize_form(cls, value: Any, info: ValidationInfo) -> Any:
+        def positive(item: Any) -> bool:
+            return isinstance(item, int) and not isinstance(item, bool) and item > 0
+
+        if value is not None and not (positive(value) or (isinstance(value, list) and len(value) == 2
+                                                          and all(map(positive, value)))):
+            raise ValueError("expected a positive int (the shorter side, aspect kept) or [height, width] "
+                             "(exactly that size)")
+        augmentation = info.data.get("augmentation")
+        if augmentation not in (None, "auto"):  # "auto" depends on the store: the loaders check it
+            problem = resize_problem(value, augmentation, info.data.get("input_size"))
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_form(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in NORMALIZATIONS:
+            raise ValueError(f"unknown preset {value!r}: expected one of {', '.join(NORMALIZATIONS)} "
+                             "or {mean = [r, g, b], std = [r, g, b]}")
+        if isinstance(value, dict):
+            try:
+                return Normalization.model_validate(value)
+            except ValidationError as error:
+                problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'value'}: {item['msg']}"
+                                     for item in error.errors())
+                raise ValueError(problems) from None
+        if value is not None and not isinstance(value, (str, Normalization)):
+            raise ValueError(f"expected a preset name ({', '.join(NORMALIZATIONS)}) or "
+                             "{mean = [r, g, b], std = [r, g, b]}")
+        return value
 
 
 NO_PRETRAINED = "none"

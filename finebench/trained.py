@@ -127,6 +127,7 @@ def evaluate_run(
         name, run_data_root(run.config, data_root), split,
         batch_size=int(train.get("eval_batch_size") or train.get("batch_size") or 256),
         input_size=dataset.get("input_size"), augmentation=dataset.get("augmentation", "auto"),
+        resize=dataset.get("resize"), normalize=dataset.get("normalize"),
     )
     precision = run.summary.get("precision") or "fp32"
     # The run's own evaluation ran with the memory format and compilation it resolved to; on a GPU

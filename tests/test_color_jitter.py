@@ -196,11 +196,12 @@ def _frozen() -> dict[str, list[str]]:
 
 
 def test_a_recipe_without_color_jitter_keeps_its_run_ids(tmp_path: Path) -> None:
-    """ws_dan_cub200 with the key removed has the ids it had before the setting existed; with it, others."""
+    """ws_dan_cub200 with the key removed (and the later ``resize``) has the ids it had before the
+    setting existed; with it, others."""
     text = (ROOT / "recipes" / "ws_dan_cub200.toml").read_text()
     assert "color_jitter = " in text
     recipe = tmp_path / "ws_dan_cub200.toml"
-    recipe.write_text("\n".join(line for line in text.splitlines() if not line.startswith("color_jitter")))
+    recipe.write_text("\n".join(line for line in text.splitlines() if not line.startswith(("color_jitter", "resize"))))
     without = [f"{run.config['model']['backbone']}/{run.variant_name}/seed{run.seed}={run.run_id}"
                for run in expand_runs(load_recipe(recipe, check_dataset=False))]
     assert without == WS_DAN_IDS_BEFORE_COLOR_JITTER

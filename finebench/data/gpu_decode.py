@@ -6,7 +6,8 @@ Arrow store; the main process decodes the whole batch with one
 ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA, batched and on the
 hardware JPEG engine where the GPU has one; libjpeg-turbo on CPU), then resizes (antialiased
 bilinear), crops, flips and normalises on the device. The arithmetic is the worker path's
-``imagenet`` recipe (shorter side to ``resize``, random or centre crop ``size``, flip), so both
+``imagenet`` recipe (``resize``: the shorter side to an int, or an exact (height, width); random or
+centre crop ``size``, flip), so both
 paths give the same pixels within one grey level on the same JPEGs (tests/test_gpu_decode.py).
 One exception: for photos whose shorter side is at least twice ``resize`` the worker path lets
 libjpeg decode at 1/2, 1/4 or 1/8 scale (PIL draft), which this path cannot ask nvJPEG for (a
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finebench.data.presets import ColorJitter, Normalise, resized_size
+from finebench.data.presets import ColorJitter, Normalise, Resize, resized_size
 from finebench.errors import FinebenchError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -127,13 +128,13 @@ def resize_crop_flip(
     images: Sequence[torch.Tensor],
     *,
     size: int,
-    resize: int,
+    resize: Resize,
     offsets: torch.Tensor,
     flips: torch.Tensor | None = None,
     float_resize: bool | None = None,
 ) -> torch.Tensor:
-    """float32 B×3×size×size of whole grey levels 0..255: each uint8 3×H×W image resized (shorter
-    side ``resize``, antialiased bilinear), cropped at its ``offsets`` row (left, top) and flipped
+    """float32 B×3×size×size of whole grey levels 0..255: each uint8 3×H×W image resized (``resize``
+    as ``presets.resized_size`` reads it, antialiased bilinear), cropped at its ``offsets`` row (left, top) and flipped
     where ``flips``. Images of one size are resized in one call.
 
     ``float_resize`` (default: everywhere but on the CPU) resizes in float32, because CUDA has no
@@ -278,7 +279,7 @@ class DeviceTransform:
     """The ``imagenet`` recipe's settings (see ``finebench.data.loader``) for one split."""
 
     size: int
-    resize: int
+    resize: Resize
     train: bool
     flip: bool
     mean: tuple[float, float, float]

@@ -17,6 +17,10 @@ Recipes (the authors' transforms, docs/MECHANISM.md §3):
 
 ``color_jitter`` (``presets.ColorJitter``, off by default) adds torchvision's colour jitter to the
 training images of any recipe but ``none``, after the crop and flip, on every path.
+``resize`` (``presets.Resize``, default the ``imagenet`` rule above) replaces that recipe's resize
+before the crop: an int for the shorter side, or (height, width) for an exact, aspect-changing
+resize as the fine-grained methods' official pipelines do. ``normalize`` (a ``NORMALIZATIONS`` name
+or ``presets.Normalization``, default the recipe's own) replaces the mean/std, on every recipe.
 
 JPEG stores trained on CUDA (``decode``) take ``finebench.data.gpu_decode`` instead: the same
 ``imagenet`` recipe, decoded and augmented in batches on the device.
@@ -25,9 +29,8 @@ JPEG stores trained on CUDA (``decode``) take ``finebench.data.gpu_decode`` inst
 from __future__ import annotations
 
 import io
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +42,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finebench.atomic import atomic_write
 from finebench.data import store
-from finebench.data.presets import ColorJitter, Normalise, rank_seed, resized_size
+from finebench.data.presets import (
+    ColorJitter,
+    Normalise,
+    Normalization,
+    Resize,
+    draft_size,
+    rank_seed,
+    resized_size,
+)
 from finebench.errors import FinebenchError
 
 if TYPE_CHECKING:
@@ -47,6 +58,16 @@ if TYPE_CHECKING:
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "cifar": (CIFAR_MEAN, CIFAR_STD),
+    "half": (HALF_MEAN, HALF_STD),
+}
+"""``dataset.normalize``'s named (mean, std) presets; "half" maps 0..1 pixels to -1..1 (PMG's official
+``Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))``)."""
+IMAGENET_INPUT_SIZE = 224
+"""The ``imagenet`` recipe's crop when ``input_size`` is unset."""
 SMALL_IMAGE_MAX_SIDE = 64
 AUGMENTATIONS = ("auto", "cifar", "imagenet", "none")
 
@@ -101,7 +122,7 @@ class _Recipe:
     kind: str  # "cifar" | "imagenet" | "none"
     train: bool
     size: int | None  # final side (crop); None keeps the stored size
-    resize: int | None  # imagenet: shorter side before cropping; cifar/none: square side
+    resize: Resize | None  # imagenet: presets.Resize before cropping; cifar/none: square side
     flip: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -126,8 +147,7 @@ class StoreDataset(Dataset):
         with Image.open(io.BytesIO(self.columns.image_bytes(index))) as image:
             if self.recipe.kind == "imagenet" and image.format == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the resize would discard those pixels anyway.
-                scale = self.recipe.resize / min(image.size)
-                image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+                image.draft("RGB", draft_size(*image.size, self.recipe.resize))
             image = image.convert("RGB")
         array = self._transform(image)
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), int(self.columns.labels[index])
@@ -283,8 +303,49 @@ def split_dirs(root: Path, spec: str, available: list[str], dataset: str) -> lis
     return [root / n for n in names]
 
 
+def as_resize(value: int | Sequence[int] | None) -> Resize | None:
+    """``dataset.resize`` as the loaders take it: a recipe's (or config.json's) [height, width] list
+    becomes a tuple; an int or None stays."""
+    if value is None or isinstance(value, int):
+        return value
+    height, width = value
+    return int(height), int(width)
+
+
+def resize_problem(resize: int | Sequence[int] | None, kind: str, input_size: int | None) -> str | None:
+    """Why ``dataset.resize`` cannot apply to the augmentation ``kind`` (not "auto") at this
+    ``input_size``, or None: the recipe check (``--dry-run``) and the loaders ask the same question."""
+    resize = as_resize(resize)
+    if resize is None:
+        return None
+    if kind != "imagenet":
+        return (f"augmentation {kind!r} has no resize before a crop; remove resize or choose augmentation "
+                "imagenet (or auto on a store of photos)")
+    size = input_size or IMAGENET_INPUT_SIZE
+    if min(resize if isinstance(resize, tuple) else (resize,)) < size:
+        return (f"smaller than the {size} px crop (dataset.input_size = {input_size}): "
+                f"every side must be at least {size}")
+    return None
+
+
+def normalization(setting: str | Normalization | Mapping[str, Any] | None,
+                  default: tuple[tuple[float, ...], tuple[float, ...]]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of ``dataset.normalize``: a ``NORMALIZATIONS`` name, numbers (a config.json
+    mapping too), or None for the augmentation's own ``default``."""
+    if setting is None:
+        return default
+    if isinstance(setting, str):
+        if setting not in NORMALIZATIONS:
+            raise FinebenchError(f"dataset.normalize {setting!r} is not a preset: expected one of "
+                                 f"{', '.join(NORMALIZATIONS)} or {{mean = [r, g, b], std = [r, g, b]}}")
+        return NORMALIZATIONS[setting]
+    numbers = setting if isinstance(setting, Normalization) else Normalization.model_validate(dict(setting))
+    return numbers.pair()
+
+
 def _recipes(
-    meta: dict, augmentation: str, input_size: int | None, color_jitter: ColorJitter | None = None
+    meta: dict, augmentation: str, input_size: int | None, color_jitter: ColorJitter | None = None,
+    resize: int | Sequence[int] | None = None, normalize: str | Normalization | Mapping[str, Any] | None = None,
 ) -> tuple[_Recipe, _Recipe]:
     if augmentation not in AUGMENTATIONS:
         raise FinebenchError(f"augmentation {augmentation!r} is not valid: expected one of {', '.join(AUGMENTATIONS)}")
@@ -294,10 +355,15 @@ def _recipes(
     if color_jitter is not None and kind == "none":
         raise FinebenchError("dataset.color_jitter: augmentation 'none' trains on unaugmented images; "
                              "remove color_jitter or choose augmentation auto, cifar or imagenet")
+    problem = resize_problem(resize, kind, input_size)
+    if problem:
+        shown = list(resize) if isinstance(resize, (list, tuple)) else resize
+        raise FinebenchError(f"dataset.resize = {shown}: {problem}")
     flip = kind != "none" and not meta.get("info", {}).get("no_flip", False)
     if kind == "imagenet":
-        size = input_size or 224
-        resize, mean, std = round(size * 256 / 224), IMAGENET_MEAN, IMAGENET_STD
+        size = input_size or IMAGENET_INPUT_SIZE
+        default_resize = round(size * 256 / IMAGENET_INPUT_SIZE)
+        resize, mean, std = as_resize(resize) or default_resize, IMAGENET_MEAN, IMAGENET_STD
     else:
         uniform = meta.get("image_size")
         if input_size is None and not (uniform and uniform[0] == uniform[1]):
@@ -309,6 +375,7 @@ def _recipes(
                 )
         size = resize = input_size
         mean, std = (CIFAR_MEAN, CIFAR_STD) if small else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = normalization(normalize, (mean, std))
     train = _Recipe(kind, True, size, resize, flip, mean, std, color_jitter)
     return train, _Recipe(kind, False, size, resize, False, mean, std)
 
@@ -327,7 +394,7 @@ class EvalTransform:
 
     kind: str
     size: int | None
-    resize: int | None
+    resize: Resize | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -340,9 +407,13 @@ class EvalTransform:
         return Normalise(self.mean, self.std)(pixels.unsqueeze(0))[0]
 
 
-def eval_transform(meta: dict, augmentation: str = "auto", input_size: int | None = None) -> EvalTransform:
-    """The evaluation transform for a store described by ``meta`` (its meta.json) and a run's settings."""
-    _, recipe = _recipes(meta, augmentation, input_size)
+def eval_transform(
+    meta: dict, augmentation: str = "auto", input_size: int | None = None,
+    resize: int | Sequence[int] | None = None, normalize: str | Normalization | Mapping[str, Any] | None = None,
+) -> EvalTransform:
+    """The evaluation transform for a store described by ``meta`` (its meta.json) and a run's settings
+    (``resize`` and ``normalize`` as a recipe's or config.json's ``dataset`` section holds them)."""
+    _, recipe = _recipes(meta, augmentation, input_size, resize=resize, normalize=normalize)
     return EvalTransform(recipe.kind, recipe.size, recipe.resize, recipe.mean, recipe.std)
 
 
@@ -355,12 +426,14 @@ def build_eval_loader(
     input_size: int | None = None,
     augmentation: str = "auto",
     workers: int = 0,
+    resize: int | Sequence[int] | None = None,
+    normalize: str | Normalization | Mapping[str, Any] | None = None,
 ) -> tuple[DataLoader, dict]:
     """A loader over one prepared split (or ``a+b``) with the test transform, in store order,
     batches as the test loader of ``build_loaders`` makes them; returns it with the store's meta."""
     meta = store.read_meta(Path(data_root), dataset)
     root = store.store_dir(Path(data_root), dataset)
-    _, recipe = _recipes(meta, augmentation, input_size)
+    _, recipe = _recipes(meta, augmentation, input_size, resize=resize, normalize=normalize)
     folders = split_dirs(root, split, list(meta.get("splits", {})), dataset)
     source = StoreDataset(_Columns(folders), recipe, 0)
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -467,7 +540,7 @@ def _decode_split(split_dir: Path, recipe: _Recipe, side: int, workers: int) -> 
 
 
 def _decoded(split_dirs: list[Path], recipe: _Recipe, side: int, workers: int, device: torch.device) -> torch.Tensor:
-    frozen = _Recipe(recipe.kind, False, recipe.size, recipe.resize, False, recipe.mean, recipe.std)
+    frozen = replace(recipe, train=False, flip=False, jitter=None)
     arrays = [_decode_split(split_dir, frozen, side, workers) for split_dir in split_dirs]
     return torch.from_numpy(np.concatenate(arrays)).to(device)
 
@@ -577,13 +650,14 @@ def plan_loaders(
     dataset: str, data_root: Path, *, input_size: int | None = None, augmentation: str = "auto",
     train_split: str = "train", test_split: str = "test", in_memory: str | bool = False,
     device: torch.device | str | None = None, decode: str = "auto", color_jitter: ColorJitter | None = None,
+    resize: int | Sequence[int] | None = None, normalize: str | Normalization | Mapping[str, Any] | None = None,
 ) -> LoaderPlan:
     """Every check ``build_loaders`` makes (store, splits, augmentation, data path), nothing decoded."""
     meta = store.read_meta(Path(data_root), dataset)
     store.check_store_info(meta, dataset, Path(data_root))
     root = store.store_dir(Path(data_root), dataset)
     available = list(meta.get("splits", {}))
-    train_recipe, test_recipe = _recipes(meta, augmentation, input_size, color_jitter)
+    train_recipe, test_recipe = _recipes(meta, augmentation, input_size, color_jitter, resize, normalize)
     train_dirs = split_dirs(root, train_split, available, dataset)
     test_dirs = split_dirs(root, test_split, available, dataset)
     side = train_recipe.size or (meta.get("image_size") or [None])[0]
@@ -631,6 +705,8 @@ def build_loaders(
     decode: str = "auto",
     sampler_factory: SamplerFactory | None = None,
     color_jitter: ColorJitter | None = None,
+    resize: int | Sequence[int] | None = None,
+    normalize: str | Normalization | Mapping[str, Any] | None = None,
 ) -> Loaders:
     """Train and test loaders over ``<data_root>/<dataset>``; batches are (float32 Bx3xHxW, int64 B).
 
@@ -645,11 +721,13 @@ def build_loaders(
     for ``gpu_decode.DeviceJpegLoader``s: workers only read bytes, the device decodes and augments.
     ``Loaders.path`` says which path was taken. ``sampler_factory``: a method's own batch order
     (``SamplerFactory``), on every path. ``color_jitter``: torchvision's colour jitter on the
-    training images (``presets.ColorJitter``), on every path.
+    training images (``presets.ColorJitter``), on every path. ``resize``: the ``imagenet`` recipe's
+    resize before its crops (``presets.Resize``; a [height, width] list works), ``normalize``: the
+    mean/std (``normalization``); both default to the recipe's own, on every path.
     """
     plan = plan_loaders(dataset, data_root, input_size=input_size, augmentation=augmentation,
                         train_split=train_split, test_split=test_split, in_memory=in_memory, device=device,
-                        decode=decode, color_jitter=color_jitter)
+                        decode=decode, color_jitter=color_jitter, resize=resize, normalize=normalize)
     meta, train_recipe, test_recipe, target = plan.meta, plan.train_recipe, plan.test_recipe, plan.device
     if plan.path == "in_memory":
         return _in_memory_loaders(

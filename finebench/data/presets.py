@@ -5,6 +5,7 @@ in-memory, device-decode and evaluation paths all call these, so the four paths 
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,11 +40,42 @@ class Normalise:
         return (pixels - self.mean) / self.std
 
 
-def resized_size(width: int, height: int, resize: int, size: int) -> tuple[int, int]:
-    """(width, height) after scaling the shorter side to ``resize``, never below the crop ``size``:
-    one rule, so the worker and device paths crop the same boxes."""
+Resize = int | tuple[int, int]
+"""The resize before the crop: an int scales the shorter side to it (aspect kept, torchvision's
+``Resize(n)``); a (height, width) pair scales to exactly that size (aspect not kept, torchvision's
+``Resize((h, w))``, the official pipelines of WS-DAN, CAL, API-Net, PMG and MCL)."""
+
+
+def resized_size(width: int, height: int, resize: Resize, size: int) -> tuple[int, int]:
+    """(width, height) after ``resize`` (see ``Resize``), never below the crop ``size``: one rule,
+    so the worker and device paths crop the same boxes."""
+    if isinstance(resize, tuple):
+        return max(size, resize[1]), max(size, resize[0])
     scale = resize / min(width, height)
     return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def draft_size(width: int, height: int, resize: Resize) -> tuple[int, int]:
+    """The smallest (width, height) a JPEG may be decoded at (PIL ``draft``) and still hold every
+    pixel ``resize`` keeps: libjpeg then decodes at 1/2, 1/4 or 1/8 scale where it can."""
+    if isinstance(resize, tuple):
+        return resize[1], resize[0]
+    scale = resize / min(width, height)
+    return math.ceil(width * scale), math.ceil(height * scale)
+
+
+class Normalization(BaseModel):
+    """``dataset.normalize`` as numbers: per-channel (R, G, B) ``mean`` and ``std`` of pixels scaled
+    to 0..1, as torchvision's ``Normalize(mean, std)`` takes them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+
+    mean: Annotated[list[float], Field(min_length=3, max_length=3)]
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]
+
+    def pair(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(mean, std) as the loaders take them."""
+        return (self.mean[0], self.mean[1], self.mean[2]), (self.std[0], self.std[1], self.std[2])
 
 
 class ColorJitter(BaseModel):
