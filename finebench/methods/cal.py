@@ -19,7 +19,8 @@ effect logits' accuracies under both (``top1_effect_two_view``, ``top1_effect``)
 
 Ā comes from the torch generator of its device, as the official ``uniform_``; tests pass the
 official draws in (``counterfactual=``). The official backbone is ResNet-101 with a stride-1
-last stage; here the backbone is the recipe's (docs/PEERS.md).
+last stage; here the backbone is the recipe's, which ``model.options = {last_stride = 1}`` makes the
+official one (docs/PEERS.md).
 """
 
 from __future__ import annotations

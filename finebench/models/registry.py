@@ -20,7 +20,13 @@ from finebench.models.network import ImageClassifier
 from finebench.models.resnext import CifarResNeXt
 from finebench.models.timm_backbone import TimmBackbone
 from finebench.models.timm_backbone import cached_weights as cached_timm_weights
-from finebench.models.torchvision import ARCHITECTURES, TorchvisionResNet, cached_imagenet_weights
+from finebench.models.torchvision import (
+    ARCHITECTURES,
+    LAST_STRIDE,
+    LAST_STRIDES,
+    TorchvisionResNet,
+    cached_imagenet_weights,
+)
 from finebench.models.torchvision_nodes import TorchvisionNodeBackbone
 from finebench.models.wrn import CLASSIFIER_INITS, SHORTCUTS, STEMS, WideResNet
 
@@ -46,7 +52,8 @@ BACKBONES: dict[str, BackboneEntry] = {
         {"depth": 29, "cardinality": 8, "base_width": 64}, 10,
     ),
     **{
-        name: BackboneEntry(partial(TorchvisionResNet, name), arch.description, {}, 1000, imagenet_weights=True)
+        name: BackboneEntry(partial(TorchvisionResNet, name), arch.description, {LAST_STRIDE: LAST_STRIDES[0]}, 1000,
+                            imagenet_weights=True)
         for name, arch in ARCHITECTURES.items()
     },
 }
@@ -145,6 +152,7 @@ def build_backbone(
     (variant, reduction) builds timm's own SE/CBAM/ECA layers into a timm model's blocks."""
     family = split_family(name)
     if family is not None:
+        check_last_stride(name, options)
         entry = BACKBONE_FAMILIES[family[0]]
         if block_attention is not None and not entry.builds_block_attention:
             raise FinebenchError(
@@ -152,7 +160,24 @@ def build_backbone(
             )
         return entry.build(family[1], options, block_attention)
     entry: BackboneEntry = _choose("backbone", name, BACKBONES)
+    check_last_stride(name, options)
     return entry.build(**resolve_options(f"backbone {name!r}", entry.options, options))
+
+
+def check_last_stride(name: str, options: Mapping[str, Any] | None) -> None:
+    """``last_stride`` on a backbone that does not take it names the backbones that do, rather than
+    the backbone's own options (a CIFAR backbone) or a constructor's TypeError (timm, torchvision:):
+    only the registered torchvision ResNets set it (timm's ``output_stride`` dilates instead)."""
+    if LAST_STRIDE not in (options or {}):
+        return
+    entry = BACKBONES.get(name)
+    if entry is not None and LAST_STRIDE in entry.options:
+        return
+    takers = ", ".join(n for n, e in BACKBONES.items() if LAST_STRIDE in e.options)
+    raise FinebenchError(
+        f"option {LAST_STRIDE} for backbone {name!r} is not supported: expected a registered torchvision "
+        f"ResNet/ResNeXt/Wide ResNet ({takers}); CIFAR, timm: and torchvision: backbones have no such option"
+    )
 
 
 def load_pretrained(backbone: Backbone, name: str, pretrained: str) -> None:

@@ -89,6 +89,16 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
+LAST_STRIDE = "last_stride"
+"""The backbone option (``model.options = {last_stride = 1}``) that sets the stride of ``layer4``."""
+LAST_STRIDES = (2, 1)
+"""Its values, the default first: 2 is torchvision's ResNet (stride 32 at ``layer4``); 1 takes the
+stride out of ``layer4``'s first block (its strided 3x3 and its 1x1 projection), without dilation, so
+``layer4`` keeps ``layer3``'s resolution (stride 16: 28x28 maps at 448 px). That is the ResNet of
+CAL's and WS-DAN's official code (raoyongming/CAL ``fgvc/models/resnet.py``: ``ResNet(..., stride=1)``
+builds ``layer4`` with stride 1). A stride is no weight, so every parameter shape is unchanged and
+torchvision's ImageNet weights load as they are; the last stage costs 4x its FLOPs."""
+
 
 class TorchvisionResNet(Backbone):
     """A torchvision ResNet without its classifier; taps ``layer1..layer4`` are the stage outputs.
@@ -97,16 +107,29 @@ class TorchvisionResNet(Backbone):
     torchvision state dicts load as they are.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, last_stride: int = LAST_STRIDES[0]) -> None:
         super().__init__()
+        if last_stride not in LAST_STRIDES:
+            raise FinebenchError(
+                f"option {LAST_STRIDE}={last_stride!r} for backbone {name!r} is invalid: expected 2 "
+                "(torchvision's ResNet) or 1 (a stride-1 last stage, as CAL's official ResNet)"
+            )
         self.architecture_name = name
         arch = ARCHITECTURES[name]
         net = ResNet(arch.block, list(arch.layers), groups=arch.groups, width_per_group=arch.width_per_group)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        if last_stride != LAST_STRIDES[0]:
+            # torchvision strides the first block's 3x3 (conv2 of a Bottleneck, conv1 of a BasicBlock)
+            # and its projection (downsample.0); a convolution's stride is read at forward time only.
+            for conv in self.layer4[0].modules():
+                if isinstance(conv, nn.Conv2d) and conv.stride != (1, 1):
+                    conv.stride = (last_stride, last_stride)
         expansion = arch.block.expansion
+        strides = (4, 8, 16, 16 * last_stride)
         self.tap_points = tuple(
-            TapPoint(stage, 64 * 2**i * expansion, 4 * 2**i, f"output of {stage}") for i, stage in enumerate(STAGES)
+            TapPoint(stage, 64 * 2**i * expansion, stride, f"output of {stage}")
+            for i, (stage, stride) in enumerate(zip(STAGES, strides, strict=True))
         )
         self.out_channels = self.tap_points[-1].channels
         # Deepest first, as the authors' WRN-50-2 (``att2`` on group2 = layer3 comes first) and the
