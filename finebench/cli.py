@@ -212,6 +212,9 @@ def profile_command(
         variants = method_variants(variant, method_flags) if recipe is None else []
     except FinebenchError as error:
         raise typer.BadParameter(str(error).removeprefix("finebench profile: "), ctx) from None
+    if recipe is None and overrides:  # nothing to override: say so rather than profile without it
+        raise typer.BadParameter(f"--set {overrides[0]}: --set changes a recipe's settings; give the recipe "
+                                 "(finebench profile RECIPE --set ...) or use --backbone's own options", ctx)
     if recipe is not None:
         reports = profile_recipe_backbones(recipe, overrides, early)
     elif backbone is None:

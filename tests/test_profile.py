@@ -124,6 +124,19 @@ def test_cli_usage_error_is_a_usage_message_and_exit_2_not_a_traceback(
     assert "Usage:" in err and "profile [OPTIONS]" in err and "Traceback" not in err
 
 
+def test_cli_profile_refuses_set_without_a_recipe_instead_of_dropping_it(monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys) -> None:  # noqa: ANN001
+    from finebench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["finebench", "profile", "--backbone", "resnet18", "--set",
+                                      "model.options.last_stride=1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--set model.options.last_stride=1: --set changes a recipe's settings; give the recipe" in err
+
+
 @pytest.mark.parametrize("input_size", [0, -3])
 def test_input_size_below_one_pixel_is_a_user_error(input_size: int) -> None:
     from finebench.errors import FinebenchError
