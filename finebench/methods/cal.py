@@ -35,10 +35,6 @@ from torch import nn
 
 from finebench.methods.base import (
     MapsToDraw,
-    Method,
-    StepContext,
-    StepResult,
-    check_tap,
 )
 from finebench.methods.registry import register
 from finebench.methods.ws_dan import (
@@ -48,7 +44,6 @@ from finebench.methods.ws_dan import (
     WSDANClassifier,
     WSDANOptions,
     attention_figure,
-    attention_train_step,
     augment,
     bilinear_attention_pool,
     centre_loss,
@@ -58,8 +53,7 @@ from finebench.methods.ws_dan import (
     full,
     training_settings,
 )
-from finebench.models.base import Backbone
-from finebench.models.network import ImageClassifier, unwrap
+from finebench.models.network import unwrap
 from finebench.models.output import ModelOutput
 
 EPSILON = 1e-6
@@ -136,7 +130,11 @@ def views(model: nn.Module, images: torch.Tensor) -> Iterator[ModelOutput]:
         yield model(crop(images, crop_boxes(maps, tuple(images.shape[-2:]), theta, padding)))
 
 
-class CAL(Method):
+class CAL(WSDAN):
+    """WS-DAN's method with CAL's model (the counterfactual branch), losses (raw pass, then crops
+    and drops in one pass; the effect terms), 8-view prediction and records; table names, the
+    backbone check and the step's machinery are WS-DAN's."""
+
     kind = "cal"
     description = "Counterfactual Attention Learning: WS-DAN + random-attention effect loss, 8-view test (Rao et al. 2021)"
     Options = CALOptions
@@ -144,6 +142,8 @@ class CAL(Method):
     train_passes_per_image = 3
     draws_attention_maps = True
     shown_prediction = "the paper's 8 views (the image and its flip, each raw and three crops: infer.py)"
+    classifier = CALClassifier
+    step_losses = staticmethod(step_losses)
     prediction_labels = {
         "top1_raw": "the raw image alone",
         "top1_crop": "the test crop alone",
@@ -152,21 +152,10 @@ class CAL(Method):
         "top1_effect": "the counterfactual effect, 8 views",
     }
 
-    def table_name(self, options: CALOptions) -> str:  # type: ignore[override]
-        return WSDAN.table_name(self, options)  # type: ignore[arg-type]  # WS-DAN's rule with CAL's kind
-
     def settings(self, options: CALOptions) -> str:  # type: ignore[override]
         crops = ", ".join(f"({theta:g}, {padding:g})" for theta, padding in
                           (*WIDE_TEST_CROPS, (options.test_theta, options.test_padding)))
         return f"{training_settings(options)} · test: image + flip, each raw + crops (θ, pad) {crops}"
-
-    def attach(self, backbone: Backbone, num_classes: int, options: CALOptions) -> ImageClassifier:  # type: ignore[override]
-        check_tap(self.kind, backbone, options.tap)
-        return CALClassifier(backbone, num_classes, options)
-
-    def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """Raw pass, then crops and drops in one pass; one backward, one optimiser step."""
-        return attention_train_step(ctx, images, labels, step_losses)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
         """The 8-view prediction; ``module_logits`` = (raw, the test crop, two-view, effect two-view,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -378,6 +378,10 @@ class WSDAN(Method):
     draws_attention_maps = True
     shown_prediction = "the raw image's and the attention crop's logits averaged (the official test)"
     prediction_labels = {"top1_raw": "the raw image alone", "top1_crop": "the attention crop alone"}
+    classifier: ClassVar[type[WSDANClassifier]] = WSDANClassifier
+    """The model ``attach`` builds (CAL, a subclass, builds its own)."""
+    step_losses: ClassVar[Callable[..., Any]] = staticmethod(step_losses)
+    """One training step's losses from the raw, crop and drop passes (CAL adds its effect terms)."""
 
     def table_name(self, options: WSDANOptions) -> str:  # type: ignore[override]
         name = self.kind if options.attentions == 32 else f"{self.kind}-m{options.attentions}"
@@ -389,11 +393,11 @@ class WSDAN(Method):
 
     def attach(self, backbone: Backbone, num_classes: int, options: WSDANOptions) -> ImageClassifier:  # type: ignore[override]
         check_tap(self.kind, backbone, options.tap)
-        return WSDANClassifier(backbone, num_classes, options)
+        return self.classifier(backbone, num_classes, options)
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Raw, crop and drop passes, one backward, one optimiser step; the correct count is the raw pass's."""
-        return attention_train_step(ctx, images, labels, step_losses)
+        return attention_train_step(ctx, images, labels, self.step_losses)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
         """Raw and crop logits averaged (official); ``module_logits`` keeps both for ``eval_counts``."""
