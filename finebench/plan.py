@@ -62,7 +62,13 @@ def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
 
 
 class CostCache:
-    """Params/FLOPs per variant (identical across seeds) and of the plain baseline."""
+    """Params/FLOPs per variant (identical across seeds) and of the plain baseline.
+
+    Costing runs inside ``fork_rng`` (a model built for its cost draws random initial weights): the
+    runner asks for costs after seeding a run, and a draw from the run's RNG would shift every
+    later draw of that run (dropout, WS-DAN's and CAL's maps) by whether this process had already
+    costed the baseline, so ``--only ws_dan``, ``--jobs`` and the whole recipe would train the
+    same run id differently."""
 
     def __init__(self, loaded: LoadedRecipe, num_classes: int, input_size: int) -> None:
         self.loaded, self.num_classes, self.input_size = loaded, num_classes, input_size
@@ -72,8 +78,10 @@ class CostCache:
         key = f"{run.backbone}\0{run.variant_name}"  # a recipe may list backbones
         if key not in self._costs:
             # Weights do not change the cost, and a dry run must work before they are downloaded.
-            model = model if model is not None else build_model(self.loaded, run, self.num_classes, pretrained=False)
-            self._costs[key] = _cost(model, self.input_size, get_method(run.variant_kind))
+            with torch.random.fork_rng(devices=[]):
+                if model is None:
+                    model = build_model(self.loaded, run, self.num_classes, pretrained=False)
+                self._costs[key] = _cost(model, self.input_size, get_method(run.variant_kind))
         return self._costs[key]
 
     def baseline(self, run: RunSpec) -> Cost:
@@ -82,8 +90,9 @@ class CostCache:
             if run.variant_kind == BASELINE.kind:
                 self._costs[key] = self.of(run)
             else:
-                model = build_model(self.loaded, run, self.num_classes, kind=BASELINE.kind, pretrained=False)
-                self._costs[key] = _cost(model, self.input_size, BASELINE)
+                with torch.random.fork_rng(devices=[]):
+                    model = build_model(self.loaded, run, self.num_classes, kind=BASELINE.kind, pretrained=False)
+                    self._costs[key] = _cost(model, self.input_size, BASELINE)
         return self._costs[key]
 
 
