@@ -30,6 +30,7 @@ from finebench.data.loader import (
     build_eval_loader,
     build_loaders,
     eval_transform,
+    plan_loaders,
 )
 from finebench.data.prepare import prepare_dataset
 from finebench.data.presets import draft_size, resized_size
@@ -62,7 +63,7 @@ IDS_BEFORE_RESIZE = {
 """These recipes' frozen run ids before they set ``dataset.resize`` / ``dataset.normalize``."""
 
 
-def _store(root: Path, name: str, images: list[bytes]) -> None:
+def _store(root: Path, name: str, images: list[bytes], short_side: int | None = None) -> None:
     labels = [i % 3 for i in range(len(images))]
 
     def parse(_raw: Path) -> ParsedDataset:
@@ -75,7 +76,7 @@ def _store(root: Path, name: str, images: list[bytes]) -> None:
     spec = DatasetSpec(name=name, num_classes=3, split_sizes={}, protocol="test", terms="test", homepage="",
                        parse=parse, offline=True)
     with registry.override(spec):
-        prepare_dataset(name, root, quiet=True)
+        prepare_dataset(name, root, quiet=True, short_side=short_side)
 
 
 def _encoded(array: np.ndarray, form: str) -> bytes:
@@ -361,3 +362,19 @@ def test_a_recipes_settings_reach_the_run_and_its_config(tmp_path: Path, data_ro
     assert [(kwargs["resize"], kwargs["normalize"]) for kwargs in seen] == [([40, 36], "half")]
     config = json.loads((outcome.path / "config.json").read_text())
     assert config["dataset"]["resize"] == [40, 36] and config["dataset"]["normalize"] == "half"
+
+
+def test_a_store_shrunk_below_the_recipes_resize_is_refused_naming_the_rebuild(
+    tmp_path: Path, images: list[np.ndarray]
+) -> None:
+    """``prepare --short-side 36`` stores training-scale photos for a 36 px resize; a recipe that
+    resizes the shorter side to more would upscale them back: refused, with the command that fixes it."""
+    _store(tmp_path, "resize_shrunk", [_encoded(image, "PNG") for image in images], short_side=36)
+    plan = plan_loaders("resize_shrunk", tmp_path, input_size=SIZE, augmentation="imagenet", resize=[36, 36])
+    assert plan.train_recipe.resize == (36, 36)
+    for resize, needed in ((48, 48), (None, round(SIZE * 256 / 224))):
+        with pytest.raises(FinebenchError, match=(
+                rf"^dataset 'resize_shrunk' in .* was prepared with --short-side 36, below the {needed} px this "
+                r"recipe resizes the shorter side to, so training would upscale every image: rebuild it with "
+                r"`finebench prepare resize_shrunk --data-root .* --force`")):
+            plan_loaders("resize_shrunk", tmp_path, input_size=SIZE, augmentation="imagenet", resize=resize)

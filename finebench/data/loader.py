@@ -646,6 +646,21 @@ class LoaderPlan:
         return self.test_recipe.size or self.side
 
 
+def _check_store_scale(meta: Mapping[str, Any], recipe: _Recipe, dataset: str, data_root: Path) -> None:
+    """A store shrunk at prepare time (``--short-side``) below the shorter side this recipe resizes
+    to would be upscaled back on every decode: blurrier images than the recipe's own, silently."""
+    shrunk = (meta.get("resize") or {}).get("short_side")
+    if recipe.kind != "imagenet" or not shrunk or recipe.resize is None:
+        return
+    needed = recipe.resize if isinstance(recipe.resize, int) else min(recipe.resize)
+    if shrunk < needed:
+        raise FinebenchError(
+            f"dataset {dataset!r} in {data_root} was prepared with --short-side {shrunk}, below the {needed} px "
+            f"this recipe resizes the shorter side to, so training would upscale every image: rebuild it with "
+            f"`{store.prepare_command(dataset, data_root, force=True)}` (full size, or add --short-side {needed})"
+        )
+
+
 def plan_loaders(
     dataset: str, data_root: Path, *, input_size: int | None = None, augmentation: str = "auto",
     train_split: str = "train", test_split: str = "test", in_memory: str | bool = False,
@@ -658,6 +673,7 @@ def plan_loaders(
     root = store.store_dir(Path(data_root), dataset)
     available = list(meta.get("splits", {}))
     train_recipe, test_recipe = _recipes(meta, augmentation, input_size, color_jitter, resize, normalize)
+    _check_store_scale(meta, train_recipe, dataset, Path(data_root))
     train_dirs = split_dirs(root, train_split, available, dataset)
     test_dirs = split_dirs(root, test_split, available, dataset)
     side = train_recipe.size or (meta.get("image_size") or [None])[0]
