@@ -145,7 +145,9 @@ class APINetClassifier(ImageClassifier):
         if not self.training or labels is None:
             return ModelOutput(log_probs, logits)
         anchors, partners = mine_pairs(pooled, labels) if pairs is None else pairs
-        x1, x2 = pooled[anchors], pooled[partners]
+        # index_select, not pooled[anchors]: the indexing backward accumulates repeated rows in an
+        # order that varies from run to run on several CPU threads; index_select's does not
+        x1, x2 = pooled.index_select(0, anchors), pooled.index_select(0, partners)
         mutual = self.map2(self.drop(self.activation(self.map1(torch.cat([x1, x2], dim=1)))))
         gate1, gate2 = torch.sigmoid(mutual * x1), torch.sigmoid(mutual * x2)
         # the official order of the four dropout masks: x1 self, x1 other, x2 self, x2 other

@@ -249,7 +249,15 @@ class WSDANClassifier(ImageClassifier):
         targets = F.normalize(self.centres[labels], dim=-1)
         step = self.options.centre_beta * (pooled.detach().to(self.centres.dtype) - targets)
         if self.options.centre_update == "official":
-            self.centres[labels] += step
+            # The official ``centres[labels] += step`` keeps one image's update per repeated class;
+            # which one is left to the indexing kernel, and torch's CPU kernel on several threads
+            # varies from run to run. The last image of each class wins here, as a serial loop (the
+            # golden tests' one thread, and every earlier one-thread run) does, on any thread count.
+            order = torch.arange(len(labels), device=labels.device)
+            last = torch.full((self.centres.shape[0],), -1, device=labels.device, dtype=order.dtype)
+            last.scatter_reduce_(0, labels, order, reduce="amax")
+            kept = last[labels] == order
+            self.centres.index_add_(0, labels[kept], step[kept])
         else:
             total = torch.zeros_like(self.centres).index_add_(0, labels, step)
             count = torch.zeros(self.centres.shape[0], device=labels.device, dtype=step.dtype)
