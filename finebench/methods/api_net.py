@@ -113,6 +113,14 @@ def mine_pairs(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return torch.cat([anchors, anchors]), torch.cat([intra, inter])
 
 
+def rows_of(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` whose gradient repeats bit for bit where ``index`` repeats rows (a partner
+    chosen by several anchors). The two ways torch offers are each deterministic on one device
+    only: advanced indexing's backward sorts on CUDA but sums in a varying order on several CPU
+    threads; ``index_select``'s backward (``index_add_``) is serial on the CPU but atomic on CUDA."""
+    return values[index] if values.is_cuda else values.index_select(0, index)
+
+
 # ---- model -----------------------------------------------------------------------------------
 
 
@@ -145,9 +153,7 @@ class APINetClassifier(ImageClassifier):
         if not self.training or labels is None:
             return ModelOutput(log_probs, logits)
         anchors, partners = mine_pairs(pooled, labels) if pairs is None else pairs
-        # index_select, not pooled[anchors]: the indexing backward accumulates repeated rows in an
-        # order that varies from run to run on several CPU threads; index_select's does not
-        x1, x2 = pooled.index_select(0, anchors), pooled.index_select(0, partners)
+        x1, x2 = rows_of(pooled, anchors), rows_of(pooled, partners)
         mutual = self.map2(self.drop(self.activation(self.map1(torch.cat([x1, x2], dim=1)))))
         gate1, gate2 = torch.sigmoid(mutual * x1), torch.sigmoid(mutual * x2)
         # the official order of the four dropout masks: x1 self, x1 other, x2 self, x2 other
