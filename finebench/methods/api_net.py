@@ -50,6 +50,7 @@ from finebench.methods.base import (
     StepContext,
     StepResult,
     TrainSection,
+    rows_of,
 )
 from finebench.methods.registry import register
 from finebench.models.base import Backbone
@@ -111,14 +112,6 @@ def mine_pairs(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     inter = torch.where(~same, distances, infinity).argmin(dim=1)
     anchors = torch.arange(len(labels), device=labels.device)
     return torch.cat([anchors, anchors]), torch.cat([intra, inter])
-
-
-def rows_of(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values[index]`` whose gradient repeats bit for bit where ``index`` repeats rows (a partner
-    chosen by several anchors). The two ways torch offers are each deterministic on one device
-    only: advanced indexing's backward sorts on CUDA but sums in a varying order on several CPU
-    threads; ``index_select``'s backward (``index_add_``) is serial on the CPU but atomic on CUDA."""
-    return values[index] if values.is_cuda else values.index_select(0, index)
 
 
 # ---- model -----------------------------------------------------------------------------------

@@ -288,3 +288,12 @@ def check_tap(method: str, backbone: Backbone, tap: str | None) -> None:
         raise FinebenchError(f"variant {method!r} on {type(backbone).__name__}: tap {tap!r} is not one of its "
                              f"tap points; expected one of {', '.join(names)} (or no tap: the deepest)"
                              + (f"; or {backbone.other_taps}" if backbone.other_taps else "")) from None
+
+
+def rows_of(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` whose gradient repeats bit for bit where ``index`` repeats rows (API-Net's
+    partner chosen by several anchors): a method's step gathers repeated rows with this. Each of
+    torch's two ways is deterministic on one device only: advanced indexing's backward sorts on
+    CUDA but sums in a varying order on several CPU threads; ``index_select``'s backward
+    (``index_add_``) is serial on the CPU but atomic on CUDA."""
+    return values[index] if values.is_cuda else values.index_select(0, index)
