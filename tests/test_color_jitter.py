@@ -14,12 +14,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_data import prepare_three_classes
 from torchvision.transforms import v2
 
 from finebench.data import registry
-from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
-from finebench.data.loader import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, build_loaders
-from finebench.data.prepare import prepare_dataset
+from finebench.data.builders.base import DatasetSpec, ParsedDataset
+from finebench.data.loader import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_loaders,
+)
 from finebench.data.presets import ColorJitter
 from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe
@@ -41,20 +47,6 @@ WS_DAN_IDS_BEFORE_COLOR_JITTER = [
 """recipes/ws_dan_cub200.toml's frozen run ids before it set ``dataset.color_jitter``."""
 
 
-def _store(root: Path, name: str, images: list, labels: list[int]) -> None:
-    def parse(_raw: Path) -> ParsedDataset:
-        half = len(images) * 2 // 3
-        return ParsedDataset(["a", "b", "c"], {
-            "train": [Example(image, label) for image, label in zip(images[:half], labels[:half])],
-            "test": [Example(image, label) for image, label in zip(images[half:], labels[half:])],
-        })
-
-    spec = DatasetSpec(name=name, num_classes=3, split_sizes={}, protocol="test", terms="test", homepage="",
-                       parse=parse, offline=True)
-    with registry.override(spec):
-        prepare_dataset(name, root, quiet=True)
-
-
 def _jpeg(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=90)
@@ -68,10 +60,10 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     small = list(rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
-    _store(root, "jitter_small", small, [i % 3 for i in range(12)])
+    prepare_three_classes(root, "jitter_small", small)
     sizes = [(60, 44), (50, 70), (64, 64)]
     jpegs = [_jpeg(rng.integers(0, 256, (sizes[i % 3][1], sizes[i % 3][0], 3), dtype=np.uint8)) for i in range(12)]
-    _store(root, "jitter_jpeg", jpegs, [i % 3 for i in range(12)])
+    prepare_three_classes(root, "jitter_jpeg", jpegs)
     return root
 
 

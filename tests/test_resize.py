@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_data import prepare_three_classes
 from torchvision.io import decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from finebench.data import registry
-from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
+from finebench.data.builders.base import DatasetSpec, ParsedDataset
 from finebench.data.loader import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -32,7 +33,6 @@ from finebench.data.loader import (
     eval_transform,
     plan_loaders,
 )
-from finebench.data.prepare import prepare_dataset
 from finebench.data.presets import draft_size, resized_size
 from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe
@@ -63,22 +63,6 @@ IDS_BEFORE_RESIZE = {
 """These recipes' frozen run ids before they set ``dataset.resize`` / ``dataset.normalize``."""
 
 
-def _store(root: Path, name: str, images: list[bytes], short_side: int | None = None) -> None:
-    labels = [i % 3 for i in range(len(images))]
-
-    def parse(_raw: Path) -> ParsedDataset:
-        half = len(images) * 2 // 3
-        return ParsedDataset(["a", "b", "c"], {
-            "train": [Example(image, label) for image, label in zip(images[:half], labels[:half])],
-            "test": [Example(image, label) for image, label in zip(images[half:], labels[half:])],
-        })
-
-    spec = DatasetSpec(name=name, num_classes=3, split_sizes={}, protocol="test", terms="test", homepage="",
-                       parse=parse, offline=True)
-    with registry.override(spec):
-        prepare_dataset(name, root, quiet=True, short_side=short_side)
-
-
 def _encoded(array: np.ndarray, form: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=form, **({"quality": 90} if form == "JPEG" else {}))
@@ -102,10 +86,11 @@ def data_root(tmp_path_factory: pytest.TempPathFactory, images: list[np.ndarray]
     """``resize_png``: lossless photos of mixed sizes (worker path, exact pixels); ``resize_jpeg``:
     the same as JPEGs (worker and device-decode paths); ``resize_small``: 32 px images (in-memory)."""
     root = tmp_path_factory.mktemp("data")
-    _store(root, "resize_png", [_encoded(image, "PNG") for image in images])
-    _store(root, "resize_jpeg", [_encoded(image, "JPEG") for image in images])
+    prepare_three_classes(root, "resize_png", [_encoded(image, "PNG") for image in images])
+    prepare_three_classes(root, "resize_jpeg", [_encoded(image, "JPEG") for image in images])
     rng = np.random.default_rng(1)
-    _store(root, "resize_small", [_encoded(a, "PNG") for a in rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)])
+    prepare_three_classes(root, "resize_small",
+                          [_encoded(a, "PNG") for a in rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)])
     return root
 
 
@@ -369,7 +354,7 @@ def test_a_store_shrunk_below_the_recipes_resize_is_refused_naming_the_rebuild(
 ) -> None:
     """``prepare --short-side 36`` stores training-scale photos for a 36 px resize; a recipe that
     resizes the shorter side to more would upscale them back: refused, with the command that fixes it."""
-    _store(tmp_path, "resize_shrunk", [_encoded(image, "PNG") for image in images], short_side=36)
+    prepare_three_classes(tmp_path, "resize_shrunk", [_encoded(image, "PNG") for image in images], short_side=36)
     plan = plan_loaders("resize_shrunk", tmp_path, input_size=SIZE, augmentation="imagenet", resize=[36, 36])
     assert plan.train_recipe.resize == (36, 36)
     for resize, needed in ((48, 48), (None, round(SIZE * 256 / 224))):

@@ -91,3 +91,22 @@ def tiny_recipe(
     if extra_train:
         lines.append(extra_train)
     return "\n".join(lines) + "\n"
+
+
+def prepare_three_classes(root: Path, name: str, images: list, *, short_side: int | None = None) -> None:
+    """``images`` (arrays or encoded files) prepared through the real store as dataset ``name``:
+    labels 0, 1, 2 in turn, the first two thirds train and the rest test. For tests of the data
+    paths (augmentations, resizes), which need images of their own rather than the bars."""
+    labels = [index % 3 for index in range(len(images))]
+    half = len(images) * 2 // 3
+
+    def parse(_raw: Path) -> ParsedDataset:
+        return ParsedDataset(["a", "b", "c"], {
+            "train": [Example(image, label) for image, label in zip(images[:half], labels[:half], strict=True)],
+            "test": [Example(image, label) for image, label in zip(images[half:], labels[half:], strict=True)],
+        })
+
+    spec = DatasetSpec(name=name, num_classes=3, split_sizes={}, protocol="test", terms="test", homepage="",
+                       parse=parse, offline=True)
+    with registry.override(spec):
+        prepare_dataset(name, root, quiet=True, short_side=short_side)
