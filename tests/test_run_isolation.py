@@ -9,35 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_data import prepare_tiny_bars
+from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench.recipe import load_recipe
 from finebench.results import MACHINE_FIELDS
 from finebench.runner import run_recipe
-
-RECIPE = """
-seeds = [0]
-[dataset]
-name = "mnist5k"
-input_size = 32
-augmentation = "none"
-[model]
-backbone = "wrn"
-options = { depth = 10, width = 1 }
-[[variants]]
-kind = "baseline"
-[[variants]]
-kind = "ws_dan"
-attentions = 4
-[train]
-epochs = 1
-batch_size = 16
-eval_batch_size = 40
-lr = 0.05
-schedule = "constant"
-precision = "fp32"
-threads = 1
-"""
 
 
 def rows(folder: Path) -> list[dict]:
@@ -52,7 +28,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_run_alone_trains_as_it_does_after_the_baseline_in_the_same_process(tmp_path: Path, data_root: Path) -> None:
     recipe = tmp_path / "isolation.toml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(tiny_recipe(variants=("baseline", "ws_dan"), input_size=32, extra_train="threads = 1"))
     whole = run_recipe(load_recipe(recipe), results_dir=tmp_path / "whole", data_root=data_root, quiet=True)
     alone = run_recipe(load_recipe(recipe), results_dir=tmp_path / "alone", data_root=data_root, quiet=True,
                        only=["ws_dan"])
