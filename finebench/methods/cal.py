@@ -33,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finebench.methods.base import (
-    MapsToDraw,
-)
+from finebench.methods.base import MapsToDraw
 from finebench.methods.registry import register
 from finebench.methods.ws_dan import (
     LOGIT_SCALE,
@@ -139,10 +137,8 @@ class CAL(WSDAN):
     description = "Counterfactual Attention Learning: WS-DAN + random-attention effect loss, 8-view test (Rao et al. 2021)"
     Options = CALOptions
     test_forward_passes = 2 * (1 + len(WIDE_TEST_CROPS) + 1)
-    train_passes_per_image = 3
-    draws_attention_maps = True
     shown_prediction = "the paper's 8 views (the image and its flip, each raw and three crops: infer.py)"
-    classifier = CALClassifier
+    model_class = CALClassifier
     step_losses = staticmethod(step_losses)
     prediction_labels = {
         "top1_raw": "the raw image alone",

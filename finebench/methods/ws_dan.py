@@ -225,8 +225,7 @@ class WSDANClassifier(ImageClassifier):
 
     def tap_summary(self) -> list[dict[str, Any]]:
         """Where the attention maps read (``summary.json``'s and ``profile``'s taps)."""
-        tap = self.backbone.tap_point(self.tap)
-        return [{"module": "attentions", "tap": self.tap, "channels": tap.channels, "stride": tap.stride}]
+        return [self.tap_entry("attentions", self.tap)]
 
     def attend(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the backbone's last feature map, the attention maps)."""
@@ -386,7 +385,7 @@ class WSDAN(Method):
     draws_attention_maps = True
     shown_prediction = "the raw image's and the attention crop's logits averaged (the official test)"
     prediction_labels = {"top1_raw": "the raw image alone", "top1_crop": "the attention crop alone"}
-    classifier: ClassVar[type[WSDANClassifier]] = WSDANClassifier
+    model_class: ClassVar[type[WSDANClassifier]] = WSDANClassifier
     """The model ``attach`` builds (CAL, a subclass, builds its own)."""
     step_losses: ClassVar[Callable[..., Any]] = staticmethod(step_losses)
     """One training step's losses from the raw, crop and drop passes (CAL adds its effect terms)."""
@@ -401,7 +400,7 @@ class WSDAN(Method):
 
     def attach(self, backbone: Backbone, num_classes: int, options: WSDANOptions) -> ImageClassifier:  # type: ignore[override]
         check_tap(self.kind, backbone, options.tap)
-        return self.classifier(backbone, num_classes, options)
+        return self.model_class(backbone, num_classes, options)
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Raw, crop and drop passes, one backward, one optimiser step; the correct count is the raw pass's."""

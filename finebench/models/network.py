@@ -56,13 +56,14 @@ class ImageClassifier(nn.Module):
         attention, the taps a head pools (``backbone_taps_read``: B-CNN at relu5_3, PMG's three
         stages) as module "head"; empty for a model reading the pooled features."""
         if self.attention is None:
-            return [{"module": "head", "tap": tap, "channels": self.backbone.tap_point(tap).channels,
-                     "stride": self.backbone.tap_point(tap).stride} for tap in self.backbone_taps_read or ()]
-        return [
-            {"module": f"attention.attention_modules.{index}", "tap": tap,
-             "channels": self.backbone.tap_point(tap).channels, "stride": self.backbone.tap_point(tap).stride}
-            for index, tap in enumerate(self.attention.taps)
-        ]
+            return [self.tap_entry("head", tap) for tap in self.backbone_taps_read or ()]
+        return [self.tap_entry(f"attention.attention_modules.{index}", tap)
+                for index, tap in enumerate(self.attention.taps)]
+
+    def tap_entry(self, module: str, tap: str) -> dict[str, Any]:
+        """One ``tap_summary`` entry: the module reading ``tap``, and the tap as the backbone declares it."""
+        point = self.backbone.tap_point(tap)
+        return {"module": module, "tap": tap, "channels": point.channels, "stride": point.stride}
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         pooled, taps = self.backbone(images, self.attention_taps)

@@ -150,9 +150,9 @@ def build_backbone(
 ) -> Backbone:
     """A registered backbone, or ``timm:<name>`` / ``torchvision:<name>``; ``block_attention``
     (variant, reduction) builds timm's own SE/CBAM/ECA layers into a timm model's blocks."""
+    check_last_stride(name, options)
     family = split_family(name)
     if family is not None:
-        check_last_stride(name, options)
         entry = BACKBONE_FAMILIES[family[0]]
         if block_attention is not None and not entry.builds_block_attention:
             raise FinebenchError(
@@ -160,7 +160,6 @@ def build_backbone(
             )
         return entry.build(family[1], options, block_attention)
     entry: BackboneEntry = _choose("backbone", name, BACKBONES)
-    check_last_stride(name, options)
     return entry.build(**resolve_options(f"backbone {name!r}", entry.options, options))
 
 
