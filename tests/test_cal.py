@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from wsdan_golden import FAMILIES, TINY, SmallTrunk, golden_start, official_name
+from wsdan_golden import (
+    FAMILIES,
+    TINY,
+    TOLERANCES,
+    SmallTrunk,
+    golden_start,
+    official_name,
+    step_tensors,
+)
 
 from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
@@ -27,14 +35,11 @@ def test_the_golden_tensors_name_the_official_commit() -> None:
         assert file.metadata() == {"repository": "raoyongming/CAL", "commit": "0ba9d5084f2532eeb21c9ef051c23f8b339595ff"}
 
 
-@pytest.mark.parametrize(("precision", "close", "after"), [
-    ("f64", {"rtol": 1e-10, "atol": 1e-12}, {"rtol": 1e-10, "atol": 1e-12}),
-    ("f32", {"rtol": 1e-5, "atol": 1e-6}, {"rtol": 1e-4, "atol": 1e-6}),
-])
+@pytest.mark.parametrize(("precision", "close", "after"), TOLERANCES)
 def test_two_steps_and_the_test_predictions_equal_the_official_cal(precision: str, close: dict, after: dict) -> None:
     golden, model, images, labels, optimizer = golden_start(GOLDEN, precision, CALClassifier, "cal")
     for step in range(2):
-        g = {k.removeprefix(f"step{step}."): v for k, v in golden.items() if k.startswith(f"step{step}.")}
+        g = step_tensors(golden, step)
         fakes = iter((g["fake_raw"], g["fake_aug"]))
 
         def forward(x: torch.Tensor, fakes=fakes) -> ModelOutput:

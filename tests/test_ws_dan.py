@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from wsdan_golden import FAMILIES, TINY, SmallTrunk, golden_start, official_name
+from wsdan_golden import (
+    FAMILIES,
+    TINY,
+    TOLERANCES,
+    SmallTrunk,
+    golden_start,
+    official_name,
+    step_tensors,
+)
 
 from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
@@ -33,14 +41,11 @@ def test_the_golden_tensors_name_the_official_commit() -> None:
                                    "commit": "87779124f619ceeb445ddfb0246c8a22ff324db4"}
 
 
-@pytest.mark.parametrize(("precision", "close", "after"), [
-    ("f64", {"rtol": 1e-10, "atol": 1e-12}, {"rtol": 1e-10, "atol": 1e-12}),
-    ("f32", {"rtol": 1e-5, "atol": 1e-6}, {"rtol": 1e-4, "atol": 1e-6}),
-])
+@pytest.mark.parametrize(("precision", "close", "after"), TOLERANCES)
 def test_two_steps_and_the_test_prediction_equal_the_official_wsdan(precision: str, close: dict, after: dict) -> None:
     golden, model, images, labels, optimizer = golden_start(GOLDEN, precision, WSDANClassifier, "ws_dan")
     for step in range(2):
-        g = {k.removeprefix(f"step{step}."): v for k, v in golden.items() if k.startswith(f"step{step}.")}
+        g = step_tensors(golden, step)
         draws = Draws(g["maps"], g["crop_theta"], g["drop_theta"])
         optimizer.zero_grad()
         losses = step_losses(model, model, images, labels, draws)

@@ -50,6 +50,19 @@ def golden_images(dtype: torch.dtype) -> torch.Tensor:
     return F.interpolate(noise, size=(224, 224), mode="bilinear", align_corners=False).to(dtype)
 
 
+TOLERANCES = [
+    ("f64", {"rtol": 1e-10, "atol": 1e-12}, {"rtol": 1e-10, "atol": 1e-12}),
+    ("f32", {"rtol": 1e-5, "atol": 1e-6}, {"rtol": 1e-4, "atol": 1e-6}),
+]
+"""(precision, tolerance of a step's outputs, tolerance after two optimiser steps) for both golden tests."""
+
+
+def step_tensors(golden: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """The golden tensors of one training step, their ``step<N>.`` prefix removed."""
+    prefix = f"step{step}."
+    return {key.removeprefix(prefix): value for key, value in golden.items() if key.startswith(prefix)}
+
+
 class GoldenStart(NamedTuple):
     golden: dict[str, torch.Tensor]
     """One precision's tensors, its prefix removed."""
