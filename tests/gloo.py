@@ -4,6 +4,7 @@ process: the start, the port, the hand-back of results and the tear-down, writte
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -22,17 +23,28 @@ def _entry(rank: int, port: int, queue: Any, worker: Callable[..., Any], args: t
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        queue.put((rank, worker(rank, *args), None))
+        put_result(queue, rank, worker(rank, *args))
     except BaseException:  # the parent raises it at once instead of waiting out the timeout
         queue.put((rank, None, traceback.format_exc()))
     finally:
         dist.destroy_process_group()
 
 
+def put_result(queue: Any, rank: int, result: Any) -> None:
+    """Send a worker's result pickled here, by value: a multiprocessing queue would send a tensor as a
+    handle to this process's shared memory, which is gone once it exits, often before the parent reads it."""
+    queue.put((rank, pickle.dumps(result), None))
+
+
+def take_result(queue: Any, timeout: float = TIMEOUT_S) -> tuple[int, Any, str | None]:
+    """(rank, result, traceback or None) of the next worker to answer."""
+    rank, result, failure = queue.get(timeout=timeout)
+    return rank, None if result is None else pickle.loads(result), failure
+
+
 def on_two_workers(worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
     """``worker(rank, *args)`` on two spawned Gloo ranks; what each returns, by rank. ``worker`` must
-    be a module-level function, and what it returns must travel by value (NumPy arrays, lists):
-    shared-memory tensors die with the worker."""
+    be a module-level function; what it returns (tensors included) crosses back by value."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -41,7 +53,7 @@ def on_two_workers(worker: Callable[..., Any], *args: Any) -> dict[int, Any]:
                                    start_method="spawn")
     results, failures = {}, []
     for _ in range(WORLD):
-        rank, result, failure = queue.get(timeout=TIMEOUT_S)
+        rank, result, failure = take_result(queue)
         results[rank] = result
         if failure is not None:
             failures.append(f"rank {rank}: {failure}")
