@@ -451,6 +451,7 @@ def report_command(
     speed: bool = typer.Option(False, "--speed", help="Also the training throughput (img/s; depends on the machine's load at the time)."),
     predictions: bool = typer.Option(False, "--predictions", help="Also every prediction a method records beside its top-1 (PMG's heads and their sum, WS-DAN's crop-refined prediction)."),
     long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
+    ranks: bool = typer.Option(False, "--ranks", help="Also each method's average rank across datasets, the Friedman test and the Nemenyi critical difference (with --plots, its diagram)."),
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
     mean per-class accuracy, paired gains with p-values, overheads."""
@@ -468,6 +469,7 @@ def report_command(
         speed=speed,
         predictions=predictions,
     )
+    ranked = report_module.rank_methods(result.loaded.runs, error=error) if ranks else None  # fails before any output
     for warning in result.loaded.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if not result.loaded.failed.empty:
@@ -489,11 +491,16 @@ def report_command(
     if result.predictions is not None:
         path = output_path.with_name(f"{output_path.stem}_predictions{output_path.suffix}") if output_path else None
         report_module.emit_table(result.predictions, fmt, path, "predictions", status=err_console)
+    if ranked is not None:
+        ranks_path = output_path.with_name(f"{output_path.stem}_ranks{output_path.suffix}") if output_path else None
+        report_module.emit_ranks(ranked, fmt, ranks_path, error=error, status=err_console)
     if plots:
-        from finebench.report.plots import write_plots
+        from finebench.report.plots import plot_critical_difference, write_plots
 
         plot_warnings: list[str] = []
         written = write_plots(result.loaded.runs, Path(plots), error=error, warnings=plot_warnings)
+        if ranked is not None:
+            written += plot_critical_difference(ranked, Path(plots))
         for warning in plot_warnings:
             err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
         err_console.print(f"wrote {len(written)} plot files to {plots}", highlight=False)

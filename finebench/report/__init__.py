@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finebench.console import make_console
+from finebench.report.ranks import Ranks, format_ranks, rank_methods, ranks_caption
 from finebench.report.records import LoadedRuns, find_summaries, load_metrics, load_runs
 from finebench.report.reference import REFERENCE_COLUMNS, load_reference
 from finebench.report.render import (
@@ -33,7 +34,7 @@ from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction
 from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
-    "COLUMN_ALIASES", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
+    "COLUMN_ALIASES", "Ranks", "emit_ranks", "rank_methods", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
     "emit_table", "predictions_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
     "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
 ]
@@ -96,3 +97,30 @@ def emit_table(table: pd.DataFrame, fmt: str, output: Path | None, title: str, *
     sys.stdout.write(render(table, fmt, wide=wide))
     if fmt == "markdown" and not table.empty:
         sys.stdout.write(f"\n{table_note(table)}\n\n")
+
+
+def emit_ranks(result: Ranks, fmt: str, output: Path | None, error: bool = False,
+               status: Console | None = None) -> None:
+    """The ranks across datasets (``report --ranks``): a rich table on a terminal, else markdown, CSV,
+    LaTeX or JSON text with the caption that names the tests, to stdout or ``output``."""
+    from finebench.results import atomic_write_bytes
+
+    caption = ranks_caption(result, error=error)
+    shown = format_ranks(result)
+    stdout = make_console()
+    if output is None and fmt == "markdown" and stdout.is_terminal:
+        stdout.print(rich_table(shown, title="ranks across datasets", caption=caption))
+        return
+    if fmt == "csv":
+        text = result.table.round(6).to_csv(index=False)
+    elif fmt == "json":
+        text = result.table.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
+    elif fmt == "latex":
+        text = f"% {caption}\n" + shown.to_latex(index=False, escape=True)
+    else:
+        text = shown.to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + f"\n\n{caption}\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    atomic_write_bytes(output, text.encode())
+    (status or make_console(stderr=True)).print(f"wrote {output}", highlight=False)

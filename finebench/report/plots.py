@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from finebench.atomic import atomic_write, make_folder
+from finebench.report.ranks import ALPHA, Ranks, cliques
 from finebench.report.records import load_metrics
 from finebench.report.stats import mean_ci
 from finebench.report.tables import early_prediction_table
@@ -195,3 +196,44 @@ def write_plots(runs: pd.DataFrame, out_dir: str | Path, error: bool = False,
     written += plot_learning_curves(runs, out, warnings=warnings)
     written += plot_early_prediction(runs, out, error=error)
     return written
+
+
+def critical_difference_figure(ranks: Ranks) -> Figure:
+    """Demšar's critical-difference diagram: methods on an axis of average rank (1, the best, at the
+    left), the Nemenyi critical difference as a bar above it, and a thick line under every group of
+    methods the test does not tell apart."""
+    average = ranks.average_ranks
+    count = len(average)
+    half = (count + 1) // 2
+    figure = Figure(figsize=(7, 1.6 + 0.3 * half))
+    axes = figure.add_subplot()
+    axes.set_xlim(0.5, count + 0.5)
+    axes.set_ylim(-(half + 1.5), 2.2)
+    axes.axis("off")
+    axes.hlines(0, 1, count, color="black", linewidth=1)
+    for tick in range(1, count + 1):
+        axes.vlines(tick, 0, 0.2, color="black", linewidth=1)
+        axes.text(tick, 0.35, str(tick), ha="center", va="bottom", fontsize=8)
+    critical = ranks.critical_difference
+    axes.hlines(1.5, 1, min(1 + critical, count), color="black", linewidth=1.5)
+    axes.text(1 + critical / 2, 1.65, f"CD = {critical:.2f}", ha="center", va="bottom", fontsize=8)
+    for index, (method, rank) in enumerate(average.items()):
+        left = index < half
+        depth = -(index + 1 if left else count - index) * 0.8
+        end = 0.6 if left else count + 0.4
+        axes.plot([rank, rank, end], [0, depth, depth], color="black", linewidth=0.8)
+        axes.text(end, depth, f"{method} ({rank:.2f}) " if left else f" ({rank:.2f}) {method}",
+                  ha="right" if left else "left", va="center", fontsize=8)
+    for level, group in enumerate(cliques(average, critical)):
+        axes.hlines(-0.25 - 0.2 * level, average[group[0]] - 0.05, average[group[-1]] + 0.05, color="black",
+                    linewidth=3)
+    axes.set_title(f"Average rank over {len(ranks.datasets)} datasets (Friedman p = {ranks.friedman_p:.3g}; "
+                   f"Nemenyi, alpha = {ALPHA:g})", fontsize=9)
+    return figure
+
+
+def plot_critical_difference(ranks: Ranks, out_dir: str | Path) -> list[Path]:
+    """The critical-difference diagram as ``critical_difference.png`` and ``.svg`` in ``out_dir``."""
+    out = Path(out_dir)
+    make_folder(out)
+    return _save(critical_difference_figure(ranks), out, "critical_difference")

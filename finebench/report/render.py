@@ -31,7 +31,7 @@ _HEADERS = {
 }
 # Columns merged into another cell or left to CSV/JSON.
 _HIDDEN = {"baseline_top1", "baseline_error", "n_pairs", "significant", "delta_ci", "reference_selection",
-           "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci"}
+           "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci", "p_holm"}
 
 
 def fmt_number(value: Any, digits: int = 2, signed: bool = False) -> str:
@@ -111,7 +111,7 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
                 fmt_gain(m, c, s, n) for m, c, s, n in
                 zip(values, table["delta_ci"], table["significant"], table["n_pairs"])]
         elif column == "p_value":
-            out["p"] = [fmt_p(v) for v in values]
+            out["p"] = [fmt_p(v) for v in table.get("p_holm", values)]
         elif column == "unpaired":
             if (pd.to_numeric(values, errors="coerce").fillna(0) > 0).any():
                 out[header] = [fmt_plain(v) for v in values]
@@ -168,7 +168,7 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
         if name != BASELINE.kind:
             row[f"{name} {gain}"] = fmt_gain(record["delta_pt"], record["delta_ci"], record["significant"],
                                              record["n_pairs"])
-            row[f"{name} p"] = fmt_p(record["p_value"])
+            row[f"{name} p"] = fmt_p(record.get("p_holm", record["p_value"]))
             row[f"{name} ΔP/ΔF%"] = (f"{fmt_number(record['params_overhead_pct'], signed=True)} / "
                                      f"{fmt_number(record['flops_overhead_pct'], signed=True)}")
         if with_speed:
@@ -213,8 +213,12 @@ def table_note(table: pd.DataFrame) -> str:
         if selection == "final" else "Class: not available for the best epoch (confusion matrix saved at the final evaluation only).",
         ("Gain: mean paired difference from the baseline with the same settings, runs paired by seed"
          + (" and fold" if table.attrs.get("folds") else "") + ", ± 95% CI; p: two-sided paired t-test "
-         f"(scipy.stats.ttest_rel); {SIGNIFICANT}: the CI excludes 0. ΔP%/ΔF%: parameter/FLOP overhead over "
-         "the plain backbone."),
+         "(scipy.stats.ttest_rel)"
+         + (", Holm-corrected over the variants compared with one baseline (uncorrected: p_value in CSV/JSON)"
+            if table.attrs.get("holm") else "")
+         + f"; {SIGNIFICANT}: the CI excludes 0"
+         + (" and the corrected p < 0.05" if table.attrs.get("holm") else "")
+         + ". ΔP%/ΔF%: parameter/FLOP overhead over the plain backbone."),
     ]
     if any(c.startswith("reference_") for c in table.columns):
         which = "best epoch" if selection == "best" else "last epoch"

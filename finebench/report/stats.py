@@ -78,6 +78,22 @@ def paired_difference(variant: Mapping[Hashable, float], baseline: Mapping[Hasha
     return Paired(len(keys), differences.mean, differences.half_width, p_value, unpaired)
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN stays NaN, outside the family).
+
+    Written here because scipy offers only the Benjamini-Hochberg/Yekutieli false-discovery rates
+    (``false_discovery_control``), not a family-wise correction; Holm is uniformly more powerful than
+    Bonferroni and assumes nothing about how the tests depend on each other (they share a baseline).
+    """
+    finite = [(p, i) for i, p in enumerate(p_values) if not is_missing(p)]
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(sorted(finite)):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[index] = running
+    return adjusted
+
+
 def mean_class_accuracy(confusion: Sequence[Sequence[float]]) -> float:
     """Mean over classes of each class's recall (rows: true class), in percent.
 

@@ -29,7 +29,7 @@ from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.methods.baseline import METHOD as BASELINE
 from finebench.report.reference import SETTING_COLUMNS, match_reference, protocol_notes
-from finebench.report.stats import is_missing, mean_ci, paired_difference
+from finebench.report.stats import CONFIDENCE, holm, is_missing, mean_ci, paired_difference
 from finebench.train.threads import speed_conditions_differ
 
 DEFAULT_BY: tuple[str, ...] = ("dataset", "backbone_label")
@@ -150,6 +150,7 @@ def summary_table(
             )
             row.update(delta_pt=paired.mean, delta_ci=paired.half_width, p_value=paired.p_value,
                        n_pairs=paired.n_pairs, unpaired=paired.unpaired, significant=paired.significant)
+        row["_family"] = group["base_settings"].iloc[0]
         for column in ("params", "params_overhead_pct", "flops", "flops_overhead_pct"):
             row[column] = pd.to_numeric(group[column], errors="coerce").mean()
         if speed:
@@ -161,7 +162,16 @@ def summary_table(
             _add_reference(row, group, reference, metric, selection)
         rows.append(row)
     table = pd.DataFrame(rows)
+    corrected = False
     if not table.empty:
+        # every variant compared with one baseline is one family of tests: Holm over it
+        table["p_holm"] = math.nan
+        for _, family in table.groupby("_family", dropna=False, sort=False):
+            table.loc[family.index, "p_holm"] = holm(list(family["p_value"]))
+            corrected |= int(family["p_value"].notna().sum()) > 1
+        # significant: the interval excludes 0 and the family-wise corrected p is below 5%
+        table["significant"] = table["significant"].astype(bool) & ~(table["p_holm"] >= 1 - CONFIDENCE)
+        table = table.drop(columns="_family")
         if reference is not None and table["reference_top5"].isna().all():
             table = table.drop(columns="reference_top5")
         # The baseline leads its group, as in the paper's tables.
@@ -186,7 +196,7 @@ def summary_table(
         notes.append("unpaired: runs whose seed (and fold) has no partner on the other side; "
                      "left out of the paired gain.")
     table.attrs.update(metric=metric, selection=selection, keys=row_keys, notes=notes, folds=bool(folds_seen),
-                       speed_marked=speed_marked)
+                       speed_marked=speed_marked, holm=corrected)
     return table
 
 
