@@ -139,9 +139,10 @@ def test_pretrained_batchnorms_keep_their_weights_and_the_gate_draws(tmp_path) -
 
 
 def test_build_model_names_a_bad_batchnorm_init() -> None:
-    with pytest.raises(FinebenchError, match=r"model.batchnorm_init='normal' is invalid: expected one of ones, uniform"):
+    with pytest.raises(FinebenchError, match=r"batchnorm_init='normal' is invalid: expected one of ones, uniform"):
         build_model("wrn", 10, "baseline", None, WRN, batchnorm_init="normal")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="batchnorm_init='normal'"), initial_batchnorm_weights("normal"):  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batchnorm_init='normal'"), \
+            initial_batchnorm_weights("normal"):  # type: ignore[arg-type]
         pass
 
 
@@ -206,7 +207,8 @@ def test_a_run_config_written_before_batchnorm_init_builds_ones() -> None:
 
 
 @pytest.mark.parametrize(("table", "message"), [
-    ('model = { batchnorm_init = "normal" }', r"batchnorm_init: Input should be 'ones' or 'uniform' \(got 'normal'\)"),
+    ('model = { batchnorm_init = "normal" }',
+     r"batchnorm_init: Input should be 'ones' or 'uniform' \(got 'normal'\)"),
     ('model = { backbone = "resnet18" }', r"\['backbone'\] cannot differ per variant; expected keys among batchnorm_init"),
 ])
 def test_bad_logged_model_tables_are_named(tmp_path, table: str, message: str) -> None:

@@ -10,7 +10,11 @@ from typing import Any
 
 from finebench.errors import FinebenchError
 from finebench.methods.base import Method, MethodOptions
-from finebench.models.batchnorm import BATCHNORM_INITS, BatchNormInit, initial_batchnorm_weights
+from finebench.models.batchnorm import (
+    BATCHNORM_INITS,
+    BatchNormInit,
+    initial_batchnorm_weights,
+)
 from finebench.models.network import ImageClassifier
 
 METHODS: dict[str, Method] = {}
@@ -111,7 +115,8 @@ def build_model(
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise FinebenchError(f"num_classes={num_classes!r} is invalid: expected an integer >= 2")
     if batchnorm_init not in BATCHNORM_INITS:
-        raise FinebenchError(f"model.batchnorm_init={batchnorm_init!r} is invalid: expected one of {', '.join(BATCHNORM_INITS)}")
+        raise FinebenchError(f"model.batchnorm_init={batchnorm_init!r} is invalid: "
+                             f"expected one of {', '.join(BATCHNORM_INITS)}")
     options = variant if isinstance(variant, MethodOptions) else parse_options(variant, variant_options)
     method = method_of(options)
     method.check_backbone(backbone, options)

@@ -79,8 +79,8 @@ def convert_ghost_batchnorm(module: nn.Module, group_size: int) -> nn.Module:
 
 BatchNormInit = Literal["ones", "uniform"]
 BATCHNORM_INITS: tuple[BatchNormInit, ...] = ("ones", "uniform")
-"""A new BatchNorm's weight (``model.batchnorm_init``): ``ones`` (PyTorch >= 1.2, the default) or ``uniform`` in
-[0, 1), as PyTorch 0.4, which every logged run of the authors used, drew it."""
+"""A new BatchNorm's weight (``model.batchnorm_init``): ``ones`` (PyTorch >= 1.2, the default) or
+``uniform`` in [0, 1), as PyTorch 0.4 drew it for the authors' logged runs (docs/MECHANISM.md §4)."""
 
 
 @contextmanager
@@ -91,9 +91,9 @@ def initial_batchnorm_weights(init: BatchNormInit) -> Iterator[None]:
     replaced by ones in 1.2, pytorch/pytorch#12259): the draw is made where 0.4 made it, in the
     BatchNorm's constructor, from the global generator. The model's own init then runs on that
     stream in 0.4's order: each BatchNorm's draw lands between the default draws of the layers
-    built before and after it, and the init the model applies after construction (WRN's
-    Kaiming-normal convolutions, the new classifier) comes after all of them. A BatchNorm whose
-    weights are then loaded (a pretrained backbone) drew too, as in 0.4, and keeps what it loads.
+    built before and after it, and an init applied after construction (WRN's Kaiming-normal
+    pass over its convolutions) follows the draws of every layer built before it. A BatchNorm
+    whose weights are then loaded (a pretrained backbone) drew too, as in 0.4, and keeps them.
     What the authors' runs drew cannot be replayed: their scripts set no seed, and finebench's
     convolutions draw their Kaiming init after construction where theirs did it per layer, so
     this reproduces 0.4's BatchNorm init for finebench's model, the same distribution as theirs.
