@@ -214,3 +214,16 @@ def test_a_run_config_written_before_batchnorm_init_builds_ones() -> None:
 def test_bad_logged_model_tables_are_named(tmp_path, table: str, message: str) -> None:
     with pytest.raises(FinebenchError, match=message):
         _runs(tmp_path, table)
+
+
+def test_report_groups_runs_written_before_batchnorm_init_with_runs_at_ones() -> None:
+    from finebench.report.records import RunSummary, fingerprint, run_settings
+
+    summary = RunSummary.model_validate({"run_id": "x", "recipe": "r", "status": "finished", "dataset": "cifar10",
+                                         "backbone": "wrn", "backbone_label": "WRN-10-1", "variant": "baseline",
+                                         "variant_name": "baseline", "seed": 0})
+    old = {"model": {"backbone": "wrn", "options": {}}, "train": {"lr": 0.1}}
+    new = {"model": {"backbone": "wrn", "options": {}, "batchnorm_init": "ones"}, "train": {"lr": 0.1}}
+    logged = {"model": {"backbone": "wrn", "options": {}, "batchnorm_init": "uniform"}, "train": {"lr": 0.1}}
+    prints = [fingerprint(run_settings(summary, config)) for config in (old, new, logged)]
+    assert prints[0] == prints[1] != prints[2]
