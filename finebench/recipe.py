@@ -34,6 +34,7 @@ from finebench.data.presets import ColorJitter, Normalization
 from finebench.data.root import DEFAULT_ROOT
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS, MethodOptions, method_of
+from finebench.models.batchnorm import BATCHNORM_INITS, BatchNormInit
 from finebench.models.registry import LIBRARY_WEIGHTS
 
 _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
@@ -127,6 +128,10 @@ class ModelSection(_Section):
     pretrained: str | None = None
     """``"imagenet"`` (torchvision's), ``"timm"`` (timm's cache) or a weights file; ``"none"`` (the
     way to turn a recipe's weights off: ``--set model.pretrained=none``) trains from scratch."""
+    batchnorm_init: BatchNormInit = BATCHNORM_INITS[0]
+    """Every new BatchNorm's initial weight: ``"ones"`` (PyTorch >= 1.2), or ``"uniform"`` in [0, 1),
+    drawn at construction as PyTorch 0.4 did for the authors' logged runs (docs/MECHANISM.md §4;
+    ``finebench.models.batchnorm.initial_batchnorm_weights``). Pretrained weights replace it."""
 
     @field_validator("pretrained", mode="before")
     @classmethod
@@ -269,6 +274,10 @@ LOGGED_TRAIN_KEYS = (
 """``train`` settings a ``[logged.<variant>]`` table may change: those only the training loop
 reads (batch size, devices and loaders stay the recipe's, shared by every variant)."""
 
+LOGGED_MODEL_KEYS = ("batchnorm_init",)
+"""``model`` settings a ``[logged.<variant>]`` table may change: how the variant's network starts
+(the backbone and its weights stay the recipe's; backbone options are ``model_options``)."""
+
 
 class LoggedSettings(_Section):
     """How the code that produced one variant's logged run differed from the released code.
@@ -279,17 +288,20 @@ class LoggedSettings(_Section):
 
     train: dict[str, Any] = Field(default_factory=dict)
     """``train`` settings (``LOGGED_TRAIN_KEYS``), e.g. ``{optimizer = "sgd"}`` for plain momentum."""
+    model: dict[str, Any] = Field(default_factory=dict)
+    """``model`` settings (``LOGGED_MODEL_KEYS``), e.g. ``{batchnorm_init = "uniform"}`` for PyTorch 0.4's."""
     model_options: dict[str, Any] = Field(default_factory=dict)
     """Backbone options merged into ``model.options``, e.g. ``{stem = "conv"}``."""
     variant: dict[str, Any] = Field(default_factory=dict)
     """Variant options, e.g. ``{reg_masks = "full"}``."""
 
-    @field_validator("train")
+    @field_validator("train", "model")
     @classmethod
-    def _check_train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - set(LOGGED_TRAIN_KEYS))
+    def _check_keys(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        allowed = LOGGED_TRAIN_KEYS if info.field_name == "train" else LOGGED_MODEL_KEYS
+        unknown = sorted(set(value) - set(allowed))
         if unknown:
-            raise ValueError(f"{unknown} cannot differ per variant; expected keys among {', '.join(LOGGED_TRAIN_KEYS)}")
+            raise ValueError(f"{unknown} cannot differ per variant; expected keys among {', '.join(allowed)}")
         return value
 
 
@@ -364,19 +376,21 @@ def effective_settings(
         return recipe.train, recipe.model, variant
     train = TrainSection.model_validate({**recipe.train.model_dump(exclude_unset=True), **changes["train"]})
     model = recipe.model.model_copy(update={"options": {**recipe.model.options, **changes["model_options"]}})
+    if changes["model"]:  # validated, as the train settings are (model_copy alone checks nothing)
+        model = ModelSection.model_validate({**model.model_dump(exclude_unset=True), **changes["model"]})
     changed = type(variant).model_validate({**variant.model_dump(exclude_unset=True), **changes["variant"]})
     return train, model, changed
 
 
 def logged_changes(recipe: Recipe, variant: BaseModel, *, fidelity: str | None = None) -> dict[str, dict[str, Any]]:
-    """The log-time settings ``fidelity = "logged"`` lays over one variant (``train``,
+    """The log-time settings ``fidelity = "logged"`` lays over one variant (``train``, ``model``,
     ``model_options``, ``variant``); empty when released or when no table names the variant."""
     if (fidelity or recipe.fidelity) == "released":
         return {}
     tables = [recipe.logged[key] for key in (variant.kind, variant_name(variant)) if key in recipe.logged]
     if not tables:
         return {}
-    merged: dict[str, dict[str, Any]] = {"train": {}, "model_options": {}, "variant": {}}
+    merged: dict[str, dict[str, Any]] = {"train": {}, "model": {}, "model_options": {}, "variant": {}}
     for table in tables:
         for part in merged:
             merged[part].update(getattr(table, part))

@@ -57,7 +57,7 @@ def variant_settings(variant: MethodOptions) -> str:
 def logged_settings(changes: Mapping[str, Mapping[str, Any]] | None) -> str:
     """What ``fidelity = "logged"`` changed for a variant (a dry run's "as logged" column):
     ``optimizer sgd, stem conv``; empty when nothing."""
-    return ", ".join(f"{key} {value}" for part in ("train", "model_options", "variant") for key, value in
+    return ", ".join(f"{key} {value}" for part in ("train", "model", "model_options", "variant") for key, value in
                      (changes or {}).get(part, {}).items())
 
 

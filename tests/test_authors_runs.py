@@ -29,7 +29,7 @@ FINE_GRAINED = {"stanford_dogs", "cub200", "stanford_cars", "uec_food100", "adie
 TRAIN_COLUMNS = ("lr", "backbone_lr_mult", "batch_size", "accumulation_steps", "epochs", "gamma", "weight_decay",
                  "warmup_epochs", "eval_every")
 ATTENTION_COLUMNS = ("attention_depth", "attention_width", "gates", "output_mode", "reg_w")
-FIDELITY_COLUMNS = ("optimizer", "batchnorm_group", "stem", "shortcut", "classifier_init")
+FIDELITY_COLUMNS = ("optimizer", "batchnorm_group", "stem", "shortcut", "classifier_init", "batchnorm_init")
 """The log-time code's settings (docs/MECHANISM.md §4) every variant has; blank where a backbone has no such option."""
 ATTENTION_FIDELITY_COLUMNS = ("tap_norm", "reg_masks")
 
@@ -60,6 +60,7 @@ def resolved(row: dict[str, str]) -> dict[str, object]:
         "milestones": "/".join(str(m) for m in train["milestones"]),
         **{key: options.get(key, "") for key in ("depth", "width", "dropout", "stem", "shortcut", "classifier_init")},
         **{key: train[key] for key in (*TRAIN_COLUMNS, "optimizer", "batchnorm_group")},
+        "batchnorm_init": model["batchnorm_init"],
     }
     if row["variant"] == "attention":
         values.update(config["variant"]["options"])
@@ -89,7 +90,8 @@ def test_each_logged_run_has_a_recipe_with_exactly_its_settings(row: dict[str, s
 
 def test_every_logged_run_trains_with_its_log_time_optimizer_and_schedule() -> None:
     """The issue-20 facts, stated once more outright: CIFAR plain momentum except the dropout
-    run (Nesterov); ResNeXt ImageNet drops after 31/61/91 epochs; every row names its code."""
+    run (Nesterov); ResNeXt ImageNet drops after 31/61/91 epochs; every row names its code; and
+    issue 27's: every run but ResNeXt's (code unpublished) starts its BatchNorms as PyTorch 0.4 did."""
     for row in table():
         values = resolved(row)
         if row["dataset"] in ("cifar10", "cifar100"):
@@ -99,6 +101,8 @@ def test_every_logged_run_trains_with_its_log_time_optimizer_and_schedule() -> N
             assert re.fullmatch(r"painless-attention\.pytorch@[0-9a-f]{7}", row["code"]), row["run"]
         if row["dataset"] == "imagenet":
             assert values["milestones"] == "31/61/91"
+        else:  # the 12 runs whose code is published ran on PyTorch 0.4: BatchNorm weights uniform in [0, 1)
+            assert values["batchnorm_init"] == "uniform", row["run"]
 
 
 def test_fidelity_released_restores_the_released_code_for_every_variant() -> None:
@@ -108,6 +112,7 @@ def test_fidelity_released_restores_the_released_code_for_every_variant() -> Non
                        **run.config["model"]["options"]}
             assert run.config["train"]["optimizer"] == "nesterov" and run.config["train"]["batchnorm_group"] == 0
             assert "logged" not in run.config and run.config["fidelity"] == "released"
+            assert run.config["model"]["batchnorm_init"] == "ones"
             if run.config["model"]["backbone"] == "wrn":
                 assert (options["stem"], options["shortcut"], options["classifier_init"]) == ("bn_relu", "input", "kaiming")
             if run.variant_kind == "attention":
@@ -158,9 +163,9 @@ def test_the_dry_run_lines_state_the_logged_settings(row: dict[str, str]) -> Non
     caption_optimizer = loaded.recipe.train.optimizer
     if row["optimizer"] and row["optimizer"] != caption_optimizer:
         assert f"optimizer {row['optimizer']}" in cell
-    for key in ("batchnorm_group", "stem", "shortcut", "classifier_init", "tap_norm", "reg_masks"):
+    for key in ("batchnorm_group", "stem", "shortcut", "classifier_init", "tap_norm", "reg_masks", "batchnorm_init"):
         default = {"batchnorm_group": "0", "stem": "bn_relu", "shortcut": "input", "classifier_init": "kaiming",
-                   "tap_norm": "shared", "reg_masks": "pooled"}[key]
+                   "tap_norm": "shared", "reg_masks": "pooled", "batchnorm_init": "ones"}[key]
         if row[key] and row[key] != default:
             assert f"{key} {row[key]}" in cell, (key, cell)
 

@@ -10,6 +10,11 @@ from typing import Any
 
 from finebench.errors import FinebenchError
 from finebench.methods.base import Method, MethodOptions
+from finebench.models.batchnorm import (
+    BATCHNORM_INITS,
+    BatchNormInit,
+    initial_batchnorm_weights,
+)
 from finebench.models.network import ImageClassifier
 
 METHODS: dict[str, Method] = {}
@@ -97,22 +102,29 @@ def build_model(
     variant_options: Mapping[str, Any] | None = None,
     backbone_options: Mapping[str, Any] | None = None,
     pretrained: str | None = None,
+    batchnorm_init: BatchNormInit = BATCHNORM_INITS[0],
 ) -> ImageClassifier:
     """Build a backbone, load its weights, then attach the method (so its new parts start fresh).
 
     ``variant`` is a kind with ``variant_options`` as a mapping, or typed options (a recipe's variant).
+    ``batchnorm_init`` is the initial weight of every BatchNorm (``model.batchnorm_init``): the whole
+    build runs inside ``initial_batchnorm_weights``, so each draw lands where PyTorch 0.4 made it.
     """
     from finebench.models.registry import load_pretrained
 
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise FinebenchError(f"num_classes={num_classes!r} is invalid: expected an integer >= 2")
+    if batchnorm_init not in BATCHNORM_INITS:
+        raise FinebenchError(f"model.batchnorm_init={batchnorm_init!r} is invalid: "
+                             f"expected one of {', '.join(BATCHNORM_INITS)}")
     options = variant if isinstance(variant, MethodOptions) else parse_options(variant, variant_options)
     method = method_of(options)
     method.check_backbone(backbone, options)
-    net = method.build_backbone(backbone, backbone_options, options)
-    if pretrained is not None:
-        load_pretrained(net, backbone, pretrained)
-    return method.attach(net, num_classes, options)
+    with initial_batchnorm_weights(batchnorm_init):
+        net = method.build_backbone(backbone, backbone_options, options)
+        if pretrained is not None:
+            load_pretrained(net, backbone, pretrained)
+        return method.attach(net, num_classes, options)
 
 
 def build_model_from_config(
@@ -130,12 +142,15 @@ def build_model_from_config(
         use_variant = kind is None or kind == variant["kind"]
         backbone_options = dict(model_section.get("options") or {}) or None
         weights = model_section.get("pretrained") if pretrained else None
+        # absent from the configs of runs recorded before the setting existed: their BatchNorms started at 1
+        batchnorm_init = model_section.get("batchnorm_init", BATCHNORM_INITS[0])
     except (KeyError, TypeError, AttributeError) as error:
         raise FinebenchError(
             f"run config: unusable model/variant section ({error!r}); expected model.backbone and variant.kind"
         ) from None
     options = variant_of_config(config) if use_variant else parse_options(str(kind), None)
-    return build_model(backbone, num_classes, options, backbone_options=backbone_options, pretrained=weights)
+    return build_model(backbone, num_classes, options, backbone_options=backbone_options, pretrained=weights,
+                       batchnorm_init=batchnorm_init)
 
 
 def variant_of_config(config: Mapping[str, Any]) -> MethodOptions:
