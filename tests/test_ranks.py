@@ -117,7 +117,7 @@ def test_cli_ranks_print_the_friedman_test_and_write_the_diagram(tmp_path: Path)
     root = three_by_three(tmp_path / "results")
     plots = tmp_path / "plots"
     done = subprocess.run([sys.executable, "-m", "finebench", "report", str(root), "--ranks", "--plots", str(plots)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "| attention" in done.stdout and "1.33" in done.stdout  # attention: ranks 1, 1, 2
     assert "Friedman chi2 = 4.67, p = 0.097" in done.stdout and "Nemenyi critical difference" in done.stdout
@@ -131,6 +131,6 @@ def test_cli_ranks_with_two_methods_is_a_one_line_error(tmp_path: Path) -> None:
             write_run(root, variant=variant, variant_name=variant, seed=0, top1=90.0, dataset=dataset,
                       recipe=f"r_{dataset}")
     done = subprocess.run([sys.executable, "-m", "finebench", "report", str(root), "--ranks"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().startswith("error: report --ranks: 2 method(s)") and len(done.stderr.splitlines()) == 1

@@ -1,0 +1,240 @@
+"""TransFG (He et al., AAAI 2022; TACJu/TransFG ``9336fba``, MIT): part selection on a ViT.
+
+On any timm ViT with a class token (``timm:vit_*``), as the official ``models/modeling.py`` computes:
+
+* overlapping patches: the patch embedding's stride becomes ``stride`` (default 3/4 of the patch,
+  12 for 16: the official README's ``--split overlap``; the code's own default, non-overlapping, is
+  ``stride`` = the patch), so 448 px gives 37 x 37 tokens;
+* the position embedding is resized once, when the model is built, from the grid the pretrained
+  weights were made for (14 x 14 for a 224 ViT) to the new one, bilinearly with the corners aligned
+  (the official SciPy ``ndimage.zoom(order=1)``). The backbone is therefore built at its pretrained
+  size and the ``img_size`` backbone option only names the target (timm's own resize at load, which
+  the baseline gets, is bicubic without aligned corners: a different embedding);
+* part selection: the softmaxed attention maps (CLS row and column included, per head) of every block
+  but the last, multiplied later-on-the-left (A_{L-2} ... A_0); each head's most attended token in
+  the CLS row; those tokens (duplicates kept) of the second-last block's output, after its CLS, go
+  through the last block and the final norm (the official ``part_layer`` and ``part_norm``);
+* the logits are the classifier on that CLS; the loss adds the contrastive term on it: cosine
+  similarities of the L2-normalised CLS over the batch a forward pass sees (per device; under
+  gradient accumulation per micro-batch), [sum over same-label pairs of (1 - s) + sum over
+  different-label pairs of max(s - margin, 0)] / B^2, all ordered pairs and the diagonal included.
+
+The selection is a choice of tokens (an argmax), so no gradient flows through it: the maps are
+recomputed from each block's input under ``torch.no_grad`` and multiplied in place, while the blocks
+themselves keep timm's fused attention for the forward and backward. The product costs
+(L - 2) · heads · N^3 multiply-adds (N tokens), about twice a ViT-B forward at 448 px, as in the
+official code; ``profile`` counts it.
+
+The official loading leaves the last block randomly initialised (its ``load_from`` skips every child
+named ``part*``) and gives the final norm the pretrained encoder norm: the default here, with the
+official block's initialisation (PyTorch's Linear default for the attention, Xavier-uniform weights
+and N(0, 1e-6) biases for the MLP); ``pretrained_part_block = true`` keeps the pretrained block.
+The official ViT-B/16 config drops 0.1 after the embedding and in each MLP and nothing in the
+attention: ``dropout`` (default 0.1) sets those same places on the timm model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from finebench.errors import FinebenchError
+from finebench.methods.base import Method, MethodOptions, incompatible, rows_of
+from finebench.methods.registry import register
+from finebench.models.base import Backbone
+from finebench.models.network import ImageClassifier
+from finebench.models.output import ModelOutput
+from finebench.models.registry import build_backbone
+
+WORKS = "expected a timm Vision Transformer with a class token (timm:vit_*, e.g. timm:vit_base_patch16_224)"
+
+
+class TransFGOptions(MethodOptions):
+    kind: Literal["transfg"]
+    stride: Annotated[int, Field(ge=1)] | None = None
+    """Patch stride; unset: 3/4 of the patch (12 for 16, the official ``--split overlap``)."""
+    margin: Annotated[float, Field(ge=-1, le=1)] = 0.4
+    """Cosine margin of the contrastive term for pairs of different labels."""
+    contrastive_weight: Annotated[float, Field(ge=0)] = 1.0
+    """Weight of the contrastive term beside the cross-entropy (official: 1)."""
+    pretrained_part_block: bool = False
+    """Keep the pretrained last block (official: randomly initialised, the loader skips it)."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """Dropout after the embedding and in each MLP (official ViT-B/16 config; none in attention)."""
+
+
+def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | torch.Tensor) -> torch.Tensor:
+    """The official ``con_loss``: over all ordered pairs of the batch (the diagonal included),
+    1 - cosine for equal labels, max(cosine - margin, 0) for different ones, summed and over B^2."""
+    normalised = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)))  # fp16 → fp32
+    cosine = normalised @ normalised.t()
+    same = (labels[:, None] == labels[None, :]).to(cosine.dtype)
+    pulled = ((1 - cosine) * same).sum()
+    pushed = ((cosine - margin).clamp_min(0) * (1 - same)).sum()
+    return (pulled + pushed) / labels.numel() ** 2
+
+
+def attention_probabilities(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """B x heads x N x N softmaxed attention of a timm ViT block on its input (no residual), as its
+    non-fused path computes them: the selection reads them, the block's own forward stays fused."""
+    attention = block.attn
+    batch, count, _ = tokens.shape
+    qkv = attention.qkv(block.norm1(tokens)).reshape(batch, count, 3, attention.num_heads, attention.head_dim)
+    query, key, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    query, key = attention.q_norm(query), attention.k_norm(key)
+    return ((query * attention.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
+
+
+def resize_position_grid(embedding: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """1 x (1 + old grid) x D → 1 x (1 + new grid) x D: the CLS entry kept, the grid resized
+    bilinearly with aligned corners (the official SciPy linear zoom)."""
+    if old == new:
+        return embedding
+    cls, grid = embedding[:, :1], embedding[:, 1:]
+    grid = grid.reshape(1, *old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new, mode="bilinear", align_corners=True)
+    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)], dim=1)
+
+
+def official_part_block_init(block: nn.Module) -> None:
+    """The official ``Block``'s own initialisation: PyTorch's Linear default for the attention's
+    projections, Xavier-uniform weights and N(0, 1e-6) biases in the MLP, LayerNorms at 1 and 0."""
+    block.attn.qkv.reset_parameters()
+    block.attn.proj.reset_parameters()
+    for linear in (block.mlp.fc1, block.mlp.fc2):
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.normal_(linear.bias, std=1e-6)
+    block.norm1.reset_parameters()
+    block.norm2.reset_parameters()
+
+
+def vision_transformer(backbone: Backbone, name: str = "the backbone") -> Any:
+    """The timm ViT inside a finebench backbone, or a one-line error saying what works."""
+    model = getattr(backbone, "model", None)
+    needed = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
+    if model is None or not all(hasattr(model, n) for n in needed) or getattr(model, "cls_token", None) is None:
+        raise incompatible("transfg", name, WORKS)
+    if getattr(model, "num_reg_tokens", 0) or getattr(model, "no_embed_class", False) or len(model.blocks) < 3:
+        raise incompatible("transfg", name, WORKS + " without register tokens, with at least 3 blocks")
+    return model
+
+
+class TransFGClassifier(ImageClassifier):
+    """The ViT's embedding and blocks with part selection before the last block (module docstring).
+
+    In training, ``aux`` is (the part CLS after the final norm, the selected token indices B x heads,
+    the margin and the contrastive weight as 0-dim tensors)."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, options: TransFGOptions, input_size: int | None) -> None:
+        super().__init__(backbone, num_classes)
+        vit = vision_transformer(backbone)
+        embed = vit.patch_embed
+        patch = tuple(embed.patch_size)
+        stride = options.stride or patch[0] * 3 // 4
+        if stride > min(patch):
+            raise FinebenchError(f"variant 'transfg': stride {stride} is larger than the patch {patch[0]}; expected "
+                                 f"1 to {patch[0]} ({patch[0] * 3 // 4}: the official overlap, {patch[0]}: none)")
+        size = (input_size, input_size) if input_size else tuple(embed.img_size)
+        if min(size) < max(patch):
+            raise FinebenchError(f"variant 'transfg': input_size {size[0]} is smaller than the patch {patch[0]}")
+        grid = tuple((side - p) // stride + 1 for side, p in zip(size, patch, strict=True))
+        with torch.no_grad():
+            resized = resize_position_grid(vit.pos_embed.detach(), tuple(embed.grid_size), grid)
+        vit.pos_embed = nn.Parameter(resized)
+        embed.proj.stride = (stride, stride)
+        embed.img_size, embed.grid_size, embed.num_patches = size, grid, grid[0] * grid[1]
+        vit.pos_drop.p = options.dropout
+        for block in vit.blocks:
+            block.mlp.drop1.p = block.mlp.drop2.p = options.dropout
+            block.attn.proj_drop.p = 0.0
+        if not options.pretrained_part_block:
+            official_part_block_init(vit.blocks[-1])
+        self.input_size = size
+        # the loss reads them from the output (one method object serves every variant), as MCL's alpha;
+        # float64 so that a float64 model uses 0.4 itself (0-dim: they never promote a float32 loss)
+        self.register_buffer("margin", torch.tensor(options.margin, dtype=torch.float64), persistent=False)
+        self.register_buffer("contrastive_weight", torch.tensor(options.contrastive_weight, dtype=torch.float64),
+                             persistent=False)
+
+    def forward(self, images: torch.Tensor, selected: torch.Tensor | None = None) -> ModelOutput:
+        """``selected`` (B x heads token indices, 1-based as the official) replaces the argmax
+        (golden tests feed the official decisions in)."""
+        if tuple(images.shape[-2:]) != self.input_size:
+            raise FinebenchError(f"variant 'transfg': input {tuple(images.shape[-2:])} but the model was built for "
+                                 f"{self.input_size} (the backbone option img_size); expected the recipe's input_size")
+        vit = self.backbone.model
+        tokens = vit.patch_embed(images)
+        tokens = torch.cat([vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + vit.pos_embed
+        tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
+        product = None
+        for block in vit.blocks[:-1]:
+            if selected is None:
+                with torch.no_grad():
+                    maps = attention_probabilities(block, tokens)
+                    product = maps if product is None else maps @ product
+            tokens = block(tokens)
+        if selected is None:
+            assert product is not None
+            selected = product[:, :, 0, 1:].argmax(dim=2) + 1
+        batch, heads = selected.shape
+        offsets = torch.arange(batch, device=selected.device)[:, None] * tokens.shape[1]
+        parts = rows_of(tokens.reshape(-1, tokens.shape[-1]), (selected + offsets).reshape(-1))
+        tokens = torch.cat([tokens[:, :1], parts.reshape(batch, heads, -1)], dim=1)
+        cls = vit.norm(vit.blocks[-1](tokens))[:, 0]
+        logits = self.classifier(cls)
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        if not self.training:
+            return ModelOutput(log_probs, logits)
+        return ModelOutput(log_probs, logits, aux=(cls, selected, self.margin, self.contrastive_weight))
+
+
+class TransFG(Method):
+    kind = "transfg"
+    description = "TransFG: part selection by attention rollout before the last ViT block, contrastive loss (He et al. 2022)"
+    Options = TransFGOptions
+
+    def table_name(self, options: TransFGOptions) -> str:  # type: ignore[override]
+        parts = [self.kind]
+        if options.stride is not None:
+            parts.append(f"s{options.stride}")
+        if options.pretrained_part_block:
+            parts.append("pretrained-part")
+        default = TransFGOptions(kind="transfg")
+        parts += [f"{key}{getattr(options, key):g}" for key in ("margin", "contrastive_weight", "dropout")
+                  if getattr(options, key) != getattr(default, key)]
+        return "-".join(parts)
+
+    def check_backbone(self, backbone: str, options: TransFGOptions) -> None:  # type: ignore[override]
+        if not backbone.startswith("timm:vit_"):
+            raise incompatible(self.kind, backbone, WORKS)
+
+    def build_backbone(self, backbone: str, backbone_options: Mapping[str, Any] | None,
+                       options: TransFGOptions) -> Backbone:  # type: ignore[override]
+        """At the pretrained size: ``attach`` resizes the position grid as the official loader does."""
+        kept = dict(backbone_options or {})
+        target = kept.pop("img_size", None)
+        net = build_backbone(backbone, kept or None)
+        net.transfg_input_size = target  # read by attach: the size the run feeds
+        return net
+
+    def attach(self, backbone: Backbone, num_classes: int, options: TransFGOptions) -> ImageClassifier:  # type: ignore[override]
+        target = getattr(backbone, "transfg_input_size", None)
+        if target is not None and not isinstance(target, int):
+            raise FinebenchError(f"variant 'transfg': backbone option img_size={target!r}; expected one integer side")
+        return TransFGClassifier(backbone, num_classes, options, target)
+
+    def loss(self, output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+        logits = output.logits.to(torch.promote_types(output.logits.dtype, torch.float32))  # fp16 → fp32, f64 kept
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        if output.aux:
+            cls, _, margin, weight = output.aux
+            loss = loss + weight * contrastive_loss(cls, labels, margin)
+        return loss
+
+
+METHOD = register(TransFG())
