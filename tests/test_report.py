@@ -507,14 +507,31 @@ def test_report_speed_marks_img_s_measured_under_different_threads_or_load(tmp_p
         (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": used, "load_1min": load}))
     table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
     rows = {row["Variant"]: row for row in _markdown_rows(report.render(table, "markdown"))}
-    assert rows["se"]["img/s"] == "100*" and rows["se"]["threads"] == "1" and rows["baseline"]["load"] == "3.9"
+    assert rows["se"]["img/s"] == "100†" and rows["se"]["threads"] == "1" and rows["baseline"]["load"] == "3.9"
     assert any("different thread counts" in note for note in table.attrs["notes"])
     for run_dir in tmp_path.glob("*/*"):  # the same conditions: nothing to mark
         summary = json.loads((run_dir / "summary.json").read_text())
         (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": [1], "load_1min": 1.2}))
     table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
-    assert "100*" not in report.render(table, "markdown") and not table.attrs["speed_marked"]
+    assert "100†" not in report.render(table, "markdown") and not table.attrs["speed_marked"]
 
+
+def test_report_speed_marks_speeds_and_significant_gains_apart_and_explains_both(tmp_path: Path) -> None:
+    """Issue 27: ``*`` marked both a significant gain and img/s measured under other conditions."""
+    for variant, top1s, used in (("baseline", (90.0, 90.1, 90.2), [2]), ("se", (91.0, 91.1, 91.3), [1])):
+        for seed, top1 in enumerate(top1s):
+            run_dir = write_run(tmp_path, variant=variant, variant_name=variant, seed=seed, top1=top1,
+                                images_per_s=100.0)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": used, "load_1min": 1.0}))
+    table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
+    rows = {row["Variant"]: row for row in _markdown_rows(report.render(table, "markdown"))}
+    assert rows["se"]["Gain"].endswith("*") and rows["se"]["img/s"] == "100†"
+    note = report.table_note(table)
+    assert "*: the CI excludes 0" in note and "img/s†: measured with different thread counts" in note
+    latex = report.render(table, "latex")
+    body = "\n".join(line for line in latex.splitlines() if not line.startswith("%"))  # the notes are comments
+    assert r"$^{*}$" in body and r"100$^{\dagger}$" in body and "†" not in body
 
 def test_a_split_report_has_even_tables_and_notes_at_the_terminal_width(results: Path) -> None:
     """Issue 22 item 9: at 130 columns the report split into a second table of one column and
