@@ -367,6 +367,21 @@ def test_reference_with_best_puts_best_beside_best(tmp_path: Path) -> None:
     assert attention["reference_selection"] == "best-epoch" and "best-epoch" in report.table_note(table)
 
 
+def test_reference_note_describes_the_reference_file_used(tmp_path: Path) -> None:
+    """Issue 27: with --reference-file peers.csv the note still spoke of the authors' training logs."""
+    _reference_runs(tmp_path / "results")
+    runs = report.load_runs([tmp_path / "results"]).runs
+    default = report.table_note(report.summary_table(runs, reference=report.load_reference()))
+    assert "Paper: the last epoch's value from the authors' training logs in attend_and_rectify.csv" in default
+    peers = tmp_path / "peers.csv"
+    peers.write_text(",".join(report.REFERENCE_COLUMNS) + "\n"
+                     + "cifar10,WRN-28-10,baseline,,,,,,0,top1,last-epoch,95.5,\"Smith et al. 2024, Table 2\"\n")
+    note = report.table_note(report.summary_table(runs, reference=report.load_reference([peers])))
+    assert "Paper: the last epoch's value from the numbers cited in peers.csv" in note and "log" not in note
+    shipped = report.load_reference([report.reference.DEFAULT_REFERENCE_DIR / "papers" / "peers.csv"])
+    note = report.table_note(report.summary_table(runs, reference=shipped))
+    assert "Paper: no last epoch's value from the numbers cited in peers.csv" in note and "log" not in note
+
 def test_reference_tells_dropout_and_reg_weight_apart(tmp_path: Path) -> None:
     write_run(tmp_path, variant="attention", variant_name="plain", seed=0, top1=96.0, backbone_label="WRN-40-10",
               options=ATTENTION_OPTIONS)

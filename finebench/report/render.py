@@ -220,8 +220,13 @@ def table_note(table: pd.DataFrame) -> str:
     ]
     if any(c.startswith("reference_") for c in table.columns):
         which = "best epoch" if selection == "best" else "last epoch"
-        lines.append(f"Paper: the authors' {which} from their training logs, shown only where the log states "
-                     "every setting of the row (source per row in CSV/JSON).")
+        source = table.attrs.get("reference") or "the reference tables"
+        shown = pd.to_numeric(table.get(f"reference_{table.attrs.get('metric', 'top1')}"), errors="coerce")
+        if shown is not None and shown.notna().any():
+            lines.append(f"Paper: the {which}'s value from {source}, shown only where it states every setting "
+                         "of the row (source per row in CSV/JSON).")
+        else:
+            lines.append(f"Paper: no {which}'s value from {source} states every setting of a row here.")
     lines += table.attrs.get("notes", [])
     return "\n".join(lines)
 

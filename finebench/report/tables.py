@@ -28,7 +28,7 @@ import pandas as pd
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.methods.baseline import METHOD as BASELINE
-from finebench.report.reference import SETTING_COLUMNS, match_reference, protocol_notes
+from finebench.report.reference import SETTING_COLUMNS, describe_reference, match_reference, protocol_notes
 from finebench.report.stats import is_missing, mean_ci, paired_difference
 from finebench.terminal import SPEED_MARK
 from finebench.train.threads import speed_conditions_differ
@@ -187,7 +187,8 @@ def summary_table(
         notes.append("unpaired: runs whose seed (and fold) has no partner on the other side; "
                      "left out of the paired gain.")
     table.attrs.update(metric=metric, selection=selection, keys=row_keys, notes=notes, folds=bool(folds_seen),
-                       speed_marked=speed_marked)
+                       speed_marked=speed_marked,
+                       reference=None if reference is None else describe_reference(reference))
     return table
 
 
