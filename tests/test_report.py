@@ -320,6 +320,32 @@ def test_terminal_table_fits_80_columns_without_cutting_cells(results: Path) -> 
         assert "96.32" in output and "+0.19" in output
 
 
+def test_piped_report_takes_the_wide_layout_only_where_it_fits_the_readers_width(tmp_path: Path) -> None:
+    """Issue 27: with seven variants the default report was about 820 characters wide."""
+    from rich.console import Console
+
+    variants = ("baseline", "se", "cbam", "eca", "bcnn", "mcl", "pmg")
+    for variant in variants:
+        for seed in range(2):
+            write_run(tmp_path, variant=variant, variant_name=variant, seed=seed, top1=90.0 + seed)
+    table = report.summary_table(report.load_runs([tmp_path]).runs)
+    unbounded = report.fitted_markdown(table, True, None)  # a log or a file: no width to fit
+    assert len(_markdown_rows(unbounded)) == 1 and max(map(len, unbounded.splitlines())) > 500
+    for width in (200, 120):
+        fitted = report.fitted_markdown(table, True, width)
+        assert [row["Variant"] for row in _markdown_rows(fitted)] == ["baseline", *sorted(variants[1:])]
+        assert max(len(line) for line in fitted.splitlines()) <= 130  # the long layout's own width
+    runs = report.load_runs([tmp_path]).runs
+    two = report.summary_table(runs[runs["variant"].isin(["baseline", "se"])])
+    assert len(_markdown_rows(report.fitted_markdown(two, True, 200))) == 1  # two variants fit: the paper's layout
+
+    def console(terminal: bool, width: int) -> Console:
+        return Console(file=io.StringIO(), force_terminal=terminal, width=width)
+
+    assert report.reader_width(console(True, 100), console(True, 90)) == 100
+    assert report.reader_width(console(False, 100), console(True, 90)) == 90  # piped, e.g. into less
+    assert report.reader_width(console(False, 100), console(False, 90)) is None
+
 def test_wide_layout_one_row_per_dataset_and_backbone(results: Path) -> None:
     rows = _markdown_rows(report.render(report.summary_table(report.load_runs([results]).runs), wide=True))
     assert len(rows) == 1
