@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import math
 import time
 
@@ -335,7 +336,7 @@ def test_progress_updates_by_time_not_by_log_every_and_records_the_same(monkeypa
     steps = [done for _, done in recorder.updates]
     assert steps[0] < len(train_loader) and steps[-1] == len(train_loader) and steps == sorted(set(steps))
     times = [start] + [moment for moment, _ in recorder.updates[:-1]]
-    assert all(later - earlier >= 0.25 for earlier, later in zip(times, times[1:]))
+    assert all(later - earlier >= 0.25 for earlier, later in itertools.pairwise(times))
     assert comparable(result.rows) == comparable(run_fit(None, epochs=1, log_every=2).rows)
 
 

@@ -28,7 +28,12 @@ import pandas as pd
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.methods.baseline import METHOD as BASELINE
-from finebench.report.reference import SETTING_COLUMNS, describe_reference, match_reference, protocol_notes
+from finebench.report.reference import (
+    SETTING_COLUMNS,
+    describe_reference,
+    match_reference,
+    protocol_notes,
+)
 from finebench.report.stats import is_missing, mean_ci, paired_difference
 from finebench.terminal import SPEED_MARK
 from finebench.train.threads import speed_conditions_differ
