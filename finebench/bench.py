@@ -288,13 +288,23 @@ class RecipeEstimate:
     compile_graphs: int
     seconds: float | None
     """None when some variant's run time is unknown (its dataset's size is unknown)."""
+    compiled: tuple[str, ...] = ()
+    """The variants whose step compiled: only their runs pay for compiled graphs."""
+    variants: tuple[str, ...] = ()
+    """Every variant the estimate covers, in the recipe's order."""
 
     def describe(self) -> str:
         what = ("unknown (the training split's size is unknown)" if self.seconds is None
                 else f"{self.seconds / 3600:.2f} h")
-        return (f"whole recipe, {self.runs} runs on {self.jobs} job(s): {what} — training steps plus "
-                f"{self.compile_graphs} compiled graph(s) per run, each job {self.job_slowdown:g}x slower than "
-                "alone; evaluation and data loading not included")
+        return (f"whole recipe, {self.runs} runs on {self.jobs} job(s): {what} — {self._compile_part()}, each "
+                f"job {self.job_slowdown:g}x slower than alone; evaluation and data loading not included")
+
+    def _compile_part(self) -> str:
+        """What the estimate counts besides steps; nothing compiled (eager, as on CPU by default) says so."""
+        if not self.compiled:
+            return "training steps only (nothing compiled)"
+        part = f"training steps plus {self.compile_graphs} compiled graph(s) per run"
+        return part if self.compiled == tuple(self.variants) else f"{part} of {', '.join(self.compiled)}"
 
 
 def recipe_estimate(rows: Sequence[BenchRow], runs_per_variant: Mapping[str, int], *, jobs: int = 1,
@@ -312,13 +322,17 @@ def recipe_estimate(rows: Sequence[BenchRow], runs_per_variant: Mapping[str, int
     if job_slowdown < 1.0:
         raise FinebenchError(f"--job-slowdown {job_slowdown}: expected a factor >= 1 (jobs do not speed each other up)")
     by_variant = {row.variant: row for row in rows}
+    variants = tuple(runs_per_variant)
+    compiled = tuple(v for v in variants if v in by_variant and by_variant[v].compile_s is not None)
     costs: list[float] = []
     for variant, count in runs_per_variant.items():
         row = by_variant.get(variant)
         if row is None or row.run_s is None:
-            return RecipeEstimate(sum(runs_per_variant.values()), jobs, job_slowdown, compile_graphs, None)
+            return RecipeEstimate(sum(runs_per_variant.values()), jobs, job_slowdown, compile_graphs, None,
+                                  compiled, variants)
         costs += [row.run_s * job_slowdown + compile_graphs * (row.compile_s or 0.0)] * count
     loads = [0.0] * jobs
     for cost in sorted(costs, reverse=True):
         loads[loads.index(min(loads))] += cost
-    return RecipeEstimate(len(costs), jobs, job_slowdown, compile_graphs, max(loads) if costs else 0.0)
+    return RecipeEstimate(len(costs), jobs, job_slowdown, compile_graphs, max(loads) if costs else 0.0,
+                          compiled, variants)

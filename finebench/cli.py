@@ -296,7 +296,7 @@ def run_command(
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Train with N data-parallel workers on this machine (torchrun; one GPU each on CUDA). Leave it out under torchrun."),
     dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="Seconds a worker waits for the others before the job fails (distributed runs)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Train N runs at once, one process each (round-robin over the visible GPUs; on a CPU each gets its share of the cores)."),
-    submit: str | None = typer.Option(None, "--submit", help="slurm: submit the runs as a job array (submitit, pip install 'finebench[slurm]'); local: the same path on this machine."),
+    submit: str | None = typer.Option(None, "--submit", help="slurm: submit the runs as a job array (submitit, pip install 'finebench\\[slurm]'); local: the same path on this machine."),
     partition: str | None = typer.Option(None, "--partition", help="Slurm partition (with --submit)."),
     gpus_per_run: int = typer.Option(1, "--gpus-per-run", min=0, help="GPUs per array task; more than one trains each run with DDP (with --submit)."),
     time_limit: int = typer.Option(24 * 60, "--time-limit", min=1, help="Minutes per array task; one that reaches it is requeued and resumes (with --submit)."),
@@ -508,7 +508,7 @@ def report_command(
 
 @app.command("attend")
 def attend_command(
-    run_dir: str = typer.Argument(..., help="A finished attention run folder (config.json, summary.json, last.pt)."),
+    run_dir: str = typer.Argument(..., help="A finished run folder (config.json, summary.json, last.pt) of a method that draws attention maps: attention (Attend and Rectify), ws_dan or cal."),
     images: list[str] = typer.Argument(None, help="Image files to look at."),
     split: str = typer.Option(None, "--split", help="Also take images from this prepared split (e.g. test)."),
     n: int = typer.Option(16, "--n", help="How many images of --split, spread evenly over it."),
@@ -516,7 +516,9 @@ def attend_command(
     data_root: str = typer.Option(None, "--data-root", help="Prepared datasets folder \\[default: $FINEBENCH_DATA, else the root recorded in the run's config.json, else data]."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Draw each head's attention mask, the gates and every module's top predictions per image."""
+    """Draw a trained model's attention maps and its top predictions per image: each head's mask, the gates
+    and every module's prediction for attention runs; the attention maps, the test crop box and the test
+    prediction beside each pass's for ws_dan and cal runs."""
     from finebench.attend import attend
 
     written = attend(run_dir, images or [], split=split, n=n, out_dir=out, data_root=data_root, device=device)

@@ -230,7 +230,9 @@ class TrainSection(_Section):
     in the authors' ImageNet run (128 images x ``iter_size`` 2)."""
     eval_every: Annotated[int, Field(ge=1)] = 1
     log_every: Annotated[int, Field(ge=1)] = 20
-    """Steps between host reads of the running loss (progress bar and NaN check)."""
+    """Steps between the checks that the training loss is finite (one host read of those steps' losses,
+    summed over ranks; a NaN or inf fails the run naming its step). Nothing recorded depends on it;
+    the progress display updates about once a second whatever it is."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
 

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+SPEED_MARK = "†"
+"""Marks img/s figures measured under different threads or load (``speed_conditions_differ``): not ``*``,
+which the report's gain column uses for significance."""
+
+
 class RunOutcome(Protocol):
     """What a run's row shows (``finebench.runner.RunOutcome``), named here so this module imports no runner."""
 
@@ -150,7 +155,7 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
         measured = [outcome.summary for outcome in outcomes if outcome.summary.get("images_per_s")]
         marked = speed_conditions_differ([(s.get("threads_used") or [], s.get("load_1min")) for s in measured])
         if marked:
-            table.caption = ("* img/s measured with different thread counts or under a load from other processes "
+            table.caption = (f"{SPEED_MARK} img/s measured with different thread counts or under a load from other processes "
                              "differing by more than a core: not a comparison of the variants")
             table.caption_justify = "left"
     for column in columns:
@@ -176,7 +181,7 @@ def outcome_table(outcomes: Sequence[RunOutcome], *, title: str, dry_run: bool =
         cells += [_fmt_count(summary.get("params")), _fmt_count(summary.get("flops"))]
         if not dry_run:
             seconds = summary.get("train_time_s")
-            speed = f"{summary['images_per_s']:,.0f}{'*' * marked}" if summary.get("images_per_s") else "-"
+            speed = f"{summary['images_per_s']:,.0f}{SPEED_MARK * marked}" if summary.get("images_per_s") else "-"
             load = summary.get("load_1min")
             cells += [f"{seconds:.0f}s" if isinstance(seconds, (int, float)) else "-", speed,
                       "/".join(map(str, summary.get("threads_used") or [])) or "-",

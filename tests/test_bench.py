@@ -134,3 +134,19 @@ def test_the_whole_recipe_estimate_is_the_longest_first_makespan_over_the_jobs()
     assert slowed.seconds == 150.0 * 1.5 + 20.0
     assert recipe_estimate([row("baseline", None)], {"baseline": 1}).seconds is None
     assert "6 job(s)" in slowed.describe()
+
+
+def test_the_estimate_says_compiled_graphs_only_for_the_variants_that_compiled() -> None:
+    from finebench.bench import BenchRow, recipe_estimate
+
+    def row(name: str, compile_s: float | None) -> BenchRow:
+        return BenchRow(name, 32, 32, "fp32", False, 100.0, 0.1, 1.0, compile_s is not None, compile_s, 1000,
+                        10.0, 100.0)
+
+    eager = recipe_estimate([row("baseline", None), row("attention", None)], {"baseline": 1, "attention": 1})
+    assert "compiled graph" not in eager.describe() and "nothing compiled" in eager.describe()
+    both = recipe_estimate([row("baseline", 2.0), row("attention", 3.0)], {"baseline": 1, "attention": 1})
+    assert "plus 4 compiled graph(s) per run," in both.describe()
+    one = recipe_estimate([row("baseline", None), row("attention", 3.0)], {"baseline": 1, "attention": 1})
+    assert "plus 4 compiled graph(s) per run of attention," in one.describe()
+    assert one.seconds == 100.0 + 100.0 + 4 * 3.0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import math
+import time
 
 import pytest
 import torch
@@ -291,6 +293,51 @@ def test_rich_progress_prints_one_line_per_finished_epoch(tmp_path):
         progress.close()
     lines = [line for line in buffer.getvalue().splitlines() if "top-1" in line]
     assert len(lines) == 2 and "baseline seed 0 epoch 2: train loss" in lines[1] and "img/s" in lines[1]
+
+
+
+class SlowLoader:
+    """A loader whose every batch takes ``seconds``: a stand-in for a method with long steps."""
+
+    def __init__(self, loader, seconds: float) -> None:
+        self.loader, self.seconds = loader, seconds
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.seconds)
+            yield batch
+
+
+class UpdateRecorder(SilentProgress):
+    def __init__(self) -> None:
+        self.updates: list[tuple[float, int]] = []
+
+    def update(self, steps_done, *, images_per_s, loss, lr):
+        self.updates.append((time.perf_counter(), steps_done))
+
+
+def test_progress_updates_by_time_not_by_log_every_and_records_the_same(monkeypatch):
+    """6 steps of 0.1 s with log_every 100 (never reached) and a display interval of 0.25 s: the display
+    moves mid-epoch, at least 0.25 s apart (time.sleep and perf_counter: no tolerance needed), and the
+    recorded row is the one log_every 2 records."""
+    from finebench.train import engine
+
+    monkeypatch.setattr(engine, "DISPLAY_EVERY_S", 0.25, raising=False)
+    seed_everything(0)
+    model = TinyNet(False)
+    train_loader, test_loader = make_loaders(0)
+    recorder = UpdateRecorder()
+    start = time.perf_counter()
+    result = fit(model, SlowLoader(train_loader, 0.1), test_loader, train_cfg(epochs=1, log_every=100),
+                 mixture=False, progress=recorder)
+    steps = [done for _, done in recorder.updates]
+    assert steps[0] < len(train_loader) and steps[-1] == len(train_loader) and steps == sorted(set(steps))
+    times = [start] + [moment for moment, _ in recorder.updates[:-1]]
+    assert all(later - earlier >= 0.25 for earlier, later in itertools.pairwise(times))
+    assert comparable(result.rows) == comparable(run_fit(None, epochs=1, log_every=2).rows)
 
 
 @pytest.mark.parametrize("mixture", [False, True])

@@ -83,7 +83,8 @@ def test_learning_curves_use_whole_epochs_show_the_seed_spread_and_state_n(tmp_p
     FigureCanvasAgg(figure).draw()
     assert all(float(tick).is_integer() for tick in loss.get_xticks())
     labels = [line.get_label() for line in loss.lines]
-    assert labels == ["attention-ad3-aw4 (n=2)", "baseline (n=2)"]
+    assert labels == ["baseline (n=2)"]  # attention's mixture NLL + regulariser is another objective: its own panel
+    assert [line.get_label() for line in figure.axes[1].lines] == ["attention-ad3-aw4 (n=2)"]
     # Seeds 0 and 1 differ by 0.1 in train loss: the band spans them at every epoch.
     band = loss.collections[0].get_paths()[0].vertices
     assert band[:, 1].max() - band[:, 1].min() > 0.1
@@ -113,3 +114,26 @@ def test_the_cost_plot_keeps_every_point_inside_its_frame(tmp_path: Path) -> Non
         (x0, x1), (y0, y1) = axes.get_xlim(), axes.get_ylim()
         pad_x, pad_y = 0.05 * (x1 - x0), 0.05 * (y1 - y0)
         assert x0 + pad_x < min(xs) and max(xs) < x1 - pad_x and y0 + pad_y < min(ys) and max(ys) < y1 - pad_y
+
+
+def test_learning_curves_put_objectives_that_do_not_compare_on_panels_of_their_own(tmp_path: Path) -> None:
+    """Issue 27: WS-DAN's loss (three CEs and a centre loss, about 11) and the baseline's CE (0.9) shared
+    one axis. Cross-entropy methods share a panel; one epoch gets whole-epoch ticks around it."""
+    root = tmp_path / "results"
+    for variant in ("baseline", "se", "ws_dan", "pmg"):
+        run_dir = write_run(root, variant=variant, variant_name=variant, seed=0, top1=80.0, epochs=1)
+        loss = {"baseline": 0.9, "se": 0.8, "ws_dan": 11.2, "pmg": 4.0}[variant]
+        text = (run_dir / "metrics.jsonl").read_text().replace('"train_loss": 2.0', f'"train_loss": {loss}')
+        (run_dir / "metrics.jsonl").write_text(text)
+    figure = plots.learning_curves_figure(report.load_runs([root]).runs, "cifar10")
+    FigureCanvasAgg(figure).draw()
+    panels = {axes.get_ylabel(): axes for axes in figure.axes}
+    assert list(panels) == ["train loss: cross-entropy", "train loss: pmg objective", "train loss: ws_dan objective",
+                            "test top-1 (%)"]
+    shown = {label: sorted(line.get_label() for line in axes.lines) for label, axes in panels.items()}
+    assert shown["train loss: cross-entropy"] == ["baseline (n=1)", "se (n=1)"]
+    assert shown["train loss: ws_dan objective"] == ["ws_dan (n=1)"]
+    assert panels["train loss: cross-entropy"].get_ylim()[1] < 2.0  # not stretched to WS-DAN's 11.2
+    for axes in figure.axes:
+        low, high = axes.get_xlim()
+        assert (low, high) == (0.0, 2.0) and all(float(tick).is_integer() for tick in axes.get_xticks())

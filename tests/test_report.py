@@ -320,6 +320,32 @@ def test_terminal_table_fits_80_columns_without_cutting_cells(results: Path) -> 
         assert "96.32" in output and "+0.19" in output
 
 
+def test_piped_report_takes_the_wide_layout_only_where_it_fits_the_readers_width(tmp_path: Path) -> None:
+    """Issue 27: with seven variants the default report was about 820 characters wide."""
+    from rich.console import Console
+
+    variants = ("baseline", "se", "cbam", "eca", "bcnn", "mcl", "pmg")
+    for variant in variants:
+        for seed in range(2):
+            write_run(tmp_path, variant=variant, variant_name=variant, seed=seed, top1=90.0 + seed)
+    table = report.summary_table(report.load_runs([tmp_path]).runs)
+    unbounded = report.fitted_markdown(table, True, None)  # a log or a file: no width to fit
+    assert len(_markdown_rows(unbounded)) == 1 and max(map(len, unbounded.splitlines())) > 500
+    for width in (200, 120):
+        fitted = report.fitted_markdown(table, True, width)
+        assert [row["Variant"] for row in _markdown_rows(fitted)] == ["baseline", *sorted(variants[1:])]
+        assert max(len(line) for line in fitted.splitlines()) <= 130  # the long layout's own width
+    runs = report.load_runs([tmp_path]).runs
+    two = report.summary_table(runs[runs["variant"].isin(["baseline", "se"])])
+    assert len(_markdown_rows(report.fitted_markdown(two, True, 200))) == 1  # two variants fit: the paper's layout
+
+    def console(terminal: bool, width: int) -> Console:
+        return Console(file=io.StringIO(), force_terminal=terminal, width=width)
+
+    assert report.reader_width(console(True, 100), console(True, 90)) == 100
+    assert report.reader_width(console(False, 100), console(True, 90)) == 90  # piped, e.g. into less
+    assert report.reader_width(console(False, 100), console(False, 90)) is None
+
 def test_wide_layout_one_row_per_dataset_and_backbone(results: Path) -> None:
     rows = _markdown_rows(report.render(report.summary_table(report.load_runs([results]).runs), wide=True))
     assert len(rows) == 1
@@ -366,6 +392,21 @@ def test_reference_with_best_puts_best_beside_best(tmp_path: Path) -> None:
     assert _row(table, "baseline")["reference_top1"] == pytest.approx(96.10)
     assert attention["reference_selection"] == "best-epoch" and "best-epoch" in report.table_note(table)
 
+
+def test_reference_note_describes_the_reference_file_used(tmp_path: Path) -> None:
+    """Issue 27: with --reference-file peers.csv the note still spoke of the authors' training logs."""
+    _reference_runs(tmp_path / "results")
+    runs = report.load_runs([tmp_path / "results"]).runs
+    default = report.table_note(report.summary_table(runs, reference=report.load_reference()))
+    assert "Paper: the last epoch's value from the authors' training logs in attend_and_rectify.csv" in default
+    peers = tmp_path / "peers.csv"
+    peers.write_text(",".join(report.REFERENCE_COLUMNS) + "\n"
+                     + "cifar10,WRN-28-10,baseline,,,,,,0,top1,last-epoch,95.5,\"Smith et al. 2024, Table 2\"\n")
+    note = report.table_note(report.summary_table(runs, reference=report.load_reference([peers])))
+    assert "Paper: the last epoch's value from the numbers cited in peers.csv" in note and "log" not in note
+    shipped = report.load_reference([report.reference.DEFAULT_REFERENCE_DIR / "papers" / "peers.csv"])
+    note = report.table_note(report.summary_table(runs, reference=shipped))
+    assert "Paper: no last epoch's value from the numbers cited in peers.csv" in note and "log" not in note
 
 def test_reference_tells_dropout_and_reg_weight_apart(tmp_path: Path) -> None:
     write_run(tmp_path, variant="attention", variant_name="plain", seed=0, top1=96.0, backbone_label="WRN-40-10",
@@ -507,14 +548,31 @@ def test_report_speed_marks_img_s_measured_under_different_threads_or_load(tmp_p
         (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": used, "load_1min": load}))
     table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
     rows = {row["Variant"]: row for row in _markdown_rows(report.render(table, "markdown"))}
-    assert rows["se"]["img/s"] == "100*" and rows["se"]["threads"] == "1" and rows["baseline"]["load"] == "3.9"
+    assert rows["se"]["img/s"] == "100†" and rows["se"]["threads"] == "1" and rows["baseline"]["load"] == "3.9"
     assert any("different thread counts" in note for note in table.attrs["notes"])
     for run_dir in tmp_path.glob("*/*"):  # the same conditions: nothing to mark
         summary = json.loads((run_dir / "summary.json").read_text())
         (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": [1], "load_1min": 1.2}))
     table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
-    assert "100*" not in report.render(table, "markdown") and not table.attrs["speed_marked"]
+    assert "100†" not in report.render(table, "markdown") and not table.attrs["speed_marked"]
 
+
+def test_report_speed_marks_speeds_and_significant_gains_apart_and_explains_both(tmp_path: Path) -> None:
+    """Issue 27: ``*`` marked both a significant gain and img/s measured under other conditions."""
+    for variant, top1s, used in (("baseline", (90.0, 90.1, 90.2), [2]), ("se", (91.0, 91.1, 91.3), [1])):
+        for seed, top1 in enumerate(top1s):
+            run_dir = write_run(tmp_path, variant=variant, variant_name=variant, seed=seed, top1=top1,
+                                images_per_s=100.0)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            (run_dir / "summary.json").write_text(json.dumps({**summary, "threads_used": used, "load_1min": 1.0}))
+    table = report.summary_table(report.load_runs([tmp_path]).runs, speed=True)
+    rows = {row["Variant"]: row for row in _markdown_rows(report.render(table, "markdown"))}
+    assert rows["se"]["Gain"].endswith("*") and rows["se"]["img/s"] == "100†"
+    note = report.table_note(table)
+    assert "*: the CI excludes 0" in note and "img/s†: measured with different thread counts" in note
+    latex = report.render(table, "latex")
+    body = "\n".join(line for line in latex.splitlines() if not line.startswith("%"))  # the notes are comments
+    assert r"$^{*}$" in body and r"100$^{\dagger}$" in body and "†" not in body
 
 def test_a_split_report_has_even_tables_and_notes_at_the_terminal_width(results: Path) -> None:
     """Issue 22 item 9: at 130 columns the report split into a second table of one column and

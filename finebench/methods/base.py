@@ -222,6 +222,14 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} does not own its training step")
 
     @property
+    def objective(self) -> str:
+        """What its ``train_loss`` measures: ``cross-entropy`` unless the method has its own loss or step
+        (then its kind: WS-DAN's three CEs plus a centre loss, PMG's four step losses, ...), so the
+        report plots only losses on one axis that compare."""
+        plain = type(self).loss is Method.loss and not self.owns_train_step
+        return "cross-entropy" if plain else f"{self.kind} objective"
+
+    @property
     def owns_train_step(self) -> bool:
         """Whether the method's class overrides ``train_step`` (the engine then calls it every batch)."""
         return type(self).train_step is not Method.train_step

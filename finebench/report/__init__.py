@@ -35,8 +35,8 @@ from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
     "COLUMN_ALIASES", "Ranks", "emit_ranks", "rank_methods", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
-    "emit_table", "predictions_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
-    "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
+    "emit_table", "fitted_markdown", "predictions_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
+    "reader_width", "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
 ]
 
 
@@ -76,9 +76,32 @@ def split_by(values: Sequence[str] | None) -> list[str] | None:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
+def reader_width(stdout: Console, stderr: Console) -> int | None:
+    """The columns a reader of stdout sees: the terminal's; when stdout is piped (to a pager, ``tee``)
+    while the session still has a terminal on stderr, that terminal's; None in a log or a file with no
+    terminal at all (it has no width to fit)."""
+    for console in (stdout, stderr):
+        if console.is_terminal:
+            return console.width
+    return None
+
+
+def fitted_markdown(table: pd.DataFrame, wide: bool, width: int | None) -> str:
+    """The markdown table, in the paper's wide layout only when its lines fit ``width`` (None: any);
+    else one row per variant (seven variants made the wide layout 820 characters wide)."""
+    text = render(table, "markdown", wide=wide)
+    if wide and width is not None and max(map(len, text.splitlines()), default=0) > width:
+        return render(table, "markdown")
+    return text
+
+
 def emit_table(table: pd.DataFrame, fmt: str, output: Path | None, title: str, *, wide: bool = False,
                status: Console | None = None) -> None:
-    """A rich table on a terminal, plain text when piped or written to a file (-o); ``status`` says what was written."""
+    """A rich table on a terminal, plain text when piped or written to a file (-o); ``status`` says what was written.
+
+    Piped markdown takes the wide layout only where it fits the reader's terminal (``reader_width``);
+    a file written with -o keeps the layout asked for.
+    """
     from finebench.results import atomic_write_bytes
 
     if output is not None:
@@ -94,7 +117,10 @@ def emit_table(table: pd.DataFrame, fmt: str, output: Path | None, title: str, *
         for part in parts:
             stdout.print(part)
         return
-    sys.stdout.write(render(table, fmt, wide=wide))
+    if fmt == "markdown":
+        sys.stdout.write(fitted_markdown(table, wide, reader_width(stdout, Console(stderr=True))))
+    else:
+        sys.stdout.write(render(table, fmt, wide=wide))
     if fmt == "markdown" and not table.empty:
         sys.stdout.write(f"\n{table_note(table)}\n\n")
 

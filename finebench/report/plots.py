@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from finebench.atomic import atomic_write, make_folder
+from finebench.methods import METHODS
 from finebench.report.ranks import ALPHA, Ranks, cliques
 from finebench.report.records import load_metrics
 from finebench.report.stats import mean_ci
@@ -94,29 +95,45 @@ def plot_cost_accuracy(runs: pd.DataFrame, out_dir: Path, error: bool = False) -
 
 
 def learning_curves_figure(runs: pd.DataFrame, title: str, warnings: list[str] | None = None) -> Figure | None:
-    """Train loss and test top-1 per epoch of ``runs``: the mean over seeds and a min–max band."""
+    """Train loss and test top-1 per epoch of ``runs``: the mean over seeds and a min–max band.
+
+    The train loss gets one panel per objective (``Method.objective``): methods with their own loss
+    (WS-DAN's three CEs and centre loss near 11, PMG's sum of four step losses) on the baseline's
+    cross-entropy axis would flatten it. Separate panels rather than normalised curves, because a
+    reader checks a loss's own value (CE starts near ln N; a log's numbers) and the shape of each.
+    """
     curves = []
     for run in runs.itertuples():
         metrics, problems = load_metrics(run.run_dir)
         if warnings is not None:
             warnings.extend(problems)
         if not metrics.empty:
+            method = METHODS.get(run.variant)
             curves.append(metrics.assign(backbone_label=run.backbone_label, variant_name=run.variant_name,
-                                         run_id=run.run_id))
+                                         run_id=run.run_id,
+                                         objective=method.objective if method else f"{run.variant} objective"))
     if not curves:
         return None
     table = pd.concat(curves, ignore_index=True)
     several = table["backbone_label"].nunique() > 1
-    figure = Figure(figsize=(11, 4.5))
-    for index, (column, label) in enumerate((("train_loss", "train loss"), ("test_top1", "test top-1 (%)"))):
-        axes = figure.add_subplot(1, 2, index + 1)
-        if column in table:
-            for (backbone, variant), series in table.groupby(["backbone_label", "variant_name"], sort=True):
+    objectives = sorted(table["objective"].unique(), key=lambda name: (name != "cross-entropy", name))
+    panels = [("train_loss", f"train loss: {objective}", table[table["objective"] == objective])
+              for objective in objectives] + [("test_top1", "test top-1 (%)", table)]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(5.5 * columns, 4.5 * rows))
+    epochs = pd.to_numeric(table["epoch"], errors="coerce").dropna().unique()
+    for index, (column, label, data) in enumerate(panels):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        if column in data:
+            for (backbone, variant), series in data.groupby(["backbone_label", "variant_name"], sort=True):
                 values = pd.to_numeric(series[column], errors="coerce").groupby(series["epoch"])
                 mean, low, high = values.mean(), values.min(), values.max()
                 line = axes.plot(mean.index, mean.values, marker="o", markersize=3,
                                  label=_series_label(backbone, variant, several, series["run_id"].nunique()))
                 axes.fill_between(mean.index, low.values, high.values, alpha=0.2, color=line[0].get_color())
+        if len(epochs) == 1:  # one epoch: a point between whole epochs, not an axis from 0.96 to 1.04
+            axes.set_xlim(epochs[0] - 1, epochs[0] + 1)
         _finish_axes(axes, "epoch", label, f"{title}: {label} (band: min–max over seeds)", integer_x=True)
     return figure
 

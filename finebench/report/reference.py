@@ -86,6 +86,21 @@ def _read_reference_file(file: Path) -> pd.DataFrame:
     return frame
 
 
+AUTHORS_LOG = "authors' log"
+"""How a reference row taken from the authors' own training log begins its ``source``."""
+
+
+def describe_reference(reference: pd.DataFrame) -> str:
+    """Where the reference numbers come from, for the table's note: the files read, and that they are
+    the authors' training logs only when every row's ``source`` says so (a papers' table such as
+    ``papers/peers.csv`` cites papers and READMEs)."""
+    files = " and ".join(dict.fromkeys(reference["reference_file"].astype(str)))
+    sources = reference["source"].dropna().astype(str)
+    if not sources.empty and sources.str.startswith(AUTHORS_LOG).all():
+        return f"the authors' training logs in {files}"
+    return f"the numbers cited in {files}"
+
+
 def match_reference(
     reference: pd.DataFrame, settings: Mapping[str, Any], metric: str, selection: str
 ) -> pd.Series | None:

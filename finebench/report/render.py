@@ -2,7 +2,8 @@
 
 CSV and JSON keep every number as a number (mean, std, CI half-width, paired difference, p-value,
 significance), which is what scripts want. The text formats merge a mean and its interval into one
-cell (``96.50 ± 0.50``), mark a gain whose interval excludes 0 with ``*``, and keep headers short;
+cell (``96.50 ± 0.50``), mark a gain whose interval excludes 0 with ``*`` (and img/s measured under
+different conditions with ``†``), and keep headers short;
 ``table_note`` is the legend that says what every short header and symbol means.
 """
 
@@ -17,6 +18,7 @@ import pandas as pd
 from finebench.errors import FinebenchError
 from finebench.methods.baseline import METHOD as BASELINE
 from finebench.report.stats import is_missing
+from finebench.terminal import SPEED_MARK
 
 FORMATS: tuple[str, ...] = ("markdown", "csv", "latex", "json")
 MISSING = "—"
@@ -188,10 +190,10 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def speed_cell(images_per_s: Any, table: pd.DataFrame) -> str:
-    """img/s, starred where the table's speeds were measured under different threads or load."""
+    """img/s, marked (``SPEED_MARK``) where the table's speeds were measured under different threads or load."""
     if is_missing(images_per_s):
         return MISSING
-    return f"{images_per_s:,.0f}" + ("*" if table.attrs.get("speed_marked") else "")
+    return f"{images_per_s:,.0f}" + (SPEED_MARK if table.attrs.get("speed_marked") else "")
 
 
 def table_note(table: pd.DataFrame) -> str:
@@ -222,8 +224,13 @@ def table_note(table: pd.DataFrame) -> str:
     ]
     if any(c.startswith("reference_") for c in table.columns):
         which = "best epoch" if selection == "best" else "last epoch"
-        lines.append(f"Paper: the authors' {which} from their training logs, shown only where the log states "
-                     "every setting of the row (source per row in CSV/JSON).")
+        source = table.attrs.get("reference") or "the reference tables"
+        shown = pd.to_numeric(table.get(f"reference_{table.attrs.get('metric', 'top1')}"), errors="coerce")
+        if shown is not None and shown.notna().any():
+            lines.append(f"Paper: the {which}'s value from {source}, shown only where it states every setting "
+                         "of the row (source per row in CSV/JSON).")
+        else:
+            lines.append(f"Paper: no {which}'s value from {source} states every setting of a row here.")
     lines += table.attrs.get("notes", [])
     return "\n".join(lines)
 
@@ -264,10 +271,10 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 def _latex_escape(cell: Any) -> str:
     raw = str(cell)
-    marked = raw.endswith(SIGNIFICANT) and raw != SIGNIFICANT
-    text = "".join(_LATEX_SPECIAL.get(char, char) for char in (raw[:-1] if marked else raw))
+    mark = next((m for m in (SIGNIFICANT, SPEED_MARK) if raw.endswith(m) and raw != m), "")
+    text = "".join(_LATEX_SPECIAL.get(char, char) for char in (raw[:-1] if mark else raw))
     text = text.replace(" ± ", r" $\pm$ ").replace("Δ", r"$\Delta$").replace(MISSING, "--")
-    return text + (r"$^{*}$" if marked else "")
+    return text + {SIGNIFICANT: r"$^{*}$", SPEED_MARK: r"$^{\dagger}$", "": ""}[mark]
 
 
 def failed_table(failed: pd.DataFrame) -> pd.DataFrame:

@@ -28,8 +28,14 @@ import pandas as pd
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.methods.baseline import METHOD as BASELINE
-from finebench.report.reference import SETTING_COLUMNS, match_reference, protocol_notes
+from finebench.report.reference import (
+    SETTING_COLUMNS,
+    describe_reference,
+    match_reference,
+    protocol_notes,
+)
 from finebench.report.stats import CONFIDENCE, holm, is_missing, mean_ci, paired_difference
+from finebench.terminal import SPEED_MARK
 from finebench.train.threads import speed_conditions_differ
 
 DEFAULT_BY: tuple[str, ...] = ("dataset", "backbone_label")
@@ -190,13 +196,14 @@ def summary_table(
         [(used if isinstance(used, list) else [], None if is_missing(load) else float(load))
          for used, load in zip(df["threads_used"], df["load_1min"], strict=True)])
     if speed_marked:
-        notes.append("img/s*: measured with different thread counts or under a load from other processes "
+        notes.append(f"img/s{SPEED_MARK}: measured with different thread counts or under a load from other processes "
                      "differing by more than a core; not a comparison of the methods' speed.")
     if (table.get("unpaired", pd.Series(dtype=int)) > 0).any():
         notes.append("unpaired: runs whose seed (and fold) has no partner on the other side; "
                      "left out of the paired gain.")
     table.attrs.update(metric=metric, selection=selection, keys=row_keys, notes=notes, folds=bool(folds_seen),
-                       speed_marked=speed_marked, holm=corrected)
+                       speed_marked=speed_marked, holm=corrected,
+                       reference=None if reference is None else describe_reference(reference))
     return table
 
 

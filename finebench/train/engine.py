@@ -1,7 +1,8 @@
 """Training engine: one readable ``fit`` plus the small helpers it calls.
 
 Speed rules (the engine is benchmarked against a plain PyTorch loop): no host sync inside a step
-(loss and accuracy accumulate on the device and are read once per ``log_every`` steps),
+(loss and accuracy accumulate on the device; the losses are checked for NaN once per ``log_every``
+steps and the progress display reads the running loss about once a second, ``DISPLAY_EVERY_S``),
 non-blocking copies, ``zero_grad(set_to_none=True)``. Resume rule: a checkpoint at the end of
 every epoch holds the model, optimiser, scheduler, grad scaler, every RNG state (python, numpy,
 torch, CUDA, the loader's shuffling generator) and the epoch, so a resumed run repeats the
@@ -522,6 +523,11 @@ def evaluate(
 
 # ---- progress -----------------------------------------------------------------------------------
 
+DISPLAY_EVERY_S = 1.0
+"""Seconds between progress updates (steps done, img/s, loss): by time, not steps, so a method with
+long steps (PMG's four passes per batch) moves its bar after its first step, and fast steps do not
+read the device more than once a second."""
+
 
 class Progress(Protocol):
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
@@ -666,6 +672,7 @@ def _train_epoch(
     pending: list[torch.Tensor] = []
     compile_s, compile_images = 0.0, 0
     start = time.perf_counter()
+    shown = start
     for index, (images, labels) in enumerate(loader):
         if step.compiling(images):  # timed apart: compile time is not training throughput
             synchronize_device(step.device)
@@ -681,14 +688,17 @@ def _train_epoch(
         correct_sum += correct
         seen += batch
         pending.append(loss)
-        if len(pending) == log_every or index + 1 == steps:
+        last = index + 1 == steps
+        if len(pending) == log_every or last:
             _check_finite(pending, epoch, index + 1 - len(pending), ctx)
             pending = []
-            elapsed = time.perf_counter() - start - compile_s
+        if last or time.perf_counter() - shown >= DISPLAY_EVERY_S:
+            loss_mean = loss_sum.item() / seen  # waits for the queued steps, so the rate below counts them
+            shown = time.perf_counter()
             progress.update(
                 index + 1,
-                images_per_s=(seen - compile_images) / max(elapsed, 1e-9),
-                loss=loss_sum.item() / seen,
+                images_per_s=(seen - compile_images) / max(shown - start - compile_s, 1e-9),
+                loss=loss_mean,
                 lr=step.optimizer.param_groups[-1]["lr"],
             )
     synchronize_device(step.device)
