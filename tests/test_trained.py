@@ -88,7 +88,7 @@ def test_export_round_trips_weights_and_outputs(trained, tmp_path: Path) -> None
     assert config["classes"] == [str(c) for c in range(10)]
     original = load_trained_run(run_dir).model
     rebuilt = load_exported(tmp_path / "export")
-    expected, got = original.state_dict(), rebuilt.state_dict()
+    expected, got = original.state_dict(), rebuilt.network.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
