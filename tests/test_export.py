@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 from tiny_data import DATASET, prepare_three_classes, prepare_tiny_bars, tiny_recipe
 
 from finebench.data.loader import build_eval_loader, eval_transform
@@ -99,10 +100,14 @@ def check_reproduces_the_run(run_dir: Path, export: Path, data_root: Path) -> di
 
 
 @pytest.mark.parametrize("kind", list(METHODS))
-def test_every_methods_exported_model_predicts_with_the_methods_test_passes(kind: str, tmp_path: Path) -> None:
+def test_every_methods_exported_model_predicts_with_the_methods_test_passes(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The default run's check for every method (the trained one below is slow for PMG's 1024-channel
-    heads): a random network exported and loaded predicts as ``Method.predict`` on the network, not
-    as its bare forward (WS-DAN's and CAL's views), and carries its test transform."""
+    heads): a random network exported and loaded predicts through ``Method.predict`` on the network,
+    not its bare forward (WS-DAN's and CAL's views), and carries its test transform. The call is
+    watched as well as the output compared: on a random network WS-DAN's test crop is the whole
+    image (its mean attention map is flat), so its prediction equals the bare forward's."""
     backbone = backbone_for(kind)
     meta = {"name": DATASET, "image_max_side": 16, "image_size": [16, 16]}
     transform = eval_transform(meta, "none", 32, normalize="half")
@@ -119,8 +124,12 @@ def test_every_methods_exported_model_predicts_with_the_methods_test_passes(kind
     assert torch.equal(images[0], transform.normalise(transform(picture)))
     method = get_method(kind)
     with torch.no_grad():
-        output, expected = exported(images), method.predict(network, images)
-        scores = exported.scores(images)
+        expected = method.predict(network, images)
+        calls: list[nn.Module] = []
+        predict = method.predict
+        monkeypatch.setattr(method, "predict", lambda model, x: calls.append(model) or predict(model, x))
+        output, scores = exported(images), exported.scores(images)
+    assert calls == [exported.network, exported.network]
     assert torch.equal(output.logits, expected.logits) and torch.equal(output.log_probs, expected.log_probs)
     assert torch.equal(scores, method.scores(expected).float())
 
