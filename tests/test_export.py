@@ -59,7 +59,8 @@ def raw_test_images(data_root: Path, dataset: str) -> tuple[list[bytes], torch.T
     """The test split's stored (encoded) images and labels, as a user of the export would hold them."""
     import datasets
 
-    split = datasets.load_from_disk(str(data_root / dataset / "test")).cast_column("image", datasets.Image(decode=False))
+    split = datasets.load_from_disk(str(data_root / dataset / "test"))
+    split = split.cast_column("image", datasets.Image(decode=False))
     return [row["image"]["bytes"] for row in split], torch.tensor(split["label"])
 
 
