@@ -554,11 +554,12 @@ def eval_command(
 def export_command(
     run_dir: str = typer.Argument(..., help="A run folder (config.json, summary.json, last.pt)."),
     out: str = typer.Option(None, "--out", help="Output folder \\[default: RUN_DIR/export]."),
+    data_root: str = typer.Option(None, "--data-root", help="Prepared datasets folder, whose meta.json settles the test transform \\[default: the run's dataset.root]."),
 ) -> None:
     """Write the run's model as model.safetensors plus a config.json that finebench.trained.load_exported rebuilds."""
     from finebench.trained import export_run
 
-    written = export_run(run_dir, out)
+    written = export_run(run_dir, out, data_root=data_root)
     err_console.print(f"wrote {', '.join(str(path) for path in written)}", highlight=False)
 
 

@@ -5,28 +5,37 @@ The model is rebuilt through ``finebench.models.build_model_from_config``, the o
 trainer builds it, and fed through the loader's own evaluation transform, so ``eval`` on the run's
 test split repeats the run's final evaluation (same images, order, batches and precision).
 An export is the layout timm and the Hugging Face Hub ship models in: safetensors weights (no
-pickle, so loading runs no code) and a JSON config that ``load_exported`` turns back into the model.
+pickle, so loading runs no code) and a JSON config that ``load_exported`` turns back into the model
+as its run evaluated it: the method's test-time prediction and the test transform the loader
+resolved (``export_run`` documents the format), so the export reproduces the recorded test top-1.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from finebench.data.root import resolve_data_root
 from finebench.errors import FinebenchError
-from finebench.methods import build_model_from_config, get_method
+from finebench.methods import Method, build_model_from_config, get_method
+from finebench.models.output import ModelOutput
 from finebench.models.base import read_state_dict
 from finebench.results import RunDir
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from finebench.data.loader import EvalTransform
+
 EXPORT_FORMAT = "finebench-model"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+"""2: config.json carries the test transform (``preprocessing``); the model predicts with its method."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -152,42 +161,107 @@ def evaluate_run(
 # ---- export ----------------------------------------------------------------------------------
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write ``model.safetensors`` and ``config.json`` (default folder: RUN_DIR/export)."""
-    from safetensors.torch import save_model
+class ExportedModel(nn.Module):
+    """An exported model that predicts as its run's evaluation did.
 
-    from finebench.results import atomic_write_json
+    ``forward(images)`` is the method's test-time prediction (``Method.predict``: WS-DAN's raw and
+    crop views, CAL's eight views, ...; a plain ``model(images)`` for the others), a ``ModelOutput``;
+    ``scores(images)`` is what the run's top-1 read (``Method.scores``: the mixture's
+    log-probabilities for Attend and Rectify, else the logits); ``transform(image)`` turns a PIL
+    image (as ``Image.open`` gives it) into the normalised C×H×W tensor the run's test loader fed.
+    The network itself is ``network`` (its weights are ``model.safetensors``).
+    """
+
+    def __init__(self, network: nn.Module, method: Method, preprocess: EvalTransform, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.network = network
+        self.method = method
+        self.preprocess = preprocess
+        self.config = config
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        return self.method.predict(self.network, images)
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """B × classes, float32: the argmax is the top-1 the run recorded."""
+        return self.method.scores(self(images)).float()
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocess.normalise(self.preprocess(image))
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *,
+               data_root: str | Path | None = None) -> list[Path]:
+    """Write ``model.safetensors`` and ``config.json`` (default folder: RUN_DIR/export).
+
+    config.json (``format`` "finebench-model", ``format_version`` 2) holds what ``load_exported``
+    needs to predict as the run's test evaluation did:
+
+    * ``model`` / ``variant``: the network and the method (whose ``predict`` gives the test
+      prediction, every pass of it); ``num_classes``, ``classes``;
+    * ``preprocessing``: the run's test transform as the loader resolved it (from the run's
+      ``dataset`` settings and the store's meta.json, hence ``data_root``): ``kind`` "imagenet"
+      (resize, then a centre crop of ``size`` px), "cifar" or "none" (resize to ``size`` × ``size``
+      where the image differs); ``resize``: the shorter side (int), an exact [height, width], or
+      the square side; ``mean`` / ``std``: per RGB channel, applied as ``(pixel / 255 - mean) / std``;
+    * ``dataset``: the run's own settings (name, input_size, augmentation, resize, normalize, e.g.
+      "half"), for reading;
+    * ``source_run``: its id, recipe, seed, ``test_top1`` (measured at ``precision`` on ``device``)
+      and commit.
+    """
+    from finebench.data.loader import eval_transform
+    from finebench.data.store import read_meta
 
     run = load_trained_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / WEIGHTS_FILE
-    temporary = out / f".{WEIGHTS_FILE}.tmp"
-    save_model(run.model, str(temporary), metadata={"format": "pt"})
-    # safetensors creates its file private (0600); a model to ship gets the mode open() would give.
-    mask = os.umask(0)
-    os.umask(mask)
-    temporary.chmod(0o666 & ~mask)
-    temporary.replace(weights)
+    dataset = run.config.get("dataset") or {}
+    name = dataset.get("name") or run.summary.get("dataset")
+    meta = read_meta(run_data_root(run.config, data_root), name)
+    preprocess = eval_transform(meta, dataset.get("augmentation", "auto"), dataset.get("input_size"),
+                                resize=dataset.get("resize"), normalize=dataset.get("normalize"))
     model_section = dict(run.config.get("model") or {})
     model_section["pretrained"] = None  # the weights are in model.safetensors
-    dataset = run.config.get("dataset") or {}
     final = run.summary.get("final") or {}
     config = {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_VERSION,
         "finebench_version": run.summary.get("finebench_version"),
         "num_classes": run.num_classes,
         "classes": _classes(run),
         "model": model_section,
         "variant": run.config.get("variant"),
         "input_size": run.summary.get("input_size") or dataset.get("input_size"),
-        "dataset": {k: dataset.get(k) for k in ("name", "input_size", "augmentation")},
+        "preprocessing": preprocessing_record(preprocess),
+        "dataset": {k: dataset.get(k) for k in ("name", "input_size", "augmentation", "resize", "normalize")},
         "source_run": {"run_id": run.summary.get("run_id"), "recipe": run.summary.get("recipe"),
                        "seed": run.summary.get("seed"), "test_top1": final.get("test_top1"),
+                       "precision": run.summary.get("precision"), "device": run.summary.get("device"),
                        "git_commit": run.summary.get("git_commit")},
     }
-    atomic_write_json(out / CONFIG_FILE, config)
+    return write_export(run.model, config, Path(out_dir) if out_dir is not None else run.run_dir / "export")
+
+
+def preprocessing_record(transform: EvalTransform) -> dict[str, Any]:
+    """config.json's ``preprocessing``: the resolved test transform's fields as JSON (``load_exported``
+    rebuilds the same ``EvalTransform`` from them; floats round-trip exactly through JSON)."""
+    resize = list(transform.resize) if isinstance(transform.resize, tuple) else transform.resize
+    return {**asdict(transform), "resize": resize, "mean": list(transform.mean), "std": list(transform.std)}
+
+
+def write_export(network: nn.Module, config: dict[str, Any], out: Path) -> list[Path]:
+    """``model.safetensors`` of ``network`` and ``config.json`` (``config`` stamped with the format)
+    into ``out``; ``config`` needs what ``load_exported`` reads: model, variant, num_classes, preprocessing."""
+    from safetensors.torch import save_model
+
+    from finebench.results import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS_FILE
+    temporary = out / f".{WEIGHTS_FILE}.tmp"
+    save_model(network, str(temporary), metadata={"format": "pt"})
+    # safetensors creates its file private (0600); a model to ship gets the mode open() would give.
+    mask = os.umask(0)
+    os.umask(mask)
+    temporary.chmod(0o666 & ~mask)
+    temporary.replace(weights)
+    atomic_write_json(out / CONFIG_FILE, {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **config})
     return [weights, out / CONFIG_FILE]
 
 
@@ -203,17 +277,34 @@ def _classes(run: TrainedRun) -> list[str] | None:
     return classes if isinstance(classes, list) else None
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model of an export folder, rebuilt with ``finebench.models`` and its weights loaded."""
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
+    """The model of an export folder (eval mode): its network rebuilt with ``finebench.models`` and
+    its weights loaded, predicting with its method's test-time passes and carrying the run's test
+    transform (see ``ExportedModel``; the config.json format: ``export_run``)."""
     from safetensors.torch import load_model
 
+    from finebench.data.loader import EvalTransform, as_resize
+
     folder = Path(path)
-    config = read_record(folder / CONFIG_FILE)
+    config_path = folder / CONFIG_FILE
+    config = read_record(config_path)
     if config.get("format") != EXPORT_FORMAT:
-        raise FinebenchError(f"{folder / CONFIG_FILE}: format {config.get('format')!r}; expected {EXPORT_FORMAT!r}")
-    model = build_model_from_config(config, int(config["num_classes"]), pretrained=False)
+        raise FinebenchError(f"{config_path}: format {config.get('format')!r}; expected {EXPORT_FORMAT!r}")
+    if config.get("format_version") != EXPORT_VERSION:
+        raise FinebenchError(f"{config_path}: format_version {config.get('format_version')!r}; expected "
+                             f"{EXPORT_VERSION} (export the run again with `finebench export RUN_DIR`)")
+    try:
+        section = config["preprocessing"]
+        preprocess = EvalTransform(section["kind"], section["size"], as_resize(section["resize"]),
+                                   tuple(section["mean"]), tuple(section["std"]))
+        method = get_method(config["variant"]["kind"])
+        num_classes = int(config["num_classes"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise FinebenchError(f"{config_path}: unusable preprocessing, variant or num_classes ({error!r}); "
+                             f"expected the config.json `finebench export` writes") from None
+    network = build_model_from_config(config, num_classes, pretrained=False)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise FinebenchError(f"{weights}: not found; expected the weights beside {CONFIG_FILE}")
-    load_model(model, str(weights), strict=True)
-    return model.to(device).eval()
+    load_model(network, str(weights), strict=True)
+    return ExportedModel(network, method, preprocess, config).to(device).eval()

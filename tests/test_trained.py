@@ -88,7 +88,7 @@ def test_export_round_trips_weights_and_outputs(trained, tmp_path: Path) -> None
     assert config["classes"] == [str(c) for c in range(10)]
     original = load_trained_run(run_dir).model
     rebuilt = load_exported(tmp_path / "export")
-    expected, got = original.state_dict(), rebuilt.state_dict()
+    expected, got = original.state_dict(), rebuilt.network.state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -109,3 +109,12 @@ def test_export_writes_into_the_run_folder_by_default(trained) -> None:
     assert [p.name for p in written] == ["model.safetensors", "config.json"]
     assert written[0].stat().st_mode & 0o777 == written[1].stat().st_mode & 0o777  # not private
     assert all(p.parent == run_dir / "export" for p in written)
+
+
+def test_export_without_the_store_that_settles_the_transform_is_one_line_and_writes_nothing(
+    trained, tmp_path: Path
+) -> None:
+    run_dir, _ = trained
+    done = cli("export", str(run_dir), "--out", str(tmp_path / "export"), "--data-root", str(tmp_path))
+    assert done.returncode == 2 and "dataset 'mnist5k' is not prepared in" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "export").exists()

@@ -145,10 +145,7 @@ class StoreDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         with Image.open(io.BytesIO(self.columns.image_bytes(index))) as image:
-            if self.recipe.kind == "imagenet" and image.format == "JPEG":
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the resize would discard those pixels anyway.
-                image.draft("RGB", draft_size(*image.size, self.recipe.resize))
-            image = image.convert("RGB")
+            image = decode_rgb(image, self.recipe.kind, self.recipe.resize)
         array = self._transform(image)
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), int(self.columns.labels[index])
 
@@ -183,6 +180,15 @@ class StoreDataset(Dataset):
             pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
             array = recipe.jitter.apply(pixels, generator).permute(1, 2, 0).numpy()
         return array
+
+
+def decode_rgb(image: Image.Image, kind: str, resize: Resize | None) -> Image.Image:
+    """The RGB pixels of an opened image as the loaders decode them: for the ``imagenet`` recipe a
+    JPEG not yet loaded is decoded at 1/2, 1/4 or 1/8 scale where the resize would discard those
+    pixels anyway (libjpeg's DCT scaling, so its pixels differ from a full decode then a resize)."""
+    if kind == "imagenet" and image.format == "JPEG" and resize is not None:
+        image.draft("RGB", draft_size(*image.size, resize))
+    return image.convert("RGB")
 
 
 def _reflect(indices: np.ndarray, size: int) -> np.ndarray:
@@ -399,8 +405,11 @@ class EvalTransform:
     std: tuple[float, float, float]
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        """``image`` as just opened (``Image.open``) decodes as the loader decodes the store's bytes
+        (a JPEG at reduced scale, ``decode_rgb``); an image already loaded is taken as it is."""
         recipe = _Recipe(self.kind, False, self.size, self.resize, False, self.mean, self.std)
-        return np.array(StoreDataset(None, recipe, 0)._transform(image.convert("RGB")), dtype=np.uint8)
+        return np.array(StoreDataset(None, recipe, 0)._transform(decode_rgb(image, self.kind, self.resize)),
+                        dtype=np.uint8)
 
     def normalise(self, array: np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float()
