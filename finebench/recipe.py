@@ -95,8 +95,9 @@ class DatasetSection(_Section):
     @classmethod
     def _input_size_bound(cls, value: int | None) -> int | None:
         if value is not None and value > MAX_INPUT_SIZE:
-            raise ValueError(f"expected at most {MAX_INPUT_SIZE} pixels a side (448 is the largest fine-grained "
-                             f"protocol's crop); one {value} x {value} px image alone is {12 * value**2 / 1e9:.3g} GB as float32")
+            raise ValueError(f"expected at most {MAX_INPUT_SIZE} pixels a side (not one training image larger fits "
+                             f"a GPU; fine-grained protocols crop 448): one {value} x {value} image alone is "
+                             f"{12 * value**2 / 1e9:.3g} GB as float32")
         return value
 
     @field_validator("resize", mode="before")
@@ -513,8 +514,8 @@ def _beyond_float32(data: Any, where: str = "") -> list[str]:
     if isinstance(data, list):
         return [problem for index, value in enumerate(data) for problem in _beyond_float32(value, f"{where}.{index}")]
     if isinstance(data, float) and math.isfinite(data) and abs(data) > FLOAT32_MAX:
-        return [f"{where.lstrip('.')}: expected a finite float32 value (magnitude at most {FLOAT32_MAX:.4g}), "
-                f"got {data!r}"]
+        return [(f"{where.lstrip('.')}: expected a finite float32 value (magnitude at most {FLOAT32_MAX:.4g}), "
+                 f"got {data!r}")]
     return []
 
 
