@@ -212,6 +212,11 @@ def profile_command(
         variants = method_variants(variant, method_flags) if recipe is None else []
     except FinebenchError as error:
         raise typer.BadParameter(str(error).removeprefix("finebench profile: "), ctx) from None
+    from finebench.recipe import MAX_INPUT_SIZE
+
+    if not 1 <= input_size <= MAX_INPUT_SIZE:  # the recipe's bound on dataset.input_size, for the same reason
+        raise typer.BadParameter(f"{input_size}: expected 1 to {MAX_INPUT_SIZE} pixels a side", ctx,
+                                 param_hint="'--input-size'")
     if recipe is None and overrides:  # nothing to override: say so rather than profile without it
         raise typer.BadParameter(f"--set {overrides[0]}: --set changes a recipe's settings; give the recipe "
                                  "(finebench profile RECIPE --set ...) or use --backbone's own options", ctx)

@@ -14,6 +14,7 @@ torchrun DDP (``--nproc-per-node``) stays the way to spread one big run over sev
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -78,6 +79,11 @@ def submit(
     """
     if cluster not in CLUSTERS:
         raise FinebenchError(f"--submit {cluster}: expected one of {', '.join(CLUSTERS)}")
+    missing = [command for command in ("srun", "sbatch") if shutil.which(command) is None] if cluster == "slurm" else []
+    if missing:  # submitit would say it with a traceback, after the plan
+        raise FinebenchError(f"--submit slurm: Slurm not found (no {' or '.join(missing)} on PATH); on this machine "
+                             "use --submit local (the same job array), or run without --submit (--jobs N trains "
+                             "several runs at once)")
     submitit = _submitit()
     plan = plan_runs(loaded, results_dir=results_dir, data_root=data_root, only=selection.only)
     planned = decide_runs(plan, selection)

@@ -10,8 +10,10 @@ written.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -40,6 +43,14 @@ from finebench.models.registry import LIBRARY_WEIGHTS
 _DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
 """Input size used for cost estimates when a recipe leaves ``dataset.input_size`` unset."""
 
+MAX_INPUT_SIZE = 4096
+"""The largest ``dataset.input_size``: at 4096 px a side one ResNet-50 training image keeps about 73 GB
+of activations for its backward pass (222 MB at 224 px, counted with ``torch.autograd.graph.
+saved_tensors_hooks``, times (4096 / 224)²), so a single image barely fits the largest GPUs; beyond
+it not one image trains, and the cost probe of every run and dry run (one float32 image, 12 bytes a
+pixel) would itself ask for gigabytes. A larger value is a typo, not a protocol: the fine-grained
+ones crop at most 448 px."""
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
 """The values of ``train.device``."""
 
@@ -59,6 +70,7 @@ class DatasetSection(_Section):
     name: str
     root: str = DEFAULT_ROOT
     input_size: Annotated[int, Field(gt=0)] | None = None
+    """The side of the square images the network sees (the crop), at most ``MAX_INPUT_SIZE``."""
     augmentation: str = "auto"
     train_split: str = "train"
     test_split: str = "test"
@@ -79,6 +91,15 @@ class DatasetSection(_Section):
     normalize: str | Normalization | None = None
     """The mean/std: a preset (``finebench.data.loader.NORMALIZATIONS``: "imagenet", "cifar", "half"
     = PMG's mean = std = 0.5) or ``{mean = [r, g, b], std = [r, g, b]}``; unset: the augmentation's own."""
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size_bound(cls, value: int | None) -> int | None:
+        if value is not None and value > MAX_INPUT_SIZE:
+            raise ValueError(f"expected at most {MAX_INPUT_SIZE} pixels a side (not one training image larger fits "
+                             f"a GPU; fine-grained protocols crop 448): one {value} x {value} image alone is "
+                             f"{12 * value**2 / 1e9:.3g} GB as float32")
+        return value
 
     @field_validator("resize", mode="before")
     @classmethod
@@ -494,19 +515,65 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], source: str)
     return data
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The largest magnitude a float setting may have: training hands every one to torch as a float32
+(an lr of 1e39 stops the first optimiser step with "value cannot be converted to type float")."""
+
+
+def _beyond_float32(data: Any, where: str = "") -> list[str]:
+    """One problem per finite float in the raw recipe that float32 cannot hold, by its dotted path.
+
+    Checked on the raw data, so settings pydantic types as ``Any`` (``model.options``, ``logged``
+    tables) are covered too; inf and nan are the schema's (``allow_inf_nan=False``) to refuse."""
+    if isinstance(data, dict):
+        return [problem for key, value in data.items() for problem in _beyond_float32(value, f"{where}.{key}")]
+    if isinstance(data, list):
+        return [problem for index, value in enumerate(data) for problem in _beyond_float32(value, f"{where}.{index}")]
+    if isinstance(data, float) and math.isfinite(data) and abs(data) > FLOAT32_MAX:
+        return [(f"{where.lstrip('.')}: expected a finite float32 value (magnitude at most {FLOAT32_MAX:.4g}), "
+                 f"got {data!r}")]
+    return []
+
+
+def _unknown_variant_key(kind: str, key: str, index: int, entry: Any) -> str:
+    """Why ``key`` is no option of variant ``index`` (a ``kind``), and the options that are."""
+    named = entry.get("name") if isinstance(entry, dict) else None
+    variant = f"variant {index} (kind {kind}" + (f", name {named!r})" if isinstance(named, str) else ")")
+    options = [name for name in METHODS[kind].Options.model_fields if name not in ("kind", "name")]
+    owners = [other for other, method in METHODS.items() if other != kind and key in method.Options.model_fields]
+    if owners:
+        why = f"an option of {', '.join(owners)}, not of {kind}"
+    else:
+        why = f"not an option of {kind}"
+        close = difflib.get_close_matches(key, options, n=1)
+        if close:
+            why += f" (did you mean {close[0]!r}?)"
+    known = f"{kind}'s options: {', '.join(options)} (and name)" if options else f"{kind} takes no options (only name)"
+    return f"unknown key {key!r} in {variant}: {why}; {known}"
+
+
+def _validation_problems(error: ValidationError, data: Mapping[str, Any]) -> list[str]:
+    """One line per problem pydantic found, by dotted path into the recipe."""
     problems = []
     for item in error.errors():
-        # Drop the union tag pydantic inserts for discriminated variants (variants.1.attention.x).
-        loc = [str(p) for p in item["loc"] if p not in METHODS]
-        where = ".".join(loc) or "(top level)"
+        loc = list(item["loc"])
+        # pydantic inserts a discriminated variant's kind after its index (variants.1.ws_dan.x): not a key of the recipe
+        if loc[:1] == ["variants"] and len(loc) > 2 and loc[2] in METHODS:
+            kind = str(loc.pop(2))
+        else:
+            kind = None
+        where = ".".join(map(str, loc)) or "(top level)"
         message = item["msg"]
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and kind is not None and len(loc) == 3:
+            entries = data.get("variants")
+            entry = entries[loc[1]] if isinstance(entries, list) and isinstance(loc[1], int) else None
+            message = _unknown_variant_key(kind, str(loc[2]), int(loc[1]), entry)
+        elif item["type"] == "extra_forbidden":
             message = "unknown key"
         elif "input" in item and item["type"] != "missing" and not isinstance(item["input"], dict):
             message += f" (got {item['input']!r})"
         problems.append(f"{where}: {message}")
-    return f"{source}: " + "; ".join(problems)
+    return problems
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_dataset: bool = True) -> LoadedRecipe:
@@ -526,10 +593,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_datase
     except tomllib.TOMLDecodeError as error:
         raise FinebenchError(f"{path}: not valid TOML: {error}") from None
     apply_overrides(data, overrides, str(path))
+    problems = _beyond_float32(data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        raise FinebenchError(_format_validation_error(error, str(path))) from None
+        problems += _validation_problems(error, data)
+    if problems:
+        raise FinebenchError(f"{path}: " + "; ".join(problems))
     if check_dataset:
         from finebench.data.registry import get_spec
 

@@ -5,9 +5,10 @@ is written. Each run then trains under its own lock, so two processes on one res
 the work instead of corrupting it; runs that are already finished (or failed) are skipped without a
 lock, so a read-only results folder can be rerun.
 
-Only training itself marks a run failed (a non-finite loss). Anything else that stops a run (Ctrl-C,
-a full disk, an unreadable checkpoint) leaves it as it was, resumable, with one line that names the
-file and says how to go on.
+Training marks a run failed (a non-finite loss), and so does an unexpected error (a bug), which
+would stop every resume the same way. What a user can fix (Ctrl-C, a full disk, an unreadable
+checkpoint, too little memory) leaves it as it was, resumable, with one line that names the file
+and says how to go on.
 """
 
 from __future__ import annotations
@@ -229,17 +230,27 @@ def _execute(
             mixture=method.mixture, store=run_dir, ctx=ctx, progress=progress,
             on_epoch=on_epoch, runtime=runtime, method=method,
         )
-    # Only a non-finite loss (a ``failed`` result) says something against the run; whatever else stops
-    # it leaves the records as they are, so the next ``finebench run`` resumes from the last checkpoint.
+    # What a user can fix leaves the records as they are, so the next ``finebench run`` resumes from
+    # the last checkpoint; only a non-finite loss (a ``failed`` result) or a bug marks the run failed.
     except KeyboardInterrupt:
         raise Interrupted(f"{label} stopped; {_how_to_go_on(run_dir)}") from None
+    except FinebenchError:
+        raise  # says itself what went wrong and how to go on
     except OSError as error:
         raise FinebenchError(f"{label}: {error}; {_how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
-    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
-        if not is_out_of_memory(error):
-            raise
-        raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {_how_to_go_on(run_dir)}",
-                             exit_code=1) from None
+    except Exception as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
+        if is_out_of_memory(error):
+            raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {_how_to_go_on(run_dir)}",
+                                 exit_code=1) from None
+        # Anything else is a bug, or a setting validation let through: every resume would stop the
+        # same way, and a summary left "running" shows in `report` as in progress forever. The run
+        # is recorded failed with the error as its reason (--retry-failed resumes it from its last
+        # checkpoint, --restart starts it again); the traceback stays, it is a bug to report.
+        if ctx.is_main:
+            _record_failure(loaded, run, run_dir, error, common)
+        error.add_note(f"{label} is recorded failed ({run_dir.path}); --retry-failed resumes it, "
+                       "--restart trains it from epoch 1")
+        raise
     finally:
         close = getattr(progress, "close", None)
         if close is not None:
@@ -272,6 +283,17 @@ def _execute(
     if result.status == "failed" and not quiet:
         console.print(f"[red]{label}: failed: {result.failure_reason}[/]", highlight=False)
     return summary
+
+
+def _record_failure(loaded: LoadedRecipe, run: RunSpec, run_dir: RunDir, error: Exception,
+                    common: Mapping[str, Any]) -> None:
+    """Write the summary of a run an unexpected error stopped: failed, the error as its reason, its epochs done."""
+    try:
+        rows = run_dir.read_metrics()
+        run_dir.write_summary(_summary(loaded, run, status="failed", failure_reason=f"{type(error).__name__}: {error}",
+                                       rows=rows, epochs_completed=int(rows[-1]["epoch"]) if rows else 0, **common))
+    except (FinebenchError, OSError):
+        pass  # the error that stopped the run is the one to see; the records stay as they were
 
 
 def is_out_of_memory(error: BaseException) -> bool:
