@@ -34,8 +34,10 @@ from finebench.trained import export_run, load_exported, load_trained_run, prepr
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEST_IMAGES = 6
-BACKBONES = ("wrn", "timm:test_resnet")
-"""A method runs on the first of these it attaches to (ECA needs a timm backbone)."""
+BACKBONE_OPTIONS: dict[str, dict | None] = {"wrn": {"depth": 10, "width": 1}, "timm:test_resnet": None,
+                                            "timm:test_vit": {"img_size": 32}}
+"""A method runs on the first of these it attaches to (ECA needs a timm CNN, TransFG a ViT), with its options."""
+BACKBONES = tuple(BACKBONE_OPTIONS)
 WRN_LINES = 'backbone = "wrn"\noptions = { depth = 10, width = 1 }'
 
 
@@ -112,7 +114,7 @@ def test_every_methods_exported_model_predicts_with_the_methods_test_passes(
     backbone = backbone_for(kind)
     meta = {"name": DATASET, "image_max_side": 16, "image_size": [16, 16]}
     transform = eval_transform(meta, "none", 32, normalize="half")
-    config = {"model": {"backbone": backbone, "options": {"depth": 10, "width": 1} if backbone == "wrn" else None},
+    config = {"model": {"backbone": backbone, "options": BACKBONE_OPTIONS[backbone]},
               "variant": {"kind": kind, "options": {}}, "num_classes": 5,
               "preprocessing": preprocessing_record(transform)}
     torch.manual_seed(0)
@@ -141,7 +143,9 @@ def test_every_methods_export_reproduces_its_recorded_test_top1(kind: str, bars:
     backbone = backbone_for(kind)
     text = tiny_recipe(variants=(kind,), input_size=32, eval_batch_size=TEST_IMAGES, batch_size=16) + "threads = 1\n"
     if backbone != "wrn":
-        text = text.replace(WRN_LINES, f'backbone = "{backbone}"')
+        options = BACKBONE_OPTIONS[backbone]
+        extra = "\noptions = { " + ", ".join(f"{k} = {v}" for k, v in options.items()) + " }" if options else ""
+        text = text.replace(WRN_LINES, f'backbone = "{backbone}"{extra}')
     run_dir, export = train_and_export(text, tmp_path, bars)
     config = check_reproduces_the_run(run_dir, export, bars)
     assert config["variant"]["kind"] == kind and config["model"]["backbone"] == backbone

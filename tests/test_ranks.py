@@ -132,5 +132,5 @@ def test_cli_ranks_with_two_methods_is_a_one_line_error(tmp_path: Path) -> None:
                       recipe=f"r_{dataset}")
     done = subprocess.run([sys.executable, "-m", "finebench", "report", str(root), "--ranks"],
                           capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 1 and done.stdout == ""
+    assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().startswith("error: report --ranks: 2 method(s)") and len(done.stderr.splitlines()) == 1

@@ -169,6 +169,8 @@ class TransFGClassifier(ImageClassifier):
                                  f"{self.input_size} (the backbone option img_size); expected the recipe's input_size")
         vit = self.backbone.model
         tokens = vit.patch_embed(images)
+        if tokens.dim() == 4:  # a dynamic-size ViT's embedding keeps the grid (NHWC); the size is fixed here
+            tokens = tokens.flatten(1, 2)
         tokens = torch.cat([vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + vit.pos_embed
         tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
         product = None
@@ -210,8 +212,17 @@ class TransFG(Method):
         return "-".join(parts)
 
     def check_backbone(self, backbone: str, options: TransFGOptions) -> None:  # type: ignore[override]
-        if not backbone.startswith("timm:vit_"):
-            raise incompatible(self.kind, backbone, WORKS)
+        """A timm model built by timm's vision_transformer module (vit_*, test_vit, ...); ``attach``
+        then checks the built model itself (a class token, no register tokens)."""
+        if backbone.startswith("timm:"):
+            import timm
+
+            name = backbone.removeprefix("timm:").split(".", 1)[0]
+            if not timm.models.is_model(name):
+                return  # building it gives timm's own one-line error for an unknown name
+            if timm.models.model_entrypoint(name).__module__ == "timm.models.vision_transformer":
+                return
+        raise incompatible(self.kind, backbone, WORKS)
 
     def build_backbone(self, backbone: str, backbone_options: Mapping[str, Any] | None,
                        options: TransFGOptions) -> Backbone:  # type: ignore[override]
