@@ -219,17 +219,13 @@ class RunDir:
         if self._holding:
             return False
         try:
-            handle = open(self.path / self.LOCK_FILE, "rb")
+            with open(self.path / self.LOCK_FILE, "rb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # closing the file drops it at once
+        except BlockingIOError:
+            return True
         except OSError:
             return False
-        with handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            return False  # closing the file drops the shared lock at once
+        return False
 
     def state(self) -> RunState:
         """One word for where the run stands, the one ``run --dry-run`` and ``report`` both show.

@@ -8,12 +8,14 @@ holds the run's lock). A folder without run records was an empty table and exit 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from test_reliability_round2 import _finished_tiny_run
 from test_report import ATTENTION_OPTIONS, write_run
 
 from finebench import report
+from finebench.results import RunDir
 from finebench.runner import run_recipe
 
 
@@ -44,8 +47,6 @@ def _words(loaded, run_dir, tmp_path: Path, *, cli: bool = False) -> tuple[str, 
 
 def test_the_report_says_of_an_unfinished_run_what_its_state_says(tmp_path: Path) -> None:
     """Records only (the end-to-end version with a trained run, the dry run and kill -9 is below)."""
-    from finebench.results import RunDir
-
     folder = write_run(tmp_path, variant="baseline", variant_name="baseline", seed=0, top1=90.0, status="running")
     (folder / "last.pt").write_bytes(b"")  # the checkpoint a killed run leaves
     holder = RunDir.at(folder)
@@ -71,8 +72,9 @@ def test_a_killed_run_is_resumable_in_report_and_dry_run_and_running_only_while_
 
     # A live process holds the lock, as a training run does (plain flock: the same lock the runner takes).
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)", str(run_dir.path / ".lock")],
+        [sys.executable, "-c", ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"),
+         str(run_dir.path / ".lock")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -80,6 +82,7 @@ def test_a_killed_run_is_resumable_in_report_and_dry_run_and_running_only_while_
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=30)
+        holder.stdout.close()
     # kill -9: the kernel drops the lock, the summary still says "running"
     assert json.loads(run_dir.summary_path.read_text())["status"] == "running"
     assert _words(loaded, run_dir, tmp_path) == ("resumable", "resumable")
@@ -87,16 +90,11 @@ def test_a_killed_run_is_resumable_in_report_and_dry_run_and_running_only_while_
 
 def test_reading_a_runs_state_does_not_make_a_starting_run_think_it_is_locked(tmp_path: Path) -> None:
     """The state test takes the lock shared for an instant: a run taking it then must not be turned away."""
-    from finebench.results import RunDir
-
     run_dir = RunDir(tmp_path / "results", "tiny", "abc")
     with run_dir.lock():
         pass  # .lock exists, as after any run
     reader = RunDir(tmp_path / "results", "tiny", "abc")
     with open(run_dir.path / ".lock", "rb") as probe:  # a reader caught mid-test, released 50 ms later
-        import fcntl
-        import threading
-
         fcntl.flock(probe.fileno(), fcntl.LOCK_SH)
         threading.Timer(0.05, probe.close).start()
         with run_dir.lock():

@@ -118,18 +118,18 @@ def load_runs(paths: Iterable[str | Path] = ("results",)) -> LoadedRuns:
             continue
         seen[summary.run_id] = summary_path
         # A finished record is a result; for the rest the run folder's state says whether a live
-        # process still trains it (the word ``run --dry-run`` shows for it).
+        # process still trains it, in the word ``run --dry-run`` shows for it.
         state = RunState("finished") if summary.status == "finished" else RunDir.at(run_dir).state()
         try:
             if state.kind == "failed":
                 failed_rows.append(_text_safe(_failed_row(summary, run_dir), summary_path, problems))
-            elif state.kind != "finished":
-                config, _ = run_config(run_dir)
+            elif summary.status != "finished":
+                config, _ = _run_config(run_dir)
                 running_rows.append(_text_safe(_running_row(summary, run_dir, config, state), summary_path, problems))
             elif summary.final is None:
                 problems.append(f"{summary_path}: skipped, status 'finished' but no 'final' metrics")
             else:
-                config, problem = run_config(run_dir)
+                config, problem = _run_config(run_dir)
                 if problem:
                     # Grouped by its summary alone, the run would make a configuration of its own.
                     problems.append(f"{problem}; the run is left out of the tables")
@@ -191,7 +191,7 @@ CONFIG_SECTIONS: tuple[str, ...] = ("dataset", "model", "variant", "train")
 """The sections of config.json a run's settings come from; every run writes them."""
 
 
-def run_config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
+def _run_config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     """The resolved config (config.json beside summary.json), or ``{}`` and one line naming the file and
     what is wrong with it: missing, not JSON, or without one of ``CONFIG_SECTIONS``."""
     path = RunDir.at(run_dir).config_path
