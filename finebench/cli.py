@@ -475,17 +475,6 @@ def report_command(
         predictions=predictions,
     )
     ranked = report_module.rank_methods(result.loaded.runs, error=error) if ranks else None  # fails before any output
-    for warning in result.loaded.warnings:
-        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    if not result.loaded.failed.empty:
-        err_console.print(f"[red]{len(result.loaded.failed)} failed run(s), not in the table:[/]")
-        for row in report_module.failed_table(result.loaded.failed).itertuples(index=False):
-            err_console.print(escape(f"  {row.Recipe}/{row.Run} {row.Dataset} {row.Backbone} {row.Variant} "
-                                     f"seed {row.Seed}: {row.Reason}"), highlight=False, soft_wrap=True)
-    if not result.loaded.running.empty:
-        err_console.print(f"[cyan]{len(result.loaded.running)} run(s) in progress, not in the table:[/]")
-        for line in report_module.running_lines(result.loaded.running):
-            err_console.print(escape(f"  {line}"), highlight=False, soft_wrap=True)
     output_path = Path(output) if output else None
     # the paper's layout unless the user groups by options (an ablation reads better one row per setting)
     wide = not long and not by
@@ -499,6 +488,18 @@ def report_command(
     if ranked is not None:
         ranks_path = output_path.with_name(f"{output_path.stem}_ranks{output_path.suffix}") if output_path else None
         report_module.emit_ranks(ranked, fmt, ranks_path, error=error, status=err_console)
+    # what the tables leave out, listed under them where it is read last
+    for warning in result.loaded.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if not result.loaded.failed.empty:
+        err_console.print(f"[red]{len(result.loaded.failed)} failed run(s), not in the table:[/]")
+        for row in report_module.failed_table(result.loaded.failed).itertuples(index=False):
+            err_console.print(escape(f"  {row.Recipe}/{row.Run} {row.Dataset} {row.Backbone} {row.Variant} "
+                                     f"seed {row.Seed}: {row.Reason}"), highlight=False, soft_wrap=True)
+    if not result.loaded.running.empty:
+        err_console.print(f"[cyan]{len(result.loaded.running)} unfinished run(s), not in the table:[/]")
+        for line in report_module.running_lines(result.loaded.running):
+            err_console.print(escape(f"  {line}"), highlight=False, soft_wrap=True)
     if plots:
         from finebench.report.plots import plot_critical_difference, write_plots
 

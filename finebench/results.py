@@ -4,8 +4,9 @@ Every file is replaced atomically (temporary file in the same folder, fsync, ren
 killed at any instant leaves either the old or the new version of each file, never half of one.
 A per-run ``flock`` keeps two ``finebench run`` processes from training the same run at once;
 the kernel drops it when a process dies, so a killed run can be resumed at once. Reading a run's
-state (``RunDir.state``) takes no lock and writes nothing, so finished runs can be listed and
-skipped in a read-only results folder.
+state (``RunDir.state``) holds no lock and writes nothing, so finished runs can be listed and
+skipped in a read-only results folder; it only tests whether a live process holds the lock, which
+is what tells a run in progress (``running``) from one that was stopped (``resumable``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,10 +139,11 @@ RESTART_HINT = "rerun with --restart to discard this run's records and train it 
 
 @dataclass(frozen=True)
 class RunState:
-    """What a rerun does with a run folder, read from its records alone (no lock, no writes)."""
+    """What a rerun does with a run folder, read from its records and whether its lock is held (no writes)."""
 
     kind: str
-    """new | resumable | finished | failed | damaged (records that cannot be read)"""
+    """running (a live process holds the run's lock) | new | resumable | finished | failed | damaged
+    (records that cannot be read)"""
     problem: str | None = None
     """For ``damaged``: one line naming the file and how to go on."""
     failure_reason: str | None = None
@@ -159,9 +162,17 @@ class RunDir:
     CHECKPOINT_FILE = "last.pt"
     CONFUSION_FILE = "confusion.json"
 
+    LOCK_FILE = ".lock"
+    LOCK_TRIES = 10
+    """Tries of a taken lock before ``RunLocked``, ``LOCK_RETRY_S`` apart: ``state`` tests the lock by
+    taking it shared for an instant, so a reader (``report``, a dry run, the ``--jobs`` view) must not
+    make a process that starts the run think another one trains it."""
+    LOCK_RETRY_S = 0.02
+
     def __init__(self, results_dir: Path, recipe_name: str, run_id: str) -> None:
         self.path = Path(results_dir) / recipe_name / run_id
         self._cache: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        self._holding = False
 
     @classmethod
     def at(cls, folder: Path) -> RunDir:
@@ -198,12 +209,33 @@ class RunDir:
         summary = self.summary()
         return summary.get("status") if summary else None
 
-    def state(self) -> RunState:
-        """Finished and failed come from the summary; the rest resumes when ``last.pt`` exists.
+    def held_by_another(self) -> bool:
+        """Whether a live process other than this one (through this object) holds the run's lock.
 
-        The summary is the one record made only from the others: unreadable, with ``last.pt`` and
-        the metrics intact, the run resumes and the resume rebuilds it (training nothing when every
-        epoch is done)."""
+        The kernel drops a ``flock`` when its process dies, however it dies (Ctrl-C, a full disk,
+        ``kill -9``), so a held lock is a run in progress and a free one a run that stopped, whatever
+        its summary still says. Read only: ``.lock`` is opened for reading and never created. A lock
+        that cannot be tested (no ``.lock``, a filesystem without flock) counts as free."""
+        if self._holding:
+            return False
+        try:
+            with open(self.path / self.LOCK_FILE, "rb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # closing the file drops it at once
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def state(self) -> RunState:
+        """One word for where the run stands, the one ``run --dry-run`` and ``report`` both show.
+
+        ``running`` when a live process holds the lock (``held_by_another``); else finished and
+        failed come from the summary, and the rest resumes when ``last.pt`` exists. The summary is
+        the one record made only from the others: unreadable, with ``last.pt`` and the metrics
+        intact, the run resumes and the resume rebuilds it (training nothing when every epoch is done)."""
+        if self.held_by_another():
+            return RunState("running")
         try:
             summary, summary_problem = self.summary() or {}, None
         except FinebenchError as error:
@@ -252,22 +284,30 @@ class RunDir:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold ``.lock`` for the duration; raise ``RunLocked`` at once if another process has it."""
+        """Hold ``.lock`` for the duration; raise ``RunLocked`` if another process keeps it
+        (``LOCK_TRIES`` tries: a reader's test of it lasts an instant, a training run's for hours)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / ".lock", "a+")
+        handle = open(self.path / self.LOCK_FILE, "a+")
         try:
             try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunLocked(str(self.path)) from None
+                for attempt in range(self.LOCK_TRIES):
+                    try:
+                        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if attempt == self.LOCK_TRIES - 1:
+                            raise RunLocked(str(self.path)) from None
+                        time.sleep(self.LOCK_RETRY_S)
             except OSError as error:  # ENOLCK, EOPNOTSUPP: e.g. Lustre mounted without its flock option
                 raise FinebenchError(
                     f"{self.path / '.lock'}: the run's lock cannot be taken on this filesystem ({error.strerror}); "
                     "keep the results folder on a filesystem with working flock (Lustre: mount with -o flock)",
                     exit_code=1,
                 ) from None
+            self._holding = True
             yield
         finally:
+            self._holding = False
             handle.close()
 
     def write_config(self, config: Mapping[str, Any]) -> None:

@@ -75,7 +75,7 @@ class RunOutcome:
     """finished | failed | skipped-finished | skipped-failed | locked | planned"""
     summary: dict[str, Any] = field(default_factory=dict)
     state: str | None = None
-    """Dry runs: the run's state on disk (``RunState.kind``: new, resumable, finished, failed, damaged)."""
+    """Dry runs: the run's state on disk (``RunState.kind``: running, new, resumable, finished, failed, damaged)."""
     data: str | None = None
     """Dry runs: whether the dataset is prepared (prepared, not prepared, prepared on first run)."""
 

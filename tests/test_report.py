@@ -110,7 +110,7 @@ def write_run(
 
 @pytest.fixture
 def results(tmp_path: Path) -> Path:
-    """Three baseline seeds, three attention seeds, one SE seed, a corrupt record, a failed run, a running run."""
+    """Three baseline seeds, three attention seeds, one SE seed, a corrupt record, a failed run, a stopped run."""
     root = tmp_path / "results"
     for seed, top1 in enumerate(BASELINE_TOP1):
         write_run(root, variant="baseline", variant_name="baseline", seed=seed, top1=top1,
@@ -129,8 +129,9 @@ def results(tmp_path: Path) -> Path:
     (corrupt / "summary.json").write_text('{"schema": 1, "run_id": "x", "status": "fini')
     write_run(root, variant="attention", variant_name="attention-ad3-aw4", seed=7, top1=None,
               status="failed", options=ATTENTION_OPTIONS)
-    write_run(root, variant="attention", variant_name="attention-ad3-aw4", seed=8, top1=91.5,
-              status="running", options=ATTENTION_OPTIONS)
+    stopped = write_run(root, variant="attention", variant_name="attention-ad3-aw4", seed=8, top1=91.5,
+                        status="running", options=ATTENTION_OPTIONS)
+    (stopped / "last.pt").write_bytes(b"")  # killed after its second epoch's checkpoint: resumable
     return root
 
 
@@ -161,7 +162,8 @@ def test_load_runs_skips_corrupt_record_and_lists_failed_and_running_runs(result
     assert loaded.failed.iloc[0]["failure_reason"] == "loss became nan at epoch 3 step 17"
     assert len(loaded.warnings) == 1 and "corrupt-run/summary.json" in loaded.warnings[0]
     (line,) = report.running_lines(loaded.running)
-    assert "seed 8: running, epoch 2/3 done, last test top-1 91.50" in line
+    assert "seed 8: resumable (stopped; rerunning its recipe goes on from the last saved epoch), epoch 2/3 done, " \
+        "last test top-1 91.50" in line
 
 
 def test_record_missing_a_field_is_skipped_naming_the_field(tmp_path: Path) -> None:
@@ -493,9 +495,10 @@ def test_missing_results_path_is_a_user_error(tmp_path: Path) -> None:
         report.load_runs([tmp_path / "typo"])
 
 
-def test_no_runs_renders_a_note_not_a_crash(tmp_path: Path) -> None:
+def test_no_finished_runs_renders_a_note_not_a_crash(tmp_path: Path) -> None:
+    write_run(tmp_path, variant="baseline", variant_name="baseline", seed=0, top1=None, status="running")
     runs = report.load_runs([tmp_path]).runs
-    assert report.render(report.summary_table(runs), "markdown") == "(no runs)\n"
+    assert report.render(report.summary_table(runs), "markdown") == "(no finished runs)\n"
     assert report.render(report.early_prediction_table(runs), "csv").startswith("dataset,")
 
 
@@ -505,7 +508,7 @@ def test_same_run_found_twice_counts_once(results: Path, tmp_path: Path) -> None
     shutil.copytree(results / "wrn_cifar10", tmp_path / "copy" / "wrn_cifar10")
     loaded = report.load_runs([results, tmp_path / "copy"])
     assert len(loaded.runs) == 7
-    assert sum("already read" in w for w in loaded.warnings) == 9  # 7 runs + the failed + the running one
+    assert sum("already read" in w for w in loaded.warnings) == 9  # 7 runs + the failed + the stopped one
 
 
 def test_cli_report_writes_file_and_lists_failed_and_running_runs(results: Path, tmp_path: Path) -> None:
@@ -516,7 +519,7 @@ def test_cli_report_writes_file_and_lists_failed_and_running_runs(results: Path,
     )
     assert done.returncode == 0, done.stderr
     assert "corrupt-run" in done.stderr and "1 failed run" in done.stderr
-    assert "1 run(s) in progress" in done.stderr and "epoch 2/3 done" in done.stderr
+    assert "1 unfinished run(s)" in done.stderr and "resumable" in done.stderr and "epoch 2/3 done" in done.stderr
     rows = list(csv.DictReader(out.open()))
     assert {r["variant_name"] for r in rows} == {"baseline", "attention-ad3-aw4", "se"}
 

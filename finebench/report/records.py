@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.recipe import RUN_ID_EXCLUDE, ModelSection, Recipe, TrainSection
-from finebench.results import BestMetrics, RunDir, RunSummary
+from finebench.results import BestMetrics, RunDir, RunState, RunSummary
 from finebench.report.stats import mean_class_accuracy
 
 
@@ -41,7 +41,8 @@ class LoadedRuns(NamedTuple):
     failed: pd.DataFrame
     """One row per failed run: where, what and why."""
     running: pd.DataFrame
-    """One row per run still training (or interrupted): where and how far."""
+    """One row per run not finished nor failed: where, how far, and its ``state`` (``RunState.kind``:
+    running while a live process trains it, else what a rerun does with it)."""
     warnings: list[str]
     """One line per record skipped, naming its file."""
 
@@ -60,22 +61,30 @@ FAILED_COLUMNS: tuple[str, ...] = (
 )
 RUNNING_COLUMNS: tuple[str, ...] = (
     "run_dir", "recipe", "run_id", "dataset", "backbone_label", "variant_name", "seed", "fold",
-    "epochs_completed", "epochs", "last_top1",
+    "epochs_completed", "epochs", "last_top1", "state", "problem",
 )
 
 
 def find_summaries(paths: Iterable[str | Path]) -> list[Path]:
     """Every ``summary.json`` at or below ``paths`` (a results folder, a run folder or the file).
 
-    A path that does not exist is the user's error (a typo would otherwise give an empty table).
+    A path that does not exist, or holds no run record, is the user's error: a typo, or a folder
+    other than the results folder, would otherwise give an empty table and exit 0.
     """
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_file():
+            if path.name != RunDir.SUMMARY_FILE:
+                raise FinebenchError(f"{path}: a file, not a run record; expected a results folder, a run folder "
+                                     f"or a {RunDir.SUMMARY_FILE}")
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(path.rglob(RunDir.SUMMARY_FILE)))
+            below = sorted(path.rglob(RunDir.SUMMARY_FILE))
+            if not below:
+                raise FinebenchError(f"{path}: no run records in this folder (no {RunDir.SUMMARY_FILE} at or below "
+                                     "it); expected a results folder of `finebench run` or one of its run folders")
+            found.extend(below)
         else:
             raise FinebenchError(f"{path}: no such file or folder; expected a results folder, a run folder or a summary.json")
     return sorted(set(found))
@@ -108,15 +117,23 @@ def load_runs(paths: Iterable[str | Path] = ("results",)) -> LoadedRuns:
             problems.append(f"{summary_path}: skipped, run {summary.run_id} already read from {seen[summary.run_id]}")
             continue
         seen[summary.run_id] = summary_path
-        config = _run_config(summary, run_dir, problems)
+        # A finished record is a result; for the rest the run folder's state says whether a live
+        # process still trains it, in the word ``run --dry-run`` shows for it.
+        state = RunState("finished") if summary.status == "finished" else RunDir.at(run_dir).state()
         try:
-            if summary.status == "failed":
+            if state.kind == "failed":
                 failed_rows.append(_text_safe(_failed_row(summary, run_dir), summary_path, problems))
-            elif summary.status == "running":
-                running_rows.append(_text_safe(_running_row(summary, run_dir, config), summary_path, problems))
+            elif summary.status != "finished":
+                config, _ = _run_config(run_dir)
+                running_rows.append(_text_safe(_running_row(summary, run_dir, config, state), summary_path, problems))
             elif summary.final is None:
                 problems.append(f"{summary_path}: skipped, status 'finished' but no 'final' metrics")
             else:
+                config, problem = _run_config(run_dir)
+                if problem:
+                    # Grouped by its summary alone, the run would make a configuration of its own.
+                    problems.append(f"{problem}; the run is left out of the tables")
+                    continue
                 rows.append(_text_safe(_run_row(summary, run_dir, config, problems), summary_path, problems))
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as error:
             # whatever else is odd in one record (a value of a type no record was written with) costs
@@ -170,17 +187,26 @@ def method_predictions(extra: Mapping[str, Any], prefix: str = "") -> dict[str, 
     return found
 
 
-def _run_config(summary: RunSummary, run_dir: Path, problems: list[str]) -> dict[str, Any]:
-    """The resolved config: config.json beside summary.json."""
+CONFIG_SECTIONS: tuple[str, ...] = ("dataset", "model", "variant", "train")
+"""The sections of config.json a run's settings come from; every run writes them."""
+
+
+def _run_config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """The resolved config (config.json beside summary.json), or ``{}`` and one line naming the file and
+    what is wrong with it: missing, not JSON, or without one of ``CONFIG_SECTIONS``."""
     path = RunDir.at(run_dir).config_path
-    if not path.is_file():
-        return {}
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, f"{path}: missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        problems.append(f"{path}: not readable JSON ({error}); the run is grouped by its summary alone")
-        return {}
-    return config if isinstance(config, dict) else {}
+        return {}, f"{path}: not readable JSON ({error})"
+    if not isinstance(config, dict):
+        return {}, f"{path}: holds a JSON {type(config).__name__}; expected an object"
+    missing = [section for section in CONFIG_SECTIONS if not isinstance(config.get(section), dict)]
+    if missing:
+        return {}, f"{path}: no {', '.join(repr(section) for section in missing)} section; expected an object for each"
+    return config, None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -330,13 +356,14 @@ def _failed_row(summary: RunSummary, run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _running_row(summary: RunSummary, run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+def _running_row(summary: RunSummary, run_dir: Path, config: dict[str, Any], state: RunState) -> dict[str, Any]:
     last = summary.final.test_top1 if summary.final is not None else None
     return {
         "run_dir": str(run_dir), "recipe": summary.recipe, "run_id": summary.run_id,
         "dataset": summary.dataset, "backbone_label": summary.backbone_label,
         "variant_name": summary.variant_name, "seed": summary.seed, "fold": run_fold(config, summary),
         "epochs_completed": summary.epochs_completed or 0, "epochs": summary.epochs, "last_top1": last,
+        "state": state.kind, "problem": state.problem,
     }
 
 

@@ -246,7 +246,7 @@ def render(table: pd.DataFrame, fmt: str = "markdown", wide: bool = False) -> st
     text = wide_view(table) if wide and not table.empty else format_table(table)
     if fmt == "markdown":
         if text.empty:
-            return table.attrs.get("empty", "(no runs)") + "\n"
+            return table.attrs.get("empty", "(no finished runs)") + "\n"
         return text.to_markdown(index=False, tablefmt="pipe", disable_numparse=True,
                                 colalign=text.attrs["align"]) + "\n"
     note = "\n".join(f"% {line}" for line in table_note(table).splitlines())
@@ -285,13 +285,22 @@ def failed_table(failed: pd.DataFrame) -> pd.DataFrame:
     return text.astype(object).where(text.notna(), MISSING).astype(str)
 
 
+STATE_NOTES: dict[str, str] = {
+    "running": "running",
+    "resumable": "resumable (stopped; rerunning its recipe goes on from the last saved epoch)",
+    "new": "new (stopped before its first checkpoint; rerunning its recipe starts it from epoch 1)",
+}
+"""How each unfinished run's state (``RunState.kind``, the word ``run --dry-run`` shows) reads in the report."""
+
+
 def running_lines(running: pd.DataFrame) -> list[str]:
-    """One line per run in progress: where it is, epochs done and its latest test top-1."""
+    """One line per unfinished run: where it is, its state, epochs done and its latest test top-1."""
     lines = []
     for row in running.itertuples(index=False):
         fold = "" if is_missing(row.fold) else f" fold {fmt_plain(row.fold)}"
         last = "" if is_missing(row.last_top1) else f", last test top-1 {row.last_top1:.2f}"
+        state = STATE_NOTES.get(row.state, row.state) if is_missing(row.problem) else f"{row.state} ({row.problem})"
         lines.append(f"{row.recipe}/{row.run_id} {row.dataset} {row.backbone_label} {row.variant_name} "
-                     f"seed {row.seed}{fold}: running, epoch {fmt_plain(row.epochs_completed)}/"
+                     f"seed {row.seed}{fold}: {state}, epoch {fmt_plain(row.epochs_completed)}/"
                      f"{fmt_plain(row.epochs)} done{last}")
     return lines
