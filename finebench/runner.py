@@ -38,6 +38,8 @@ from finebench.plan import (
     missing_weights,
     plan_runs,
     preflight,
+    size_warnings,
+    warn_sizes,
 )
 from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import (
@@ -131,6 +133,7 @@ def _summary(
         "variant_name": run.variant_name,
         "variant_options": run.config["variant"]["options"],
         "taps": cost.taps,
+        "size_warnings": cost.size_warnings,
         "seed": run.seed,
         "fold": run.fold,
         "epochs": run.train_section().epochs,
@@ -353,6 +356,7 @@ def run_recipe(
                 console.print(f"[yellow]warning:[/] {state.problem}", highlight=False)
         for problem in missing_weights(runs):
             console.print(f"[yellow]warning:[/] {problem}: the run would stop here", highlight=False)
+        warn_sizes(size_warnings(plan, runs), console)
         return [
             RunOutcome(run, run_dirs[run.run_id].path, "planned",
                        {"params": plan.costs.of(run).params, "flops": plan.costs.of(run).flops,

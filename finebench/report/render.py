@@ -21,6 +21,8 @@ from finebench.report.stats import is_missing
 FORMATS: tuple[str, ...] = ("markdown", "csv", "latex", "json")
 MISSING = "—"
 SIGNIFICANT = "*"
+CANNOT_ACT = "†"
+"""Marks the score of a row whose runs' method cannot act at their input size (``Method.size_warnings``)."""
 
 _HEADERS = {
     "dataset": "Dataset", "backbone_label": "Backbone", "variant_name": "Variant", "variant": "Kind",
@@ -31,7 +33,8 @@ _HEADERS = {
 }
 # Columns merged into another cell or left to CSV/JSON.
 _HIDDEN = {"baseline_top1", "baseline_error", "n_pairs", "significant", "delta_ci", "reference_selection",
-           "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci"}
+           "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci",
+           "size_warning"}
 
 
 def fmt_number(value: Any, digits: int = 2, signed: bool = False) -> str:
@@ -98,7 +101,8 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         values = table[column]
         header = _HEADERS.get(column, column)
         if column == f"{metric}_mean":
-            out[label] = [fmt_mean_ci(m, c) for m, c in zip(values, table.get(f"{metric}_ci", values * math.nan))]
+            out[label] = [fmt_mean_ci(m, c) + cannot_act_mark(table, index)
+                          for index, m, c in zip(table.index, values, table.get(f"{metric}_ci", values * math.nan))]
         elif column == f"class_{metric}_mean":
             if values.isna().all():
                 continue  # records from before confusion matrices were saved
@@ -163,7 +167,7 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
         if name not in variants:
             variants.append(name)
         score = fmt_mean_ci(record[f"{metric}_mean"], record[f"{metric}_ci"])
-        row[f"{name} {measure}"] = f"{score} (n={record['n']})"
+        row[f"{name} {measure}"] = f"{score} (n={record['n']}){cannot_act_mark(table, record.name)}"
         row[f"{name} class"] = fmt_mean_ci(record[f"class_{metric}_mean"], record[f"class_{metric}_ci"])
         if name != BASELINE.kind:
             row[f"{name} {gain}"] = fmt_gain(record["delta_pt"], record["delta_ci"], record["significant"],
@@ -185,6 +189,11 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
     wide = pd.DataFrame(list(rows.values())).reindex(columns=ordered).fillna(MISSING)
     wide.attrs["align"] = ["left"] * len(group_keys) + ["right"] * (len(ordered) - len(group_keys))
     return wide
+
+
+def cannot_act_mark(table: pd.DataFrame, index: Any) -> str:
+    """``CANNOT_ACT`` where the row's method cannot act at its runs' input size; ``table_note`` says why."""
+    return CANNOT_ACT if "size_warning" in table and bool(table.at[index, "size_warning"]) else ""
 
 
 def speed_cell(images_per_s: Any, table: pd.DataFrame) -> str:
@@ -221,6 +230,9 @@ def table_note(table: pd.DataFrame) -> str:
         lines.append(f"Paper: the authors' {which} from their training logs, shown only where the log states "
                      "every setting of the row (source per row in CSV/JSON).")
     lines += table.attrs.get("notes", [])
+    if table.attrs.get("size_warnings"):
+        lines.append(f"{CANNOT_ACT}: a method's mechanism cannot act at the configured size; its runs warned:")
+        lines += [f"  {line}" for line in table.attrs["size_warnings"]]
     return "\n".join(lines)
 
 
@@ -255,7 +267,7 @@ def _to_latex(text: pd.DataFrame) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
-                  "<": r"$<$", ">": r"$>$"}
+                  "<": r"$<$", ">": r"$>$", CANNOT_ACT: r"$^{\dagger}$"}
 
 
 def _latex_escape(cell: Any) -> str:
