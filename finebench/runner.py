@@ -29,6 +29,7 @@ from finebench.methods import get_method
 from finebench.plan import (
     Cost,
     CostCache,
+    Plan,
     RunSelection,
     build_model,
     build_run_loaders,
@@ -95,6 +96,27 @@ def exit_code(outcomes: Sequence[RunOutcome]) -> int:
     if "locked" in statuses:
         return EXIT_LOCKED
     return 0
+
+
+def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str]) -> list[RunOutcome]:
+    """Each planned run's outcome read from its records, after other processes trained them
+    (``--jobs``, ``--submit local``): skipped as decided before they started, else as the records
+    now stand; a run none of them finished is ``locked`` (another process holds it, or one of them
+    stopped early)."""
+    outcomes = []
+    for run in plan.runs:
+        run_dir = plan.run_dirs[run.run_id]
+        state = run_dir.state()
+        if plan.states[run.run_id].kind == "finished":
+            status = "skipped-finished"
+        elif decisions[run.run_id] == "skipped-failed":
+            status = "skipped-failed"
+        elif state.kind in ("finished", "failed"):
+            status = state.kind
+        else:
+            status = "locked"
+        outcomes.append(RunOutcome(run, run_dir.path, status, run_dir.summary() or {} if status != "locked" else {}))
+    return outcomes
 
 
 def _summary(

@@ -137,7 +137,10 @@ def test_a_crop_that_cannot_act_is_named_with_every_test_crop_and_what_works() -
 
     method = get_method("cal")
     points = build_backbone("timm:resnet10t", None).tap_points  # strides 2 ... 32
-    sizes_at = lambda pixels: {p.name: (-(-pixels // p.stride),) * 2 for p in points}  # noqa: E731
+
+    def sizes_at(pixels: int) -> dict[str, tuple[int, int]]:
+        return {point.name: (-(-pixels // point.stride),) * 2 for point in points}
+
     (line,) = method.size_warnings(method.Options(kind="cal"), sizes_at(64), 64)
     assert line.startswith("input_size 64 gives 2x2 attention maps on 'layer4'")
     assert ("(training crop, test crop θ 0.3 pad 0.1, test crop θ 0.2 pad 0.1, test crop θ 0.1 pad 0.05), "

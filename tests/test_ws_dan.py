@@ -300,14 +300,14 @@ def test_a_crop_that_cannot_act_on_two_by_two_maps_warns_at_the_dry_run_and_not_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     # resnet10t's layer4 has stride 32: 2x2 maps at 64 px, 4x4 at 128 px
     args = ("--dry-run", "--results-dir", str(tmp_path / "results"), "--data-root", str(tmp_path / "data"))
-    code, out, err = _finebench(monkeypatch, capsys, "run", str(_resnet10t_recipe(tmp_path, "ws_dan", 64)), *args)
+    code, _, err = _finebench(monkeypatch, capsys, "run", str(_resnet10t_recipe(tmp_path, "ws_dan", 64)), *args)
     assert code == 0, err
     warning = " ".join(err.split())
     assert ("warning: variant 'ws_dan-m2' on timm:resnet10t: input_size 64 gives 2x2 attention maps on 'layer4'"
             in warning), err
     assert "the crop cannot act" in warning
     assert "input_size 128 or more (4x4 maps) or tap = 'layer3' (4x4 maps) lets it act" in warning
-    code, out, err = _finebench(monkeypatch, capsys, "run", str(_resnet10t_recipe(tmp_path, "ws_dan", 128)), *args)
+    code, _, err = _finebench(monkeypatch, capsys, "run", str(_resnet10t_recipe(tmp_path, "ws_dan", 128)), *args)
     assert code == 0 and "cannot act" not in err and "warning" not in err, err
 
 

@@ -453,10 +453,11 @@ class WSDAN(Method):
         earlier = list(tap_sizes)[: list(tap_sizes).index(tap)]
         fixes += [f"tap = {name!r} ({size[0]}x{size[1]} maps)" for name in reversed(earlier)
                   if acts(size := tap_sizes[name], input_size)][:1]
-        test = " and a test crop nearly repeats the raw prediction" if any(name.startswith("test crop") for name in whole) else ""
-        return [f"input_size {input_size} gives {rows}x{cols} attention maps on {tap!r}: a crop around a part in the "
-                f"middle of the image leaves out less than one map cell of it ({', '.join(whole)}), so the crop "
-                f"cannot act{test}; {' or '.join(fixes) or 'a larger input size'} lets it act"]
+        test = (" and a test crop nearly repeats the raw prediction"
+                if any(name.startswith("test crop") for name in whole) else "")
+        return [(f"input_size {input_size} gives {rows}x{cols} attention maps on {tap!r}: a crop around a part in "
+                 f"the middle of the image leaves out less than one map cell of it ({', '.join(whole)}), so the "
+                 f"crop cannot act{test}; {' or '.join(fixes) or 'a larger input size'} lets it act")]
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Raw, crop and drop passes, one backward, one optimiser step; the correct count is the raw pass's."""
