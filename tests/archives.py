@@ -515,7 +515,7 @@ def _inat_category(row: tuple, year: str, obfuscated: bool = False) -> dict:
 
 
 def _inat_path(year: str, root: str, row: tuple, stem: str) -> str:
-    category_id, supercategory, *levels, species = row
+    category_id, supercategory, *_, species = row
     if year == "2017":
         return f"{root}/{supercategory}/{species}/{stem}.jpg"
     if year == "2018":
@@ -581,3 +581,54 @@ def json_bytes(data) -> bytes:
     import json
 
     return json.dumps(data).encode()
+
+
+# ---- WebFG-496 and Ultra-FGVC ------------------------------------------------------------------
+
+WEBFG_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "010.Red_winged_Blackbird"]
+
+
+def webfg(name: str = "web_bird") -> Miniature:
+    """``web-<x>/train/<class>/`` (web images) and ``web-<x>/val/<class>/`` (the clean test set), with the
+    odd files a web crawl leaves: upper-case and PNG extensions count, a text file does not."""
+    root = name.replace("_", "-")
+    colour = _Colours()
+    members, splits = {}, {"train": [], "test": []}
+    for label, folder in enumerate(WEBFG_CLASSES):
+        for split, count in (("train", 3), ("val", 1)):
+            for n in range(count):
+                c = colour()
+                suffix = (".jpg", ".JPEG", ".png")[n]
+                data = jpeg(c) if suffix != ".png" else _png(c)
+                members[f"{root}/{split}/{folder}/{split}_{n}{suffix}"] = data
+                splits["train" if split == "train" else "test"].append(Expected(label, c))
+        members[f"{root}/train/{folder}/urls.txt"] = b"https://example.org/1.jpg\n"
+    return Miniature(name, {f"{root}.tar.gz": tar_bytes(members, "gz")}, list(WEBFG_CLASSES), splits)
+
+
+def _png(colour: Colour, size: tuple[int, int] = (24, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), colour, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+ULTRA_FOLDERS = {"cotton80": "Cotton80/COTTON", "soyageing_r3": "SoyAgeing/SoyAgeing-R3/R3"}
+
+
+def ultra_fgvc(name: str = "cotton80", classes: int = 80) -> Miniature:
+    """``images/`` plus ``anno/{train,test}.txt`` (``<file> <1-based class id>``) under the set's folder; only
+    three of the classes have images, as a subset of the ids (labels must come from the ids, not the rows)."""
+    colour = _Colours()
+    root = ULTRA_FOLDERS[name]
+    members, lists, splits = {}, {"train": [], "test": []}, {"train": [], "test": []}
+    for number, (class_id, split) in enumerate(itertools.product((classes, 1, 7), ("train", "test", "train")), 1):
+        c = colour()
+        fname = f"{class_id}_{number}.jpg"
+        members[f"{root}/images/{fname}"] = jpeg(c)
+        lists[split].append(f"{fname} {class_id}")
+        splits[split].append(Expected(class_id - 1, c))
+    for split, lines in lists.items():
+        members[f"{root}/anno/{split}.txt"] = text(lines)
+    archive = root.split("/")[0] + ".zip"
+    return Miniature(name, {archive: zip_bytes(members)}, [str(i) for i in range(1, classes + 1)], splits,
+                     extra={"root": root})

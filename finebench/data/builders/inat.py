@@ -174,7 +174,7 @@ def _taxonomy(raw_dir: Path, year: Year, per_split: Mapping[str, dict[int, dict[
     (first, reference), *others = per_split.items()
     for split, categories in others:
         if set(categories) != set(reference):
-            odd = sorted(set(categories) ^ set(reference))[0]
+            odd = min(set(categories) ^ set(reference))
             raise FinebenchError(
                 f"{raw_dir / year.annotations[split]}: its categories differ from {year.annotations[first]}'s "
                 f"(category id {odd} is in only one of them)"
