@@ -358,9 +358,9 @@ def _spec(year: str, level: str | None = None) -> DatasetSpec:
         parse=functools.partial(parse_inat, year=year, level=level),
         sources=YEARS[year].sources,
         store_info={"annotation_level": level or "species"},
-        description=f"iNaturalist {year.replace('_', ' ')} competition set, {what}. Files: {files}. All "
-        f"inat{year.split('_')[0]}* datasets read the same files: prepare the others with --from <data root>/"
-        ".downloads/<the first one's name> to skip a second download.",
+        description=f"iNaturalist {year.replace('_', ' ')} competition set, {what}. Files: {files}."
+        + ("" if year == "2017" else f" {base} and every {base}_<level> read the same files: prepare the others "
+           "with --from <data root>/.downloads/<the first one's name> to skip a second download."),
     )
 
 
