@@ -56,13 +56,15 @@ def _source(year: str, filename: str, md5: str | None = None) -> Source:
 _VAL_2021 = (_source("2021", "val.tar.gz", "f6f6e0e242e3d4c9569ba56400938afc"),
              _source("2021", "val.json.tar.gz", "4d761e0f6a86cc63e8f7afc91f6a8f0b"))
 
-# MD5s are the ones each year's README publishes (the image archives' also in torchvision's INaturalist);
-# train_val2017.zip and 2018's categories.json.tar.gz have none published.
+# MD5s are the ones each year's README publishes (the image archives' also in torchvision's INaturalist).
+# train_val2017.zip has none published: its MD5 is the one other loaders of the same URL check (e.g. the
+# INat2017 VisionDataset copied around FGVC repositories), as for FGVC-Aircraft. 2018's categories.json.tar.gz
+# has none anywhere.
 YEARS = {
     "2017": Year(
         "2017", {"train": "train2017.json", "test": "val2017.json"}, ("train_val_images",),
         (_source("2017", "train_val_images.tar.gz", "7c784ea5e424efaec655bd392f87301f"),
-         _source("2017", "train_val2017.zip")),
+         _source("2017", "train_val2017.zip", "444c835f6459867ad69fcb36478786e7")),
     ),
     "2018": Year(
         "2018", {"train": "train2018.json", "test": "val2018.json"}, ("train_val2018",),

@@ -80,6 +80,8 @@ def _spec(name: str, root: str, classes: int, train: int, test: int, test_source
     )
 
 
+# Training counts per subset are the paper's (Sun et al., ICCV 2021, Table 1); the README states only their sum,
+# 53,339, which they add up to. Test counts are the source datasets' official test sets. prepare warns on a mismatch.
 SPECS = [
     _spec("web_bird", "web-bird", 200, 18_388, 5_794, "CUB-200-2011"),
     _spec("web_car", "web-car", 196, 21_448, 8_041, "Stanford Cars"),
