@@ -53,16 +53,19 @@ def test_ultra_fgvc_prepares_from_the_download_with_labels_from_the_ids(name, tm
 
 
 def _ultra_extracted(tmp_path):
+    """Cotton80 unpacked into a Cotton80/ folder, as the loaders' root table has it (Cotton80/COTTON/anno)."""
     mini = archives.ultra_fgvc("cotton80", 80)
     folder = tmp_path / "extracted"
     (tmp_path / "Cotton80.zip").write_bytes(mini.files["Cotton80.zip"])
-    extract_archive(tmp_path / "Cotton80.zip", folder)
+    extract_archive(tmp_path / "Cotton80.zip", folder / "Cotton80")
     return mini, folder, folder / "Cotton80" / "COTTON"
 
 
 def test_ultra_fgvc_reads_an_unpacked_folder(tmp_path):
     mini, folder, _ = _ultra_extracted(tmp_path)
-    check_store(prepare_dataset("cotton80", tmp_path / "data", from_path=folder, quiet=True), mini)
+    store = prepare_dataset("cotton80", tmp_path / "data", from_path=folder, quiet=True)
+    meta = check_store(store, mini)
+    assert meta["info"]["lists"] == [f"Cotton80/COTTON/anno/{split}.txt" for split in ("train", "val", "test")]
 
 
 @pytest.mark.parametrize(
@@ -70,8 +73,8 @@ def test_ultra_fgvc_reads_an_unpacked_folder(tmp_path):
     [
         (lambda root: (root / "anno" / "train.txt").write_text("80_1.jpg 81\n"),
          r"COTTON/anno/train\.txt: class id 81 is outside 1\.\.80"),
-        (lambda root: (root / "images" / "1_4.jpg").unlink(),
-         r"COTTON/anno/train\.txt: lists image 1_4\.jpg, which is not in .*COTTON/images"),
+        (lambda root: (root / "images" / "1_5.jpg").unlink(),
+         r"COTTON/anno/train\.txt: lists image 1_5\.jpg, which is not in .*COTTON/images"),
         (lambda root: (root / "anno" / "test.txt").write_text("80_2.jpg one\n"),
          r"COTTON/anno/test\.txt: field class id must be an integer, got 'one'"),
     ],

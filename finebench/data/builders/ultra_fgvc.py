@@ -3,10 +3,11 @@ SoyLocal, SoyGene, SoyGlobal and the five SoyAgeing subsets.
 
 The authors distribute them only through a Baidu Pan link (access code in their README), so they are
 ``--from`` only. Their README documents no layout; the one here is what the public loaders of these sets
-read (e.g. the ``UltraRoot`` table and ``UltraFineGrainedDataset`` of the CLE-ViT / ultra-FGVC NCD code):
-each set has ``images/`` and ``anno/train.txt``, ``anno/test.txt`` with lines ``<path under images/>
-<class id>``, ids 1-based, under the folder named below. Classes are cultivars identified by number only,
-so class names are the ids.
+read (an ``UltraRoot`` table with ``UltraFineGrainedDataset`` in ultra-fine-grained category-discovery code, and
+a Cotton80 loader over a re-hosted ``Cotton80.zip``): each set has ``images/`` and ``anno/train.txt``,
+``anno/test.txt`` (and, in the re-hosted Cotton80, ``anno/val.txt``, stored as the val split) with lines
+``<path under images/> <class id>``, ids 1-based, in the folder named below (or its last part, where an
+archive was unpacked in place). Classes are cultivars identified by number only, so class names are the ids.
 """
 
 from __future__ import annotations
@@ -44,11 +45,23 @@ SUBSETS = [
 here); prepare warns if the data disagree."""
 
 
+def _set_root(raw_dir: Path, subset: Subset) -> Path:
+    """The folder holding anno/: the full path (the download unpacked into one folder), or any tail of it
+    (an archive unpacked where it lies: Cotton80.zip holds COTTON/ itself)."""
+    parts = subset.folder.split("/")
+    for start in range(len(parts)):
+        candidate = raw_dir.joinpath(*parts[start:])
+        if (candidate / "anno").is_dir():
+            return candidate
+    return require_dir(raw_dir / subset.folder / "anno", f"the {subset.name} lists; or {parts[-1]}/anno directly in DIR")
+
+
 def parse_ultra_fgvc(raw_dir: Path, subset: Subset) -> ParsedDataset:
-    root = require_dir(raw_dir / subset.folder, f"the {subset.name} folder of the Ultra-FGVC download")
+    root = _set_root(raw_dir, subset)
     images = require_dir(root / "images", f"{subset.name} images")
     splits = {}
-    for split in ("train", "test"):
+    names = ("train", "val", "test") if (root / "anno" / "val.txt").is_file() else ("train", "test")
+    for split in names:
         list_path = require_file(root / "anno" / f"{split}.txt", f"the {subset.name} {split} list")
         rows = read_rows(list_path, min_fields=2)
         ids = [parse_int(row[-1], list_path, "class id") for row in rows]
@@ -63,7 +76,7 @@ def parse_ultra_fgvc(raw_dir: Path, subset: Subset) -> ParsedDataset:
     return ParsedDataset(
         classes=[str(class_id) for class_id in range(1, subset.classes + 1)],
         splits=splits,
-        info={"train_list": f"{subset.folder}/anno/train.txt", "test_list": f"{subset.folder}/anno/test.txt",
+        info={"lists": [f"{root.relative_to(raw_dir).as_posix()}/anno/{split}.txt" for split in names],
               "class_names": "the 1-based class ids (cultivars are numbered, not named)"},
     )
 
@@ -74,7 +87,8 @@ def _spec(subset: Subset) -> DatasetSpec:
         name=subset.name,
         num_classes=subset.classes,
         split_sizes={"train": subset.train, "test": subset.test},
-        protocol=f"Official anno/train.txt and anno/test.txt of {subset.folder}; top-1 accuracy on test.",
+        protocol=f"Official anno/train.txt and anno/test.txt of {subset.folder} (anno/val.txt, where the copy has "
+        "one, as the val split); top-1 accuracy on test.",
         terms="Research use; cite Yu et al., ICCV 2021 (Ultra-FGVC README).",
         homepage=HOMEPAGE,
         parse=functools.partial(parse_ultra_fgvc, subset=subset),
