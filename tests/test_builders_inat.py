@@ -119,9 +119,12 @@ def _first_train_image(mini: archives.Miniature) -> str:
          r"train_mini\.json: image id 101 \(train_mini/.*\) has no annotation"),
         (lambda folder, mini: _rewrite(folder, "val.json", lambda d: d["categories"].pop()),
          r"val\.json: its categories differ from train_mini\.json's \(category id 1 is in only one of them\)"),
+        (lambda folder, mini: _rewrite(folder, "val.json", lambda d: d["images"][0].update(
+            file_name=d["images"][0]["file_name"].replace("val/", "train_mini/", 1).replace("0066", "0065"))),
+         r"val\.json: lists image train_mini/.*/0065aa\.jpg, which train_mini\.json lists too"),
     ],
     ids=["listed-image-missing", "unlisted-image", "category-outside-taxonomy", "image-without-label",
-         "categories-disagree"],
+         "categories-disagree", "image-in-both-splits"],
 )
 def test_inat_annotations_and_archive_that_disagree_are_named_and_nothing_is_stored(damage, message, tmp_path):
     mini = archives.inat("2021_mini")

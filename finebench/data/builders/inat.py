@@ -210,7 +210,15 @@ def _taxonomy(raw_dir: Path, year: Year, per_split: Mapping[str, dict[int, dict[
 
 def _check_archive_matches(raw_dir: Path, year: Year, listed: Mapping[str, list[_Listed]]) -> None:
     """Every listed image is a file, and every image file under the roots is listed (by some split)."""
-    listed_by = {item.file_name: split for split, items in listed.items() for item in items}
+    listed_by: dict[str, str] = {}
+    for split, items in listed.items():
+        for item in items:
+            other = listed_by.setdefault(item.file_name, split)
+            if other != split:  # 2017/2018 share one image folder: an image in both splits would leak the test set
+                raise FinebenchError(
+                    f"{raw_dir / year.annotations[split]}: lists image {item.file_name}, which "
+                    f"{year.annotations[other]} lists too (an image may be in one split only)"
+                )
     present: set[str] = set()
     for root in year.image_roots:
         folder = require_dir(raw_dir / root, "from the image archive")
@@ -294,6 +302,8 @@ def parse_inat(raw_dir: Path, year: str, level: str | None = None) -> ParsedData
     data = {split: _load_json(raw_dir / filename) for split, filename in spec_year.annotations.items()}
     per_split = {split: _categories(d, raw_dir / spec_year.annotations[split]) for split, d in data.items()}
     taxonomy = _taxonomy(raw_dir, spec_year, per_split)
+    if not taxonomy:
+        raise FinebenchError(f"{raw_dir / spec_year.annotations['train']}: its categories list is empty")
     listed = {
         split: _split_images(d, raw_dir / spec_year.annotations[split], spec_year, taxonomy)
         for split, d in data.items()
