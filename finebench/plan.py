@@ -106,6 +106,7 @@ def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: tor
         in_memory="auto",  # small images: decoded once, augmented in batches on the device
         device=device, decode=dataset.decode, color_jitter=dataset.color_jitter, resize=dataset.resize,
         normalize=dataset.normalize,
+        validation=dataset.validation.model_dump() if dataset.validation is not None else None,
         sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
     )
 
