@@ -281,6 +281,26 @@ def dataset_state(name: str, data_root: Path) -> str:
     return "prepared on first run" if get_spec(name).offline else "not prepared"
 
 
+def check_validation_splits(runs: Sequence[RunSpec], data_root: Path, source: Path) -> None:
+    """Each run's validation split, resolved from a prepared store's labels (``run --dry-run``); an
+    unprepared store is checked when the run starts (``preflight``)."""
+    from finebench.data.loader import check_validation
+    from finebench.data.store import is_prepared
+
+    checked = []
+    for run in runs:
+        dataset = run.dataset_section()
+        if dataset.validation is None or dataset in checked or not is_prepared(data_root, dataset.name):
+            continue
+        checked.append(dataset)
+        try:
+            check_validation(dataset.name, data_root, train_split=dataset.train_split,
+                             test_split=dataset.test_split, validation=dataset.validation.model_dump())
+        except FinebenchError as error:
+            fold = f" (held-out fold {run.fold})" if run.fold is not None else ""
+            raise FinebenchError(f"{source}{fold}: {error}") from None
+
+
 def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size: int) -> None:
     """What every worker would reject, checked once before ``world_size`` workers start."""
     from finebench.data.loader import per_worker_batch

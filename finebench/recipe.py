@@ -401,10 +401,6 @@ class Recipe(_Section):
             raise ValueError(f"variant names must be unique, {duplicates} repeat (set `name` on each)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be unique, got {self.seeds}")
-        if self.train.select == "best_validation" and self.dataset.validation is None:
-            raise ValueError('train.select = "best_validation" needs a validation split: set dataset.validation = '
-                             '{ fraction = 0.1 } (carved from the training split) or { split = "val" } (a split of '
-                             'the store), or select = "last"')
         known = set(names) | {v.kind for v in self.variants}
         unknown = sorted(set(self.logged) - known)
         if unknown:
@@ -632,6 +628,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_datase
         problems += _validation_problems(error, data)
     if problems:
         raise FinebenchError(f"{path}: " + "; ".join(problems))
+    if recipe.train.select == "best_validation" and recipe.dataset.validation is None:
+        raise FinebenchError(f'{path}: train.select = "best_validation" needs a validation split: set '
+                             'dataset.validation = { fraction = 0.1 } (carved from the training split) or '
+                             '{ split = "val" } (a split of the store), or select = "last"')
     if check_dataset:
         from finebench.data.registry import get_spec
 

@@ -33,6 +33,7 @@ from finebench.plan import (
     RunSelection,
     build_model,
     build_run_loaders,
+    check_validation_splits,
     dataset_state,
     decide,
     decide_runs,
@@ -395,6 +396,7 @@ def run_recipe(
     runs, run_dirs, states, data_root = plan.runs, plan.run_dirs, plan.states, plan.data_root
 
     if dry_run:
+        check_validation_splits(runs, data_root, loaded.path)
         data = dataset_state(loaded.recipe.dataset.name, data_root)
         for state in states.values():
             if state.problem:

@@ -769,6 +769,21 @@ def plan_loaders(
                       choice, validation_dirs, validation_columns)
 
 
+def check_validation(dataset: str, data_root: Path, *, train_split: str, test_split: str,
+                     validation: Mapping[str, Any] | None) -> ValidationChoice | None:
+    """The run's validation split resolved from the prepared store's labels alone (what ``--dry-run``
+    checks: a fraction that leaves a class without a training image, a named split the store lacks)."""
+    if not validation:
+        return None
+    meta = store.read_meta(Path(data_root), dataset)
+    root, available = store.store_dir(Path(data_root), dataset), list(meta.get("splits", {}))
+    labels = _Columns(split_dirs(root, train_split, available, dataset)).labels
+    choice = resolve_validation(validation, train_split, labels, meta.get("classes"))
+    if choice is not None and choice.split is not None:
+        split_dirs(root, choice.split, available, dataset)
+    return choice
+
+
 def check_loaders(
     dataset: str, data_root: Path, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
     sampler_factory: SamplerFactory | None = None, **choices: Any,
