@@ -288,6 +288,8 @@ def _execute(
         )
 
         summary["final"]["mean_class_top1"] = mean_class_accuracy(confusion)
+        if result.selected_confusion is not None and "selected" in summary:
+            summary["selected"]["mean_class_top1"] = mean_class_accuracy(result.selected_confusion)
     if result.confusion is not None and ctx.is_main:
         run_dir.write_confusion(result.confusion, list(getattr(loaders, "classes", None) or []) or None)
     if ctx.is_main:

@@ -635,6 +635,8 @@ class FitResult:
     selected: dict[str, Any] | None = None
     """``train.select = "best_validation"``: the selected epoch, its validation top-1 and the test
     evaluation of its weights (``best.pt``); None for ``"last"``."""
+    selected_confusion: list[list[int]] | None = None
+    """The confusion matrix of that evaluation (``confusion`` stays the last epoch's)."""
 
 
 class RunStore(Protocol):
@@ -754,7 +756,7 @@ def fit(
     keeps the weights of the epoch with the highest validation top-1 (the earliest on a tie) in the
     store's ``best.pt``, written before ``last.pt``, whose ``selection`` entry is what a resume goes on
     from (a ``best.pt`` ahead of it is rewritten by the replayed epoch); after the last epoch those
-    weights are evaluated on the test split (``FitResult.selected``, and the confusion matrix).
+    weights are evaluated on the test split (``FitResult.selected`` and ``selected_confusion``).
 
     The caller seeds the RNGs and builds the model and loaders; ``fit`` owns everything from the
     optimiser on. A NaN/inf loss ends the run with status ``failed`` instead of raising.
@@ -808,13 +810,14 @@ def fit(
     selection: dict[str, Any] | None = checkpoint.get("selection") if checkpoint is not None else None
     best_in_memory: dict[str, Any] | None = None  # without a store, the selected weights stay here
     selected: dict[str, Any] | None = None
+    selected_confusion: list[list[int]] | None = None
 
     def result(status: str, reason: str | None, epochs_done: int) -> FitResult:
         throughput = train_images / train_time if train_time else 0.0
         return FitResult(
             status, reason, rows, epochs_done, train_time, throughput, precision, device,
             confusion=final_confusion, compiled=compiled, channels_last=channels_last, compile_time_s=compile_time,
-            selected=selected,
+            selected=selected, selected_confusion=selected_confusion,
         )
 
     def evaluate_split(loader: Iterable, *, confusion: bool) -> dict[str, Any]:
@@ -857,7 +860,7 @@ def fit(
             "load_1min": load_average(),
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
-            metrics = evaluate_split(test_loader, confusion=epoch == train.epochs and not selecting)
+            metrics = evaluate_split(test_loader, confusion=epoch == train.epochs)
             final_confusion = metrics.pop("confusion", None)
             if validation_loader is not None:
                 held_out = evaluate_split(validation_loader, confusion=False)
@@ -901,7 +904,7 @@ def fit(
         if on_epoch is not None and ctx.is_main:
             on_epoch(row, rows)
     if selecting:
-        selected, final_confusion = _evaluate_selected(model, store, best_in_memory, selection, ctx,
+        selected, selected_confusion = _evaluate_selected(model, store, best_in_memory, selection, ctx,
                                                        lambda: evaluate_split(test_loader, confusion=True))
     return result("finished", None, train.epochs)
 
