@@ -25,6 +25,9 @@ from finebench.data.prepare import prepare_dataset
 from finebench.data.validation import CarveError, carve, digest, largest_fraction
 from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe
+from finebench.report.records import load_runs
+from finebench.report.render import format_table, table_note, wide_view
+from finebench.report.tables import summary_table
 from finebench.results import MACHINE_FIELDS, RunDir
 from finebench.runner import run_recipe
 
@@ -232,6 +235,17 @@ def test_best_validation_records_the_split_keeps_best_pt_and_tests_the_selected_
     assert selected["test_top1"] == chosen["test_top1"] and selected["test_loss"] == chosen["test_loss"]
     assert summary["final"]["epoch"] == 4 and summary["best"]["epoch"] == max(
         rows, key=lambda row: (row["test_top1"], -row["epoch"]))["epoch"]
+    # the report: one column per selection rule, each rule named in the note
+    table = summary_table(load_runs([tmp_path / "results"]).runs)
+    assert table.loc[0, "selected_top1_mean"] == selected["test_top1"]
+    assert table.loc[0, "best_top1_mean"] == summary["best"]["test_top1"]
+    assert table.loc[0, "top1_mean"] == summary["final"]["test_top1"]
+    headers = list(format_table(table).columns) + list(wide_view(table).columns)
+    assert {"Top-1 (last epoch)", "Top-1 (val-selected)", "Top-1 (best on test, optimistic)"} <= set(headers)
+    assert {"baseline top-1 (last epoch)", "baseline top-1 (val-selected)"} <= set(headers)
+    note = table_note(table)
+    assert "(val-selected) the weights of the epoch with the best validation top-1" in note
+    assert "(best on test) " not in note and "optimistic: selected on the test set" in note
 
 
 def _launch(args: list[str], cwd: Path, kill_after_epoch: int | None = None) -> subprocess.CompletedProcess:
