@@ -49,7 +49,7 @@ COLUMN_ALIASES: dict[str, str] = {
 RULE_VALUES: dict[str, str] = {"final": "top1", "selected": "selected_top1", "best": "best_top1"}
 """Each model-selection rule's run column: the last epoch, the epoch with the best validation top-1
 (``train.select = "best_validation"``), the epoch with the best test top-1 (optimistic)."""
-_NOT_GROUPABLE = {"module_top1", "module_flops", "settings", "base_settings", "run_dir", "run_id"}
+_NOT_GROUPABLE = {"module_top1", "module_flops", "settings", "base_settings", "run_dir", "run_id", "size_warnings"}
 
 
 def resolve_columns(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
@@ -136,6 +136,7 @@ def summary_table(
 
     rows = []
     folds_seen = False
+    size_warnings: dict[str, None] = {}
     for key, group in data.groupby([*row_keys, "settings"], dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         row: dict[str, Any] = dict(zip(row_keys, key[:-1]))
@@ -170,6 +171,9 @@ def summary_table(
         row["_family"] = group["base_settings"].iloc[0]
         for column in ("params", "params_overhead_pct", "flops", "flops_overhead_pct"):
             row[column] = pd.to_numeric(group[column], errors="coerce").mean()
+        warned = [line for lines in group.get("size_warnings", ()) if isinstance(lines, list) for line in lines]
+        row["size_warning"] = bool(warned)  # the method's mechanism cannot act at the run's input size
+        size_warnings.update(dict.fromkeys(warned))
         if speed:
             row["images_per_s"] = pd.to_numeric(group["images_per_s"], errors="coerce").mean()
             row["threads"] = "/".join(map(str, sorted({int(t) for used in group["threads_used"]
@@ -213,8 +217,8 @@ def summary_table(
         notes.append("unpaired: runs whose seed (and fold) has no partner on the other side; "
                      "left out of the paired gain.")
     table.attrs.update(metric=metric, selection=selection, rules=other_rules, keys=row_keys, notes=notes,
-                       folds=bool(folds_seen),
-                       speed_marked=speed_marked, holm=corrected,
+                       folds=bool(folds_seen), speed_marked=speed_marked, holm=corrected,
+                       size_warnings=list(size_warnings),
                        reference=None if reference is None else describe_reference(reference))
     return table
 
