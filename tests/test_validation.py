@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_data import DATASET, prepare_tiny_bars, tiny_recipe
+from tiny_data import prepare_tiny_bars, tiny_recipe
 
 import finebench
 from finebench.data import registry
@@ -248,46 +248,53 @@ def test_best_validation_records_the_split_keeps_best_pt_and_tests_the_selected_
     assert "(best on test) " not in note and "optimistic: selected on the test set" in note
 
 
-def _launch(args: list[str], cwd: Path, kill_after_epoch: int | None = None) -> subprocess.CompletedProcess:
-    """``finebench ARGS`` in a fresh interpreter; with ``kill_after_epoch`` it SIGKILLs itself right
-    after that epoch's best.pt, before its last.pt (the window a resume must replay), else after last.pt."""
+def _launch(args: list[str], cwd: Path, kill: str | None = None) -> subprocess.CompletedProcess:
+    """``finebench ARGS`` in a fresh interpreter. ``kill``: it SIGKILLs itself at epoch 2, right after
+    ``"best"``.pt (before last.pt: the window a resume must replay) or right after ``"last"``.pt."""
     source_root = str(Path(finebench.__file__).resolve().parents[1])
-    killer = "" if kill_after_epoch is None else f"""
+    killer = "" if kill is None else f"""
 import os, signal
 from finebench.results import RunDir
-save_best, save_last = RunDir.save_best, RunDir.save_checkpoint
-def die_after_best(self, state):
-    save_best(self, state)
-    if state["epoch"] >= {kill_after_epoch}:
+original = RunDir.save_best if {kill!r} == "best" else RunDir.save_checkpoint
+def save_then_die(self, state):
+    original(self, state)
+    if state["epoch"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-def die_after_last(self, state):
-    save_last(self, state)
-    if state["epoch"] >= {kill_after_epoch}:
-        os.kill(os.getpid(), signal.SIGKILL)
-RunDir.save_best, RunDir.save_checkpoint = die_after_best, die_after_last
+setattr(RunDir, "save_best" if {kill!r} == "best" else "save_checkpoint", save_then_die)
 """
     code = killer + "\nimport sys\nfrom finebench.cli import main\nsys.argv = ['finebench'] + sys.argv[1:]\nmain()\n"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([source_root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, RunDir]:
+    root = tmp_path_factory.mktemp("selecting")
+    data_root = prepare_tiny_bars(root / "data", 80, 40)
+    recipe = _recipe(root, SELECTING)
+    whole = _launch(["run", str(recipe), "--data-root", str(data_root), "-q", "--results-dir", str(root / "whole")],
+                    root)
+    assert whole.returncode == 0, whole.stderr
+    (run,) = expand_runs(load_recipe(recipe))
+    return recipe, data_root, RunDir(root / "whole", "tiny", run.run_id)
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume_selects_the_same_epoch_with_the_same_test_numbers(tmp_path):
-    data_root = prepare_tiny_bars(tmp_path / "data", 80, 40)
-    recipe = _recipe(tmp_path, SELECTING)
-    common = ["run", str(recipe), "--data-root", str(data_root), "-q"]
-    whole = _launch([*common, "--results-dir", str(tmp_path / "whole")], tmp_path)
-    assert whole.returncode == 0, whole.stderr
-    killed = _launch([*common, "--results-dir", str(tmp_path / "killed")], tmp_path, kill_after_epoch=2)
+@pytest.mark.parametrize("kill", ["best", "last"])
+def test_kill_9_mid_run_then_resume_selects_the_same_epoch_with_the_same_test_numbers(uninterrupted, tmp_path, kill):
+    recipe, data_root, one = uninterrupted
+    assert one.load_best()["epoch"] >= 2  # epoch 2 improves on epoch 1: the "best" kill has its window
+    common = ["run", str(recipe), "--data-root", str(data_root), "-q", "--results-dir", str(tmp_path / "killed")]
+    killed = _launch(common, tmp_path, kill=kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (run,) = expand_runs(load_recipe(recipe))
-    stopped = RunDir(tmp_path / "killed", "tiny", run.run_id)
-    assert stopped.load_checkpoint()["epoch"] <= 2 and stopped.summary()["status"] == "running"
-    resumed = _launch([*common, "--results-dir", str(tmp_path / "killed")], tmp_path)
+    two = RunDir(tmp_path / "killed", one.path.parent.name, one.path.name)
+    # "best": best.pt holds epoch 2, last.pt still epoch 1, which the resume replays from
+    assert two.load_checkpoint()["epoch"] == (1 if kill == "best" else 2) and two.load_best()["epoch"] == 2
+    assert two.summary()["status"] == "running"
+    resumed = _launch(common, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    one, two = RunDir(tmp_path / "whole", "tiny", run.run_id), stopped
     # CPU, fp32, one thread: a resume repeats the uninterrupted run bit for bit (the engine's resume rule)
     assert one.summary()["selected"] == two.summary()["selected"]
     assert one.read_validation() == two.read_validation()

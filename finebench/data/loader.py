@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finebench.atomic import atomic_write
 from finebench.data import store
-from finebench.data.validation import ValidationChoice, resolve_validation, split_overlap
 from finebench.data.presets import (
     ColorJitter,
     Normalise,
@@ -51,6 +50,11 @@ from finebench.data.presets import (
     draft_size,
     rank_seed,
     resized_size,
+)
+from finebench.data.validation import (
+    ValidationChoice,
+    resolve_validation,
+    split_overlap,
 )
 from finebench.errors import FinebenchError
 

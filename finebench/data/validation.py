@@ -107,7 +107,7 @@ class ValidationChoice:
         if self.positions is None:
             return {"split": self.split, "train_split": self.train_split}
         return {"fraction": self.fraction, "seed": self.seed, "train_split": self.train_split,
-                "train_split_size": size, "count": int(len(self.positions)), "digest": digest(self.positions),
+                "train_split_size": size, "count": len(self.positions), "digest": digest(self.positions),
                 "ids": [int(p) for p in self.positions],
                 "ids_are": "positions in train_split (its splits concatenated in order, as the loaders read them)"}
 
@@ -132,8 +132,8 @@ def split_overlap(validation_split: str, train_split: str, test_split: str) -> s
     trained = names & {part.strip() for part in train_split.split("+")}
     tested = names & {part.strip() for part in test_split.split("+")}
     if trained:
-        return (f"{sorted(trained)[0]!r} is also in train_split {train_split!r}: training would see the "
+        return (f"{min(trained)!r} is also in train_split {train_split!r}: training would see the "
                 "validation images; drop it from train_split")
     if tested:
-        return f"{sorted(tested)[0]!r} is the test split {test_split!r}: select on a split of its own"
+        return f"{min(tested)!r} is the test split {test_split!r}: select on a split of its own"
     return None

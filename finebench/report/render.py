@@ -116,15 +116,11 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         header = _HEADERS.get(column, column)
         rule = next((rule for rule in rules if column == f"{rule}_{metric}_mean"), None)
         if column == f"{metric}_mean":
-<<<<<<< HEAD
             shown = f"{label} ({RULE_LABELS[table.attrs.get('selection', 'final')]})" if rules else label
-            out[shown] = [fmt_mean_ci(m, c) for m, c in zip(values, table.get(f"{metric}_ci", values * math.nan))]
+            out[shown] = [fmt_mean_ci(m, c) + cannot_act_mark(table, index)
+                          for index, m, c in zip(table.index, values, table.get(f"{metric}_ci", values * math.nan))]
         elif rule is not None:
             out[f"{label} ({RULE_LABELS[rule]})"] = [fmt_mean_ci(m, c) for m, c in zip(values, table[f"{rule}_{metric}_ci"])]
-=======
-            out[label] = [fmt_mean_ci(m, c) + cannot_act_mark(table, index)
-                          for index, m, c in zip(table.index, values, table.get(f"{metric}_ci", values * math.nan))]
->>>>>>> main
         elif column == f"class_{metric}_mean":
             if values.isna().all():
                 continue  # records from before confusion matrices were saved
@@ -191,14 +187,10 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
         if name not in variants:
             variants.append(name)
         score = fmt_mean_ci(record[f"{metric}_mean"], record[f"{metric}_ci"])
-<<<<<<< HEAD
-        row[f"{name} {measure}{main_rule}"] = f"{score} (n={record['n']})"
+        row[f"{name} {measure}{main_rule}"] = f"{score} (n={record['n']}){cannot_act_mark(table, record.name)}"
         for rule in rules:
             row[f"{name} {measure} ({RULE_LABELS[rule]})"] = fmt_mean_ci(record[f"{rule}_{metric}_mean"],
                                                                          record[f"{rule}_{metric}_ci"])
-=======
-        row[f"{name} {measure}"] = f"{score} (n={record['n']}){cannot_act_mark(table, record.name)}"
->>>>>>> main
         row[f"{name} class"] = fmt_mean_ci(record[f"class_{metric}_mean"], record[f"class_{metric}_ci"])
         if name != BASELINE.kind:
             row[f"{name} {gain}"] = fmt_gain(record["delta_pt"], record["delta_ci"], record["significant"],
