@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_data import prepare_tiny_bars, tiny_recipe
+from tiny_data import DATASET, prepare_tiny_bars, tiny_recipe
 
 import finebench
 from finebench.data import registry
@@ -25,10 +25,10 @@ from finebench.data.prepare import prepare_dataset
 from finebench.data.validation import CarveError, carve, digest, largest_fraction
 from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe
-from finebench.report.records import load_runs
+from finebench.report.records import fingerprint, load_runs, run_settings
 from finebench.report.render import format_table, table_note, wide_view
 from finebench.report.tables import summary_table
-from finebench.results import MACHINE_FIELDS, RunDir
+from finebench.results import MACHINE_FIELDS, RunDir, RunSummary
 from finebench.runner import run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -185,6 +185,16 @@ def test_validation_and_select_enter_the_run_id_only_when_set(tmp_path):
     (selecting,) = expand_runs(load_recipe(plain, ["dataset.validation={fraction = 0.2}",
                                                    'train.select="best_validation"']))
     assert held.run_id == seeded.run_id and len({base.run_id, held.run_id, other.run_id, selecting.run_id}) == 4
+
+
+def test_runs_recorded_before_the_settings_existed_group_with_runs_at_their_defaults(tmp_path):
+    (run,) = expand_runs(load_recipe(_recipe(tmp_path, tiny_recipe())))
+    assert run.config["dataset"]["validation"] is None and run.config["train"]["select"] == "last"
+    older = json.loads(json.dumps(run.config))
+    del older["dataset"]["validation"], older["train"]["select"]
+    summary = RunSummary(run_id=run.run_id, recipe="tiny", status="finished", dataset=DATASET, backbone="wrn",
+                         backbone_label="WRN-10-1", variant="baseline", variant_name="baseline", seed=0)
+    assert fingerprint(run_settings(summary, run.config)) == fingerprint(run_settings(summary, older))
 
 
 @pytest.mark.parametrize("overrides, message", [

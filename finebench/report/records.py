@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
-from finebench.recipe import RUN_ID_EXCLUDE, ModelSection, Recipe, TrainSection
+from finebench.recipe import RUN_ID_EXCLUDE, DatasetSection, ModelSection, Recipe, TrainSection
 from finebench.results import BestMetrics, RunDir, RunState, RunSummary
 from finebench.report.stats import mean_class_accuracy
 
@@ -248,10 +248,12 @@ ADDED_SETTINGS: dict[str, Any] = {
     "fidelity": Recipe.model_fields["fidelity"].default,
     "train.batchnorm_group": TrainSection.model_fields["batchnorm_group"].default,
     "model.batchnorm_init": ModelSection.model_fields["batchnorm_init"].default,
+    "dataset.validation": DatasetSection.model_fields["validation"].default,
+    "train.select": TrainSection.model_fields["select"].default,
     **{f"variant.options.{name}": method.Options.model_fields[name].default
        for method in METHODS.values() for name in method.options_added_later},
 }
-"""Settings added after runs were recorded (issues 20 and 27), with their schema defaults."""
+"""Settings added after runs were recorded (issues 20, 27 and 29), with their schema defaults."""
 
 
 def _at_schema_default(key: str, value: Any) -> bool:
