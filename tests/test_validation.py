@@ -210,6 +210,16 @@ def test_a_bad_validation_setting_is_one_line_at_dry_run(tmp_path, overrides, me
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_named_split_must_be_the_datasets_own_and_apart_from_training(tmp_path):
+    aircraft = _recipe(tmp_path, tiny_recipe(dataset="fgvc_aircraft"))
+    (run,) = expand_runs(load_recipe(aircraft, ['dataset.validation={split = "val"}']))
+    assert run.config["dataset"]["validation"] == {"fraction": None, "seed": 0, "split": "val"}
+    with pytest.raises(FinebenchError, match="'val' is also in train_split 'train\\+val'"):
+        load_recipe(aircraft, ['dataset.validation={split = "val"}', 'dataset.train_split="train+val"'])
+    with pytest.raises(FinebenchError, match="adience is a 5-fold dataset; carve each fold's validation images"):
+        load_recipe(_recipe(tmp_path, tiny_recipe(dataset="adience")), ['dataset.validation={split = "fold1"}'])
+
+
 def test_a_fraction_that_empties_a_class_stops_the_dry_run_of_a_prepared_store(tmp_path):
     data_root = prepare_tiny_bars(tmp_path / "data", 30, 10)  # 3 images a class
     loaded = load_recipe(_recipe(tmp_path, tiny_recipe()), ["dataset.validation={fraction = 0.9}"])
@@ -256,6 +266,8 @@ def test_best_validation_records_the_split_keeps_best_pt_and_tests_the_selected_
     note = table_note(table)
     assert "(val-selected) the weights of the epoch with the best validation top-1" in note
     assert "(best on test) " not in note and "optimistic: selected on the test set" in note
+    run_dir.discard()  # --restart: the selected weights and the split's record go with the others
+    assert not run_dir.best_path.exists() and not run_dir.validation_path.exists()
 
 
 def _launch(args: list[str], cwd: Path, kill: str | None = None) -> subprocess.CompletedProcess:
