@@ -77,7 +77,8 @@ def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_trained_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
-    """Rebuild a run's model from config.json and load the weights of ``last.pt``."""
+    """Rebuild a run's model from config.json and load the weights its test numbers came from:
+    ``best.pt`` for a ``train.select = "best_validation"`` run (the selected epoch), else ``last.pt``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FinebenchError(f"{run_dir}: no such run folder; expected results/<recipe>/<run-id>")
@@ -86,7 +87,9 @@ def load_trained_run(run_dir: str | Path, device: str | torch.device = "cpu") ->
     num_classes = summary.get("num_classes")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool):
         raise FinebenchError(f"{run_dir / 'summary.json'}: num_classes is {num_classes!r}; expected an integer")
-    checkpoint_path = RunDir.at(run_dir).checkpoint_path
+    records = RunDir.at(run_dir)
+    selected = (config.get("train") or {}).get("select") == "best_validation"
+    checkpoint_path = records.best_path if selected else records.checkpoint_path
     if not checkpoint_path.is_file():
         raise FinebenchError(f"{checkpoint_path}: not found; the run has no checkpoint")
     state = read_state_dict(checkpoint_path, "run checkpoint", keys=("model",))
