@@ -554,6 +554,7 @@ def eval_command(
     console.print(f"{run_dir}: {metrics['split']} split, {metrics['images']:,} images, {metrics['precision']}",
                   highlight=False, soft_wrap=True)
     console.print(eval_table(metrics))
+    err_console.print(f"wrote {metrics['predictions_file']}", highlight=False, soft_wrap=True)
 
 
 @app.command("export")

@@ -161,6 +161,9 @@ class RunDir:
     SUMMARY_FILE = "summary.json"
     CHECKPOINT_FILE = "last.pt"
     CONFUSION_FILE = "confusion.json"
+    PREDICTIONS_FILE = "predictions.parquet"
+    """Per-image predictions of the final evaluation (``finebench.predictions``); ``finebench eval``
+    writes ``predictions-<split>.parquet`` beside it (``predictions_path``)."""
 
     LOCK_FILE = ".lock"
     LOCK_TRIES = 10
@@ -185,6 +188,14 @@ class RunDir:
     summary_path = property(lambda self: self.path / self.SUMMARY_FILE)
     checkpoint_path = property(lambda self: self.path / self.CHECKPOINT_FILE)
     confusion_path = property(lambda self: self.path / self.CONFUSION_FILE)
+
+    def predictions_path(self, split: str | None = None) -> Path:
+        """The final evaluation's per-image file, or (``split``) the one ``finebench eval`` writes for
+        that split: its own file, so a second evaluation never replaces what the run recorded."""
+        if split is None:
+            return self.path / self.PREDICTIONS_FILE
+        stem, suffix = self.PREDICTIONS_FILE.rsplit(".", 1)
+        return self.path / f"{stem}-{split}.{suffix}"
 
     def _parsed(self, path: Path, parse: Callable[[Path], Any]) -> Any:
         """``parse(path)``, or None when the file is missing. A record is parsed once while it is
@@ -278,7 +289,7 @@ class RunDir:
     def discard(self) -> None:
         """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
         for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path,
-                     self.confusion_path):
+                     self.confusion_path, self.predictions_path()):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the discarded run's curves
 

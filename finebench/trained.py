@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,9 +115,13 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """The run's metrics on ``split`` (default: the split it was tested on), with its precision.
 
-    Returns the engine's metrics plus ``mean_class_top1``, ``confusion``, ``split``, ``images`` and
-    ``recorded_top1`` (the run's own final test top-1, for comparison).
+    Returns the engine's metrics plus ``mean_class_top1``, ``confusion``, ``split``, ``images``,
+    ``recorded_top1`` (the run's own final test top-1, for comparison) and ``predictions_file``: the
+    per-image predictions written into the run folder (``RunDir.predictions_path(split)``: a file
+    of its own, so the run's record of its final evaluation stays as it was) and ``test_set_digest``.
     """
+    from finebench.predictions import write_predictions
+
     from finebench.data.loader import build_eval_loader
     from finebench.report.stats import mean_class_accuracy
     from finebench.train.engine import compile_model, configure_backends, evaluate, resolve_device
@@ -150,8 +154,12 @@ def evaluate_run(
     if run.summary.get("compile") and same_device_type:
         model = compile_model(model)
     metrics = evaluate(model, loader, device=torch_device, precision=precision, channels_last=channels_last,
-                       mixture=method.mixture, method=method, confusion=True)
+                       mixture=method.mixture, method=method, confusion=True, per_image=True)
     metrics["mean_class_top1"] = mean_class_accuracy(metrics["confusion"])
+    per_image = replace(metrics.pop("per_image"), split=split)
+    predictions_path = RunDir.at(run.run_dir).predictions_path(split)
+    write_predictions(predictions_path, per_image)
+    metrics.update(predictions_file=str(predictions_path), test_set_digest=per_image.digest)
     final = run.summary.get("final") or {}
     metrics.update(split=split, images=len(loader.dataset), precision=precision,
                    recorded_top1=final.get("test_top1"))
