@@ -41,7 +41,7 @@ SHOWN_PREDICTION = "test_top1"
 TOP_K = 5
 
 
-def test_set_digest(ids: np.ndarray, labels: np.ndarray) -> str:
+def digest_test_set(ids: np.ndarray, labels: np.ndarray) -> str:
     """``sha256:<hex>`` of the ids and labels in id order: equal exactly when two evaluations saw the
     same images with the same labels (a dataset prepared again with other images or order differs)."""
     order = np.argsort(ids, kind="stable")
@@ -68,7 +68,7 @@ class PerImagePredictions:
 
     @property
     def digest(self) -> str:
-        return test_set_digest(self.ids, self.labels)
+        return digest_test_set(self.ids, self.labels)
 
     def correct(self, name: str = SHOWN_PREDICTION) -> np.ndarray:
         """bool, N: whether prediction ``name``'s top-1 is the label."""
