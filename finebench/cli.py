@@ -487,7 +487,7 @@ def report_command(
     predictions: bool = typer.Option(False, "--predictions", help="Also every prediction a method records beside its top-1 (PMG's heads and their sum, WS-DAN's crop-refined prediction)."),
     long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
     ranks: bool = typer.Option(False, "--ranks", help="Also each method's average rank across datasets, the Friedman test and the Nemenyi critical difference (with --plots, its diagram)."),
-    disagree: tuple[str, str] = typer.Option((None, None), "--disagree", metavar="A B", help="Instead: variants A and B image by image, per dataset, backbone and seed: McNemar's exact test and a paired bootstrap CI of the top-1 difference (with --plots, thumbnails of the images only one gets right)."),
+    disagree: Optional[tuple[str, str]] = typer.Option(None, "--disagree", metavar="A B", help="Instead: variants A and B image by image, per dataset, backbone and seed: McNemar's exact test and a paired bootstrap CI of the top-1 difference (with --plots, thumbnails of the images only one gets right)."),
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
     mean per-class accuracy, paired gains with p-values, overheads."""
