@@ -288,8 +288,9 @@ class RunDir:
 
     def discard(self) -> None:
         """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
+        evaluated = self.predictions_path("*").name  # what `finebench eval` wrote of the discarded model
         for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path,
-                     self.confusion_path, self.predictions_path()):
+                     self.confusion_path, self.predictions_path(), *self.path.glob(evaluated)):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the discarded run's curves
 

@@ -324,3 +324,15 @@ def test_sharded_evaluation_gives_every_image_its_id_as_one_process_does() -> No
     assert np.array_equal(sharded.classes[SHOWN_PREDICTION], one.classes[SHOWN_PREDICTION])
     assert np.array_equal(sharded.probs[SHOWN_PREDICTION], one.probs[SHOWN_PREDICTION])
     assert 100.0 * one.correct().mean() == pytest.approx(whole["test_top1"], rel=1e-12)
+
+
+def test_restart_discards_the_per_image_files_of_the_discarded_model(tmp_path: Path) -> None:
+    from finebench.results import RunDir
+
+    run_dir = RunDir(tmp_path, "tiny", "abc")
+    content = per_image(np.ones(4, bool), np.arange(4))
+    for path in (run_dir.predictions_path(), run_dir.predictions_path("test"), run_dir.predictions_path("train+val")):
+        write_predictions(path, content)
+    (run_dir.path / "notes.parquet").write_bytes(b"kept")
+    run_dir.discard()
+    assert sorted(path.name for path in run_dir.path.iterdir()) == ["notes.parquet"]
