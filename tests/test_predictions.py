@@ -28,8 +28,8 @@ from finebench.models.output import ModelOutput
 from finebench.predictions import (
     SHOWN_PREDICTION,
     PerImagePredictions,
-    read_predictions,
     digest_test_set,
+    read_predictions,
     write_predictions,
 )
 from finebench.report.disagree import (
@@ -295,7 +295,7 @@ class _Rank(DistContext):
         super().__init__(rank=rank, world_size=2)
         self.first = first
 
-    def gather(self, value):  # noqa: ANN001, ANN201
+    def gather(self, value):
         if self.rank == 0:
             self.first.append(value)
             return [value, value]

@@ -269,7 +269,9 @@ def _split_images(data_root: Path, dataset: str, split: str, ids: list[int]) -> 
     """The images ``ids`` of a prepared split (``a+b`` counts on from the first) as RGB PIL images."""
     import datasets
 
-    from finebench.data.loader import split_dirs  # torch: only where thumbnails are drawn
+    from finebench.data.loader import (
+        split_dirs,  # torch: only where thumbnails are drawn
+    )
 
     meta = read_meta(data_root, dataset)
     stores = [datasets.load_from_disk(str(folder))
