@@ -295,7 +295,7 @@ class _Rank(DistContext):
         super().__init__(rank=rank, world_size=2)
         self.first = first
 
-    def gather(self, value):
+    def gather(self, value: object) -> list[object]:
         if self.rank == 0:
             self.first.append(value)
             return [value, value]
