@@ -166,6 +166,9 @@ class RunDir:
     """``train.select = "best_validation"``: the weights of the epoch with the best validation top-1."""
     VALIDATION_FILE = "validation.json"
     """``dataset.validation``: which images were held out of training (``finebench.data.validation``)."""
+    PREDICTIONS_FILE = "predictions.parquet"
+    """Per-image predictions of the final evaluation (``finebench.predictions``); ``finebench eval``
+    writes ``predictions-<split>.parquet`` beside it (``predictions_path``)."""
 
     LOCK_FILE = ".lock"
     LOCK_TRIES = 10
@@ -192,6 +195,14 @@ class RunDir:
     confusion_path = property(lambda self: self.path / self.CONFUSION_FILE)
     best_path = property(lambda self: self.path / self.BEST_FILE)
     validation_path = property(lambda self: self.path / self.VALIDATION_FILE)
+
+    def predictions_path(self, split: str | None = None) -> Path:
+        """The final evaluation's per-image file, or (``split``) the one ``finebench eval`` writes for
+        that split: its own file, so a second evaluation never replaces what the run recorded."""
+        if split is None:
+            return self.path / self.PREDICTIONS_FILE
+        stem, suffix = self.PREDICTIONS_FILE.rsplit(".", 1)
+        return self.path / f"{stem}-{split}.{suffix}"
 
     def _parsed(self, path: Path, parse: Callable[[Path], Any]) -> Any:
         """``parse(path)``, or None when the file is missing. A record is parsed once while it is
@@ -284,8 +295,10 @@ class RunDir:
 
     def discard(self) -> None:
         """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
+        evaluated = self.predictions_path("*").name  # what `finebench eval` wrote of the discarded model
         for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path,
-                     self.confusion_path, self.best_path, self.validation_path):
+                     self.confusion_path, self.best_path, self.validation_path, self.predictions_path(),
+                     *self.path.glob(evaluated)):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the discarded run's curves
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from finebench.plan import (
     size_warnings,
     warn_sizes,
 )
+from finebench.predictions import read_digest, write_predictions
 from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import (
     SCHEMA_VERSION,
@@ -317,6 +318,13 @@ def _execute(
             summary["selected"]["mean_class_top1"] = mean_class_accuracy(result.selected_confusion)
     if result.confusion is not None and ctx.is_main:
         run_dir.write_confusion(result.confusion, list(getattr(loaders, "classes", None) or []) or None)
+    if result.predictions is not None and ctx.is_main:
+        write_predictions(run_dir.predictions_path(),
+                          replace(result.predictions, split=run.config["dataset"].get("test_split")))
+    # as confusion.json above: a resume that evaluated nothing keeps the file of the last evaluation
+    digest = result.predictions.digest if result.predictions is not None else read_digest(run_dir.predictions_path())
+    if digest is not None:
+        summary.update(predictions_file=run_dir.PREDICTIONS_FILE, test_set_digest=digest)
     if ctx.is_main:
         run_dir.write_summary(summary)
     if result.status == "failed" and not quiet:
