@@ -51,18 +51,22 @@ def build_model(
 
 
 def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
+    """The run's params and FLOPs without ``profile``'s fvcore-vs-flop_counter cross-check: the
+    check costs a second forward of every network, a dry run must answer in seconds, and
+    ``finebench profile`` checks the same networks' counts."""
     from finebench.models.network import unwrap
     from finebench.profile import early_prediction_flops, profile_model
 
     was_training = model.training
-    profile = profile_model(model, input_size, method)
-    module_flops = {k: int(v) for k, v in early_prediction_flops(model, method, input_size).items()}
+    profile = profile_model(model, input_size, method, cross_check=False)
+    module_flops = {k: int(v) for k, v in early_prediction_flops(model, method, input_size, cross_check=False).items()}
     model.train(was_training)
     return Cost(int(profile.params), int(profile.flops), module_flops, unwrap(model).tap_summary())
 
 
 class CostCache:
-    """Params/FLOPs per variant (identical across seeds) and of the plain baseline.
+    """Params/FLOPs per distinct network (``network_key``: identical across seeds, variant names and
+    training settings) and of the plain baseline.
 
     Costing runs inside ``fork_rng`` (a model built for its cost draws random initial weights): the
     runner asks for costs after seeding a run, and a draw from the run's RNG would shift every
@@ -75,25 +79,36 @@ class CostCache:
         self._costs: dict[str, Cost] = {}
 
     def of(self, run: RunSpec, model: torch.nn.Module | None = None) -> Cost:
-        key = f"{run.backbone}\0{run.variant_name}"  # a recipe may list backbones
+        """The run's cost; ``model``, the run's own model about to train, also learns its unread
+        parameters at the run's input size here (DDP's ignore list reads them, and knows no size)."""
+        if model is not None:
+            from finebench.models.network import unwrap
+
+            with torch.random.fork_rng(devices=[]):  # no draw of the run's RNG (see the class)
+                unwrap(model).unused_parameter_names(self.input_size)
+        return self._cost_of(run, None, model)
+
+    def baseline(self, run: RunSpec) -> Cost:
+        """The plain baseline on the run's backbone: the reference of its overheads."""
+        return self._cost_of(run, BASELINE.kind, None)
+
+    def _cost_of(self, run: RunSpec, kind: str | None, model: torch.nn.Module | None) -> Cost:
+        key = self._key(run, kind)
         if key not in self._costs:
             # Weights do not change the cost, and a dry run must work before they are downloaded.
             with torch.random.fork_rng(devices=[]):
                 if model is None:
-                    model = build_model(self.loaded, run, self.num_classes, pretrained=False)
-                self._costs[key] = _cost(model, self.input_size, get_method(run.variant_kind))
+                    model = build_model(self.loaded, run, self.num_classes, kind=kind, pretrained=False)
+                self._costs[key] = _cost(model, self.input_size, get_method(kind or run.variant_kind))
         return self._costs[key]
 
-    def baseline(self, run: RunSpec) -> Cost:
-        key = f"{run.backbone}\0\0baseline"
-        if key not in self._costs:
-            if run.variant_kind == BASELINE.kind:
-                self._costs[key] = self.of(run)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    model = build_model(self.loaded, run, self.num_classes, kind=BASELINE.kind, pretrained=False)
-                    self._costs[key] = _cost(model, self.input_size, BASELINE)
-        return self._costs[key]
+    def _key(self, run: RunSpec, kind: str | None) -> str:
+        from finebench.methods import network_key
+
+        try:
+            return network_key(run.config, kind=kind)
+        except FinebenchError as error:
+            raise FinebenchError(f"{self.loaded.path}: model: {error}") from None
 
 
 def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device) -> dict[str, Any]:

@@ -7,7 +7,7 @@ block carries (an ``nn.Identity`` in the baseline, so it adds no parameters and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,9 @@ from torch import nn
 from finebench.errors import FinebenchError
 
 PARAMETER_PROBE_SIZE = 128
-"""Side of the blank image ``parameters_unread`` runs: every family runs on it (Inception-v3 needs 75)."""
+"""Side of the blank image ``parameters_unread`` runs when no input size is known (DDP wrapping a
+model nobody costed): most families run on it (Inception-v3 needs 75); a ViT or Swin runs only at
+its own ``img_size``, which is why every caller that knows the run's input size passes it."""
 
 PluginFactory = Callable[[int], nn.Module]
 """Builds one block plug-in for a residual branch with the given number of output channels."""
@@ -99,18 +101,21 @@ class Backbone(nn.Module):
         order = [t.name for t in self.tap_points]
         return sorted(names, key=order.index, reverse=True)
 
-    def parameters_unread(self, taps: Sequence[str] | None) -> list[str]:
+    def parameters_unread(self, taps: Sequence[str] | None, input_size: int = PARAMETER_PROBE_SIZE) -> list[str]:
         """Names of the parameters a pass that stops after ``taps`` never reads (None: the whole
         pass to the pooled features): the layers beyond the deepest tap, a torchvision model's
         layers between its last map and its classifier, Inception's auxiliary head. Found by one
-        pass on a blank probe image and the gradient it leaves: which layers lie off the path is
-        each family's own business (WRN's final BatchNorm, VGG's fc6/fc7, Inception's Mixed_7),
-        and autograd reads it off every family alike."""
+        pass on a blank ``input_size`` probe image and the autograd graph it leaves: which layers
+        lie off the path is each family's own business (WRN's final BatchNorm, VGG's fc6/fc7,
+        Inception's Mixed_7), and autograd reads it off every family alike. The probe runs at the
+        run's own input size, the one size every family of the run is known to take (a ViT
+        accepts no other). The graph is walked, not differentiated: a backward pass would cost
+        twice the forward to learn the same set."""
         trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         if not trainable:
             return []
         first = trainable[0][1]
-        probe = torch.zeros(1, 3, PARAMETER_PROBE_SIZE, PARAMETER_PROBE_SIZE, device=first.device, dtype=first.dtype)
+        probe = torch.zeros(1, 3, input_size, input_size, device=first.device, dtype=first.dtype)
         was_training = self.training
         self.eval()  # no BatchNorm statistics move
         try:
@@ -121,13 +126,12 @@ class Backbone(nn.Module):
                 else:
                     _, maps = self(probe, list(taps), stop_after_taps=True)
                     outputs = list(maps.values())
-                reached = sum(output.float().sum() for output in outputs if output is not None)
-                grads = torch.autograd.grad(reached, [p for _, p in trainable], allow_unused=True)
+                read = _leaves_reached(output for output in outputs if output is not None)
         except RuntimeError:  # a network that cannot run on the probe's size: count every layer as read
             return []
         finally:
             self.train(was_training)
-        return [name for (name, _), grad in zip(trainable, grads, strict=True) if grad is None]
+        return [name for name, p in trainable if id(p) not in read]
 
     def plugin_modules(self) -> list[nn.Module]:
         """Modules added by a block-plug-in variant: new weights, trained with the head's learning rate."""
@@ -151,6 +155,24 @@ class Backbone(nn.Module):
                 f"weights in {source} do not fit {type(self).__name__}: "
                 f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
             )
+
+
+def _leaves_reached(outputs: Iterable[torch.Tensor]) -> set[int]:
+    """Ids of the leaf tensors (parameters) the autograd graphs of ``outputs`` reach: exactly those
+    ``torch.autograd.grad`` would give a gradient, found without computing one."""
+    reached: set[int] = set()
+    seen: set[int] = set()
+    pending = [output.grad_fn for output in outputs if output.grad_fn is not None]
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that requires grad
+        if isinstance(variable, torch.Tensor):
+            reached.add(id(variable))
+        pending.extend(child for child, _ in node.next_functions if child is not None)
+    return reached
 
 
 def unwrap_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
