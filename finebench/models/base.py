@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,31 +108,51 @@ class Backbone(nn.Module):
         layers between its last map and its classifier, Inception's auxiliary head. Found by one
         pass on a blank ``input_size`` probe image and the autograd graph it leaves: which layers
         lie off the path is each family's own business (WRN's final BatchNorm, VGG's fc6/fc7,
-        Inception's Mixed_7), and autograd reads it off every family alike. The probe runs at the
-        run's own input size, the one size every family of the run is known to take (a ViT
-        accepts no other). The graph is walked, not differentiated: a backward pass would cost
-        twice the forward to learn the same set."""
-        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        Inception's Mixed_7), and autograd reads it off every family alike.
+
+        The probe runs at the run's own input size, the one size every family of the run is known
+        to take (a ViT or Swin accepts no other). Its graph is walked, not differentiated, and the
+        pass runs on the meta device (shapes, no arithmetic) where the network allows, else on its
+        weights: a dry run costs every variant, and a real forward and backward of WRN-40-10 per
+        variant was most of its time."""
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
         if not trainable:
             return []
-        first = trainable[0][1]
-        probe = torch.zeros(1, 3, input_size, input_size, device=first.device, dtype=first.dtype)
         was_training = self.training
         self.eval()  # no BatchNorm statistics move
         try:
-            with torch.enable_grad():
-                if taps is None:
-                    pooled, _ = self(probe)
-                    outputs = [pooled]
-                else:
-                    _, maps = self(probe, list(taps), stop_after_taps=True)
-                    outputs = list(maps.values())
-                read = _leaves_reached(output for output in outputs if output is not None)
+            try:
+                read = self._parameters_read(taps, input_size, meta=True)
+            except Exception:  # an op without a meta kernel, a data-dependent step: the pass on the weights
+                read = self._parameters_read(taps, input_size, meta=False)
         except RuntimeError:  # a network that cannot run on the probe's size: count every layer as read
             return []
         finally:
             self.train(was_training)
-        return [name for name, p in trainable if id(p) not in read]
+        return [name for name in trainable if name not in read]
+
+    def _parameters_read(self, taps: Sequence[str] | None, input_size: int, *, meta: bool) -> set[str]:
+        """Names of the trainable parameters the probe pass reaches; ``meta``: the pass on meta
+        copies of the parameters and buffers (``torch.func.functional_call``)."""
+        tensors: dict[str, torch.Tensor] = dict(self.named_parameters())
+        first = next(iter(tensors.values()))
+        if meta:
+            tensors = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+                       for name, t in [*tensors.items(), *self.named_buffers()]}
+        probe = torch.zeros(1, 3, input_size, input_size, device="meta" if meta else first.device, dtype=first.dtype)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return torch.func.functional_call(self, tensors, args, kwargs) if meta else self(*args, **kwargs)
+
+        with torch.enable_grad():
+            if taps is None:
+                pooled, _ = call(probe)
+                outputs = [pooled]
+            else:
+                _, maps = call(probe, list(taps), stop_after_taps=True)
+                outputs = list(maps.values())
+        reached = _leaves_reached(output for output in outputs if output is not None)
+        return {name for name, t in tensors.items() if id(t) in reached and t.requires_grad}
 
     def plugin_modules(self) -> list[nn.Module]:
         """Modules added by a block-plug-in variant: new weights, trained with the head's learning rate."""
