@@ -132,10 +132,13 @@ def build_model_from_config(
 
 def network_key(config: Mapping[str, Any], *, kind: str | None = None) -> str:
     """What ``build_model_from_config`` builds the network from, as one string: runs whose keys are
-    equal build identical networks (seeds, variant names, training settings and weights aside), so
-    they share one cost (``finebench.plan.CostCache``)."""
+    equal build identical networks (seeds, variant names, training settings, options only training
+    reads (``Method.training_only_options``) and weights aside), so they share one cost
+    (``finebench.plan.CostCache``)."""
     backbone, backbone_options, options, _ = _model_inputs(config, kind)
-    return json.dumps([backbone, backbone_options, options.kind, options.options()], sort_keys=True, default=str)
+    network_options = {name: value for name, value in options.options().items()
+                       if name not in method_of(options).training_only_options}
+    return json.dumps([backbone, backbone_options, options.kind, network_options], sort_keys=True, default=str)
 
 
 def _model_inputs(
