@@ -66,6 +66,7 @@ def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
 
 
 def _module_flops(model: torch.nn.Module, input_size: int, method: Method) -> dict[str, int]:
+    """``Cost.module_flops``: one fvcore trace per early prediction, so only where a summary records them."""
     from finebench.profile import early_prediction_flops
 
     was_training = model.training
