@@ -18,8 +18,8 @@ BACKBONES = {
     # Two blocks of ViT-Ti/16 at 32 px: 2x2 patches.
     "vit": ("timm:vit_tiny_patch16_224", f"{{ img_size = {INPUT_SIZE}, depth = 2 }}"),
     # One block per stage of a narrow Swin-T at 32 px: 8x8 patches in 2x2 windows, down to 1x1.
-    "swin": ("timm:swin_tiny_patch4_window7_224", f"{{ img_size = {INPUT_SIZE}, window_size = 2, "
-             "depths = [1, 1, 1, 1], embed_dim = 24, num_heads = [1, 1, 1, 1] }"),
+    "swin": ("timm:swin_tiny_patch4_window7_224", (f"{{ img_size = {INPUT_SIZE}, window_size = 2, "
+                                                   "depths = [1, 1, 1, 1], embed_dim = 24, num_heads = [1, 1, 1, 1] }")),
 }
 
 
