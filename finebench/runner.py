@@ -441,10 +441,9 @@ def run_recipe(
         warn_sizes(size_warnings(plan, runs), console)
         return [
             RunOutcome(run, run_dirs[run.run_id].path, "planned",
-                       {"params": plan.costs.of(run).params, "flops": plan.costs.of(run).flops,
-                        "taps": plan.costs.of(run).taps},
+                       {"params": cost.params, "flops": cost.flops, "taps": cost.taps},
                        state=states[run.run_id].kind, data=data)
-            for run in runs
+            for run, cost in ((run, plan.costs.of(run, module_flops=False)) for run in runs)
         ]
 
     # Unreadable records stop the command here, before anything is trained or written.

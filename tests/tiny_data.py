@@ -64,12 +64,15 @@ def tiny_recipe(
     lr: float | None = 0.05,
     schedule: str = "constant",
     extra_train: str = "",
+    backbone: str = "wrn",
+    model_options: str = "{ depth = 10, width = 1 }",
+    extra_model: str = "",
 ) -> str:
-    """The TOML of a tiny fp32 WRN-10-1 recipe on ``dataset`` (by default the bars set), one line per key.
+    """The TOML of a tiny fp32 recipe (by default WRN-10-1) on ``dataset`` (by default the bars set), one line per key.
 
     ``variants`` are kinds, ``"baseline"`` or ``"attention"`` (the latter with ``attention_depth`` and
     ``attention_width``); ``seeds``, ``eval_batch_size`` or ``lr`` of None leave that key out;
-    ``extra_dataset`` and ``extra_train`` are lines appended to their tables.
+    ``extra_dataset``, ``extra_model`` and ``extra_train`` are lines appended to their tables.
     """
     lines = [""]
     if seeds is not None:
@@ -77,7 +80,9 @@ def tiny_recipe(
     lines += ["[dataset]", f'name = "{dataset}"', f"input_size = {input_size}", f'augmentation = "{augmentation}"']
     if extra_dataset:
         lines.append(extra_dataset)
-    lines += ["[model]", 'backbone = "wrn"', "options = { depth = 10, width = 1 }"]
+    lines += ["[model]", f'backbone = "{backbone}"', f"options = {model_options}"]
+    if extra_model:
+        lines.append(extra_model)
     for kind in variants:
         lines += ["[[variants]]", f'kind = "{kind}"']
         if kind == "attention":
