@@ -91,7 +91,7 @@ def _size_warnings(run: RunSpec, model: torch.nn.Module, input_size: int) -> lis
 
 def size_warnings(plan: Plan, runs: Sequence[RunSpec]) -> list[str]:
     """Each distinct size warning of ``runs`` (one per variant and backbone, not per seed)."""
-    return list(dict.fromkeys(line for run in runs for line in plan.costs.of(run).size_warnings))
+    return list(dict.fromkeys(line for run in runs for line in plan.costs.of(run, module_flops=False).size_warnings))
 
 
 def warn_sizes(lines: Sequence[str], console: Console | None = None) -> None:
