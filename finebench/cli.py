@@ -313,12 +313,14 @@ def run_command(
     """
     import time
 
-    from finebench.jobs import JsonProgress
+    from finebench.jobs import JsonProgress, stop_as_on_ctrl_c
     from finebench.plan import RunSelection, check_before_launch, parse_share
     from finebench.recipe import load_recipe
     from finebench.runner import exit_code, run_recipe
     from finebench.train.distributed import distributed_context, launch_workers
 
+    if job_of:
+        stop_as_on_ctrl_c()
     loaded = load_recipe(recipe, overrides)
     share_of = parse_share(share) if share else None
     selection = RunSelection(tuple(only), retry_failed, restart, discard_finished)

@@ -71,7 +71,8 @@ class RunOutcome:
     run: RunSpec
     path: Path | None
     status: str
-    """finished | failed | skipped-finished | skipped-failed | locked | planned"""
+    """finished | failed | skipped-finished | skipped-failed | locked | planned; under ``--jobs`` also
+    stopped (the job training it stopped or died: the run is as its last saved epoch left it)"""
     summary: dict[str, Any] = field(default_factory=dict)
     state: str | None = None
     """Dry runs: the run's state on disk (``RunState.kind``: new, resumable, finished, failed, damaged)."""
@@ -88,7 +89,7 @@ EXIT_LOCKED = 3
 def exit_code(outcomes: Sequence[RunOutcome]) -> int:
     """0 only when every run is finished (now or earlier), so ``finebench run R && next`` is safe."""
     statuses = {outcome.status for outcome in outcomes}
-    if statuses & {"failed", "skipped-failed"}:
+    if statuses & {"failed", "skipped-failed", "stopped"}:
         return EXIT_FAILED
     if "locked" in statuses:
         return EXIT_LOCKED
@@ -163,6 +164,11 @@ def _summary(
     }
 
 
+def run_label(run: RunSpec) -> str:
+    """How messages and progress bars name a run: by what a user chose (variant and seed), not its id."""
+    return f"{run.variant_name} seed {run.seed}"
+
+
 def speed_conditions(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the run's img/s was measured under, from its epochs' rows: the thread counts they used
     and their mean 1-minute load (None for records written before epochs recorded them)."""
@@ -210,7 +216,7 @@ def _execute(
         # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
         run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
         run_dir.write_summary(_summary(loaded, run, status="running", rows=run_dir.read_metrics(), **common))
-    label = f"{run.variant_name} seed {run.seed}"
+    label = run_label(run)
     progress: Progress = SilentProgress()
     if not quiet and ctx.is_main:
         progress = make_progress(label) if make_progress is not None else RichProgress(label, console)
@@ -232,13 +238,13 @@ def _execute(
     # Only a non-finite loss (a ``failed`` result) says something against the run; whatever else stops
     # it leaves the records as they are, so the next ``finebench run`` resumes from the last checkpoint.
     except KeyboardInterrupt:
-        raise Interrupted(f"{label} stopped; {_how_to_go_on(run_dir)}") from None
+        raise Interrupted(f"{label} stopped; {how_to_go_on(run_dir)}") from None
     except OSError as error:
-        raise FinebenchError(f"{label}: {error}; {_how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
+        raise FinebenchError(f"{label}: {error}; {how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
     except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
         if not is_out_of_memory(error):
             raise
-        raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {_how_to_go_on(run_dir)}",
+        raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {how_to_go_on(run_dir)}",
                              exit_code=1) from None
     finally:
         close = getattr(progress, "close", None)
@@ -307,7 +313,8 @@ def _touched_since(run_dir: RunDir, since: str) -> bool:
     return max(summary.get("started_at") or "", summary.get("finished_at") or "") >= since
 
 
-def _how_to_go_on(run_dir: RunDir) -> str:
+def how_to_go_on(run_dir: RunDir) -> str:
+    """The end of a message about a stopped run: what of it is saved and the command that goes on."""
     if run_dir.checkpoint_path.is_file():
         return f"the run is resumable from its last saved epoch ({run_dir.checkpoint_path}): rerun the same command"
     return f"no epoch of it was saved yet ({run_dir.path}): rerun the same command to start it again"
@@ -371,7 +378,7 @@ def run_recipe(
     outcomes = []
     for run in runs:
         run_dir = run_dirs[run.run_id]
-        label = f"{run.variant_name} seed {run.seed}"
+        label = run_label(run)
         with contextlib.ExitStack() as held:
             # Rank 0 alone locks and decides; every rank then follows the same decision. A run that
             # needs no training is skipped without its lock, which needs write access.
