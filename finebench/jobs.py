@@ -271,7 +271,7 @@ def _dead_job_line(job: Job, code: int, run: RunSpec | None, run_dirs: Mapping[s
 
 
 def _stopped_line(signum: int, to_train: Sequence[RunSpec], run_dirs: Mapping[str, RunDir]) -> str:
-    """What a stop left: how many of the runs to train ended, which resume from which epoch, how many start anew."""
+    """What a stop left: how many of the runs to train ended, which resume from their checkpoint, how many start anew."""
     ended: dict[str, int] = {}
     resumable, fresh = [], 0
     for run in to_train:
@@ -280,8 +280,7 @@ def _stopped_line(signum: int, to_train: Sequence[RunSpec], run_dirs: Mapping[st
         if kind in ("finished", "failed"):
             ended[kind] = ended.get(kind, 0) + 1
         elif run_dir.checkpoint_path.is_file():
-            epochs = run_dir.summary_if_readable().get("epochs_completed")
-            resumable.append(run_label(run) + (f" at epoch {epochs}" if isinstance(epochs, int) else ""))
+            resumable.append(run_label(run))
         else:
             fresh += 1
     parts = [f"{number} {kind}" for kind, number in ended.items()]
