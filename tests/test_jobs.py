@@ -90,6 +90,8 @@ def test_exit_codes_aggregate_as_a_serial_run_unless_a_job_stopped_for_another_r
     assert aggregate_exit_code(outcomes("finished", "locked"), [0, 0]) == 3
     assert aggregate_exit_code(outcomes("finished", "locked"), [0, 2]) == 2
     assert aggregate_exit_code(outcomes("finished", "locked"), [2, 130]) == 130
+    assert aggregate_exit_code(outcomes("finished", "stopped"), [0, -9]) == 1  # a job killed by SIGKILL
+    assert aggregate_exit_code(outcomes("finished", "stopped"), [0, 1]) == 1  # a disk error stopped a job
 
 
 def test_a_job_reports_progress_as_json_lines(tmp_path) -> None:
