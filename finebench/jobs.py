@@ -133,18 +133,36 @@ def _pump(job: int, stream: TextIO, kind: str, events: queue.Queue) -> None:
     events.put((job, kind, None))
 
 
-class _Stop:
-    """The first stop signal the command got; each job started is sent SIGTERM once after it."""
+STOP_GRACE_S = 60.0
+"""How long a job may take to stop after its SIGTERM before it is killed: one step or evaluation
+batch, on a loaded machine. One stuck in a device call (a hung GPU) is then killed; its run's
+records are atomic, so it resumes from its last saved epoch all the same."""
+
+
+class JobsStop:
+    """The first stop signal the command got; each job started is sent SIGTERM once after it, and
+    SIGKILL ``STOP_GRACE_S`` later if it is still running."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.processes: list[subprocess.Popen] = []
+        self.killed: set[int] = set()
+        """Process ids of the jobs killed for not stopping in time."""
         self._sent: set[int] = set()
+        self._at = 0.0
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self.signum is None:  # a second Ctrl-C changes nothing: the jobs are already stopping
-            self.signum = signum
+            self.signum, self._at = signum, time.monotonic()
             self.forward()
+
+    def kill_stragglers(self) -> None:
+        if self.signum is None or time.monotonic() < self._at + STOP_GRACE_S:
+            return
+        for process in self.processes:
+            if process.poll() is None and process.pid not in self.killed:
+                self.killed.add(process.pid)
+                process.kill()
 
     def forward(self) -> None:
         if self.signum is None:
@@ -156,7 +174,7 @@ class _Stop:
 
 
 @contextlib.contextmanager
-def _stopping_on_signals(stop: _Stop) -> Iterator[None]:
+def _stopping_on_signals(stop: JobsStop) -> Iterator[None]:
     """``stop`` handles the stop signals for the duration (a signal the command was started with
     ignored stays ignored, as a shell's background job expects)."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
@@ -204,7 +222,7 @@ def run_jobs(
     jobs = plan_jobs(min(count, max(1, len(to_train))), loaded.recipe.train.device) if to_train else []
     since = utc_now()
     events: queue.Queue = queue.Queue()
-    stop = _Stop()
+    stop = JobsStop()
     held: dict[int, RunSpec] = {}
     """Job index -> the run it held last (its lock records the job's process id), read as the job exits."""
 
@@ -228,10 +246,17 @@ def run_jobs(
             for kind, stream in (("out", process.stdout), ("err", process.stderr)):
                 threading.Thread(target=_pump, args=(job.index, stream, kind, events), daemon=True).start()
         started = jobs[:len(stop.processes)]
-        _view(started, events, plan, to_train, console, quiet=quiet, on_exit=on_exit)
+        _view(started, events, plan, to_train, console, quiet=quiet, on_exit=on_exit, tick=stop.kill_stragglers)
         codes = [process.wait() for process in stop.processes]
-    if stop.signum is not None:  # a job stopped by the SIGTERM sent to it did as it was told
-        codes = [0 if code in (130, -signal.SIGTERM) else code for code in codes]
+    for job, process in zip(started, stop.processes):
+        if process.pid in stop.killed:
+            run = held.get(job.index)
+            console.print(f"job {job.index + 1} did not stop within {STOP_GRACE_S:.0f} s of its SIGTERM and was killed"
+                          + (f"; {run_label(run)}: {how_to_go_on(plan.run_dirs[run.run_id])}" if run else ""),
+                          highlight=False, soft_wrap=True, markup=False)
+    if stop.signum is not None:  # a job stopped by the SIGTERM sent to it (or killed after it) did as it was told
+        codes = [0 if code in (130, -signal.SIGTERM) or process.pid in stop.killed else code
+                 for code, process in zip(codes, stop.processes)]
     for job, code in zip(started, codes):
         if code < 0:
             console.print(f"error: {_dead_job_line(job, code, held.get(job.index), plan.run_dirs)}",
@@ -307,9 +332,10 @@ def aggregate_exit_code(outcomes: Sequence[RunOutcome], codes: Sequence[int]) ->
 
 
 def _view(jobs: Sequence[Job], events: queue.Queue, plan: Any, to_train: Sequence[Any], console: Console, *,
-          quiet: bool, on_exit: Callable[[int], None]) -> None:
+          quiet: bool, on_exit: Callable[[int], None], tick: Callable[[], None]) -> None:
     """One live view: a bar per job (its run, epoch and steps) and one for the runs done, until every job
-    exits (``on_exit(job)`` as each does). ``quiet`` hides the bars and epochs, never a job's error."""
+    exits (``on_exit(job)`` as each does; ``tick()`` twice a second at least). ``quiet`` hides the bars
+    and epochs, never a job's error."""
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
         TimeElapsedColumn(), console=console, transient=True, disable=quiet,
@@ -335,6 +361,7 @@ def _view(jobs: Sequence[Job], events: queue.Queue, plan: Any, to_train: Sequenc
                 _show_event(progress, tasks[job], f"job {job + 1} ({where[job]})", line)
             elif kind == "err" and line and not any(expected in line for expected in QUIET_LINES):
                 progress.console.print(f"job {job + 1}: {line}", highlight=False, soft_wrap=True, markup=False)
+            tick()
             if time.monotonic() >= next_count:  # the runs' records, read twice a second at most
                 next_count = time.monotonic() + 0.5
                 done = sum(plan.run_dirs[run.run_id].state().kind in ("finished", "failed") for run in to_train)

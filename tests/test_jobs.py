@@ -275,3 +275,25 @@ def test_a_checkpoint_cut_short_under_jobs_names_the_file_and_restart_trains_it_
     again = subprocess.run([*args, "--restart"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert run_dir.status() == "finished" and run_dir.load_checkpoint()["epoch"] == 1
+
+
+def test_a_job_that_does_not_stop_in_time_is_killed(monkeypatch) -> None:
+    """The SIGTERM a job gets on Ctrl-C is given ``STOP_GRACE_S``; one that ignores it (stuck in a
+    device call) is killed rather than keeping the command waiting for ever."""
+    monkeypatch.setattr(jobs_module, "STOP_GRACE_S", 0.2)
+    stuck = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
+                              "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert stuck.stdout.readline() == "ready\n"
+        stop = jobs_module.JobsStop()
+        stop.processes.append(stuck)
+        stop(signal.SIGINT, None)  # as the command's handler is called
+        stop.kill_stragglers()
+        assert stuck.poll() is None and not stop.killed  # within the grace: SIGTERM only, ignored
+        time.sleep(0.3)
+        stop.kill_stragglers()
+        assert stuck.wait(timeout=10) == -signal.SIGKILL and stop.killed == {stuck.pid}
+    finally:
+        stuck.kill()
+        stuck.communicate()
