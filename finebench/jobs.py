@@ -51,10 +51,16 @@ from finebench.plan import (
     plan_runs,
     prepare_if_embedded,
 )
-from finebench.recipe import LoadedRecipe
-from finebench.recipe import RunSpec
+from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import RunDir, utc_now
-from finebench.runner import EXIT_FAILED, EXIT_LOCKED, RunOutcome, exit_code, how_to_go_on, run_label
+from finebench.runner import (
+    EXIT_FAILED,
+    EXIT_LOCKED,
+    RunOutcome,
+    exit_code,
+    how_to_go_on,
+    run_label,
+)
 from finebench.train.distributed import how_ended
 from finebench.train.engine import epoch_line, resolve_device
 

@@ -22,7 +22,12 @@ from pathlib import Path
 
 import pytest
 import typer
-from tiny_data import DATASET, cut_where_torch_load_says_einval, prepare_tiny_bars, tiny_recipe
+from tiny_data import (
+    DATASET,
+    cut_where_torch_load_says_einval,
+    prepare_tiny_bars,
+    tiny_recipe,
+)
 
 import finebench
 from finebench.cli import app, main
