@@ -7,6 +7,7 @@ torchrun workers, which cannot see a test's registry override, still find the st
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,21 @@ def prepare_three_classes(root: Path, name: str, images: list, *, short_side: in
                        parse=parse, offline=True)
     with registry.override(spec):
         prepare_dataset(name, root, quiet=True, short_side=short_side)
+
+
+def cut_where_torch_load_says_einval(checkpoint: Path) -> None:
+    """Cut ``checkpoint`` short at the first length (in KiB) where ``torch.load`` fails with an
+    ``OSError`` ("[Errno 22] Invalid argument", issue 27 item 4: a file cut short to under ~64 KiB)
+    rather than the ``RuntimeError`` that most cuts give; an error if no cut does any more."""
+    import torch
+
+    data = checkpoint.read_bytes()
+    for keep in range(1024, len(data), 1024):
+        checkpoint.write_bytes(data[:keep])
+        try:
+            torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except OSError:
+            return
+        except (RuntimeError, EOFError, pickle.UnpicklingError):  # the other ways torch reports damage
+            pass
+    raise AssertionError(f"no cut of {checkpoint} makes torch.load raise OSError: the test lost its case")
