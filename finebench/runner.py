@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from finebench.console import make_console
 from finebench.data.store import meta_digest
@@ -286,16 +287,21 @@ def _execute(
         raise  # says itself what went wrong and how to go on
     except OSError as error:
         raise FinebenchError(f"{label}: {error}; {how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
+    except torch.distributed.DistError:
+        raise  # a lost peer or a collective timeout: the launcher names it, and the run stays resumable
     except Exception as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
         if is_out_of_memory(error):
             raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {how_to_go_on(run_dir)}",
                                  exit_code=1) from None
         # Anything else is a bug, or a setting validation let through: every resume would stop the
-        # same way, and a summary left "running" shows in `report` as in progress forever. The run
-        # is recorded failed with the error as its reason (--retry-failed resumes it from its last
-        # checkpoint, --restart starts it again); the traceback stays, it is a bug to report.
-        if ctx.is_main:
-            _record_failure(loaded, run, run_dir, error, common)
+        # same way. The run is recorded failed with the error as its reason (--retry-failed resumes
+        # it from its last checkpoint, --restart starts it again); the traceback stays, it is a bug to
+        # report. Not on several workers: there a worker whose peer died sees the backend's plain
+        # RuntimeError (gloo's "Connection reset by peer"), which is no bug, and the run must stay
+        # resumable; its state then comes from its lock (resumable, not running).
+        if ctx.world_size > 1:
+            raise
+        _record_failure(loaded, run, run_dir, error, common)
         error.add_note(f"{label} is recorded failed ({run_dir.path}); --retry-failed resumes it, "
                        "--restart trains it from epoch 1")
         raise
@@ -338,7 +344,7 @@ def _execute(
     if ctx.is_main:
         run_dir.write_summary(summary)
     if result.status == "failed" and not quiet:
-        console.print(f"[red]{label}: failed: {result.failure_reason}[/]", highlight=False)
+        console.print(f"[red]{escape(f'{label}: failed: {result.failure_reason}')}[/]", highlight=False)
     return summary
 
 
@@ -490,7 +496,7 @@ def run_recipe(
             elif decision == "skipped-failed":
                 reason = run_dir.state().failure_reason or "no reason recorded"
                 console.print(f"{label}: failed earlier ({reason}), skipped ({run_dir.path}); "
-                              "--retry-failed resumes it, --restart trains it from epoch 1")
+                              "--retry-failed resumes it, --restart trains it from epoch 1", markup=False)
                 outcomes.append(RunOutcome(run, run_dir.path, decision, run_dir.summary() or {}))
             elif decision != "train":
                 console.print(f"{label}: finished earlier, skipped ({run_dir.path})")

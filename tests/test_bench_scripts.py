@@ -22,6 +22,7 @@ EXPECTED_COLUMN = {
     "attention_readout.py": "op speed / eager",
     "peers_overhead.py": "step time +%",
     "dry_run.py": "dry run / floor",
+    "transformer_overhead.py": "peak memory +%",
 }
 
 

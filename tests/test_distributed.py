@@ -162,7 +162,7 @@ def resumed_job(workdir: Path, data_root: Path, killed_job: dict) -> dict:
     started = time.monotonic()
     launcher = _launch(workdir, data_root, "multi")
     stdout, stderr = launcher.communicate(timeout=300)
-    assert launcher.returncode == 0, stderr
+    assert launcher.returncode == 0, stdout[-3000:] + stderr
     return {"run_dir": _run_dir(workdir / "multi"), "stdout": stdout, "stderr": stderr,
             "seconds": time.monotonic() - started}
 

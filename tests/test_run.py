@@ -67,7 +67,7 @@ def test_a_recipe_writes_valid_records_for_every_variant_and_seed_and_a_rerun_sk
     for outcome in outcomes:
         run_dir = tmp_path / "results" / "tiny" / outcome.run.run_id
         assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == [
-            "config.json", "confusion.json", "last.pt", "metrics.jsonl", "summary.json", *EVENTS]
+            "config.json", "confusion.json", "last.pt", "metrics.jsonl", "predictions.parquet", "summary.json", *EVENTS]
         summary = json.loads((run_dir / "summary.json").read_text())
         assert SUMMARY_KEYS <= set(summary)
         assert summary["status"] == "finished" and summary["epochs_completed"] == 1
