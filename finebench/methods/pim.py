@@ -246,24 +246,29 @@ class PIMClassifier(ImageClassifier):
         return self.head(self.stage_tokens(images), ranks)
 
 
-def loss_terms(output: ModelOutput, labels: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def loss_terms(output: ModelOutput, labels: torch.Tensor,
+               label_smoothing: float = 0.0) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, weight, unweighted term) in the official order: each stage's cross-entropy, then per
-    stage the selected tokens' cross-entropy and the dropped tokens' MSE, then the combiner's."""
+    stage the selected tokens' cross-entropy and the dropped tokens' MSE, then the combiner's.
+    ``label_smoothing`` (``train.label_smoothing``; the official has none) smooths every cross-entropy."""
     stage, selected, dropped = output.aux[0:4], output.aux[4:8], output.aux[8:12]
     w_stage, w_selected, w_dropped, w_combiner = output.aux[16].unbind()
 
     def wide(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.promote_types(t.dtype, torch.float32))  # fp16 → fp32, float64 kept
 
-    terms = [(f"stage{i + 1}", w_stage, F.cross_entropy(wide(s).mean(1), labels)) for i, s in enumerate(stage)]
+    def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+    terms = [(f"stage{i + 1}", w_stage, cross_entropy(wide(s).mean(1), labels)) for i, s in enumerate(stage)]
     for i, (kept, left) in enumerate(zip(selected, dropped, strict=True)):
         classes = kept.shape[-1]
         terms.append((f"selected{i + 1}", w_selected,
-                      F.cross_entropy(wide(kept).reshape(-1, classes), labels.repeat_interleave(kept.shape[1]))))
+                      cross_entropy(wide(kept).reshape(-1, classes), labels.repeat_interleave(kept.shape[1]))))
         if left.shape[1]:
             tanh = torch.tanh(wide(left))
             terms.append((f"dropped{i + 1}", w_dropped, F.mse_loss(tanh, torch.full_like(tanh, -1.0))))
-    terms.append(("combiner", w_combiner, F.cross_entropy(wide(output.logits), labels)))
+    terms.append(("combiner", w_combiner, cross_entropy(wide(output.logits), labels)))
     return terms
 
 
@@ -314,9 +319,9 @@ class PIM(Method):
         return PIMClassifier(backbone, num_classes, options, getattr(backbone, "pim_name", type(backbone).__name__))
 
     def loss(self, output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
-        """The official sum (module docstring); ``label_smoothing`` is not part of it and is ignored."""
+        """The official weighted sum (module docstring)."""
         total = None
-        for _, weight, term in loss_terms(output, labels):
+        for _, weight, term in loss_terms(output, labels, label_smoothing):
             total = weight * term if total is None else total + weight * term
         assert total is not None
         return total.to(torch.promote_types(output.logits.dtype, torch.float32))
