@@ -179,8 +179,8 @@ def test_options_and_table_names() -> None:
 @pytest.mark.parametrize(("backbone", "options", "variant", "message"), [
     ("wrn", {"depth": 10, "width": 1}, {}, r"^variant 'pim' on wrn: expected a timm backbone with four stages"),
     ("timm:test_vit", None, {}, r"^variant 'pim' on timm:test_vit: expected a timm backbone with four stages"),
-    (BACKBONE, TINY_SWIN, {}, r"^variant 'pim' on timm:swin_tiny_patch4_window7_224: selections\[0\] = 2048 is more "
-                              r"than stage 1's 64 tokens at 64 px; expected at most 64/16/4/4"),
+    (BACKBONE, TINY_SWIN, {}, (r"^variant 'pim' on timm:swin_tiny_patch4_window7_224: selections\[0\] = 2048 is "
+                               r"more than stage 1's 64 tokens at 64 px; expected at most 64/16/4/4")),
     (BACKBONE, TINY_SWIN, {"selections": [10, 10, 4, 4]}, r"^variant 'pim': selections total 28; expected at least 32"),
     (BACKBONE, TINY_SWIN, {**GOLDEN_OPTIONS, "input_size": 32},
      r"^variant 'pim' on timm:swin_tiny_patch4_window7_224: input_size 32 but the Swin is built for 64"),

@@ -39,7 +39,7 @@ reports the combiner; ``eval_metrics`` records the others (``report --prediction
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -277,7 +277,7 @@ class PIM(Method):
     description = "PIM: FPN, weakly supervised token selection and a graph combiner on the backbone's stages (Chou et al. 2022)"
     Options = PIMOptions
     shown_prediction = "the combiner"
-    prediction_labels = {
+    prediction_labels: ClassVar[Mapping[str, str]] = {
         **{f"top1_stage.{i}": f"stage {i} alone (its tokens' mean logits)" for i in range(1, 5)},
         **{f"top1_selected.{i}": f"stage {i}'s selected tokens, each token a prediction" for i in range(1, 5)},
         **{f"top1_dropped.{i}": f"stage {i}'s dropped tokens, each token a prediction" for i in range(1, 5)},

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import generated, official_commit, official_file, write  # noqa: E402
+from common import generated, official_commit, official_file, write
 
 TOKENS, CHANNELS, WIDTH, CLASSES = (64, 16, 4, 4), (32, 64, 128, 128), 16, 5
 SELECTIONS = (48, 12, 3, 2)
