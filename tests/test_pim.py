@@ -4,6 +4,7 @@ stage features, the options, the one-line errors, the test-time records and a tr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 from float_tolerance import assert_agrees, float32_atol
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_data import DATASET, tiny_recipe
 
+from finebench.cli import main
 from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
 from finebench.methods.pim import PIMClassifier, loss_terms
@@ -253,3 +256,34 @@ def test_a_training_step_through_the_engine_equals_two_halves_of_the_official_lo
         for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
             expected = theirs - 0.1 * theirs.grad if theirs.grad is not None else theirs
             torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def tiny_pim_recipe(folder: Path, selections: str) -> Path:
+    """A one-epoch pim recipe on the tiny Swin at 64 px (mnist5k ships inside a package)."""
+    text = tiny_recipe(variants=("pim",), input_size=IMAGE, dataset=DATASET)
+    swin = ", ".join(f"{key} = {list(value) if isinstance(value, tuple) else value}" for key, value in TINY_SWIN.items())
+    text = text.replace('backbone = "wrn"\noptions = { depth = 10, width = 1 }', f'backbone = "{BACKBONE}"\noptions = {{ {swin} }}')
+    text = text.replace('kind = "pim"', f'kind = "pim"\nselections = {selections}\nfpn_size = 16')
+    recipe = folder / "pim_tiny.toml"
+    recipe.write_text(text)
+    return recipe
+
+
+def finebench(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``finebench ARGS`` in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["finebench", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_a_dry_run_with_too_many_selections_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    recipe = tiny_pim_recipe(tmp_path, "[2048, 512, 128, 32]")
+    code, _, err = finebench(monkeypatch, capsys, "run", str(recipe), "--dry-run", "--results-dir",
+                             str(tmp_path / "results"), "--data-root", str(tmp_path / "data"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1, err
+    assert "selections[0] = 2048 is more than stage 1's 64 tokens at 64 px; expected at most 64/16/4/4" in lines[0]
+    assert not (tmp_path / "results").exists()
