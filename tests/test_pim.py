@@ -138,6 +138,36 @@ def test_fed_ranks_replace_the_selection() -> None:
     assert not torch.allclose(output.logits, model.head(tokens).logits)
 
 
+SWIN_TERMS = 48 + 8 + sum(9 * c + 3 * 16 for c in (8, 16, 32, 64)) + 2 * 4 * (8 + 16 + 32)
+"""Longest accumulation chain, image to the last stage (tools/golden/pim.py's Swin): the 4 x 4 x 3
+patch, its LayerNorm (8); per stage (width c) two LayerNorms, q/k/v, the projection and the MLP's
+c- and 4c-wide sums (9c), the 16-token window's scores, softmax and weighted sum (3 x 16); the three
+mergings' LayerNorm and reduction over 4c."""
+
+
+@pytest.mark.parametrize("precision", ["f64", "f32"])
+def test_the_swin_stages_equal_the_official_bundled_timm(precision: str) -> None:
+    """The official patched timm 0.4.12 Swin's four outputs (its weights mapped by current timm's own
+    ``checkpoint_filter_fn``: each stage's closing merging becomes the next stage's opening one)."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    everything = load_file(GOLDEN)
+    dtype = torch.float64 if precision == "f64" else torch.float32
+    model = build_model(BACKBONE, 5, "pim", GOLDEN_OPTIONS, {**TINY_SWIN, "embed_dim": 8}).to(dtype).eval()
+    swin = model.backbone.model
+    official = {k.removeprefix("swin.state."): v for k, v in everything.items() if k.startswith("swin.state.")}
+    mapped = checkpoint_filter_fn(official, swin)
+    assert "layers.1.downsample.reduction.weight" in mapped and "layers.0.downsample.reduction.weight" not in mapped
+    tables = [k for k in mapped if k.endswith("relative_position_bias_table")]
+    assert tables and all(torch.equal(mapped[k], official[k]) for k in tables)  # windows equal: nothing resampled
+    swin.load_state_dict(mapped)
+    images = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.no_grad():
+        tokens = model.stage_tokens(images.to(dtype))
+    for i, ours in enumerate(tokens):
+        assert_agrees(ours, everything[f"swin.{precision}.layer{i + 1}"], SWIN_TERMS, msg=f"stage {i + 1}")
+
+
 def test_on_a_swin_the_stages_are_the_patch_mergings_and_the_last_stage() -> None:
     """The official stage outputs (bundled timm 0.4.12: merging at the end of each stage) are current
     timm's ``layers[1..3].downsample`` outputs and the last stage's, without the final norm."""

@@ -3,16 +3,24 @@
 Usage: python tools/golden/pim.py <checkout of chou141253/FGVC-PIM> [out dir]
 Needs torchvision (the official ``pim_module.py`` imports its feature extraction).
 
-What is compared: the official PIM head, not its backbone. The official ``PluginMoodel``
-(models/pim_module/pim_module.py, imported whole: it runs nothing at import) is built as its Swin
-builder does (``return_nodes = None``, FPN ``Linear``/``Conv``, selector, combiner) on a stand-in
-backbone whose four outputs are fixed B x N x C stage tokens, held as parameters so that their
-gradients (what flows back into a backbone) are recorded too. The Swin itself is not run: the
-official bundled timm 0.4.12 does not import on current PyTorch, and the mapping of its stage
-outputs to current timm's (``layers[1..3].downsample`` and the last stage) was checked separately
-(docs/PEERS.md); finebench's taps are tested against those modules in tests/test_pim.py.
+What is compared, in two parts:
 
-Tiny sizes, those of the tiny Swin tests/test_pim.py builds (64 px, patch 4, embedding 16, so its
+1. The backbone's stage features. The official bundled timm (0.4.12, patched so that
+   ``SwinTransformer.forward`` returns the four stage outputs, merging included, without the final
+   norm) is imported from the checkout's ``timm/`` folder; its ``SwinTransformer`` (the class of
+   the official ``swin_large_patch4_window12_384_in22k``, whose entry point fixes the sizes) is
+   built tiny (patch 4, 64 px, window 4, embedding 8, one block of one head per stage, no classifier), its float parameters filled from seeded generators
+   (matrices N(0, 1/fan_in), LayerNorm scales 1 + 0.1 N, the rest 0.1 N), in eval mode (no
+   stochastic depth). Written: that state dict (float32, the official key names: the test maps it
+   with current timm's own ``checkpoint_filter_fn``) and the four outputs on two seeded images, in
+   float64 and float32.
+2. The official PIM head. The official ``PluginMoodel`` (models/pim_module/pim_module.py, imported
+   whole: it runs nothing at import) is built as its Swin builder does (``return_nodes = None``,
+   FPN ``Linear``/``Conv``, selector, combiner) on a stand-in backbone whose four outputs are fixed
+   B x N x C stage tokens, held as parameters so that their gradients (what flows back into a
+   backbone) are recorded too.
+
+Head sizes, those of the tiny Swin tests/test_pim.py builds (64 px, patch 4, embedding 16, so its
 merged stages): 4 images, 5 classes, stage tokens 64/16/4/4 (the last two equal, so the official
 upsample there is an identity) with 32/64/128/128 channels, FPN width 16, selections 48/12/3/2 (65 in
 all: two graph joints). The official initialisation under
@@ -26,7 +34,7 @@ taken from the file's syntax tree and executed on the model's outputs, with the 
 the loss; finebench's accumulation weights each part by its share instead). Each term alone: the
 same loop on that one output with every weight 1.
 
-Written, in float64 and in float32: the stage tokens; the state dict; the labels; the selection
+Written for the head, in float64 and in float32: the stage tokens; the state dict; the labels; the selection
 (each stage's token order, recovered by matching the official selected and dropped logits to its
 stage logits, exactly); the stage, selected and dropped logits and the combiner's; each loss term
 and the total; the gradients of the total with respect to every parameter and the stage tokens.
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -45,7 +54,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import generated, official_commit, official_file, write
+from common import generated, git_dir, official_commit, official_file, write
 
 TOKENS, CHANNELS, WIDTH, CLASSES = (64, 16, 4, 4), (32, 64, 128, 128), 16, 5
 SELECTIONS = (48, 12, 3, 2)
@@ -68,6 +77,48 @@ class StandIn(torch.nn.Module):
 
     def forward(self, _images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: t for name, t in zip(NAMES, self.tokens, strict=True)}
+
+
+SWIN = {"img_size": 64, "window_size": 4, "embed_dim": 8, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1),
+        "num_classes": 0}
+SWIN_IMAGES = (2, 3, 64, 64)
+"""Two images from generator seed 7 (``generated``): the test regenerates them."""
+
+
+def official_swin(checkout: str) -> dict[str, torch.Tensor]:
+    """Part 1 (module docstring): the bundled timm's stage outputs and its state dict."""
+    folder = Path(tempfile.mkdtemp())
+    listing = subprocess.run([*git_dir(checkout), "ls-tree", "-r", "--name-only", "HEAD", "timm"], check=True,
+                             capture_output=True, text=True).stdout.split()
+    for path in listing:
+        if path.endswith(".py"):
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_text(official_file(checkout, path))
+    sys.path.insert(0, str(folder))
+    import timm  # the official bundled copy (0.4.12, patched)
+
+    assert Path(timm.__file__).is_relative_to(folder), timm.__file__
+    torch.manual_seed(0)
+    model = timm.models.swin_transformer.SwinTransformer(patch_size=4, **SWIN).eval()
+    with torch.no_grad():
+        for index, (name, tensor) in enumerate(model.state_dict().items()):
+            if not tensor.is_floating_point() or "attn_mask" in name:
+                continue
+            values = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(200 + index))
+            if tensor.dim() > 1:
+                values = values / (tensor[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                values = 1 + 0.1 * values
+            else:
+                values = 0.1 * values
+            tensor.copy_(values)
+    out = {f"swin.state.{k}": v.clone() for k, v in model.state_dict().items()
+           if v.is_floating_point() and "attn_mask" not in k}
+    for dtype, prefix in ((torch.float64, "f64"), (torch.float32, "f32")):
+        with torch.no_grad():
+            stages = model.to(dtype)(generated(7, *SWIN_IMAGES).to(dtype))
+        out.update({f"swin.{prefix}.{name}": value for name, value in stages.items()})
+    return out
 
 
 def official_module(checkout: str) -> Any:
@@ -149,6 +200,7 @@ def main() -> None:
     tensors = {"labels": torch.tensor(LABELS)}
     tensors.update(run(pim_module, loop, torch.float64, "f64"))
     tensors.update(run(pim_module, loop, torch.float32, "f32"))
+    tensors.update(official_swin(checkout))
     write(out, tensors, official_commit(checkout), "chou141253/FGVC-PIM")
 
 
