@@ -190,7 +190,7 @@ def test_on_a_swin_the_stages_are_the_patch_mergings_and_the_last_stage() -> Non
 
 
 def test_a_cnn_uses_the_deepest_map_of_each_of_its_four_deepest_strides() -> None:
-    model = build_model("timm:resnet10t", 5, "pim", {**GOLDEN_OPTIONS, "input_size": 64})
+    model = build_model("timm:resnet10t", 5, "pim", {**GOLDEN_OPTIONS, "image_size": 64})
     assert model.taps == ("layer1", "layer2", "layer3", "layer4")
     assert model(torch.randn(2, 3, 64, 64)).logits.shape == (2, 5)
 
@@ -215,8 +215,8 @@ def test_options_and_table_names() -> None:
     (BACKBONE, TINY_SWIN, {}, (r"^variant 'pim' on timm:swin_tiny_patch4_window7_224: selections\[0\] = 2048 is "
                                r"more than stage 1's 64 tokens at 64 px; expected at most 64/16/4/4")),
     (BACKBONE, TINY_SWIN, {"selections": [10, 10, 4, 4]}, r"^variant 'pim': selections total 28; expected at least 32"),
-    (BACKBONE, TINY_SWIN, {**GOLDEN_OPTIONS, "input_size": 32},
-     r"^variant 'pim' on timm:swin_tiny_patch4_window7_224: input_size 32 but the Swin is built for 64"),
+    (BACKBONE, TINY_SWIN, {**GOLDEN_OPTIONS, "image_size": 32},
+     r"^variant 'pim' on timm:swin_tiny_patch4_window7_224: image_size 32 but the Swin is built for 64"),
 ])
 def test_one_line_errors_name_what_works(backbone: str, options: dict | None, variant: dict, message: str) -> None:
     with pytest.raises(FinebenchError, match=message) as error:
@@ -317,3 +317,12 @@ def test_a_dry_run_with_too_many_selections_is_one_line(tmp_path: Path, monkeypa
     assert code != 0 and len(lines) == 1, err
     assert "selections[0] = 2048 is more than stage 1's 64 tokens at 64 px; expected at most 64/16/4/4" in lines[0]
     assert not (tmp_path / "results").exists()
+
+
+def test_profile_takes_the_options_as_flags(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """``image_size`` rather than ``input_size``: profile's own ``--input-size`` would take that flag."""
+    code, out, err = finebench(monkeypatch, capsys, "profile", "--backbone", "timm:test_resnet", "--variant", "pim",
+                               "--selections", "[24, 8, 2, 1]", "--fpn-size", "16", "--image-size", "32",
+                               "--input-size", "32")
+    assert code == 0, err
+    assert "pim-s24-8-2-1-f16-i32" in out and "layer1:32@4 layer2:48@8 layer3:192@16 layer4:96@32" in out

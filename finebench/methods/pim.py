@@ -79,9 +79,10 @@ class PIMOptions(MethodOptions):
     """Weight of the combiner's cross-entropy (official ``lambda_c``)."""
     combiner_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     """Dropout before the combiner's classifier (official 0.1)."""
-    input_size: Annotated[int, Field(ge=1)] | None = None
-    """Input side the FPN's token mixing is built for; unset: the backbone's own (a Swin's
-    ``img_size``, else timm's default input size). On a Swin, set its ``img_size`` instead."""
+    image_size: Annotated[int, Field(ge=1)] | None = None
+    """Input side (px) the FPN's token mixing is built for: the recipe's ``dataset.input_size``;
+    unset: the backbone's own (a Swin's ``img_size``, else timm's default input size). On a Swin,
+    set its ``img_size`` instead. (Not ``input_size``: ``profile`` has that flag itself.)"""
 
 
 def stage_taps(backbone: Backbone) -> tuple[str, ...] | None:
@@ -163,7 +164,8 @@ class PIMClassifier(ImageClassifier):
         if not self.swin and (model is None or taps is None):
             raise incompatible("pim", name, WORKS)
         self.taps = taps if not self.swin else ()
-        self.backbone_taps_read = (backbone.tap_points[-1].name,) if self.swin else taps[-1:]
+        # a Swin's merged stages are no taps: it reads up to its last stage (never the final norm)
+        self.backbone_taps_read = (backbone.tap_points[-1].name,) if self.swin else taps
         self.input_size, shapes = self._stage_shapes(backbone, options, name)
         counts, selections = [n for n, _ in shapes], list(options.selections)
         if any(s > n for s, n in zip(selections, counts, strict=True)):
@@ -198,14 +200,14 @@ class PIMClassifier(ImageClassifier):
         model = backbone.model
         if self.swin:
             size = tuple(model.patch_embed.img_size)
-            if options.input_size is not None and (options.input_size, options.input_size) != size:
-                raise FinebenchError(f"variant 'pim' on {name}: input_size {options.input_size} but the Swin is built "
-                                     f"for {size[0]}; expected the backbone option img_size = {options.input_size}")
+            if options.image_size is not None and (options.image_size, options.image_size) != size:
+                raise FinebenchError(f"variant 'pim' on {name}: image_size {options.image_size} but the Swin is built "
+                                     f"for {size[0]}; expected the backbone option img_size = {options.image_size}")
             # feature_info names each stage's output channels (its merging's, for stages 1-3)
             stages = [*range(1, STAGES), STAGES - 1]
             resolution = [model.layers[i].output_resolution for i in stages]
             return size, [(h * w, backbone.tap_points[i].channels) for i, (h, w) in zip(stages, resolution, strict=True)]
-        side = options.input_size or int(model.pretrained_cfg["input_size"][-1])
+        side = options.image_size or int(model.pretrained_cfg["input_size"][-1])
         probe = next(backbone.parameters())
         was_training = backbone.training
         backbone.eval()
@@ -221,7 +223,7 @@ class PIMClassifier(ImageClassifier):
         if tuple(images.shape[-2:]) != self.input_size:
             raise FinebenchError(f"variant 'pim': input {tuple(images.shape[-2:])} but the model was built for "
                                  f"{self.input_size} (the FPN mixes a fixed number of tokens); expected the recipe's "
-                                 "input_size to match the backbone option img_size (Swin) or the option input_size")
+                                 "input_size to match the backbone option img_size (Swin) or the option image_size")
         if self.swin:
             return swin_stage_tokens(self.backbone.model, images)
         _, maps = self.backbone(images, list(self.taps), stop_after_taps=True)
@@ -292,8 +294,8 @@ class PIM(Method):
             parts.append("s" + "-".join(map(str, options.selections)))
         if options.fpn_size != default.fpn_size:
             parts.append(f"f{options.fpn_size}")
-        if options.input_size is not None:
-            parts.append(f"i{options.input_size}")
+        if options.image_size is not None:
+            parts.append(f"i{options.image_size}")
         parts += [f"{key}{getattr(options, key):g}"
                   for key in ("stage_weight", "selected_weight", "dropped_weight", "combiner_weight", "combiner_dropout")
                   if getattr(options, key) != getattr(default, key)]
