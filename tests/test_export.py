@@ -21,26 +21,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_data import DATASET, prepare_three_classes, prepare_tiny_bars, tiny_recipe
 from torch import nn
+from tiny_data import DATASET, prepare_three_classes, prepare_tiny_bars, tiny_recipe
 
 from finebench.data.loader import build_eval_loader, eval_transform
 from finebench.errors import FinebenchError
-from finebench.methods import (
-    METHODS,
-    build_model_from_config,
-    get_method,
-    parse_options,
-)
+from finebench.methods import METHODS, build_model_from_config, get_method, parse_options
 from finebench.recipe import load_recipe
 from finebench.runner import run_recipe
-from finebench.trained import (
-    export_run,
-    load_exported,
-    load_trained_run,
-    preprocessing_record,
-    write_export,
-)
+from finebench.trained import export_run, load_exported, load_trained_run, preprocessing_record, write_export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
