@@ -288,12 +288,14 @@ def test_a_training_step_through_the_engine_equals_two_halves_of_the_official_lo
             torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def tiny_pim_recipe(folder: Path, selections: str) -> Path:
-    """A one-epoch pim recipe on the tiny Swin at 64 px (mnist5k ships inside a package)."""
+def tiny_pim_recipe(folder: Path, selections: str, backbone: str = BACKBONE, more: str = "") -> Path:
+    """A one-epoch pim recipe at 64 px (mnist5k ships inside a package), by default on the tiny Swin."""
     text = tiny_recipe(variants=("pim",), input_size=IMAGE, dataset=DATASET)
-    swin = ", ".join(f"{key} = {list(value) if isinstance(value, tuple) else value}" for key, value in TINY_SWIN.items())
-    text = text.replace('backbone = "wrn"\noptions = { depth = 10, width = 1 }', f'backbone = "{BACKBONE}"\noptions = {{ {swin} }}')
-    text = text.replace('kind = "pim"', f'kind = "pim"\nselections = {selections}\nfpn_size = 16')
+    options = TINY_SWIN if backbone == BACKBONE else {}
+    listed = ", ".join(f"{key} = {list(value) if isinstance(value, tuple) else value}" for key, value in options.items())
+    text = text.replace('backbone = "wrn"\noptions = { depth = 10, width = 1 }',
+                        f'backbone = "{backbone}"' + (f"\noptions = {{ {listed} }}" if listed else ""))
+    text = text.replace('kind = "pim"', f'kind = "pim"\nselections = {selections}\nfpn_size = 16{more}')
     recipe = folder / "pim_tiny.toml"
     recipe.write_text(text)
     return recipe
@@ -316,6 +318,17 @@ def test_a_dry_run_with_too_many_selections_is_one_line(tmp_path: Path, monkeypa
     lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1, err
     assert "selections[0] = 2048 is more than stage 1's 64 tokens at 64 px; expected at most 64/16/4/4" in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_dry_run_at_another_input_size_than_built_for_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    recipe = tiny_pim_recipe(tmp_path, "[24, 8, 2, 1]", "timm:test_resnet", "\nimage_size = 32")
+    code, _, err = finebench(monkeypatch, capsys, "run", str(recipe), "--dry-run", "--results-dir",
+                             str(tmp_path / "results"), "--data-root", str(tmp_path / "data"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1, err
+    assert "variant 'pim': input (64, 64) but the model was built for (32, 32)" in lines[0]
     assert not (tmp_path / "results").exists()
 
 

@@ -220,8 +220,9 @@ class PIMClassifier(ImageClassifier):
         return (side, side), [(maps[t].shape[2] * maps[t].shape[3], maps[t].shape[1]) for t in self.taps]
 
     def stage_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if tuple(images.shape[-2:]) != self.input_size:
-            raise FinebenchError(f"variant 'pim': input {tuple(images.shape[-2:])} but the model was built for "
+        size = tuple(int(side) for side in images.shape[-2:])  # ints under fvcore's trace too
+        if size != self.input_size:
+            raise FinebenchError(f"variant 'pim': input {size} but the model was built for "
                                  f"{self.input_size} (the FPN mixes a fixed number of tokens); expected the recipe's "
                                  "input_size to match the backbone option img_size (Swin) or the option image_size")
         if self.swin:
