@@ -30,10 +30,15 @@ builder (``proj_type = "Linear"``, ``upsample_type = "Conv"``):
 The ranking is a choice of tokens, so no gradient flows through it; ties keep the lower token index
 (a stable sort; the official per-image ``torch.sort`` leaves them to the kernel). Where a stage keeps
 all its tokens there is nothing to drop and its dropped term is 0 (the official MSE of nothing is NaN).
+``train.label_smoothing`` (the official has none) smooths every cross-entropy. The token mixing has
+fixed token counts, so a model is built for one input size: a Swin's ``img_size``, otherwise the
+option ``image_size`` (default: timm's input size of the model); another size is a one-line error
+(``run --dry-run`` costs the model at the recipe's size, so it says so before anything is written).
 
 The official evaluation keeps the best of about 19 accuracies on the test set (each stage, the
 combiner, the selected and dropped tokens, and the "highest-1..5" sums of softmax scores). finebench
-reports the combiner; ``eval_metrics`` records the others (``report --predictions``).
+reports the combiner; ``eval_metrics`` records the others (``report --predictions``). The test
+loss is the whole objective above.
 """
 
 from __future__ import annotations
