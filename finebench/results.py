@@ -17,6 +17,7 @@ import fcntl
 import functools
 import io
 import json
+import os
 import platform
 import shutil
 import socket
@@ -166,6 +167,9 @@ class RunDir:
     """``train.select = "best_validation"``: the weights of the epoch with the best validation top-1."""
     VALIDATION_FILE = "validation.json"
     """``dataset.validation``: which images were held out of training (``finebench.data.validation``)."""
+    PREDICTIONS_FILE = "predictions.parquet"
+    """Per-image predictions of the final evaluation (``finebench.predictions``); ``finebench eval``
+    writes ``predictions-<split>.parquet`` beside it (``predictions_path``)."""
 
     LOCK_FILE = ".lock"
     LOCK_TRIES = 10
@@ -192,6 +196,14 @@ class RunDir:
     confusion_path = property(lambda self: self.path / self.CONFUSION_FILE)
     best_path = property(lambda self: self.path / self.BEST_FILE)
     validation_path = property(lambda self: self.path / self.VALIDATION_FILE)
+
+    def predictions_path(self, split: str | None = None) -> Path:
+        """The final evaluation's per-image file, or (``split``) the one ``finebench eval`` writes for
+        that split: its own file, so a second evaluation never replaces what the run recorded."""
+        if split is None:
+            return self.path / self.PREDICTIONS_FILE
+        stem, suffix = self.PREDICTIONS_FILE.rsplit(".", 1)
+        return self.path / f"{stem}-{split}.{suffix}"
 
     def _parsed(self, path: Path, parse: Callable[[Path], Any]) -> Any:
         """``parse(path)``, or None when the file is missing. A record is parsed once while it is
@@ -284,8 +296,10 @@ class RunDir:
 
     def discard(self) -> None:
         """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
+        evaluated = self.predictions_path("*").name  # what `finebench eval` wrote of the discarded model
         for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path,
-                     self.confusion_path, self.best_path, self.validation_path):
+                     self.confusion_path, self.best_path, self.validation_path, self.predictions_path(),
+                     *self.path.glob(evaluated)):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the discarded run's curves
 
@@ -311,11 +325,26 @@ class RunDir:
                     "keep the results folder on a filesystem with working flock (Lustre: mount with -o flock)",
                     exit_code=1,
                 ) from None
+            try:  # who holds it, for ``lock_holder``; the lock works without it
+                handle.truncate(0)
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+            except OSError:
+                pass
             self._holding = True
             yield
         finally:
             self._holding = False
             handle.close()
+
+    def lock_holder(self) -> int | None:
+        """The process id of the last process that took the run's lock (it may have ended since), or None.
+
+        ``--jobs`` reads it to tell which run a job that stopped or died was training."""
+        try:
+            return int((self.path / ".lock").read_text(encoding="ascii").strip())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_json(self.config_path, dict(config))
@@ -402,13 +431,30 @@ def _load_state(path: Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
-        raise  # the disk, not the file: the CLI names it, and the run stays resumable
+        # torch's zip reader says EINVAL for a file cut short near its end: only a file that
+        # reads back whole is the disk's innocence, and then the damage is the file's
+        if not _reads_whole(path):
+            raise  # the disk, not the file: the CLI names it, and the run stays resumable
+        raise FinebenchError(f"{path}: unreadable checkpoint, cut short or corrupt: {RESTART_HINT}") from None
     except Exception as error:  # torch reports damage as RuntimeError, UnpicklingError, EOFError, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FinebenchError(f"{path}: unreadable checkpoint ({reason}): {RESTART_HINT}") from None
+        # the first sentence: torch goes on with advice for its own users
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        raise FinebenchError(f"{path}: unreadable checkpoint, cut short or corrupt ({reason}): "
+                             f"{RESTART_HINT}") from None
     if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
         raise FinebenchError(f"{path}: not a finebench checkpoint (no epoch): {RESTART_HINT}")
     return state
+
+
+def _reads_whole(path: Path, chunk: int = 1 << 24) -> bool:
+    """Whether every byte of ``path`` can be read (read and dropped a chunk at a time, not held)."""
+    try:
+        with open(path, "rb") as handle:
+            while handle.read(chunk):
+                pass
+    except OSError:
+        return False
+    return True
 
 
 # ---- summary.json's schema, beside its writer --------------------------------------------------

@@ -30,6 +30,7 @@ from finebench.report.render import format_table, table_note, wide_view
 from finebench.report.tables import summary_table
 from finebench.results import MACHINE_FIELDS, RunDir, RunSummary
 from finebench.runner import run_recipe
+from finebench.trained import load_trained_run, strip_wrappers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -250,6 +251,14 @@ def test_best_validation_records_the_split_keeps_best_pt_and_tests_the_selected_
     assert selected["epoch"] == chosen["epoch"] and selected["val_top1"] == chosen["val_top1"]
     best = run_dir.load_best()
     assert best["epoch"] == chosen["epoch"]
+    # eval, attend and export rebuild the run with the selected weights, not the last epoch's (here the
+    # selected epoch may be the last, so best.pt is replaced by weights of its own to tell them apart)
+    marked = {name: torch.full_like(value, 0.5) if value.is_floating_point() else value
+              for name, value in best["model"].items()}
+    run_dir.save_best({**best, "model": marked})
+    rebuilt = load_trained_run(outcome.path).model.state_dict()
+    assert all(torch.equal(rebuilt[name], value) for name, value in strip_wrappers(marked).items())
+    run_dir.save_best(best)
     # The test evaluation of the selected weights is that epoch's own test evaluation (eval_every 1),
     # the same weights on the same images in the same order: float64 sums of identical float32 outputs.
     assert selected["test_top1"] == chosen["test_top1"] and selected["test_loss"] == chosen["test_loss"]

@@ -34,6 +34,7 @@ from finebench.methods.base import Method, MicroBatch
 from finebench.models.batchnorm import convert_ghost_batchnorm
 from finebench.models.network import drop_gradients, parameter_groups
 from finebench.models.output import ModelOutput, mixture_loss
+from finebench.predictions import SHOWN_PREDICTION, TOP_K, PerImagePredictions
 from finebench.recipe import TrainSection
 from finebench.results import MACHINE_FIELDS
 from finebench.train.optim import build_optimizer, build_scheduler
@@ -457,17 +458,21 @@ def evaluate(
     ctx: DistContext | None = None,
     confusion: bool = False,
     method: Method | None = None,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 and, for attention models, the network's and each module's own top-1.
 
     ``confusion``: also the N×N confusion matrix (rows: true class, columns: top-1 prediction),
     summed over ranks like the other counts, so per-class figures are exact under DDP too.
+    ``per_image``: also ``per_image``, each image's top classes for every prediction the model makes
+    (``PerImagePredictions``), read off the outputs this evaluation computes anyway.
     """
     ctx = ctx or DistContext()
     model.eval()
     totals: torch.Tensor | None = None
     matrix: torch.Tensor | None = None
     module_count = 0
+    collected: list[tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with autocast(device, precision):
@@ -497,6 +502,10 @@ def evaluate(
             classes = scores.shape[1]
             counts = torch.bincount(labels * classes + top5[:, 0], minlength=classes * classes)
             matrix = counts if matrix is None else matrix + counts
+        if per_image:
+            unwrapped = getattr(model, "module", model)
+            modules = tap_names(getattr(unwrapped, "_orig_mod", unwrapped), module_count) if mixture else []
+            collected.append((labels, _top_classes(scores, top5, output, method, modules)))
     if totals is None:
         raise FinebenchError("the test split is empty: nothing to evaluate")
     values = ctx.reduce_sum(totals).tolist()
@@ -518,7 +527,55 @@ def evaluate(
     if matrix is not None:
         classes = math.isqrt(matrix.numel())
         result["confusion"] = ctx.reduce_sum(matrix.double()).view(classes, classes).long().tolist()
+    if per_image:
+        result["per_image"] = _gather_per_image(collected, ctx)
     return result
+
+
+def _top_classes(scores: torch.Tensor, top5: torch.Tensor, output: ModelOutput, method: Method | None,
+                 module_names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One batch's top classes and their softmax probabilities per prediction, left on the device
+    (no host sync per batch). The shown prediction keeps the evaluator's own ``top5``, so its first
+    class is the top-1 the metrics counted; the others (A&R's network and modules, named as
+    summary.json's ``network_top1`` and ``module_top1`` entries, and the method's ``prediction_logits``)
+    take their own top-k."""
+    def top(values: torch.Tensor, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        values = values.float()
+        if indices is None:
+            indices = values.topk(min(TOP_K, values.shape[1]), dim=1).indices
+        return indices, torch.softmax(values, dim=1).gather(1, indices)
+
+    found = {SHOWN_PREDICTION: top(scores, top5)}
+    if module_names:
+        found["network_top1"] = top(output.logits)
+        found.update((f"module_top1.{name}", top(logits))
+                     for name, logits in zip(module_names, output.module_logits, strict=True))
+    if method is not None:
+        found.update((name, top(logits)) for name, logits in method.prediction_logits(output).items())
+    return found
+
+
+def _gather_per_image(collected: list[tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]],
+                      ctx: DistContext) -> PerImagePredictions:
+    """Every rank's batches as one ``PerImagePredictions`` in id order. The test loaders shard as
+    ``range(rank, N, world_size)`` in store order (``finebench.data.loader``), which is what gives
+    each image its id here."""
+    names = list(collected[0][1])
+    labels = torch.cat([batch_labels for batch_labels, _ in collected]).cpu().numpy()
+    classes = [torch.cat([found[name][0] for _, found in collected]).cpu().numpy() for name in names]
+    probs = [torch.cat([found[name][1] for _, found in collected]).cpu().numpy() for name in names]
+    parts = ctx.gather((labels, classes, probs)) if ctx.world_size > 1 else [(labels, classes, probs)]
+    ids = np.concatenate([rank + ctx.world_size * np.arange(len(part[0])) for rank, part in enumerate(parts)])
+    order = np.argsort(ids, kind="stable")
+
+    def joined(field: int, index: int) -> np.ndarray:
+        return np.concatenate([part[field][index] for part in parts])[order]
+
+    return PerImagePredictions(
+        ids[order].astype(np.int64), np.concatenate([part[0] for part in parts])[order].astype(np.int64),
+        {name: joined(1, i).astype(np.int64) for i, name in enumerate(names)},
+        {name: joined(2, i).astype(np.float32) for i, name in enumerate(names)},
+    )
 
 
 # ---- progress -----------------------------------------------------------------------------------
@@ -637,6 +694,8 @@ class FitResult:
     evaluation of its weights (``best.pt``); None for ``"last"``."""
     selected_confusion: list[list[int]] | None = None
     """The confusion matrix of that evaluation (``confusion`` stays the last epoch's)."""
+    predictions: PerImagePredictions | None = None
+    """Per-image predictions of the final evaluation (collected on every rank); None when it did not run."""
 
 
 class RunStore(Protocol):
@@ -811,18 +870,19 @@ def fit(
     best_in_memory: dict[str, Any] | None = None  # without a store, the selected weights stay here
     selected: dict[str, Any] | None = None
     selected_confusion: list[list[int]] | None = None
+    final_predictions: PerImagePredictions | None = None
 
     def result(status: str, reason: str | None, epochs_done: int) -> FitResult:
         throughput = train_images / train_time if train_time else 0.0
         return FitResult(
             status, reason, rows, epochs_done, train_time, throughput, precision, device,
             confusion=final_confusion, compiled=compiled, channels_last=channels_last, compile_time_s=compile_time,
-            selected=selected, selected_confusion=selected_confusion,
+            selected=selected, selected_confusion=selected_confusion, predictions=final_predictions,
         )
 
-    def evaluate_split(loader: Iterable, *, confusion: bool) -> dict[str, Any]:
+    def evaluate_split(loader: Iterable, *, confusion: bool, per_image: bool = False) -> dict[str, Any]:
         return evaluate(eval_model, loader, device=device, precision=precision, mixture=mixture,
-                        channels_last=channels_last, ctx=ctx, confusion=confusion, method=method)
+                        channels_last=channels_last, ctx=ctx, confusion=confusion, method=method, per_image=per_image)
 
     for epoch in range(start_epoch, train.epochs + 1):
         if runtime.threads_each_epoch and epoch > start_epoch:  # the caller chose for the first one
@@ -860,8 +920,9 @@ def fit(
             "load_1min": load_average(),
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
-            metrics = evaluate_split(test_loader, confusion=epoch == train.epochs)
+            metrics = evaluate_split(test_loader, confusion=epoch == train.epochs, per_image=epoch == train.epochs)
             final_confusion = metrics.pop("confusion", None)
+            final_predictions = metrics.pop("per_image", None)
             if validation_loader is not None:
                 held_out = evaluate_split(validation_loader, confusion=False)
                 metrics.update(val_loss=held_out["test_loss"], val_top1=held_out["test_top1"])
