@@ -186,7 +186,8 @@ def test_on_a_swin_the_stages_are_the_patch_mergings_and_the_last_stage() -> Non
     assert [tuple(t.shape) for t in tokens] == [(2, 64, 32), (2, 16, 64), (2, 4, 128), (2, 4, 128)]
     for ours, official in zip(tokens, seen[3:], strict=True):  # the timm forward (ours fired 3 merging hooks)
         assert torch.equal(ours, official.flatten(1, 2))
-    assert model.backbone_taps_read == ("layers.3",)  # the final norm is never read
+    assert model.backbone_taps_read == ("layers.3",)
+    assert model.unused_parameter_names() == ["backbone.model.norm.weight", "backbone.model.norm.bias"]
 
 
 def test_a_cnn_uses_the_deepest_map_of_each_of_its_four_deepest_strides() -> None:
@@ -339,3 +340,13 @@ def test_profile_takes_the_options_as_flags(monkeypatch: pytest.MonkeyPatch, cap
                                "--input-size", "32")
     assert code == 0, err
     assert "pim-s24-8-2-1-f16-i32" in out and "layer1:32@4 layer2:48@8 layer3:192@16 layer4:96@32" in out
+
+
+def test_a_tiny_swin_recipe_dry_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture) -> None:
+    recipe = tiny_pim_recipe(tmp_path, "[48, 12, 3, 2]")
+    code, out, err = finebench(monkeypatch, capsys, "run", str(recipe), "--dry-run", "--results-dir",
+                               str(tmp_path / "results"), "--data-root", str(tmp_path / "data"))
+    assert code == 0, err
+    assert "pim-s48-12-3-2-f16" in out and "selections 48/12/3/2 · FPN 16" in out
+    assert not (tmp_path / "results").exists()

@@ -224,6 +224,10 @@ class PIMClassifier(ImageClassifier):
             backbone.train(was_training)
         return (side, side), [(maps[t].shape[2] * maps[t].shape[3], maps[t].shape[1]) for t in self.taps]
 
+    def unused_parameter_names(self, input_size: int | None = None) -> list[str]:
+        """Probed at the size the model is built for where the caller knows none (a Swin takes no other)."""
+        return super().unused_parameter_names(self.input_size[0] if input_size is None else input_size)
+
     def stage_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         size = tuple(int(side) for side in images.shape[-2:])  # ints under fvcore's trace too
         if size != self.input_size:
