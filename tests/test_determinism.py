@@ -60,6 +60,7 @@ def _steps(kind: str, options: dict, labels_of: str) -> torch.Tensor:
     ("ws_dan", {"attentions": 8}, "random"),
     ("cal", {"attentions": 8}, "random"),
     ("api_net", {"freeze_backbone_epochs": 0}, "classes of 4"),
+    ("pim", {"selections": [64, 16, 8, 2], "fpn_size": 16, "image_size": 64}, "random"),
 ])
 def test_four_training_steps_repeat_bit_for_bit_on_two_threads(two_threads, kind: str, options: dict,
                                                               labels_of: str) -> None:
