@@ -8,7 +8,9 @@
 # 2. compiled vs eager A&R, and the read-out operator, at N = 10 and 100 (benchmarks/attention_readout.py);
 # 3. issue 19: each peer's training-step time against the baseline beside its FLOP overhead, at the
 #    peers recipes' setting (ResNet-50, 448 px, N = 200, batch 16, bf16, eager; about a minute);
-# 4. the suite (benchmarks/gpu_suite.py) in what time is left.
+# 4. issue 28: each transformer method's training step and peak memory against the plain ViT-B/16 at
+#    448 px (N = 200, batch 8, bf16; benchmarks/transformer_overhead.py; about a minute);
+# 5. the suite (benchmarks/gpu_suite.py) in what time is left.
 set -uo pipefail
 start=$(date +%s)
 work=$(mktemp -d)
@@ -48,5 +50,7 @@ done
 python benchmarks/attention_readout.py --depth 28 --width 10 --repeats 5
 timeout 150 python benchmarks/peers_overhead.py --backbone resnet50 --size 448 --classes 200 --batch 16 \
   --precision bf16 --repeats 5 || echo "peers_overhead.py did not finish in 150 s"
+timeout 150 python benchmarks/transformer_overhead.py --backbone timm:vit_base_patch16_224 --size 448 \
+  --classes 200 --batch 8 --precision bf16 --repeats 5 || echo "transformer_overhead.py did not finish in 150 s"
 left=$(( 480 - ($(date +%s) - start) ))
 if [ "$left" -gt 60 ]; then python benchmarks/gpu_suite.py --budget-s "$left"; else echo "no time left for gpu_suite.py"; fi

@@ -336,24 +336,10 @@ def run_command(
     if sum([jobs > 1, submit is not None, nproc_per_node > 1]) > 1:
         raise FinebenchError("--jobs, --submit and --nproc-per-node: give one of them (--submit takes --gpus-per-run)")
     if submit is not None and not dry_run:
-        from finebench.cluster import submit as submit_array
-
-        submitted = submit_array(
-            loaded, run_argv, cluster=submit, results_dir=Path(results_dir),
-            data_root=Path(data_root) if data_root else None, selection=selection, partition=partition,
-            gpus_per_run=gpus_per_run, time_limit_min=time_limit,
-            array_parallelism=array_parallelism, array_tasks=array_tasks,
-        )
-        ids = ", ".join(job.job_id for job in submitted) or "nothing (every run is finished or failed)"
-        err_console.print(f"{loaded.name}: submitted {len(submitted)} array task(s): {ids}; "
-                          f"rerun the same command to resume what a dead task left", highlight=False, soft_wrap=True)
-        if submit == "local":  # the tasks are this machine's processes: wait for them, as a plain run would
-            failed = [job for job in submitted if job.exception() is not None]
-            for job in failed:
-                err_console.print(f"task {job.job_id} failed, its log: {job.paths.stderr}", highlight=False,
-                                  soft_wrap=True)
-            if failed:
-                raise typer.Exit(1)
+        _submit_run(loaded, run_argv, cluster=submit, results_dir=Path(results_dir),
+                    data_root=Path(data_root) if data_root else None, selection=selection, partition=partition,
+                    gpus_per_run=gpus_per_run, time_limit_min=time_limit, array_parallelism=array_parallelism,
+                    array_tasks=array_tasks, quiet=quiet)
         return
     if nproc_per_node > 1 and not dry_run:
         check_before_launch(loaded, Path(data_root) if data_root else None, nproc_per_node)
@@ -391,6 +377,50 @@ def run_command(
     if ctx.is_main and not job_of:  # a job of --jobs leaves the table to the command that started it
         _print_run_tables(loaded, outcomes, dry_run=dry_run, wall=time.perf_counter() - started)
     code = exit_code(outcomes)
+    if code:
+        raise typer.Exit(code)
+
+
+def _submit_run(loaded: Any, run_argv: list[str], *, cluster: str, quiet: bool, **options: Any) -> None:
+    """``run --submit``: queue the runs still to train as a job array; on this machine (``local``)
+    wait for the tasks as a plain run waits for its runs, then print the same results table."""
+    import time
+
+    from finebench.cluster import submit as submit_array
+    from finebench.plan import size_warnings, warn_sizes
+    from finebench.runner import exit_code, outcomes_on_disk
+
+    started = time.perf_counter()
+    status = make_console(stderr=True, quiet=quiet, soft_wrap=True)
+    submission = submit_array(loaded, run_argv, cluster=cluster, **options)
+    skipped = submission.skipped
+    if skipped:
+        failed_note = " (--retry-failed resumes them)" if skipped["failed"] else ""
+        status.print(f"{loaded.name}: skipped {', '.join(f'{n} {kind}' for kind, n in sorted(skipped.items()))} "
+                     f"run(s) done earlier{failed_note}", highlight=False)
+    if submission.shares and not quiet:
+        warn_sizes(size_warnings(submission.plan, [run for share in submission.shares for run in share.runs]), status)
+    if cluster != "local":
+        ids = ", ".join(job.job_id for job in submission.jobs.values()) or "nothing (every run is finished or failed)"
+        err_console.print(f"{loaded.name}: submitted {len(submission.jobs)} array task(s): {ids}; "
+                          f"rerun the same command to resume what a dead task left", highlight=False, soft_wrap=True)
+        return
+    ended = []
+    if submission.shares:
+        status.print(f"{loaded.name}: {len(submission.shares)} array task(s) on this machine, at most "
+                     f"{submission.parallelism} at once; logs in {submission.executor.folder}", highlight=False)
+        ended = submission.wait(status)
+    outcomes = outcomes_on_disk(submission.plan, submission.decisions)
+    failed = [end for end in ended if end.error is not None]
+    left = {run.run_id for end in failed for run in end.share.runs}
+    for outcome in outcomes:
+        if outcome.run.run_id in left and outcome.status == "locked":
+            outcome.status = "task failed"  # resumable: the same command resumes it
+    _print_run_tables(loaded, outcomes, dry_run=False, wall=time.perf_counter() - started)
+    for end in failed:
+        err_console.print(f"{loaded.name}: {end.share.describe()} failed ({end.error}); its log: {end.log}; "
+                          "rerun the same command to resume its runs", highlight=False, soft_wrap=True)
+    code = 1 if failed else exit_code(outcomes)
     if code:
         raise typer.Exit(code)
 

@@ -46,7 +46,13 @@ from finebench.plan import (
 )
 from finebench.recipe import LoadedRecipe
 from finebench.results import utc_now
-from finebench.runner import EXIT_FAILED, EXIT_LOCKED, RunOutcome, exit_code
+from finebench.runner import (
+    EXIT_FAILED,
+    EXIT_LOCKED,
+    RunOutcome,
+    exit_code,
+    outcomes_on_disk,
+)
 from finebench.train.engine import epoch_line, resolve_device
 
 QUIET_LINES = ("locked by another process, skipped", "finished earlier, skipped")
@@ -134,7 +140,6 @@ def run_jobs(
     """
     console = console or make_console(stderr=True, quiet=quiet, soft_wrap=True)
     plan = plan_runs(loaded, results_dir=results_dir, data_root=data_root, only=selection.only)
-    before = {run_id: state.kind for run_id, state in plan.states.items()}
     # unreadable records stop here, as they stop a serial run, before any job starts
     planned = decide_runs(plan, selection)
     to_train = [run for run in plan.runs if planned[run.run_id] == "train"]
@@ -161,19 +166,7 @@ def run_jobs(
         raise Interrupted("the jobs stopped; every run is resumable from its last saved epoch: rerun the same "
                           "command") from None
     codes = [process.wait() for process in processes]
-    outcomes = []
-    for run in plan.runs:
-        run_dir = plan.run_dirs[run.run_id]
-        state = run_dir.state()
-        if before[run.run_id] == "finished":
-            status = "skipped-finished"
-        elif planned[run.run_id] == "skipped-failed":
-            status = "skipped-failed"
-        elif state.kind in ("finished", "failed"):
-            status = state.kind
-        else:
-            status = "locked"  # not trained by any job: another process holds it, or a job stopped early
-        outcomes.append(RunOutcome(run, run_dir.path, status, run_dir.summary() or {} if status != "locked" else {}))
+    outcomes = outcomes_on_disk(plan, planned)
     return outcomes, aggregate_exit_code(outcomes, codes)
 
 

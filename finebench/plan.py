@@ -10,7 +10,7 @@ rerun; ``finebench.runner`` takes the lock, decides again under it, and trains.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ class Cost:
     taps: list[dict[str, Any]] = field(default_factory=list)
     """Where each attention module or a method's head reads (``ImageClassifier.tap_summary``); empty for
     a model reading the pooled features."""
+    size_warnings: list[str] = field(default_factory=list)
+    """Where the method's mechanism cannot act at the input size (``Method.size_warnings``), one line
+    each naming the variant and backbone; recorded in the run's summary for ``report``'s footnote."""
 
 
 def build_model(
@@ -61,6 +64,29 @@ def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
     return Cost(int(profile.params), int(profile.flops), module_flops, unwrap(model).tap_summary())
 
 
+def _size_warnings(run: RunSpec, model: torch.nn.Module, input_size: int) -> list[str]:
+    """The run's ``Method.size_warnings``, its tap sizes from the strides the backbone declares
+    (ceil(input / stride), what a padded convolutional network gives; no forward pass)."""
+    from finebench.models.network import unwrap
+
+    sizes = {point.name: (-(-input_size // point.stride),) * 2 for point in unwrap(model).backbone.tap_points}
+    options = run.variant or variant_of_config(run.config)
+    lines = get_method(run.variant_kind).size_warnings(options, sizes, input_size)
+    return [f"variant {run.variant_name!r} on {run.backbone}: {line}" for line in lines]
+
+
+def size_warnings(plan: Plan, runs: Sequence[RunSpec]) -> list[str]:
+    """Each distinct size warning of ``runs`` (one per variant and backbone, not per seed)."""
+    return list(dict.fromkeys(line for run in runs for line in plan.costs.of(run).size_warnings))
+
+
+def warn_sizes(lines: Sequence[str], console: Console | None = None) -> None:
+    """The size warnings as ``run`` prints them (on stderr), before it trains or queues anything."""
+    console = console or make_console(stderr=True, soft_wrap=True)
+    for line in lines:
+        console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+
 class CostCache:
     """Params/FLOPs per variant (identical across seeds) and of the plain baseline.
 
@@ -81,7 +107,8 @@ class CostCache:
             with torch.random.fork_rng(devices=[]):
                 if model is None:
                     model = build_model(self.loaded, run, self.num_classes, pretrained=False)
-                self._costs[key] = _cost(model, self.input_size, get_method(run.variant_kind))
+                self._costs[key] = replace(_cost(model, self.input_size, get_method(run.variant_kind)),
+                                           size_warnings=_size_warnings(run, model, self.input_size))
         return self._costs[key]
 
     def baseline(self, run: RunSpec) -> Cost:
@@ -196,6 +223,8 @@ def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx
     for run in to_train:
         costs.of(run)
     plan.num_classes, plan.costs = num_classes, costs
+    if ctx.is_main and not quiet:
+        warn_sizes(size_warnings(plan, to_train))
 
 
 def missing_weights(runs: Sequence[RunSpec]) -> list[str]:

@@ -422,6 +422,8 @@ class RunSummary(BaseModel):
     params_baseline: float | None = None
     flops_baseline: float | None = None
     module_flops: dict[str, float] = Field(default_factory=dict)
+    size_warnings: list[str] = Field(default_factory=list)
+    """Where the method's mechanism cannot act at the input size (``Method.size_warnings``)."""
     input_size: int | None = None
     train_time_s: float | None = None
     images_per_s: float | None = None

@@ -30,6 +30,7 @@ from finebench.methods import get_method
 from finebench.plan import (
     Cost,
     CostCache,
+    Plan,
     RunSelection,
     build_model,
     build_run_loaders,
@@ -39,6 +40,8 @@ from finebench.plan import (
     missing_weights,
     plan_runs,
     preflight,
+    size_warnings,
+    warn_sizes,
 )
 from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import (
@@ -96,6 +99,27 @@ def exit_code(outcomes: Sequence[RunOutcome]) -> int:
     return 0
 
 
+def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str]) -> list[RunOutcome]:
+    """Each planned run's outcome read from its records, after other processes trained them
+    (``--jobs``, ``--submit local``): skipped as decided before they started, else as the records
+    now stand; a run none of them finished is ``locked`` (another process holds it, or one of them
+    stopped early)."""
+    outcomes = []
+    for run in plan.runs:
+        run_dir = plan.run_dirs[run.run_id]
+        state = run_dir.state()
+        if plan.states[run.run_id].kind == "finished":
+            status = "skipped-finished"
+        elif decisions[run.run_id] == "skipped-failed":
+            status = "skipped-failed"
+        elif state.kind in ("finished", "failed"):
+            status = state.kind
+        else:
+            status = "locked"
+        outcomes.append(RunOutcome(run, run_dir.path, status, run_dir.summary() or {} if status != "locked" else {}))
+    return outcomes
+
+
 def _summary(
     loaded: LoadedRecipe,
     run: RunSpec,
@@ -132,6 +156,7 @@ def _summary(
         "variant_name": run.variant_name,
         "variant_options": run.config["variant"]["options"],
         "taps": cost.taps,
+        "size_warnings": cost.size_warnings,
         "seed": run.seed,
         "fold": run.fold,
         "epochs": run.train_section().epochs,
@@ -375,6 +400,7 @@ def run_recipe(
                 console.print(f"[yellow]warning:[/] {state.problem}", highlight=False)
         for problem in missing_weights(runs):
             console.print(f"[yellow]warning:[/] {problem}: the run would stop here", highlight=False)
+        warn_sizes(size_warnings(plan, runs), console)
         return [
             RunOutcome(run, run_dirs[run.run_id].path, "planned",
                        {"params": plan.costs.of(run).params, "flops": plan.costs.of(run).flops,

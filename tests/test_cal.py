@@ -135,3 +135,20 @@ def test_an_input_too_small_is_one_line_naming_cal() -> None:
     model = build_model("timm:resnet10t", 3, "cal", {"attentions": 2}).eval()
     with pytest.raises(FinebenchError, match=r"^variant 'cal': input_size 32x32 gives 1x1 attention maps"):
         model(torch.zeros(1, 3, 32, 32))
+
+
+def test_a_crop_that_cannot_act_is_named_with_every_test_crop_and_what_works() -> None:
+    from finebench.models.registry import build_backbone
+
+    method = get_method("cal")
+    points = build_backbone("timm:resnet10t", None).tap_points  # strides 2 ... 32
+
+    def sizes_at(pixels: int) -> dict[str, tuple[int, int]]:
+        return {point.name: (-(-pixels // point.stride),) * 2 for point in points}
+
+    (line,) = method.size_warnings(method.Options(kind="cal"), sizes_at(64), 64)
+    assert line.startswith("input_size 64 gives 2x2 attention maps on 'layer4'")
+    assert ("(training crop, test crop θ 0.3 pad 0.1, test crop θ 0.2 pad 0.1, test crop θ 0.1 pad 0.05), "
+            "so the crop cannot act") in line
+    assert line.endswith("input_size 128 or more (4x4 maps) or tap = 'layer3' (4x4 maps) lets it act")
+    assert method.size_warnings(method.Options(kind="cal"), sizes_at(128), 128) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,9 @@ def test_array_tasks_take_disjoint_runs_and_a_resubmission_resumes_a_dead_tasks_
     assert (results / "tiny" / runs[1].run_id / "last.pt").is_file()
 
     argv = ["run", str(recipe), "--results-dir", str(results), "--data-root", str(data_root)]
-    jobs = submit(loaded, argv, cluster="local", results_dir=results, data_root=data_root, array_tasks=2,
-                  time_limit_min=10)
+    submission = submit(loaded, argv, cluster="local", results_dir=results, data_root=data_root, array_tasks=2,
+                        time_limit_min=10)
+    jobs = list(submission.jobs.values())
     assert len(jobs) == 2
     assert [job.result() for job in jobs] == [0, 0]
     logs = [job.stdout() + job.stderr() for job in jobs]
@@ -80,7 +82,8 @@ def test_array_tasks_take_disjoint_runs_and_a_resubmission_resumes_a_dead_tasks_
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
         assert _metrics(run_dir) == _metrics(outcome.path)
     # everything finished: a resubmission queues nothing
-    assert submit(loaded, argv, cluster="local", results_dir=results, data_root=data_root) == []
+    again = submit(loaded, argv, cluster="local", results_dir=results, data_root=data_root)
+    assert again.shares == [] and again.jobs == {} and again.skipped == {"finished": 3}
 
 
 def test_a_filesystem_that_refuses_the_lock_is_one_line(tmp_path, monkeypatch) -> None:
@@ -109,3 +112,63 @@ def test_an_unknown_cluster_is_one_line(tmp_path) -> None:
     recipe.write_text(tiny_recipe())
     with pytest.raises(FinebenchError, match="--submit pbs: expected one of slurm, local"):
         submit(load_recipe(recipe), [], cluster="pbs", results_dir=tmp_path, data_root=None)
+
+
+def _finebench(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``finebench ARGS`` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from finebench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["finebench", *args])
+    monkeypatch.setenv("COLUMNS", "300")
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_info:
+        code = int(exit_info.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.slow
+def test_submit_local_skips_finished_runs_keeps_to_the_parallelism_shows_progress_and_the_results_table(
+        tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data_root = prepare_tiny_bars(tmp_path / "data", 32, 20)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tiny_recipe(seeds=(0, 1, 2), epochs=2, extra_train="threads = 1"))
+    loaded = load_recipe(recipe)
+    runs = expand_runs(loaded, ())
+    results = tmp_path / "results"
+    run_recipe(load_recipe(recipe, ["seeds=[0]"]), results_dir=results, data_root=data_root, quiet=True)
+    code, out, err = _finebench(monkeypatch, capsys, "run", str(recipe), "--results-dir", str(results),
+                                "--data-root", str(data_root), "--submit", "local", "--array-parallelism", "1",
+                                "--time-limit", "10")
+    assert code == 0, err
+    assert "tiny: skipped 1 finished run(s) done earlier" in err
+    assert "tiny: 2 array task(s) on this machine, at most 1 at once" in err  # run 0's task is not started
+    for index, run in ((1, runs[1]), (2, runs[2])):  # a line per epoch, and one as each task ends
+        assert f"task {index}/3: baseline seed {run.seed} epoch 2: train loss" in err
+        assert re.search(rf"task {index}/3: ended after \S+: baseline seed {run.seed} {run.run_id} finished top-1", err)
+    # the in-process run's table: every run, the earlier one as skipped
+    assert re.search(rf"{runs[0].run_id} +│ skipped-finished", out) and out.count("│ finished ") == 2, out
+    summaries = [json.loads((results / "tiny" / run.run_id / "summary.json").read_text()) for run in runs[1:]]
+    first, second = sorted(summaries, key=lambda summary: summary["started_at"])
+    assert first["finished_at"] <= second["started_at"]  # one task at a time: they never overlapped
+
+
+@pytest.mark.slow
+def test_submit_local_exits_non_zero_naming_a_failed_task(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data_root = prepare_tiny_bars(tmp_path / "data", 32, 20)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tiny_recipe(lr=1e30, extra_train="threads = 1"))  # the loss becomes non-finite: run fails
+    (run,) = expand_runs(load_recipe(recipe), ())
+    code, out, err = _finebench(monkeypatch, capsys, "run", str(recipe), "--results-dir", str(tmp_path / "results"),
+                                "--data-root", str(data_root), "--submit", "local", "--time-limit", "10")
+    assert code == 1
+    assert re.search(r"task 0/1: failed after \S+ \(finebench exited with status 1\); its log: \S+_log\.err", err), err
+    assert re.search(r"tiny: task 0/1 failed \(finebench exited with status 1\); its log: \S+\.submitit\S+_log\.err; "
+                     "rerun the same command", " ".join(err.split())), err
+    assert re.search(rf"{run.run_id} +│ failed", out), out

@@ -4,6 +4,8 @@ rules, every backbone family, the engine's step and the one-line errors."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +270,86 @@ def test_under_ddp_the_parameters_stay_in_step_and_each_rank_keeps_its_own_centr
             continue
         torch.testing.assert_close(states[1][name], value, msg=name)
     assert states[0]["centres"][1:].abs().sum() == 0 and states[1]["centres"][1:].abs().sum() > 0
+
+
+def _resnet10t_recipe(tmp_path: Path, kind: str, input_size: int) -> Path:
+    """A tiny recipe of one ``kind`` variant (2 maps) on ``timm:resnet10t`` at ``input_size``."""
+    from tiny_data import tiny_recipe
+
+    text = tiny_recipe(variants=(kind,), input_size=input_size, batch_size=8, extra_train="threads = 1")
+    text = text.replace('backbone = "wrn"\noptions = { depth = 10, width = 1 }',
+                        'backbone = "timm:resnet10t"\npretrained = "none"')
+    recipe = tmp_path / f"{kind}_{input_size}.toml"
+    recipe.write_text(text.replace(f'kind = "{kind}"', f'kind = "{kind}"\nattentions = 2'))
+    return recipe
+
+
+def _finebench(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``finebench ARGS`` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from finebench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["finebench", *args])
+    monkeypatch.setenv("COLUMNS", "400")
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_info:
+        code = int(exit_info.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_crop_that_cannot_act_on_two_by_two_maps_warns_at_the_dry_run_and_not_at_a_size_where_it_acts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # resnet10t's layer4 has stride 32: 2x2 maps at 64 px, 4x4 at 128 px
+    args = ("--dry-run", "--results-dir", str(tmp_path / "results"), "--data-root", str(tmp_path / "data"))
+    code, _, err = _finebench(monkeypatch, capsys, "run", str(_resnet10t_recipe(tmp_path, "ws_dan", 64)), *args)
+    assert code == 0, err
+    warning = " ".join(err.split())
+    assert ("warning: variant 'ws_dan-m2' on timm:resnet10t: input_size 64 gives 2x2 attention maps on 'layer4'"
+            in warning), err
+    assert "the crop cannot act" in warning
+    assert "input_size 128 or more (4x4 maps) or tap = 'layer3' (4x4 maps) lets it act" in warning
+    code, _, err = _finebench(monkeypatch, capsys, "run", str(_resnet10t_recipe(tmp_path, "ws_dan", 128)), *args)
+    assert code == 0 and "cannot act" not in err and "warning" not in err, err
+
+
+def test_the_size_rule_follows_the_crop_boxes() -> None:
+    from finebench.methods.ws_dan import crop_can_act
+
+    # a 2x2 map: the box of its one lit cell reaches out (1 - θ) of the 63 px spacing, plus 5% padding
+    assert crop_boxes(torch.tensor([[[[0.0, 0.0], [0.0, 1.0]]]]), (64, 64), 0.1, 0.05) == [(3, 64, 3, 64)]
+    assert not crop_can_act((2, 2), 64, 0.1, 0.05)  # leaves out 3 px, less than a cell's 32
+    assert not crop_can_act((3, 3), 96, 0.1, 0.05)
+    assert crop_can_act((4, 4), 128, 0.1, 0.05) and crop_can_act((7, 7), 224, 0.4, 0.1)
+    method = get_method("ws_dan")
+    sizes = {"layer3": (4, 4), "layer4": (2, 2)}
+    assert method.size_warnings(method.Options(kind="ws_dan"), sizes, 64)
+    assert not method.size_warnings(method.Options(kind="ws_dan", tap="layer3"), sizes, 64)
+    assert not method.size_warnings(method.Options(kind="ws_dan"), {"layer4": (4, 4)}, 128)
+    assert get_method("baseline").size_warnings(get_method("baseline").Options(kind="baseline"), sizes, 64) == []
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_whose_crop_cannot_act_records_the_warning_and_the_report_footnotes_its_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from tiny_data import prepare_tiny_bars
+
+    data_root = prepare_tiny_bars(tmp_path / "data", 16, 10)
+    results = tmp_path / "results"
+    code, out, err = _finebench(monkeypatch, capsys, "run", str(_resnet10t_recipe(tmp_path, "ws_dan", 64)),
+                                "--results-dir", str(results), "--data-root", str(data_root))
+    assert code == 0, err
+    assert "input_size 64 gives 2x2 attention maps" in " ".join(err.split())  # at the start of the run too
+    (summary,) = results.rglob("summary.json")
+    recorded = json.loads(summary.read_text())["size_warnings"]
+    assert len(recorded) == 1 and recorded[0].startswith("variant 'ws_dan-m2' on timm:resnet10t: input_size 64")
+    for layout, marked in (((), r"\d+\.\d\d \(n=1\)‡"), (("--long",), r"\| +\d+\.\d\d‡ +\|")):
+        code, out, err = _finebench(monkeypatch, capsys, "report", str(results), *layout)
+        assert code == 0, err
+        assert re.search(marked, out), out  # the row's score carries the mark
+        text = " ".join(out.split())
+        assert "‡: a method's mechanism cannot act at the configured size; its runs warned: " + recorded[0] in text

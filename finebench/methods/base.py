@@ -16,7 +16,8 @@ module holds, in one place, everything finebench needs to know about it:
 * ``predict``: the test-time prediction with all its passes; ``eval_counts`` / ``eval_metrics``:
   what it evaluates and records beyond top-1;
 * ``test_forward_passes`` / ``train_passes_per_image`` / ``early_predictors``: its cost for ``profile``;
-* ``draws_attention_maps`` / ``maps_to_draw``: what ``finebench attend`` draws.
+* ``draws_attention_maps`` / ``maps_to_draw``: what ``finebench attend`` draws;
+* ``size_warnings``: where its mechanism cannot act at the configured input size.
 
 ``docs/METHODS.md`` walks through adding one. Nothing here imports the training engine: the
 engine sits above this layer and hands a ``StepContext`` down.
@@ -268,6 +269,16 @@ class Method:
         """The maps ``finebench attend`` draws for a batch, the model in eval mode; None: the
         model's Attend and Rectify modules (read with hooks). Only where ``draws_attention_maps``."""
         return None
+
+    def size_warnings(self, options: MethodOptions, tap_sizes: Mapping[str, tuple[int, int]],
+                      input_size: int) -> list[str]:
+        """One line per part of the method whose mechanism cannot act at this input size (WS-DAN's
+        crop on a 2x2 attention map is the whole image), naming the sizes and what works. Such a
+        run still trains (it is a legitimate, if degenerate, configuration), so this warns rather
+        than raises: ``run --dry-run`` and ``run`` print it, the run's summary records it and
+        ``report`` footnotes its rows. ``tap_sizes``: each tap's feature-map (rows, columns) at
+        ``input_size``, shallow to deep. Default: nothing to warn about."""
+        return []
 
     def early_predictors(self, model: nn.Module) -> dict[str, nn.Module]:
         """Each cheaper prediction the method offers, as a module from images to logits (A&R: one

@@ -153,6 +153,12 @@ class CAL(WSDAN):
                           (*WIDE_TEST_CROPS, (options.test_theta, options.test_padding)))
         return f"{training_settings(options)} · test: image + flip, each raw + crops (θ, pad) {crops}"
 
+    def crops(self, options: CALOptions) -> list[tuple[str, float, float]]:  # type: ignore[override]
+        """The widest training crop and the paper's three test crops."""
+        return [("training crop", options.crop_theta_min, options.crop_padding),
+                *((f"test crop θ {theta:g} pad {padding:g}", theta, padding) for theta, padding in
+                  (*WIDE_TEST_CROPS, (options.test_theta, options.test_padding)))]
+
     def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
         """The 8-view prediction; ``module_logits`` = (raw, the test crop, two-view, effect two-view,
         effect 8-view)."""

@@ -26,7 +26,8 @@ official distributed code does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -183,6 +184,24 @@ def crop_boxes(maps: torch.Tensor, size: tuple[int, int], theta: torch.Tensor | 
         boxes.append((max(int(top - padding * height), 0), min(int(bottom + padding * height), height),
                       max(int(left - padding * width), 0), min(int(right + padding * width), width)))
     return boxes
+
+
+def crop_can_act(map_size: tuple[int, int], input_size: int, theta: float, padding: float) -> bool:
+    """Whether ``crop_boxes`` can leave out a map cell's share of the image on maps of ``map_size``.
+
+    The box spans the upsampled map at or above θ·max: out from the cells that reach it by (1 − θ)
+    of a cell spacing, the spacing being (input − 1)/(cells − 1) pixels (the upsampling aligns the
+    corner cells with the corner pixels), plus ``padding`` of the side, so on a map of few cells a
+    box reaches nearly every edge. The case tested is a part in the middle of the image, as
+    fine-grained images centre their object: the middle cell alone at the maximum (the one past
+    the middle on an even side), every other cell zero, the smallest box a part there gives. The
+    crop acts when that box leaves out at least one cell's share of the image (input/cells pixels)
+    along the rows or the columns; on a 2x2 or 3x3 map it leaves out a few pixels at most."""
+    rows, cols = map_size
+    part = torch.zeros(1, 1, rows, cols)
+    part[..., rows // 2, cols // 2] = 1.0
+    top, bottom, left, right = crop_boxes(part, (input_size, input_size), theta, padding)[0]
+    return bottom - top <= input_size - input_size / rows or right - left <= input_size - input_size / cols
 
 
 def crop(images: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
@@ -401,6 +420,44 @@ class WSDAN(Method):
     def attach(self, backbone: Backbone, num_classes: int, options: WSDANOptions) -> ImageClassifier:  # type: ignore[override]
         check_tap(self.kind, backbone, options.tap)
         return self.model_class(backbone, num_classes, options)
+
+    def crops(self, options: WSDANOptions) -> list[tuple[str, float, float]]:
+        """(name, θ, padding) of each crop the method makes: the widest training crop (θ at its
+        minimum) and the test crop."""
+        return [("training crop", options.crop_theta_min, options.crop_padding),
+                ("test crop", options.test_theta, options.test_padding)]
+
+    def size_warnings(self, options: WSDANOptions, tap_sizes: Mapping[str, tuple[int, int]],  # type: ignore[override]
+                      input_size: int) -> list[str]:
+        """The crops that are the whole image on the maps at ``input_size`` (``crop_can_act``): the
+        crop pass then sees the raw image again, and the test prediction is the raw one. What works:
+        the smallest input size whose maps let every crop act, and earlier taps whose maps do."""
+        tap = options.tap if options.tap is not None else next(reversed(tap_sizes), None)
+        if tap not in tap_sizes:
+            return []  # a tap the backbone does not declare: its size is not known here
+
+        def acts(size: tuple[int, int], pixels: int) -> bool:
+            return all(crop_can_act(size, pixels, theta, padding) for _, theta, padding in self.crops(options))
+
+        rows, cols = tap_sizes[tap]
+        whole = [name for name, theta, padding in self.crops(options)
+                 if not crop_can_act((rows, cols), input_size, theta, padding)]
+        if not whole:
+            return []
+        fixes = []
+        stride = input_size / min(rows, cols)
+        for side in range(min(rows, cols) + 1, 64 * min(rows, cols) + 64):
+            if acts((side, side), math.ceil(side * stride)):
+                fixes.append(f"input_size {math.ceil(side * stride)} or more ({side}x{side} maps)")
+                break
+        earlier = list(tap_sizes)[: list(tap_sizes).index(tap)]
+        fixes += [f"tap = {name!r} ({size[0]}x{size[1]} maps)" for name in reversed(earlier)
+                  if acts(size := tap_sizes[name], input_size)][:1]
+        test = (" and a test crop nearly repeats the raw prediction"
+                if any(name.startswith("test crop") for name in whole) else "")
+        return [(f"input_size {input_size} gives {rows}x{cols} attention maps on {tap!r}: a crop around a part in "
+                 f"the middle of the image leaves out less than one map cell of it ({', '.join(whole)}), so the "
+                 f"crop cannot act{test}; {' or '.join(fixes) or 'a larger input size'} lets it act")]
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Raw, crop and drop passes, one backward, one optimiser step; the correct count is the raw pass's."""

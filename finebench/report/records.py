@@ -52,7 +52,7 @@ RUN_COLUMNS: tuple[str, ...] = (
     "variant", "variant_name", "seed", "fold", "epochs", "epochs_completed", "top1", "top5",
     "mean_class_top1", "best_top1", "best_epoch", "network_top1", "module_top1", "module_flops",
     "params", "flops", "params_baseline", "flops_baseline", "params_overhead_pct", "flops_overhead_pct",
-    "predictions", "images_per_s", "threads_used", "load_1min", "train_time_s", "device", "precision", "dropout", "settings",
+    "size_warnings", "predictions", "images_per_s", "threads_used", "load_1min", "train_time_s", "device", "precision", "dropout", "settings",
     "base_settings",
 )
 FAILED_COLUMNS: tuple[str, ...] = (
@@ -327,6 +327,7 @@ def _run_row(summary: RunSummary, run_dir: Path, config: dict[str, Any], problem
         "flops_baseline": summary.flops_baseline,
         "params_overhead_pct": _overhead_pct(summary.params, summary.params_baseline),
         "flops_overhead_pct": _overhead_pct(summary.flops, summary.flops_baseline),
+        "size_warnings": list(summary.size_warnings),
         "images_per_s": summary.images_per_s,
         "threads_used": list((summary.model_extra or {}).get("threads_used") or []),
         "load_1min": (summary.model_extra or {}).get("load_1min"),

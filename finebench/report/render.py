@@ -3,7 +3,7 @@
 CSV and JSON keep every number as a number (mean, std, CI half-width, paired difference, p-value,
 significance), which is what scripts want. The text formats merge a mean and its interval into one
 cell (``96.50 ± 0.50``), mark a gain whose interval excludes 0 with ``*`` (and img/s measured under
-different conditions with ``†``), and keep headers short;
+different conditions with ``†``, a score whose method cannot act at its size with ``‡``), and keep headers short;
 ``table_note`` is the legend that says what every short header and symbol means.
 """
 
@@ -23,6 +23,9 @@ from finebench.terminal import SPEED_MARK
 FORMATS: tuple[str, ...] = ("markdown", "csv", "latex", "json")
 MISSING = "—"
 SIGNIFICANT = "*"
+CANNOT_ACT = "‡"
+"""Marks the score of a row whose runs' method cannot act at their input size (``Method.size_warnings``;
+``†`` is the speed mark)."""
 
 _HEADERS = {
     "dataset": "Dataset", "backbone_label": "Backbone", "variant_name": "Variant", "variant": "Kind",
@@ -33,7 +36,8 @@ _HEADERS = {
 }
 # Columns merged into another cell or left to CSV/JSON.
 _HIDDEN = {"baseline_top1", "baseline_error", "n_pairs", "significant", "delta_ci", "reference_selection",
-           "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci", "p_holm"}
+           "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci",
+           "p_holm", "size_warning"}
 
 
 def fmt_number(value: Any, digits: int = 2, signed: bool = False) -> str:
@@ -100,7 +104,8 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
         values = table[column]
         header = _HEADERS.get(column, column)
         if column == f"{metric}_mean":
-            out[label] = [fmt_mean_ci(m, c) for m, c in zip(values, table.get(f"{metric}_ci", values * math.nan))]
+            out[label] = [fmt_mean_ci(m, c) + cannot_act_mark(table, index)
+                          for index, m, c in zip(table.index, values, table.get(f"{metric}_ci", values * math.nan))]
         elif column == f"class_{metric}_mean":
             if values.isna().all():
                 continue  # records from before confusion matrices were saved
@@ -165,7 +170,7 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
         if name not in variants:
             variants.append(name)
         score = fmt_mean_ci(record[f"{metric}_mean"], record[f"{metric}_ci"])
-        row[f"{name} {measure}"] = f"{score} (n={record['n']})"
+        row[f"{name} {measure}"] = f"{score} (n={record['n']}){cannot_act_mark(table, record.name)}"
         row[f"{name} class"] = fmt_mean_ci(record[f"class_{metric}_mean"], record[f"class_{metric}_ci"])
         if name != BASELINE.kind:
             row[f"{name} {gain}"] = fmt_gain(record["delta_pt"], record["delta_ci"], record["significant"],
@@ -187,6 +192,11 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
     wide = pd.DataFrame(list(rows.values())).reindex(columns=ordered).fillna(MISSING)
     wide.attrs["align"] = ["left"] * len(group_keys) + ["right"] * (len(ordered) - len(group_keys))
     return wide
+
+
+def cannot_act_mark(table: pd.DataFrame, index: Any) -> str:
+    """``CANNOT_ACT`` where the row's method cannot act at its runs' input size; ``table_note`` says why."""
+    return CANNOT_ACT if "size_warning" in table and bool(table.at[index, "size_warning"]) else ""
 
 
 def speed_cell(images_per_s: Any, table: pd.DataFrame) -> str:
@@ -232,6 +242,9 @@ def table_note(table: pd.DataFrame) -> str:
         else:
             lines.append(f"Paper: no {which}'s value from {source} states every setting of a row here.")
     lines += table.attrs.get("notes", [])
+    if table.attrs.get("size_warnings"):
+        lines.append(f"{CANNOT_ACT}: a method's mechanism cannot act at the configured size; its runs warned:")
+        lines += [f"  {line}" for line in table.attrs["size_warnings"]]
     return "\n".join(lines)
 
 
@@ -266,7 +279,7 @@ def _to_latex(text: pd.DataFrame) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
-                  "<": r"$<$", ">": r"$>$"}
+                  "<": r"$<$", ">": r"$>$", CANNOT_ACT: r"$^{\ddagger}$"}
 
 
 def _latex_escape(cell: Any) -> str:

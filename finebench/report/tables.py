@@ -46,7 +46,7 @@ COLUMN_ALIASES: dict[str, str] = {
     "backbone": "backbone_label",
     "fold": "dataset.fold",
 }
-_NOT_GROUPABLE = {"module_top1", "module_flops", "settings", "base_settings", "run_dir", "run_id"}
+_NOT_GROUPABLE = {"module_top1", "module_flops", "settings", "base_settings", "run_dir", "run_id", "size_warnings"}
 
 
 def resolve_columns(df: pd.DataFrame, by: Sequence[str]) -> list[str]:
@@ -128,6 +128,7 @@ def summary_table(
 
     rows = []
     folds_seen = False
+    size_warnings: dict[str, None] = {}
     for key, group in data.groupby([*row_keys, "settings"], dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         row: dict[str, Any] = dict(zip(row_keys, key[:-1]))
@@ -159,6 +160,9 @@ def summary_table(
         row["_family"] = group["base_settings"].iloc[0]
         for column in ("params", "params_overhead_pct", "flops", "flops_overhead_pct"):
             row[column] = pd.to_numeric(group[column], errors="coerce").mean()
+        warned = [line for lines in group.get("size_warnings", ()) if isinstance(lines, list) for line in lines]
+        row["size_warning"] = bool(warned)  # the method's mechanism cannot act at the run's input size
+        size_warnings.update(dict.fromkeys(warned))
         if speed:
             row["images_per_s"] = pd.to_numeric(group["images_per_s"], errors="coerce").mean()
             row["threads"] = "/".join(map(str, sorted({int(t) for used in group["threads_used"]
@@ -202,7 +206,7 @@ def summary_table(
         notes.append("unpaired: runs whose seed (and fold) has no partner on the other side; "
                      "left out of the paired gain.")
     table.attrs.update(metric=metric, selection=selection, keys=row_keys, notes=notes, folds=bool(folds_seen),
-                       speed_marked=speed_marked, holm=corrected,
+                       speed_marked=speed_marked, holm=corrected, size_warnings=list(size_warnings),
                        reference=None if reference is None else describe_reference(reference))
     return table
 
