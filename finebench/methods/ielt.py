@@ -23,7 +23,7 @@ On any timm ViT with a class token (``timm:vit_*``), as the official ``models/IE
   ``rate_step`` (0.1 %) towards the share of the key tokens coming from each layer, the layer
   boundaries taken from the *unrounded* counts (the official ``count_patch``), and renormalises;
 * initialisation: the head is zero; the extra blocks are drawn afresh with the official ``Block``'s
-  own initialisation, or, with ``extra_blocks_from_last`` (the official Dogs setting), both copy the
+  own initialisation, or, with ``extra_blocks_from_last`` (the Dogs setting of the shipped log), both copy the
   pretrained last block. The backbone's last block and final norm are not used (the official model
   has no such block; ``unused_parameter_names`` leaves them out of the count and of DDP).
 
@@ -89,7 +89,7 @@ class IELTOptions(MethodOptions):
     rate_step: Annotated[float, Field(gt=0, le=1)] = 0.001
     """How far each training forward moves the shares (the official hard-coded 1e-3)."""
     extra_blocks_from_last: bool = False
-    """Both extra blocks copy the pretrained last block (the official Dogs setting); otherwise fresh."""
+    """Both extra blocks copy the pretrained last block (the Dogs setting of the shipped log); otherwise fresh."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     """Dropout after the embedding and in each MLP (official ViT-B/16 config; none in attention)."""
 
