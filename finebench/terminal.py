@@ -384,6 +384,9 @@ def eval_table(metrics: Mapping[str, Any]) -> Table:
     rows += [(f"module {tap} top-1", f"{value:.2f}") for tap, value in metrics["module_top1"].items()]
     if metrics.get("recorded_top1") is not None:
         rows.append(("top-1 the run recorded", f"{metrics['recorded_top1']:.2f}"))
+    grouped = metrics.get("group_top1") or {}
+    rows += [(f"{grouped['kind']} {group} top-1", "-" if value is None else f"{value:.2f}")
+             for group, value in grouped.get("top1", {}).items()]
     for name, value in rows:
         table.add_row(name, value)
     return table

@@ -13,6 +13,7 @@ resolved (``export_run`` documents the format), so the export reproduces the rec
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,10 +117,11 @@ def evaluate_run(
     """The run's metrics on ``split`` (default: the split it was tested on), with its precision.
 
     Returns the engine's metrics plus ``mean_class_top1``, ``confusion``, ``split``, ``images`` and
-    ``recorded_top1`` (the run's own final test top-1, for comparison).
+    ``recorded_top1`` (the run's own final test top-1, for comparison), and ``group_top1`` (top-1 per
+    supercategory) where the store's classes each belong to one group.
     """
     from finebench.data.loader import build_eval_loader
-    from finebench.report.stats import mean_class_accuracy
+    from finebench.report.stats import group_accuracy, mean_class_accuracy
     from finebench.train.engine import compile_model, configure_backends, evaluate, resolve_device
 
     try:
@@ -132,7 +134,7 @@ def evaluate_run(
     train = run.config.get("train") or {}
     name = dataset.get("name") or run.summary.get("dataset")
     split = split or dataset.get("test_split") or "test"
-    loader, _ = build_eval_loader(
+    loader, meta = build_eval_loader(
         name, run_data_root(run.config, data_root), split,
         batch_size=int(train.get("eval_batch_size") or train.get("batch_size") or 256),
         input_size=dataset.get("input_size"), augmentation=dataset.get("augmentation", "auto"),
@@ -152,6 +154,12 @@ def evaluate_run(
     metrics = evaluate(model, loader, device=torch_device, precision=precision, channels_last=channels_last,
                        mixture=method.mixture, method=method, confusion=True)
     metrics["mean_class_top1"] = mean_class_accuracy(metrics["confusion"])
+    groups = meta.get("groups") or {}
+    if groups.get("of_class") is not None:  # the store says which group (supercategory) each class is in
+        accuracies = group_accuracy(metrics["confusion"], groups["of_class"], len(groups["names"]))
+        metrics["group_top1"] = {  # None: no image of that group in the split (JSON has no NaN)
+            "kind": groups["kind"], "top1": {g: None if math.isnan(a) else a for g, a in zip(groups["names"], accuracies)},
+        }
     final = run.summary.get("final") or {}
     metrics.update(split=split, images=len(loader.dataset), precision=precision,
                    recorded_top1=final.get("test_top1"))

@@ -467,3 +467,173 @@ def food101() -> Miniature:
     for split, lines in lists.items():
         members[f"food-101/meta/{split}.txt"] = text(lines)
     return Miniature("food101", {"food-101.tar.gz": tar_bytes(members, "gz")}, names, splits)
+
+
+# ---- iNaturalist (visipedia/inat_comp) ---------------------------------------------------------
+
+INAT_TAXA = [
+    # (category id, supercategory, kingdom, phylum, class, order, family, genus, species name)
+    # "Morus" is a genus of gannets and of mulberries: one name, two taxa at the genus level.
+    (3, "Plantae", "Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Moraceae", "Ficus", "Ficus carica"),
+    (0, "Aves", "Animalia", "Chordata", "Aves", "Passeriformes", "Paridae", "Poecile", "Poecile atricapillus"),
+    (2, "Plantae", "Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Moraceae", "Morus", "Morus alba"),
+    (1, "Aves", "Animalia", "Chordata", "Aves", "Suliformes", "Sulidae", "Morus", "Morus bassanus"),
+]
+"""Listed out of id order: labels must follow the category ids, not the order of the file."""
+
+INAT_CLASSES = {
+    None: ["Poecile atricapillus", "Morus bassanus", "Morus alba", "Ficus carica"],
+    "kingdom": ["Animalia", "Plantae"],
+    "genus": ["Poecile", "Morus (Animalia/Chordata/Aves/Suliformes/Sulidae)", "Ficus",
+              "Morus (Plantae/Tracheophyta/Magnoliopsida/Rosales/Moraceae)"],
+}
+"""Class names per level, written out by hand: species in category-id order, a level's taxa sorted by
+their path from the kingdom down, a name shared by two taxa qualified by its path."""
+
+INAT_LABEL = {
+    None: {0: 0, 1: 1, 2: 2, 3: 3},
+    "kingdom": {0: 0, 1: 0, 2: 1, 3: 1},
+    "genus": {0: 0, 1: 1, 3: 2, 2: 3},
+}
+"""Category id -> expected label at each level."""
+
+_INAT_LEVELS = ("kingdom", "phylum", "class", "order", "family", "genus")
+
+
+def _inat_category(row: tuple, year: str, obfuscated: bool = False) -> dict:
+    category_id, supercategory, *levels, species = row
+    entry: dict = {"id": category_id, "name": species, "supercategory": supercategory}
+    if year != "2017":
+        entry.update(zip(_INAT_LEVELS, levels))
+    if year.startswith("2021"):
+        entry["specific_epithet"] = species.split()[1]
+        entry["common_name"] = species
+        entry["image_dir_name"] = f"{category_id:05d}_" + "_".join([*levels, species.split()[1]])
+    if obfuscated:  # 2018's competition files hide every name; categories.json gives them back
+        entry = {k: (v if k in ("id", "supercategory") else f"{k}{category_id}x") for k, v in entry.items()}
+    return entry
+
+
+def _inat_path(year: str, root: str, row: tuple, stem: str) -> str:
+    category_id, supercategory, *_, species = row
+    if year == "2017":
+        return f"{root}/{supercategory}/{species}/{stem}.jpg"
+    if year == "2018":
+        return f"{root}/{supercategory}/{category_id}/{stem}.jpg"
+    return f"{root}/{_inat_category(row, year)['image_dir_name']}/{stem}.jpg"
+
+
+INAT_FILES = {
+    "2017": {"images": {"train_val_images": "train_val_images.tar.gz"},
+             "annotations": {"train": "train2017.json", "test": "val2017.json"}},
+    "2018": {"images": {"train_val2018": "train_val2018.tar.gz"},
+             "annotations": {"train": "train2018.json", "test": "val2018.json"}},
+    "2021": {"images": {"train": "train.tar.gz", "val": "val.tar.gz"},
+             "annotations": {"train": "train.json", "test": "val.json"}},
+    "2021_mini": {"images": {"train_mini": "train_mini.tar.gz", "val": "val.tar.gz"},
+                  "annotations": {"train": "train_mini.json", "test": "val.json"}},
+}
+
+
+def inat(year: str = "2021", level: str | None = None) -> Miniature:
+    """A year's layout: image archives by root folder, COCO-style JSONs (2017 zipped together, later years
+    one .json.tar.gz each), 2018's obfuscated names with the released categories.json beside them.
+    ``extra`` keeps the JSON documents and archive members, for tests that damage them."""
+    colour = _Colours()
+    files_of = INAT_FILES[year]
+    roots = list(files_of["images"])
+    train_root, test_root = roots[0], roots[-1]
+    images: dict[str, dict[str, bytes]] = {root: {} for root in roots}
+    coco = {split: {"info": {"year": int(year[:4])}, "licenses": [], "images": [], "annotations": [],
+                    "categories": [_inat_category(r, year, obfuscated=year == "2018") for r in INAT_TAXA]}
+            for split in ("train", "test")}
+    splits: dict[str, list[Expected]] = {"train": [], "test": []}
+    group_of_colour = {}
+    image_id = 100
+    for row in INAT_TAXA:
+        for split in ("train", "test", "train"):
+            image_id += 1
+            c = colour()
+            root = train_root if split == "train" else test_root
+            path = _inat_path(year, root, row, f"{image_id:04x}aa")
+            images[root][path] = jpeg(c)
+            coco[split]["images"].append({"id": image_id, "file_name": path, "width": 24, "height": 16, "license": 1})
+            coco[split]["annotations"].append({"id": 5000 + image_id, "image_id": image_id, "category_id": row[0]})
+            splits[split].append(Expected(INAT_LABEL[level][row[0]], c))
+            group_of_colour[c] = row[1]
+    documents = {files_of["annotations"][split]: json_bytes(data) for split, data in coco.items()}
+    files = {name: tar_bytes(images[root], "gz") for root, name in files_of["images"].items()}
+    if year == "2017":
+        files["train_val2017.zip"] = zip_bytes(documents)
+    else:
+        for name, data in documents.items():
+            files[f"{name}.tar.gz"] = tar_bytes({name: data}, "gz")
+    if year == "2018":
+        released = [_inat_category(r, year) for r in INAT_TAXA]
+        files["categories.json.tar.gz"] = tar_bytes({"categories.json": json_bytes(released)}, "gz")
+    name = f"inat{year}" + (f"_{level}" if level else "")
+    extra = {"group_of_colour": group_of_colour, "groups": ["Aves", "Plantae"], "coco": coco,
+             "images": images, "files_of": files_of}
+    return Miniature(name, files, INAT_CLASSES[level], splits, extra=extra)
+
+
+def json_bytes(data) -> bytes:
+    import json
+
+    return json.dumps(data).encode()
+
+
+# ---- WebFG-496 and Ultra-FGVC ------------------------------------------------------------------
+
+WEBFG_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "010.Red_winged_Blackbird"]
+
+
+def webfg(name: str = "web_bird") -> Miniature:
+    """``web-<x>/train/<class>/`` (web images) and ``web-<x>/val/<class>/`` (the clean test set), with the
+    odd files a web crawl leaves: upper-case and PNG extensions count, a text file does not."""
+    root = name.replace("_", "-")
+    colour = _Colours()
+    members, splits = {}, {"train": [], "test": []}
+    for label, folder in enumerate(WEBFG_CLASSES):
+        for split, count in (("train", 3), ("val", 1)):
+            for n in range(count):
+                c = colour()
+                suffix = (".jpg", ".JPEG", ".png")[n]
+                data = jpeg(c) if suffix != ".png" else _png(c)
+                members[f"{root}/{split}/{folder}/{split}_{n}{suffix}"] = data
+                splits["train" if split == "train" else "test"].append(Expected(label, c))
+        members[f"{root}/train/{folder}/urls.txt"] = b"https://example.org/1.jpg\n"
+    return Miniature(name, {f"{root}.tar.gz": tar_bytes(members, "gz")}, list(WEBFG_CLASSES), splits)
+
+
+def _png(colour: Colour, size: tuple[int, int] = (24, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), colour, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+ULTRA_FOLDERS = {"cotton80": ("COTTON", "Cotton80.zip"), "soyageing_r3": ("SoyAgeing/SoyAgeing-R3/R3", "SoyAgeing.zip")}
+"""Set -> (folder inside its archive, archive name). Cotton80.zip holds COTTON/ itself (as re-hosted, with a
+val list); the SoyAgeing one is the whole path, as the loaders' root table spells it."""
+
+
+def ultra_fgvc(name: str = "cotton80", classes: int = 80) -> Miniature:
+    """``images/`` plus ``anno/{train,test}.txt`` (``<file> <1-based class id>``; Cotton80 also ``val.txt``) under
+    the set's folder; only three of the classes have images, as a subset of the ids (labels must come from the
+    ids, not the rows)."""
+    colour = _Colours()
+    root, archive = ULTRA_FOLDERS[name]
+    order = ("train", "test", "val", "train") if name == "cotton80" else ("train", "test", "train")
+    lists: dict[str, list[str]] = {split: [] for split in order}
+    splits: dict[str, list[Expected]] = {split: [] for split in order}
+    members = {}
+    for number, (class_id, split) in enumerate(itertools.product((classes, 1, 7), order), 1):
+        c = colour()
+        fname = f"{class_id}_{number}.jpg"
+        members[f"{root}/images/{fname}"] = jpeg(c)
+        lists[split].append(f"{fname} {class_id}")
+        splits[split].append(Expected(class_id - 1, c))
+    for split, lines in lists.items():
+        members[f"{root}/anno/{split}.txt"] = text(lines)
+    return Miniature(name, {archive: zip_bytes(members)}, [str(i) for i in range(1, classes + 1)], splits,
+                     extra={"root": root})

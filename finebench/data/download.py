@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import lzma
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -264,13 +266,30 @@ def _check_tar_member(archive: Path, member: tarfile.TarInfo, target: Path) -> N
 
 def _extract_tar(archive: Path, target: Path) -> None:
     # Streaming mode ("r|*") reads the archive once, so a 140 GB tar is not scanned twice.
+    last: str | None = None
     with tarfile.open(archive, "r|*") as tar:
         for member in tar:
+            last = member.name
             _check_tar_member(archive, member, target)
             try:
                 tar.extract(member, target, filter="data")
             except tarfile.FilterError as error:
                 raise FinebenchError(f"unsafe archive {archive}: member {member.name!r} rejected: {error}") from error
+            except (tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError, OSError) as error:
+                # The archive ends (or its compression breaks) inside this member's data: name the member, since
+                # a prepare that went on would store a dataset missing it and everything after it.
+                raise FinebenchError(
+                    f"archive {archive} is truncated or damaged: member {member.name!r} "
+                    f"({member.size:,} bytes) cannot be read ({error})"
+                ) from error
+        # tarfile stops quietly when the data ends where a header should be; only a zero block (the
+        # end-of-archive marker, which it has just read) means every member was seen.
+        if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+            where = f"after member {last!r}" if last else "before its first member"
+            raise FinebenchError(
+                f"archive {archive} is truncated: it ends {where} without the end-of-archive marker, "
+                "so the members after that are missing"
+            )
 
 
 def _extract_zip(archive: Path, target: Path) -> None:

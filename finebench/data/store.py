@@ -2,7 +2,8 @@
 
 Layout: ``<data_root>/<name>/<split>/`` (``Dataset.save_to_disk``) with columns
 ``image`` (``datasets.Image``, encoded bytes) and ``label`` (``ClassLabel`` in the dataset's
-official id order), and ``<data_root>/<name>/meta.json``.
+official id order), plus ``group`` (``ClassLabel``, e.g. iNat's supercategory) for datasets whose
+builder gives one, and ``<data_root>/<name>/meta.json``.
 
 A store is complete exactly when ``meta.json`` exists: it is built in
 ``<name>.partial-<pid>-<random>``, ``meta.json`` is written last, and the folder gets its real
@@ -31,6 +32,8 @@ from finebench.data.builders.base import Example, ImageSource, ParsedDataset
 from finebench.errors import FinebenchError
 
 META_FILE = "meta.json"
+GROUP_COLUMN = "group"
+"""The optional per-image group column (iNat's supercategory); meta.json ``groups`` names its values."""
 STORE_FORMAT = 1
 """Version of this layout and meta.json schema (meta ``version``); bump on incompatible change."""
 
@@ -186,6 +189,7 @@ def _write_split(
     cache_dir: Path,
     on_example,
     short_side: int | None = None,
+    num_groups: int | None = None,
 ) -> _SplitStats:
     import datasets
 
@@ -195,6 +199,10 @@ def _write_split(
         for example in examples:
             if not 0 <= int(example.label) < num_classes:
                 raise FinebenchError(f"label {example.label} outside 0..{num_classes - 1} while writing {split_path.name}")
+            if num_groups is not None and (example.group is None or not 0 <= int(example.group) < num_groups):
+                raise FinebenchError(
+                    f"group {example.group} outside 0..{num_groups - 1} while writing {split_path.name} (example {stats.count})"
+                )
             try:
                 data, size = encode_image(example.image, max_side, short_side)
             except OSError as error:  # missing file, unreadable or not an image (PIL's error is an OSError)
@@ -203,7 +211,10 @@ def _write_split(
             stats.add(size)
             on_example()
             name = example.image.name if isinstance(example.image, Path) else None
-            yield {"image": {"bytes": data, "path": name}, "label": int(example.label)}
+            row = {"image": {"bytes": data, "path": name}, "label": int(example.label)}
+            if num_groups is not None:
+                row[GROUP_COLUMN] = int(example.group)
+            yield row
 
     # An explicit fingerprint stops datasets from hashing the generator (and every example it closes over).
     try:
@@ -263,9 +274,11 @@ def write_store(
 
     if len(set(parsed.classes)) != len(parsed.classes):
         raise FinebenchError(f"dataset {meta.get('name')!r} has duplicate class names; class names must be unique")
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(parsed.classes))}
-    )
+    columns = {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(parsed.classes))}
+    grouping = parsed.grouping
+    if grouping is not None:
+        columns[GROUP_COLUMN] = datasets.ClassLabel(names=list(grouping.names))
+    features = datasets.Features(columns)
     split_sizes: dict[str, int] = {}
     image_stats: dict[str, Any] = {}
     was_enabled = datasets.is_progress_bar_enabled()
@@ -288,6 +301,7 @@ def write_store(
                     build / f".cache-{split}",
                     lambda: progress.advance(task),
                     short_side,
+                    len(grouping.names) if grouping is not None else None,
                 )
                 split_sizes[split] = stats.count
                 image_stats[split] = {
@@ -314,6 +328,10 @@ def write_store(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "finebench_version": finebench.__version__,
     }
+    if grouping is not None:
+        full_meta["groups"] = {
+            "column": GROUP_COLUMN, "kind": grouping.kind, "names": list(grouping.names), "of_class": grouping.of_class,
+        }
     write_json_atomic(build / META_FILE, full_meta)
     return full_meta
 

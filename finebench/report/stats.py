@@ -109,6 +109,22 @@ def mean_class_accuracy(confusion: Sequence[Sequence[float]]) -> float:
     return float(100.0 * (np.diag(matrix)[present] / support[present]).mean())
 
 
+def group_accuracy(confusion: Sequence[Sequence[float]], group_of_class: Sequence[int], groups: int) -> list[float]:
+    """Top-1 of each group of classes (iNat's supercategories), in percent, from a confusion matrix.
+
+    Exact only where the class decides the group (every image of a class is in its class's group),
+    which is what a store's ``groups.of_class`` promises. A group without images is NaN.
+    """
+    matrix = np.asarray(confusion, dtype=float)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(group_of_class):
+        raise ValueError(f"a {len(group_of_class)}-class confusion matrix was expected, got shape {matrix.shape}")
+    member = np.asarray(group_of_class, dtype=int)
+    correct = np.bincount(member, weights=np.diag(matrix), minlength=groups)
+    support = np.bincount(member, weights=matrix.sum(axis=1), minlength=groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [float(v) for v in np.where(support > 0, 100.0 * correct / support, math.nan)]
+
+
 def is_missing(value: Any) -> bool:
     """None or NaN: a cell the report shows as missing (pandas gives NaN, JSON gives None)."""
     return value is None or (isinstance(value, float) and math.isnan(value))

@@ -26,6 +26,8 @@ array, or a PIL image."""
 class Example:
     image: ImageSource
     label: int
+    group: int | None = None
+    """Index into ``ParsedDataset.grouping.names`` (iNat's supercategory), for datasets that have one."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,20 @@ class Source:
     extract: bool = True
 
 
+@dataclass(frozen=True)
+class Grouping:
+    """A coarse group every image belongs to (iNat's supercategory: Aves, Plantae, ...).
+
+    Stored as the ``group`` column so accuracy can be broken down by group without the source
+    annotations; ``of_class`` (class -> group index) is set only where the class decides the group,
+    which is what lets a report derive per-group accuracy from a confusion matrix alone.
+    """
+
+    kind: str
+    names: list[str]
+    of_class: list[int] | None = None
+
+
 @dataclass
 class ParsedDataset:
     classes: list[str]
@@ -53,6 +69,8 @@ class ParsedDataset:
     """Split name -> examples. ``train``/``test`` (+ ``val``), or ``fold0``..``foldK`` for k-fold."""
     info: dict[str, Any] = field(default_factory=dict)
     """Anything worth recording in meta.json (e.g. which split files were used)."""
+    grouping: Grouping | None = None
+    """When set, every example carries ``group`` and the store gets a ``group`` column."""
 
 
 @dataclass(frozen=True)
