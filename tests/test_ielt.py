@@ -315,4 +315,3 @@ def test_a_training_step_through_the_engine(accumulation: int) -> None:
     assert int(model.warm_forwards) == 2 * accumulation
     assert not torch.equal(model.select_rate, rates)
     assert get_method("ielt").objective == "ielt objective"
-
