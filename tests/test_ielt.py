@@ -16,7 +16,12 @@ from safetensors.torch import load_file
 
 from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
-from finebench.methods.ielt import IELTClassifier, layer_counts, most_voted, updated_rates
+from finebench.methods.ielt import (
+    IELTClassifier,
+    layer_counts,
+    most_voted,
+    updated_rates,
+)
 from finebench.train.engine import TrainStep
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ielt" / "golden.safetensors"
@@ -270,10 +275,10 @@ def test_options_and_table_names() -> None:
     ("timm:resnet10t", None, {}, r"^variant 'ielt' on timm:resnet10t: expected a timm Vision Transformer"),
     ("wrn", {"depth": 10, "width": 1}, {}, r"^variant 'ielt' on wrn: expected a timm Vision Transformer"),
     (BACKBONE, {**TINY_VIT, "depth": 2}, {}, r"^variant 'ielt' on the backbone: .* with at least 3 blocks$"),
-    (BACKBONE, TINY_VIT, {}, r"^variant 'ielt': the official select_numbers have 11 entries but the backbone has 4 "
-                             r"blocks; expected 3 \(one per block before the last\)$"),
-    (BACKBONE, TINY_VIT, {"select_numbers": [4, 4]}, r"^variant 'ielt': select_numbers has 2 entries but the "
-                                                     r"backbone has 4 blocks; expected 3"),
+    (BACKBONE, TINY_VIT, {}, (r"^variant 'ielt': the official select_numbers have 11 entries but the backbone has 4 "
+                              r"blocks; expected 3 \(one per block before the last\)$")),
+    (BACKBONE, TINY_VIT, {"select_numbers": [4, 4]}, (r"^variant 'ielt': select_numbers has 2 entries but the "
+                                                      r"backbone has 4 blocks; expected 3")),
     (BACKBONE, {**TINY_VIT, "img_size": 64}, {"select_numbers": SELECT},
      r"^variant 'ielt': votes_per_head 24 exceeds the 16 patch tokens of input_size 64 \(patch 16\)"),
 ])

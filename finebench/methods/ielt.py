@@ -51,7 +51,13 @@ from pydantic import Field
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.methods.base import Method, MethodOptions, StepContext, StepResult, incompatible
+from finebench.methods.base import (
+    Method,
+    MethodOptions,
+    StepContext,
+    StepResult,
+    incompatible,
+)
 from finebench.methods.registry import register
 from finebench.methods.transfg import (
     WORKS,
