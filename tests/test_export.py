@@ -38,6 +38,8 @@ BACKBONE_OPTIONS: dict[str, dict | None] = {"wrn": {"depth": 10, "width": 1}, "t
                                             "timm:test_vit": {"img_size": 32}}
 """A method runs on the first of these it attaches to (ECA needs a timm CNN, TransFG a ViT), with its options."""
 BACKBONES = tuple(BACKBONE_OPTIONS)
+VARIANT_OPTIONS: dict[str, dict] = {"ielt": {"select_numbers": [2, 2, 2, 2, 2], "votes_per_head": 2, "key_tokens": 4}}
+"""Options a method needs on these tiny backbones (IELT: test_vit's 6 blocks, 2 x 2 patches at 32 px)."""
 WRN_LINES = 'backbone = "wrn"\noptions = { depth = 10, width = 1 }'
 
 
@@ -115,7 +117,7 @@ def test_every_methods_exported_model_predicts_with_the_methods_test_passes(
     meta = {"name": DATASET, "image_max_side": 16, "image_size": [16, 16]}
     transform = eval_transform(meta, "none", 32, normalize="half")
     config = {"model": {"backbone": backbone, "options": BACKBONE_OPTIONS[backbone]},
-              "variant": {"kind": kind, "options": {}}, "num_classes": 5,
+              "variant": {"kind": kind, "options": VARIANT_OPTIONS.get(kind, {})}, "num_classes": 5,
               "preprocessing": preprocessing_record(transform)}
     torch.manual_seed(0)
     network = build_model_from_config(config, 5, pretrained=False).eval()
@@ -146,6 +148,8 @@ def test_every_methods_export_reproduces_its_recorded_test_top1(kind: str, bars:
         options = BACKBONE_OPTIONS[backbone]
         extra = "\noptions = { " + ", ".join(f"{k} = {v}" for k, v in options.items()) + " }" if options else ""
         text = text.replace(WRN_LINES, f'backbone = "{backbone}"{extra}')
+    for key, value in VARIANT_OPTIONS.get(kind, {}).items():
+        text = text.replace(f'kind = "{kind}"', f'kind = "{kind}"\n{key} = {value}')
     run_dir, export = train_and_export(text, tmp_path, bars)
     config = check_reproduces_the_run(run_dir, export, bars)
     assert config["variant"]["kind"] == kind and config["model"]["backbone"] == backbone

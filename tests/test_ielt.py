@@ -6,6 +6,9 @@ a training step through the engine."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -320,3 +323,40 @@ def test_a_training_step_through_the_engine(accumulation: int) -> None:
     assert int(model.warm_forwards) == 2 * accumulation
     assert not torch.equal(model.select_rate, rates)
     assert get_method("ielt").objective == "ielt objective"
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_ielt_from_the_cli_and_checkpoints_its_selection_state(tmp_path: Path) -> None:
+    """Two epochs of timm's test ViT (6 blocks, 4 x 4 patches at 32 px: 8 x 8 tokens) through ``finebench run``;
+    the dynamic selection starts in epoch 2 (update_after_epochs = 1), and the checkpoint holds the
+    moved shares; ``profile`` counts the model without the backbone's unused last block."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    recipe = tmp_path / "ielt.toml"
+    text = tiny_recipe(variants=("ielt",), input_size=32, epochs=2, batch_size=8, lr=0.01).replace(
+        'backbone = "wrn"\noptions = { depth = 10, width = 1 }',
+        'backbone = "timm:test_vit"\noptions = { patch_size = 4, img_size = 32 }').replace(
+        'kind = "ielt"', 'kind = "ielt"\nselect_numbers = [16, 14, 12, 10, 8]\nupdate_after_epochs = 1')
+    recipe.write_text(text + "threads = 1\n")
+    results = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "finebench", "run", str(recipe), "--data-root", str(root),
+                          "--results-dir", str(results), "-q"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    [summary_path] = list(results.glob("ielt/*/summary.json"))
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "finished" and summary["variant_name"] == "ielt-sel16-14-12-10-8-update_after_epochs1"
+    [checkpoint] = list(summary_path.parent.glob("*.pt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    assert int(state["training_forwards"]) == 2 * 4 and int(state["warm_forwards"]) == 4
+    assert not torch.equal(state["select_rate"], torch.tensor([16, 14, 12, 10, 8]) / 60)
+    profile = subprocess.run([sys.executable, "-m", "finebench", "profile", str(recipe), "--json"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert profile.returncode == 0, profile.stderr[-2000:]
+    rows = {row["label"]: row for row in json.loads(profile.stdout)["rows"]}
+    row = rows["ielt-sel16-14-12-10-8-update_after_epochs1"]
+    model = build_model("timm:test_vit", 10, "ielt", {"select_numbers": [16, 14, 12, 10, 8]},
+                        {"patch_size": 4, "img_size": 32})
+    unused = set(model.unused_parameter_names())
+    assert row["params"] == sum(p.numel() for name, p in model.named_parameters() if name not in unused)

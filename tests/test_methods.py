@@ -21,7 +21,7 @@ TINY_WRN = {"depth": 10, "width": 1}
 
 def test_the_shipped_methods_are_registered_in_order() -> None:
     assert list(METHODS) == ["baseline", "attention", "se", "cbam", "eca", "bcnn", "mcl", "pmg", "ws_dan", "cal",
-                             "api_net"]
+                             "api_net", "transfg", "ielt"]
     assert all(isinstance(method, Method) and method.kind == kind for kind, method in METHODS.items())
 
 
