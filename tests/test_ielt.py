@@ -325,6 +325,27 @@ def test_a_training_step_through_the_engine(accumulation: int) -> None:
     assert get_method("ielt").objective == "ielt objective"
 
 
+
+def test_training_steps_repeat_bit_for_bit_on_two_threads() -> None:
+    """Gathering the kept tokens (distinct rows per image) and the votes (sums of ones) leave
+    nothing to the order of a multi-threaded reduction: two steps with moving shares repeat."""
+    def steps() -> torch.Tensor:
+        torch.manual_seed(0)
+        model = tiny_model(update_after_epochs=0).train()
+        torch.nn.init.normal_(model.classifier.weight, std=0.1)
+        step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"),
+                         method=get_method("ielt"))
+        for _ in range(2):
+            step(images(torch.float32), torch.tensor([0, 1, 2, 3]))
+        return torch.cat([model.select_rate, *(p.detach().flatten() for p in model.parameters())])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(steps(), steps())
+    finally:
+        torch.set_num_threads(before)
+
 @pytest.mark.slow
 def test_a_recipe_trains_ielt_from_the_cli_and_checkpoints_its_selection_state(tmp_path: Path) -> None:
     """Two epochs of timm's test ViT (6 blocks, 4 x 4 patches at 32 px: 8 x 8 tokens) through ``finebench run``;
