@@ -267,6 +267,8 @@ def test_options_and_table_names() -> None:
     default = parse_options("ielt", {})
     assert default.select_numbers is None and default.votes_per_head == 24 and default.complement_weight == 0.4
     assert method.table_name(default) == "ielt"
+    assert method.settings(default) == ("select 16,14,12,10,8,6,8,10,12,14,16 · 24 votes/head · 24 key tokens · "
+                                        "complement weight 0.4 · dynamic after 10 epochs, step 0.001 · dropout 0.1")
     assert method.table_name(parse_options("ielt", {"extra_blocks_from_last": True})) == "ielt-from-last"
     assert method.table_name(parse_options("ielt", {"select_numbers": [3, 2], "dynamic_selection": False,
                                                     "votes_per_head": 12})) == "ielt-sel3-2-static-votes_per_head12"

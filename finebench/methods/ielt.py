@@ -308,6 +308,16 @@ class IELT(Method):
                   if getattr(options, key) != getattr(default, key)]
         return "-".join(parts)
 
+    def settings(self, options: IELTOptions) -> str:  # type: ignore[override]
+        numbers = ",".join(map(str, options.select_numbers or OFFICIAL_SELECT_NUMBERS))
+        parts = [f"select {numbers}", f"{options.votes_per_head} votes/head", f"{options.key_tokens} key tokens",
+                 f"complement weight {options.complement_weight:g}",
+                 f"dynamic after {options.update_after_epochs} epochs, step {options.rate_step:g}"
+                 if options.dynamic_selection else "static selection"]
+        if options.extra_blocks_from_last:
+            parts.append("extra blocks from the last")
+        return " · ".join([*parts, f"dropout {options.dropout:g}"])
+
     def check_backbone(self, backbone: str, options: IELTOptions) -> None:  # type: ignore[override]
         """A timm model built by timm's vision_transformer module; ``attach`` checks the rest."""
         if not is_timm_vision_transformer(backbone):
