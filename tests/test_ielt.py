@@ -348,6 +348,38 @@ def test_training_steps_repeat_bit_for_bit_on_two_threads() -> None:
     finally:
         torch.set_num_threads(before)
 
+
+def _ddp_steps(rank: int | None) -> dict[str, torch.Tensor]:
+    """Two engine steps on the 4-image batch, or on this rank's half of it under DDP (finebench's own
+    wrapper: the backbone's unread last block and norm named to DDP as ignored)."""
+    from finebench.train.distributed import DDPContext
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    torch.nn.init.normal_(model.classifier.weight, std=0.1)
+    wrapped = model if rank is None else DDPContext(rank=rank, world_size=2).wrap(model)
+    step = TrainStep(wrapped, torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"),
+                     method=get_method("ielt"))
+    batch, labels = images(torch.float32), torch.tensor([0, 1, 2, 3])
+    if rank is not None:
+        batch, labels = batch[2 * rank:2 * rank + 2], labels[2 * rank:2 * rank + 2]
+    for _ in range(2):
+        step(batch, labels)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+def test_under_ddp_the_ranks_step_together_as_one_process_on_the_whole_batch() -> None:
+    """No hang on the parameters IELT never reads (DDP ignores them), and the all-reduced step is
+    the whole batch's (no BatchNorm: only the summation order differs, float32 to 1e-6)."""
+    from gloo import on_two_workers
+
+    results = on_two_workers(_ddp_steps)
+    expected = _ddp_steps(None)
+    for name, value in expected.items():
+        assert torch.equal(results[0][name], results[1][name]), name
+        torch.testing.assert_close(results[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
 @pytest.mark.slow
 def test_a_recipe_trains_ielt_from_the_cli_and_checkpoints_its_selection_state(tmp_path: Path) -> None:
     """Two epochs of timm's test ViT (6 blocks, 4 x 4 patches at 32 px: 8 x 8 tokens) through ``finebench run``;
