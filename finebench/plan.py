@@ -133,6 +133,7 @@ def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: tor
         in_memory="auto",  # small images: decoded once, augmented in batches on the device
         device=device, decode=dataset.decode, color_jitter=dataset.color_jitter, resize=dataset.resize,
         normalize=dataset.normalize,
+        validation=dataset.validation.model_dump() if dataset.validation is not None else None,
         sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
     )
 
@@ -307,6 +308,26 @@ def dataset_state(name: str, data_root: Path) -> str:
     if is_prepared(data_root, name):
         return "prepared"
     return "prepared on first run" if get_spec(name).offline else "not prepared"
+
+
+def check_validation_splits(runs: Sequence[RunSpec], data_root: Path, source: Path) -> None:
+    """Each run's validation split, resolved from a prepared store's labels (``run --dry-run``); an
+    unprepared store is checked when the run starts (``preflight``)."""
+    from finebench.data.loader import check_validation
+    from finebench.data.store import is_prepared
+
+    checked = []
+    for run in runs:
+        dataset = run.dataset_section()
+        if dataset.validation is None or dataset in checked or not is_prepared(data_root, dataset.name):
+            continue
+        checked.append(dataset)
+        try:
+            check_validation(dataset.name, data_root, train_split=dataset.train_split,
+                             test_split=dataset.test_split, validation=dataset.validation.model_dump())
+        except FinebenchError as error:
+            fold = f" (held-out fold {run.fold})" if run.fold is not None else ""
+            raise FinebenchError(f"{source}{fold}: {error}") from None
 
 
 def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size: int) -> None:

@@ -37,6 +37,7 @@ from finebench.errors import FinebenchError
 
 SCHEMA_VERSION = 1
 BEST_NOTE = "best-epoch test accuracy (optimistic: selected on the test set)"
+SELECTED_NOTE = "test accuracy of the epoch with the best validation top-1 (train.select = best_validation)"
 
 
 def read_json(path: Path) -> Any:
@@ -161,6 +162,13 @@ class RunDir:
     SUMMARY_FILE = "summary.json"
     CHECKPOINT_FILE = "last.pt"
     CONFUSION_FILE = "confusion.json"
+    BEST_FILE = "best.pt"
+    """``train.select = "best_validation"``: the weights of the epoch with the best validation top-1."""
+    VALIDATION_FILE = "validation.json"
+    """``dataset.validation``: which images were held out of training (``finebench.data.validation``)."""
+    PREDICTIONS_FILE = "predictions.parquet"
+    """Per-image predictions of the final evaluation (``finebench.predictions``); ``finebench eval``
+    writes ``predictions-<split>.parquet`` beside it (``predictions_path``)."""
 
     LOCK_FILE = ".lock"
     LOCK_TRIES = 10
@@ -185,6 +193,16 @@ class RunDir:
     summary_path = property(lambda self: self.path / self.SUMMARY_FILE)
     checkpoint_path = property(lambda self: self.path / self.CHECKPOINT_FILE)
     confusion_path = property(lambda self: self.path / self.CONFUSION_FILE)
+    best_path = property(lambda self: self.path / self.BEST_FILE)
+    validation_path = property(lambda self: self.path / self.VALIDATION_FILE)
+
+    def predictions_path(self, split: str | None = None) -> Path:
+        """The final evaluation's per-image file, or (``split``) the one ``finebench eval`` writes for
+        that split: its own file, so a second evaluation never replaces what the run recorded."""
+        if split is None:
+            return self.path / self.PREDICTIONS_FILE
+        stem, suffix = self.PREDICTIONS_FILE.rsplit(".", 1)
+        return self.path / f"{stem}-{split}.{suffix}"
 
     def _parsed(self, path: Path, parse: Callable[[Path], Any]) -> Any:
         """``parse(path)``, or None when the file is missing. A record is parsed once while it is
@@ -277,8 +295,10 @@ class RunDir:
 
     def discard(self) -> None:
         """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
+        evaluated = self.predictions_path("*").name  # what `finebench eval` wrote of the discarded model
         for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path,
-                     self.confusion_path):
+                     self.confusion_path, self.best_path, self.validation_path, self.predictions_path(),
+                     *self.path.glob(evaluated)):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the discarded run's curves
 
@@ -359,18 +379,49 @@ class RunDir:
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """``last.pt``, or None before the first epoch ends; unreadable is a ``FinebenchError`` naming it."""
-        if not self.checkpoint_path.is_file():
+        return _load_state(self.checkpoint_path)
+
+    def save_best(self, state: Mapping[str, Any]) -> None:
+        """``best.pt`` (epoch, val_top1, model), replaced atomically like ``last.pt``."""
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        atomic_write_bytes(self.best_path, buffer.getvalue())
+
+    def load_best(self) -> dict[str, Any] | None:
+        """``best.pt``, or None before a validation epoch selected one; unreadable is a ``FinebenchError``."""
+        return _load_state(self.best_path)
+
+    def write_validation(self, record: Mapping[str, Any]) -> None:
+        atomic_write_json(self.validation_path, dict(record))
+
+    def read_validation(self) -> dict[str, Any] | None:
+        """``validation.json``, or None when the run has none yet; unreadable is a ``FinebenchError``."""
+        if not self.validation_path.is_file():
             return None
         try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise  # the disk, not the file: the CLI names it, and the run stays resumable
-        except Exception as error:  # torch reports damage as RuntimeError, UnpicklingError, EOFError, ...
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise FinebenchError(f"{self.checkpoint_path}: unreadable checkpoint ({reason}): {RESTART_HINT}") from None
-        if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
-            raise FinebenchError(f"{self.checkpoint_path}: not a finebench checkpoint (no epoch): {RESTART_HINT}")
-        return state
+            record = read_json(self.validation_path)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FinebenchError(f"{self.validation_path}: not a readable validation record ({error}): "
+                                 f"{RESTART_HINT}") from None
+        if not isinstance(record, dict):
+            raise FinebenchError(f"{self.validation_path}: expected a JSON object: {RESTART_HINT}")
+        return record
+
+
+def _load_state(path: Path) -> dict[str, Any] | None:
+    """A checkpoint file (``last.pt``, ``best.pt``), or None when missing; damage is a ``FinebenchError`` naming it."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # the disk, not the file: the CLI names it, and the run stays resumable
+    except Exception as error:  # torch reports damage as RuntimeError, UnpicklingError, EOFError, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FinebenchError(f"{path}: unreadable checkpoint ({reason}): {RESTART_HINT}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        raise FinebenchError(f"{path}: not a finebench checkpoint (no epoch): {RESTART_HINT}")
+    return state
 
 
 # ---- summary.json's schema, beside its writer --------------------------------------------------
@@ -396,6 +447,16 @@ class BestMetrics(BaseModel):
     test_top1: float | None = None
 
 
+class SelectedMetrics(BaseModel):
+    """``summary.json``'s ``selected``: the validation-selected epoch and its weights' test evaluation."""
+
+    model_config = ConfigDict(extra="allow")
+    rule: str = "best_validation"
+    epoch: int | None = None
+    val_top1: float | None = None
+    test_top1: float | None = None
+
+
 class RunSummary(BaseModel):
     """The fields of ``summary.json`` the report relies on; anything else is kept but unchecked."""
 
@@ -417,6 +478,7 @@ class RunSummary(BaseModel):
     epochs_completed: int | None = None
     final: FinalMetrics | None = None
     best: BestMetrics | None = None
+    selected: SelectedMetrics | None = None
     params: float | None = None
     flops: float | None = None
     params_baseline: float | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from finebench.plan import (
     RunSelection,
     build_model,
     build_run_loaders,
+    check_validation_splits,
     dataset_state,
     decide,
     decide_runs,
@@ -43,9 +44,11 @@ from finebench.plan import (
     size_warnings,
     warn_sizes,
 )
+from finebench.predictions import read_digest, write_predictions
 from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import (
     SCHEMA_VERSION,
+    SELECTED_NOTE,
     RunDir,
     RunLocked,
     best_entry,
@@ -140,8 +143,14 @@ def _summary(
     data_path: str = "workers",
     dataset_digest: str | None = None,
     compile_time_s: float = 0.0,
+    validation: Mapping[str, Any] | None = None,
+    selected: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     recipe = loaded.recipe
+    # ``validation`` and ``selected`` only where the run has them: other summaries stay as they were
+    chosen = {} if validation is None else {"validation": dict(validation), "select": run.train_section().select}
+    if selected is not None:
+        chosen["selected"] = {**selected, "note": SELECTED_NOTE}
     return {
         "schema": SCHEMA_VERSION,
         "run_id": run.run_id,
@@ -164,6 +173,7 @@ def _summary(
         "final": final_entry(list(rows)),
         "method_training": method_training_entry(list(rows)),
         "best": best_entry(list(rows)),
+        **chosen,
         "params": cost.params,
         "flops": cost.flops,
         "params_baseline": baseline.params,
@@ -223,15 +233,18 @@ def _execute(
     seed_everything(run.seed)
     model = build_model(loaded, run, num_classes)
     loaders = build_run_loaders(loaded, run, data_root, ctx, runtime.device)
+    validation = _validation_record(run_dir, loaders) if loaders.validation_choice is not None else None
     common = dict(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
         input_size=costs.input_size, runtime=runtime, ctx=ctx,
         started_at=previous.get("started_at") or _first_written(run_dir) or utc_now(), data_path=loaders.path,
-        dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name),
+        dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name), validation=validation,
     )
     # A resume writes nothing until its first epoch is done: a resume that fails (an unreadable
     # last.pt) must leave every record as it was, epochs done included.
     resuming = run_dir.checkpoint_path.is_file()
+    if ctx.is_main and validation is not None and run_dir.read_validation() is None:
+        run_dir.write_validation(loaders.validation_choice.record(loaders.train_size + loaders.validation_size))
     if ctx.is_main and not resuming:
         # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
         run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
@@ -253,7 +266,7 @@ def _execute(
         result = fit(
             model, loaders.train, loaders.test, train,
             mixture=method.mixture, store=run_dir, ctx=ctx, progress=progress,
-            on_epoch=on_epoch, runtime=runtime, method=method,
+            on_epoch=on_epoch, runtime=runtime, method=method, validation_loader=loaders.validation,
         )
     # What a user can fix leaves the records as they are, so the next ``finebench run`` resumes from
     # the last checkpoint; only a non-finite loss (a ``failed`` result) or a bug marks the run failed.
@@ -285,7 +298,7 @@ def _execute(
     summary = _summary(
         loaded, run, status=result.status, failure_reason=result.failure_reason, rows=result.rows,
         epochs_completed=result.epochs_completed, train_time_s=result.train_time_s,
-        images_per_s=result.images_per_s, compile_time_s=result.compile_time_s, **common,
+        images_per_s=result.images_per_s, compile_time_s=result.compile_time_s, selected=result.selected, **common,
     )
     # A resume of a run whose every epoch was done (its summary rebuilt) evaluates nothing: the
     # matrix of its last evaluation is on disk.
@@ -301,13 +314,37 @@ def _execute(
         )
 
         summary["final"]["mean_class_top1"] = mean_class_accuracy(confusion)
+        if result.selected_confusion is not None and "selected" in summary:
+            summary["selected"]["mean_class_top1"] = mean_class_accuracy(result.selected_confusion)
     if result.confusion is not None and ctx.is_main:
         run_dir.write_confusion(result.confusion, list(getattr(loaders, "classes", None) or []) or None)
+    if result.predictions is not None and ctx.is_main:
+        write_predictions(run_dir.predictions_path(),
+                          replace(result.predictions, split=run.config["dataset"].get("test_split")))
+    # as confusion.json above: a resume that evaluated nothing keeps the file of the last evaluation
+    digest = result.predictions.digest if result.predictions is not None else read_digest(run_dir.predictions_path())
+    if digest is not None:
+        summary.update(predictions_file=run_dir.PREDICTIONS_FILE, test_set_digest=digest)
     if ctx.is_main:
         run_dir.write_summary(summary)
     if result.status == "failed" and not quiet:
         console.print(f"[red]{label}: failed: {result.failure_reason}[/]", highlight=False)
     return summary
+
+
+def _validation_record(run_dir: RunDir, loaders: Any) -> dict[str, Any]:
+    """What summary.json says of the run's validation split (validation.json holds its ids); a resume
+    whose split differs from the one recorded (another numpy, another store) stops here."""
+    choice = loaders.validation_choice
+    record = choice.record(loaders.train_size + loaders.validation_size)
+    recorded = run_dir.read_validation()
+    if recorded is not None and recorded.get("digest") != record.get("digest"):
+        raise FinebenchError(
+            f"{run_dir.validation_path}: the run held out other validation images (digest "
+            f"{str(recorded.get('digest'))[:12]}) than this resume would ({str(record.get('digest'))[:12]}): "
+            f"rerun with --restart to train it again on one split", exit_code=1)
+    summary = {key: value for key, value in record.items() if key not in ("ids", "ids_are")}
+    return {**summary, "images": loaders.validation_size, "file": RunDir.VALIDATION_FILE}
 
 
 def _record_failure(loaded: LoadedRecipe, run: RunSpec, run_dir: RunDir, error: Exception,
@@ -394,6 +431,7 @@ def run_recipe(
     runs, run_dirs, states, data_root = plan.runs, plan.run_dirs, plan.states, plan.data_root
 
     if dry_run:
+        check_validation_splits(runs, data_root, loaded.path)
         data = dataset_state(loaded.recipe.dataset.name, data_root)
         for state in states.values():
             if state.problem:

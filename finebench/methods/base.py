@@ -252,9 +252,17 @@ class Method:
         (``finebench run``, ``finebench eval``) and ``profile``'s FLOPs use it."""
         return model(images)
 
+    def prediction_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        """The predictions ``predict`` makes beside the one ``scores`` reads, B x N each, named as
+        ``eval_metrics`` names their accuracy (a dict's entries as ``key.entry``: PMG's
+        ``top1_granularity.8``). The evaluator records each image's top classes under these names
+        (``finebench.predictions``) and, by default, ``eval_counts`` counts their top-1 hits."""
+        return {}
+
     def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
-        """Per test batch, counts beyond top-1 (summed over batches and ranks by the evaluator)."""
-        return []
+        """Per test batch, counts beyond top-1 (summed over batches and ranks by the evaluator):
+        by default each of ``prediction_logits``' top-1 hits, in its order."""
+        return [(logits.argmax(1) == labels).sum() for logits in self.prediction_logits(output).values()]
 
     def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
         """The metrics.jsonl fields made from the summed ``eval_counts`` (``images`` test images)."""
