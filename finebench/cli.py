@@ -314,16 +314,18 @@ def run_command(
 
     Several runs at once: --jobs N on this machine, --submit slurm on a cluster. Several workers for each run: --nproc-per-node N on this machine, or torchrun ... -m finebench run RECIPE on each machine. The recipe's batch size is the global batch.
 
-    Exit status: 0 when every run is finished (now or earlier); 1 when a run failed (its loss became non-finite, now or earlier) or a disk error stopped it; 2 for bad input (recipe, options, unreadable records); 3 when runs were left to another process training them; 130 when interrupted (Ctrl-C), the run then resumes on the next invocation.
+    Exit status: 0 when every run is finished (now or earlier); 1 when a run failed (its loss became non-finite, now or earlier) or a disk error stopped it; 2 for bad input (recipe, options, unreadable records); 3 when runs were left to another process training them; 130 when interrupted (Ctrl-C), the run then resumes on the next invocation. With --jobs: 1 also when a job was killed (its run resumes); 143 for SIGTERM, 129 for a hangup.
     """
     import time
 
-    from finebench.jobs import JsonProgress
+    from finebench.jobs import JsonProgress, stop_as_on_ctrl_c
     from finebench.plan import RunSelection, check_before_launch, parse_share
     from finebench.recipe import load_recipe
     from finebench.runner import exit_code, run_recipe
     from finebench.train.distributed import distributed_context, launch_workers
 
+    if job_of:
+        stop_as_on_ctrl_c()
     loaded = load_recipe(recipe, overrides)
     share_of = parse_share(share) if share else None
     selection = RunSelection(tuple(only), retry_failed, restart, discard_finished)

@@ -17,6 +17,7 @@ import fcntl
 import functools
 import io
 import json
+import os
 import platform
 import shutil
 import socket
@@ -324,11 +325,26 @@ class RunDir:
                     "keep the results folder on a filesystem with working flock (Lustre: mount with -o flock)",
                     exit_code=1,
                 ) from None
+            try:  # who holds it, for ``lock_holder``; the lock works without it
+                handle.truncate(0)
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+            except OSError:
+                pass
             self._holding = True
             yield
         finally:
             self._holding = False
             handle.close()
+
+    def lock_holder(self) -> int | None:
+        """The process id of the last process that took the run's lock (it may have ended since), or None.
+
+        ``--jobs`` reads it to tell which run a job that stopped or died was training."""
+        try:
+            return int((self.path / ".lock").read_text(encoding="ascii").strip())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_json(self.config_path, dict(config))
@@ -415,13 +431,30 @@ def _load_state(path: Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
-        raise  # the disk, not the file: the CLI names it, and the run stays resumable
+        # torch's zip reader says EINVAL for a file cut short near its end: only a file that
+        # reads back whole is the disk's innocence, and then the damage is the file's
+        if not _reads_whole(path):
+            raise  # the disk, not the file: the CLI names it, and the run stays resumable
+        raise FinebenchError(f"{path}: unreadable checkpoint, cut short or corrupt: {RESTART_HINT}") from None
     except Exception as error:  # torch reports damage as RuntimeError, UnpicklingError, EOFError, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FinebenchError(f"{path}: unreadable checkpoint ({reason}): {RESTART_HINT}") from None
+        # the first sentence: torch goes on with advice for its own users
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        raise FinebenchError(f"{path}: unreadable checkpoint, cut short or corrupt ({reason}): "
+                             f"{RESTART_HINT}") from None
     if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
         raise FinebenchError(f"{path}: not a finebench checkpoint (no epoch): {RESTART_HINT}")
     return state
+
+
+def _reads_whole(path: Path, chunk: int = 1 << 24) -> bool:
+    """Whether every byte of ``path`` can be read (read and dropped a chunk at a time, not held)."""
+    try:
+        with open(path, "rb") as handle:
+            while handle.read(chunk):
+                pass
+    except OSError:
+        return False
+    return True
 
 
 # ---- summary.json's schema, beside its writer --------------------------------------------------

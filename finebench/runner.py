@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,8 @@ class RunOutcome:
     run: RunSpec
     path: Path | None
     status: str
-    """finished | failed | skipped-finished | skipped-failed | locked | planned"""
+    """finished | failed | skipped-finished | skipped-failed | locked | planned; under ``--jobs`` also
+    stopped (the job training it stopped or died: the run is as its last saved epoch left it)"""
     summary: dict[str, Any] = field(default_factory=dict)
     state: str | None = None
     """Dry runs: the run's state on disk (``RunState.kind``: running, new, resumable, finished, failed, damaged)."""
@@ -95,18 +96,19 @@ EXIT_LOCKED = 3
 def exit_code(outcomes: Sequence[RunOutcome]) -> int:
     """0 only when every run is finished (now or earlier), so ``finebench run R && next`` is safe."""
     statuses = {outcome.status for outcome in outcomes}
-    if statuses & {"failed", "skipped-failed"}:
+    if statuses & {"failed", "skipped-failed", "stopped"}:
         return EXIT_FAILED
     if "locked" in statuses:
         return EXIT_LOCKED
     return 0
 
 
-def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str]) -> list[RunOutcome]:
+def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str], stopped: Collection[str] = ()) -> list[RunOutcome]:
     """Each planned run's outcome read from its records, after other processes trained them
     (``--jobs``, ``--submit local``): skipped as decided before they started, else as the records
-    now stand; a run none of them finished is ``locked`` (another process holds it, or one of them
-    stopped early)."""
+    now stand; ``stopped``: runs whose process stopped or died while training them (its own line
+    said why); any other run none of them finished is ``locked`` (another process holds it, or they
+    stopped before it)."""
     outcomes = []
     for run in plan.runs:
         run_dir = plan.run_dirs[run.run_id]
@@ -117,9 +119,12 @@ def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str]) -> list[RunOutcom
             status = "skipped-failed"
         elif state.kind in ("finished", "failed"):
             status = state.kind
+        elif run.run_id in stopped:
+            status = "stopped"
         else:
             status = "locked"
-        outcomes.append(RunOutcome(run, run_dir.path, status, run_dir.summary() or {} if status != "locked" else {}))
+        outcomes.append(RunOutcome(run, run_dir.path, status,
+                                   run_dir.summary() or {} if status not in ("locked", "stopped") else {}))
     return outcomes
 
 
@@ -199,6 +204,11 @@ def _summary(
     }
 
 
+def run_label(run: RunSpec) -> str:
+    """How messages and progress bars name a run: by what a user chose (variant and seed), not its id."""
+    return f"{run.variant_name} seed {run.seed}"
+
+
 def speed_conditions(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the run's img/s was measured under, from its epochs' rows: the thread counts they used
     and their mean 1-minute load (None for records written before epochs recorded them)."""
@@ -249,7 +259,7 @@ def _execute(
         # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
         run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
         run_dir.write_summary(_summary(loaded, run, status="running", rows=run_dir.read_metrics(), **common))
-    label = f"{run.variant_name} seed {run.seed}"
+    label = run_label(run)
     progress: Progress = SilentProgress()
     if not quiet and ctx.is_main:
         progress = make_progress(label) if make_progress is not None else RichProgress(label, console)
@@ -271,14 +281,14 @@ def _execute(
     # What a user can fix leaves the records as they are, so the next ``finebench run`` resumes from
     # the last checkpoint; only a non-finite loss (a ``failed`` result) or a bug marks the run failed.
     except KeyboardInterrupt:
-        raise Interrupted(f"{label} stopped; {_how_to_go_on(run_dir)}") from None
+        raise Interrupted(f"{label} stopped; {how_to_go_on(run_dir)}") from None
     except FinebenchError:
         raise  # says itself what went wrong and how to go on
     except OSError as error:
-        raise FinebenchError(f"{label}: {error}; {_how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
+        raise FinebenchError(f"{label}: {error}; {how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
     except Exception as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
         if is_out_of_memory(error):
-            raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {_how_to_go_on(run_dir)}",
+            raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {how_to_go_on(run_dir)}",
                                  exit_code=1) from None
         # Anything else is a bug, or a setting validation let through: every resume would stop the
         # same way, and a summary left "running" shows in `report` as in progress forever. The run
@@ -391,7 +401,8 @@ def _touched_since(run_dir: RunDir, since: str) -> bool:
     return max(summary.get("started_at") or "", summary.get("finished_at") or "") >= since
 
 
-def _how_to_go_on(run_dir: RunDir) -> str:
+def how_to_go_on(run_dir: RunDir) -> str:
+    """The end of a message about a stopped run: what of it is saved and the command that goes on."""
     if run_dir.checkpoint_path.is_file():
         return f"the run is resumable from its last saved epoch ({run_dir.checkpoint_path}): rerun the same command"
     return f"no epoch of it was saved yet ({run_dir.path}): rerun the same command to start it again"
@@ -441,10 +452,9 @@ def run_recipe(
         warn_sizes(size_warnings(plan, runs), console)
         return [
             RunOutcome(run, run_dirs[run.run_id].path, "planned",
-                       {"params": plan.costs.of(run).params, "flops": plan.costs.of(run).flops,
-                        "taps": plan.costs.of(run).taps},
+                       {"params": cost.params, "flops": cost.flops, "taps": cost.taps},
                        state=states[run.run_id].kind, data=data)
-            for run in runs
+            for run, cost in ((run, plan.costs.of(run, module_flops=False)) for run in runs)
         ]
 
     # Unreadable records stop the command here, before anything is trained or written.
@@ -457,7 +467,7 @@ def run_recipe(
     outcomes = []
     for run in runs:
         run_dir = run_dirs[run.run_id]
-        label = f"{run.variant_name} seed {run.seed}"
+        label = run_label(run)
         with contextlib.ExitStack() as held:
             # Rank 0 alone locks and decides; every rank then follows the same decision. A run that
             # needs no training is skipped without its lock, which needs write access.

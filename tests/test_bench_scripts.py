@@ -21,6 +21,7 @@ EXPECTED_COLUMN = {
     "jobs.py": "serial / jobs",
     "attention_readout.py": "op speed / eager",
     "peers_overhead.py": "step time +%",
+    "dry_run.py": "dry run / floor",
 }
 
 

@@ -171,6 +171,10 @@ class Method:
     options_added_later: ClassVar[tuple[str, ...]] = ()
     """Options added after runs were recorded: at their default they are left out of the report's
     configuration labels, so old records (which lack them) group with new ones, as their run ids do."""
+    training_only_options: ClassVar[tuple[str, ...]] = ()
+    """Options only training reads (a loss weight, a regulariser's form), never the network's
+    parameters nor the passes of a prediction: variants differing in them alone build the same
+    network and share one cost (``network_key``; a dry run counts each network once)."""
 
     # ---- recipe ----------------------------------------------------------------------------
 
