@@ -7,6 +7,7 @@ a training step through the engine."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -381,37 +382,42 @@ def test_under_ddp_the_ranks_step_together_as_one_process_on_the_whole_batch() -
         torch.testing.assert_close(results[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 @pytest.mark.slow
-def test_a_recipe_trains_ielt_from_the_cli_and_checkpoints_its_selection_state(tmp_path: Path) -> None:
-    """Two epochs of timm's test ViT (6 blocks, 4 x 4 patches at 32 px: 8 x 8 tokens) through ``finebench run``;
-    the dynamic selection starts in epoch 2 (update_after_epochs = 1), and the checkpoint holds the
-    moved shares; ``profile`` counts the model without the backbone's unused last block."""
+def test_a_recipe_trains_ielt_beside_the_baseline_from_the_cli_and_checkpoints_its_selection_state(
+        tmp_path: Path) -> None:
+    """ViT-Ti/16's layout narrowed (4 blocks, 4 x 4 patches at 32 px: 8 x 8 tokens), a fixed-size
+    ViT: ``run --dry-run``, two epochs of ``run`` and ``profile``. The dynamic selection starts in
+    epoch 2 (update_after_epochs = 1) and the checkpoint holds the moved shares; the counts leave
+    out the backbone's unused last block and norm."""
     from tiny_data import prepare_tiny_bars, tiny_recipe
 
     root = prepare_tiny_bars(tmp_path / "data", 32, 16)
     recipe = tmp_path / "ielt.toml"
-    text = tiny_recipe(variants=("ielt",), input_size=32, epochs=2, batch_size=8, lr=0.01).replace(
-        'backbone = "wrn"\noptions = { depth = 10, width = 1 }',
-        'backbone = "timm:test_vit"\noptions = { patch_size = 4, img_size = 32 }').replace(
-        'kind = "ielt"', 'kind = "ielt"\nselect_numbers = [16, 14, 12, 10, 8]\nupdate_after_epochs = 1')
-    recipe.write_text(text + "threads = 1\n")
+    text = tiny_recipe(variants=("baseline", "ielt"), input_size=32, epochs=2, batch_size=8, lr=0.01,
+                       backbone=BACKBONE, extra_train="threads = 1", extra_model='pretrained = "none"',
+                       model_options="{ embed_dim = 32, depth = 4, num_heads = 4, mlp_ratio = 2, patch_size = 4, "
+                                     "img_size = 32 }")
+    recipe.write_text(text.replace('kind = "ielt"', 'kind = "ielt"\nselect_numbers = [16, 14, 12]\n'
+                                                    'update_after_epochs = 1'))
     results = tmp_path / "results"
-    run = subprocess.run([sys.executable, "-m", "finebench", "run", str(recipe), "--data-root", str(root),
-                          "--results-dir", str(results), "-q"], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    [summary_path] = list(results.glob("ielt/*/summary.json"))
-    summary = json.loads(summary_path.read_text())
-    assert summary["status"] == "finished" and summary["variant_name"] == "ielt-sel16-14-12-10-8-update_after_epochs1"
-    [checkpoint] = list(summary_path.parent.glob("*.pt"))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    assert int(state["training_forwards"]) == 2 * 4 and int(state["warm_forwards"]) == 4
-    assert not torch.equal(state["select_rate"], torch.tensor([16, 14, 12, 10, 8]) / 60)
-    profile = subprocess.run([sys.executable, "-m", "finebench", "profile", str(recipe), "--json"],
-                             capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
-    assert profile.returncode == 0, profile.stderr[-2000:]
-    rows = {row["label"]: row for row in json.loads(profile.stdout)["rows"]}
-    row = rows["ielt-sel16-14-12-10-8-update_after_epochs1"]
-    model = build_model("timm:test_vit", 10, "ielt", {"select_numbers": [16, 14, 12, 10, 8]},
-                        {"patch_size": 4, "img_size": 32})
+    name = "ielt-sel16-14-12-update_after_epochs1"
+
+    def finebench(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "finebench", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=600, check=False, env={**os.environ, "COLUMNS": "250"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    dry = finebench("run", str(recipe), "--data-root", str(root), "--results-dir", str(results), "--dry-run")
+    assert dry.count("│ new ") == 2 and name in dry, dry
+    finebench("run", str(recipe), "--data-root", str(root), "--results-dir", str(results), "-q")
+    summaries = {json.loads(path.read_text())["variant_name"]: path for path in results.glob("ielt/*/summary.json")}
+    assert sorted(summaries) == ["baseline", name]
+    assert json.loads(summaries[name].read_text())["status"] == "finished"
+    state = torch.load(summaries[name].parent / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert int(state["training_forwards"]) == 2 * 4 and int(state["warm_forwards"]) == 4  # 32 images / 8
+    assert not torch.equal(state["select_rate"], torch.tensor(SELECT) / 42)
+    rows = {row["label"]: row for row in json.loads(finebench("profile", str(recipe), "--json"))["rows"]}
+    model = build_model(BACKBONE, 10, "ielt", {"select_numbers": SELECT}, {**TINY_VIT, "patch_size": 4, "img_size": 32})
     unused = set(model.unused_parameter_names())
-    assert row["params"] == sum(p.numel() for name, p in model.named_parameters() if name not in unused)
+    assert rows[name]["params"] == sum(p.numel() for key, p in model.named_parameters() if key not in unused)
+    assert rows[name]["flops"] > rows["baseline"]["flops"] > 0

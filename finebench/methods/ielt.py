@@ -216,9 +216,9 @@ class IELTClassifier(ImageClassifier):
         self.update_after_epochs = options.update_after_epochs
         self.complement_weight = options.complement_weight
 
-    def unused_parameter_names(self) -> list[str]:
+    def unused_parameter_names(self, input_size: int | None = None) -> list[str]:
         """The backbone's last block and final norm (and any head of its own): IELT reads the
-        embedding and the blocks before the last only."""
+        embedding and the blocks before the last only, at any ``input_size`` (no probe needed)."""
         read = ("patch_embed.", "cls_token", "pos_embed", "norm_pre.") + tuple(
             f"blocks.{index}." for index in range(len(self.backbone.model.blocks) - 1))
         return [f"backbone.{name}" for name, _ in self.backbone.named_parameters()
