@@ -201,6 +201,23 @@ def test_a_dynamic_selection_move_equals_the_official(precision: str) -> None:
     assert torch.equal(model.select_rate.float(), golden["rate_after"])
 
 
+def test_rounded_boundaries_credit_each_key_token_to_the_layer_it_was_kept_from() -> None:
+    """Shares 0.39/0.33/0.28 of 42: 16.38, 13.86, 11.76 tokens, of which round() keeps 16, 14, 12.
+    CLR positions 16 and 30 (the first kept tokens of the second and third layers) are credited
+    officially to the first and second layers (16 < 16.38, 30 < 30.24); with the fix to their own."""
+    rates = torch.tensor([0.39, 0.33, 0.28])
+    key = torch.tensor([[17, 42, 1, 31]])  # 1-based: positions 16, 41, 0, 30
+    assert layer_counts(rates, 42, key).tolist() == [2, 1, 1]
+    assert layer_counts(rates, 42, key, rounded=True).tolist() == [1, 1, 2]
+    for rounded, credited in ((False, [1, 1, 0]), (True, [0, 1, 1])):
+        model = tiny_model(rounded_boundaries=rounded)
+        model.select_rate.copy_(rates)
+        model.update_rates(torch.tensor([[17, 31]]))
+        assert torch.equal(model.select_rate, updated_rates(rates, torch.tensor(credited), 0.001))
+    assert get_method("ielt").table_name(parse_options("ielt", {"rounded_boundaries": True})) == \
+        "ielt-rounded-boundaries"
+
+
 def test_the_warm_up_is_counted_in_epochs_of_training_forwards() -> None:
     """update_after_epochs = 2 with 3 forwards an epoch: the official ``count >= 2 x 3`` first
     holds at the 6th training forward (the last of epoch 2); evaluation forwards do not count."""

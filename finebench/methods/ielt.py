@@ -21,7 +21,8 @@ On any timm ViT with a class token (``timm:vit_*``), as the official ``models/IE
 * dynamic selection: the layer shares start at ``select_numbers`` / their sum; once the training
   forwards reach ``update_after_epochs`` epochs' worth, every training forward moves them by
   ``rate_step`` (0.1 %) towards the share of the key tokens coming from each layer, the layer
-  boundaries taken from the *unrounded* counts (the official ``count_patch``), and renormalises;
+  boundaries taken from the *unrounded* counts (the official ``count_patch``; ``rounded_boundaries``
+  credits each token to the layer it was kept from), and renormalises;
 * initialisation: the head is zero; the extra blocks are drawn afresh with the official ``Block``'s
   own initialisation, or, with ``extra_blocks_from_last`` (the Dogs setting of the shipped log), both copy the
   pretrained last block. The backbone's last block and final norm are not used (the official model
@@ -94,6 +95,10 @@ class IELTOptions(MethodOptions):
     """Training epochs before the counts start to move (official ``update_warm``)."""
     rate_step: Annotated[float, Field(gt=0, le=1)] = 0.001
     """How far each training forward moves the shares (the official hard-coded 1e-3)."""
+    rounded_boundaries: bool = False
+    """Credit each key token to the layer it was kept from (boundaries at the rounded counts the
+    forward kept). Official, a bug kept as the default: boundaries at the unrounded shares, which
+    credit a token near a boundary to the neighbouring layer and tokens past the last to none."""
     extra_blocks_from_last: bool = False
     """Both extra blocks copy the pretrained last block (the Dogs setting of the shipped log); otherwise fresh."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
@@ -141,11 +146,13 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, index[:, :, None].expand(-1, -1, tokens.shape[-1]))
 
 
-def layer_counts(rates: torch.Tensor, total: int, key_selected: torch.Tensor) -> torch.Tensor:
+def layer_counts(rates: torch.Tensor, total: int, key_selected: torch.Tensor, *, rounded: bool = False) -> torch.Tensor:
     """Per layer, how many of the batch's key tokens came from it (the official ``count_patch``):
     a token at CLR position i (0-based) belongs to the first layer whose cumulative *unrounded*
-    count exceeds i; tokens past the last boundary count nowhere."""
-    bounds = torch.cumsum(rates * total, dim=0)
+    count exceeds i; tokens past the last boundary count nowhere. ``rounded``: the cumulative
+    counts the forward kept (round(share x total)), so each token is credited to its own layer."""
+    counts = rates * total
+    bounds = torch.cumsum(torch.round(counts) if rounded else counts, dim=0)
     index = (key_selected - 1).reshape(-1)
     cumulative = (index[None, :] < bounds[:, None]).sum(dim=1)
     return torch.diff(cumulative, prepend=cumulative.new_zeros(1))
@@ -210,6 +217,7 @@ class IELTClassifier(ImageClassifier):
         self.input_size, self.grid, self.total = size, grid, total
         self.votes_per_head, self.key_tokens = options.votes_per_head, options.key_tokens
         self.dynamic_selection, self.rate_step = options.dynamic_selection, options.rate_step
+        self.rounded_boundaries = options.rounded_boundaries
         self.register_buffer("select_rate", torch.tensor(numbers) / total)
         self.register_buffer("training_forwards", torch.zeros((), dtype=torch.long))
         self.register_buffer("warm_forwards", torch.tensor(0 if options.update_after_epochs == 0 else -1))
@@ -286,7 +294,8 @@ class IELTClassifier(ImageClassifier):
     def update_rates(self, key_selected: torch.Tensor) -> None:
         """One dynamic-selection move from this forward's key tokens (in float32, as the official)."""
         rates = self.select_rate.float()
-        self.select_rate.copy_(updated_rates(rates, layer_counts(rates, self.total, key_selected), self.rate_step))
+        counts = layer_counts(rates, self.total, key_selected, rounded=self.rounded_boundaries)
+        self.select_rate.copy_(updated_rates(rates, counts, self.rate_step))
 
 
 class IELT(Method):
@@ -302,6 +311,8 @@ class IELT(Method):
             parts.append("static")
         if options.extra_blocks_from_last:
             parts.append("from-last")
+        if options.rounded_boundaries:
+            parts.append("rounded-boundaries")
         default = IELTOptions(kind="ielt")
         parts += [f"{key}{getattr(options, key):g}" for key in
                   ("votes_per_head", "key_tokens", "complement_weight", "update_after_epochs", "rate_step", "dropout")
@@ -316,6 +327,8 @@ class IELT(Method):
                  if options.dynamic_selection else "static selection"]
         if options.extra_blocks_from_last:
             parts.append("extra blocks from the last")
+        if options.rounded_boundaries:
+            parts.append("rounded layer boundaries")
         return " · ".join([*parts, f"dropout {options.dropout:g}"])
 
     def check_backbone(self, backbone: str, options: IELTOptions) -> None:  # type: ignore[override]
