@@ -38,8 +38,12 @@ BACKBONE_OPTIONS: dict[str, dict | None] = {"wrn": {"depth": 10, "width": 1}, "t
                                             "timm:test_vit": {"img_size": 32}}
 """A method runs on the first of these it attaches to (ECA needs a timm CNN, TransFG a ViT), with its options."""
 BACKBONES = tuple(BACKBONE_OPTIONS)
-VARIANT_OPTIONS: dict[str, dict] = {"pim": {"selections": [24, 8, 2, 1], "fpn_size": 16, "image_size": 32}}
-"""Options a method needs on these tiny backbones at 32 px (PIM: counts within timm:test_resnet's 64/16/4/1 tokens)."""
+VARIANT_OPTIONS: dict[str, dict] = {
+    "pim": {"selections": [24, 8, 2, 1], "fpn_size": 16, "image_size": 32},
+    "ielt": {"select_numbers": [2, 2, 2, 2, 2], "votes_per_head": 2, "key_tokens": 4},
+}
+"""Options a method needs on these tiny backbones at 32 px (PIM: counts within timm:test_resnet's 64/16/4/1
+tokens; IELT: test_vit's 6 blocks, 2 x 2 patches)."""
 WRN_LINES = 'backbone = "wrn"\noptions = { depth = 10, width = 1 }'
 
 

@@ -18,6 +18,7 @@ from finebench.methods import cal  # noqa: F401
 from finebench.methods import api_net  # noqa: F401
 from finebench.methods import transfg  # noqa: F401
 from finebench.methods import pim  # noqa: F401
+from finebench.methods import ielt  # noqa: F401
 from finebench.methods.base import Method, MethodOptions, MicroBatch, StepContext, StepResult
 from finebench.methods.registry import (
     METHODS,

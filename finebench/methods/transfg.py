@@ -113,15 +113,28 @@ def official_part_block_init(block: nn.Module) -> None:
     block.norm2.reset_parameters()
 
 
-def vision_transformer(backbone: Backbone, name: str = "the backbone") -> Any:
-    """The timm ViT inside a finebench backbone, or a one-line error saying what works."""
+def vision_transformer(backbone: Backbone, name: str = "the backbone", method: str = "transfg",
+                       min_blocks: int = 3) -> Any:
+    """The timm ViT inside a finebench backbone, or a one-line error saying what works (also IELT's)."""
     model = getattr(backbone, "model", None)
     needed = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
     if model is None or not all(hasattr(model, n) for n in needed) or getattr(model, "cls_token", None) is None:
-        raise incompatible("transfg", name, WORKS)
-    if getattr(model, "num_reg_tokens", 0) or getattr(model, "no_embed_class", False) or len(model.blocks) < 3:
-        raise incompatible("transfg", name, WORKS + " without register tokens, with at least 3 blocks")
+        raise incompatible(method, name, WORKS)
+    if getattr(model, "num_reg_tokens", 0) or getattr(model, "no_embed_class", False) or len(model.blocks) < min_blocks:
+        raise incompatible(method, name, WORKS + f" without register tokens, with at least {min_blocks} blocks")
     return model
+
+
+def is_timm_vision_transformer(backbone: str) -> bool:
+    """A ``timm:`` name built by timm's vision_transformer module (vit_*, test_vit, ...), or a name
+    timm does not know (building it then gives timm's own one-line error)."""
+    if not backbone.startswith("timm:"):
+        return False
+    import timm
+
+    name = backbone.removeprefix("timm:").split(".", 1)[0]
+    return not timm.models.is_model(name) or \
+        timm.models.model_entrypoint(name).__module__ == "timm.models.vision_transformer"
 
 
 class TransFGClassifier(ImageClassifier):
@@ -214,15 +227,8 @@ class TransFG(Method):
     def check_backbone(self, backbone: str, options: TransFGOptions) -> None:  # type: ignore[override]
         """A timm model built by timm's vision_transformer module (vit_*, test_vit, ...); ``attach``
         then checks the built model itself (a class token, no register tokens)."""
-        if backbone.startswith("timm:"):
-            import timm
-
-            name = backbone.removeprefix("timm:").split(".", 1)[0]
-            if not timm.models.is_model(name):
-                return  # building it gives timm's own one-line error for an unknown name
-            if timm.models.model_entrypoint(name).__module__ == "timm.models.vision_transformer":
-                return
-        raise incompatible(self.kind, backbone, WORKS)
+        if not is_timm_vision_transformer(backbone):
+            raise incompatible(self.kind, backbone, WORKS)
 
     def build_backbone(self, backbone: str, backbone_options: Mapping[str, Any] | None,
                        options: TransFGOptions) -> Backbone:  # type: ignore[override]
