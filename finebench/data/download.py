@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -290,6 +290,44 @@ def _extract_tar(archive: Path, target: Path) -> None:
                 f"archive {archive} is truncated: it ends {where} without the end-of-archive marker, "
                 "so the members after that are missing"
             )
+
+
+def stream_tar(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of every regular file of a tar in archive order, the bytes only where ``wanted(name)``:
+    one sequential read, nothing written to disk. ``name`` drops a leading ``./``. Damage is reported as
+    ``_extract_tar`` reports it (the member it cuts, or a missing end marker)."""
+    last: str | None = None
+    try:
+        with tarfile.open(archive, "r|*") as tar:
+            member = None
+            try:
+                for member in tar:
+                    last = member.name
+                    if not member.isfile():
+                        continue
+                    name = member.name[2:] if member.name.startswith("./") else member.name
+                    data = None
+                    if wanted(name):
+                        handle = tar.extractfile(member)
+                        data = handle.read() if handle is not None else b""
+                        if len(data) != member.size:
+                            raise EOFError(f"{len(data):,} of {member.size:,} bytes")
+                    yield name, data
+            except (tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError, OSError) as error:
+                if member is None:
+                    raise
+                raise FinebenchError(
+                    f"archive {archive} is truncated or damaged: member {member.name!r} "
+                    f"({member.size:,} bytes) cannot be read ({error})"
+                ) from error
+            if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+                where = f"after member {last!r}" if last else "before its first member"
+                raise FinebenchError(
+                    f"archive {archive} is truncated: it ends {where} without the end-of-archive marker, "
+                    "so the members after that are missing"
+                )
+    except (tarfile.TarError, EOFError) as error:
+        raise FinebenchError(f"cannot read archive {archive}: {error}") from error
 
 
 def _extract_zip(archive: Path, target: Path) -> None:
