@@ -212,3 +212,15 @@ def test_a_prepare_killed_mid_shard_resumes_to_the_same_store_and_holds_the_lock
     assert _file_digests(resumed) == _file_digests(reference)
     assert store_digests(resumed) == store_digests(reference)
     assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [name]
+
+
+def test_a_cut_off_gzip_stream_is_named_and_nothing_is_stored(tmp_path):
+    """Streamed through a gzip process, an image archive cut mid-stream still stops the prepare."""
+    mini = archives.inat("2021_mini")
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    for name, data in mini.files.items():
+        (folder / name).write_bytes(data[: len(data) * 2 // 3] if name == "train_mini.tar.gz" else data)
+    with _with_checksums("inat2021_mini", folder), pytest.raises(FinebenchError, match=r"train_mini\.tar\.gz is truncated"):
+        prepare_dataset("inat2021_mini", tmp_path / "data", from_path=folder, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")) == []

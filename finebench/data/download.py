@@ -20,6 +20,7 @@ import shutil
 import socket
 import ssl
 import stat
+import subprocess
 import tarfile
 import time
 import urllib.error
@@ -297,8 +298,15 @@ def stream_tar(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[s
     one sequential read, nothing written to disk. ``name`` drops a leading ``./``. Damage is reported as
     ``_extract_tar`` reports it (the member it cuts, or a missing end marker)."""
     last: str | None = None
+    with open(archive, "rb") as probe:
+        gzipped = probe.read(2) == b"\x1f\x8b"
+    tool = (shutil.which("pigz") or shutil.which("gzip")) if gzipped else None
+    # A gzip process decompresses on another core while this one parses members (Python's zlib would
+    # do it in this thread, serially); its exit status still tells a damaged stream.
+    process = subprocess.Popen([tool, "-dc", str(archive)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               bufsize=1 << 20) if tool else None
     try:
-        with tarfile.open(archive, "r|*") as tar:
+        with (tarfile.open(fileobj=process.stdout, mode="r|") if process else tarfile.open(archive, "r|*")) as tar:
             member = None
             try:
                 for member in tar:
@@ -326,8 +334,23 @@ def stream_tar(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[s
                     f"archive {archive} is truncated: it ends {where} without the end-of-archive marker, "
                     "so the members after that are missing"
                 )
+        if process is not None:
+            process.stdout.read()  # the zero blocks after the end marker, so gzip can finish
+            if process.wait() != 0:
+                reason = process.stderr.read().decode(errors="replace").strip().splitlines()
+                raise FinebenchError(
+                    f"archive {archive} is truncated or damaged: {Path(tool).name} stops after member {last!r} "
+                    f"({reason[-1] if reason else 'exit status ' + str(process.returncode)})"
+                )
     except (tarfile.TarError, EOFError) as error:
         raise FinebenchError(f"cannot read archive {archive}: {error}") from error
+    finally:
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+            process.stderr.close()
 
 
 def _extract_zip(archive: Path, target: Path) -> None:

@@ -670,11 +670,22 @@ def write_store(
     ) as progress:
 
         def task(description: str, total: int | None):
+            """A counter for the images done; the display is updated at most 10 times a second, because
+            rich's bookkeeping per call costs more than storing a small image does."""
             handle = progress.add_task(description, total=total, rate="")
+            pending, done, shown = [0], [0], [time.monotonic()]
 
             def advance(count: int) -> None:
-                progress.advance(handle, count)
-                rate = progress.tasks[handle].speed
+                if quiet:
+                    return
+                pending[0] += count
+                done[0] += count
+                now = time.monotonic()
+                if now - shown[0] < 0.1 and done[0] != total:
+                    return
+                progress.advance(handle, pending[0])
+                pending[0], shown[0] = 0, now
+                rate = progress._tasks[handle].speed
                 progress.update(handle, rate=f"{rate:,.0f} images/s" if rate else "")
 
             return advance
