@@ -224,3 +224,15 @@ def test_a_cut_off_gzip_stream_is_named_and_nothing_is_stored(tmp_path):
     with _with_checksums("inat2021_mini", folder), pytest.raises(FinebenchError, match=r"train_mini\.tar\.gz is truncated"):
         prepare_dataset("inat2021_mini", tmp_path / "data", from_path=folder, quiet=True)
     assert sorted(p.name for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")) == []
+
+
+def test_a_truncated_store_file_is_named_with_the_command_that_rebuilds_it(tmp_path):
+    """The loader reads the store with pyarrow alone; a damaged Arrow file is still one clear error."""
+    from finebench.data.loader import build_loaders
+
+    root = prepare_tiny_bars(tmp_path, 40, 20)
+    data = next((root / DATASET / "train").glob("data-*.arrow"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(FinebenchError, match=rf"train: the prepared store cannot be read .*finebench prepare {DATASET} "
+                                             rf"--data-root {tmp_path} --force"):
+        build_loaders(DATASET, root, batch_size=8)
