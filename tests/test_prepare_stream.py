@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import archives
+import numpy as np
 import pyarrow as pa
 import pytest
 from test_builders import prepare_via_server
@@ -26,6 +27,7 @@ from tiny_data import DATASET, prepare_tiny_bars
 
 from finebench.data import download, registry, store
 from finebench.data import prepare as prepare_dataset_module
+from finebench.data.builders.base import ParsedDataset
 from finebench.data.download import extract_archive
 from finebench.data.prepare import prepare_dataset
 from finebench.errors import FinebenchError
@@ -79,6 +81,8 @@ def test_stores_of_existing_datasets_keep_their_rows(tmp_path, local_http_server
     shutil.rmtree(root / DATASET)
     original = prepare_dataset_module.prepare_dataset
     monkeypatch.setattr(prepare_dataset_module, "prepare_dataset", lambda *a, **k: original(*a, **{**k, "workers": 2}))
+    monkeypatch.setattr(store._Encoder, "__init__", lambda self, workers, max_side, short_side: setattr(
+        self, "__dict__", {"workers": workers, "max_side": 10**6, "short_side": None, "_pool": None}))  # "resizing"
     import tiny_data
 
     monkeypatch.setattr(tiny_data, "prepare_dataset", prepare_dataset_module.prepare_dataset)
@@ -236,3 +240,18 @@ def test_a_truncated_store_file_is_named_with_the_command_that_rebuilds_it(tmp_p
     with pytest.raises(FinebenchError, match=rf"train: the prepared store cannot be read .*finebench prepare {DATASET} "
                                              rf"--data-root {tmp_path} --force"):
         build_loaders(DATASET, root, batch_size=8)
+
+
+def test_images_resized_in_worker_processes_equal_those_resized_in_process(tmp_path, monkeypatch):
+    from tiny_data import _bars
+
+    monkeypatch.setattr(store, "POOL_MIN_IMAGES", 1)
+    parsed = ParsedDataset([str(c) for c in range(10)], {"train": _bars(30, np.random.default_rng(0))})
+    digests = []
+    for workers in (1, 2):
+        build = tmp_path / f"w{workers}"
+        build.mkdir()
+        store.write_store(parsed, build, {"name": "unit"}, quiet=True, short_side=8, workers=workers)
+        digests.append(content_digest(build / "train"))
+    assert digests[0] == digests[1]
+    assert json.loads((build / "meta.json").read_text())["image_stats"]["train"]["max_side"] == 8
