@@ -18,7 +18,11 @@ is refused instead of both building and the later one silently winning.
 
 Builders (``finebench/data/builders/<family>.py``) only provide ``SPECS`` with a ``parse``;
 everything here is shared. Extraction goes into the build folder and is deleted once the
-store is written, so a finished store holds only Arrow files and ``meta.json``.
+store is written, so a finished store holds only Arrow files and ``meta.json``. Image archives a
+builder can stream (``Source.stream``: iNaturalist's) are not extracted at all: the store reads them
+member by member. The build folder is ``<data_root>/<name>.partial`` and is written shard by shard
+(``store.py``), so a prepare that was killed continues, run again with the same files and options,
+from its last finished shard; a failure of the data itself removes it.
 """
 
 from __future__ import annotations

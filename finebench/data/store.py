@@ -5,10 +5,20 @@ Layout: ``<data_root>/<name>/<split>/`` (``Dataset.save_to_disk``) with columns
 official id order), plus ``group`` (``ClassLabel``, e.g. iNat's supercategory) for datasets whose
 builder gives one, and ``<data_root>/<name>/meta.json``.
 
-A store is complete exactly when ``meta.json`` exists: it is built in
-``<name>.partial-<pid>-<random>``, ``meta.json`` is written last, and the folder gets its real
-name by one rename. An interrupted prepare therefore never leaves something that looks done,
-and ``--force`` swaps the old store out only once the new one is complete.
+A store is complete exactly when ``meta.json`` exists: it is built in ``<name>.partial``,
+``meta.json`` is written last, and the folder gets its real name by one rename. An interrupted
+prepare therefore never leaves something that looks done, and ``--force`` swaps the old store out
+only once the new one is complete.
+
+Each split is written in shards of ``SHARD_IMAGES`` rows (an Arrow file each, renamed into place when
+complete), so memory stays flat whatever the split's size and a killed prepare, run again, keeps the
+finished shards (``build.json`` says what they were made from; anything else starts over). Why not
+``Dataset.from_generator`` + ``save_to_disk`` as before: it writes every image twice (a cache, then the
+copy) and cannot resume; the shards are the files ``save_to_disk`` would write, in its layout, and
+hold the same rows (``tests/test_prepare_stream.py`` checks the digests of stores written before).
+Images streamed from archives (iNat) are first staged in archive order, then each split is written in
+its annotation file's order, so a store is the same whether its images came from the archive or an
+extracted folder.
 """
 
 from __future__ import annotations
