@@ -318,16 +318,18 @@ def run_command(
 
     Several runs at once: --jobs N on this machine, --submit slurm on a cluster. Several workers for each run: --nproc-per-node N on this machine, or torchrun ... -m finebench run RECIPE on each machine. The recipe's batch size is the global batch.
 
-    Exit status: 0 when every run is finished (now or earlier); 1 when a run failed (its loss became non-finite, now or earlier) or a disk error stopped it; 2 for bad input (recipe, options, unreadable records); 3 when runs were left to another process training them; 130 when interrupted (Ctrl-C), the run then resumes on the next invocation.
+    Exit status: 0 when every run is finished (now or earlier); 1 when a run failed (its loss became non-finite, now or earlier) or a disk error stopped it; 2 for bad input (recipe, options, unreadable records); 3 when runs were left to another process training them; 130 when interrupted (Ctrl-C), the run then resumes on the next invocation. With --jobs: 1 also when a job was killed (its run resumes); 143 for SIGTERM, 129 for a hangup.
     """
     import time
 
-    from finebench.jobs import JsonProgress
+    from finebench.jobs import JsonProgress, stop_as_on_ctrl_c
     from finebench.plan import RunSelection, check_before_launch, parse_share
     from finebench.recipe import load_recipe
     from finebench.runner import exit_code, run_recipe
     from finebench.train.distributed import distributed_context, launch_workers
 
+    if job_of:
+        stop_as_on_ctrl_c()
     loaded = load_recipe(recipe, overrides)
     share_of = parse_share(share) if share else None
     selection = RunSelection(tuple(only), retry_failed, restart, discard_finished)
@@ -491,6 +493,7 @@ def report_command(
     predictions: bool = typer.Option(False, "--predictions", help="Also every prediction a method records beside its top-1 (PMG's heads and their sum, WS-DAN's crop-refined prediction)."),
     long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
     ranks: bool = typer.Option(False, "--ranks", help="Also each method's average rank across datasets, the Friedman test and the Nemenyi critical difference (with --plots, its diagram)."),
+    disagree: Optional[tuple[str, str]] = typer.Option(None, "--disagree", metavar="A B", help="Instead: variants A and B image by image, per dataset, backbone and seed: McNemar's exact test and a paired bootstrap CI of the top-1 difference (with --plots, thumbnails of the images only one gets right)."),
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
     mean per-class accuracy, paired gains with p-values, overheads."""
@@ -498,6 +501,9 @@ def report_command(
 
     if fmt not in report_module.FORMATS:
         raise FinebenchError(f"--format {fmt!r}: expected one of {', '.join(report_module.FORMATS)}")
+    if disagree and all(disagree):
+        _report_disagreement(paths or ["results"], disagree, report_module.split_by(by), fmt, output, plots)
+        return
     result = report_module.make_report(
         paths or ["results"],
         by=report_module.split_by(by),
@@ -546,6 +552,24 @@ def report_command(
         err_console.print(f"wrote {len(written)} plot files to {plots}", highlight=False)
 
 
+def _report_disagreement(paths: list[str], variants: tuple[str, str], by: list[str] | None, fmt: str,
+                         output: str | None, plots: str | None) -> None:
+    """``report --disagree A B``: the table, then (``--plots``) the thumbnails, then what was left out."""
+    from finebench import report as report_module
+
+    a, b = variants
+    pairs = report_module.disagreement(paths, a, b, by)
+    report_module.emit_disagreement(pairs, a, b, fmt, Path(output) if output else None, status=err_console)
+    if plots:
+        from finebench.report.plots import plot_disagreement
+
+        warnings: list[str] = []
+        written = plot_disagreement(pairs, a, b, Path(plots), warnings)
+        for warning in warnings:
+            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        err_console.print(f"wrote {len(written)} plot files to {plots}", highlight=False)
+
+
 @app.command("attend")
 def attend_command(
     run_dir: str = typer.Argument(..., help="A finished run folder (config.json, summary.json, last.pt) of a method that draws attention maps: attention (Attend and Rectify), ws_dan or cal."),
@@ -588,6 +612,7 @@ def eval_command(
     console.print(f"{run_dir}: {metrics['split']} split, {metrics['images']:,} images, {metrics['precision']}",
                   highlight=False, soft_wrap=True)
     console.print(eval_table(metrics))
+    err_console.print(f"wrote {metrics['predictions_file']}", highlight=False, soft_wrap=True)
 
 
 @app.command("export")

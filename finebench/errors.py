@@ -19,9 +19,9 @@ class FinebenchError(Exception):
 class Interrupted(FinebenchError):
     """The user stopped the command (Ctrl-C); the message says what is kept and how to go on.
 
-    Exit code 130 is the shell's convention for a process ended by SIGINT, so scripts and
-    schedulers can tell an interruption from a failure.
+    Exit code 130 is the shell's convention for a process ended by SIGINT (128 + the signal's
+    number: 143 for SIGTERM), so scripts and schedulers can tell an interruption from a failure.
     """
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, exit_code=130)
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message, exit_code=exit_code)

@@ -32,7 +32,9 @@ from finebench.train.engine import DistContext, resolve_device
 class Cost:
     params: int
     flops: int
-    module_flops: dict[str, int]
+    module_flops: dict[str, int] | None
+    """FLOPs of each cheaper prediction the method offers (``Method.early_predictors``); None where
+    they were not counted (``CostCache.of(..., module_flops=False)``: a dry run prints none)."""
     taps: list[dict[str, Any]] = field(default_factory=list)
     """Where each attention module or a method's head reads (``ImageClassifier.tap_summary``); empty for
     a model reading the pooled features."""
@@ -54,14 +56,26 @@ def build_model(
 
 
 def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
+    """The run's params and FLOPs without ``profile``'s fvcore-vs-flop_counter cross-check: the
+    check costs a second forward of every network, a dry run must answer in seconds, and
+    ``finebench profile`` checks the same networks' counts."""
     from finebench.models.network import unwrap
-    from finebench.profile import early_prediction_flops, profile_model
+    from finebench.profile import profile_model
 
     was_training = model.training
-    profile = profile_model(model, input_size, method)
-    module_flops = {k: int(v) for k, v in early_prediction_flops(model, method, input_size).items()}
+    profile = profile_model(model, input_size, method, cross_check=False)
     model.train(was_training)
-    return Cost(int(profile.params), int(profile.flops), module_flops, unwrap(model).tap_summary())
+    return Cost(int(profile.params), int(profile.flops), None, unwrap(model).tap_summary())
+
+
+def _module_flops(model: torch.nn.Module, input_size: int, method: Method) -> dict[str, int]:
+    """``Cost.module_flops``: one fvcore trace per early prediction, so only where a summary records them."""
+    from finebench.profile import early_prediction_flops
+
+    was_training = model.training
+    flops = early_prediction_flops(model, method, input_size, cross_check=False)
+    model.train(was_training)
+    return {name: int(value) for name, value in flops.items()}
 
 
 def _size_warnings(run: RunSpec, model: torch.nn.Module, input_size: int) -> list[str]:
@@ -77,7 +91,7 @@ def _size_warnings(run: RunSpec, model: torch.nn.Module, input_size: int) -> lis
 
 def size_warnings(plan: Plan, runs: Sequence[RunSpec]) -> list[str]:
     """Each distinct size warning of ``runs`` (one per variant and backbone, not per seed)."""
-    return list(dict.fromkeys(line for run in runs for line in plan.costs.of(run).size_warnings))
+    return list(dict.fromkeys(line for run in runs for line in plan.costs.of(run, module_flops=False).size_warnings))
 
 
 def warn_sizes(lines: Sequence[str], console: Console | None = None) -> None:
@@ -88,7 +102,8 @@ def warn_sizes(lines: Sequence[str], console: Console | None = None) -> None:
 
 
 class CostCache:
-    """Params/FLOPs per variant (identical across seeds) and of the plain baseline.
+    """Params/FLOPs per distinct network (``network_key``: the same across seeds, variant names and
+    training settings) and of the plain baseline, each network counted once.
 
     Costing runs inside ``fork_rng`` (a model built for its cost draws random initial weights): the
     runner asks for costs after seeding a run, and a draw from the run's RNG would shift every
@@ -100,27 +115,47 @@ class CostCache:
         self.loaded, self.num_classes, self.input_size = loaded, num_classes, input_size
         self._costs: dict[str, Cost] = {}
 
-    def of(self, run: RunSpec, model: torch.nn.Module | None = None) -> Cost:
-        key = f"{run.backbone}\0{run.variant_name}"  # a recipe may list backbones
-        if key not in self._costs:
+    def of(self, run: RunSpec, model: torch.nn.Module | None = None, *, module_flops: bool = True) -> Cost:
+        """The run's cost. ``model``, the run's own model about to train, also learns its unread
+        parameters at the run's input size here (DDP's ignore list reads them, and knows no size).
+        ``module_flops=False`` leaves the early predictions uncounted (a trace of the network per
+        prediction), for a dry run, which prints none."""
+        if model is not None:
+            from finebench.models.network import unwrap
+
+            with torch.random.fork_rng(devices=[]):  # no draw of the run's RNG (see the class)
+                unwrap(model).unused_parameter_names(self.input_size)
+        return self._cost_of(run, None, model, module_flops)
+
+    def baseline(self, run: RunSpec) -> Cost:
+        """The plain baseline on the run's backbone: the reference of its overheads."""
+        return self._cost_of(run, BASELINE.kind, None, True)
+
+    def _cost_of(self, run: RunSpec, kind: str | None, model: torch.nn.Module | None, module_flops: bool) -> Cost:
+        key = self._key(run, kind)
+        cost = self._costs.get(key)
+        if cost is None or (module_flops and cost.module_flops is None):
+            method = get_method(kind or run.variant_kind)
             # Weights do not change the cost, and a dry run must work before they are downloaded.
             with torch.random.fork_rng(devices=[]):
                 if model is None:
-                    model = build_model(self.loaded, run, self.num_classes, pretrained=False)
-                self._costs[key] = replace(_cost(model, self.input_size, get_method(run.variant_kind)),
-                                           size_warnings=_size_warnings(run, model, self.input_size))
-        return self._costs[key]
+                    model = build_model(self.loaded, run, self.num_classes, kind=kind, pretrained=False)
+                if cost is None:
+                    cost = _cost(model, self.input_size, method)
+                    # the run's own variant only: the baseline a variant is measured against warns of nothing
+                    cost = replace(cost, size_warnings=_size_warnings(run, model, self.input_size) if kind is None else [])
+                if module_flops:
+                    cost = replace(cost, module_flops=_module_flops(model, self.input_size, method))
+            self._costs[key] = cost
+        return cost
 
-    def baseline(self, run: RunSpec) -> Cost:
-        key = f"{run.backbone}\0\0baseline"
-        if key not in self._costs:
-            if run.variant_kind == BASELINE.kind:
-                self._costs[key] = self.of(run)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    model = build_model(self.loaded, run, self.num_classes, kind=BASELINE.kind, pretrained=False)
-                    self._costs[key] = _cost(model, self.input_size, BASELINE)
-        return self._costs[key]
+    def _key(self, run: RunSpec, kind: str | None) -> str:
+        from finebench.methods import network_key
+
+        try:
+            return network_key(run.config, kind=kind)
+        except FinebenchError as error:
+            raise FinebenchError(f"{self.loaded.path}: model: {error}") from None
 
 
 def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device) -> dict[str, Any]:
@@ -133,6 +168,7 @@ def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: tor
         in_memory="auto",  # small images: decoded once, augmented in batches on the device
         device=device, decode=dataset.decode, color_jitter=dataset.color_jitter, resize=dataset.resize,
         normalize=dataset.normalize,
+        validation=dataset.validation.model_dump() if dataset.validation is not None else None,
         sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
     )
 
@@ -307,6 +343,26 @@ def dataset_state(name: str, data_root: Path) -> str:
     if is_prepared(data_root, name):
         return "prepared"
     return "prepared on first run" if get_spec(name).offline else "not prepared"
+
+
+def check_validation_splits(runs: Sequence[RunSpec], data_root: Path, source: Path) -> None:
+    """Each run's validation split, resolved from a prepared store's labels (``run --dry-run``); an
+    unprepared store is checked when the run starts (``preflight``)."""
+    from finebench.data.loader import check_validation
+    from finebench.data.store import is_prepared
+
+    checked = []
+    for run in runs:
+        dataset = run.dataset_section()
+        if dataset.validation is None or dataset in checked or not is_prepared(data_root, dataset.name):
+            continue
+        checked.append(dataset)
+        try:
+            check_validation(dataset.name, data_root, train_split=dataset.train_split,
+                             test_split=dataset.test_split, validation=dataset.validation.model_dump())
+        except FinebenchError as error:
+            fold = f" (held-out fold {run.fold})" if run.fold is not None else ""
+            raise FinebenchError(f"{source}{fold}: {error}") from None
 
 
 def check_before_launch(loaded: LoadedRecipe, data_root: Path | None, world_size: int) -> None:

@@ -45,13 +45,16 @@ class TensorOutputs(nn.Module):
         return (output.log_probs, output.logits, *output.module_logits)
 
 
-def _count_flops(module: nn.Module, input_size: int) -> int:
+def _count_flops(module: nn.Module, input_size: int, cross_check: bool = True) -> int:
+    """fvcore's count; ``cross_check`` also runs torch's flop_counter (a second forward) and warns
+    where the two disagree."""
     images = _probe_images(input_size)
     total, by_operator = _fvcore_counts(module, images)
-    check = FlopCrossCheck(fvcore_product_macs(by_operator), flop_counter_product_flops(module, images))
-    if not check.agrees:
-        warnings.warn(f"fvcore and torch.utils.flop_counter disagree on {type(module).__name__}'s "
-                      f"convolutions and matrix products: {check}", stacklevel=2)
+    if cross_check:
+        check = FlopCrossCheck(fvcore_product_macs(by_operator), flop_counter_product_flops(module, images))
+        if not check.agrees:
+            warnings.warn(f"fvcore and torch.utils.flop_counter disagree on {type(module).__name__}'s "
+                          f"convolutions and matrix products: {check}", stacklevel=2)
     return total
 
 
@@ -136,12 +139,16 @@ def _in_eval(model: nn.Module):  # noqa: ANN202 - small context helper
     return _Eval()
 
 
-def profile_model(model: nn.Module, input_size: int, method: Method | None = None) -> ProfileResult:
+def profile_model(model: nn.Module, input_size: int, method: Method | None = None,
+                  cross_check: bool = True) -> ProfileResult:
     """Parameters and fvcore FLOPs of one prediction on a 3×input_size×input_size image: one forward
-    pass, or every pass ``method.predict`` makes."""
-    params = used_parameter_count(model)
+    pass, or every pass ``method.predict`` makes. ``cross_check``: fvcore's count checked against
+    torch's flop_counter (``finebench profile``); a run's costing (``finebench.plan``) leaves it out,
+    since the same networks' counts are checked where they are profiled and a dry run must answer
+    in seconds."""
+    params = used_parameter_count(model, input_size)
     with _in_eval(model):
-        flops = _count_flops(TensorOutputs(model, method), input_size)
+        flops = _count_flops(TensorOutputs(model, method), input_size, cross_check)
     return ProfileResult(params=params, flops=flops)
 
 
@@ -152,10 +159,13 @@ def tap_flops(model: nn.Module, input_size: int) -> dict[str, int]:
         return {tap: _count_flops(EarlyPrediction(classifier, tap), input_size) for tap in classifier.attention_taps}
 
 
-def early_prediction_flops(model: nn.Module, method: Method, input_size: int) -> dict[str, int]:
-    """FLOPs of each cheaper prediction the method offers (``Method.early_predictors``); {} for most."""
+def early_prediction_flops(model: nn.Module, method: Method, input_size: int,
+                           cross_check: bool = True) -> dict[str, int]:
+    """FLOPs of each cheaper prediction the method offers (``Method.early_predictors``); {} for most.
+    ``cross_check`` as in ``profile_model``."""
     with _in_eval(model):
-        return {name: _count_flops(module, input_size) for name, module in method.early_predictors(model).items()}
+        return {name: _count_flops(module, input_size, cross_check)
+                for name, module in method.early_predictors(model).items()}
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
+class ValidationSection(_Section):
+    """``dataset.validation``: the images model selection looks at, never trained on
+    (``finebench.data.validation``): ``{fraction = 0.1, seed = 0}`` carves a class-stratified share of
+    the training split, ``{split = "val"}`` names a split of the store (FGVC-Aircraft's, Oxford Flowers')."""
+
+    fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    seed: Annotated[int, Field(ge=0)] = 0
+    """Which images a fraction takes (its own generator: the run's ``seeds`` do not move it)."""
+    split: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ValidationSection:
+        if (self.fraction is None) == (self.split is None):
+            raise ValueError('expected either fraction (e.g. { fraction = 0.1, seed = 0 }: carved from the training '
+                             'split) or split (e.g. { split = "val" }: a split of the store), got '
+                             + ("both" if self.split is not None else "neither"))
+        if self.split is not None and "seed" in self.model_fields_set:
+            raise ValueError("seed chooses the images of a fraction; a named split takes all its images: remove seed")
+        return self
+
+
 class DatasetSection(_Section):
     name: str
     root: str = DEFAULT_ROOT
@@ -88,6 +109,9 @@ class DatasetSection(_Section):
     """The ``imagenet`` augmentation's resize before its random (train) and centre (test) crop: an
     int scales the shorter side to it (B-CNN's ``Resize(448)``), ``[height, width]`` to exactly that
     size, aspect not kept (``Resize((512, 512))`` of WS-DAN, CAL, API-Net); unset: round(s*256/224)."""
+    validation: ValidationSection | None = None
+    """A validation split (``ValidationSection``), evaluated every epoch (``val_top1``, ``val_loss``)
+    and what ``train.select = "best_validation"`` selects on; unset: none, every training image trains."""
     normalize: str | Normalization | None = None
     """The mean/std: a preset (``finebench.data.loader.NORMALIZATIONS``: "imagenet", "cifar", "half"
     = PMG's mean = std = 0.5) or ``{mean = [r, g, b], std = [r, g, b]}``; unset: the augmentation's own."""
@@ -250,6 +274,10 @@ class TrainSection(_Section):
     added up, one step taken. The gradient is the whole batch's; BatchNorm sees micro-batches, as
     in the authors' ImageNet run (128 images x ``iter_size`` 2)."""
     eval_every: Annotated[int, Field(ge=1)] = 1
+    select: Literal["last", "best_validation"] = "last"
+    """Which epoch's weights the final test evaluation uses: the last, or the one with the highest
+    validation top-1 (``best.pt``, kept beside ``last.pt``; the earliest on a tie), which needs
+    ``dataset.validation``. The report shows both, and the best epoch on test, each labelled."""
     log_every: Annotated[int, Field(ge=1)] = 20
     """Steps between the checks that the training loss is finite (one host read of those steps' losses,
     summed over ranks; a NaN or inf fails the run naming its step). Nothing recorded depends on it;
@@ -600,6 +628,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_datase
         problems += _validation_problems(error, data)
     if problems:
         raise FinebenchError(f"{path}: " + "; ".join(problems))
+    if recipe.train.select == "best_validation" and recipe.dataset.validation is None:
+        raise FinebenchError(f'{path}: train.select = "best_validation" needs a validation split: set '
+                             'dataset.validation = { fraction = 0.1 } (carved from the training split) or '
+                             '{ split = "val" } (a split of the store), or select = "last"')
     if check_dataset:
         from finebench.data.registry import get_spec
 
@@ -608,6 +640,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, check_datase
         except FinebenchError as error:
             raise FinebenchError(f"{path}: dataset.name: {error}") from None
         _check_folds(recipe.dataset, spec.folds, path)
+        _check_validation_split(recipe.dataset, spec.folds, sorted(spec.split_sizes), path)
     name = recipe.name or path.stem
     try:
         check_results_name(name)
@@ -637,6 +670,27 @@ def _check_folds(dataset: DatasetSection, folds: int, path: Path) -> None:
             f"{path}: dataset.folds: got {dataset.folds}; expected distinct fold indices in 0..{folds - 1} "
             f"({dataset.name} has {folds} folds)"
         )
+
+
+def _check_validation_split(dataset: DatasetSection, folds: int, splits: list[str], path: Path) -> None:
+    """A named validation split must be one of the dataset's and apart from its train and test splits."""
+    from finebench.data.validation import split_overlap
+
+    named = dataset.validation.split if dataset.validation is not None else None
+    if named is None:
+        return
+    if folds:
+        raise FinebenchError(f"{path}: dataset.validation.split: {dataset.name} is a {folds}-fold dataset; "
+                             "carve each fold's validation images from its training folds with "
+                             "dataset.validation = { fraction = 0.1 }")
+    unknown = [part for part in named.split("+") if splits and part.strip() not in splits]
+    if unknown:
+        raise FinebenchError(f"{path}: dataset.validation.split: {dataset.name} has no split {unknown[0]!r} "
+                             f"(its splits: {', '.join(splits)}); use dataset.validation = "
+                             "{ fraction = 0.1 } to carve one from the training split")
+    problem = split_overlap(named, dataset.train_split, dataset.test_split)
+    if problem:
+        raise FinebenchError(f"{path}: dataset.validation.split = {named!r}: {problem}")
 
 
 def held_out_folds(loaded: LoadedRecipe) -> list[int | None]:

@@ -17,6 +17,7 @@ import fcntl
 import functools
 import io
 import json
+import os
 import platform
 import shutil
 import socket
@@ -37,6 +38,7 @@ from finebench.errors import FinebenchError
 
 SCHEMA_VERSION = 1
 BEST_NOTE = "best-epoch test accuracy (optimistic: selected on the test set)"
+SELECTED_NOTE = "test accuracy of the epoch with the best validation top-1 (train.select = best_validation)"
 
 
 def read_json(path: Path) -> Any:
@@ -161,6 +163,13 @@ class RunDir:
     SUMMARY_FILE = "summary.json"
     CHECKPOINT_FILE = "last.pt"
     CONFUSION_FILE = "confusion.json"
+    BEST_FILE = "best.pt"
+    """``train.select = "best_validation"``: the weights of the epoch with the best validation top-1."""
+    VALIDATION_FILE = "validation.json"
+    """``dataset.validation``: which images were held out of training (``finebench.data.validation``)."""
+    PREDICTIONS_FILE = "predictions.parquet"
+    """Per-image predictions of the final evaluation (``finebench.predictions``); ``finebench eval``
+    writes ``predictions-<split>.parquet`` beside it (``predictions_path``)."""
 
     LOCK_FILE = ".lock"
     LOCK_TRIES = 10
@@ -185,6 +194,16 @@ class RunDir:
     summary_path = property(lambda self: self.path / self.SUMMARY_FILE)
     checkpoint_path = property(lambda self: self.path / self.CHECKPOINT_FILE)
     confusion_path = property(lambda self: self.path / self.CONFUSION_FILE)
+    best_path = property(lambda self: self.path / self.BEST_FILE)
+    validation_path = property(lambda self: self.path / self.VALIDATION_FILE)
+
+    def predictions_path(self, split: str | None = None) -> Path:
+        """The final evaluation's per-image file, or (``split``) the one ``finebench eval`` writes for
+        that split: its own file, so a second evaluation never replaces what the run recorded."""
+        if split is None:
+            return self.path / self.PREDICTIONS_FILE
+        stem, suffix = self.PREDICTIONS_FILE.rsplit(".", 1)
+        return self.path / f"{stem}-{split}.{suffix}"
 
     def _parsed(self, path: Path, parse: Callable[[Path], Any]) -> Any:
         """``parse(path)``, or None when the file is missing. A record is parsed once while it is
@@ -277,8 +296,10 @@ class RunDir:
 
     def discard(self) -> None:
         """Delete the run's checkpoint and records (``--restart``); the lock file stays, it may be held."""
+        evaluated = self.predictions_path("*").name  # what `finebench eval` wrote of the discarded model
         for path in (self.checkpoint_path, self.metrics_path, self.summary_path, self.config_path,
-                     self.confusion_path):
+                     self.confusion_path, self.best_path, self.validation_path, self.predictions_path(),
+                     *self.path.glob(evaluated)):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / "tensorboard", ignore_errors=True)  # the discarded run's curves
 
@@ -304,11 +325,26 @@ class RunDir:
                     "keep the results folder on a filesystem with working flock (Lustre: mount with -o flock)",
                     exit_code=1,
                 ) from None
+            try:  # who holds it, for ``lock_holder``; the lock works without it
+                handle.truncate(0)
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+            except OSError:
+                pass
             self._holding = True
             yield
         finally:
             self._holding = False
             handle.close()
+
+    def lock_holder(self) -> int | None:
+        """The process id of the last process that took the run's lock (it may have ended since), or None.
+
+        ``--jobs`` reads it to tell which run a job that stopped or died was training."""
+        try:
+            return int((self.path / ".lock").read_text(encoding="ascii").strip())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_json(self.config_path, dict(config))
@@ -359,18 +395,66 @@ class RunDir:
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """``last.pt``, or None before the first epoch ends; unreadable is a ``FinebenchError`` naming it."""
-        if not self.checkpoint_path.is_file():
+        return _load_state(self.checkpoint_path)
+
+    def save_best(self, state: Mapping[str, Any]) -> None:
+        """``best.pt`` (epoch, val_top1, model), replaced atomically like ``last.pt``."""
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        atomic_write_bytes(self.best_path, buffer.getvalue())
+
+    def load_best(self) -> dict[str, Any] | None:
+        """``best.pt``, or None before a validation epoch selected one; unreadable is a ``FinebenchError``."""
+        return _load_state(self.best_path)
+
+    def write_validation(self, record: Mapping[str, Any]) -> None:
+        atomic_write_json(self.validation_path, dict(record))
+
+    def read_validation(self) -> dict[str, Any] | None:
+        """``validation.json``, or None when the run has none yet; unreadable is a ``FinebenchError``."""
+        if not self.validation_path.is_file():
             return None
         try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        except OSError:
+            record = read_json(self.validation_path)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FinebenchError(f"{self.validation_path}: not a readable validation record ({error}): "
+                                 f"{RESTART_HINT}") from None
+        if not isinstance(record, dict):
+            raise FinebenchError(f"{self.validation_path}: expected a JSON object: {RESTART_HINT}")
+        return record
+
+
+def _load_state(path: Path) -> dict[str, Any] | None:
+    """A checkpoint file (``last.pt``, ``best.pt``), or None when missing; damage is a ``FinebenchError`` naming it."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        # torch's zip reader says EINVAL for a file cut short near its end: only a file that
+        # reads back whole is the disk's innocence, and then the damage is the file's
+        if not _reads_whole(path):
             raise  # the disk, not the file: the CLI names it, and the run stays resumable
-        except Exception as error:  # torch reports damage as RuntimeError, UnpicklingError, EOFError, ...
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise FinebenchError(f"{self.checkpoint_path}: unreadable checkpoint ({reason}): {RESTART_HINT}") from None
-        if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
-            raise FinebenchError(f"{self.checkpoint_path}: not a finebench checkpoint (no epoch): {RESTART_HINT}")
-        return state
+        raise FinebenchError(f"{path}: unreadable checkpoint, cut short or corrupt: {RESTART_HINT}") from None
+    except Exception as error:  # torch reports damage as RuntimeError, UnpicklingError, EOFError, ...
+        # the first sentence: torch goes on with advice for its own users
+        reason = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
+        raise FinebenchError(f"{path}: unreadable checkpoint, cut short or corrupt ({reason}): "
+                             f"{RESTART_HINT}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        raise FinebenchError(f"{path}: not a finebench checkpoint (no epoch): {RESTART_HINT}")
+    return state
+
+
+def _reads_whole(path: Path, chunk: int = 1 << 24) -> bool:
+    """Whether every byte of ``path`` can be read (read and dropped a chunk at a time, not held)."""
+    try:
+        with open(path, "rb") as handle:
+            while handle.read(chunk):
+                pass
+    except OSError:
+        return False
+    return True
 
 
 # ---- summary.json's schema, beside its writer --------------------------------------------------
@@ -396,6 +480,16 @@ class BestMetrics(BaseModel):
     test_top1: float | None = None
 
 
+class SelectedMetrics(BaseModel):
+    """``summary.json``'s ``selected``: the validation-selected epoch and its weights' test evaluation."""
+
+    model_config = ConfigDict(extra="allow")
+    rule: str = "best_validation"
+    epoch: int | None = None
+    val_top1: float | None = None
+    test_top1: float | None = None
+
+
 class RunSummary(BaseModel):
     """The fields of ``summary.json`` the report relies on; anything else is kept but unchecked."""
 
@@ -417,6 +511,7 @@ class RunSummary(BaseModel):
     epochs_completed: int | None = None
     final: FinalMetrics | None = None
     best: BestMetrics | None = None
+    selected: SelectedMetrics | None = None
     params: float | None = None
     flops: float | None = None
     params_baseline: float | None = None

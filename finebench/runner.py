@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from finebench.plan import (
     RunSelection,
     build_model,
     build_run_loaders,
+    check_validation_splits,
     dataset_state,
     decide,
     decide_runs,
@@ -43,9 +44,11 @@ from finebench.plan import (
     size_warnings,
     warn_sizes,
 )
+from finebench.predictions import read_digest, write_predictions
 from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import (
     SCHEMA_VERSION,
+    SELECTED_NOTE,
     RunDir,
     RunLocked,
     best_entry,
@@ -75,7 +78,8 @@ class RunOutcome:
     run: RunSpec
     path: Path | None
     status: str
-    """finished | failed | skipped-finished | skipped-failed | locked | planned"""
+    """finished | failed | skipped-finished | skipped-failed | locked | planned; under ``--jobs`` also
+    stopped (the job training it stopped or died: the run is as its last saved epoch left it)"""
     summary: dict[str, Any] = field(default_factory=dict)
     state: str | None = None
     """Dry runs: the run's state on disk (``RunState.kind``: running, new, resumable, finished, failed, damaged)."""
@@ -92,18 +96,19 @@ EXIT_LOCKED = 3
 def exit_code(outcomes: Sequence[RunOutcome]) -> int:
     """0 only when every run is finished (now or earlier), so ``finebench run R && next`` is safe."""
     statuses = {outcome.status for outcome in outcomes}
-    if statuses & {"failed", "skipped-failed"}:
+    if statuses & {"failed", "skipped-failed", "stopped"}:
         return EXIT_FAILED
     if "locked" in statuses:
         return EXIT_LOCKED
     return 0
 
 
-def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str]) -> list[RunOutcome]:
+def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str], stopped: Collection[str] = ()) -> list[RunOutcome]:
     """Each planned run's outcome read from its records, after other processes trained them
     (``--jobs``, ``--submit local``): skipped as decided before they started, else as the records
-    now stand; a run none of them finished is ``locked`` (another process holds it, or one of them
-    stopped early)."""
+    now stand; ``stopped``: runs whose process stopped or died while training them (its own line
+    said why); any other run none of them finished is ``locked`` (another process holds it, or they
+    stopped before it)."""
     outcomes = []
     for run in plan.runs:
         run_dir = plan.run_dirs[run.run_id]
@@ -114,9 +119,12 @@ def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str]) -> list[RunOutcom
             status = "skipped-failed"
         elif state.kind in ("finished", "failed"):
             status = state.kind
+        elif run.run_id in stopped:
+            status = "stopped"
         else:
             status = "locked"
-        outcomes.append(RunOutcome(run, run_dir.path, status, run_dir.summary() or {} if status != "locked" else {}))
+        outcomes.append(RunOutcome(run, run_dir.path, status,
+                                   run_dir.summary() or {} if status not in ("locked", "stopped") else {}))
     return outcomes
 
 
@@ -140,8 +148,14 @@ def _summary(
     data_path: str = "workers",
     dataset_digest: str | None = None,
     compile_time_s: float = 0.0,
+    validation: Mapping[str, Any] | None = None,
+    selected: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     recipe = loaded.recipe
+    # ``validation`` and ``selected`` only where the run has them: other summaries stay as they were
+    chosen = {} if validation is None else {"validation": dict(validation), "select": run.train_section().select}
+    if selected is not None:
+        chosen["selected"] = {**selected, "note": SELECTED_NOTE}
     return {
         "schema": SCHEMA_VERSION,
         "run_id": run.run_id,
@@ -164,6 +178,7 @@ def _summary(
         "final": final_entry(list(rows)),
         "method_training": method_training_entry(list(rows)),
         "best": best_entry(list(rows)),
+        **chosen,
         "params": cost.params,
         "flops": cost.flops,
         "params_baseline": baseline.params,
@@ -187,6 +202,11 @@ def _summary(
         "started_at": started_at,
         "finished_at": utc_now() if status != "running" else None,
     }
+
+
+def run_label(run: RunSpec) -> str:
+    """How messages and progress bars name a run: by what a user chose (variant and seed), not its id."""
+    return f"{run.variant_name} seed {run.seed}"
 
 
 def speed_conditions(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -223,20 +243,23 @@ def _execute(
     seed_everything(run.seed)
     model = build_model(loaded, run, num_classes)
     loaders = build_run_loaders(loaded, run, data_root, ctx, runtime.device)
+    validation = _validation_record(run_dir, loaders) if loaders.validation_choice is not None else None
     common = dict(
         num_classes=num_classes, cost=costs.of(run, model), baseline=costs.baseline(run),
         input_size=costs.input_size, runtime=runtime, ctx=ctx,
         started_at=previous.get("started_at") or _first_written(run_dir) or utc_now(), data_path=loaders.path,
-        dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name),
+        dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name), validation=validation,
     )
     # A resume writes nothing until its first epoch is done: a resume that fails (an unreadable
     # last.pt) must leave every record as it was, epochs done included.
     resuming = run_dir.checkpoint_path.is_file()
+    if ctx.is_main and validation is not None and run_dir.read_validation() is None:
+        run_dir.write_validation(loaders.validation_choice.record(loaders.train_size + loaders.validation_size))
     if ctx.is_main and not resuming:
         # the resolved absolute root, so `attend` or `eval` run from elsewhere find the same store
         run_dir.write_config({**run.config, "dataset": {**run.config["dataset"], "root": str(data_root)}})
         run_dir.write_summary(_summary(loaded, run, status="running", rows=run_dir.read_metrics(), **common))
-    label = f"{run.variant_name} seed {run.seed}"
+    label = run_label(run)
     progress: Progress = SilentProgress()
     if not quiet and ctx.is_main:
         progress = make_progress(label) if make_progress is not None else RichProgress(label, console)
@@ -253,19 +276,19 @@ def _execute(
         result = fit(
             model, loaders.train, loaders.test, train,
             mixture=method.mixture, store=run_dir, ctx=ctx, progress=progress,
-            on_epoch=on_epoch, runtime=runtime, method=method,
+            on_epoch=on_epoch, runtime=runtime, method=method, validation_loader=loaders.validation,
         )
     # What a user can fix leaves the records as they are, so the next ``finebench run`` resumes from
     # the last checkpoint; only a non-finite loss (a ``failed`` result) or a bug marks the run failed.
     except KeyboardInterrupt:
-        raise Interrupted(f"{label} stopped; {_how_to_go_on(run_dir)}") from None
+        raise Interrupted(f"{label} stopped; {how_to_go_on(run_dir)}") from None
     except FinebenchError:
         raise  # says itself what went wrong and how to go on
     except OSError as error:
-        raise FinebenchError(f"{label}: {error}; {_how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
+        raise FinebenchError(f"{label}: {error}; {how_to_go_on(run_dir)} once that is fixed", exit_code=1) from None
     except Exception as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
         if is_out_of_memory(error):
-            raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {_how_to_go_on(run_dir)}",
+            raise FinebenchError(f"{label}: {out_of_memory_advice(train, ctx.world_size)}; {how_to_go_on(run_dir)}",
                                  exit_code=1) from None
         # Anything else is a bug, or a setting validation let through: every resume would stop the
         # same way, and a summary left "running" shows in `report` as in progress forever. The run
@@ -285,7 +308,7 @@ def _execute(
     summary = _summary(
         loaded, run, status=result.status, failure_reason=result.failure_reason, rows=result.rows,
         epochs_completed=result.epochs_completed, train_time_s=result.train_time_s,
-        images_per_s=result.images_per_s, compile_time_s=result.compile_time_s, **common,
+        images_per_s=result.images_per_s, compile_time_s=result.compile_time_s, selected=result.selected, **common,
     )
     # A resume of a run whose every epoch was done (its summary rebuilt) evaluates nothing: the
     # matrix of its last evaluation is on disk.
@@ -301,13 +324,37 @@ def _execute(
         )
 
         summary["final"]["mean_class_top1"] = mean_class_accuracy(confusion)
+        if result.selected_confusion is not None and "selected" in summary:
+            summary["selected"]["mean_class_top1"] = mean_class_accuracy(result.selected_confusion)
     if result.confusion is not None and ctx.is_main:
         run_dir.write_confusion(result.confusion, list(getattr(loaders, "classes", None) or []) or None)
+    if result.predictions is not None and ctx.is_main:
+        write_predictions(run_dir.predictions_path(),
+                          replace(result.predictions, split=run.config["dataset"].get("test_split")))
+    # as confusion.json above: a resume that evaluated nothing keeps the file of the last evaluation
+    digest = result.predictions.digest if result.predictions is not None else read_digest(run_dir.predictions_path())
+    if digest is not None:
+        summary.update(predictions_file=run_dir.PREDICTIONS_FILE, test_set_digest=digest)
     if ctx.is_main:
         run_dir.write_summary(summary)
     if result.status == "failed" and not quiet:
         console.print(f"[red]{label}: failed: {result.failure_reason}[/]", highlight=False)
     return summary
+
+
+def _validation_record(run_dir: RunDir, loaders: Any) -> dict[str, Any]:
+    """What summary.json says of the run's validation split (validation.json holds its ids); a resume
+    whose split differs from the one recorded (another numpy, another store) stops here."""
+    choice = loaders.validation_choice
+    record = choice.record(loaders.train_size + loaders.validation_size)
+    recorded = run_dir.read_validation()
+    if recorded is not None and recorded.get("digest") != record.get("digest"):
+        raise FinebenchError(
+            f"{run_dir.validation_path}: the run held out other validation images (digest "
+            f"{str(recorded.get('digest'))[:12]}) than this resume would ({str(record.get('digest'))[:12]}): "
+            f"rerun with --restart to train it again on one split", exit_code=1)
+    summary = {key: value for key, value in record.items() if key not in ("ids", "ids_are")}
+    return {**summary, "images": loaders.validation_size, "file": RunDir.VALIDATION_FILE}
 
 
 def _record_failure(loaded: LoadedRecipe, run: RunSpec, run_dir: RunDir, error: Exception,
@@ -354,7 +401,8 @@ def _touched_since(run_dir: RunDir, since: str) -> bool:
     return max(summary.get("started_at") or "", summary.get("finished_at") or "") >= since
 
 
-def _how_to_go_on(run_dir: RunDir) -> str:
+def how_to_go_on(run_dir: RunDir) -> str:
+    """The end of a message about a stopped run: what of it is saved and the command that goes on."""
     if run_dir.checkpoint_path.is_file():
         return f"the run is resumable from its last saved epoch ({run_dir.checkpoint_path}): rerun the same command"
     return f"no epoch of it was saved yet ({run_dir.path}): rerun the same command to start it again"
@@ -394,6 +442,7 @@ def run_recipe(
     runs, run_dirs, states, data_root = plan.runs, plan.run_dirs, plan.states, plan.data_root
 
     if dry_run:
+        check_validation_splits(runs, data_root, loaded.path)
         data = dataset_state(loaded.recipe.dataset.name, data_root)
         for state in states.values():
             if state.problem:
@@ -403,10 +452,9 @@ def run_recipe(
         warn_sizes(size_warnings(plan, runs), console)
         return [
             RunOutcome(run, run_dirs[run.run_id].path, "planned",
-                       {"params": plan.costs.of(run).params, "flops": plan.costs.of(run).flops,
-                        "taps": plan.costs.of(run).taps},
+                       {"params": cost.params, "flops": cost.flops, "taps": cost.taps},
                        state=states[run.run_id].kind, data=data)
-            for run in runs
+            for run, cost in ((run, plan.costs.of(run, module_flops=False)) for run in runs)
         ]
 
     # Unreadable records stop the command here, before anything is trained or written.
@@ -419,7 +467,7 @@ def run_recipe(
     outcomes = []
     for run in runs:
         run_dir = run_dirs[run.run_id]
-        label = f"{run.variant_name} seed {run.seed}"
+        label = run_label(run)
         with contextlib.ExitStack() as held:
             # Rank 0 alone locks and decides; every rank then follows the same decision. A run that
             # needs no training is skipped without its lock, which needs write access.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,8 @@ def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_trained_run(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
-    """Rebuild a run's model from config.json and load the weights of ``last.pt``."""
+    """Rebuild a run's model from config.json and load the weights its test numbers came from:
+    ``best.pt`` for a ``train.select = "best_validation"`` run (the selected epoch), else ``last.pt``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FinebenchError(f"{run_dir}: no such run folder; expected results/<recipe>/<run-id>")
@@ -86,7 +87,9 @@ def load_trained_run(run_dir: str | Path, device: str | torch.device = "cpu") ->
     num_classes = summary.get("num_classes")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool):
         raise FinebenchError(f"{run_dir / 'summary.json'}: num_classes is {num_classes!r}; expected an integer")
-    checkpoint_path = RunDir.at(run_dir).checkpoint_path
+    records = RunDir.at(run_dir)
+    selected = (config.get("train") or {}).get("select") == "best_validation"
+    checkpoint_path = records.best_path if selected else records.checkpoint_path
     if not checkpoint_path.is_file():
         raise FinebenchError(f"{checkpoint_path}: not found; the run has no checkpoint")
     state = read_state_dict(checkpoint_path, "run checkpoint", keys=("model",))
@@ -116,11 +119,14 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """The run's metrics on ``split`` (default: the split it was tested on), with its precision.
 
-    Returns the engine's metrics plus ``mean_class_top1``, ``confusion``, ``split``, ``images`` and
-    ``recorded_top1`` (the run's own final test top-1, for comparison), and ``group_top1`` (top-1 per
-    supercategory) where the store's classes each belong to one group.
+    Returns the engine's metrics plus ``mean_class_top1``, ``confusion``, ``split``, ``images``,
+    ``recorded_top1`` (the run's own final test top-1, for comparison), ``group_top1`` (top-1 per
+    supercategory) where the store's classes each belong to one group, and ``predictions_file``: the
+    per-image predictions written into the run folder (``RunDir.predictions_path(split)``: a file
+    of its own, so the run's record of its final evaluation stays as it was) and ``test_set_digest``.
     """
     from finebench.data.loader import build_eval_loader
+    from finebench.predictions import write_predictions
     from finebench.report.stats import group_accuracy, mean_class_accuracy
     from finebench.train.engine import compile_model, configure_backends, evaluate, resolve_device
 
@@ -152,8 +158,12 @@ def evaluate_run(
     if run.summary.get("compile") and same_device_type:
         model = compile_model(model)
     metrics = evaluate(model, loader, device=torch_device, precision=precision, channels_last=channels_last,
-                       mixture=method.mixture, method=method, confusion=True)
+                       mixture=method.mixture, method=method, confusion=True, per_image=True)
     metrics["mean_class_top1"] = mean_class_accuracy(metrics["confusion"])
+    per_image = replace(metrics.pop("per_image"), split=split)
+    predictions_path = RunDir.at(run.run_dir).predictions_path(split)
+    write_predictions(predictions_path, per_image)
+    metrics.update(predictions_file=str(predictions_path), test_set_digest=per_image.digest)
     groups = meta.get("groups") or {}
     if groups.get("of_class") is not None:  # the store says which group (supercategory) each class is in
         accuracies = group_accuracy(metrics["confusion"], groups["of_class"], len(groups["names"]))

@@ -22,6 +22,7 @@ EXPECTED_COLUMN = {
     "attention_readout.py": "op speed / eager",
     "peers_overhead.py": "step time +%",
     "prepare_speed.py": "prepare / tar",
+    "dry_run.py": "dry run / floor",
 }
 
 

@@ -22,7 +22,12 @@ from pathlib import Path
 
 import pytest
 import typer
-from tiny_data import DATASET, prepare_tiny_bars, tiny_recipe
+from tiny_data import (
+    DATASET,
+    cut_where_torch_load_says_einval,
+    prepare_tiny_bars,
+    tiny_recipe,
+)
 
 import finebench
 from finebench.cli import app, main
@@ -285,16 +290,22 @@ def test_a_full_disk_names_the_file_and_leaves_the_run_resumable(world, tmp_path
 # ---- item 3: nothing but training marks a run failed --------------------------------------------------
 
 
-def test_a_corrupt_checkpoint_leaves_the_run_resumable_until_restart(world, tmp_path, monkeypatch, capsys):
+def _cut_in_half(checkpoint: Path) -> None:
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("cut", [_cut_in_half, cut_where_torch_load_says_einval], ids=["half", "einval"])
+def test_a_corrupt_checkpoint_leaves_the_run_resumable_until_restart(world, tmp_path, monkeypatch, capsys, cut):
+    """Issue 27 item 4: a cut torch reports as "[Errno 22] Invalid argument" was taken for the disk's
+    error ("rerun once that is fixed"), though only --restart helps."""
     run_dir = world.copy_run(tmp_path)
     world.rewrite_summary(run_dir, status="running")  # killed after its checkpoint, before the summary
-    data = run_dir.checkpoint_path.read_bytes()
-    run_dir.checkpoint_path.write_bytes(data[: len(data) // 2])
+    cut(run_dir.checkpoint_path)
     args = ["run", str(world.recipe), "--data-root", str(world.data_root), "--results-dir", str(tmp_path), "-q"]
     for _ in range(2):  # the second attempt meets the same resumable run, not "failed earlier"
         code, _, err = run_main(monkeypatch, capsys, *args)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
-        assert f"{run_dir.checkpoint_path}: unreadable checkpoint" in err and "--restart" in err
+        assert f"{run_dir.checkpoint_path}: unreadable checkpoint, cut short or corrupt" in err and "--restart" in err
         assert run_dir.status() == "running" and run_dir.state().kind == "resumable"
     code, _, err = run_main(monkeypatch, capsys, *args, "--restart")
     assert code == 0, err

@@ -17,12 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_data import DATASET, EVENTS, prepare_tiny_bars
 
 from finebench.data.loader import BatchShardSampler, build_loaders
 from finebench.errors import FinebenchError
+from finebench.predictions import read_predictions
 from finebench.recipe import load_recipe
 from finebench.runner import run_recipe
 from finebench.train.distributed import WorkerEnv, describe_failure, torchrun_argv
@@ -299,7 +301,8 @@ def test_a_rerun_resumes_the_interrupted_run_on_every_worker(resumed_job: dict, 
 def test_two_workers_write_one_set_of_records(resumed_job: dict):
     run_dir = resumed_job["run_dir"]
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.json", "confusion.json", "last.pt",
-                                                          "metrics.jsonl", "summary.json", *EVENTS]
+                                                          "metrics.jsonl", "predictions.parquet", "summary.json",
+                                                          *EVENTS]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2
     # The confusion matrix is summed over both workers: every test image once, its diagonal the top-1 count.
@@ -313,6 +316,17 @@ def test_every_test_image_is_evaluated_exactly_once(resumed_job: dict):
     for row in _metrics(resumed_job["run_dir"]):
         correct = row["test_top1"] * TEST_IMAGES / 100
         assert abs(correct - round(correct)) < 1e-6, row  # a count over 41 images, not 40 or 42
+
+
+def test_two_workers_record_each_test_image_once_under_its_id(resumed_job: dict, single_process: Path):
+    """Each worker evaluates its shard; the gathered per-image file is the one process's image for image."""
+    multi = read_predictions(resumed_job["run_dir"] / "predictions.parquet")
+    single = read_predictions(single_process / "predictions.parquet")
+    assert multi.ids.tolist() == list(range(TEST_IMAGES)) and np.array_equal(multi.labels, single.labels)
+    assert multi.digest == single.digest == json.loads((resumed_job["run_dir"] / "summary.json").read_text())["test_set_digest"]
+    # the same top-1 count as the run's (equal to the one process's, test_two_workers_match_one_process...)
+    summary = json.loads((resumed_job["run_dir"] / "summary.json").read_text())
+    assert 100 * multi.correct().sum() / TEST_IMAGES == summary["final"]["test_top1"]
 
 
 def test_two_workers_match_one_process_with_the_same_global_batch(resumed_job: dict, single_process: Path):

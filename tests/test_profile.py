@@ -181,3 +181,47 @@ def test_cli_profile_shows_the_taps_a_variant_uses() -> None:
         {"module": "attention.attention_modules.0", "tap": "layer3", "channels": 256, "stride": 16},
         {"module": "attention.attention_modules.1", "tap": "layer2", "channels": 128, "stride": 8},
     ]
+
+
+def test_a_dry_run_costs_each_distinct_network_once_without_the_cross_check_or_early_predictions(
+    tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """Two attention variants differing only in their loss weight (and name) build one network; seeds
+    share it too. The dry run prints params and FLOPs only: neither flop_counter's second forward
+    (``profile`` keeps that check) nor each module's early prediction is counted."""
+    import finebench.methods
+    import finebench.profile
+    from finebench.recipe import load_recipe
+    from finebench.runner import run_recipe
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        'seeds = [0, 1]\n[dataset]\nname = "cifar100"\ninput_size = 32\n'
+        '[model]\nbackbone = "wrn"\noptions = { depth = 10, width = 1 }\n'
+        '[[variants]]\nkind = "baseline"\n'
+        '[[variants]]\nkind = "attention"\nattention_depth = 2\n'
+        '[[variants]]\nkind = "attention"\nname = "low-reg"\nattention_depth = 2\nreg_w = 1e-4\n'
+        '[train]\nepochs = 1\nbatch_size = 2\nschedule = "constant"\n'
+    )
+    built = []
+    build = finebench.methods.build_model_from_config
+    monkeypatch.setattr(finebench.methods, "build_model_from_config",
+                        lambda config, *args, **kwargs: built.append(config["variant"]["name"]) or build(config, *args,
+                                                                                                          **kwargs))
+
+    def not_in_a_dry_run(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a dry run counts this")
+
+    monkeypatch.setattr(finebench.profile, "flop_counter_product_flops", not_in_a_dry_run)
+    monkeypatch.setattr(finebench.profile, "early_prediction_flops", not_in_a_dry_run)
+    outcomes = run_recipe(load_recipe(recipe), results_dir=tmp_path / "results", data_root=tmp_path / "data",
+                          dry_run=True, quiet=True)
+    assert built == ["baseline", "attention-ad2-aw4"]
+    assert [o.run.variant_name for o in outcomes] == ["baseline"] * 2 + ["attention-ad2-aw4"] * 2 + ["low-reg"] * 2
+    costs = [(o.summary["params"], o.summary["flops"]) for o in outcomes]
+    assert costs[2:] == [costs[2]] * 4 and costs[2] > costs[0] == costs[1]
+    # the same network profiled: its params and FLOPs, whichever counter checked them
+    monkeypatch.undo()
+    [_, attention] = profile_variants("wrn", 100, 32, [("att", "attention", {"attention_depth": 2})],
+                                      {"depth": 10, "width": 1})
+    assert costs[2] == (attention.params, attention.flops)

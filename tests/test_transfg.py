@@ -4,6 +4,7 @@ both loss terms and every gradient; then the options, the one-line errors and th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,34 @@ def test_the_wrong_input_size_is_a_one_line_error() -> None:
     with pytest.raises(FinebenchError, match=r"^variant 'transfg': input \(32, 32\) but the model was built for "
                                              r"\(64, 64\)"):
         model(torch.zeros(1, 3, 32, 32))
+
+
+def test_transfg_profiles_dry_runs_and_trains_an_epoch_from_the_cli(tmp_path: Path) -> None:
+    """Issue 28's smoke check on the tests' tiny data: a three-block ViT-Ti at 32 px (stride 12: 2 x 2
+    tokens), baseline and transfg, through profile, the dry run, one epoch, and the report."""
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+    from typer.testing import CliRunner
+
+    from finebench.cli import app
+
+    data_root = prepare_tiny_bars(tmp_path / "data", 32, 16)
+    recipe = tmp_path / "transfg.toml"
+    recipe.write_text(tiny_recipe(variants=("baseline", "transfg"), input_size=32, backbone=BACKBONE,
+                                  model_options="{ img_size = 32, depth = 3 }", extra_model='pretrained = "none"',
+                                  extra_train="threads = 1"))
+
+    def invoke(*args: str) -> str:
+        result = CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+        assert result.exit_code == 0, (result.output, result.exception)
+        return result.stdout
+
+    baseline, transfg = json.loads(invoke("profile", str(recipe), "--json"))["rows"]
+    # the attention product costs FLOPs; the part block is the last block and the head the same: no parameters
+    assert transfg["flops"] > baseline["flops"] and transfg["params"] == baseline["params"]
+    results = tmp_path / "results"
+    assert invoke("run", str(recipe), "--data-root", str(data_root), "--results-dir", str(results),
+                  "--dry-run").count("│ new ") == 2
+    invoke("run", str(recipe), "--data-root", str(data_root), "--results-dir", str(results), "--quiet")
+    summaries = {s["variant"]: s for s in (json.loads(p.read_text()) for p in results.glob("*/*/summary.json"))}
+    assert summaries["transfg"]["status"] == "finished" and summaries["transfg"]["flops"] == transfg["flops"]
+    assert "transfg" in invoke("report", str(results), "--format", "csv")

@@ -3,15 +3,20 @@ of the parameter count, and ignored by DDP, which otherwise stops at the second 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from gloo import on_two_workers
+from tiny_data import tiny_recipe
 
-from finebench.methods import build_model
+from finebench.methods import build_model, build_model_from_config
 from finebench.models.network import used_parameter_count
+from finebench.plan import CostCache
 from finebench.profile import profile_model
+from finebench.recipe import expand_runs, load_recipe
 from finebench.train.distributed import DDPContext
 
 WRN = {"depth": 10, "width": 1}
@@ -66,8 +71,8 @@ def test_ddp_trains_a_model_with_unused_backbone_layers_and_keeps_the_ranks_equa
 
 
 def test_a_backbone_that_cannot_run_on_the_probe_counts_every_layer_as_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The probe is a blank 128 px image; a network that refuses it keeps the old count (all of its
-    parameters) rather than failing the profile."""
+    """The probe is a blank image (the run's size; 128 px where none is known); a network that refuses
+    it keeps the old count (all of its parameters) rather than failing the profile."""
     model = build_model("wrn", 5, "bcnn", {"tap": "group1"}, WRN)
 
     def refuses(*_args: object, **_kwargs: object) -> None:
@@ -76,3 +81,56 @@ def test_a_backbone_that_cannot_run_on_the_probe_counts_every_layer_as_read(monk
     monkeypatch.setattr(model.backbone, "forward", refuses)
     assert model.unused_parameter_names() == []
     assert used_parameter_count(model) == sum(p.numel() for p in model.parameters())
+
+
+VIT = {"img_size": 32, "depth": 2}
+"""Two blocks of ViT-Ti/16 built for 32 px images: it takes no other size."""
+
+
+def test_a_vit_is_probed_at_the_runs_input_size_and_ddp_reuses_that_probe() -> None:
+    model = build_model("timm:vit_tiny_patch16_224", 5, backbone_options=VIT)
+    total = sum(p.numel() for p in model.parameters())
+    assert profile_model(model, 32).params == used_parameter_count(model, 32) == total
+    assert model.unused_parameter_names() == []  # DDP's call knows no size: the 32 px probe's answer, no 128 px pass
+
+
+def test_the_costing_of_a_runs_own_model_probes_it_at_the_runs_size_even_when_its_cost_is_known(
+    tmp_path: Path,
+) -> None:
+    """The runner costs the model it trains (``CostCache.of(run, model)``) after the preflight costed
+    a twin: that model must still learn its unread parameters at the run's size before DDP asks."""
+    path = tmp_path / "vit.toml"
+    path.write_text(tiny_recipe(input_size=32, backbone="timm:vit_tiny_patch16_224",
+                                model_options="{ img_size = 32, depth = 2 }", extra_model='pretrained = "none"'))
+    loaded = load_recipe(path)
+    [run] = expand_runs(loaded)
+    costs = CostCache(loaded, 10, 32)
+    cost = costs.of(run)
+    model = build_model_from_config(run.config, 10, pretrained=False)
+    assert costs.of(run, model) == cost
+    assert model.unused_parameter_names() == []
+
+
+def test_the_probe_runs_on_the_meta_device_and_finds_what_the_pass_on_the_weights_finds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dry run probes every variant: on the meta device the pass costs no arithmetic. Where a network
+    cannot run there (forced here), the pass on its weights gives the same names."""
+    devices = []
+    conv2d = F.conv2d
+
+    def recording(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        devices.append(x.device.type)
+        return conv2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", recording)
+    on_meta = build_model("wrn", 5, "bcnn", {"tap": "group1"}, WRN).unused_parameter_names(32)
+    assert on_meta and devices and set(devices) == {"meta"}
+
+    def no_meta(*_args: object, **_kwargs: object) -> None:
+        raise NotImplementedError("no meta kernel")
+
+    monkeypatch.setattr(torch.func, "functional_call", no_meta)
+    devices.clear()
+    assert build_model("wrn", 5, "bcnn", {"tap": "group1"}, WRN).unused_parameter_names(32) == on_meta
+    assert set(devices) == {"cpu"}

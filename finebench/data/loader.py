@@ -51,6 +51,11 @@ from finebench.data.presets import (
     rank_seed,
     resized_size,
 )
+from finebench.data.validation import (
+    ValidationChoice,
+    resolve_validation,
+    split_overlap,
+)
 from finebench.errors import FinebenchError
 
 if TYPE_CHECKING:
@@ -85,6 +90,11 @@ class Loaders:
     """Which data path feeds the batches: "workers" (PIL in worker processes), "in_memory" (decoded
     splits on the device) or "device_decode" (JPEG bytes decoded and augmented in batches on the
     device, ``finebench.data.gpu_decode``). Runs record it in summary.json as ``data_path``."""
+    validation: DataLoader | InMemoryLoader | DeviceJpegLoader | None = None
+    """The validation images with the test transform (``dataset.validation``); None without one."""
+    validation_size: int = 0
+    validation_choice: ValidationChoice | None = None
+    """Which images were held out (``finebench.data.validation``): the run records it."""
 
 
 class _Columns:
@@ -115,6 +125,27 @@ class _Columns:
         chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.chunks[chunk][index - int(self.offsets[chunk])].as_py()
 
+    def subset(self, positions: np.ndarray | None) -> _Columns | _Positions:
+        """These columns restricted to ``positions`` (None: all of them), read through in that order."""
+        return self if positions is None else _Positions(self, positions)
+
+
+class _Positions:
+    """Some images of a ``_Columns``, by position: the training split less its validation images, or
+    those images themselves. Every loader path reads its images through it, so what it leaves out
+    no path can see."""
+
+    def __init__(self, columns: _Columns, positions: np.ndarray) -> None:
+        self.columns = columns
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.labels = columns.labels[self.positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def image_bytes(self, index: int) -> bytes:
+        return self.columns.image_bytes(int(self.positions[index]))
+
 
 @dataclass(frozen=True)
 class _Recipe:
@@ -131,7 +162,7 @@ class _Recipe:
 class StoreDataset(Dataset):
     """(uint8 CxHxW tensor, label) pairs from a prepared store; see ``collate`` for normalisation."""
 
-    def __init__(self, columns: _Columns, recipe: _Recipe, seed: int) -> None:
+    def __init__(self, columns: _Columns | _Positions, recipe: _Recipe, seed: int) -> None:
         self.columns = columns
         self.recipe = recipe
         self.rng = np.random.default_rng(seed)
@@ -574,32 +605,51 @@ def _in_memory_loaders(
     meta: dict, train_dirs: list[Path], test_dirs: list[Path], train_recipe: _Recipe, test_recipe: _Recipe,
     side: int, *, batch_size: int, eval_batch_size: int | None, workers: int, seed: int, rank: int,
     world_size: int, device: torch.device, sampler_factory: SamplerFactory | None = None,
+    choice: ValidationChoice | None = None, validation_dirs: list[Path] | None = None,
 ) -> Loaders:
     labels = _Columns(train_dirs).labels
+    images = _decoded(train_dirs, train_recipe, side, workers, device)
+    eval_batch = -(-(eval_batch_size or batch_size) // world_size)
+    validation, validation_size = None, 0
+    if choice is not None:
+        # Non-padded shards, as the test split's: every validation image is evaluated once, by one worker.
+        if choice.positions is not None:
+            held = torch.from_numpy(choice.positions).to(device)
+            val_images, val_labels = images[held], torch.from_numpy(labels[choice.positions]).to(device)
+            keep = choice.train_positions(len(labels))
+            images, labels = images[torch.from_numpy(keep).to(device)], labels[keep]
+        else:
+            val_images = _decoded(validation_dirs or [], test_recipe, side, workers, device)
+            val_labels = torch.from_numpy(_Columns(validation_dirs or []).labels).to(device)
+        validation_size = len(val_labels)
+        validation = InMemoryLoader(val_images[rank::world_size], val_labels[rank::world_size], test_recipe,
+                                    batch_size=eval_batch, seed=seed)
     train_labels = torch.from_numpy(labels).to(device)
     test_labels = torch.from_numpy(_Columns(test_dirs).labels).to(device)
     sampler = train_sampler(sampler_factory, labels, batch_size, rank=rank, world_size=world_size, seed=seed)
     train = InMemoryLoader(
-        _decoded(train_dirs, train_recipe, side, workers, device), train_labels, train_recipe,
+        images, train_labels, train_recipe,
         batch_size=batch_size, seed=rank_seed(seed, rank), sampler=sampler,
     )
     # Non-padded shards, as on the worker path: every test image is evaluated once, by one worker.
     test = InMemoryLoader(
         _decoded(test_dirs, test_recipe, side, workers, device)[rank::world_size], test_labels[rank::world_size],
-        test_recipe, batch_size=-(-(eval_batch_size or batch_size) // world_size), seed=seed,
+        test_recipe, batch_size=eval_batch, seed=seed,
     )
     return Loaders(
         train=train, test=test, classes=list(meta["classes"]), num_classes=len(meta["classes"]), meta=meta,
-        train_size=len(train_labels), test_size=len(test_labels), path="in_memory",
+        train_size=len(train_labels), test_size=len(test_labels), path="in_memory", validation=validation,
+        validation_size=validation_size, validation_choice=choice,
     )
 
 
 # ---- device decode path for JPEG datasets (finebench.data.gpu_decode) ---------------------------
 
 def _device_decode_loaders(
-    meta: dict, train_columns: _Columns, test_columns: _Columns, train_recipe: _Recipe, test_recipe: _Recipe, *,
-    batch_size: int, eval_batch_size: int | None, workers: int, seed: int, rank: int, world_size: int,
-    pin_memory: bool, device: torch.device, sampler_factory: SamplerFactory | None = None,
+    meta: dict, train_columns: _Columns | _Positions, test_columns: _Columns, train_recipe: _Recipe,
+    test_recipe: _Recipe, *, batch_size: int, eval_batch_size: int | None, workers: int, seed: int, rank: int,
+    world_size: int, pin_memory: bool, device: torch.device, sampler_factory: SamplerFactory | None = None,
+    validation_columns: _Columns | _Positions | None = None,
 ) -> Loaders:
     from finebench.data.gpu_decode import DeviceJpegLoader, DeviceTransform
 
@@ -607,21 +657,25 @@ def _device_decode_loaders(
         return DeviceTransform(recipe.size, recipe.resize, recipe.train, recipe.flip, recipe.mean, recipe.std,
                                recipe.jitter)
 
+    def evaluation(columns: _Columns | _Positions) -> DeviceJpegLoader:
+        # Non-padded shards, as on the worker path: every image is evaluated once, by one worker.
+        return DeviceJpegLoader(
+            columns, transform(test_recipe), batch_size=-(-(eval_batch_size or batch_size) // world_size),
+            seed=seed, device=device, indices=range(rank, len(columns), world_size), workers=workers,
+            pin_memory=pin_memory,
+        )
+
     sampler = train_sampler(sampler_factory, train_columns.labels, batch_size, rank=rank, world_size=world_size,
                             seed=seed)
     train = DeviceJpegLoader(
         train_columns, transform(train_recipe), batch_size=batch_size, seed=rank_seed(seed, rank), device=device,
         sampler=sampler, workers=workers, pin_memory=pin_memory,
     )
-    # Non-padded shards, as on the worker path: every test image is evaluated once, by one worker.
-    test = DeviceJpegLoader(
-        test_columns, transform(test_recipe), batch_size=-(-(eval_batch_size or batch_size) // world_size),
-        seed=seed, device=device, indices=range(rank, len(test_columns), world_size), workers=workers,
-        pin_memory=pin_memory,
-    )
     return Loaders(
-        train=train, test=test, classes=list(meta["classes"]), num_classes=len(meta["classes"]), meta=meta,
-        train_size=len(train_columns), test_size=len(test_columns), path="device_decode",
+        train=train, test=evaluation(test_columns), classes=list(meta["classes"]), num_classes=len(meta["classes"]),
+        meta=meta, train_size=len(train_columns), test_size=len(test_columns), path="device_decode",
+        validation=None if validation_columns is None else evaluation(validation_columns),
+        validation_size=0 if validation_columns is None else len(validation_columns),
     )
 
 
@@ -642,7 +696,12 @@ class LoaderPlan:
     device: torch.device
     path: str
     """"workers", "in_memory" or "device_decode" (``Loaders.path``)."""
-    train_columns: _Columns
+    train_columns: _Columns | _Positions
+    """The images training reads: the training split less its carved validation images."""
+    validation: ValidationChoice | None = None
+    validation_dirs: list[Path] | None = None
+    """A named validation split's folders (None when carved or unset)."""
+    validation_columns: _Columns | _Positions | None = None
 
     @property
     def num_classes(self) -> int:
@@ -674,8 +733,10 @@ def plan_loaders(
     train_split: str = "train", test_split: str = "test", in_memory: str | bool = False,
     device: torch.device | str | None = None, decode: str = "auto", color_jitter: ColorJitter | None = None,
     resize: int | Sequence[int] | None = None, normalize: str | Normalization | Mapping[str, Any] | None = None,
+    validation: Mapping[str, Any] | None = None,
 ) -> LoaderPlan:
-    """Every check ``build_loaders`` makes (store, splits, augmentation, data path), nothing decoded."""
+    """Every check ``build_loaders`` makes (store, splits, augmentation, data path, the validation
+    split: ``finebench.data.validation``), nothing decoded."""
     meta = store.read_meta(Path(data_root), dataset)
     store.check_store_info(meta, dataset, Path(data_root))
     root = store.store_dir(Path(data_root), dataset)
@@ -686,8 +747,20 @@ def plan_loaders(
     test_dirs = split_dirs(root, test_split, available, dataset)
     side = train_recipe.size or (meta.get("image_size") or [None])[0]
     target = torch.device(device) if device is not None else torch.device("cpu")
-    train_columns = _Columns(train_dirs)
-    if _wants_in_memory(in_memory, train_recipe, side, meta, train_dirs + test_dirs, dataset):
+    split_columns = _Columns(train_dirs)
+    choice = resolve_validation(validation, train_split, split_columns.labels, meta.get("classes"))
+    validation_dirs, validation_columns = None, None
+    if choice is not None and choice.split is not None:
+        problem = split_overlap(choice.split, train_split, test_split)
+        if problem:
+            raise FinebenchError(f"dataset.validation.split = {choice.split!r}: {problem}")
+        validation_dirs = split_dirs(root, choice.split, available, dataset)
+        validation_columns = _Columns(validation_dirs)
+    elif choice is not None:
+        validation_columns = split_columns.subset(choice.positions)
+    train_columns = split_columns.subset(choice.train_positions(len(split_columns)) if choice else None)
+    if _wants_in_memory(in_memory, train_recipe, side, meta, train_dirs + test_dirs + (validation_dirs or []),
+                        dataset):
         path = "in_memory"
     else:
         from finebench.data.gpu_decode import all_jpeg, decode_on_device
@@ -695,7 +768,23 @@ def plan_loaders(
         on_device = decode_on_device(decode, augmentation=train_recipe.kind, device=target,
                                      jpeg=lambda: all_jpeg(train_columns), dataset=dataset)
         path = "device_decode" if on_device else "workers"
-    return LoaderPlan(meta, train_recipe, test_recipe, train_dirs, test_dirs, side, target, path, train_columns)
+    return LoaderPlan(meta, train_recipe, test_recipe, train_dirs, test_dirs, side, target, path, train_columns,
+                      choice, validation_dirs, validation_columns)
+
+
+def check_validation(dataset: str, data_root: Path, *, train_split: str, test_split: str,
+                     validation: Mapping[str, Any] | None) -> ValidationChoice | None:
+    """The run's validation split resolved from the prepared store's labels alone (what ``--dry-run``
+    checks: a fraction that leaves a class without a training image, a named split the store lacks)."""
+    if not validation:
+        return None
+    meta = store.read_meta(Path(data_root), dataset)
+    root, available = store.store_dir(Path(data_root), dataset), list(meta.get("splits", {}))
+    labels = _Columns(split_dirs(root, train_split, available, dataset)).labels
+    choice = resolve_validation(validation, train_split, labels, meta.get("classes"))
+    if choice is not None and choice.split is not None:
+        split_dirs(root, choice.split, available, dataset)
+    return choice
 
 
 def check_loaders(
@@ -731,6 +820,7 @@ def build_loaders(
     color_jitter: ColorJitter | None = None,
     resize: int | Sequence[int] | None = None,
     normalize: str | Normalization | Mapping[str, Any] | None = None,
+    validation: Mapping[str, Any] | None = None,
 ) -> Loaders:
     """Train and test loaders over ``<data_root>/<dataset>``; batches are (float32 Bx3xHxW, int64 B).
 
@@ -747,25 +837,32 @@ def build_loaders(
     (``SamplerFactory``), on every path. ``color_jitter``: torchvision's colour jitter on the
     training images (``presets.ColorJitter``), on every path. ``resize``: the ``imagenet`` recipe's
     resize before its crops (``presets.Resize``; a [height, width] list works), ``normalize``: the
-    mean/std (``normalization``); both default to the recipe's own, on every path.
+    mean/std (``normalization``); both default to the recipe's own, on every path. ``validation``:
+    ``dataset.validation`` as a mapping (``{fraction, seed}`` or ``{split}``): its images leave the
+    training loader and get a loader of their own (``Loaders.validation``, the test transform), on
+    every path (``finebench.data.validation``).
     """
     plan = plan_loaders(dataset, data_root, input_size=input_size, augmentation=augmentation,
                         train_split=train_split, test_split=test_split, in_memory=in_memory, device=device,
-                        decode=decode, color_jitter=color_jitter, resize=resize, normalize=normalize)
+                        decode=decode, color_jitter=color_jitter, resize=resize, normalize=normalize,
+                        validation=validation)
     meta, train_recipe, test_recipe, target = plan.meta, plan.train_recipe, plan.test_recipe, plan.device
     if plan.path == "in_memory":
         return _in_memory_loaders(
             meta, plan.train_dirs, plan.test_dirs, train_recipe, test_recipe, plan.side,
             batch_size=batch_size, eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank,
-            world_size=world_size, device=target, sampler_factory=sampler_factory,
+            world_size=world_size, device=target, sampler_factory=sampler_factory, choice=plan.validation,
+            validation_dirs=plan.validation_dirs,
         )
     train_columns = plan.train_columns
     if plan.path == "device_decode":
-        return _device_decode_loaders(
+        loaders = _device_decode_loaders(
             meta, train_columns, _Columns(plan.test_dirs), train_recipe, test_recipe, batch_size=batch_size,
             eval_batch_size=eval_batch_size, workers=workers, seed=seed, rank=rank, world_size=world_size,
             pin_memory=pin_memory, device=target, sampler_factory=sampler_factory,
+            validation_columns=plan.validation_columns,
         )
+        return replace(loaders, validation_choice=plan.validation)
     train_set = StoreDataset(train_columns, train_recipe, rank_seed(seed, rank))
     test_set = StoreDataset(_Columns(plan.test_dirs), test_recipe, seed)
     generator = torch.Generator().manual_seed(rank_seed(seed, rank))
@@ -782,6 +879,12 @@ def build_loaders(
     # Non-padded shards: every test image is evaluated once, by one worker.
     test_source = test_set if world_size == 1 else torch.utils.data.Subset(test_set, range(rank, len(test_set), world_size))
     test = DataLoader(test_source, batch_size=-(-(eval_batch_size or batch_size) // world_size), shuffle=False, **common)
+    validation = None
+    if plan.validation_columns is not None:
+        validation_set = StoreDataset(plan.validation_columns, test_recipe, seed)
+        shard = range(rank, len(validation_set), world_size)  # non-padded, as the test split's
+        validation = DataLoader(validation_set if world_size == 1 else torch.utils.data.Subset(validation_set, shard),
+                                batch_size=-(-(eval_batch_size or batch_size) // world_size), shuffle=False, **common)
     return Loaders(
         train=train,
         test=test,
@@ -790,4 +893,7 @@ def build_loaders(
         meta=meta,
         train_size=len(train_set),
         test_size=len(test_set),
+        validation=validation,
+        validation_size=len(plan.validation_columns) if plan.validation_columns is not None else 0,
+        validation_choice=plan.validation,
     )

@@ -25,6 +25,7 @@ from finebench.methods.registry import (
     get_method,
     list_methods,
     method_of,
+    network_key,
     parse_options,
     register,
     variant_of_config,
@@ -32,5 +33,5 @@ from finebench.methods.registry import (
 
 __all__ = [
     "METHODS", "Method", "MethodOptions", "MicroBatch", "StepContext", "StepResult", "build_model",
-    "build_model_from_config", "get_method", "list_methods", "method_of", "parse_options", "register", "variant_of_config",
+    "build_model_from_config", "get_method", "list_methods", "method_of", "network_key", "parse_options", "register", "variant_of_config",
 ]

@@ -69,6 +69,7 @@ class AttendAndRectifyMethod(Method):
     draws_attention_maps = True
     profile_default = True
     options_added_later = ("reg_masks", "tap_norm", "readout")  # issues 20, 21
+    training_only_options = ("reg_w", "reg_masks")  # the regulariser: computed in training only
 
     def table_name(self, options: AttentionOptions) -> str:  # type: ignore[override]
         defaults = AttentionOptions(kind="attention")

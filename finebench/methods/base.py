@@ -171,6 +171,10 @@ class Method:
     options_added_later: ClassVar[tuple[str, ...]] = ()
     """Options added after runs were recorded: at their default they are left out of the report's
     configuration labels, so old records (which lack them) group with new ones, as their run ids do."""
+    training_only_options: ClassVar[tuple[str, ...]] = ()
+    """Options only training reads (a loss weight, a regulariser's form), never the network's
+    parameters nor the passes of a prediction: variants differing in them alone build the same
+    network and share one cost (``network_key``; a dry run counts each network once)."""
 
     # ---- recipe ----------------------------------------------------------------------------
 
@@ -252,9 +256,17 @@ class Method:
         (``finebench run``, ``finebench eval``) and ``profile``'s FLOPs use it."""
         return model(images)
 
+    def prediction_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        """The predictions ``predict`` makes beside the one ``scores`` reads, B x N each, named as
+        ``eval_metrics`` names their accuracy (a dict's entries as ``key.entry``: PMG's
+        ``top1_granularity.8``). The evaluator records each image's top classes under these names
+        (``finebench.predictions``) and, by default, ``eval_counts`` counts their top-1 hits."""
+        return {}
+
     def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
-        """Per test batch, counts beyond top-1 (summed over batches and ranks by the evaluator)."""
-        return []
+        """Per test batch, counts beyond top-1 (summed over batches and ranks by the evaluator):
+        by default each of ``prediction_logits``' top-1 hits, in its order."""
+        return [(logits.argmax(1) == labels).sum() for logits in self.prediction_logits(output).values()]
 
     def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
         """The metrics.jsonl fields made from the summed ``eval_counts`` (``images`` test images)."""

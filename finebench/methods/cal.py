@@ -59,6 +59,8 @@ EPSILON = 1e-6
 WIDE_TEST_CROPS = ((0.3, 0.1), (0.2, 0.1))
 """(θ, padding) of the paper's first two test crops per orientation (``infer.py``); the third is
 the options' ``test_theta`` / ``test_padding`` (official 0.1, 0.05: the training log's crop)."""
+PREDICTIONS = ("top1_raw", "top1_crop", "top1_two_view", "top1_effect_two_view", "top1_effect")
+"""The names of ``predict``'s ``module_logits``, in order (summary.json's fields, the per-image file's rows)."""
 
 
 class CALOptions(WSDANOptions):
@@ -174,12 +176,11 @@ class CAL(WSDAN):
     def maps_to_draw(self, model: nn.Module, images: torch.Tensor) -> MapsToDraw:
         return attention_figure(model, images, self.predict(model, images), ("raw", "crop", "two-view"))
 
-    def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
-        return [(logits.argmax(1) == labels).sum() for logits in output.module_logits]
+    def prediction_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        return dict(zip(PREDICTIONS, output.module_logits, strict=True))
 
     def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
-        names = ("top1_raw", "top1_crop", "top1_two_view", "top1_effect_two_view", "top1_effect")
-        return {name: 100.0 * count / images for name, count in zip(names, counts, strict=True)}
+        return {name: 100.0 * count / images for name, count in zip(PREDICTIONS, counts, strict=True)}
 
 
 METHOD = register(CAL())

@@ -166,10 +166,9 @@ class PMG(Method):
             ctx.optimizer_step()
         return StepResult(total, correct)
 
-    def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
-        combined = output.logits + sum(output.module_logits)
-        return [*((logits.argmax(1) == labels).sum() for logits in output.module_logits),
-                (combined.argmax(1) == labels).sum()]
+    def prediction_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        heads = {f"top1_granularity.{size}": logits for size, logits in zip(("8", "4", "2"), output.module_logits, strict=True)}
+        return {**heads, "top1_combined": output.logits + sum(output.module_logits)}
 
     def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
         accuracy = [100.0 * count / images for count in counts]

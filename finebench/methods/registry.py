@@ -5,6 +5,7 @@ the CLI read. A method module registers its instance at import (``register(MyMet
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,12 +137,33 @@ def build_model_from_config(
     ``kind`` swaps the variant (e.g. the baseline, for the cost the overheads are measured against);
     ``pretrained=False`` skips loading backbone weights (a checkpoint or a timing supplies them).
     """
+    backbone, backbone_options, options, weights, batchnorm_init = _model_inputs(config, kind)
+    return build_model(backbone, num_classes, options, backbone_options=backbone_options,
+                       pretrained=weights if pretrained else None, batchnorm_init=batchnorm_init)
+
+
+def network_key(config: Mapping[str, Any], *, kind: str | None = None) -> str:
+    """What ``build_model_from_config`` builds the network from, as one string: runs whose keys are
+    equal build identical networks (seeds, variant names, training settings, options only training
+    reads (``Method.training_only_options``) and weights aside), so they share one cost
+    (``finebench.plan.CostCache``)."""
+    backbone, backbone_options, options, _, _ = _model_inputs(config, kind)  # initial values cost nothing
+    network_options = {name: value for name, value in options.options().items()
+                       if name not in method_of(options).training_only_options}
+    return json.dumps([backbone, backbone_options, options.kind, network_options], sort_keys=True, default=str)
+
+
+def _model_inputs(
+    config: Mapping[str, Any], kind: str | None
+) -> tuple[str, dict[str, Any] | None, MethodOptions, str | None, str]:
+    """(backbone, backbone options, variant, pretrained weights, BatchNorm init) of a run config: all the
+    network is built from."""
     try:
         model_section, variant = config["model"], config["variant"]
         backbone = model_section["backbone"]
         use_variant = kind is None or kind == variant["kind"]
         backbone_options = dict(model_section.get("options") or {}) or None
-        weights = model_section.get("pretrained") if pretrained else None
+        weights = model_section.get("pretrained")
         # absent from the configs of runs recorded before the setting existed: their BatchNorms started at 1
         batchnorm_init = model_section.get("batchnorm_init", BATCHNORM_INITS[0])
     except (KeyError, TypeError, AttributeError) as error:
@@ -149,8 +171,7 @@ def build_model_from_config(
             f"run config: unusable model/variant section ({error!r}); expected model.backbone and variant.kind"
         ) from None
     options = variant_of_config(config) if use_variant else parse_options(str(kind), None)
-    return build_model(backbone, num_classes, options, backbone_options=backbone_options, pretrained=weights,
-                       batchnorm_init=batchnorm_init)
+    return backbone, backbone_options, options, weights, batchnorm_init
 
 
 def variant_of_config(config: Mapping[str, Any]) -> MethodOptions:

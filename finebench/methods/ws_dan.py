@@ -474,8 +474,8 @@ class WSDAN(Method):
     def maps_to_draw(self, model: nn.Module, images: torch.Tensor) -> MapsToDraw:
         return attention_figure(model, images, self.predict(model, images), ("raw", "crop"))
 
-    def eval_counts(self, output: ModelOutput, labels: torch.Tensor) -> list[torch.Tensor]:
-        return [(logits.argmax(1) == labels).sum() for logits in output.module_logits]
+    def prediction_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        return dict(zip(("top1_raw", "top1_crop"), output.module_logits, strict=True))
 
     def eval_metrics(self, counts: Sequence[float], images: float, model: nn.Module) -> dict[str, Any]:
         raw, cropped = (100.0 * count / images for count in counts)

@@ -7,9 +7,10 @@ block carries (an ``nn.Identity`` in the baseline, so it adds no parameters and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,9 @@ from torch import nn
 from finebench.errors import FinebenchError
 
 PARAMETER_PROBE_SIZE = 128
-"""Side of the blank image ``parameters_unread`` runs: every family runs on it (Inception-v3 needs 75)."""
+"""Side of the blank image ``parameters_unread`` runs when no input size is known (DDP wrapping a
+model nobody costed): most families run on it (Inception-v3 needs 75); a ViT or Swin runs only at
+its own ``img_size``, which is why every caller that knows the run's input size passes it."""
 
 PluginFactory = Callable[[int], nn.Module]
 """Builds one block plug-in for a residual branch with the given number of output channels."""
@@ -99,35 +102,57 @@ class Backbone(nn.Module):
         order = [t.name for t in self.tap_points]
         return sorted(names, key=order.index, reverse=True)
 
-    def parameters_unread(self, taps: Sequence[str] | None) -> list[str]:
+    def parameters_unread(self, taps: Sequence[str] | None, input_size: int = PARAMETER_PROBE_SIZE) -> list[str]:
         """Names of the parameters a pass that stops after ``taps`` never reads (None: the whole
         pass to the pooled features): the layers beyond the deepest tap, a torchvision model's
         layers between its last map and its classifier, Inception's auxiliary head. Found by one
-        pass on a blank probe image and the gradient it leaves: which layers lie off the path is
-        each family's own business (WRN's final BatchNorm, VGG's fc6/fc7, Inception's Mixed_7),
-        and autograd reads it off every family alike."""
-        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        pass on a blank ``input_size`` probe image and the autograd graph it leaves: which layers
+        lie off the path is each family's own business (WRN's final BatchNorm, VGG's fc6/fc7,
+        Inception's Mixed_7), and autograd reads it off every family alike.
+
+        The probe runs at the run's own input size, the one size every family of the run is known
+        to take (a ViT or Swin accepts no other). Its graph is walked, not differentiated, and the
+        pass runs on the meta device (shapes, no arithmetic) where the network allows, else on its
+        weights: a dry run costs every variant, and a real forward and backward of WRN-40-10 per
+        variant was most of its time."""
+        trainable = [name for name, p in self.named_parameters() if p.requires_grad]
         if not trainable:
             return []
-        first = trainable[0][1]
-        probe = torch.zeros(1, 3, PARAMETER_PROBE_SIZE, PARAMETER_PROBE_SIZE, device=first.device, dtype=first.dtype)
         was_training = self.training
         self.eval()  # no BatchNorm statistics move
         try:
-            with torch.enable_grad():
-                if taps is None:
-                    pooled, _ = self(probe)
-                    outputs = [pooled]
-                else:
-                    _, maps = self(probe, list(taps), stop_after_taps=True)
-                    outputs = list(maps.values())
-                reached = sum(output.float().sum() for output in outputs if output is not None)
-                grads = torch.autograd.grad(reached, [p for _, p in trainable], allow_unused=True)
+            try:
+                read = self._parameters_read(taps, input_size, meta=True)
+            except Exception:  # an op without a meta kernel, a data-dependent step: the pass on the weights
+                read = self._parameters_read(taps, input_size, meta=False)
         except RuntimeError:  # a network that cannot run on the probe's size: count every layer as read
             return []
         finally:
             self.train(was_training)
-        return [name for (name, _), grad in zip(trainable, grads, strict=True) if grad is None]
+        return [name for name in trainable if name not in read]
+
+    def _parameters_read(self, taps: Sequence[str] | None, input_size: int, *, meta: bool) -> set[str]:
+        """Names of the trainable parameters the probe pass reaches; ``meta``: the pass on meta
+        copies of the parameters and buffers (``torch.func.functional_call``)."""
+        tensors: dict[str, torch.Tensor] = dict(self.named_parameters())
+        first = next(iter(tensors.values()))
+        if meta:
+            tensors = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+                       for name, t in [*tensors.items(), *self.named_buffers()]}
+        probe = torch.zeros(1, 3, input_size, input_size, device="meta" if meta else first.device, dtype=first.dtype)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return torch.func.functional_call(self, tensors, args, kwargs) if meta else self(*args, **kwargs)
+
+        with torch.enable_grad():
+            if taps is None:
+                pooled, _ = call(probe)
+                outputs = [pooled]
+            else:
+                _, maps = call(probe, list(taps), stop_after_taps=True)
+                outputs = list(maps.values())
+        reached = _leaves_reached(output for output in outputs if output is not None)
+        return {name for name, t in tensors.items() if id(t) in reached and t.requires_grad}
 
     def plugin_modules(self) -> list[nn.Module]:
         """Modules added by a block-plug-in variant: new weights, trained with the head's learning rate."""
@@ -151,6 +176,24 @@ class Backbone(nn.Module):
                 f"weights in {source} do not fit {type(self).__name__}: "
                 f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
             )
+
+
+def _leaves_reached(outputs: Iterable[torch.Tensor]) -> set[int]:
+    """Ids of the leaf tensors (parameters) the autograd graphs of ``outputs`` reach: exactly those
+    ``torch.autograd.grad`` would give a gradient, found without computing one."""
+    reached: set[int] = set()
+    seen: set[int] = set()
+    pending = [output.grad_fn for output in outputs if output.grad_fn is not None]
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that requires grad
+        if isinstance(variable, torch.Tensor):
+            reached.add(id(variable))
+        pending.extend(child for child, _ in node.next_functions if child is not None)
+    return reached
 
 
 def unwrap_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finebench.models.attention import AttendAndRectify
-from finebench.models.base import Backbone
+from finebench.models.base import PARAMETER_PROBE_SIZE, Backbone
 from finebench.models.output import ModelOutput
 
 
@@ -33,15 +33,19 @@ class ImageClassifier(nn.Module):
         self.num_classes = num_classes
         self._unused_parameter_names: list[str] | None = None
 
-    def unused_parameter_names(self) -> list[str]:
+    def unused_parameter_names(self, input_size: int | None = None) -> list[str]:
         """Backbone parameters no forward of this model reads: those past ``backbone_taps_read``
         (VGG-16's fc6/fc7 under B-CNN, Inception's Mixed_7 under WS-DAN at Mixed_6e) or off the
         path to the pooled features (Inception's auxiliary head). They stay in the state dict
         (weights load as before, checkpoints keep their keys) but are left out of the parameter
         count and of DDP's all-reduce, which would otherwise stop at the second step waiting for
-        their gradients. Found once, on first use (profiling, DDP), not at every build."""
+        their gradients. Found once, on first use (costing, DDP), not at every build, by a probe
+        at ``input_size``, the run's images (a ViT takes no other size); None, where the caller
+        knows no size (DDP wrapping): what an earlier call found, else a probe at
+        ``PARAMETER_PROBE_SIZE``."""
         if self._unused_parameter_names is None:
-            unread = self.backbone.parameters_unread(self.backbone_taps_read)
+            size = PARAMETER_PROBE_SIZE if input_size is None else input_size
+            unread = self.backbone.parameters_unread(self.backbone_taps_read, size)
             self._unused_parameter_names = [f"backbone.{name}" for name in unread]
         return list(self._unused_parameter_names)
 
@@ -116,14 +120,14 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return {"backbone": backbone, "head": head}
 
 
-def used_parameter_count(model: nn.Module) -> int:
-    """Parameters a finebench model's forward reads (``ImageClassifier.unused_parameter_names`` left
-    out); any other module: all of its parameters."""
+def used_parameter_count(model: nn.Module, input_size: int | None = None) -> int:
+    """Parameters a finebench model's forward on ``input_size`` images reads
+    (``ImageClassifier.unused_parameter_names`` left out); any other module: all of its parameters."""
     try:
         classifier = unwrap(model)
     except TypeError:  # not a finebench model
         return sum(p.numel() for p in model.parameters())
-    unused = set(classifier.unused_parameter_names())
+    unused = set(classifier.unused_parameter_names(input_size))
     return sum(p.numel() for name, p in classifier.named_parameters() if name not in unused)
 
 

@@ -18,6 +18,13 @@ from rich.console import Console
 from rich.table import Table
 
 from finebench.console import make_console
+from finebench.report.disagree import (
+    Pair,
+    disagreement,
+    disagreement_caption,
+    disagreement_table,
+    format_disagreement,
+)
 from finebench.report.ranks import Ranks, format_ranks, rank_methods, ranks_caption
 from finebench.report.records import LoadedRuns, find_summaries, load_metrics, load_runs
 from finebench.report.reference import REFERENCE_COLUMNS, load_reference
@@ -34,7 +41,7 @@ from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction
 from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
-    "COLUMN_ALIASES", "Ranks", "emit_ranks", "rank_methods", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
+    "COLUMN_ALIASES", "Pair", "Ranks", "disagreement", "emit_disagreement", "emit_ranks", "rank_methods", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
     "emit_table", "fitted_markdown", "predictions_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
     "reader_width", "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
 ]
@@ -141,6 +148,35 @@ def emit_ranks(result: Ranks, fmt: str, output: Path | None, error: bool = False
         text = result.table.round(6).to_csv(index=False)
     elif fmt == "json":
         text = result.table.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
+    elif fmt == "latex":
+        text = f"% {caption}\n" + shown.to_latex(index=False, escape=True)
+    else:
+        text = shown.to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + f"\n\n{caption}\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    atomic_write_bytes(output, text.encode())
+    (status or make_console(stderr=True)).print(f"wrote {output}", highlight=False)
+
+
+def emit_disagreement(pairs: Sequence[Pair], a: str, b: str, fmt: str, output: Path | None,
+                      status: Console | None = None) -> None:
+    """``report --disagree A B``: one row per dataset, backbone and seed with McNemar's test and the
+    bootstrap interval, as a rich table on a terminal, else markdown, CSV, LaTeX or JSON text with
+    the caption that says what they test, to stdout or ``output``."""
+    from finebench.results import atomic_write_bytes
+
+    table = disagreement_table(pairs)
+    caption = disagreement_caption(a, b)
+    shown = format_disagreement(table, a, b)
+    stdout = make_console()
+    if output is None and fmt == "markdown" and stdout.is_terminal:
+        stdout.print(rich_table(shown, title=f"{a} against {b}, image by image", caption=caption))
+        return
+    if fmt == "csv":
+        text = table.round(6).to_csv(index=False)
+    elif fmt == "json":
+        text = table.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
     elif fmt == "latex":
         text = f"% {caption}\n" + shown.to_latex(index=False, escape=True)
     else:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -20,11 +21,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from finebench.atomic import atomic_write, make_folder
+from finebench.data.root import resolve_data_root
+from finebench.data.store import read_meta, store_dir
+from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.report.ranks import ALPHA, Ranks, cliques
 from finebench.report.records import load_metrics
 from finebench.report.stats import mean_ci
 from finebench.report.tables import early_prediction_table
+from finebench.results import RunDir, read_json
 
 SUFFIXES: tuple[str, ...] = ("png", "svg")
 NETWORK_CLASSIFIER = "network classifier"
@@ -254,3 +259,101 @@ def plot_critical_difference(ranks: Ranks, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     make_folder(out)
     return _save(critical_difference_figure(ranks), out, "critical_difference")
+
+
+THUMBNAILS_PER_SIDE = 6
+"""Images shown for each side of a disagreement figure (the first by id: a stable choice)."""
+
+
+def _split_images(data_root: Path, dataset: str, split: str, ids: list[int]) -> list[Any]:
+    """The images ``ids`` of a prepared split (``a+b`` counts on from the first) as RGB PIL images."""
+    import datasets
+
+    from finebench.data.loader import (
+        split_dirs,  # torch: only where thumbnails are drawn
+    )
+
+    meta = read_meta(data_root, dataset)
+    stores = [datasets.load_from_disk(str(folder))
+              for folder in split_dirs(store_dir(data_root, dataset), split, list(meta.get("splits", {})), dataset)]
+    images = []
+    for index in ids:
+        for store in stores:
+            if index < len(store):
+                images.append(store[int(index)]["image"].convert("RGB"))
+                break
+            index -= len(store)
+    return images
+
+
+def disagreement_figure(a: str, b: str, title: str, sides: list[tuple[str, list[int], list[Any], list[str]]]) -> Figure:
+    """Thumbnails in two rows, one per side: the images that side classifies right and the other wrong."""
+    columns = max(1, max(len(images) for _, _, images, _ in sides))
+    figure = Figure(figsize=(1.6 * columns, 2.1 * len(sides) + 0.4))
+    figure.suptitle(title, fontsize=9)
+    for row, (label, ids, images, captions) in enumerate(sides):
+        for column in range(columns):
+            axes = figure.add_subplot(len(sides), columns, row * columns + column + 1)
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if column < len(images):
+                axes.imshow(images[column])
+                axes.set_title(f"#{ids[column]}\n{captions[column]}", fontsize=6)
+            else:
+                axes.set_axis_off()
+            if column == 0:
+                axes.set_ylabel(label, fontsize=7)
+                if not images:
+                    axes.set_axis_on()
+                    axes.text(0.5, 0.5, "none", ha="center", va="center", transform=axes.transAxes, fontsize=8)
+    return figure
+
+
+def plot_disagreement(pairs: list[Any], a: str, b: str, out_dir: str | Path,
+                      warnings: list[str] | None = None) -> list[Path]:
+    """One figure per compared pair (``report.disagree.Pair``): up to ``THUMBNAILS_PER_SIDE`` images
+    only A gets right and as many only B does, read from the prepared store the runs tested on. A
+    store that is not there leaves that figure out with a warning; the table stands without it."""
+    out = Path(out_dir)
+    make_folder(out)
+    written: list[Path] = []
+    for pair in pairs:
+        try:
+            dataset_section = read_json(RunDir.at(pair.a_dir).config_path).get("dataset") or {}
+            data_root = resolve_data_root(None, dataset_section.get("root"))
+            dataset = dataset_section.get("name") or pair.key.get("dataset")
+            split = pair.a.split or dataset_section.get("test_split") or "test"
+            classes = list(read_meta(data_root, str(dataset)).get("classes") or [])
+        except (OSError, ValueError, AttributeError, FinebenchError) as error:
+            if warnings is not None:
+                warnings.append(f"{pair.a_dir}: the thumbnails are left out: the prepared store cannot be read ({error})")
+            continue
+        a_correct, b_correct = pair.a.correct(), pair.b.correct()
+        sides = []
+        for label, mask, winner in ((f"only {a} right", a_correct & ~b_correct, pair.a),
+                                    (f"only {b} right", b_correct & ~a_correct, pair.b)):
+            ids = [int(i) for i in pair.a.ids[mask][:THUMBNAILS_PER_SIDE]]
+            loser = pair.b if winner is pair.a else pair.a
+            position = np.searchsorted(pair.a.ids, ids)
+            captions = [f"{_name(classes, int(winner.labels[i]))}\n(other: {_name(classes, int(loser.classes['test_top1'][i, 0]))})"
+                        for i in position]
+            try:
+                images = _split_images(data_root, str(dataset), split, ids)
+            except (OSError, ValueError, FinebenchError) as error:
+                if warnings is not None:
+                    warnings.append(f"{pair.a_dir}: the thumbnails are left out: the prepared store cannot be read ({error})")
+                break
+            sides.append((f"{label}\n({int(mask.sum())} images)", ids, images, captions))
+        else:
+            key = "_".join(_slug(value) for value in pair.key.values() if value is not None)
+            where = " · ".join(f"{k} {v}" if k in ("seed", "fold") else str(v) for k, v in pair.key.items()
+                               if v is not None)
+            title = (f"{a} vs {b}: {where}\nimages only one of them classifies right "
+                     "(caption: id, true class, the other's guess)")
+            written += _save(disagreement_figure(a, b, title, sides), out,
+                             f"disagree_{_slug(a)}_vs_{_slug(b)}_{key}")
+    return written
+
+
+def _name(classes: list[str], index: int) -> str:
+    return str(classes[index]) if 0 <= index < len(classes) else str(index)

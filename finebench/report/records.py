@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
-from finebench.recipe import RUN_ID_EXCLUDE, ModelSection, Recipe, TrainSection
+from finebench.recipe import RUN_ID_EXCLUDE, DatasetSection, ModelSection, Recipe, TrainSection
 from finebench.results import BestMetrics, RunDir, RunState, RunSummary
 from finebench.report.stats import mean_class_accuracy
 
@@ -50,7 +50,7 @@ class LoadedRuns(NamedTuple):
 RUN_COLUMNS: tuple[str, ...] = (
     "run_dir", "recipe", "run_id", "dataset", "num_classes", "backbone", "backbone_label",
     "variant", "variant_name", "seed", "fold", "epochs", "epochs_completed", "top1", "top5",
-    "mean_class_top1", "best_top1", "best_epoch", "network_top1", "module_top1", "module_flops",
+    "mean_class_top1", "best_top1", "best_epoch", "selected_top1", "selected_epoch", "selected_val_top1", "network_top1", "module_top1", "module_flops",
     "params", "flops", "params_baseline", "flops_baseline", "params_overhead_pct", "flops_overhead_pct",
     "size_warnings", "predictions", "images_per_s", "threads_used", "load_1min", "train_time_s", "device", "precision", "dropout", "settings",
     "base_settings",
@@ -248,10 +248,12 @@ ADDED_SETTINGS: dict[str, Any] = {
     "fidelity": Recipe.model_fields["fidelity"].default,
     "train.batchnorm_group": TrainSection.model_fields["batchnorm_group"].default,
     "model.batchnorm_init": ModelSection.model_fields["batchnorm_init"].default,
+    "dataset.validation": DatasetSection.model_fields["validation"].default,
+    "train.select": TrainSection.model_fields["select"].default,
     **{f"variant.options.{name}": method.Options.model_fields[name].default
        for method in METHODS.values() for name in method.options_added_later},
 }
-"""Settings added after runs were recorded (issues 20 and 27), with their schema defaults."""
+"""Settings added after runs were recorded (issues 20, 27 and 29), with their schema defaults."""
 
 
 def _at_schema_default(key: str, value: Any) -> bool:
@@ -316,6 +318,10 @@ def _run_row(summary: RunSummary, run_dir: Path, config: dict[str, Any], problem
         "mean_class_top1": _mean_class(summary, run_dir, problems),
         "best_top1": best.test_top1,
         "best_epoch": best.epoch,
+        # train.select = "best_validation": the test top-1 of the epoch chosen on the validation split
+        "selected_top1": summary.selected.test_top1 if summary.selected is not None else None,
+        "selected_epoch": summary.selected.epoch if summary.selected is not None else None,
+        "selected_val_top1": summary.selected.val_top1 if summary.selected is not None else None,
         "network_top1": final.network_top1,
         "module_top1": dict(final.module_top1),
         "predictions": {**method_predictions(final.model_extra or {}),

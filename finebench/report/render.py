@@ -40,6 +40,16 @@ _HIDDEN = {"baseline_top1", "baseline_error", "n_pairs", "significant", "delta_c
            "p_holm", "size_warning"}
 
 
+RULE_LABELS = {"final": "last epoch", "selected": "val-selected", "best": "best on test, optimistic"}
+"""Column labels of the model-selection rules (``tables.RULE_VALUES``)."""
+RULE_NOTES = {
+    "final": "the last epoch's weights",
+    "selected": ("the weights of the epoch with the best validation top-1 (train.select = best_validation; "
+                 "the validation images are held out of training)"),
+    "best": "the epoch with the best test top-1 (optimistic: selected on the test set, as official scripts publish)",
+}
+
+
 def fmt_number(value: Any, digits: int = 2, signed: bool = False) -> str:
     if is_missing(value):
         return MISSING
@@ -98,14 +108,19 @@ def format_table(table: pd.DataFrame) -> pd.DataFrame:
     if table.attrs.get("kind") == "predictions":
         label = "Value"  # accuracies, and a method's training statistics (API-Net's pair losses)
     out = pd.DataFrame(index=table.index)
+    rules = table.attrs.get("rules") or []
     for column in table.columns:
-        if column in _HIDDEN:
+        if column in _HIDDEN or any(column == f"{rule}_{metric}_ci" for rule in rules):
             continue
         values = table[column]
         header = _HEADERS.get(column, column)
+        rule = next((rule for rule in rules if column == f"{rule}_{metric}_mean"), None)
         if column == f"{metric}_mean":
-            out[label] = [fmt_mean_ci(m, c) + cannot_act_mark(table, index)
+            shown = f"{label} ({RULE_LABELS[table.attrs.get('selection', 'final')]})" if rules else label
+            out[shown] = [fmt_mean_ci(m, c) + cannot_act_mark(table, index)
                           for index, m, c in zip(table.index, values, table.get(f"{metric}_ci", values * math.nan))]
+        elif rule is not None:
+            out[f"{label} ({RULE_LABELS[rule]})"] = [fmt_mean_ci(m, c) for m, c in zip(values, table[f"{rule}_{metric}_ci"])]
         elif column == f"class_{metric}_mean":
             if values.isna().all():
                 continue  # records from before confusion matrices were saved
@@ -161,6 +176,8 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
     gain = "Δerr" if metric == "error" else "gain"
     with_reference = f"reference_{metric}" in table
     with_speed = "images_per_s" in table
+    rules = table.attrs.get("rules") or []
+    main_rule = f" ({RULE_LABELS[table.attrs.get('selection', 'final')]})" if rules else ""
     rows: dict[tuple[Any, ...], dict[str, str]] = {}
     variants: list[str] = []
     for _, record in table.iterrows():
@@ -170,7 +187,10 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
         if name not in variants:
             variants.append(name)
         score = fmt_mean_ci(record[f"{metric}_mean"], record[f"{metric}_ci"])
-        row[f"{name} {measure}"] = f"{score} (n={record['n']}){cannot_act_mark(table, record.name)}"
+        row[f"{name} {measure}{main_rule}"] = f"{score} (n={record['n']}){cannot_act_mark(table, record.name)}"
+        for rule in rules:
+            row[f"{name} {measure} ({RULE_LABELS[rule]})"] = fmt_mean_ci(record[f"{rule}_{metric}_mean"],
+                                                                         record[f"{rule}_{metric}_ci"])
         row[f"{name} class"] = fmt_mean_ci(record[f"class_{metric}_mean"], record[f"class_{metric}_ci"])
         if name != BASELINE.kind:
             row[f"{name} {gain}"] = fmt_gain(record["delta_pt"], record["delta_ci"], record["significant"],
@@ -184,7 +204,8 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
             row[f"{name} paper"] = fmt_number(record[f"reference_{metric}"])
     ordered = [_HEADERS.get(c, c) for c in group_keys]
     for name in variants:
-        ordered += [f"{name} {measure}", f"{name} class"] + ([f"{name} paper"] if with_reference else [])
+        ordered += [f"{name} {measure}{main_rule}", *(f"{name} {measure} ({RULE_LABELS[rule]})" for rule in rules),
+                    f"{name} class"] + ([f"{name} paper"] if with_reference else [])
         if name != BASELINE.kind:
             ordered += [f"{name} {gain}", f"{name} p", f"{name} ΔP/ΔF%"]
         if with_speed:
@@ -219,8 +240,13 @@ def table_note(table: pd.DataFrame) -> str:
     epoch = "best-epoch (selected on the test set, optimistic)" if selection == "best" else "final-epoch"
     measure = "test error (100 − top-1)" if table.attrs.get("metric") == "error" else "test top-1"
     over = "seeds × folds (k-fold: every held-out fold pooled)" if table.attrs.get("folds") else "seeds"
+    rules = table.attrs.get("rules") or []
     lines = [
         f"{epoch} {measure}, %; mean ± 95% CI half-width (Student t, n−1 df) over {over}; n runs; n=1 has no CI.",
+        *([f"One column per model-selection rule, each the test {'error' if table.attrs.get('metric') == 'error' else 'top-1'} of "
+           + "; ".join(f"({RULE_LABELS[rule]}) {RULE_NOTES[rule]}" for rule in [selection, *rules])
+           + ". Gain and p compare the "
+           + RULE_LABELS[selection] + " column."] if rules else []),
         "Class: mean per-class accuracy from the confusion matrix of the final evaluation."
         if selection == "final" else "Class: not available for the best epoch (confusion matrix saved at the final evaluation only).",
         ("Gain: mean paired difference from the baseline with the same settings, runs paired by seed"

@@ -46,6 +46,9 @@ COLUMN_ALIASES: dict[str, str] = {
     "backbone": "backbone_label",
     "fold": "dataset.fold",
 }
+RULE_VALUES: dict[str, str] = {"final": "top1", "selected": "selected_top1", "best": "best_top1"}
+"""Each model-selection rule's run column: the last epoch, the epoch with the best validation top-1
+(``train.select = "best_validation"``), the epoch with the best test top-1 (optimistic)."""
 _NOT_GROUPABLE = {"module_top1", "module_flops", "settings", "base_settings", "run_dir", "run_id", "size_warnings"}
 
 
@@ -93,7 +96,10 @@ def summary_table(
     """One row per configuration: mean, 95% CI, mean per-class accuracy, paired gain, overheads.
 
     Numbers stay numeric here (CSV and JSON keep them so); ``render.format_table`` makes them text.
-    ``selection='best'`` uses the best-epoch test accuracy, the authors' (optimistic) choice.
+    ``selection='best'`` uses the best-epoch test accuracy, the authors' (optimistic) choice. Where
+    runs record a validation-selected epoch (``train.select = "best_validation"``) each of the other
+    rules gets its own columns beside it (``<rule>_<metric>_mean``/``_ci``, rules in ``RULE_VALUES``;
+    ``attrs["rules"]`` lists them), so last epoch, validation-selected and best-on-test read side by side.
     """
     metric = "error" if error else "top1"
     group_by = resolve_columns(df, by or DEFAULT_BY)
@@ -108,6 +114,8 @@ def summary_table(
         return 100.0 - numeric if error else numeric
 
     data["value"] = as_metric(data[value_column])
+    selected = "selected_top1" in data and pd.to_numeric(data["selected_top1"], errors="coerce").notna().any()
+    other_rules = [rule for rule in RULE_VALUES if rule != selection] if selected else []
     # The confusion matrix is saved at the final evaluation only: no per-class figure for the best epoch.
     data["class_value"] = as_metric(data["mean_class_top1"]) if selection == "final" else math.nan
     baselines = data[data["variant"] == BASELINE.kind]
@@ -139,6 +147,9 @@ def summary_table(
         folds_seen |= group["fold"].notna().any()
         row["n"] = summary.n
         row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_ci"] = summary.mean, summary.std, summary.half_width
+        for rule in other_rules:
+            by_rule = mean_ci(as_metric(group[RULE_VALUES[rule]]).dropna())
+            row[f"{rule}_{metric}_mean"], row[f"{rule}_{metric}_ci"] = by_rule.mean, by_rule.half_width
         per_class = mean_ci(group["class_value"].dropna())
         row[f"class_{metric}_mean"], row[f"class_{metric}_ci"] = per_class.mean, per_class.half_width
         top5 = mean_ci(pd.to_numeric(group["top5"], errors="coerce").dropna()) if selection == "final" else None
@@ -205,8 +216,9 @@ def summary_table(
     if (table.get("unpaired", pd.Series(dtype=int)) > 0).any():
         notes.append("unpaired: runs whose seed (and fold) has no partner on the other side; "
                      "left out of the paired gain.")
-    table.attrs.update(metric=metric, selection=selection, keys=row_keys, notes=notes, folds=bool(folds_seen),
-                       speed_marked=speed_marked, holm=corrected, size_warnings=list(size_warnings),
+    table.attrs.update(metric=metric, selection=selection, rules=other_rules, keys=row_keys, notes=notes,
+                       folds=bool(folds_seen), speed_marked=speed_marked, holm=corrected,
+                       size_warnings=list(size_warnings),
                        reference=None if reference is None else describe_reference(reference))
     return table
 

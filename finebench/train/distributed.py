@@ -317,6 +317,17 @@ def torchrun_argv(nproc_per_node: int, worker_argv: Sequence[str], *, rdzv_endpo
     ]
 
 
+def how_ended(exitcode: int) -> str:
+    """A child process's end as words: ``exited with code 2``, ``was killed by SIGKILL`` (a negative
+    ``exitcode`` is the signal's number, as ``subprocess`` and torchrun report it)."""
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"was killed by signal {-exitcode}"
+
+
 def describe_failure(error: Exception) -> str:
     """One line naming every failed worker and how, the likely cause first.
 
@@ -327,21 +338,13 @@ def describe_failure(error: Exception) -> str:
     if not failures:
         return f"distributed run failed: {error}"
 
-    def how(exitcode: int) -> str:
-        if exitcode >= 0:
-            return f"exited with code {exitcode}"
-        try:
-            return f"was killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"was killed by signal {-exitcode}"
-
     def likely_cause_first(item: tuple[int, Any]) -> tuple[int, int, int]:
         rank, failure = item
         code = failure.exitcode
         category = 0 if code < 0 and -code != signal.SIGTERM else 1 if code > 0 else 2
         return category, failure.timestamp, rank
 
-    parts = [f"worker rank {rank} (pid {failure.pid}) {how(failure.exitcode)}"
+    parts = [f"worker rank {rank} (pid {failure.pid}) {how_ended(failure.exitcode)}"
              for rank, failure in sorted(failures.items(), key=likely_cause_first)]
     return f"distributed run failed: {', '.join(parts)}; the job was stopped (see the worker output above)"
 

@@ -34,6 +34,7 @@ from finebench.methods.base import Method, MicroBatch
 from finebench.models.batchnorm import convert_ghost_batchnorm
 from finebench.models.network import drop_gradients, parameter_groups
 from finebench.models.output import ModelOutput, mixture_loss
+from finebench.predictions import SHOWN_PREDICTION, TOP_K, PerImagePredictions
 from finebench.recipe import TrainSection
 from finebench.results import MACHINE_FIELDS
 from finebench.train.optim import build_optimizer, build_scheduler
@@ -457,17 +458,21 @@ def evaluate(
     ctx: DistContext | None = None,
     confusion: bool = False,
     method: Method | None = None,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 and, for attention models, the network's and each module's own top-1.
 
     ``confusion``: also the N×N confusion matrix (rows: true class, columns: top-1 prediction),
     summed over ranks like the other counts, so per-class figures are exact under DDP too.
+    ``per_image``: also ``per_image``, each image's top classes for every prediction the model makes
+    (``PerImagePredictions``), read off the outputs this evaluation computes anyway.
     """
     ctx = ctx or DistContext()
     model.eval()
     totals: torch.Tensor | None = None
     matrix: torch.Tensor | None = None
     module_count = 0
+    collected: list[tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = []
     for images, labels in loader:
         images, labels = _to_device(images, labels, device, channels_last)
         with autocast(device, precision):
@@ -497,6 +502,10 @@ def evaluate(
             classes = scores.shape[1]
             counts = torch.bincount(labels * classes + top5[:, 0], minlength=classes * classes)
             matrix = counts if matrix is None else matrix + counts
+        if per_image:
+            unwrapped = getattr(model, "module", model)
+            modules = tap_names(getattr(unwrapped, "_orig_mod", unwrapped), module_count) if mixture else []
+            collected.append((labels, _top_classes(scores, top5, output, method, modules)))
     if totals is None:
         raise FinebenchError("the test split is empty: nothing to evaluate")
     values = ctx.reduce_sum(totals).tolist()
@@ -518,7 +527,55 @@ def evaluate(
     if matrix is not None:
         classes = math.isqrt(matrix.numel())
         result["confusion"] = ctx.reduce_sum(matrix.double()).view(classes, classes).long().tolist()
+    if per_image:
+        result["per_image"] = _gather_per_image(collected, ctx)
     return result
+
+
+def _top_classes(scores: torch.Tensor, top5: torch.Tensor, output: ModelOutput, method: Method | None,
+                 module_names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One batch's top classes and their softmax probabilities per prediction, left on the device
+    (no host sync per batch). The shown prediction keeps the evaluator's own ``top5``, so its first
+    class is the top-1 the metrics counted; the others (A&R's network and modules, named as
+    summary.json's ``network_top1`` and ``module_top1`` entries, and the method's ``prediction_logits``)
+    take their own top-k."""
+    def top(values: torch.Tensor, indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        values = values.float()
+        if indices is None:
+            indices = values.topk(min(TOP_K, values.shape[1]), dim=1).indices
+        return indices, torch.softmax(values, dim=1).gather(1, indices)
+
+    found = {SHOWN_PREDICTION: top(scores, top5)}
+    if module_names:
+        found["network_top1"] = top(output.logits)
+        found.update((f"module_top1.{name}", top(logits))
+                     for name, logits in zip(module_names, output.module_logits, strict=True))
+    if method is not None:
+        found.update((name, top(logits)) for name, logits in method.prediction_logits(output).items())
+    return found
+
+
+def _gather_per_image(collected: list[tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]],
+                      ctx: DistContext) -> PerImagePredictions:
+    """Every rank's batches as one ``PerImagePredictions`` in id order. The test loaders shard as
+    ``range(rank, N, world_size)`` in store order (``finebench.data.loader``), which is what gives
+    each image its id here."""
+    names = list(collected[0][1])
+    labels = torch.cat([batch_labels for batch_labels, _ in collected]).cpu().numpy()
+    classes = [torch.cat([found[name][0] for _, found in collected]).cpu().numpy() for name in names]
+    probs = [torch.cat([found[name][1] for _, found in collected]).cpu().numpy() for name in names]
+    parts = ctx.gather((labels, classes, probs)) if ctx.world_size > 1 else [(labels, classes, probs)]
+    ids = np.concatenate([rank + ctx.world_size * np.arange(len(part[0])) for rank, part in enumerate(parts)])
+    order = np.argsort(ids, kind="stable")
+
+    def joined(field: int, index: int) -> np.ndarray:
+        return np.concatenate([part[field][index] for part in parts])[order]
+
+    return PerImagePredictions(
+        ids[order].astype(np.int64), np.concatenate([part[0] for part in parts])[order].astype(np.int64),
+        {name: joined(1, i).astype(np.int64) for i, name in enumerate(names)},
+        {name: joined(2, i).astype(np.float32) for i, name in enumerate(names)},
+    )
 
 
 # ---- progress -----------------------------------------------------------------------------------
@@ -632,6 +689,13 @@ class FitResult:
     channels_last: bool = False
     compile_time_s: float = 0.0
     """Wall time of the training steps that compiled (the first of each batch shape per process)."""
+    selected: dict[str, Any] | None = None
+    """``train.select = "best_validation"``: the selected epoch, its validation top-1 and the test
+    evaluation of its weights (``best.pt``); None for ``"last"``."""
+    selected_confusion: list[list[int]] | None = None
+    """The confusion matrix of that evaluation (``confusion`` stays the last epoch's)."""
+    predictions: PerImagePredictions | None = None
+    """Per-image predictions of the final evaluation (collected on every rank); None when it did not run."""
 
 
 class RunStore(Protocol):
@@ -641,6 +705,9 @@ class RunStore(Protocol):
     def write_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None: ...
     def save_checkpoint(self, state: Mapping[str, Any]) -> None: ...
     def load_checkpoint(self) -> dict[str, Any] | None: ...
+    # ``train.select = "best_validation"`` only:
+    def save_best(self, state: Mapping[str, Any]) -> None: ...
+    def load_best(self) -> dict[str, Any] | None: ...
 
 
 def _check_finite(losses: list[torch.Tensor], epoch: int, first_step: int, ctx: DistContext) -> None:
@@ -739,8 +806,16 @@ def fit(
     on_epoch: Callable[[Mapping[str, Any], list[dict[str, Any]]], None] | None = None,
     method: Method | None = None,
     runtime: Runtime | None = None,
+    validation_loader: Iterable | None = None,
 ) -> FitResult:
     """Train for ``train.epochs``, resuming from the store's checkpoint when it has one.
+
+    ``validation_loader`` (the run's ``dataset.validation``) is evaluated with the test split at each
+    evaluation epoch (``val_loss``, ``val_top1`` in its row). ``train.select = "best_validation"``
+    keeps the weights of the epoch with the highest validation top-1 (the earliest on a tie) in the
+    store's ``best.pt``, written before ``last.pt``, whose ``selection`` entry is what a resume goes on
+    from (a ``best.pt`` ahead of it is rewritten by the replayed epoch); after the last epoch those
+    weights are evaluated on the test split (``FitResult.selected`` and ``selected_confusion``).
 
     The caller seeds the RNGs and builds the model and loaders; ``fit`` owns everything from the
     optimiser on. A NaN/inf loss ends the run with status ``failed`` instead of raising.
@@ -788,13 +863,26 @@ def fit(
         progress.message(f"resuming from epoch {start_epoch - 1}")
 
     final_confusion: list[list[int]] | None = None
+    selecting = train.select == "best_validation"
+    if selecting and validation_loader is None:
+        raise FinebenchError('train.select = "best_validation" needs a validation split (dataset.validation)')
+    selection: dict[str, Any] | None = checkpoint.get("selection") if checkpoint is not None else None
+    best_in_memory: dict[str, Any] | None = None  # without a store, the selected weights stay here
+    selected: dict[str, Any] | None = None
+    selected_confusion: list[list[int]] | None = None
+    final_predictions: PerImagePredictions | None = None
 
     def result(status: str, reason: str | None, epochs_done: int) -> FitResult:
         throughput = train_images / train_time if train_time else 0.0
         return FitResult(
             status, reason, rows, epochs_done, train_time, throughput, precision, device,
             confusion=final_confusion, compiled=compiled, channels_last=channels_last, compile_time_s=compile_time,
+            selected=selected, selected_confusion=selected_confusion, predictions=final_predictions,
         )
+
+    def evaluate_split(loader: Iterable, *, confusion: bool, per_image: bool = False) -> dict[str, Any]:
+        return evaluate(eval_model, loader, device=device, precision=precision, mixture=mixture,
+                        channels_last=channels_last, ctx=ctx, confusion=confusion, method=method, per_image=per_image)
 
     for epoch in range(start_epoch, train.epochs + 1):
         if runtime.threads_each_epoch and epoch > start_epoch:  # the caller chose for the first one
@@ -832,11 +920,12 @@ def fit(
             "load_1min": load_average(),
         }
         if epoch % train.eval_every == 0 or epoch == train.epochs:
-            metrics = evaluate(
-                eval_model, test_loader, device=device, precision=precision, mixture=mixture,
-                channels_last=channels_last, ctx=ctx, confusion=epoch == train.epochs, method=method,
-            )
+            metrics = evaluate_split(test_loader, confusion=epoch == train.epochs, per_image=epoch == train.epochs)
             final_confusion = metrics.pop("confusion", None)
+            final_predictions = metrics.pop("per_image", None)
+            if validation_loader is not None:
+                held_out = evaluate_split(validation_loader, confusion=False)
+                metrics.update(val_loss=held_out["test_loss"], val_top1=held_out["test_top1"])
             trained = {k: v for k, v in row.items() if k not in ("lr", *MACHINE_FIELDS)}
             row = {**trained, **metrics, **{k: row[k] for k in ("lr", *MACHINE_FIELDS)}}
             if not math.isfinite(row["test_loss"]):
@@ -845,6 +934,13 @@ def fit(
                     store.write_metrics(rows)
                 return result("failed", f"test loss became {row['test_loss']} at epoch {epoch}", epoch)
             rows.append(row)
+            if selecting and (selection is None or row["val_top1"] > selection["val_top1"]):
+                selection = {"epoch": epoch, "val_top1": row["val_top1"]}
+                best = {**selection, "model": model.state_dict()}
+                if store is None:
+                    best_in_memory = {**selection, "model": {k: v.detach().clone() for k, v in best["model"].items()}}
+                elif ctx.is_main:
+                    store.save_best(best)  # before last.pt: a kill between the two replays this epoch
         progress.end_epoch(row)
         rng = capture_rng_state(train_loader) if store is not None else {}
         rng_ranks = ctx.gather(rng) if store is not None and ctx.world_size > 1 else []
@@ -862,12 +958,35 @@ def fit(
                     "train_time_s": train_time,
                     "train_images": train_images,
                     "compile_time_s": compile_time,
+                    **({"selection": selection} if selecting else {}),
                     **dict(checkpoint_extra or {}),
                 }
             )
         if on_epoch is not None and ctx.is_main:
             on_epoch(row, rows)
+    if selecting:
+        selected, selected_confusion = _evaluate_selected(model, store, best_in_memory, selection, ctx,
+                                                       lambda: evaluate_split(test_loader, confusion=True))
     return result("finished", None, train.epochs)
+
+
+def _evaluate_selected(
+    model: nn.Module, store: RunStore | None, in_memory: Mapping[str, Any] | None, selection: Mapping[str, Any] | None,
+    ctx: DistContext, evaluate_test: Callable[[], dict[str, Any]],
+) -> tuple[dict[str, Any] | None, list[list[int]] | None]:
+    """The selected epoch's weights into ``model`` and their test evaluation: the run's final one."""
+    ctx.barrier()  # rank 0's best.pt is complete before any rank reads it
+    best = in_memory if store is None else store.load_best()
+    if best is None or selection is None:
+        return None, None
+    if int(best["epoch"]) != int(selection["epoch"]):
+        raise FinebenchError(f"best.pt holds epoch {best['epoch']} but the last checkpoint selected epoch "
+                             f"{selection['epoch']}: the run's records disagree; rerun with --restart")
+    model.load_state_dict(best["model"])
+    metrics = evaluate_test()
+    confusion = metrics.pop("confusion", None)
+    return {"rule": "best_validation", "epoch": int(selection["epoch"]), "val_top1": selection["val_top1"],
+            **metrics}, confusion
 
 
 def place_model(model: nn.Module, train: TrainSection, runtime: Runtime) -> None:
