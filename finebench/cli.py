@@ -274,15 +274,19 @@ def prepare_command(
     short_side: Optional[int] = typer.Option(
         None, "--short-side", help="Resize so the shortest image side is at most N pixels (256: training scale of the 224 recipes)."
     ),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Processes for the per-image work (default: one per core; 1: in-process)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Download (or take --from), verify, extract and store a dataset under DATA_ROOT/NAME."""
+    """Download (or take --from), verify, and store a dataset under DATA_ROOT/NAME; image archives that can be are
+    streamed, not extracted. Run again after an interruption, it continues from the last finished shard."""
     from finebench.data.prepare import prepare_dataset
     from finebench.data.root import resolve_data_root
 
     prepare_dataset(
         name, resolve_data_root(data_root), source=source, from_path=from_path, mirror=mirror, force=force,
-        max_side=max_side, quiet=quiet, short_side=short_side,
+        max_side=max_side, quiet=quiet, short_side=short_side, workers=workers,
     )
 
 

@@ -21,6 +21,7 @@ EXPECTED_COLUMN = {
     "jobs.py": "serial / jobs",
     "attention_readout.py": "op speed / eager",
     "peers_overhead.py": "step time +%",
+    "prepare_speed.py": "prepare / tar",
     "dry_run.py": "dry run / floor",
     "transformer_overhead.py": "peak memory +%",
 }

@@ -101,15 +101,14 @@ class _Columns:
     """The image bytes and labels of one or more Arrow splits, indexed without copying the images."""
 
     def __init__(self, split_dirs: list[Path]) -> None:
-        import datasets
         import pyarrow
 
         self.chunks = []
         labels = []
         for split_dir in split_dirs:
             try:
-                table = datasets.load_from_disk(str(split_dir)).data.table  # memory-mapped
-            except (OSError, ValueError, pyarrow.ArrowException) as error:  # how pyarrow reports a truncated file
+                table = store.read_split(split_dir)  # memory-mapped: labels and byte columns, never rows
+            except (OSError, ValueError, KeyError, pyarrow.ArrowException) as error:  # how pyarrow reports a truncated file
                 raise FinebenchError(
                     f"{split_dir}: the prepared store cannot be read ({error}): "
                     f"rebuild it with `{store.prepare_command(split_dir.parent.name, split_dir.parent.parent, force=True)}`"

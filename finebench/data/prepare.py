@@ -18,7 +18,11 @@ is refused instead of both building and the later one silently winning.
 
 Builders (``finebench/data/builders/<family>.py``) only provide ``SPECS`` with a ``parse``;
 everything here is shared. Extraction goes into the build folder and is deleted once the
-store is written, so a finished store holds only Arrow files and ``meta.json``.
+store is written, so a finished store holds only Arrow files and ``meta.json``. Image archives a
+builder can stream (``Source.stream``: iNaturalist's) are not extracted at all: the store reads them
+member by member. The build folder is ``<data_root>/<name>.partial`` and is written shard by shard
+(``store.py``), so a prepare that was killed continues, run again with the same files and options,
+from its last finished shard; a failure of the data itself removes it.
 """
 
 from __future__ import annotations
@@ -177,10 +181,16 @@ def _parse_from_folder(
         raise FinebenchError(f"--from {from_path}: {what}; all files needed: {_expected_files_text(spec)}") from error
 
 
-def _unpack(files: list[tuple[Source, Path, dict[str, Any]]], raw_dir: Path, console: Console) -> None:
+def _unpack(files: list[tuple[Source, Path, dict[str, Any]]], raw_dir: Path, console: Console, spec: DatasetSpec) -> None:
+    """Extract what must be extracted; image archives the builder streams (``Source.stream``, all of them
+    present) are only linked, so a 224 GB archive is read once, while storing, and never written out."""
     raw_dir.mkdir(parents=True, exist_ok=True)
+    present = {source.filename for source, _, _ in files}
+    streamed = all(s.filename in present for s in spec.sources if s.stream)
     for source, path, _ in files:
-        if source.extract:
+        if source.stream and streamed:
+            (raw_dir / source.filename).symlink_to(path.resolve())
+        elif source.extract:
             with console.status(f"extracting {path.name}"):
                 download.extract_archive(path, raw_dir)
         else:
@@ -343,13 +353,13 @@ def _resolve_and_parse(
         if from_path.is_dir() and not any(src.extract for src, _, _ in files):
             # Nothing to unpack: the plain files are verified and the folder is parsed in place.
             return _parse_from_folder(spec, from_path, from_path, missing), origin, seen
-        _unpack(files, raw_dir, make_console(stderr=True, quiet=quiet))
+        _unpack(files, raw_dir, make_console(stderr=True, quiet=quiet), spec)
         if from_path.is_dir():
             _link_rest_of_folder(spec, from_path, raw_dir)
         return _parse_from_folder(spec, raw_dir, from_path, missing), origin, seen
     files = _download_sources(spec, data_root, mirror, quiet)
     origin = {"kind": "mirror", "mirror": mirror} if mirror else {"kind": "official"}
-    _unpack(files, raw_dir, make_console(stderr=True, quiet=quiet))
+    _unpack(files, raw_dir, make_console(stderr=True, quiet=quiet), spec)
     seen = {s.filename: digests for s, _, digests in files}
     return spec.parse(raw_dir), origin, seen
 
@@ -398,6 +408,7 @@ def _build(
     quiet: bool,
     console: Console,
     short_side: int | None = None,
+    workers: int = 1,
 ) -> Path:
     name = spec.name
     final = store.store_dir(data_root, name)
@@ -408,8 +419,9 @@ def _build(
         raise FinebenchError(
             f"{final} exists but has no {store.META_FILE}, so it is not a finished finebench store: remove it or use --force"
         )
-    build = store.new_build_dir(data_root, name)
+    build = store.resumable_build_dir(data_root, name)
     try:
+        shutil.rmtree(build / "raw", ignore_errors=True)  # extracted anew: cheap next to the images
         parsed, origin, seen = _resolve_and_parse(spec, build, data_root, source, from_path, mirror, quiet)
         meta = {
             "name": spec.name,
@@ -421,8 +433,18 @@ def _build(
             "sources": seen,
             "expected_split_sizes": dict(spec.split_sizes),
         }
-        written = store.write_store(parsed, build, meta, max_side=max_side, quiet=quiet, short_side=short_side)
+        # What the shards depend on: a build of other files or options is started over, never continued.
+        key = {"name": name, "origin": origin, "sources": {f: {k: v for k, v in d.items() if k in ("md5", "sha256")}
+                                                           for f, d in seen.items()},
+               "max_side": max_side, "short_side": short_side}
+        fingerprint = store.claim_build(build, key)
+        resumed = any(p.name != "raw" and p.name != store.BUILD_KEY_FILE for p in build.iterdir())
+        if resumed:
+            console.print(f"resuming the interrupted prepare of {name} in {build}")
+        written = store.write_store(parsed, build, meta, max_side=max_side, quiet=quiet, short_side=short_side,
+                                    workers=workers, fingerprint=fingerprint)
         shutil.rmtree(build / "raw", ignore_errors=True)
+        (build / store.BUILD_KEY_FILE).unlink()
         if written["num_classes"] != spec.num_classes:
             console.print(f"[yellow]warning:[/] {name}: {written['num_classes']} classes, the spec says {spec.num_classes}")
         if spec.split_sizes and written["splits"] != dict(spec.split_sizes):
@@ -430,7 +452,9 @@ def _build(
                 f"[yellow]warning:[/] {name}: split sizes {written['splits']} differ from the official {dict(spec.split_sizes)}"
             )
         store.commit_build(build, final)
-    except BaseException:
+    except Exception:
+        # Bad data or options: nothing of it is worth keeping. An interrupt (Ctrl-C, or a kill, which runs
+        # no handler at all) keeps the finished shards for the next prepare to continue from.
         shutil.rmtree(build, ignore_errors=True)
         raise
     console.print(f"prepared {name} in {final}: " + ", ".join(f"{k} {v}" for k, v in written["splits"].items()))
@@ -449,6 +473,7 @@ def prepare_dataset(
     quiet: bool = False,
     wait: bool = False,
     short_side: int | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Build ``<data_root>/<name>/`` and return it; a no-op when it is already complete (unless ``force``).
 
@@ -457,7 +482,9 @@ def prepare_dataset(
 
     ``mirror`` replaces each source's URL by ``<mirror>/<filename>`` (institutional mirrors, and
     how tests point this at a local server); checksums still apply. ``wait``: when another process
-    is preparing the same dataset, wait for it (and use its store) instead of refusing.
+    is preparing the same dataset, wait for it (and use its store) instead of refusing. ``workers``
+    processes do the per-image work (None: one per core; 1: in this process). A prepare that was
+    interrupted continues from its last finished shard when run again with the same files and options.
     """
     spec = get_spec(name)
     if source not in SOURCES:
@@ -466,13 +493,16 @@ def prepare_dataset(
         raise FinebenchError(f"--max-side {max_side} is too small: expected at least 8 pixels")
     if short_side is not None and short_side < 8:
         raise FinebenchError(f"--short-side {short_side} is too small: expected at least 8 pixels")
+    if workers is not None and workers < 1:
+        raise FinebenchError(f"--workers {workers} is not valid: expected at least 1")
     data_root = Path(data_root)
     console = make_console(stderr=True, quiet=quiet)
     if store.is_prepared(data_root, name) and not force:  # no lock needed, so a read-only data root works
         console.print(f"{name} is already prepared in {store.store_dir(data_root, name)} (use --force to rebuild)")
         return store.store_dir(data_root, name)
     with _exclusive_prepare(data_root, name, wait):
-        return _build(spec, data_root, source, from_path, mirror, force, max_side, quiet, console, short_side)
+        return _build(spec, data_root, source, from_path, mirror, force, max_side, quiet, console, short_side,
+                      workers or store.default_workers())
 
 
 def dataset_overview(data_root: Path) -> list[dict[str, Any]]:

@@ -46,6 +46,10 @@ class Source:
     sha256: str | None = None
     mirrors: tuple[str, ...] = ()
     extract: bool = True
+    stream: bool = False
+    """An image archive the builder can read member by member while the store is written (a tar it
+    never needs on disk): prepare links it into raw_dir instead of extracting it, provided every such
+    source of the dataset is at hand (else all are extracted, as before)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,33 @@ class Grouping:
 
 
 @dataclass
+class StreamedSplit:
+    """A split whose images are members of image archives, read while the store is written, never
+    extracted. Arrays, not an ``Example`` per image: 2.7 million of those would cost gigabytes."""
+
+    members: list[str]
+    """Member names (no leading ``./``) in the split's order, which is the store's order."""
+    labels: np.ndarray
+    groups: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+@dataclass(frozen=True)
+class ArchiveStream:
+    """Where a streamed dataset's images are, and how the builder names a disagreement with its lists."""
+
+    archives: tuple[Path, ...]
+    is_image: Callable[[str], bool]
+    """Whether an archive member is an image that some split must list."""
+    missing: Callable[[str, str, int], Exception]
+    """(split, member, how many listed members are missing) -> the error to raise."""
+    unlisted: Callable[[str], Exception]
+    """An image member no split lists -> the error to raise (at once: nothing is stored for it)."""
+
+
+@dataclass
 class ParsedDataset:
     classes: list[str]
     splits: dict[str, Iterable[Example]]
@@ -71,6 +102,8 @@ class ParsedDataset:
     """Anything worth recording in meta.json (e.g. which split files were used)."""
     grouping: Grouping | None = None
     """When set, every example carries ``group`` and the store gets a ``group`` column."""
+    stream: ArchiveStream | None = None
+    """When set, ``splits`` holds ``StreamedSplit``\ s whose images the store reads from these archives."""
 
 
 @dataclass(frozen=True)

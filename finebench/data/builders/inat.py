@@ -23,7 +23,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from finebench.data.builders._layout import require_dir, require_file
-from finebench.data.builders.base import DatasetSpec, Example, Grouping, ParsedDataset, Source
+import numpy as np
+
+from finebench.data.builders.base import (
+    ArchiveStream,
+    DatasetSpec,
+    Example,
+    Grouping,
+    ParsedDataset,
+    Source,
+    StreamedSplit,
+)
 from finebench.errors import FinebenchError
 
 _S3 = "https://ml-inat-competition-datasets.s3.amazonaws.com/"
@@ -48,12 +58,17 @@ class Year:
     taxonomy_file: str | None = None
     """2018 only: the un-obfuscated categories, released after the competition."""
 
+    @property
+    def image_archives(self) -> tuple[str, ...]:
+        return tuple(s.filename for s in self.sources if s.stream)
 
-def _source(year: str, filename: str, md5: str | None = None) -> Source:
-    return Source(filename, url=f"{_S3}{year}/{filename}", md5=md5)
+
+def _source(year: str, filename: str, md5: str | None = None, images: bool = False) -> Source:
+    """``images``: an image archive, streamed while storing (the annotations are separate archives)."""
+    return Source(filename, url=f"{_S3}{year}/{filename}", md5=md5, stream=images)
 
 
-_VAL_2021 = (_source("2021", "val.tar.gz", "f6f6e0e242e3d4c9569ba56400938afc"),
+_VAL_2021 = (_source("2021", "val.tar.gz", "f6f6e0e242e3d4c9569ba56400938afc", images=True),
              _source("2021", "val.json.tar.gz", "4d761e0f6a86cc63e8f7afc91f6a8f0b"))
 
 # MD5s are the ones each year's README publishes (the image archives' also in torchvision's INaturalist).
@@ -63,12 +78,12 @@ _VAL_2021 = (_source("2021", "val.tar.gz", "f6f6e0e242e3d4c9569ba56400938afc"),
 YEARS = {
     "2017": Year(
         "2017", {"train": "train2017.json", "test": "val2017.json"}, ("train_val_images",),
-        (_source("2017", "train_val_images.tar.gz", "7c784ea5e424efaec655bd392f87301f"),
+        (_source("2017", "train_val_images.tar.gz", "7c784ea5e424efaec655bd392f87301f", images=True),
          _source("2017", "train_val2017.zip", "444c835f6459867ad69fcb36478786e7")),
     ),
     "2018": Year(
         "2018", {"train": "train2018.json", "test": "val2018.json"}, ("train_val2018",),
-        (_source("2018", "train_val2018.tar.gz", "b1c6952ce38f31868cc50ea72d066cc3"),
+        (_source("2018", "train_val2018.tar.gz", "b1c6952ce38f31868cc50ea72d066cc3", images=True),
          _source("2018", "train2018.json.tar.gz", "bfa29d89d629cbf04d826a720c0a68b0"),
          _source("2018", "val2018.json.tar.gz", "f2ed8bfe3e9901cdefceb4e53cd3775d"),
          _source("2018", "categories.json.tar.gz")),
@@ -76,12 +91,12 @@ YEARS = {
     ),
     "2021": Year(
         "2021", {"train": "train.json", "test": "val.json"}, ("train", "val"),
-        (_source("2021", "train.tar.gz", "e0526d53c7f7b2e3167b2b43bb2690ed"),
+        (_source("2021", "train.tar.gz", "e0526d53c7f7b2e3167b2b43bb2690ed", images=True),
          _source("2021", "train.json.tar.gz", "38a7bb733f7a09214d44293460ec0021"), *_VAL_2021),
     ),
     "2021_mini": Year(
         "2021_mini", {"train": "train_mini.json", "test": "val.json"}, ("train_mini", "val"),
-        (_source("2021", "train_mini.tar.gz", "db6ed8330e634445efc8fec83ae81442"),
+        (_source("2021", "train_mini.tar.gz", "db6ed8330e634445efc8fec83ae81442", images=True),
          _source("2021", "train_mini.json.tar.gz", "395a35be3651d86dc3b0d365b8ea5f92"), *_VAL_2021),
     ),
 }
@@ -208,8 +223,8 @@ def _taxonomy(raw_dir: Path, year: Year, per_split: Mapping[str, dict[int, dict[
 # ---- the archive against the lists ----------------------------------------------------------------
 
 
-def _check_archive_matches(raw_dir: Path, year: Year, listed: Mapping[str, list[_Listed]]) -> None:
-    """Every listed image is a file, and every image file under the roots is listed (by some split)."""
+def _split_of_image(raw_dir: Path, year: Year, listed: Mapping[str, list[_Listed]]) -> dict[str, str]:
+    """file_name -> the split that lists it; an image listed by two splits is refused."""
     listed_by: dict[str, str] = {}
     for split, items in listed.items():
         for item in items:
@@ -219,6 +234,24 @@ def _check_archive_matches(raw_dir: Path, year: Year, listed: Mapping[str, list[
                     f"{raw_dir / year.annotations[split]}: lists image {item.file_name}, which "
                     f"{year.annotations[other]} lists too (an image may be in one split only)"
                 )
+    return listed_by
+
+
+def _missing_error(raw_dir: Path, year: Year, split: str, file_name: str, count: int) -> FinebenchError:
+    return FinebenchError(
+        f"{raw_dir / year.annotations[split]}: lists image {file_name}, which is not in the image "
+        f"archive ({count} listed images missing: the archive is incomplete or from another year)"
+    )
+
+
+def _unlisted_text(year: Year, count: str) -> str:
+    return (f"this image is in the archive but in none of {', '.join(sorted(set(year.annotations.values())))} "
+            f"({count} such images: the annotation files are from another year or version)")
+
+
+def _check_archive_matches(raw_dir: Path, year: Year, listed: Mapping[str, list[_Listed]]) -> None:
+    """Every listed image is a file, and every image file under the roots is listed (by some split)."""
+    listed_by = _split_of_image(raw_dir, year, listed)
     present: set[str] = set()
     for root in year.image_roots:
         folder = require_dir(raw_dir / root, "from the image archive")
@@ -227,17 +260,38 @@ def _check_archive_matches(raw_dir: Path, year: Year, listed: Mapping[str, list[
             present.update(f"{relative}/{name}" for name in files if name.lower().endswith(IMAGE_SUFFIXES))
     absent = sorted(set(listed_by) - present)
     if absent:
-        raise FinebenchError(
-            f"{raw_dir / year.annotations[listed_by[absent[0]]]}: lists image {absent[0]}, which is not in the image "
-            f"archive ({len(absent)} listed images missing: the archive is incomplete or from another year)"
-        )
+        raise _missing_error(raw_dir, year, listed_by[absent[0]], absent[0], len(absent))
     unlisted = sorted(present - set(listed_by))
     if unlisted:
-        raise FinebenchError(
-            f"{raw_dir / unlisted[0]}: this image is in the archive but in none of "
-            f"{', '.join(sorted(set(year.annotations.values())))} ({len(unlisted)} such images: the annotation "
-            "files are from another year or version)"
+        raise FinebenchError(f"{raw_dir / unlisted[0]}: {_unlisted_text(year, str(len(unlisted)))}")
+
+
+def _streamed(
+    raw_dir: Path, year: Year, listed: Mapping[str, list[_Listed]], label_of: Mapping[int, int], group_of: Mapping[int, int]
+) -> tuple[dict[str, StreamedSplit], ArchiveStream]:
+    """The splits as member names and label arrays, checked against the archives while they are read."""
+    _split_of_image(raw_dir, year, listed)
+
+    def is_image(name: str) -> bool:
+        parts = PurePosixPath(name).parts
+        return len(parts) > 1 and parts[0] in year.image_roots and name.lower().endswith(IMAGE_SUFFIXES)
+
+    splits = {
+        split: StreamedSplit(
+            [item.file_name for item in items],
+            np.fromiter((label_of[item.category_id] for item in items), np.int64, len(items)),
+            np.fromiter((group_of[item.category_id] for item in items), np.int64, len(items)),
         )
+        for split, items in listed.items()
+    }
+    archives = tuple(raw_dir / name for name in year.image_archives)
+    stream = ArchiveStream(
+        archives,
+        is_image,
+        lambda split, name, count: _missing_error(raw_dir, year, split, name, count),
+        lambda name: FinebenchError(f"{name} (in {', '.join(year.image_archives)}): {_unlisted_text(year, 'at least 1')}"),
+    )
+    return splits, stream
 
 
 # ---- labels -------------------------------------------------------------------------------------
@@ -308,14 +362,24 @@ def parse_inat(raw_dir: Path, year: str, level: str | None = None) -> ParsedData
         split: _split_images(d, raw_dir / spec_year.annotations[split], spec_year, taxonomy)
         for split, d in data.items()
     }
-    _check_archive_matches(raw_dir, spec_year, listed)
+    # The archives themselves (prepare links them when it has them all): read while storing, never extracted.
+    stream = all((raw_dir / name).is_file() for name in spec_year.image_archives) and not any(
+        (raw_dir / root).exists() for root in spec_year.image_roots
+    )
+    if not stream:
+        _check_archive_matches(raw_dir, spec_year, listed)
     source = raw_dir / (spec_year.taxonomy_file or spec_year.annotations["train"])
     classes, label_of = _labels(taxonomy, level, source)
     grouping, group_of = _grouping(taxonomy, label_of, len(classes), source)
-    splits = {
-        split: [Example(raw_dir / item.file_name, label_of[item.category_id], group_of[item.category_id]) for item in items]
-        for split, items in listed.items()
-    }
+    archives = None
+    if stream:
+        splits, archives = _streamed(raw_dir, spec_year, listed, label_of, group_of)
+    else:
+        splits = {
+            split: [Example(raw_dir / item.file_name, label_of[item.category_id], group_of[item.category_id])
+                    for item in items]
+            for split, items in listed.items()
+        }
     info: dict[str, Any] = {
         "year": spec_year.key,
         "annotation_level": level or "species",
@@ -325,7 +389,7 @@ def parse_inat(raw_dir: Path, year: str, level: str | None = None) -> ParsedData
     }
     if spec_year.taxonomy_file:
         info["taxonomy"] = f"{spec_year.taxonomy_file} (the un-obfuscated names released after the competition)"
-    return ParsedDataset(classes=classes, splits=splits, info=info, grouping=grouping)
+    return ParsedDataset(classes=classes, splits=splits, info=info, grouping=grouping, stream=archives)
 
 
 # ---- registered datasets ------------------------------------------------------------------------
