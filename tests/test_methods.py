@@ -36,10 +36,10 @@ TINY_WRN = {"depth": 10, "width": 1}
 
 def test_the_shipped_methods_are_registered_in_the_order_of_their_import_lines() -> None:
     """Every module of finebench/methods/ but the machinery (base, registry, block_attention: SE/CBAM/ECA's
-    shared part) is a method, registered under its own
+    shared part, vit_parts: TransFG's and IELT's) is a method, registered under its own
     kind, in the order of its line in the package's __init__ (listings and errors follow it)."""
     package = Path(finebench.methods.__file__).parent
-    modules = {path.stem for path in package.glob("*.py")} - {"__init__", "base", "registry", "block_attention"}
+    modules = {path.stem for path in package.glob("*.py")} - {"__init__", "base", "registry", "block_attention", "vit_parts"}
     imported = re.findall(r"^from finebench\.methods import (\w+)  # noqa", (package / "__init__.py").read_text(), re.M)
     assert set(imported) == modules
     assert [METHODS[kind].__module__.rsplit(".", 1)[1] for kind in METHODS] == imported

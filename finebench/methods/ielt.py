@@ -43,8 +43,8 @@ The official ViT-B/16 config drops 0.1 after the embedding and in each MLP: ``dr
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,16 +53,13 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.methods.base import (
-    Method,
     MethodOptions,
     StepContext,
     StepResult,
-    incompatible,
 )
 from finebench.methods.registry import register
-from finebench.methods.transfg import (
-    WORKS,
-    is_timm_vision_transformer,
+from finebench.methods.vit_parts import (
+    ViTMethod,
     official_part_block_init,
     resize_position_grid,
     vision_transformer,
@@ -70,7 +67,6 @@ from finebench.methods.transfg import (
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier, unwrap
 from finebench.models.output import ModelOutput
-from finebench.models.registry import build_backbone
 
 OFFICIAL_SELECT_NUMBERS = (16, 14, 12, 10, 8, 6, 8, 10, 12, 14, 16)
 """Tokens kept after each of a 12-block ViT's first 11 blocks (official ``select_rate`` x 126)."""
@@ -298,7 +294,7 @@ class IELTClassifier(ImageClassifier):
         self.select_rate.copy_(updated_rates(rates, counts, self.rate_step))
 
 
-class IELT(Method):
+class IELT(ViTMethod):
     kind = "ielt"
     description = "IELT: multi-head voting, cross-layer refinement and dynamic selection on a ViT (Xu et al. 2023)"
     Options = IELTOptions
@@ -331,25 +327,8 @@ class IELT(Method):
             parts.append("rounded layer boundaries")
         return " · ".join([*parts, f"dropout {options.dropout:g}"])
 
-    def check_backbone(self, backbone: str, options: IELTOptions) -> None:  # type: ignore[override]
-        """A timm model built by timm's vision_transformer module; ``attach`` checks the rest."""
-        if not is_timm_vision_transformer(backbone):
-            raise incompatible(self.kind, backbone, WORKS)
-
-    def build_backbone(self, backbone: str, backbone_options: Mapping[str, Any] | None,
-                       options: IELTOptions) -> Backbone:  # type: ignore[override]
-        """At the pretrained size: ``attach`` resizes the position grid as the official loader does."""
-        kept = dict(backbone_options or {})
-        target = kept.pop("img_size", None)
-        net = build_backbone(backbone, kept or None)
-        net.ielt_input_size = target  # read by attach: the size the run feeds
-        return net
-
     def attach(self, backbone: Backbone, num_classes: int, options: IELTOptions) -> ImageClassifier:  # type: ignore[override]
-        target = getattr(backbone, "ielt_input_size", None)
-        if target is not None and not isinstance(target, int):
-            raise FinebenchError(f"variant 'ielt': backbone option img_size={target!r}; expected one integer side")
-        return IELTClassifier(backbone, num_classes, options, target)
+        return IELTClassifier(backbone, num_classes, options, self.target_size(backbone))
 
     def loss(self, output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
         """(1 - w) CE(part) + w CE(complement) in training; CE(part) on an evaluation output."""

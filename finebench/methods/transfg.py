@@ -35,8 +35,7 @@ attention: ``dropout`` (default 0.1) sets those same places on the timm model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +43,18 @@ from pydantic import Field
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.methods.base import Method, MethodOptions, incompatible, rows_of
+from finebench.methods.base import MethodOptions, rows_of
 from finebench.methods.registry import register
+from finebench.methods.vit_parts import (
+    ViTMethod,
+    attention_probabilities,
+    official_part_block_init,
+    resize_position_grid,
+    vision_transformer,
+)
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier
 from finebench.models.output import ModelOutput
-from finebench.models.registry import build_backbone
-
-WORKS = "expected a timm Vision Transformer with a class token (timm:vit_*, e.g. timm:vit_base_patch16_224)"
 
 
 class TransFGOptions(MethodOptions):
@@ -77,64 +80,6 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, margin: float
     pulled = ((1 - cosine) * same).sum()
     pushed = ((cosine - margin).clamp_min(0) * (1 - same)).sum()
     return (pulled + pushed) / labels.numel() ** 2
-
-
-def attention_probabilities(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """B x heads x N x N softmaxed attention of a timm ViT block on its input (no residual), as its
-    non-fused path computes them: the selection reads them, the block's own forward stays fused."""
-    attention = block.attn
-    batch, count, _ = tokens.shape
-    qkv = attention.qkv(block.norm1(tokens)).reshape(batch, count, 3, attention.num_heads, attention.head_dim)
-    query, key, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    query, key = attention.q_norm(query), attention.k_norm(key)
-    return ((query * attention.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
-
-
-def resize_position_grid(embedding: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
-    """1 x (1 + old grid) x D → 1 x (1 + new grid) x D: the CLS entry kept, the grid resized
-    bilinearly with aligned corners (the official SciPy linear zoom)."""
-    if old == new:
-        return embedding
-    cls, grid = embedding[:, :1], embedding[:, 1:]
-    grid = grid.reshape(1, *old, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=new, mode="bilinear", align_corners=True)
-    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)], dim=1)
-
-
-def official_part_block_init(block: nn.Module) -> None:
-    """The official ``Block``'s own initialisation: PyTorch's Linear default for the attention's
-    projections, Xavier-uniform weights and N(0, 1e-6) biases in the MLP, LayerNorms at 1 and 0."""
-    block.attn.qkv.reset_parameters()
-    block.attn.proj.reset_parameters()
-    for linear in (block.mlp.fc1, block.mlp.fc2):
-        nn.init.xavier_uniform_(linear.weight)
-        nn.init.normal_(linear.bias, std=1e-6)
-    block.norm1.reset_parameters()
-    block.norm2.reset_parameters()
-
-
-def vision_transformer(backbone: Backbone, name: str = "the backbone", method: str = "transfg",
-                       min_blocks: int = 3) -> Any:
-    """The timm ViT inside a finebench backbone, or a one-line error saying what works (also IELT's)."""
-    model = getattr(backbone, "model", None)
-    needed = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
-    if model is None or not all(hasattr(model, n) for n in needed) or getattr(model, "cls_token", None) is None:
-        raise incompatible(method, name, WORKS)
-    if getattr(model, "num_reg_tokens", 0) or getattr(model, "no_embed_class", False) or len(model.blocks) < min_blocks:
-        raise incompatible(method, name, WORKS + f" without register tokens, with at least {min_blocks} blocks")
-    return model
-
-
-def is_timm_vision_transformer(backbone: str) -> bool:
-    """A ``timm:`` name built by timm's vision_transformer module (vit_*, test_vit, ...), or a name
-    timm does not know (building it then gives timm's own one-line error)."""
-    if not backbone.startswith("timm:"):
-        return False
-    import timm
-
-    name = backbone.removeprefix("timm:").split(".", 1)[0]
-    return not timm.models.is_model(name) or \
-        timm.models.model_entrypoint(name).__module__ == "timm.models.vision_transformer"
 
 
 class TransFGClassifier(ImageClassifier):
@@ -208,7 +153,7 @@ class TransFGClassifier(ImageClassifier):
         return ModelOutput(log_probs, logits, aux=(cls, selected, self.margin, self.contrastive_weight))
 
 
-class TransFG(Method):
+class TransFG(ViTMethod):
     kind = "transfg"
     description = "TransFG: part selection by attention rollout before the last ViT block, contrastive loss (He et al. 2022)"
     Options = TransFGOptions
@@ -224,26 +169,8 @@ class TransFG(Method):
                   if getattr(options, key) != getattr(default, key)]
         return "-".join(parts)
 
-    def check_backbone(self, backbone: str, options: TransFGOptions) -> None:  # type: ignore[override]
-        """A timm model built by timm's vision_transformer module (vit_*, test_vit, ...); ``attach``
-        then checks the built model itself (a class token, no register tokens)."""
-        if not is_timm_vision_transformer(backbone):
-            raise incompatible(self.kind, backbone, WORKS)
-
-    def build_backbone(self, backbone: str, backbone_options: Mapping[str, Any] | None,
-                       options: TransFGOptions) -> Backbone:  # type: ignore[override]
-        """At the pretrained size: ``attach`` resizes the position grid as the official loader does."""
-        kept = dict(backbone_options or {})
-        target = kept.pop("img_size", None)
-        net = build_backbone(backbone, kept or None)
-        net.transfg_input_size = target  # read by attach: the size the run feeds
-        return net
-
     def attach(self, backbone: Backbone, num_classes: int, options: TransFGOptions) -> ImageClassifier:  # type: ignore[override]
-        target = getattr(backbone, "transfg_input_size", None)
-        if target is not None and not isinstance(target, int):
-            raise FinebenchError(f"variant 'transfg': backbone option img_size={target!r}; expected one integer side")
-        return TransFGClassifier(backbone, num_classes, options, target)
+        return TransFGClassifier(backbone, num_classes, options, self.target_size(backbone))
 
     def loss(self, output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
         logits = output.logits.to(torch.promote_types(output.logits.dtype, torch.float32))  # fp16 → fp32, f64 kept
