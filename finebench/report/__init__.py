@@ -132,22 +132,21 @@ def emit_table(table: pd.DataFrame, fmt: str, output: Path | None, title: str, *
         sys.stdout.write(f"\n{table_note(table)}\n\n")
 
 
-def emit_ranks(result: Ranks, fmt: str, output: Path | None, error: bool = False,
-               status: Console | None = None) -> None:
-    """The ranks across datasets (``report --ranks``): a rich table on a terminal, else markdown, CSV,
-    LaTeX or JSON text with the caption that names the tests, to stdout or ``output``."""
+def emit_side_table(numbers: pd.DataFrame, shown: pd.DataFrame, caption: str, title: str, fmt: str,
+                    output: Path | None, status: Console | None = None) -> None:
+    """A table beside the summary (ranks, disagreements): a rich table on a terminal, else markdown,
+    CSV or JSON of ``numbers``, or LaTeX of the text cells ``shown``, with ``caption``, to stdout or
+    ``output``."""
     from finebench.results import atomic_write_bytes
 
-    caption = ranks_caption(result, error=error)
-    shown = format_ranks(result)
     stdout = make_console()
     if output is None and fmt == "markdown" and stdout.is_terminal:
-        stdout.print(rich_table(shown, title="ranks across datasets", caption=caption))
+        stdout.print(rich_table(shown, title=title, caption=caption))
         return
     if fmt == "csv":
-        text = result.table.round(6).to_csv(index=False)
+        text = numbers.round(6).to_csv(index=False)
     elif fmt == "json":
-        text = result.table.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
+        text = numbers.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
     elif fmt == "latex":
         text = f"% {caption}\n" + shown.to_latex(index=False, escape=True)
     else:
@@ -157,32 +156,19 @@ def emit_ranks(result: Ranks, fmt: str, output: Path | None, error: bool = False
         return
     atomic_write_bytes(output, text.encode())
     (status or make_console(stderr=True)).print(f"wrote {output}", highlight=False)
+
+
+def emit_ranks(result: Ranks, fmt: str, output: Path | None, error: bool = False,
+               status: Console | None = None) -> None:
+    """The ranks across datasets (``report --ranks``), with the caption that names the tests."""
+    emit_side_table(result.table, format_ranks(result), ranks_caption(result, error=error),
+                    "ranks across datasets", fmt, output, status)
 
 
 def emit_disagreement(pairs: Sequence[Pair], a: str, b: str, fmt: str, output: Path | None,
                       status: Console | None = None) -> None:
     """``report --disagree A B``: one row per dataset, backbone and seed with McNemar's test and the
-    bootstrap interval, as a rich table on a terminal, else markdown, CSV, LaTeX or JSON text with
-    the caption that says what they test, to stdout or ``output``."""
-    from finebench.results import atomic_write_bytes
-
+    bootstrap interval, with the caption that says what they test."""
     table = disagreement_table(pairs)
-    caption = disagreement_caption(a, b)
-    shown = format_disagreement(table, a, b)
-    stdout = make_console()
-    if output is None and fmt == "markdown" and stdout.is_terminal:
-        stdout.print(rich_table(shown, title=f"{a} against {b}, image by image", caption=caption))
-        return
-    if fmt == "csv":
-        text = table.round(6).to_csv(index=False)
-    elif fmt == "json":
-        text = table.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
-    elif fmt == "latex":
-        text = f"% {caption}\n" + shown.to_latex(index=False, escape=True)
-    else:
-        text = shown.to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + f"\n\n{caption}\n"
-    if output is None:
-        sys.stdout.write(text)
-        return
-    atomic_write_bytes(output, text.encode())
-    (status or make_console(stderr=True)).print(f"wrote {output}", highlight=False)
+    emit_side_table(table, format_disagreement(table, a, b), disagreement_caption(a, b),
+                    f"{a} against {b}, image by image", fmt, output, status)
