@@ -60,8 +60,10 @@ from finebench.methods.base import (
 from finebench.methods.registry import register
 from finebench.methods.vit_parts import (
     ViTMethod,
+    embed_tokens,
+    fit_to_input,
     official_part_block_init,
-    resize_position_grid,
+    token_grid,
     vision_transformer,
 )
 from finebench.models.base import Backbone
@@ -182,7 +184,7 @@ class IELTClassifier(ImageClassifier):
         embed = vit.patch_embed
         patch = tuple(embed.patch_size)
         size = (input_size, input_size) if input_size else tuple(embed.img_size)
-        grid = tuple(side // p for side, p in zip(size, patch, strict=True))
+        grid = token_grid(vit, size, patch[0])  # patches do not overlap
         patches = grid[0] * grid[1]
         total = sum(numbers)
         for what, value, limit, of in (("votes_per_head", options.votes_per_head, patches, "patch tokens"),
@@ -192,14 +194,7 @@ class IELTClassifier(ImageClassifier):
             if value > limit:
                 raise FinebenchError(f"variant 'ielt': {what} {value} exceeds the {limit} {of} of input_size "
                                      f"{size[0]} (patch {patch[0]}); expected at most {limit}")
-        with torch.no_grad():
-            resized = resize_position_grid(vit.pos_embed.detach(), tuple(embed.grid_size), grid)
-        vit.pos_embed = nn.Parameter(resized)
-        embed.img_size, embed.grid_size, embed.num_patches = size, grid, patches
-        vit.pos_drop.p = options.dropout
-        for block in vit.blocks:
-            block.mlp.drop1.p = block.mlp.drop2.p = options.dropout
-            block.attn.proj_drop.p = 0.0
+        fit_to_input(vit, size, grid, patch[0], options.dropout)
         self.clr_block = copy.deepcopy(vit.blocks[-1])
         self.key_block = copy.deepcopy(vit.blocks[-1])
         if not options.extra_blocks_from_last:
@@ -243,15 +238,8 @@ class IELTClassifier(ImageClassifier):
         """``selected`` (one B x count tensor per block but the last) and ``key_selected`` (B x
         key_tokens), 1-based token indices as the official's, replace the vote sorts (golden tests
         feed the official decisions in; the votes are still computed and returned)."""
-        if tuple(images.shape[-2:]) != self.input_size:
-            raise FinebenchError(f"variant 'ielt': input {tuple(images.shape[-2:])} but the model was built for "
-                                 f"{self.input_size} (the backbone option img_size); expected the recipe's input_size")
         vit = self.backbone.model
-        tokens = vit.patch_embed(images)
-        if tokens.dim() == 4:  # a dynamic-size ViT's embedding keeps the grid (NHWC); the size is fixed here
-            tokens = tokens.flatten(1, 2)
-        tokens = torch.cat([vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + vit.pos_embed
-        tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
+        tokens = embed_tokens(vit, images, self.input_size, "ielt")
         if self.training:
             self.training_forwards += 1
         counts = self.select_counts()

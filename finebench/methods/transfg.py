@@ -40,7 +40,6 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.methods.base import MethodOptions, rows_of
@@ -48,8 +47,10 @@ from finebench.methods.registry import register
 from finebench.methods.vit_parts import (
     ViTMethod,
     attention_probabilities,
+    embed_tokens,
+    fit_to_input,
     official_part_block_init,
-    resize_position_grid,
+    token_grid,
     vision_transformer,
 )
 from finebench.models.base import Backbone
@@ -100,16 +101,7 @@ class TransFGClassifier(ImageClassifier):
         size = (input_size, input_size) if input_size else tuple(embed.img_size)
         if min(size) < max(patch):
             raise FinebenchError(f"variant 'transfg': input_size {size[0]} is smaller than the patch {patch[0]}")
-        grid = tuple((side - p) // stride + 1 for side, p in zip(size, patch, strict=True))
-        with torch.no_grad():
-            resized = resize_position_grid(vit.pos_embed.detach(), tuple(embed.grid_size), grid)
-        vit.pos_embed = nn.Parameter(resized)
-        embed.proj.stride = (stride, stride)
-        embed.img_size, embed.grid_size, embed.num_patches = size, grid, grid[0] * grid[1]
-        vit.pos_drop.p = options.dropout
-        for block in vit.blocks:
-            block.mlp.drop1.p = block.mlp.drop2.p = options.dropout
-            block.attn.proj_drop.p = 0.0
+        fit_to_input(vit, size, token_grid(vit, size, stride), stride, options.dropout)
         if not options.pretrained_part_block:
             official_part_block_init(vit.blocks[-1])
         self.input_size = size
@@ -122,15 +114,8 @@ class TransFGClassifier(ImageClassifier):
     def forward(self, images: torch.Tensor, selected: torch.Tensor | None = None) -> ModelOutput:
         """``selected`` (B x heads token indices, 1-based as the official) replaces the argmax
         (golden tests feed the official decisions in)."""
-        if tuple(images.shape[-2:]) != self.input_size:
-            raise FinebenchError(f"variant 'transfg': input {tuple(images.shape[-2:])} but the model was built for "
-                                 f"{self.input_size} (the backbone option img_size); expected the recipe's input_size")
         vit = self.backbone.model
-        tokens = vit.patch_embed(images)
-        if tokens.dim() == 4:  # a dynamic-size ViT's embedding keeps the grid (NHWC); the size is fixed here
-            tokens = tokens.flatten(1, 2)
-        tokens = torch.cat([vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + vit.pos_embed
-        tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
+        tokens = embed_tokens(vit, images, self.input_size, "transfg")
         product = None
         for block in vit.blocks[:-1]:
             if selected is None:

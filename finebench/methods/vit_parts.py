@@ -47,6 +47,40 @@ def resize_position_grid(embedding: torch.Tensor, old: tuple[int, int], new: tup
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)], dim=1)
 
 
+def token_grid(vit: Any, size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Tokens per side of the patch embedding at ``size`` with ``stride`` (the patch: no overlap)."""
+    return tuple((side - p) // stride + 1 for side, p in zip(size, vit.patch_embed.patch_size, strict=True))
+
+
+def fit_to_input(vit: Any, size: tuple[int, int], grid: tuple[int, int], stride: int, dropout: float) -> None:
+    """Refit a ViT built at its pretrained size to the run's, as both official codes do: the
+    patch stride, the position grid resized once (``resize_position_grid``), and their ViT-B/16
+    config's dropout after the embedding and in each MLP (none after the attention)."""
+    embed = vit.patch_embed
+    with torch.no_grad():
+        resized = resize_position_grid(vit.pos_embed.detach(), tuple(embed.grid_size), grid)
+    vit.pos_embed = nn.Parameter(resized)
+    embed.proj.stride = (stride, stride)
+    embed.img_size, embed.grid_size, embed.num_patches = size, grid, grid[0] * grid[1]
+    vit.pos_drop.p = dropout
+    for block in vit.blocks:
+        block.mlp.drop1.p = block.mlp.drop2.p = dropout
+        block.attn.proj_drop.p = 0.0
+
+
+def embed_tokens(vit: Any, images: torch.Tensor, input_size: tuple[int, int], method: str) -> torch.Tensor:
+    """The CLS token and the patch tokens with their positions, as the ViT's own forward makes them,
+    for the size the model was fitted to (another is a one-line error naming it)."""
+    if tuple(images.shape[-2:]) != input_size:
+        raise FinebenchError(f"variant {method!r}: input {tuple(images.shape[-2:])} but the model was built for "
+                             f"{input_size} (the backbone option img_size); expected the recipe's input_size")
+    tokens = vit.patch_embed(images)
+    if tokens.dim() == 4:  # a dynamic-size ViT's embedding keeps the grid (NHWC); the size is fixed here
+        tokens = tokens.flatten(1, 2)
+    tokens = torch.cat([vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + vit.pos_embed
+    return vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
+
+
 def official_part_block_init(block: nn.Module) -> None:
     """The official ``Block``'s own initialisation: PyTorch's Linear default for the attention's
     projections, Xavier-uniform weights and N(0, 1e-6) biases in the MLP, LayerNorms at 1 and 0."""
