@@ -281,18 +281,22 @@ def _extract_tar(archive: Path, target: Path) -> None:
             except (tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError, OSError) as error:
                 # The archive ends (or its compression breaks) inside this member's data: name the member, since
                 # a prepare that went on would store a dataset missing it and everything after it.
-                raise FinebenchError(
-                    f"archive {archive} is truncated or damaged: member {member.name!r} "
-                    f"({member.size:,} bytes) cannot be read ({error})"
-                ) from error
-        # tarfile stops quietly when the data ends where a header should be; only a zero block (the
-        # end-of-archive marker, which it has just read) means every member was seen.
-        if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
-            where = f"after member {last!r}" if last else "before its first member"
-            raise FinebenchError(
-                f"archive {archive} is truncated: it ends {where} without the end-of-archive marker, "
-                "so the members after that are missing"
-            )
+                raise _damaged_member(archive, member, error) from error
+        _check_end_marker(archive, tar, last)
+
+
+def _damaged_member(archive: Path, member: tarfile.TarInfo, error: BaseException) -> FinebenchError:
+    return FinebenchError(f"archive {archive} is truncated or damaged: member {member.name!r} "
+                          f"({member.size:,} bytes) cannot be read ({error})")
+
+
+def _check_end_marker(archive: Path, tar: tarfile.TarFile, last: str | None) -> None:
+    """tarfile stops quietly when the data ends where a header should be; only a zero block (the
+    end-of-archive marker, which it has just read) means every member was seen."""
+    if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+        where = f"after member {last!r}" if last else "before its first member"
+        raise FinebenchError(f"archive {archive} is truncated: it ends {where} without the end-of-archive marker, "
+                             "so the members after that are missing")
 
 
 def stream_tar(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
@@ -318,7 +322,7 @@ def stream_tar(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[s
                     last = member.name
                     if not member.isfile():
                         continue
-                    name = member.name[2:] if member.name.startswith("./") else member.name
+                    name = member.name.removeprefix("./")
                     data = None
                     if wanted(name):
                         handle = tar.extractfile(member)
@@ -329,16 +333,8 @@ def stream_tar(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[s
             except (tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError, OSError) as error:
                 if member is None:
                     raise
-                raise FinebenchError(
-                    f"archive {archive} is truncated or damaged: member {member.name!r} "
-                    f"({member.size:,} bytes) cannot be read ({error})"
-                ) from error
-            if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
-                where = f"after member {last!r}" if last else "before its first member"
-                raise FinebenchError(
-                    f"archive {archive} is truncated: it ends {where} without the end-of-archive marker, "
-                    "so the members after that are missing"
-                )
+                raise _damaged_member(archive, member, error) from error
+            _check_end_marker(archive, tar, last)
         if process is not None:
             process.stdout.read()  # the zero blocks after the end marker, so gzip can finish
             if process.wait() != 0:
