@@ -5,9 +5,11 @@ command line and never enters finebench (docs/PEERS.md)."""
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,21 @@ def run_parts(source: str, names: set[str], extra_files: dict[str, str] | None =
     namespace: dict[str, Any] = {"__name__": "official"}
     exec(compile(ast.Module(keep, []), "official", "exec"), namespace)  # noqa: S102 - the official code, by design
     return namespace
+
+
+def import_official(checkout: str, package: str, files: Mapping[str, str], module: str,
+                    edit: Callable[[str, str], str] | None = None) -> Any:
+    """Import ``package.module`` from a temporary package of official files (file name in the
+    package -> its path in the checkout), each passed through ``edit(name, text)`` where a shim is
+    needed: the official model code runs as itself and never enters finebench."""
+    folder = Path(tempfile.mkdtemp()) / package
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    for name, path in files.items():
+        text = official_file(checkout, path)
+        (folder / name).write_text(edit(name, text) if edit is not None else text)
+    sys.path.insert(0, str(folder.parent))
+    return importlib.import_module(f"{package}.{module}")
 
 
 def generated(seed: int, *shape: int, scale: float = 1.0, relu: bool = False) -> torch.Tensor:

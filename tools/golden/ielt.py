@@ -27,9 +27,7 @@ rates with this forward's key tokens (``count_patch``'s layer counts and the new
 
 from __future__ import annotations
 
-import importlib
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import generated, official_commit, official_file, write
+from common import generated, import_official, official_commit, write
 from transfg import google_checkpoint
 
 HIDDEN, HEADS, MLP, BLOCKS, PATCH, IMAGE = 32, 4, 64, 4, 16, 128
@@ -47,19 +45,16 @@ LABELS = [0, 3, 0, 1]
 
 
 def official_module(checkout: str) -> Any:
-    folder = Path(tempfile.mkdtemp())
-    (folder / "models").mkdir()
-    (folder / "models" / "__init__.py").write_text("")
-    for name in ("IELT.py", "modules.py", "vit.py"):
-        text = official_file(checkout, f"models/{name}")
-        if name == "IELT.py":
-            model_code = text.split("if __name__")[0].splitlines()  # comments and __main__ never run
-            live = [line for line in model_code if "device='cuda'" in line and not line.strip().startswith("#")]
-            assert len(live) == 4, "the official file changed: review the shim"
-            text = text.replace("device='cuda'", "device='cpu'")
-        (folder / "models" / name).write_text(text)
-    sys.path.insert(0, str(folder))
-    return importlib.import_module("models.IELT")
+    def to_cpu(name: str, text: str) -> str:
+        if name != "IELT.py":
+            return text
+        model_code = text.split("if __name__")[0].splitlines()  # comments and __main__ never run
+        live = [line for line in model_code if "device='cuda'" in line and not line.strip().startswith("#")]
+        assert len(live) == 4, "the official file changed: review the shim"
+        return text.replace("device='cuda'", "device='cpu'")
+
+    return import_official(checkout, "models", {name: f"models/{name}" for name in ("IELT.py", "modules.py", "vit.py")},
+                           "IELT", to_cpu)
 
 
 def run(ielt, dtype: torch.dtype, prefix: str) -> dict[str, torch.Tensor]:

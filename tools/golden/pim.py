@@ -43,7 +43,6 @@ and the total; the gradients of the total with respect to every parameter and th
 from __future__ import annotations
 
 import ast
-import importlib
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import generated, git_dir, official_commit, official_file, write
+from common import (
+    generated,
+    git_dir,
+    import_official,
+    official_commit,
+    official_file,
+    write,
+)
 
 TOKENS, CHANNELS, WIDTH, CLASSES = (64, 16, 4, 4), (32, 64, 128, 128), 16, 5
 SELECTIONS = (48, 12, 3, 2)
@@ -122,12 +128,8 @@ def official_swin(checkout: str) -> dict[str, torch.Tensor]:
 
 
 def official_module(checkout: str) -> Any:
-    folder = Path(tempfile.mkdtemp())
-    (folder / "pim_official").mkdir()
-    (folder / "pim_official" / "__init__.py").write_text("")
-    (folder / "pim_official" / "pim_module.py").write_text(official_file(checkout, "models/pim_module/pim_module.py"))
-    sys.path.insert(0, str(folder))
-    return importlib.import_module("pim_official.pim_module")
+    return import_official(checkout, "pim_official", {"pim_module.py": "models/pim_module/pim_module.py"},
+                           "pim_module")
 
 
 def official_loss_loop(checkout: str) -> ast.Module:

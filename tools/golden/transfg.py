@@ -21,9 +21,7 @@ gradients of the loss with respect to every parameter.
 
 from __future__ import annotations
 
-import importlib
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import generated, official_commit, official_file, write
+from common import generated, import_official, official_commit, write
 
 HIDDEN, HEADS, MLP, BLOCKS, PATCH, STRIDE, IMAGE, GRID_PRETRAINED = 32, 4, 64, 4, 16, 12, 64, 14
 CLASSES = 5
@@ -83,13 +81,8 @@ def regenerate() -> dict[str, torch.Tensor]:
 
 
 def official_module(checkout: str) -> Any:
-    folder = Path(tempfile.mkdtemp())
-    (folder / "models").mkdir()
-    (folder / "models" / "__init__.py").write_text("")
-    for name in ("modeling.py", "configs.py"):
-        (folder / "models" / name).write_text(official_file(checkout, f"models/{name}"))
-    sys.path.insert(0, str(folder))
-    return importlib.import_module("models.modeling")
+    return import_official(checkout, "models", {name: f"models/{name}" for name in ("modeling.py", "configs.py")},
+                           "modeling")
 
 
 def run(modeling, dtype: torch.dtype, prefix: str) -> dict[str, torch.Tensor]:
