@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fidelity_options import logged_runs
 from torch import nn
 
 from finebench.errors import FinebenchError
@@ -146,35 +147,10 @@ def test_build_model_names_a_bad_batchnorm_init() -> None:
         pass
 
 
-RECIPE = """
-description = "t"
-fidelity = "logged"
-[dataset]
-name = "cifar10"
-[model]
-backbone = "wrn"
-options = { depth = 10, width = 1 }
-[[variants]]
-kind = "baseline"
-[[variants]]
-kind = "attention"
-attention_width = 2
-[train]
-epochs = 1
-batch_size = 8
-milestones = [1]
-[logged.attention]
-train = { batchnorm_group = 4 }
-%s
-"""
-
-
 def _runs(tmp_path, model_table: str, overrides: tuple[str, ...] = ()):
-    from finebench.recipe import expand_runs, load_recipe
-
-    path = tmp_path / "r.toml"
-    path.write_text(RECIPE % model_table)
-    return {run.variant_kind: run for run in expand_runs(load_recipe(path, overrides))}
+    """test_fidelity_options' tiny logged recipe, its attention table also setting ``model_table``."""
+    return logged_runs(tmp_path, 'fidelity = "logged"', f"[logged.attention]\ntrain = {{ batchnorm_group = 4 }}\n{model_table}",
+                       overrides)
 
 
 def test_a_logged_table_sets_batchnorm_init_for_its_variant_and_its_run_id(tmp_path) -> None:

@@ -10,7 +10,11 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.methods import build_model
-from finebench.models.batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, convert_ghost_batchnorm
+from finebench.models.batchnorm import (
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    convert_ghost_batchnorm,
+)
 from finebench.recipe import TrainSection
 
 
@@ -129,7 +133,8 @@ train = { batchnorm_group = 2 }
 """
 
 
-def _runs(tmp_path, top: str, tables: str, overrides: tuple[str, ...] = ()):
+def logged_runs(tmp_path, top: str, tables: str, overrides: tuple[str, ...] = ()):
+    """The runs of a tiny baseline + attention recipe with ``top`` lines and ``tables`` (``[logged.*]``), by kind."""
     from finebench.recipe import expand_runs, load_recipe
 
     path = tmp_path / "r.toml"
@@ -138,7 +143,7 @@ def _runs(tmp_path, top: str, tables: str, overrides: tuple[str, ...] = ()):
 
 
 def test_logged_tables_apply_per_variant_name_over_kind(tmp_path) -> None:
-    runs = _runs(tmp_path, 'fidelity = "logged"', TABLES)
+    runs = logged_runs(tmp_path, 'fidelity = "logged"', TABLES)
     attention, baseline = runs["attention"], runs["baseline"]
     assert attention.config["train"]["optimizer"] == "sgd" and attention.config["train"]["batchnorm_group"] == 2
     assert attention.config["model"]["options"] == {"depth": 10, "width": 1, "stem": "conv"}
@@ -149,10 +154,10 @@ def test_logged_tables_apply_per_variant_name_over_kind(tmp_path) -> None:
 
 
 def test_released_fidelity_keeps_the_run_ids_of_a_recipe_without_tables(tmp_path) -> None:
-    plain = _runs(tmp_path, "", "")
-    released = _runs(tmp_path, 'fidelity = "released"', TABLES)
-    switched = _runs(tmp_path, 'fidelity = "logged"', TABLES, ("fidelity=released",))
-    logged = _runs(tmp_path, 'fidelity = "logged"', TABLES)
+    plain = logged_runs(tmp_path, "", "")
+    released = logged_runs(tmp_path, 'fidelity = "released"', TABLES)
+    switched = logged_runs(tmp_path, 'fidelity = "logged"', TABLES, ("fidelity=released",))
+    logged = logged_runs(tmp_path, 'fidelity = "logged"', TABLES)
     for kind in ("baseline", "attention"):
         assert plain[kind].run_id == released[kind].run_id == switched[kind].run_id
     assert logged["baseline"].run_id == plain["baseline"].run_id  # no table names it
@@ -167,7 +172,7 @@ def test_released_fidelity_keeps_the_run_ids_of_a_recipe_without_tables(tmp_path
 ])
 def test_bad_logged_tables_are_named(tmp_path, tables: str, message: str) -> None:
     with pytest.raises(FinebenchError, match=message):
-        _runs(tmp_path, 'fidelity = "logged"', tables)
+        logged_runs(tmp_path, 'fidelity = "logged"', tables)
 
 
 @pytest.mark.parametrize("group", [0, 4])
