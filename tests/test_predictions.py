@@ -8,12 +8,8 @@ test set, a missing or a broken file is one line naming the file(s).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +17,7 @@ import pytest
 import torch
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
+from test_trained import cli
 from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench.methods import get_method
@@ -48,23 +45,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEST_IMAGES = 41
 VARIANTS = ("baseline", "attention")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """The console script in-process (``main`` with its error handling)."""
-    from finebench.cli import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["finebench", *args]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            main()
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope="module")
