@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from in_process import finebench_in_process
 from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench.errors import FinebenchError
@@ -115,20 +116,7 @@ def test_an_unknown_cluster_is_one_line(tmp_path) -> None:
 
 
 def _finebench(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``finebench ARGS`` in this process: (exit code, stdout, stderr)."""
-    import sys
-
-    from finebench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["finebench", *args])
-    monkeypatch.setenv("COLUMNS", "300")
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_info:
-        code = int(exit_info.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return finebench_in_process(monkeypatch, capsys, *args, columns=300)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from float_tolerance import assert_agrees
+from in_process import finebench_in_process
 from safetensors import safe_open
 from wsdan_golden import (
     FAMILIES,
@@ -284,21 +285,8 @@ def _resnet10t_recipe(tmp_path: Path, kind: str, input_size: int) -> Path:
     return recipe
 
 
-def _finebench(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """``finebench ARGS`` in this process: (exit code, stdout, stderr)."""
-    import sys
-
-    from finebench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["finebench", *args])
-    monkeypatch.setenv("COLUMNS", "400")
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_info:
-        code = int(exit_info.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def _finebench(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    return finebench_in_process(monkeypatch, capsys, *args, columns=400)
 
 
 def test_a_crop_that_cannot_act_on_two_by_two_maps_warns_at_the_dry_run_and_not_at_a_size_where_it_acts(
