@@ -17,6 +17,7 @@ import torch
 from float_tolerance import assert_agrees
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_transfg import official_block_names
 
 from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
@@ -73,12 +74,7 @@ def official_names(name: str) -> list[str] | None:
         block = f"encoder.layer.{index}"
     else:
         return None
-    if rest.startswith("attn.qkv."):
-        return [f"{block}.attn.{part}.{rest.rsplit('.', 1)[1]}" for part in ("query", "key", "value")]
-    parts = {"norm1": "attention_norm", "norm2": "ffn_norm", "attn.proj": "attn.out", "mlp.fc1": "ffn.fc1",
-             "mlp.fc2": "ffn.fc2"}
-    module, leaf = rest.rsplit(".", 1)
-    return [f"{block}.{parts[module]}.{leaf}"]
+    return official_block_names(block, rest)
 
 
 def tiny_model(**options) -> IELTClassifier:

@@ -38,6 +38,15 @@ def three_by_three(root: Path) -> Path:
     return root
 
 
+def two_by_two(root: Path) -> Path:
+    """Two methods (baseline, se) on two datasets: one method short of a Friedman test."""
+    for dataset in ("cifar10", "cub200"):
+        for variant in ("baseline", "se"):
+            write_run(root, variant=variant, variant_name=variant, seed=0, top1=90.0, dataset=dataset,
+                      recipe=f"r_{dataset}")
+    return root
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_holm_equals_statsmodels(seed: int) -> None:
     p_values = np.random.default_rng(seed).uniform(0, 0.2, size=6)
@@ -82,11 +91,7 @@ def test_cliques_join_methods_within_the_critical_difference() -> None:
 
 
 def test_ranks_need_three_methods_and_two_complete_datasets(tmp_path: Path) -> None:
-    root = tmp_path / "results"
-    for dataset in ("cifar10", "cub200"):
-        for variant in ("baseline", "se"):
-            write_run(root, variant=variant, variant_name=variant, seed=0, top1=90.0, dataset=dataset,
-                      recipe=f"r_{dataset}")
+    root = two_by_two(tmp_path / "results")
     with pytest.raises(FinebenchError, match=r"^report --ranks: 2 method\(s\) \(baseline, se\); the Friedman test "
                                              r"compares at least 3 methods$"):
         rank_methods(report.load_runs([root]).runs)
@@ -125,11 +130,7 @@ def test_cli_ranks_print_the_friedman_test_and_write_the_diagram(tmp_path: Path)
 
 
 def test_cli_ranks_with_two_methods_is_a_one_line_error(tmp_path: Path) -> None:
-    root = tmp_path / "results"
-    for dataset in ("cifar10", "cub200"):
-        for variant in ("baseline", "se"):
-            write_run(root, variant=variant, variant_name=variant, seed=0, top1=90.0, dataset=dataset,
-                      recipe=f"r_{dataset}")
+    root = two_by_two(tmp_path / "results")
     done = subprocess.run([sys.executable, "-m", "finebench", "report", str(root), "--ranks"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2 and done.stdout == ""

@@ -48,6 +48,12 @@ def official_name(name: str) -> list[str]:
         return [fixed[name]]
     _, index, rest = name.split(".", 2)
     block = "transformer.encoder." + ("part_layer" if int(index) == blocks - 1 else f"layer.{index}")
+    return official_block_names(block, rest)
+
+
+def official_block_names(block: str, rest: str) -> list[str]:
+    """A timm ViT block's parameter (``rest``: ``attn.qkv.weight``, ``mlp.fc1.bias``, ...) under the
+    official ``Block`` at ``block`` (TransFG's, which IELT's code shares; the fused q/k/v: three)."""
     if rest.startswith("attn.qkv."):
         return [f"{block}.attn.{part}.{rest.rsplit('.', 1)[1]}" for part in ("query", "key", "value")]
     parts = {"norm1": "attention_norm", "norm2": "ffn_norm", "attn.proj": "attn.out", "mlp.fc1": "ffn.fc1",
