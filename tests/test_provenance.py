@@ -14,7 +14,12 @@ from test_report import write_run
 from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench import report
-from finebench.models.provenance import UNKNOWN, timm_pretraining, torchvision_pretraining, weights_provenance
+from finebench.models.provenance import (
+    UNKNOWN,
+    timm_pretraining,
+    torchvision_pretraining,
+    weights_provenance,
+)
 from finebench.recipe import expand_runs, load_recipe
 from finebench.runner import run_recipe
 
