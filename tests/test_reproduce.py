@@ -118,7 +118,7 @@ def test_a_reference_without_a_source_kind_is_named(tmp_path: Path) -> None:
     old = tmp_path / "old.csv"
     old.write_text(",".join(report.REFERENCE_COLUMNS) + "\n" + REFERENCE_ROWS[0].rsplit(",", 3)[0] + "\n")
     assert report.load_reference([old])["value"].tolist() == [96.5]
-    with pytest.raises(FinebenchError, match=r"reference table old.csv, line 2: source_kind is empty"):
+    with pytest.raises(FinebenchError, match=rf"reference table {old}, line 2: source_kind is empty"):
         reproduction_table(runs, report.load_reference([old]))
 
 
@@ -130,6 +130,14 @@ def test_cli_reproduce_prints_the_table_and_a_bad_row_is_one_line_exit_2(
                                           "--reference-file", str(good), "--format", "csv", columns=200)
     assert code == 0, err
     assert "official-code_inside" in out and "paper_diff" in out
+    code, out, err = finebench_in_process(monkeypatch, capsys, "report", str(results), "--reproduce",
+                                          "--reference-file", str(good), "--format", "latex", "-o",
+                                          str(tmp_path / "table.tex"), columns=200)
+    assert code == 0, err
+    latex = (tmp_path / "table_reproduce.tex").read_text()
+    caption, _, body = latex.partition("\\begin{tabular}")
+    assert caption.count("\n") == 3 and all(line.startswith("% ") for line in caption.splitlines())  # a comment
+    assert "best on test, optimistic" in body
     bad = _reference(tmp_path / "bad.csv", [REFERENCE_ROWS[0], REFERENCE_ROWS[0].replace("96.5", "9x")])
     code, out, err = finebench_in_process(monkeypatch, capsys, "report", str(results), "--reproduce",
                                           "--reference-file", str(bad), columns=200)

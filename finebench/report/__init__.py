@@ -155,7 +155,7 @@ def emit_side_table(numbers: pd.DataFrame, shown: pd.DataFrame, caption: str, ti
     elif fmt == "json":
         text = numbers.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
     elif fmt == "latex":
-        text = f"% {caption}\n" + shown.to_latex(index=False, escape=True)
+        text = "".join(f"% {line}\n" for line in caption.splitlines()) + shown.to_latex(index=False, escape=True)
     else:
         text = shown.to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + f"\n\n{caption}\n"
     if output is None:

@@ -87,7 +87,8 @@ def _read_reference_file(file: Path) -> pd.DataFrame:
     if frame["source_kind"].notna().any():
         _check_choices(file, frame, "source_kind", SOURCE_KINDS)
     frame["reference_file"] = file.name
-    frame["reference_line"] = frame.index + 2  # 1-based, after the header: where an error points
+    frame["reference_path"] = str(file)  # where an error points: the file and
+    frame["reference_line"] = frame.index + 2  # its 1-based line, after the header
     return frame
 
 

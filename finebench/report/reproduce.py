@@ -95,7 +95,7 @@ def _check_kinds(found: pd.DataFrame) -> None:
     missing = found[found["source_kind"].isna()]
     if not missing.empty:
         first = missing.iloc[0]
-        raise FinebenchError(f"reference table {first['reference_file']}, line {first['reference_line']}: source_kind "
+        raise FinebenchError(f"reference table {first['reference_path']}, line {first['reference_line']}: source_kind "
                              f"is empty; expected {' or '.join(SOURCE_KINDS)}")
 
 
