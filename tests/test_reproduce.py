@@ -150,3 +150,25 @@ def test_the_shipped_reference_tables_say_what_kind_of_source_each_number_is() -
     assert set(shipped["source_kind"]) == {"paper", "official-code", "reimplementation"}
     official = shipped[(shipped["variant"] == "transfg") & (shipped["source_kind"] == "official-code")]
     assert list(official["value"]) == [91.1] and "Fine-grained-Visual-Analysis-Library" in official["source"].iloc[0]
+
+
+def test_the_shipped_tables_place_fgvclibs_numbers_beside_a_transfg_run(tmp_path: Path) -> None:
+    """The recipe's backbone label and dropout (recipes/transfg_cub200.toml) meet the shipped rows:
+    the paper's number, the official code's and FGVCLib's, all best-epoch."""
+    for seed, top1 in enumerate((90.9, 91.1)):
+        write_run(tmp_path, variant="transfg", variant_name="transfg", seed=seed, top1=top1 - 0.3, best_top1=top1,
+                  dataset="cub200", backbone_label="timm:vit_base_patch16_224.orig_in21k(img_size=448)", dropout=0.1)
+    table = reproduction_table(report.load_runs([tmp_path]).runs, report.reproduction_reference())
+    (row,) = table.itertuples(index=False)
+    assert row.rule == "best" and row.top1_mean == pytest.approx(91.0)
+    values = table.iloc[0]
+    assert (values["paper"], values["official-code"], values["reimplementation"]) == (91.7, 91.1, 89.3)
+    assert values["paper_unverified"] and not values["official-code_unverified"]
+    assert values["official-code_diff"] == pytest.approx(91.0 - 91.1)
+    half_width = _half_width([90.9, 91.1])  # t(1) · 0.1 = 1.27
+    assert values["top1_ci"] == pytest.approx(half_width, rel=1e-9)
+    inside = {kind: values[f"{kind}_inside"] for kind in ("paper", "official-code", "reimplementation")}
+    assert None not in inside.values()
+    # 91.7 and 91.1 lie within 91.0 ± 1.27; FGVCLib's 89.3 lies 1.7 below
+    assert {kind: bool(flag) for kind, flag in inside.items()} == {
+        "paper": True, "official-code": True, "reimplementation": False}
