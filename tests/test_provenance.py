@@ -111,4 +111,29 @@ def test_the_report_shows_pretraining_per_row_and_says_when_a_table_mixes_source
 def test_records_without_provenance_keep_the_table_as_it_was(tmp_path: Path) -> None:
     write_run(tmp_path, variant="baseline", variant_name="baseline", seed=0, top1=90.0)
     table = report.summary_table(report.load_runs([tmp_path]).runs)
-    assert "pretraining" not in table and "Mixed pretraining" not in report.table_note(table)
+    assert "pretraining" not in table and "retraining" not in report.table_note(table)
+    # beside a run that records its weights, an older record is "not recorded", not another source
+    _with_pretraining(write_run(tmp_path, variant="se", variant_name="se", seed=0, top1=90.5),
+                      "ImageNet-1k", "torchvision:ResNet50_Weights.IMAGENET1K_V1")
+    table = report.summary_table(report.load_runs([tmp_path]).runs)
+    assert sorted(table["pretraining"]) == ["ImageNet-1k", "not recorded"]
+    note = report.table_note(table)
+    assert "Mixed pretraining" not in note and "1 row(s) from records written before" in note
+
+
+def test_the_ranks_caption_says_when_methods_start_from_different_pretraining(tmp_path: Path) -> None:
+    from test_ranks import three_by_three
+
+    from finebench.report.ranks import format_ranks, rank_methods, ranks_caption
+
+    root = three_by_three(tmp_path / "results")
+    assert "Mixed pretraining" not in ranks_caption(rank_methods(report.load_runs([root]).runs))
+    for summary_path in root.rglob("summary.json"):
+        summary = json.loads(summary_path.read_text())
+        data = "ImageNet-21k" if summary["variant"] == "attention" else "ImageNet-1k"
+        summary["pretrained"] = {"tag": "t", "file": "f", "sha256": "0" * 64, "pretraining": data}
+        summary_path.write_text(json.dumps(summary))
+    result = rank_methods(report.load_runs([root]).runs)
+    assert "Mixed pretraining" in ranks_caption(result) and "ImageNet-1k (2 rows)" in ranks_caption(result)
+    assert dict(zip(format_ranks(result)["Method"], format_ranks(result)["Pretraining"])) == {
+        "attention": "ImageNet-21k", "baseline": "ImageNet-1k", "se": "ImageNet-1k"}

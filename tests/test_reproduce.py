@@ -16,7 +16,11 @@ from test_report import write_run
 
 from finebench import report
 from finebench.errors import FinebenchError
-from finebench.report.reproduce import format_reproduction, reproduction_caption, reproduction_table
+from finebench.report.reproduce import (
+    format_reproduction,
+    reproduction_caption,
+    reproduction_table,
+)
 
 HEADER = ",".join(report.REFERENCE_COLUMNS) + ",note,protocol,source_kind\n"
 LAST = [96.3, 96.4, 96.2]

@@ -245,11 +245,14 @@ def pretraining_note(pretraining: pd.Series) -> str | None:
     """The caption line of a table whose rows start from weights trained on different data: their
     numbers differ by more than the methods (ImageNet-21k weights add points over ImageNet-1k ones)."""
     counts = pretraining.astype(str).value_counts(sort=False)
+    unrecorded = counts.pop(NOT_RECORDED) if NOT_RECORDED in counts else 0
     if len(counts) < 2:
-        return None
+        return (f"Pretraining: {unrecorded} row(s) from records written before runs recorded their weights "
+                "(not recorded).") if unrecorded and len(counts) else None
     listed = ", ".join(f"{name} ({count} row{'s' if count > 1 else ''})" for name, count in sorted(counts.items()))
     return (f"Mixed pretraining: the rows start from weights trained on different data ({listed}); "
-            "their differences include the pretraining, not only the method.")
+            "their differences include the pretraining, not only the method."
+            + (f" {unrecorded} row(s) do not record theirs." if unrecorded else ""))
 
 
 def _add_reference(row: dict[str, Any], group: pd.DataFrame, reference: pd.DataFrame, metric: str,
