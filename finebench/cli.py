@@ -493,6 +493,7 @@ def report_command(
     predictions: bool = typer.Option(False, "--predictions", help="Also every prediction a method records beside its top-1 (PMG's heads and their sum, WS-DAN's crop-refined prediction)."),
     long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
     ranks: bool = typer.Option(False, "--ranks", help="Also each method's average rank across datasets, the Friedman test and the Nemenyi critical difference (with --plots, its diagram)."),
+    reproduce: bool = typer.Option(False, "--reproduce", help="Also each reference number (paper, official code, re-implementation; --reference-file or results/reference/) beside finebench's mean ± CI under the same selection rule, the difference and whether it lies inside the interval."),
     disagree: Optional[tuple[str, str]] = typer.Option(None, "--disagree", metavar="A B", help="Instead: variants A and B image by image, per dataset, backbone and seed: McNemar's exact test and a paired bootstrap CI of the top-1 difference (with --plots, thumbnails of the images only one gets right)."),
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
@@ -515,6 +516,8 @@ def report_command(
         predictions=predictions,
     )
     ranked = report_module.rank_methods(result.loaded.runs, error=error) if ranks else None  # fails before any output
+    reproduction = (report_module.reproduction_table(result.loaded.runs, report_module.reproduction_reference(reference_file))
+                    if reproduce else None)  # as the ranks: a bad reference table stops before any output
     output_path = Path(output) if output else None
     # the paper's layout unless the user groups by options (an ablation reads better one row per setting)
     wide = not long and not by
@@ -528,6 +531,9 @@ def report_command(
     if ranked is not None:
         ranks_path = output_path.with_name(f"{output_path.stem}_ranks{output_path.suffix}") if output_path else None
         report_module.emit_ranks(ranked, fmt, ranks_path, error=error, status=err_console)
+    if reproduction is not None:
+        path = output_path.with_name(f"{output_path.stem}_reproduce{output_path.suffix}") if output_path else None
+        report_module.emit_reproduction(reproduction, fmt, path, status=err_console)
     # what the tables leave out, listed under them where it is read last
     for warning in result.loaded.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

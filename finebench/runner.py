@@ -28,6 +28,7 @@ from finebench.console import make_console
 from finebench.data.store import meta_digest
 from finebench.errors import FinebenchError, Interrupted
 from finebench.methods import get_method
+from finebench.models.provenance import weights_provenance
 from finebench.plan import (
     Cost,
     CostCache,
@@ -151,6 +152,7 @@ def _summary(
     compile_time_s: float = 0.0,
     validation: Mapping[str, Any] | None = None,
     selected: Mapping[str, Any] | None = None,
+    pretrained: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     # ``validation`` and ``selected`` only where the run has them: other summaries stay as they were
@@ -170,6 +172,7 @@ def _summary(
         "variant": run.variant_kind,
         "variant_name": run.variant_name,
         "variant_options": run.config["variant"]["options"],
+        "pretrained": None if pretrained is None else dict(pretrained),  # models.provenance: a record, not a setting
         "taps": cost.taps,
         "size_warnings": cost.size_warnings,
         "seed": run.seed,
@@ -250,6 +253,7 @@ def _execute(
         input_size=costs.input_size, runtime=runtime, ctx=ctx,
         started_at=previous.get("started_at") or _first_written(run_dir) or utc_now(), data_path=loaders.path,
         dataset_digest=meta_digest(data_root, loaded.recipe.dataset.name), validation=validation,
+        pretrained=weights_provenance(run.backbone, run.config["model"].get("pretrained")),
     )
     # A resume writes nothing until its first epoch is done: a resume that fails (an unreadable
     # last.pt) must leave every record as it was, epochs done included.

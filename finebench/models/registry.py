@@ -204,17 +204,43 @@ def missing_pretrained_weights(name: str, pretrained: str | None) -> str | None:
     ``run`` stops with it before anything is written, instead of when the run's model is built."""
     if pretrained is None:
         return None
-    family = split_family(name)
     try:
-        if family is not None and pretrained == BACKBONE_FAMILIES[family[0]].library_weights:
-            BACKBONE_FAMILIES[family[0]].cached_weights(family[1])
-        elif family is None and pretrained == "imagenet" and name in ARCHITECTURES:
-            cached_imagenet_weights(ARCHITECTURES[name].weights, name)
-        elif pretrained not in LIBRARY_WEIGHTS and not Path(pretrained).expanduser().is_file():
-            return f"pretrained weights file {Path(pretrained).expanduser()} does not exist"
+        file = pretrained_file(name, pretrained)
     except FinebenchError as error:
         return str(error)
+    if pretrained not in LIBRARY_WEIGHTS and not file.is_file():
+        return f"pretrained weights file {file} does not exist"
     return None
+
+
+def pretrained_file(name: str, pretrained: str) -> Path:
+    """The file ``load_pretrained`` reads for ``pretrained``: the library's cached copy of its
+    weights, else the path given; a cache miss is a ``FinebenchError`` saying where to put it."""
+    family = split_family(name)
+    if family is not None and pretrained == BACKBONE_FAMILIES[family[0]].library_weights:
+        return BACKBONE_FAMILIES[family[0]].cached_weights(family[1])
+    if family is None and pretrained == "imagenet" and name in ARCHITECTURES:
+        return cached_imagenet_weights(ARCHITECTURES[name].weights, name)
+    return Path(pretrained).expanduser()
+
+
+def pretrained_tag(name: str, pretrained: str) -> tuple[str | None, str]:
+    """(library, the weights' full name in it) for a library's weights: timm's ``model.tag``
+    (``vit_base_patch16_224.augreg_in21k``; the default tag filled in) or torchvision's weights enum
+    member (``ResNet50_Weights.IMAGENET1K_V1``); (None, the absolute path) for a weights file."""
+    family = split_family(name)
+    if family is not None and pretrained == BACKBONE_FAMILIES[family[0]].library_weights:
+        if family[0] == "timm":
+            import timm
+
+            cfg = timm.models.get_pretrained_cfg(family[1])
+            return "timm", f"{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else family[1]
+        import torchvision.models as tvm
+
+        return "torchvision", str(tvm.get_model_weights(family[1]).DEFAULT)
+    if family is None and pretrained == "imagenet" and name in ARCHITECTURES:
+        return "torchvision", str(ARCHITECTURES[name].weights)
+    return None, str(Path(pretrained).expanduser().resolve())
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,12 @@ from finebench.report.disagree import (
 from finebench.report.ranks import Ranks, format_ranks, rank_methods, ranks_caption
 from finebench.report.records import LoadedRuns, find_summaries, load_metrics, load_runs
 from finebench.report.reference import REFERENCE_COLUMNS, load_reference
+from finebench.report.reproduce import (
+    format_reproduction,
+    reproduction_caption,
+    reproduction_reference,
+    reproduction_table,
+)
 from finebench.report.render import (
     FORMATS,
     failed_table,
@@ -41,7 +47,8 @@ from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction
 from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
-    "COLUMN_ALIASES", "Pair", "Ranks", "disagreement", "emit_disagreement", "emit_ranks", "rank_methods", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
+    "COLUMN_ALIASES", "Pair", "Ranks", "disagreement", "emit_disagreement", "emit_ranks", "emit_reproduction",
+    "reproduction_reference", "reproduction_table", "rank_methods", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
     "emit_table", "fitted_markdown", "predictions_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
     "reader_width", "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
 ]
@@ -148,7 +155,7 @@ def emit_side_table(numbers: pd.DataFrame, shown: pd.DataFrame, caption: str, ti
     elif fmt == "json":
         text = numbers.round(6).to_json(orient="records", indent=2, force_ascii=False) + "\n"
     elif fmt == "latex":
-        text = f"% {caption}\n" + shown.to_latex(index=False, escape=True)
+        text = "".join(f"% {line}\n" for line in caption.splitlines()) + shown.to_latex(index=False, escape=True)
     else:
         text = shown.to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + f"\n\n{caption}\n"
     if output is None:
@@ -163,6 +170,13 @@ def emit_ranks(result: Ranks, fmt: str, output: Path | None, error: bool = False
     """The ranks across datasets (``report --ranks``), with the caption that names the tests."""
     emit_side_table(result.table, format_ranks(result), ranks_caption(result, error=error),
                     "ranks across datasets", fmt, output, status)
+
+
+def emit_reproduction(table: pd.DataFrame, fmt: str, output: Path | None, status: Console | None = None) -> None:
+    """``report --reproduce``: each reference number beside finebench's interval under the same
+    selection rule, with the caption that says which rule each comparison uses."""
+    emit_side_table(table, format_reproduction(table), reproduction_caption(table),
+                    "can the reference numbers be reproduced?", fmt, output, status)
 
 
 def emit_disagreement(pairs: Sequence[Pair], a: str, b: str, fmt: str, output: Path | None,

@@ -20,6 +20,7 @@ from scipy import stats
 
 from finebench.errors import FinebenchError
 from finebench.report.stats import mean_ci
+from finebench.report.tables import joined, pretraining_note
 
 ALPHA = 0.05
 
@@ -84,6 +85,7 @@ def rank_methods(runs: pd.DataFrame, error: bool = False) -> Ranks:
     # Iman and Davenport's F form of the same statistic (Demšar, eq. after (2)), k - 1 and (k - 1)(N - 1) df
     f_value = (n - 1) * chi2 / (n * (k - 1) - chi2) if n * (k - 1) != chi2 else math.inf
     p_f = float(stats.f.sf(f_value, k - 1, (k - 1) * (n - 1))) if math.isfinite(f_value) else 0.0
+    with_pretraining = "pretraining" in data and data["pretraining"].notna().any()
     rows = []
     for method in average.index:
         row: dict[str, object] = {"method": method, "average_rank": float(average[method])}
@@ -94,10 +96,13 @@ def rank_methods(runs: pd.DataFrame, error: bool = False) -> Ranks:
             row[f"{dataset}_rank"] = float(ranks[methods.index(method), j])
         for column in ("params_overhead_pct", "flops_overhead_pct"):
             row[column] = pd.to_numeric(own[column], errors="coerce").mean()
+        if with_pretraining:
+            row["pretraining"] = joined(own[own["dataset"].isin(complete)]["pretraining"])
         rows.append(row)
     table = pd.DataFrame(rows)
     critical = nemenyi_critical_difference(k, n)
-    table.attrs.update(metric="error" if error else "top1", datasets=complete, left_out=left_out)
+    table.attrs.update(metric="error" if error else "top1", datasets=complete, left_out=left_out,
+                       mixed=pretraining_note(table["pretraining"]) if with_pretraining else None)
     return Ranks(table, average, complete, left_out, chi2, p_chi2, f_value, p_f, critical)
 
 
@@ -111,6 +116,8 @@ def ranks_caption(result: Ranks, error: bool = False) -> str:
             f"at {ALPHA:g}: {result.critical_difference:.2f} ranks (Demšar 2006).")
     if result.left_out:
         text += f" Left out (a method has no finished run there): {', '.join(result.left_out)}."
+    if result.table.attrs.get("mixed"):
+        text += f" {result.table.attrs['mixed']}"
     return text
 
 
@@ -126,6 +133,8 @@ def format_ranks(result: Ranks) -> pd.DataFrame:
         shown[dataset] = cells
     for column, title in (("params_overhead_pct", "Params +%"), ("flops_overhead_pct", "FLOPs +%")):
         shown[title] = result.table[column].map(lambda v: "—" if math.isnan(v) else f"{v:+.1f}")
+    if "pretraining" in result.table:
+        shown["Pretraining"] = result.table["pretraining"]
     return shown
 
 

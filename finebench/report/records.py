@@ -53,7 +53,7 @@ RUN_COLUMNS: tuple[str, ...] = (
     "mean_class_top1", "best_top1", "best_epoch", "selected_top1", "selected_epoch", "selected_val_top1", "network_top1", "module_top1", "module_flops",
     "params", "flops", "params_baseline", "flops_baseline", "params_overhead_pct", "flops_overhead_pct",
     "size_warnings", "predictions", "images_per_s", "threads_used", "load_1min", "train_time_s", "device", "precision", "dropout", "settings",
-    "base_settings",
+    "base_settings", "pretrained_tag", "pretrained_sha256", "pretraining",
 )
 FAILED_COLUMNS: tuple[str, ...] = (
     "run_dir", "recipe", "run_id", "dataset", "backbone_label", "variant_name", "seed",
@@ -341,6 +341,7 @@ def _run_row(summary: RunSummary, run_dir: Path, config: dict[str, Any], problem
         "device": summary.device,
         "precision": summary.precision,
         "dropout": _run_dropout(summary, config),
+        **_pretrained(summary),
         "settings": fingerprint(settings),
         # What a baseline must share with a variant to be its baseline: everything but the variant.
         "base_settings": fingerprint({k: v for k, v in settings.items() if not k.startswith("variant.")}),
@@ -351,6 +352,15 @@ def _run_row(summary: RunSummary, run_dir: Path, config: dict[str, Any], problem
     for key, value in settings.items():
         row.setdefault(key, value)
     return row
+
+
+def _pretrained(summary: RunSummary) -> dict[str, Any]:
+    """The weights the run started from (``models.provenance``); None for records written before runs
+    recorded them."""
+    record = (summary.model_extra or {}).get("pretrained")
+    record = record if isinstance(record, dict) else {}
+    return {"pretrained_tag": record.get("tag"), "pretrained_sha256": record.get("sha256"),
+            "pretraining": record.get("pretraining")}
 
 
 def _failed_row(summary: RunSummary, run_dir: Path) -> dict[str, Any]:

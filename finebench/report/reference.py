@@ -36,8 +36,12 @@ REFERENCE_COLUMNS: tuple[str, ...] = (
     "dataset", "backbone_label", "variant", *SETTING_COLUMNS, "metric", "selection", "value", "source",
 )
 SELECTIONS = {"final": "last-epoch", "best": "best-epoch"}
+SOURCE_KINDS: tuple[str, ...] = ("paper", "official-code", "reimplementation")
+"""What a number's ``source_kind`` says it is: the paper's table, the authors' released code run by
+them or others (their logs, FGVCLib's "official code" column), or another library's re-implementation
+(FGVCLib's, Hawkeye's, a port)."""
 _TEXT_COLUMNS = ("dataset", "backbone_label", "variant", "gates", "output", "metric", "selection", "source",
-                 "note", "protocol")
+                 "note", "protocol", "source_kind")
 
 
 def load_reference(paths: Iterable[str | Path] | None = None) -> pd.DataFrame:
@@ -76,14 +80,27 @@ def _read_reference_file(file: Path) -> pd.DataFrame:
                 f"reference table {file}, line {line}: {column} {frame[column].iloc[line - 2]!r} is not a number"
             )
         frame[column] = values
-    unknown = sorted(set(frame["selection"].dropna()) - set(SELECTIONS.values()))
-    if unknown:
-        raise FinebenchError(f"reference table {file}: selection {unknown[0]!r}; expected best-epoch or last-epoch")
-    for column in ("note", "protocol"):
+    _check_choices(file, frame, "selection", tuple(SELECTIONS.values()))
+    for column in ("note", "protocol", "source_kind"):
         if column not in frame:
             frame[column] = None
+    if frame["source_kind"].notna().any():
+        _check_choices(file, frame, "source_kind", SOURCE_KINDS)
     frame["reference_file"] = file.name
+    frame["reference_path"] = str(file)  # where an error points: the file and
+    frame["reference_line"] = frame.index + 2  # its 1-based line, after the header
     return frame
+
+
+def _check_choices(file: Path, frame: pd.DataFrame, column: str, choices: tuple[str, ...]) -> None:
+    """The first row whose ``column`` is not one of ``choices``, named by file, line and value."""
+    bad = ~frame[column].isin(choices)
+    if bad.any():
+        index = int(bad.idxmax())
+        value = frame[column].iloc[index]
+        shown = "is empty" if is_missing(value) else repr(value)
+        raise FinebenchError(f"reference table {file}, line {index + 2}: {column} {shown}; "
+                             f"expected {' or '.join(choices)}")
 
 
 AUTHORS_LOG = "authors' log"
@@ -105,20 +122,29 @@ def match_reference(
     reference: pd.DataFrame, settings: Mapping[str, Any], metric: str, selection: str
 ) -> pd.Series | None:
     """The reference row stating exactly this group's settings, for ``metric`` and ``selection``."""
+    candidates = stating(reference, settings, metric)
+    candidates = candidates[(candidates["selection"] == SELECTIONS[selection]) & candidates["protocol"].isna()]
+    if candidates.empty:
+        return None
+    return candidates.iloc[0]
+
+
+def stating(reference: pd.DataFrame, settings: Mapping[str, Any], metric: str,
+            names: Iterable[str] = ()) -> pd.DataFrame:
+    """Every reference row of ``metric`` that states exactly these settings, whatever its selection
+    and protocol; its ``variant`` is the runs' method kind or one of ``names`` (a recipe's variant
+    name, such as ``ielt-from-last``)."""
+    variants = {name for name in (settings.get("variant"), *names) if not is_missing(name)}
     candidates = reference[
         (reference["metric"] == metric)
-        & (reference["selection"] == SELECTIONS[selection])
-        & reference["protocol"].isna()
         & (reference["dataset"] == settings.get("dataset"))
         & reference["backbone_label"].map(lambda labels: label_matches(labels, settings.get("backbone_label")))
-        & (reference["variant"] == settings.get("variant"))
+        & reference["variant"].isin(variants)
     ]
     for column, run_column in SETTING_COLUMNS.items():
         wanted = settings.get(run_column)
         candidates = candidates[candidates[column].map(lambda stated: _same(stated, wanted)).astype(bool)]
-    if candidates.empty:
-        return None
-    return candidates.iloc[0]
+    return candidates
 
 
 def protocol_notes(reference: pd.DataFrame, datasets: Iterable[str]) -> list[str]:

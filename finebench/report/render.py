@@ -32,12 +32,12 @@ _HEADERS = {
     "attention_depth": "AD", "attention_width": "AW", "source": "Classifier", "prediction": "Prediction", "n": "n",
     "setting": "Setting", "params": "Params", "params_overhead_pct": "ΔP%", "flops": "FLOPs",
     "flops_overhead_pct": "ΔF%", "images_per_s": "img/s", "load_1min": "load", "flops_pct_of_full": "% FLOPs",
-    "unpaired": "Unpaired", "fold": "Fold",
+    "unpaired": "Unpaired", "fold": "Fold", "pretraining": "Pretraining",
 }
 # Columns merged into another cell or left to CSV/JSON.
 _HIDDEN = {"baseline_top1", "baseline_error", "n_pairs", "significant", "delta_ci", "reference_selection",
            "reference_source", "top1_std", "error_std", "top1_ci", "error_ci", "class_top1_ci", "class_error_ci",
-           "p_holm", "size_warning"}
+           "p_holm", "size_warning", "pretrained_tag", "pretrained_sha256"}
 
 
 RULE_LABELS = {"final": "last epoch", "selected": "val-selected", "best": "best on test, optimistic"}
@@ -172,6 +172,8 @@ def wide_view(table: pd.DataFrame) -> pd.DataFrame:
     group_keys = [c for c in table.attrs.get("keys", []) if c in table and c not in ("variant", "variant_name")]
     if "setting" in table:
         group_keys.append("setting")
+    if "pretraining" in table:  # the weights one dataset × backbone row starts from, whatever the variant
+        group_keys.append("pretraining")
     measure = "error" if metric == "error" else "top-1"
     gain = "Δerr" if metric == "error" else "gain"
     with_reference = f"reference_{metric}" in table

@@ -119,6 +119,7 @@ def summary_table(
     # The confusion matrix is saved at the final evaluation only: no per-class figure for the best epoch.
     data["class_value"] = as_metric(data["mean_class_top1"]) if selection == "final" else math.nan
     baselines = data[data["variant"] == BASELINE.kind]
+    with_pretraining = "pretraining" in data and data["pretraining"].notna().any()
 
     notes: list[str] = []
     split_labels: dict[str, str] = {}
@@ -142,6 +143,8 @@ def summary_table(
         row: dict[str, Any] = dict(zip(row_keys, key[:-1]))
         if split_labels:
             row["setting"] = group["setting"].iloc[0]
+        if with_pretraining:
+            row["pretraining"] = joined(group["pretraining"])
         values = group["value"].dropna()
         summary = mean_ci(values)
         folds_seen |= group["fold"].notna().any()
@@ -181,6 +184,8 @@ def summary_table(
             row["load_1min"] = pd.to_numeric(group["load_1min"], errors="coerce").mean()
         if reference is not None:
             _add_reference(row, group, reference, metric, selection)
+        if with_pretraining:
+            row["pretrained_tag"], row["pretrained_sha256"] = joined(group["pretrained_tag"]), joined(group["pretrained_sha256"])
         rows.append(row)
     table = pd.DataFrame(rows)
     corrected = False
@@ -203,6 +208,9 @@ def summary_table(
         table = table.drop(columns="_not_baseline").reset_index(drop=True)
     if reference is not None and not df.empty:
         notes += protocol_notes(reference, df["dataset"].unique())
+    mixed = pretraining_note(table["pretraining"]) if with_pretraining and not table.empty else None
+    if mixed:
+        notes.append(mixed)
     for kind in dict.fromkeys(df["variant"]) if not df.empty else ():
         method = METHODS.get(kind)
         if method is not None and method.shown_prediction:
@@ -221,6 +229,30 @@ def summary_table(
                        size_warnings=list(size_warnings),
                        reference=None if reference is None else describe_reference(reference))
     return table
+
+
+NOT_RECORDED = "not recorded"
+"""A run record written before runs recorded their pretrained weights."""
+
+
+def joined(values: pd.Series) -> Any:
+    """The distinct values of a group's runs as one cell (``a / b``); ``NOT_RECORDED`` for none."""
+    distinct = sorted({str(v) for v in values if not is_missing(v)})
+    return " / ".join(distinct) if distinct else NOT_RECORDED
+
+
+def pretraining_note(pretraining: pd.Series) -> str | None:
+    """The caption line of a table whose rows start from weights trained on different data: their
+    numbers differ by more than the methods (ImageNet-21k weights add points over ImageNet-1k ones)."""
+    counts = pretraining.astype(str).value_counts(sort=False)
+    unrecorded = counts.pop(NOT_RECORDED) if NOT_RECORDED in counts else 0
+    if len(counts) < 2:
+        return (f"Pretraining: {unrecorded} row(s) from records written before runs recorded their weights "
+                "(not recorded).") if unrecorded and len(counts) else None
+    listed = ", ".join(f"{name} ({count} row{'s' if count > 1 else ''})" for name, count in sorted(counts.items()))
+    return (f"Mixed pretraining: the rows start from weights trained on different data ({listed}); "
+            "their differences include the pretraining, not only the method."
+            + (f" {unrecorded} row(s) do not record theirs." if unrecorded else ""))
 
 
 def _add_reference(row: dict[str, Any], group: pd.DataFrame, reference: pd.DataFrame, metric: str,
