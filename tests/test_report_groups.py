@@ -99,6 +99,11 @@ def test_report_groups_gives_top1_per_supercategory_per_method_over_seeds(tmp_pa
             # JSON keeps 6 decimals (render rounds every table so): compare at that resolution.
             assert row.n == 2 and row.top1_mean == pytest.approx(summary.mean, abs=5e-7)
             assert row.top1_ci == pytest.approx(summary.half_width, abs=5e-7)
+    done = cli("report", str(results), "--groups", "--error", "--format", "json", "-o", str(tmp_path / "error.json"))
+    errors = pd.DataFrame(json.loads((tmp_path / "error_groups.json").read_text()))
+    measured = table["top1_mean"].notna()
+    # each side rounded to 6 decimals by the JSON writer: they agree within two half-units of 1e-6
+    assert list(errors["error_mean"][measured]) == pytest.approx(list(100.0 - table["top1_mean"][measured]), abs=1e-6)
     shown = cli("report", str(results), "--groups", "--data-root", str(data_root))
     assert shown.returncode == 0 and "Supercategory" in shown.stdout and "odd" in shown.stdout, shown.stdout
 

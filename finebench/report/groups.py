@@ -66,17 +66,17 @@ def store_groups(data_root: Path, dataset: str, test_split: str) -> StoreGroups 
     if not isinstance(groups, dict):
         return None
     folders = split_dirs(store.store_dir(data_root, dataset), test_split, list(meta.get("splits") or {}), dataset)
-    columns = {"group": [], "label": []}
+    columns: dict[str, list[np.ndarray]] = {groups["column"]: [], "label": []}
     for folder in folders:
         try:
             table = store.read_split(folder)
-            for name in columns:
-                columns[name].append(table.column(groups["column"] if name == "group" else name).to_numpy())
+            for name, parts in columns.items():
+                parts.append(table.column(name).to_numpy())
         except (OSError, ValueError, KeyError, pa.ArrowException) as error:
             raise FinebenchError(f"{folder}: its {groups['column']!r} and 'label' columns cannot be read ({error}): "
                                  f"rebuild it with `{store.prepare_command(dataset, data_root, force=True)}`") from None
     return StoreGroups(str(groups["kind"]), [str(n) for n in groups["names"]], groups.get("of_class"),
-                       np.concatenate(columns["group"]).astype(np.int64),
+                       np.concatenate(columns[groups["column"]]).astype(np.int64),
                        np.concatenate(columns["label"]).astype(np.int64))
 
 
@@ -129,15 +129,15 @@ def group_table(runs: pd.DataFrame, error: bool = False,
             dataset_section = config["dataset"]
             key = (resolve_data_root(data_root, dataset_section.get("root")), str(dataset_section["name"]),
                    str(dataset_section.get("test_split") or "test"))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            warnings.append(f"{RunDir.at(run_dir).config_path}: no dataset to find groups in ({error}); "
+        except (OSError, ValueError, KeyError, TypeError) as problem:
+            warnings.append(f"{RunDir.at(run_dir).config_path}: no dataset to find groups in ({problem}); "
                             "left out of the per-group table")
             continue
         if key not in stores:
             try:
                 stores[key] = store_groups(*key)
-            except FinebenchError as error:
-                stores[key] = str(error)
+            except FinebenchError as problem:
+                stores[key] = str(problem)
         found = stores[key]
         if found is None:
             continue
@@ -145,8 +145,8 @@ def group_table(runs: pd.DataFrame, error: bool = False,
             if isinstance(found, str):
                 raise FinebenchError(found)
             result = run_groups(run_dir, found)
-        except FinebenchError as error:
-            warnings.append(f"{run_dir}: left out of the per-group table: {error}")
+        except FinebenchError as problem:
+            warnings.append(f"{run_dir}: left out of the per-group table: {problem}")
             continue
         for order, (name, top1, images) in enumerate(zip(result.names, result.top1, result.images, strict=True)):
             rows.append({"dataset": run.dataset, "backbone_label": run.backbone_label,
