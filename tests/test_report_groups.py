@@ -7,10 +7,12 @@ import json
 import math
 from pathlib import Path
 
+import archives
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from test_builders import prepare_via_server
 from test_trained import cli
 from tiny_data import CLASSES, DATASET, tiny_recipe
 
@@ -167,3 +169,24 @@ def test_without_predictions_the_confusion_matrix_serves_where_the_class_decides
     assert (result.images, result.top1) == ([5, 4], [100.0 * 3 / 5, 100.0 * 2 / 4])
     with pytest.raises(FinebenchError, match="classes that span several groups cannot give top-1 per supercategory"):
         run_groups(tmp_path, STORE)
+
+
+def test_report_groups_on_an_inat_store_prepared_from_its_official_files(tmp_path: Path, local_http_server) -> None:
+    """The tests' miniature of iNat 2021 mini (official archive and JSON layout, two supercategories)
+    prepared by the real builder, one run trained on it: one row per supercategory with its test
+    images, and the run's own top-1 is their image-weighted mean."""
+    mini = archives.inat("2021_mini")
+    prepare_via_server(mini, local_http_server, tmp_path / "data")
+    recipe = tmp_path / "inat.toml"
+    recipe.write_text(tiny_recipe(dataset=mini.name, batch_size=4, eval_batch_size=4))
+    results = tmp_path / "results"
+    done = cli("run", str(recipe), "--data-root", str(tmp_path / "data"), "--results-dir", str(results), "--quiet")
+    assert done.returncode == 0, done.stderr
+    done = cli("report", str(results), "--groups", "--format", "json", "-o", str(tmp_path / "report.json"))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "report_groups.json").read_text())
+    assert [(row["kind"], row["group"], row["images"], row["n"]) for row in rows] == [
+        ("supercategory", name, count, 1) for name, count in zip(mini.extra["groups"], (2, 2), strict=True)]
+    [overall] = json.loads((tmp_path / "report.json").read_text())
+    # two groups of two images: the run's top-1 is the mean of theirs (JSON rounds each to 6 decimals)
+    assert overall["top1_mean"] == pytest.approx((rows[0]["top1_mean"] + rows[1]["top1_mean"]) / 2, abs=1e-6)
