@@ -482,7 +482,7 @@ def report_command(
     paths: list[str] = typer.Argument(None, help="Results folders, run folders or summary.json files \\[default: results]."),
     by: list[str] = typer.Option(None, "--by", help="Grouping columns, repeated or comma-separated, e.g. --by dataset,AD,AW \\[default: dataset,backbone_label]."),
     fmt: str = typer.Option("markdown", "--format", "-f", help="markdown | csv | latex | json."),
-    output: str = typer.Option(None, "--output", "-o", help="Write the table to this file (--early adds FILE_early, --predictions FILE_predictions)."),
+    output: str = typer.Option(None, "--output", "-o", help="Write the table to this file (--early adds FILE_early, --predictions FILE_predictions, --groups FILE_groups)."),
     error: bool = typer.Option(False, "--error", help="Error rate instead of accuracy (the paper's CIFAR tables)."),
     reference: bool = typer.Option(False, "--reference", help="The authors' number beside each row whose settings their log states (last epoch; best epoch with --best)."),
     reference_file: list[str] = typer.Option(None, "--reference-file", help="Reference CSV(s) instead of results/reference/."),
@@ -491,6 +491,8 @@ def report_command(
     plots: str = typer.Option(None, "--plots", help="Write accuracy/cost, learning-curve and early-prediction plots (PNG, SVG) here."),
     speed: bool = typer.Option(False, "--speed", help="Also the training throughput (img/s; depends on the machine's load at the time)."),
     predictions: bool = typer.Option(False, "--predictions", help="Also every prediction a method records beside its top-1 (PMG's heads and their sum, WS-DAN's crop-refined prediction)."),
+    groups: bool = typer.Option(False, "--groups", help="Also top-1 per group of test images (iNat's supercategory) of each method, from the runs' per-image predictions and the store's group column."),
+    data_root: str = typer.Option(None, "--data-root", help="With --groups: the prepared datasets folder \\[default: $FINEBENCH_DATA, else the root each run recorded]."),
     long: bool = typer.Option(False, "--long", help="One row per variant instead of the paper layout (one row per dataset × backbone, a column block per variant); the default with --by."),
     ranks: bool = typer.Option(False, "--ranks", help="Also each method's average rank across datasets, the Friedman test and the Nemenyi critical difference (with --plots, its diagram)."),
     reproduce: bool = typer.Option(False, "--reproduce", help="Also each reference number (paper, official code, re-implementation; --reference-file or results/reference/) beside finebench's mean ± CI under the same selection rule, the difference and whether it lies inside the interval."),
@@ -528,6 +530,10 @@ def report_command(
     if result.predictions is not None:
         path = output_path.with_name(f"{output_path.stem}_predictions{output_path.suffix}") if output_path else None
         report_module.emit_table(result.predictions, fmt, path, "predictions", status=err_console)
+    if groups:
+        path = output_path.with_name(f"{output_path.stem}_groups{output_path.suffix}") if output_path else None
+        result.loaded.warnings.extend(report_module.emit_groups(result.loaded.runs, fmt, path, error, err_console,
+                                                                      data_root=data_root))
     if ranked is not None:
         ranks_path = output_path.with_name(f"{output_path.stem}_ranks{output_path.suffix}") if output_path else None
         report_module.emit_ranks(ranked, fmt, ranks_path, error=error, status=err_console)

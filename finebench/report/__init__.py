@@ -25,6 +25,7 @@ from finebench.report.disagree import (
     disagreement_table,
     format_disagreement,
 )
+from finebench.report.groups import group_table, groups_caption, shown_groups
 from finebench.report.ranks import Ranks, format_ranks, rank_methods, ranks_caption
 from finebench.report.records import LoadedRuns, find_summaries, load_metrics, load_runs
 from finebench.report.reference import REFERENCE_COLUMNS, load_reference
@@ -47,7 +48,7 @@ from finebench.report.tables import COLUMN_ALIASES, DEFAULT_BY, early_prediction
 from finebench.terminal import rich_table, terminal_tables
 
 __all__ = [
-    "COLUMN_ALIASES", "Pair", "Ranks", "disagreement", "emit_disagreement", "emit_ranks", "emit_reproduction",
+    "COLUMN_ALIASES", "Pair", "Ranks", "disagreement", "emit_disagreement", "emit_groups", "emit_ranks", "emit_reproduction",
     "reproduction_reference", "reproduction_table", "rank_methods", "DEFAULT_BY", "FORMATS", "REFERENCE_COLUMNS", "LoadedRuns", "Report", "early_prediction_table",
     "emit_table", "fitted_markdown", "predictions_table", "failed_table", "find_summaries", "format_table", "load_metrics", "load_reference", "load_runs", "make_report",
     "reader_width", "render", "rich_table", "running_lines", "split_by", "summary_table", "table_note", "terminal_tables", "wide_view",
@@ -186,3 +187,12 @@ def emit_disagreement(pairs: Sequence[Pair], a: str, b: str, fmt: str, output: P
     table = disagreement_table(pairs)
     emit_side_table(table, format_disagreement(table, a, b), disagreement_caption(a, b),
                     f"{a} against {b}, image by image", fmt, output, status)
+
+
+def emit_groups(runs: pd.DataFrame, fmt: str, output: Path | None, error: bool = False,
+                status: Console | None = None, data_root: str | Path | None = None) -> list[str]:
+    """``report --groups``: top-1 per group (iNat's supercategory) of each method; returns the lines
+    naming the runs left out, for the CLI to print with the other warnings."""
+    table, warnings = group_table(runs, error=error, data_root=data_root)
+    emit_side_table(table, shown_groups(table), groups_caption(table), "top-1 per group", fmt, output, status)
+    return warnings
