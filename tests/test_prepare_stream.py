@@ -25,7 +25,7 @@ import pytest
 from test_builders import prepare_via_server
 from tiny_data import DATASET, prepare_tiny_bars
 
-from finebench.data import download, registry, store
+from finebench.data import download, encoder, images, registry, shards, staging, store, writer
 from finebench.data import prepare as prepare_dataset_module
 from finebench.data.builders.base import ParsedDataset
 from finebench.data.download import extract_archive
@@ -76,19 +76,19 @@ def test_stores_of_existing_datasets_keep_their_rows(tmp_path, local_http_server
     extracted folder: the same rows as the writer before sharding stored."""
     root = prepare_tiny_bars(tmp_path / "bars", 40, 20)
     assert store_digests(root / DATASET) == FROZEN["bars"]
-    monkeypatch.setattr(store, "POOL_MIN_IMAGES", 1)  # a pool of two worker processes even for 60 images
-    monkeypatch.setattr(store, "SHARD_IMAGES", 7)  # and shards that cut the splits unevenly
+    monkeypatch.setattr(encoder, "POOL_MIN_IMAGES", 1)  # a pool of two worker processes even for 60 images
+    monkeypatch.setattr(shards, "SHARD_IMAGES", 7)  # and shards that cut the splits unevenly
     shutil.rmtree(root / DATASET)
     original = prepare_dataset_module.prepare_dataset
     monkeypatch.setattr(prepare_dataset_module, "prepare_dataset", lambda *a, **k: original(*a, **{**k, "workers": 2}))
-    monkeypatch.setattr(store._Encoder, "__init__", lambda self, workers, max_side, short_side: setattr(
+    monkeypatch.setattr(encoder.Encoder, "__init__", lambda self, workers, max_side, short_side: setattr(
         self, "__dict__", {"workers": workers, "max_side": 10**6, "short_side": None, "_pool": None}))  # "resizing"
     import tiny_data
 
     monkeypatch.setattr(tiny_data, "prepare_dataset", prepare_dataset_module.prepare_dataset)
     pools = []
-    start = store._Encoder._start
-    monkeypatch.setattr(store._Encoder, "_start", lambda self: (pools.append(self.workers), start(self))[1])
+    start = encoder.Encoder.start
+    monkeypatch.setattr(encoder.Encoder, "start", lambda self: (pools.append(self.workers), start(self))[1])
     prepare_tiny_bars(root, 40, 20)
     assert pools == [2, 2]  # asked for by each split; one pool of two processes, started once, serves both
     assert store_digests(root / DATASET) == FROZEN["bars"]
@@ -126,8 +126,8 @@ CHILD = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from finebench.data import store
-store.SHARD_IMAGES = 2
+from finebench.data import images, shards, staging
+shards.SHARD_IMAGES = 2
 marker = Path({marker!r})
 
 def stall():
@@ -135,24 +135,24 @@ def stall():
     time.sleep(600)
 
 if {streamed!r}:
-    add = store._Stage.add
+    add = staging.Stage.add
     def slow_add(self, *args):
         add(self, *args)
         if self.staged == 4 and len(self._records) == 1:  # two stage shards finished, the third begun
             stall()
-    store._Stage.add = slow_add
+    staging.Stage.add = slow_add
     import test_prepare_stream as t
     with t._with_checksums("inat2021_mini", Path({folder!r})):
         t.prepare_dataset("inat2021_mini", Path({root!r}), from_path=Path({folder!r}), quiet=True, workers=1)
 else:
-    encode = store.encode_image
+    encode = images.encode_image
     calls = []
     def slow_encode(*args):
         calls.append(1)
         if len(calls) == 5:  # two shards of train finished, the third begun
             stall()
         return encode(*args)
-    store.encode_image = slow_encode
+    images.encode_image = slow_encode
     import tiny_data
     tiny_data.prepare_tiny_bars(Path({root!r}), 40, 20)
 """
@@ -167,7 +167,7 @@ def _file_digests(store_path: Path) -> dict[str, str]:
 def test_a_prepare_killed_mid_shard_resumes_to_the_same_store_and_holds_the_lock_meanwhile(
     streamed, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(store, "SHARD_IMAGES", 2)
+    monkeypatch.setattr(shards, "SHARD_IMAGES", 2)
     name = "inat2021_mini" if streamed else DATASET
     folder = tmp_path / "downloads"
     folder.mkdir()
@@ -206,11 +206,11 @@ def test_a_prepare_killed_mid_shard_resumes_to_the_same_store_and_holds_the_lock
                         else ["shard-000000.arrow", "shard-000001.arrow"])
     work: list[int] = []
     if streamed:
-        add = store._Stage.add
-        monkeypatch.setattr(store._Stage, "add", lambda self, *a: (work.append(1), add(self, *a))[1])
+        add = staging.Stage.add
+        monkeypatch.setattr(staging.Stage, "add", lambda self, *a: (work.append(1), add(self, *a))[1])
     else:
-        encode = store.encode_image
-        monkeypatch.setattr(store, "encode_image", lambda *a: (work.append(1), encode(*a))[1])
+        encode = images.encode_image
+        monkeypatch.setattr(images, "encode_image", lambda *a: (work.append(1), encode(*a))[1])
     resumed = prepare(root)
     assert len(work) == (12 if streamed else 60) - 4  # the finished shards were not done again
     assert _file_digests(resumed) == _file_digests(reference)
@@ -245,13 +245,13 @@ def test_a_truncated_store_file_is_named_with_the_command_that_rebuilds_it(tmp_p
 def test_images_resized_in_worker_processes_equal_those_resized_in_process(tmp_path, monkeypatch):
     from tiny_data import _bars
 
-    monkeypatch.setattr(store, "POOL_MIN_IMAGES", 1)
+    monkeypatch.setattr(encoder, "POOL_MIN_IMAGES", 1)
     parsed = ParsedDataset([str(c) for c in range(10)], {"train": _bars(30, np.random.default_rng(0))})
     digests = []
     for workers in (1, 2):
         build = tmp_path / f"w{workers}"
         build.mkdir()
-        store.write_store(parsed, build, {"name": "unit"}, quiet=True, short_side=8, workers=workers)
+        writer.write_store(parsed, build, {"name": "unit"}, quiet=True, short_side=8, workers=workers)
         digests.append(content_digest(build / "train"))
     assert digests[0] == digests[1]
     assert json.loads((build / "meta.json").read_text())["image_stats"]["train"]["max_side"] == 8
@@ -314,8 +314,8 @@ faster path must write the same Arrow files (shards cut at 5 / 7 rows, record ba
 
 @pytest.mark.parametrize("case", ["inat2018", "inat2021_mini", "arrays"])
 def test_stores_are_byte_identical_to_those_written_before_the_speed_work(case, tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "SHARD_IMAGES", 5 if case.startswith("inat") else 7)
-    monkeypatch.setattr(store, "WRITER_BATCH", 2 if case.startswith("inat") else 3)
+    monkeypatch.setattr(shards, "SHARD_IMAGES", 5 if case.startswith("inat") else 7)
+    monkeypatch.setattr(shards, "WRITER_BATCH", 2 if case.startswith("inat") else 3)
     if case == "arrays":
         written = prepare_tiny_bars(tmp_path, 40, 20) / DATASET
     else:
