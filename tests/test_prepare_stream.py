@@ -381,3 +381,34 @@ def test_streaming_a_tar_keeps_no_header_per_member(tmp_path):
         tracemalloc.stop()
     assert count == 4000
     assert peak < 500_000  # headers kept: about 4000 x 0.4 KB = 1.6 MB; without, the read buffers only
+
+
+def test_annotation_files_read_compactly_list_what_the_plain_reading_lists(tmp_path, monkeypatch):
+    """The collected arrays and numpy checks give the plain checks' images and categories, and are what a
+    well-formed file goes through (the plain reading, a dict per entry, only for a file with a problem)."""
+    import json as json_module
+
+    from finebench.data.builders import coco
+
+    roots = ("train",)
+    document = {
+        "images": [{"id": i, "file_name": f"train/{i % 3}/{i}.jpg", "width": 8, "license": 1} for i in (9, 3, 7, 1)],
+        "annotations": [{"id": 50 + i, "image_id": i, "category_id": 10 + (i > 5)} for i in (1, 3, 9, 7, 3)],
+        "categories": [{"id": 10, "name": "a"}, {"id": 11, "name": "b"}],
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json_module.dumps(document))
+    plain = []
+    real = coco._checked_plainly
+    monkeypatch.setattr(coco, "_checked_plainly", lambda *a: (plain.append(1), real(*a))[1])
+    categories = {10: {}, 11: {}}
+    fast = coco.split_images(coco.load(path), roots, categories)
+    assert plain == []
+    expected = real(json_module.loads(path.read_text()), path, roots, categories)
+    assert fast.names == expected.names == ["train/0/9.jpg", "train/0/3.jpg", "train/1/7.jpg", "train/1/1.jpg"]
+    assert fast.category_ids.tolist() == expected.category_ids.tolist() == [11, 10, 11, 10]
+    document["annotations"].append({"id": 99, "image_id": 9, "category_id": 10})
+    path.write_text(json_module.dumps(document))
+    with pytest.raises(FinebenchError, match=r"image id 9 \(train/0/9\.jpg\) has two categories, 11 and 10"):
+        coco.split_images(coco.load(path), roots, categories)
+    assert plain == [1]
