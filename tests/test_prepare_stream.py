@@ -412,3 +412,29 @@ def test_annotation_files_read_compactly_list_what_the_plain_reading_lists(tmp_p
     with pytest.raises(FinebenchError, match=r"image id 9 \(train/0/9\.jpg\) has two categories, 11 and 10"):
         coco.split_images(coco.load(path), roots, categories)
     assert plain == [1]
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_annotation_files_parsed_a_chunk_at_a_time_equal_a_whole_parse(tmp_path, monkeypatch, indent):
+    """Chunks of 7 characters cut every value somewhere (names, numbers, literals): the document is still json's."""
+    import json as json_module
+
+    from finebench.data.builders import coco
+
+    monkeypatch.setattr(coco, "READ_CHARS", 7)
+    document = {
+        "info": {"year": 2021, "nested": [1, 2, {"a": None}]},
+        "images": [{"id": 12345678 + i, "file_name": f"train/é \"{i}\".jpg"} for i in range(5)],
+        "annotations": [{"id": i, "image_id": 12345678 + i, "category_id": 3} for i in range(5)],
+        "categories": [{"id": 3, "name": "n"}], "count": 123456789, "flag": True, "scale": 1.5e10, "empty": [],
+    }
+    path = tmp_path / "a.json"
+    path.write_text(json_module.dumps(document, indent=indent, ensure_ascii=False), encoding="utf-8")
+    loaded = coco.load(path)
+    assert loaded.collected.names == [f"train/é \"{i}\".jpg" for i in range(5)]
+    assert {k: v for k, v in loaded.data.items() if k not in ("images", "annotations")} == {
+        k: v for k, v in document.items() if k not in ("images", "annotations")}
+    path.write_text('{"images": [{"id": 1, "file_name": "train/a.jpg"},\n {"id": 2,, "file_name": "x"}]}')
+    with pytest.raises(FinebenchError, match=r"a\.json: not valid JSON \(Expecting property name enclosed in "
+                                             r"double quotes: line 2 column 11 \(char 61\)"):
+        coco.load(path)  # json's own message: the line and column in the file, not a position inside a chunk

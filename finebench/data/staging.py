@@ -93,6 +93,31 @@ class Stage:
             self._handle = None
 
 
+class _Locator:
+    """(split, row) of an archive member, or ``None`` when no split lists it.
+
+    Archives usually hold a split's images in its annotation file's order: while they do, each member is
+    compared with the next listed name, and no index is built. At the first member out of that order a
+    dict of every listed name is made (once) and used from then on."""
+
+    def __init__(self, members_of: list[list[str]]) -> None:
+        self.members_of = members_of
+        self.split = self.row = 0
+        self.key_of: dict[str, int] | None = None
+
+    def __call__(self, name: str) -> tuple[int, int] | None:
+        if self.key_of is None:
+            while self.split < len(self.members_of) and self.row >= len(self.members_of[self.split]):
+                self.split, self.row = self.split + 1, 0
+            if self.split < len(self.members_of) and self.members_of[self.split][self.row] == name:
+                self.row += 1
+                return self.split, self.row - 1
+            self.key_of = {member: split << ROW_BITS | row for split, members in enumerate(self.members_of)
+                           for row, member in enumerate(members)}
+        key = self.key_of.get(name)
+        return None if key is None else (key >> ROW_BITS, key & ((1 << ROW_BITS) - 1))
+
+
 def stage_archives(parsed: ParsedDataset, stage: Stage, encoder: Encoder, on_images) -> None:
     """Read every archive once, in order, keeping the listed images (after those already staged)."""
     from finebench.data.download import stream_tar
@@ -100,32 +125,29 @@ def stage_archives(parsed: ParsedDataset, stage: Stage, encoder: Encoder, on_ima
     stream = parsed.stream
     assert stream is not None
     names = list(parsed.splits)
-    key_of: dict[str, int] = {}
-    for split_id, split in enumerate(names):
-        for row, member in enumerate(parsed.splits[split].members):  # type: ignore[attr-defined]
-            key_of[member] = split_id << ROW_BITS | row
+    locate = _Locator([parsed.splits[split].members for split in names])  # type: ignore[attr-defined]
     skip = stage.staged
     listed = 0
-    row_mask = (1 << ROW_BITS) - 1
+    located: tuple[int, int] | None = None
 
     def wanted(name: str) -> bool:
-        nonlocal listed
-        if name not in key_of:
+        nonlocal listed, located
+        located = locate(name)
+        if located is None:
             return False
         listed += 1
         return listed > skip
 
     def images() -> Iterator[tuple[tuple[int, int, str], bytes]]:
         for archive in stream.archives:
-            for name, data in stream_tar(archive, wanted):
-                key = key_of.get(name)
-                if key is None:
+            for name, data in stream_tar(archive, wanted):  # wanted(name) has just located this member
+                if located is None:
                     if stream.is_image(name):
                         raise stream.unlisted(name)
                     continue
                 if data is None:  # staged by the interrupted prepare
                     continue
-                split_id, row = key >> ROW_BITS, key & row_mask
+                split_id, row = located
                 if stage.seen(split_id, row):
                     raise FinebenchError(f"{archive}: member {name} appears twice (an image is stored once)")
                 yield (split_id, row, name), data

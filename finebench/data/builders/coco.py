@@ -51,6 +51,9 @@ class _Collector:
     """``object_pairs_hook`` that takes well-formed image and annotation entries into arrays."""
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
         self.image_ids, self.names = array("q"), []
         self.annotation_images, self.annotation_categories = array("q"), array("q")
 
@@ -68,10 +71,101 @@ class _Collector:
         return entry
 
 
+READ_CHARS = 1 << 20
+"""Characters of an annotation file held at a time while it is parsed (``_Incremental``)."""
+_WHITESPACE = " \t\n\r"
+_MAX_VALUE_CHARS = 16 * READ_CHARS
+"""A value (an entry, or a member that is not a list) longer than this is read by the whole-file parse."""
+
+
+class _Incremental:
+    """A JSON document whose top level is an object, parsed ``READ_CHARS`` at a time: each member's value, and
+    each element of a top-level array, by ``JSONDecoder.raw_decode`` (C), so the whole text (as large as
+    the entries it lists) is never held. Raises ``ValueError`` on anything malformed; the caller then parses
+    the file whole, for ``json``'s own message with its line and column."""
+
+    def __init__(self, handle, decoder: json.JSONDecoder) -> None:
+        self.handle, self.decoder = handle, decoder
+        self.text, self.at, self.ended = "", 0, False
+
+    def _more(self) -> bool:
+        if self.ended:
+            return False
+        chunk = self.handle.read(READ_CHARS)
+        self.ended = not chunk
+        self.text = self.text[self.at:] + chunk
+        self.at = 0
+        return bool(chunk)
+
+    def _peek(self) -> str:
+        while True:
+            while self.at < len(self.text) and self.text[self.at] in _WHITESPACE:
+                self.at += 1
+            if self.at < len(self.text) or not self._more():
+                return self.text[self.at:self.at + 1]
+
+    def _expect(self, characters: str) -> str:
+        found = self._peek()
+        if not found or found not in characters:
+            raise ValueError(f"expected one of {characters!r}")
+        self.at += 1
+        return found
+
+    def _value(self) -> Any:
+        self._peek()
+        while True:
+            try:
+                value, end = self.decoder.raw_decode(self.text, self.at)
+            except json.JSONDecodeError:
+                # Cut off by the chunk's end: read on, unless it is no element's size (then an error).
+                if len(self.text) - self.at > _MAX_VALUE_CHARS or not self._more():
+                    raise
+                continue
+            if end == len(self.text) and self.text[self.at] not in '{["' and self._more():
+                continue  # a number or literal may go on in the next chunk (objects, lists, strings end by themselves)
+            self.at = end
+            return value
+
+    def _array(self) -> list[Any]:
+        items: list[Any] = []
+        self._expect("[")
+        if self._peek() == "]":
+            self.at += 1
+            return items
+        while True:
+            items.append(self._value())
+            if self._expect(",]") == "]":
+                return items
+
+    def document(self, hook) -> Any:
+        pairs: list[tuple[str, Any]] = []
+        self._expect("{")
+        if self._peek() != "}":
+            while True:
+                if self._peek() != '"':
+                    raise ValueError("expected a member name")
+                key = self._value()
+                self._expect(":")
+                pairs.append((key, self._array() if self._peek() == "[" else self._value()))
+                if self._expect(",}") == "}":
+                    break
+        else:
+            self.at += 1
+        if self._peek():
+            raise ValueError("extra data after the document")
+        return hook(pairs) if hook is not None else dict(pairs)
+
+
 def _read(path: Path, hook=None) -> dict[str, Any]:
     require_file(path, "an annotation file of the dataset")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=hook)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = _Incremental(handle, json.JSONDecoder(object_pairs_hook=hook)).document(hook)
+        except ValueError:  # json's own message, with line and column (a JSONDecodeError is a ValueError)
+            if isinstance(hook, _Collector):
+                hook.clear()
+            data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=hook)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FinebenchError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(data, dict):
