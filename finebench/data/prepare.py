@@ -1,6 +1,6 @@
 """``finebench prepare``: resolve a dataset's files, verify them, parse them, store them.
 
-Where the files come from, in order of the options:
+Where the files come from (``sources.py``; ``hub.py`` for the Hub), in order of the options:
 
 - ``--source hub``: the spec's Hugging Face Hub copy through ``datasets.load_dataset``; only the
   splits in ``spec.hub_splits`` are read, stored under finebench's names. Without a network (or
@@ -21,7 +21,7 @@ everything here is shared. Extraction goes into the build folder and is deleted 
 store is written, so a finished store holds only Arrow files and ``meta.json``. Image archives a
 builder can stream (``Source.stream``: iNaturalist's) are not extracted at all: the store reads them
 member by member. The build folder is ``<data_root>/<name>.partial`` and is written shard by shard
-(``store.py``), so a prepare that was killed continues, run again with the same files and options,
+(``writer.py``, ``builds.py``), so a prepare that was killed continues, run again with the same files and options,
 from its last finished shard; a failure of the data itself removes it.
 """
 

@@ -3,7 +3,7 @@
 A builder never downloads, verifies or writes: the shared code in ``download.py`` fetches and
 checks the sources listed in its ``DatasetSpec`` and extracts them into ``raw_dir``; the builder's
 ``parse(raw_dir)`` reads the official layout and returns classes plus examples per split;
-``store.py`` writes them. This mirrors torchvision's datasets (sources as data at the top,
+``writer.py`` writes them. This mirrors torchvision's datasets (sources as data at the top,
 a few lines of parsing) without repeating the download logic in every dataset.
 """
 
