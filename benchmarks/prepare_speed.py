@@ -18,6 +18,7 @@ sizes, and how long a store of a million images takes to open for training.
     python benchmarks/prepare_speed.py                       # 10,000 and 100,000 images; 100k and 1M entries
     python benchmarks/prepare_speed.py --images 10000 30000  # under heavy load
     python benchmarks/prepare_speed.py --quick               # smoke run
+    python benchmarks/prepare_speed.py --images 10000 100000 --repeats 3 --no-resize --entries   # prepare only
 """
 
 from __future__ import annotations
@@ -197,11 +198,14 @@ def run_startup(root: Path) -> dict:
 def main() -> None:
     parser = benchmark_arguments(__doc__)
     parser.add_argument("--images", type=int, nargs="+", default=None, help="training images per measured size")
-    parser.add_argument("--entries", type=int, nargs="+", default=None, help="store entries for the start-up part")
+    parser.add_argument("--entries", type=int, nargs="*", default=None,
+                        help="store entries for the start-up part (none given: the part is skipped)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the archives and stores go (default: a temporary folder)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of tar and every prepare, one table row each")
+    parser.add_argument("--no-resize", action="store_true", help="leave out the --short-side 64 variants")
     args = parse_benchmark_arguments(parser)
     sizes = args.images or ([300, 1200] if args.quick else [10_000, 100_000])
-    entries = args.entries or ([2_000, 20_000] if args.quick else [100_000, 1_000_000])
+    entries = args.entries if args.entries is not None else ([2_000, 20_000] if args.quick else [100_000, 1_000_000])
     print(machine_line(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
@@ -211,20 +215,22 @@ def main() -> None:
             train, val = make_inat(folder, size)
             archive_mb = sum((folder / n).stat().st_size for n in ("train_mini.tar.gz", "val.tar.gz")) / 2**20
             run_tar(folder)  # warm the page cache for both candidates alike
-            tar_s = run_tar(folder)
-            results = {}
             variants = [(1, 0, "--workers 1"), (0, 0, "default workers")]
-            if size == sizes[0]:  # re-encoding, where the worker processes do the work
+            if size == sizes[0] and not args.no_resize:  # re-encoding, where the worker processes do the work
                 variants += [(1, 64, "--short-side 64 --workers 1"), (0, 64, "--short-side 64")]
-            for workers, short, _ in variants:
-                results[workers, short] = run_prepare(folder, work / "data", workers, short)
-            tar_s = min(tar_s, run_tar(folder))
             total = train + val
-            for workers, short, label in variants:
-                r = results[workers, short]
-                rows.append([f"{total:,} ({archive_mb:.0f} MB)", label, f"{total / r['seconds']:,.0f}",
-                             f"{total / tar_s:,.0f}", f"{tar_s / r['seconds']:.2f}", f"{r['maxrss_mib']:.0f}",
-                             ", ".join(f"{v:.1f}" for v in os.getloadavg())])
+            for round_ in range(args.repeats):  # each round with its own tar figure: the load drifts
+                tar_s = run_tar(folder)
+                results = {}
+                for workers, short, _ in variants:
+                    results[workers, short] = run_prepare(folder, work / "data", workers, short)
+                tar_s = min(tar_s, run_tar(folder))
+                for workers, short, label in variants:
+                    r = results[workers, short]
+                    rows.append([f"{total:,} ({archive_mb:.0f} MB)",
+                                 label + (f" (round {round_ + 1})" if args.repeats > 1 else ""),
+                                 f"{total / r['seconds']:,.0f}", f"{total / tar_s:,.0f}", f"{tar_s / r['seconds']:.2f}",
+                                 f"{r['maxrss_mib']:.0f}", ", ".join(f"{v:.1f}" for v in os.getloadavg())])
             print(format_table(["images", "prepare", "prepare img/s", "tar img/s", "prepare / tar", "peak MiB", "load"],
                                rows), flush=True)
             import shutil
@@ -242,7 +248,8 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(root)
-        print(format_table(["store entries", "build_loaders s", "first batch s", "peak MiB added", "RSS anon / file MiB", "load"], startup))
+        if startup:
+            print(format_table(["store entries", "build_loaders s", "first batch s", "peak MiB added", "RSS anon / file MiB", "load"], startup))
     print("prepare_speed: finished")
 
 
