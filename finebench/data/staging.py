@@ -29,6 +29,8 @@ ROW_BITS = 40
 """A streamed image's key is ``split << ROW_BITS | row``: one small int per listed image."""
 OPEN_STAGE_FILES = 64
 """Stage files kept open while a split is written (its rows may be spread over all of them)."""
+STAGE_BUFFER = 1 << 20
+"""Write buffer of a stage file: one system call per MiB of images, not per 8 KiB (Python's default)."""
 
 
 class Stage:
@@ -64,7 +66,7 @@ class Stage:
 
     def add(self, split: int, row: int, data: bytes, size: tuple[int, int]) -> None:
         if self._handle is None:
-            self._handle = open(self.folder / f"stage-{self.shards:06d}.bin", "wb")  # noqa: SIM115
+            self._handle = open(self.folder / f"stage-{self.shards:06d}.bin", "wb", buffering=STAGE_BUFFER)  # noqa: SIM115
             self._offset = 0
         self._handle.write(data)
         self._records.append((split, row, self._offset, len(data), *size))
