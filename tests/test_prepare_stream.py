@@ -405,7 +405,7 @@ def test_annotation_files_read_compactly_list_what_the_plain_reading_lists(tmp_p
     fast = coco.split_images(coco.load(path), roots, categories)
     assert plain == []
     expected = real(json_module.loads(path.read_text()), path, roots, categories)
-    assert fast.names == expected.names == ["train/0/9.jpg", "train/0/3.jpg", "train/1/7.jpg", "train/1/1.jpg"]
+    assert list(fast.names) == expected.names == ["train/0/9.jpg", "train/0/3.jpg", "train/1/7.jpg", "train/1/1.jpg"]
     assert fast.category_ids.tolist() == expected.category_ids.tolist() == [11, 10, 11, 10]
     document["annotations"].append({"id": 99, "image_id": 9, "category_id": 10})
     path.write_text(json_module.dumps(document))
@@ -431,10 +431,26 @@ def test_annotation_files_parsed_a_chunk_at_a_time_equal_a_whole_parse(tmp_path,
     path = tmp_path / "a.json"
     path.write_text(json_module.dumps(document, indent=indent, ensure_ascii=False), encoding="utf-8")
     loaded = coco.load(path)
-    assert loaded.collected.names == [f"train/é \"{i}\".jpg" for i in range(5)]
+    assert list(loaded.collected.names.finish()) == [f"train/é \"{i}\".jpg" for i in range(5)]
     assert {k: v for k, v in loaded.data.items() if k not in ("images", "annotations")} == {
         k: v for k, v in document.items() if k not in ("images", "annotations")}
     path.write_text('{"images": [{"id": 1, "file_name": "train/a.jpg"},\n {"id": 2,, "file_name": "x"}]}')
     with pytest.raises(FinebenchError, match=r"a\.json: not valid JSON \(Expecting property name enclosed in "
                                              r"double quotes: line 2 column 11 \(char 61\)"):
         coco.load(path)  # json's own message: the line and column in the file, not a position inside a chunk
+
+
+def test_file_names_kept_in_blocks_read_back_as_the_list(monkeypatch):
+    from finebench.data.builders import coco
+
+    monkeypatch.setattr(coco, "NAMES_BLOCK", 3)  # blocks cut the 11 names unevenly
+    names = ["train/a.jpg", "", "val/é/b.jpg", "x", "train/ü ß.jpeg", "a/b", "c", "", "d/e/f.jpg", "g", "h"]
+    builder = coco._NamesBuilder()
+    for name in names:
+        builder.append(name)
+    kept = builder.finish()
+    assert list(kept) == names and len(kept) == 11
+    assert [kept[i] for i in range(-11, 11)] == names + names
+    assert kept[2:9] == names[2:9] and kept[::4] == names[::4]
+    with pytest.raises(IndexError):
+        kept[11]

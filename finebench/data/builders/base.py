@@ -9,7 +9,7 @@ a few lines of parsing) without repeating the download logic in every dataset.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -71,7 +71,7 @@ class StreamedSplit:
     """A split whose images are members of image archives, read while the store is written, never
     extracted. Arrays, not an ``Example`` per image: 2.7 million of those would cost gigabytes."""
 
-    members: list[str]
+    members: Sequence[str]
     """Member names (no leading ``./``) in the split's order, which is the store's order."""
     labels: np.ndarray
     groups: np.ndarray | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from array import array
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,11 +25,68 @@ from finebench.errors import FinebenchError
 _INT64 = (-(2**63), 2**63)
 
 
+NAMES_BLOCK = 4096
+"""Names per block of ``Names``: a block is one ``str``, so none is as large as the whole list."""
+
+
+class Names(Sequence[str]):
+    """Strings kept as blocks of joined text and where each ends in its block: about half the memory of a list
+    of ``str`` (a ``str`` object costs 49 bytes before its characters), 130 MB less for iNat 2021's 2.7 million
+    file names."""
+
+    def __init__(self, blocks: list[str], ends: array) -> None:
+        self.blocks, self.ends = blocks, ends
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __iter__(self) -> Iterator[str]:
+        for index in range(len(self.ends)):
+            yield self[index]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self.ends)
+        block, first = divmod(index, NAMES_BLOCK)
+        end = self.ends[index]  # raises IndexError past the end, as a list does
+        return self.blocks[block][self.ends[index - 1] if first else 0:end]
+
+
+class _NamesBuilder:
+    """``Names`` appended one at a time, joined a block at a time so no list of every name is held."""
+
+    def __init__(self) -> None:
+        self.blocks: list[str] = []
+        self.pending: list[str] = []
+        self.ends = array("q")
+        self.length = 0
+
+    def append(self, name: str) -> None:
+        self.pending.append(name)
+        self.length += len(name)
+        self.ends.append(self.length)
+        if len(self.pending) == NAMES_BLOCK:
+            self.blocks.append("".join(self.pending))
+            self.pending, self.length = [], 0
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def finish(self) -> Names:
+        if self.pending:
+            self.blocks.append("".join(self.pending))
+        names = Names(self.blocks, self.ends)
+        self.blocks, self.pending = [], []
+        return names
+
+
 @dataclass
 class SplitList:
     """A file's images in its order: their ``file_name``\\ s and category ids."""
 
-    names: list[str]
+    names: Sequence[str]
     category_ids: np.ndarray
 
     def __len__(self) -> int:
@@ -54,7 +111,7 @@ class _Collector:
         self.clear()
 
     def clear(self) -> None:
-        self.image_ids, self.names = array("q"), []
+        self.image_ids, self.names = array("q"), _NamesBuilder()
         self.annotation_images, self.annotation_categories = array("q"), array("q")
 
     def __call__(self, pairs: list[tuple[str, Any]]) -> Any:
@@ -259,11 +316,12 @@ def _plain_name(name: str, roots: tuple[str, ...]) -> bool:
 def _checked_fast(loaded: AnnotationFile, roots: tuple[str, ...], categories: Mapping[int, Any]) -> SplitList | None:
     """The same checks on the collected arrays; ``None`` at the first doubt (the plain check then decides)."""
     collected, data = loaded.collected, loaded.data
-    names = collected.names
+    names = collected.names.finish()
     if len(data["images"]) != len(names) or len(data["annotations"]) != len(collected.annotation_images):
         return None
     if any(entry is not _IMAGE for entry in data["images"]) or any(e is not _ANNOTATION for e in data["annotations"]):
         return None
+    data["images"] = data["annotations"] = None  # placeholders only, checked; the plain check reads the file anew
     if not all(_plain_name(name, roots) for name in names):
         return None
     ids = np.frombuffer(collected.image_ids, np.int64) if names else np.zeros(0, np.int64)
@@ -282,12 +340,15 @@ def _checked_fast(loaded: AnnotationFile, roots: tuple[str, ...], categories: Ma
     known = np.fromiter(categories, np.int64, len(categories))
     if not np.isin(labels, known).all():
         return None
-    category = np.zeros(len(ordered), np.int64)
-    labelled = np.zeros(len(ordered), bool)
+    count = len(ordered)
+    del ordered, ids  # the arrays of a million-image file are 8 MB each: no more alive at once than needed
+    category = np.zeros(count, np.int64)
+    labelled = np.zeros(count, bool)
     category[position] = labels
     labelled[position] = True
     if not labelled.all() or not (category[position] == labels).all():
         return None
+    del position, labelled
     in_file_order = np.empty_like(category)
     in_file_order[order] = category
     return SplitList(names, in_file_order)
