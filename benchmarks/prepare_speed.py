@@ -19,6 +19,7 @@ sizes, and how long a store of a million images takes to open for training.
     python benchmarks/prepare_speed.py --images 10000 30000  # under heavy load
     python benchmarks/prepare_speed.py --quick               # smoke run
     python benchmarks/prepare_speed.py --images 10000 100000 --repeats 3 --no-resize --entries   # prepare only
+    python benchmarks/prepare_speed.py --images 100000 --no-resize --entries --against ../main   # A/B, same rounds
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def make_inat(folder: Path, images: int) -> tuple[int, int]:
 
 
 CHILD = """
-import json, sys, time
+import json, resource, sys, time
 from dataclasses import replace
 from pathlib import Path
 from finebench.data import registry
@@ -106,13 +107,17 @@ seconds = time.perf_counter() - start
 # VmHWM: this process's own peak. ru_maxrss is not: Linux carries the parent's peak over fork and exec, so it
 # reported the benchmark process (the archives' JSON it had built) rather than the prepare.
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"seconds": seconds, "maxrss_mib": int(status["VmHWM"].split()[0]) / 1024}))
+own, gzip = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"seconds": seconds, "maxrss_mib": int(status["VmHWM"].split()[0]) / 1024,
+                  "cpu_s": own.ru_utime + own.ru_stime, "gzip_cpu_s": gzip.ru_utime + gzip.ru_stime}))
 """
 
 
-def run_prepare(folder: Path, root: Path, workers: int, short_side: int = 0) -> dict:
+def run_prepare(folder: Path, root: Path, workers: int, short_side: int = 0, checkout: Path | None = None) -> dict:
+    """One prepare in its own process; ``checkout``: the finebench of another working tree (``--against``)."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout else None
     result = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(root), str(workers), str(short_side)],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True, env=env, cwd=checkout)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -203,13 +208,15 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where the archives and stores go (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of tar and every prepare, one table row each")
     parser.add_argument("--no-resize", action="store_true", help="leave out the --short-side 64 variants")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another checkout (e.g. a worktree of main): its --workers 1 prepare in every round too")
     args = parse_benchmark_arguments(parser)
     sizes = args.images or ([300, 1200] if args.quick else [10_000, 100_000])
     entries = args.entries if args.entries is not None else ([2_000, 20_000] if args.quick else [100_000, 1_000_000])
     print(machine_line(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
-        work = Path(work)
+        work = Path(work).resolve()  # absolute: an --against prepare runs in its checkout
         for size in sizes:
             folder = work / f"inat{size}"
             train, val = make_inat(folder, size)
@@ -224,14 +231,21 @@ def main() -> None:
                 results = {}
                 for workers, short, _ in variants:
                     results[workers, short] = run_prepare(folder, work / "data", workers, short)
+                if args.against:
+                    results["against"] = run_prepare(folder, work / "data", 1, 0, args.against.resolve())
                 tar_s = min(tar_s, run_tar(folder))
-                for workers, short, label in variants:
-                    r = results[workers, short]
+                labelled = [((workers, short), label) for workers, short, label in variants]
+                if args.against:
+                    labelled.append(("against", f"--workers 1 in {args.against}"))
+                for key, label in labelled:
+                    r = results[key]
                     rows.append([f"{total:,} ({archive_mb:.0f} MB)",
                                  label + (f" (round {round_ + 1})" if args.repeats > 1 else ""),
                                  f"{total / r['seconds']:,.0f}", f"{total / tar_s:,.0f}", f"{tar_s / r['seconds']:.2f}",
-                                 f"{r['maxrss_mib']:.0f}", ", ".join(f"{v:.1f}" for v in os.getloadavg())])
-            print(format_table(["images", "prepare", "prepare img/s", "tar img/s", "prepare / tar", "peak MiB", "load"],
+                                 f"{r['maxrss_mib']:.0f}", f"{r.get('cpu_s', 0):.1f} + {r.get('gzip_cpu_s', 0):.1f}",
+                                 ", ".join(f"{v:.1f}" for v in os.getloadavg())])
+            print(format_table(["images", "prepare", "prepare img/s", "tar img/s", "prepare / tar", "peak MiB",
+                                "CPU s (+ gzip)", "load"],
                                rows), flush=True)
             import shutil
 
