@@ -9,7 +9,8 @@ sizes, and how long a store of a million images takes to open for training.
    core), and at the first size with ``--short-side 64`` (re-encoding: the work the worker processes
    take); the reference is ``tar -xzOf`` of the same two archives to /dev/null: reading and decompressing
    them and nothing else. Target: prepare >= half of tar's images/s without resizing.
-2. Peak memory (``ru_maxrss`` of the prepare process) at the two sizes; target: within 10 %.
+2. Peak memory (``VmHWM`` of the prepare process: its own peak resident set) at the two sizes; target: within
+   10 %.
 3. Start-up of an epoch on a store built directly with pyarrow (the layout ``prepare`` writes: Arrow record
    batches of 100 rows) of 100,000 and 1,000,000 entries: ``plan_loaders`` + ``build_loaders`` + the first
    batch, and the resident memory they add.
@@ -17,16 +18,16 @@ sizes, and how long a store of a million images takes to open for training.
     python benchmarks/prepare_speed.py                       # 10,000 and 100,000 images; 100k and 1M entries
     python benchmarks/prepare_speed.py --images 10000 30000  # under heavy load
     python benchmarks/prepare_speed.py --quick               # smoke run
+    python benchmarks/prepare_speed.py --images 10000 100000 --repeats 3 --no-resize --entries   # prepare only
+    python benchmarks/prepare_speed.py --images 100000 --no-resize --entries --against ../main   # A/B, same rounds
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tarfile
@@ -90,7 +91,7 @@ def make_inat(folder: Path, images: int) -> tuple[int, int]:
 
 
 CHILD = """
-import hashlib, json, resource, sys, time
+import json, resource, sys, time
 from dataclasses import replace
 from pathlib import Path
 from finebench.data import registry
@@ -102,14 +103,21 @@ start = time.perf_counter()
 with registry.override(replace(spec, sources=sources)):
     prepare_dataset("inat2021_mini", root, from_path=folder, quiet=True, workers=workers or None, force=True,
                     short_side=short or None)
-print(json.dumps({"seconds": time.perf_counter() - start,
-                  "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+seconds = time.perf_counter() - start
+# VmHWM: this process's own peak. ru_maxrss is not: Linux carries the parent's peak over fork and exec, so it
+# reported the benchmark process (the archives' JSON it had built) rather than the prepare.
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+own, gzip = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"seconds": seconds, "maxrss_mib": int(status["VmHWM"].split()[0]) / 1024,
+                  "cpu_s": own.ru_utime + own.ru_stime, "gzip_cpu_s": gzip.ru_utime + gzip.ru_stime}))
 """
 
 
-def run_prepare(folder: Path, root: Path, workers: int, short_side: int = 0) -> dict:
+def run_prepare(folder: Path, root: Path, workers: int, short_side: int = 0, checkout: Path | None = None) -> dict:
+    """One prepare in its own process; ``checkout``: the finebench of another working tree (``--against``)."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout else None
     result = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(root), str(workers), str(short_side)],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True, env=env, cwd=checkout)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -165,12 +173,15 @@ def make_store(root: Path, entries: int) -> None:
 
 
 STARTUP_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def hwm_kib():  # this process's peak (ru_maxrss would include the parent's, carried over fork and exec)
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+
 from finebench.data.loader import build_loaders
 import torch
-imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+imported = hwm_kib()
 start = time.perf_counter()
 loaders = build_loaders("synthetic", Path(sys.argv[1]), input_size=32, augmentation="cifar", batch_size=64,
                         workers=0, seed=0)
@@ -179,7 +190,7 @@ next(iter(loaders.train))
 first = time.perf_counter()
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
 print(json.dumps({"build_s": built - start, "first_batch_s": first - built, "size": loaders.train_size,
-                  "added_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - imported) / 1024,
+                  "added_mib": (hwm_kib() - imported) / 1024,
                   "anon_mib": int(status["RssAnon"].split()[0]) / 1024, "file_mib": int(status["RssFile"].split()[0]) / 1024}))
 """
 
@@ -192,35 +203,49 @@ def run_startup(root: Path) -> dict:
 def main() -> None:
     parser = benchmark_arguments(__doc__)
     parser.add_argument("--images", type=int, nargs="+", default=None, help="training images per measured size")
-    parser.add_argument("--entries", type=int, nargs="+", default=None, help="store entries for the start-up part")
+    parser.add_argument("--entries", type=int, nargs="*", default=None,
+                        help="store entries for the start-up part (none given: the part is skipped)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the archives and stores go (default: a temporary folder)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of tar and every prepare, one table row each")
+    parser.add_argument("--no-resize", action="store_true", help="leave out the --short-side 64 variants")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another checkout (e.g. a worktree of main): its --workers 1 prepare in every round too")
     args = parse_benchmark_arguments(parser)
     sizes = args.images or ([300, 1200] if args.quick else [10_000, 100_000])
-    entries = args.entries or ([2_000, 20_000] if args.quick else [100_000, 1_000_000])
+    entries = args.entries if args.entries is not None else ([2_000, 20_000] if args.quick else [100_000, 1_000_000])
     print(machine_line(), flush=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
-        work = Path(work)
+        work = Path(work).resolve()  # absolute: an --against prepare runs in its checkout
         for size in sizes:
             folder = work / f"inat{size}"
             train, val = make_inat(folder, size)
             archive_mb = sum((folder / n).stat().st_size for n in ("train_mini.tar.gz", "val.tar.gz")) / 2**20
             run_tar(folder)  # warm the page cache for both candidates alike
-            tar_s = run_tar(folder)
-            results = {}
             variants = [(1, 0, "--workers 1"), (0, 0, "default workers")]
-            if size == sizes[0]:  # re-encoding, where the worker processes do the work
+            if size == sizes[0] and not args.no_resize:  # re-encoding, where the worker processes do the work
                 variants += [(1, 64, "--short-side 64 --workers 1"), (0, 64, "--short-side 64")]
-            for workers, short, _ in variants:
-                results[workers, short] = run_prepare(folder, work / "data", workers, short)
-            tar_s = min(tar_s, run_tar(folder))
             total = train + val
-            for workers, short, label in variants:
-                r = results[workers, short]
-                rows.append([f"{total:,} ({archive_mb:.0f} MB)", label, f"{total / r['seconds']:,.0f}",
-                             f"{total / tar_s:,.0f}", f"{tar_s / r['seconds']:.2f}", f"{r['maxrss_mib']:.0f}",
-                             ", ".join(f"{v:.1f}" for v in os.getloadavg())])
-            print(format_table(["images", "prepare", "prepare img/s", "tar img/s", "prepare / tar", "peak MiB", "load"],
+            for round_ in range(args.repeats):  # each round with its own tar figure: the load drifts
+                tar_s = run_tar(folder)
+                results = {}
+                for workers, short, _ in variants:
+                    results[workers, short] = run_prepare(folder, work / "data", workers, short)
+                if args.against:
+                    results["against"] = run_prepare(folder, work / "data", 1, 0, args.against.resolve())
+                tar_s = min(tar_s, run_tar(folder))
+                labelled = [((workers, short), label) for workers, short, label in variants]
+                if args.against:
+                    labelled.append(("against", f"--workers 1 in {args.against}"))
+                for key, label in labelled:
+                    r = results[key]
+                    rows.append([f"{total:,} ({archive_mb:.0f} MB)",
+                                 label + (f" (round {round_ + 1})" if args.repeats > 1 else ""),
+                                 f"{total / r['seconds']:,.0f}", f"{total / tar_s:,.0f}", f"{tar_s / r['seconds']:.2f}",
+                                 f"{r['maxrss_mib']:.0f}", f"{r.get('cpu_s', 0):.1f} + {r.get('gzip_cpu_s', 0):.1f}",
+                                 ", ".join(f"{v:.1f}" for v in os.getloadavg())])
+            print(format_table(["images", "prepare", "prepare img/s", "tar img/s", "prepare / tar", "peak MiB",
+                                "CPU s (+ gzip)", "load"],
                                rows), flush=True)
             import shutil
 
@@ -237,7 +262,8 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(root)
-        print(format_table(["store entries", "build_loaders s", "first batch s", "peak MiB added", "RSS anon / file MiB", "load"], startup))
+        if startup:
+            print(format_table(["store entries", "build_loaders s", "first batch s", "peak MiB added", "RSS anon / file MiB", "load"], startup))
     print("prepare_speed: finished")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finebench.data import store
+from finebench.data import builds, store, writer
 from finebench.data.builders.base import Example, ParsedDataset
 from finebench.errors import FinebenchError
 
@@ -24,8 +24,8 @@ def _jpeg(width: int, height: int) -> bytes:
 
 
 def _write(tmp_path: Path, parsed: ParsedDataset, **kwargs) -> tuple[Path, dict]:
-    build = store.new_build_dir(tmp_path, "unit")
-    meta = store.write_store(parsed, build, {"name": "unit"}, quiet=True, **kwargs)
+    build = builds.new_build_dir(tmp_path, "unit")
+    meta = writer.write_store(parsed, build, {"name": "unit"}, quiet=True, **kwargs)
     return build, meta
 
 
@@ -91,18 +91,18 @@ def test_out_of_range_label_is_an_error(tmp_path: Path) -> None:
 
 
 def test_a_build_without_meta_is_never_committed(tmp_path: Path) -> None:
-    build = store.new_build_dir(tmp_path, "unit")
+    build = builds.new_build_dir(tmp_path, "unit")
     with pytest.raises(RuntimeError, match="no meta.json"):
-        store.commit_build(build, tmp_path / "unit")
+        builds.commit_build(build, tmp_path / "unit")
     assert not store.is_prepared(tmp_path, "unit")
 
 
 def test_stale_partials_of_dead_processes_are_cleaned(tmp_path: Path) -> None:
     stale = tmp_path / "unit.partial-999999999-deadbeef"
     stale.mkdir(parents=True)
-    live = store.new_build_dir(tmp_path, "unit")
+    live = builds.new_build_dir(tmp_path, "unit")
     assert not stale.exists() and live.exists()
-    assert store.new_build_dir(tmp_path, "unit") != live and live.exists()
+    assert builds.new_build_dir(tmp_path, "unit") != live and live.exists()
 
 
 def test_read_meta_of_unprepared_dataset_says_how_to_prepare(tmp_path: Path) -> None:

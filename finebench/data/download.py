@@ -318,7 +318,10 @@ def stream_tar(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[s
         with (tarfile.open(fileobj=process.stdout, mode="r|") if process else tarfile.open(archive, "r|*")) as tar:
             member = None
             try:
-                for member in tar:
+                # tar.next(), not iteration: iterating indexes tar.members, which keeps every header read
+                # (about 0.4 KB an image, 1 GB for iNat 2021); a stream is read once, so they are dropped.
+                for member in iter(tar.next, None):
+                    tar.members = []
                     last = member.name
                     if not member.isfile():
                         continue

@@ -3,13 +3,13 @@
 A builder never downloads, verifies or writes: the shared code in ``download.py`` fetches and
 checks the sources listed in its ``DatasetSpec`` and extracts them into ``raw_dir``; the builder's
 ``parse(raw_dir)`` reads the official layout and returns classes plus examples per split;
-``store.py`` writes them. This mirrors torchvision's datasets (sources as data at the top,
+``writer.py`` writes them. This mirrors torchvision's datasets (sources as data at the top,
 a few lines of parsing) without repeating the download logic in every dataset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -71,7 +71,7 @@ class StreamedSplit:
     """A split whose images are members of image archives, read while the store is written, never
     extracted. Arrays, not an ``Example`` per image: 2.7 million of those would cost gigabytes."""
 
-    members: list[str]
+    members: Sequence[str]
     """Member names (no leading ``./``) in the split's order, which is the store's order."""
     labels: np.ndarray
     groups: np.ndarray | None = None

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from finebench.data.builders._layout import require_dir, require_file
 import numpy as np
 
+from finebench.data.builders import coco
+from finebench.data.builders._layout import require_dir, require_file
 from finebench.data.builders.base import (
     ArchiveStream,
     DatasetSpec,
@@ -108,84 +109,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg")
 # ---- reading the annotation files ---------------------------------------------------------------
 
 
-def _load_json(path: Path) -> dict[str, Any]:
-    require_file(path, "an annotation file of the dataset")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FinebenchError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise FinebenchError(f"{path}: expected a JSON object with images, annotations and categories")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise FinebenchError(f"{path}: expected a list under {key!r} (COCO-style annotation file)")
-    return data
-
-
-def _field(entry: Any, key: str, path: Path, what: str, index: int, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(entry, dict) or not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
-        shown = json.dumps(entry)[:120] if isinstance(entry, (dict, list)) else repr(entry)
-        raise FinebenchError(f"{path}: {what} #{index} has no valid {key!r} ({shown})")
-    return entry[key]
-
-
-def _categories(data: dict[str, Any], path: Path) -> dict[int, dict[str, Any]]:
-    found: dict[int, dict[str, Any]] = {}
-    for index, entry in enumerate(data["categories"]):
-        category_id = _field(entry, "id", path, "category", index, int)
-        if category_id in found:
-            raise FinebenchError(f"{path}: category id {category_id} is listed twice")
-        found[category_id] = entry
-    return found
-
-
-@dataclass(frozen=True)
-class _Listed:
-    file_name: str
-    category_id: int
-
-
-def _split_images(data: dict[str, Any], path: Path, year: Year, categories: Mapping[int, Any]) -> list[_Listed]:
-    """Each image with its one category, in the file's image order; every inconsistency is named."""
-    file_of: dict[int, str] = {}
-    for index, entry in enumerate(data["images"]):
-        image_id = _field(entry, "id", path, "image", index, int)
-        file_name = _field(entry, "file_name", path, "image", index, str)
-        parts = PurePosixPath(file_name).parts
-        if image_id in file_of:
-            raise FinebenchError(f"{path}: image id {image_id} is listed twice")
-        if len(parts) < 2 or parts[0] not in year.image_roots or ".." in parts or file_name.startswith("/"):
-            raise FinebenchError(
-                f"{path}: image id {image_id} has file_name {file_name!r}, expected a path under "
-                f"{' or '.join(r + '/' for r in year.image_roots)}"
-            )
-        file_of[image_id] = file_name
-    category_of: dict[int, int] = {}
-    for index, entry in enumerate(data["annotations"]):
-        image_id = _field(entry, "image_id", path, "annotation", index, int)
-        category_id = _field(entry, "category_id", path, "annotation", index, int)
-        where = f"annotation #{index} (id {entry.get('id')}) of image {image_id}"
-        if image_id not in file_of:
-            raise FinebenchError(f"{path}: {where} refers to no listed image")
-        if category_id not in categories:
-            raise FinebenchError(
-                f"{path}: {where} ({file_of[image_id]}) has category_id {category_id}, which is not in the "
-                f"taxonomy ({len(categories)} categories, ids {min(categories)}..{max(categories)})"
-            )
-        if category_of.setdefault(image_id, category_id) != category_id:
-            raise FinebenchError(
-                f"{path}: image id {image_id} ({file_of[image_id]}) has two categories, "
-                f"{category_of[image_id]} and {category_id}"
-            )
-    unlabelled = [image_id for image_id in file_of if image_id not in category_of]
-    if unlabelled:
-        raise FinebenchError(
-            f"{path}: image id {unlabelled[0]} ({file_of[unlabelled[0]]}) has no annotation "
-            f"({len(unlabelled)} images without one)"
-        )
-    return [_Listed(file_of[image_id], category_of[image_id]) for image_id in file_of]
-
-
 def _taxonomy(raw_dir: Path, year: Year, per_split: Mapping[str, dict[int, dict[str, Any]]]) -> dict[int, dict[str, Any]]:
     """category id -> its fields; the splits' lists must agree, and 2018's names come from categories.json."""
     (first, reference), *others = per_split.items()
@@ -213,7 +136,7 @@ def _taxonomy(raw_dir: Path, year: Year, per_split: Mapping[str, dict[int, dict[
         released = released.get("categories")
     if not isinstance(released, list):
         raise FinebenchError(f"{path}: expected a list of categories (or an object with 'categories')")
-    named = _categories({"categories": released}, path)
+    named = coco.categories_of({"categories": released}, path)
     missing = sorted(set(reference) - set(named))
     if missing:
         raise FinebenchError(f"{path}: category id {missing[0]} of {year.annotations[first]} is not in it")
@@ -223,18 +146,33 @@ def _taxonomy(raw_dir: Path, year: Year, per_split: Mapping[str, dict[int, dict[
 # ---- the archive against the lists ----------------------------------------------------------------
 
 
-def _split_of_image(raw_dir: Path, year: Year, listed: Mapping[str, list[_Listed]]) -> dict[str, str]:
+def _split_of_image(raw_dir: Path, year: Year, listed: Mapping[str, coco.SplitList]) -> dict[str, str]:
     """file_name -> the split that lists it; an image listed by two splits is refused."""
     listed_by: dict[str, str] = {}
     for split, items in listed.items():
-        for item in items:
-            other = listed_by.setdefault(item.file_name, split)
+        for name in items.names:
+            other = listed_by.setdefault(name, split)
             if other != split:  # 2017/2018 share one image folder: an image in both splits would leak the test set
                 raise FinebenchError(
-                    f"{raw_dir / year.annotations[split]}: lists image {item.file_name}, which "
+                    f"{raw_dir / year.annotations[split]}: lists image {name}, which "
                     f"{year.annotations[other]} lists too (an image may be in one split only)"
                 )
     return listed_by
+
+
+def _check_disjoint(raw_dir: Path, year: Year, listed: Mapping[str, coco.SplitList]) -> None:
+    """``_split_of_image``'s check without its dict of every image: sets of all splits but the largest."""
+    by_size = sorted(listed, key=lambda split: len(listed[split]))
+    seen: set[str] = set()
+    for split in by_size[:-1]:
+        names = set(listed[split].names)
+        if not seen.isdisjoint(names):
+            break
+        seen |= names
+    else:
+        if seen.isdisjoint(listed[by_size[-1]].names):
+            return
+    _split_of_image(raw_dir, year, listed)  # raises, naming the image and both files
 
 
 def _missing_error(raw_dir: Path, year: Year, split: str, file_name: str, count: int) -> FinebenchError:
@@ -249,7 +187,7 @@ def _unlisted_text(year: Year, count: str) -> str:
             f"({count} such images: the annotation files are from another year or version)")
 
 
-def _check_archive_matches(raw_dir: Path, year: Year, listed: Mapping[str, list[_Listed]]) -> None:
+def _check_archive_matches(raw_dir: Path, year: Year, listed: Mapping[str, coco.SplitList]) -> None:
     """Every listed image is a file, and every image file under the roots is listed (by some split)."""
     listed_by = _split_of_image(raw_dir, year, listed)
     present: set[str] = set()
@@ -267,23 +205,23 @@ def _check_archive_matches(raw_dir: Path, year: Year, listed: Mapping[str, list[
 
 
 def _streamed(
-    raw_dir: Path, year: Year, listed: Mapping[str, list[_Listed]], label_of: Mapping[int, int], group_of: Mapping[int, int]
+    raw_dir: Path, year: Year, listed: Mapping[str, coco.SplitList], label_of: Mapping[int, int], group_of: Mapping[int, int]
 ) -> tuple[dict[str, StreamedSplit], ArchiveStream]:
     """The splits as member names and label arrays, checked against the archives while they are read."""
-    _split_of_image(raw_dir, year, listed)
+    _check_disjoint(raw_dir, year, listed)
 
     def is_image(name: str) -> bool:
         parts = PurePosixPath(name).parts
         return len(parts) > 1 and parts[0] in year.image_roots and name.lower().endswith(IMAGE_SUFFIXES)
 
-    splits = {
-        split: StreamedSplit(
-            [item.file_name for item in items],
-            np.fromiter((label_of[item.category_id] for item in items), np.int64, len(items)),
-            np.fromiter((group_of[item.category_id] for item in items), np.int64, len(items)),
-        )
-        for split, items in listed.items()
-    }
+    def per_image(mapping: Mapping[int, int], items: coco.SplitList) -> np.ndarray:
+        """``mapping[category id]`` of each image, looked up in arrays (one Python call per image costs ~1 s a million)."""
+        keys = np.asarray(sorted(mapping), np.int64)
+        values = np.asarray([mapping[key] for key in keys.tolist()], np.int64)
+        return values[np.searchsorted(keys, items.category_ids)]
+
+    splits = {split: StreamedSplit(items.names, per_image(label_of, items), per_image(group_of, items))
+              for split, items in listed.items()}
     archives = tuple(raw_dir / name for name in year.image_archives)
     stream = ArchiveStream(
         archives,
@@ -353,15 +291,13 @@ def _grouping(
 
 def parse_inat(raw_dir: Path, year: str, level: str | None = None) -> ParsedDataset:
     spec_year = YEARS[year]
-    data = {split: _load_json(raw_dir / filename) for split, filename in spec_year.annotations.items()}
-    per_split = {split: _categories(d, raw_dir / spec_year.annotations[split]) for split, d in data.items()}
+    data = {split: coco.load(raw_dir / filename) for split, filename in spec_year.annotations.items()}
+    per_split = {split: coco.categories_of(d.data, d.path) for split, d in data.items()}
     taxonomy = _taxonomy(raw_dir, spec_year, per_split)
     if not taxonomy:
         raise FinebenchError(f"{raw_dir / spec_year.annotations['train']}: its categories list is empty")
-    listed = {
-        split: _split_images(d, raw_dir / spec_year.annotations[split], spec_year, taxonomy)
-        for split, d in data.items()
-    }
+    # Each file's entries are dropped once its images are listed, so only one split's are held at a time.
+    listed = {split: coco.split_images(data.pop(split), spec_year.image_roots, taxonomy) for split in list(data)}
     # The archives themselves (prepare links them when it has them all): read while storing, never extracted.
     stream = all((raw_dir / name).is_file() for name in spec_year.image_archives) and not any(
         (raw_dir / root).exists() for root in spec_year.image_roots
@@ -376,8 +312,8 @@ def parse_inat(raw_dir: Path, year: str, level: str | None = None) -> ParsedData
         splits, archives = _streamed(raw_dir, spec_year, listed, label_of, group_of)
     else:
         splits = {
-            split: [Example(raw_dir / item.file_name, label_of[item.category_id], group_of[item.category_id])
-                    for item in items]
+            split: [Example(raw_dir / name, label_of[category_id], group_of[category_id])
+                    for name, category_id in zip(items.names, items.category_ids.tolist())]
             for split, items in listed.items()
         }
     info: dict[str, Any] = {
