@@ -188,6 +188,7 @@ def _summary(
         "params_baseline": baseline.params,
         "flops_baseline": baseline.flops,
         "module_flops": cost.module_flops,
+        "flops_passes": method_of(run.variant or variant_of_config(run.config)).flops_passes(),
         "input_size": input_size,
         "train_time_s": train_time_s,
         "images_per_s": images_per_s,

@@ -339,6 +339,12 @@ class Method:
         ``input_size``, shallow to deep. Default: nothing to warn about."""
         return []
 
+    def flops_passes(self) -> dict[str, int]:
+        """The backbone passes summary.json's ``flops`` assumes: ``test`` per prediction (what the
+        count traces: ``predict``'s passes) and ``train`` per training image (the cost of a step is
+        about that many forwards and their backwards), so a reader can scale the count to either."""
+        return {"test": self.test_forward_passes, "train": self.train_passes_per_image}
+
     def early_predictors(self, model: nn.Module) -> dict[str, nn.Module]:
         """Each cheaper prediction the method offers, as a module from images to logits (A&R: one
         attention module, the backbone run only up to its tap); ``profile`` and the run summary's

@@ -44,12 +44,15 @@ def register(method: Method) -> Method:
 def discover() -> None:
     """Import every module of ``finebench.methods`` (by name; each method module registers itself),
     as ``finebench.data.registry`` finds the dataset builders: a new method is one new module.
-    Baseline registers first, so listings and ``--help`` start with the reference method."""
+    Listings and ``--help`` follow the kinds' names, after the baseline (the reference method)."""
     import finebench.methods as package
 
-    names = sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_"))
-    for name in sorted(names, key=lambda name: name != "baseline"):
-        importlib.import_module(f"{package.__name__}.{name}")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    listed = sorted(METHODS.items(), key=lambda item: (item[0] != "baseline", item[0]))  # not import order (cal imports ws_dan)
+    METHODS.clear()
+    METHODS.update(listed)
 
 
 def get_method(kind: str) -> Method:
