@@ -134,3 +134,37 @@ def test_the_probe_runs_on_the_meta_device_and_finds_what_the_pass_on_the_weight
     devices.clear()
     assert build_model("wrn", 5, "bcnn", {"tap": "group1"}, WRN).unused_parameter_names(32) == on_meta
     assert set(devices) == {"cpu"}
+
+
+CNN_METHODS = {"baseline": {}, "attention": {"attention_depth": 1, "attention_width": 2}, "bcnn": {"reduce": 8},
+               "mcl": {}, "pmg": {"feature_size": 8}, "ws_dan": {}, "cal": {}, "api_net": {"freeze_backbone_epochs": 0}}
+
+
+def _method_steps(rank: int, kind: str) -> dict[str, np.ndarray]:
+    """Three of the method's own training steps on this worker's half of each batch, under DDP."""
+    from finebench.methods import get_method, parse_options
+    from finebench.train.engine import TrainStep
+
+    torch.manual_seed(0)
+    options = parse_options(kind, CNN_METHODS[kind])
+    model = build_model("wrn", 4, options, backbone_options=WRN).train()
+    wrapped = DDPContext(rank=rank, world_size=2).wrap(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    step = TrainStep(wrapped, optimizer, None, torch.device("cpu"), method=get_method(kind))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):  # DDP checks the previous step's reduction at each forward after the first
+        images = torch.randn(8, 3, 32, 32, generator=generator)
+        labels = torch.arange(8) % 4  # two images of each class: API-Net pairs each with one of its class
+        share = slice(4 * rank, 4 * rank + 4)
+        step(images[share], labels[share])
+    return {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", [kind if kind == "pmg" else pytest.param(kind, marks=pytest.mark.slow)
+                                  for kind in sorted(CNN_METHODS)])  # about 10 s each at rest: PMG's is the regression
+def test_every_methods_own_step_trains_on_two_gloo_workers_and_keeps_the_ranks_equal(kind: str) -> None:
+    """PMG backpropagates one head per step: without DDP's search for the heads a backward does not
+    reach, its second step stopped waiting for their gradients (found by tools/behaviour --mode gloo)."""
+    results = on_two_workers(_method_steps, kind)
+    for name, value in results[0].items():
+        np.testing.assert_array_equal(results[1][name], value, err_msg=name)

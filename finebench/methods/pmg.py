@@ -98,6 +98,8 @@ class PMGClassifier(ImageClassifier):
     ``ModelOutput.logits`` is the concatenated head, ``module_logits`` the stage heads (8, 4, 2
     granularities: shallowest stage first, as the official ``xc1, xc2, xc3``)."""
 
+    each_backward_reaches_every_parameter = False  # each of the four steps trains one head
+
     def __init__(self, backbone: Backbone, num_classes: int, options: PMGOptions) -> None:
         super().__init__(backbone, num_classes)
         del self.classifier  # the concatenated head replaces it

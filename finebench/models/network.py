@@ -24,6 +24,11 @@ class ImageClassifier(nn.Module):
     """The taps after which every forward of the model stops reading its backbone (a method pooling
     one feature map; PMG's three stages); None: the whole backbone, to its pooled features."""
 
+    each_backward_reaches_every_parameter: bool = True
+    """False where the method's step backpropagates losses of one head at a time (PMG's progressive
+    steps): the other heads then get no gradient in that backward, and DDP must look for them at
+    each backward (``find_unused_parameters``) or it stops at the next step waiting for them."""
+
     def __init__(self, backbone: Backbone, num_classes: int, attention: AttendAndRectify | None = None) -> None:
         super().__init__()
         self.backbone = backbone

@@ -201,7 +201,10 @@ class DDPContext(DistContext):
         training forward (the regulariser and the gates included), and the search would cost a
         graph traversal per step. Parameters the model never reads (a backbone's layers past the
         tap a method pools: ``ImageClassifier.unused_parameter_names``) are named to DDP as ignored
-        instead, the mechanism WS-DAN's per-rank centres already use.
+        instead, the mechanism WS-DAN's per-rank centres already use. A model whose method trains one
+        head per backward (``ImageClassifier.each_backward_reaches_every_parameter`` False: PMG) has
+        DDP search each backward; the heads it does not reach keep the gradient they had (zero, or
+        None), as in one process.
         """
         if self.sync_batchnorm:
             model = convert_sync_batchnorm(model, self.device)
@@ -211,7 +214,9 @@ class DDPContext(DistContext):
             model._ddp_params_and_buffers_to_ignore = [*ignored, *unused]
         device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        partial = isinstance(model, ImageClassifier) and not model.each_backward_reaches_every_parameter
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                   find_unused_parameters=partial)
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         summed = tensor.detach().clone()
