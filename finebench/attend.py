@@ -29,7 +29,7 @@ from torch import nn
 
 from finebench.atomic import atomic_write, make_folder
 from finebench.errors import FinebenchError
-from finebench.methods import METHODS
+from finebench.methods import METHODS, method_of, variant_of_config
 from finebench.methods.base import MapsToDraw
 from finebench.results import RunDir
 from finebench.trained import TrainedRun, load_trained_run, read_record, run_data_root
@@ -335,7 +335,7 @@ def attend(
     except RuntimeError as error:
         raise FinebenchError(f"--device {device!r}: {error}; expected auto, cpu, cuda or cuda:N") from None
     run = load_attention_run(run_dir, torch_device)
-    method = METHODS[run.config["variant"]["kind"]]
+    method = method_of(variant_of_config(run.config))
     dataset = run.config.get("dataset", {}).get("name") or run.summary.get("dataset")
     root = run_data_root(run.config, data_root)
     meta = _read_meta(root, dataset)

@@ -223,7 +223,7 @@ def bench_recipe(
     timed ones.
     """
     from finebench.data.registry import get_spec
-    from finebench.methods import build_model_from_config, get_method
+    from finebench.methods import build_model_from_config, method_of, variant_of_config
     from finebench.recipe import expand_runs, load_recipe
     from finebench.train.engine import build_train_step, synchronize_device
     from finebench.train.threads import apply_threads
@@ -249,7 +249,7 @@ def bench_recipe(
             model = build_model_from_config(run.config, num_classes, pretrained=False)
         except FinebenchError as error:
             raise FinebenchError(f"{loaded.path}: model: {error}") from None
-        method = get_method(run.variant_kind)
+        method = method_of(run.variant or variant_of_config(run.config))
         own = run.train or train  # a method's own train settings (batch size, epochs) where its paper differs
         steps_per_epoch = max(1, -(-(train_images or own.batch_size) // own.batch_size))
         timed_steps = max(1, -(-images // own.batch_size))

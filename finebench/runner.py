@@ -27,7 +27,7 @@ from rich.markup import escape
 from finebench.console import make_console
 from finebench.data.store import meta_digest
 from finebench.errors import FinebenchError, Interrupted
-from finebench.methods import get_method
+from finebench.methods import method_of, variant_of_config
 from finebench.models.provenance import weights_provenance
 from finebench.plan import (
     Cost,
@@ -188,6 +188,7 @@ def _summary(
         "params_baseline": baseline.params,
         "flops_baseline": baseline.flops,
         "module_flops": cost.module_flops,
+        "flops_passes": method_of(run.variant or variant_of_config(run.config)).flops_passes(),
         "input_size": input_size,
         "train_time_s": train_time_s,
         "images_per_s": images_per_s,
@@ -236,7 +237,7 @@ def _execute(
 ) -> dict[str, Any]:
     """Train one run inside its lock and return its final summary."""
     train = run.train_section()
-    method = get_method(run.variant_kind)
+    method = method_of(run.variant or variant_of_config(run.config))  # bound to the run's options
     attention = method.mixture
     previous = run_dir.summary_if_readable()  # a damaged summary is rebuilt from the other records
     resumed_threads = previous.get("threads") if run_dir.checkpoint_path.is_file() else None

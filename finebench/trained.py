@@ -24,7 +24,12 @@ from torch import nn
 
 from finebench.data.root import resolve_data_root
 from finebench.errors import FinebenchError
-from finebench.methods import Method, build_model_from_config, get_method
+from finebench.methods import (
+    Method,
+    build_model_from_config,
+    method_of,
+    variant_of_config,
+)
 from finebench.models.output import ModelOutput
 from finebench.models.base import read_state_dict
 from finebench.results import RunDir
@@ -135,7 +140,7 @@ def evaluate_run(
     except RuntimeError as error:
         raise FinebenchError(f"--device {device!r}: {error}; expected auto, cpu, cuda or cuda:N") from None
     run = load_trained_run(run_dir, torch_device)
-    method = get_method(run.config["variant"]["kind"])  # the model was built from it, so it is there
+    method = method_of(variant_of_config(run.config))  # the model was built from it, so it is there
     dataset = run.config.get("dataset") or {}
     train = run.config.get("train") or {}
     name = dataset.get("name") or run.summary.get("dataset")
@@ -315,7 +320,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
         section = config["preprocessing"]
         preprocess = EvalTransform(section["kind"], section["size"], as_resize(section["resize"]),
                                    tuple(section["mean"]), tuple(section["std"]))
-        method = get_method(config["variant"]["kind"])
+        method = method_of(variant_of_config(config))
         num_classes = int(config["num_classes"])
     except (KeyError, TypeError, ValueError) as error:
         raise FinebenchError(f"{config_path}: unusable preprocessing, variant or num_classes ({error!r}); "

@@ -131,7 +131,8 @@ def test_every_methods_exported_model_predicts_with_the_methods_test_passes(
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     images = torch.stack([exported.transform(picture), -exported.transform(picture)])
     assert torch.equal(images[0], transform.normalise(transform(picture)))
-    method = get_method(kind)
+    method = exported.method  # the method bound to the exported variant's options
+    assert method.options == parse_options(kind, VARIANT_OPTIONS.get(kind, {}))
     with torch.no_grad():
         expected = method.predict(network, images)
         calls: list[nn.Module] = []

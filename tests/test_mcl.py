@@ -68,8 +68,8 @@ def test_mcl_attaches_on_every_family_and_its_loss_trains_the_channels(backbone:
     model = build_model(backbone, 4, "mcl", {"xi": 2}, options).train()
     assert model.classifier.in_features == 8
     output = model(torch.randn(2, 3, 32, 32), channel_mask=torch.tensor([1.0, 0.0] * 4))
-    scores, alpha = output.aux
-    assert scores.shape == (2, 4) and alpha.item() == 1.5 and output.reg_loss is not None
+    (scores,) = output.aux
+    assert scores.shape == (2, 4) and output.reg_loss is not None
     labels = torch.tensor([0, 3])
     loss = get_method("mcl").loss(output, labels)
     plain = torch.nn.functional.cross_entropy(output.logits, labels)
@@ -122,3 +122,20 @@ def test_the_engines_step_trains_on_the_mutual_channel_loss(accumulation: int) -
     plain = torch.nn.functional.cross_entropy(reference.eval()(images).logits, labels)
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
     assert loss > plain + 1.0  # the MC terms are in it (beta 20 x L_div alone is several units)
+
+
+def test_alpha_reaches_the_loss_through_the_bound_method_not_the_model() -> None:
+    """One model output, two variants: each bound method weighs L_dis by its own alpha (the model
+    built with the default alpha carries none)."""
+    from finebench.methods import method_of
+
+    torch.manual_seed(0)
+    model = build_model("wrn", 4, "mcl", {"xi": 2}, {"depth": 10, "width": 1}).train()
+    output = model(torch.randn(2, 3, 32, 32), channel_mask=torch.tensor([1.0, 0.0] * 4))
+    labels = torch.tensor([0, 3])
+    (scores,) = output.aux
+    dis = torch.nn.functional.cross_entropy(scores, labels)
+    base = method_of(parse_options("mcl", {"xi": 2, "alpha": 0.0})).loss(output, labels)
+    weighted = method_of(parse_options("mcl", {"xi": 2, "alpha": 3.0})).loss(output, labels)
+    # float32 sums of terms of a few units: a few ulps of 10
+    torch.testing.assert_close(weighted - base, 3.0 * dis, rtol=1e-5, atol=1e-5)

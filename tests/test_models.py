@@ -37,7 +37,7 @@ def test_unknown_backbone_is_a_user_error_listing_the_valid_names() -> None:
 
 
 def test_unknown_variant_is_a_user_error_listing_the_valid_names() -> None:
-    with pytest.raises(FinebenchError, match="unknown variant 'nonlocal'.*baseline, attention, se, cbam"):
+    with pytest.raises(FinebenchError, match="unknown variant 'nonlocal'.*baseline, api_net, attention, bcnn"):
         build_model("wrn", 10, "nonlocal", backbone_options=TINY["wrn"])
 
 

@@ -7,8 +7,11 @@ torchrun workers, which cannot see a test's registry override, still find the st
 from __future__ import annotations
 
 import importlib.util
+import json
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +55,7 @@ def prepare_tiny_bars(root: Path, train_images: int, test_images: int) -> Path:
 def tiny_recipe(
     *,
     seeds: tuple[int, ...] | None = (0,),
-    variants: tuple[str, ...] = ("baseline",),
+    variants: tuple[str | Mapping[str, Any], ...] = ("baseline",),
     attention_depth: int = 2,
     attention_width: int = 2,
     dataset: str = DATASET,
@@ -72,7 +75,8 @@ def tiny_recipe(
     """The TOML of a tiny fp32 recipe (by default WRN-10-1) on ``dataset`` (by default the bars set), one line per key.
 
     ``variants`` are kinds, ``"baseline"`` or ``"attention"`` (the latter with ``attention_depth`` and
-    ``attention_width``); ``seeds``, ``eval_batch_size`` or ``lr`` of None leave that key out;
+    ``attention_width``), or any method's variant as a mapping (``{"kind": "mcl", "xi": 2}``: kind,
+    name and options: scalars and lists, written as TOML values); ``seeds``, ``eval_batch_size`` or ``lr`` of None leave that key out;
     ``extra_dataset``, ``extra_model`` and ``extra_train`` are lines appended to their tables.
     """
     lines = [""]
@@ -85,6 +89,9 @@ def tiny_recipe(
     if extra_model:
         lines.append(extra_model)
     for kind in variants:
+        if not isinstance(kind, str):
+            lines += ["[[variants]]", *(f"{key} = {json.dumps(value)}" for key, value in kind.items())]
+            continue
         lines += ["[[variants]]", f'kind = "{kind}"']
         if kind == "attention":
             lines += [f"attention_depth = {attention_depth}", f"attention_width = {attention_width}"]

@@ -50,6 +50,7 @@ from finebench.methods.base import (
     StepContext,
     StepResult,
     TrainSection,
+    add_terms,
     rows_of,
 )
 from finebench.methods.registry import register
@@ -344,6 +345,7 @@ class APINet(Method):
         total = torch.zeros((), device=labels.device)
         correct = torch.zeros((), device=labels.device, dtype=torch.long)
         sums = torch.zeros(len(PAIR_COUNTS), device=labels.device, dtype=torch.float64)
+        terms: dict[str, torch.Tensor] = {}
         for part in ctx.micro_batches(images, labels):
             output = ctx.forward(part.images, labels=part.labels)
             ce, rank, lead = pair_terms(output, ctx.label_smoothing)
@@ -351,6 +353,7 @@ class APINet(Method):
             ctx.backward(loss, part)
             total += loss.detach() * part.weight
             correct += (output.logits.argmax(1) == part.labels).sum()
+            terms = add_terms(terms, self.loss_terms(output, part.labels), part.weight)
             with torch.no_grad():
                 rows = len(lead)
                 sums += torch.stack([lead.new_tensor(float(rows)), (lead > 0).sum().float(),
@@ -358,7 +361,7 @@ class APINet(Method):
         if ctx.epoch <= model.freeze_backbone_epochs:
             drop_gradients(parameter_groups(model)["backbone"])
         ctx.optimizer_step()
-        return StepResult(total, correct, counts=tuple(sums))
+        return StepResult(total, correct, counts=tuple(sums), terms=terms)
 
     def train_metrics(self, counts: Sequence[float], images: float) -> dict[str, Any]:
         sums = dict(zip(PAIR_COUNTS, counts, strict=True))

@@ -8,7 +8,9 @@ module holds, in one place, everything finebench needs to know about it:
 * ``train_settings``: its own batch size, lr, epochs where its paper's protocol differs;
 * ``check_backbone`` / ``build_backbone`` / ``attach``: how it goes onto each backbone family, and a
   one-line error (raised at ``--dry-run``) naming what works where it cannot;
-* ``loss`` / ``scores`` / ``mixture``: the training loss and what top-1 reads;
+* ``loss`` / ``scores`` / ``mixture``: the training loss and what top-1 reads; ``loss_terms``: the
+  terms logged beside ``train_loss`` (by default ``train_ce``, the plain cross-entropy, so every
+  method's runs have one loss column that compares);
 * ``train_step``: optionally, its own training step (several passes, crops, jigsaw, pairs, one
   optimiser step per granularity) written against ``StepContext``, which the engine implements
   with its compile / precision / gradient-accumulation / DDP machinery; ``batch_sampler``: its
@@ -19,15 +21,21 @@ module holds, in one place, everything finebench needs to know about it:
 * ``draws_attention_maps`` / ``maps_to_draw``: what ``finebench attend`` draws;
 * ``size_warnings``: where its mechanism cannot act at the configured input size.
 
+The registry hands out each method bound to a variant's options (``Method.bind``; ``method_of``):
+``loss``, ``predict``, the evaluation hooks and ``train_step`` read them as ``self.options``, so a
+method with an option needs no model subclass to carry it. Hooks that run before a variant is
+chosen or build its network (``table_name``, ``attach``, ...) still take ``options`` explicitly.
+
 ``docs/METHODS.md`` walks through adding one. Nothing here imports the training engine: the
 engine sits above this layer and hands a ``StepContext`` down.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +129,9 @@ class StepResult:
     """Sums the method records beyond loss and top-1 (0-dim each, the same count every step): the
     engine adds them up over the epoch and the ranks and ``Method.train_metrics`` makes them fields
     of the epoch's metrics.jsonl row (API-Net's pair statistics)."""
+    terms: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """``Method.loss_terms`` of the batch (0-dim means, detached; ``add_terms`` weighs micro-batches):
+    the engine averages each over the epoch's images into the metrics.jsonl field of its name."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,9 @@ class Method:
 
     kind: ClassVar[str]
     """The recipe's ``variants.kind`` and the registry key."""
+    options: MethodOptions
+    """The variant this instance is bound to (``bind``); the registry's own instance holds the
+    defaults (``register``), so kind-level uses (listings, ``profile``) read the default variant."""
     description: ClassVar[str]
     """One line for ``finebench models`` and ``--help``."""
     Options: ClassVar[type[MethodOptions]]
@@ -175,6 +189,16 @@ class Method:
     """Options only training reads (a loss weight, a regulariser's form), never the network's
     parameters nor the passes of a prediction: variants differing in them alone build the same
     network and share one cost (``network_key``; a dry run counts each network once)."""
+
+    def bind(self, options: MethodOptions) -> Self:
+        """This method for one variant: a shallow copy whose ``options`` are the variant's. Hooks
+        keep no state of their own beyond ``options``, so every variant's copy computes as the
+        kind's one instance did."""
+        if options.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} cannot bind options of kind {options.kind!r}")
+        bound = copy.copy(self)
+        bound.options = options
+        return bound
 
     # ---- recipe ----------------------------------------------------------------------------
 
@@ -212,8 +236,25 @@ class Method:
     # ---- training --------------------------------------------------------------------------
 
     def loss(self, output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
-        """The training loss of one pass (the engine's default step calls this)."""
-        return F.cross_entropy(output.logits.float(), labels, label_smoothing=label_smoothing)
+        """The training loss of one pass: cross-entropy on ``logits`` plus the model's ``reg_loss``
+        (a regulariser the network computes). The engine's default step calls it in training, and
+        ``evaluate`` calls it for ``test_loss`` on ``predict``'s output with ``reg_loss`` removed and
+        no label smoothing, so the test loss is the objective's data term."""
+        loss = F.cross_entropy(output.logits.float(), labels, label_smoothing=label_smoothing)
+        if output.reg_loss is not None:
+            loss = loss + output.reg_loss.float()
+        return loss
+
+    def loss_terms(self, output: ModelOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Terms logged beside ``train_loss``, by metrics.jsonl field name: each the pass's mean over
+        its images (0-dim, detached, computed without gradient, so it changes nothing trained).
+        By default ``train_ce``: the plain cross-entropy of the prediction ``scores`` reads (no label
+        smoothing, no regulariser), which compares across methods where ``train_loss`` does not. A
+        method adds its own (``{**super().loss_terms(output, labels), "train_div": ...}``)."""
+        with torch.no_grad():
+            scores = self.scores(output).detach().float()
+            ce = F.nll_loss(scores, labels) if self.mixture else F.cross_entropy(scores, labels)
+        return {"train_ce": ce}
 
     def scores(self, output: ModelOutput) -> torch.Tensor:
         """What top-1/top-5 and the confusion matrix read."""
@@ -253,7 +294,13 @@ class Method:
     def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
         """The test-time prediction with every forward pass it needs (WS-DAN: the image and a crop
         made from its attention, logits averaged), the model already in eval mode. The evaluator
-        (``finebench run``, ``finebench eval``) and ``profile``'s FLOPs use it."""
+        (``finebench run``, ``finebench eval``) and ``profile``'s FLOPs use it.
+
+        Where several passes are combined, ``logits`` holds what the method's paper averages
+        (WS-DAN and CAL: the passes' logits) and ``log_probs`` its ``log_softmax``; a method that
+        averages probabilities puts their log in both ``log_probs`` and ``logits`` (a log of
+        probabilities is valid logits: softmax gives the probabilities back). ``scores`` and
+        ``loss`` read them as one pass's output (docs/METHODS.md §4)."""
         return model(images)
 
     def prediction_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
@@ -292,11 +339,24 @@ class Method:
         ``input_size``, shallow to deep. Default: nothing to warn about."""
         return []
 
+    def flops_passes(self) -> dict[str, int]:
+        """The backbone passes summary.json's ``flops`` assumes: ``test`` per prediction (what the
+        count traces: ``predict``'s passes) and ``train`` per training image (the cost of a step is
+        about that many forwards and their backwards), so a reader can scale the count to either."""
+        return {"test": self.test_forward_passes, "train": self.train_passes_per_image}
+
     def early_predictors(self, model: nn.Module) -> dict[str, nn.Module]:
         """Each cheaper prediction the method offers, as a module from images to logits (A&R: one
         attention module, the backbone run only up to its tap); ``profile`` and the run summary's
         ``module_flops`` count their FLOPs."""
         return {}
+
+
+def add_terms(total: Mapping[str, torch.Tensor], terms: Mapping[str, torch.Tensor],
+              weight: float) -> dict[str, torch.Tensor]:
+    """``total`` plus ``weight`` times each of ``terms``: a method's own step sums its micro-batches'
+    ``loss_terms`` by their share of the batch (``MicroBatch.weight``) into ``StepResult.terms``."""
+    return {name: total[name] + value * weight if name in total else value * weight for name, value in terms.items()}
 
 
 def incompatible(method: str, backbone: str, works: str) -> FinebenchError:

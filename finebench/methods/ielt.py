@@ -56,6 +56,7 @@ from finebench.methods.base import (
     MethodOptions,
     StepContext,
     StepResult,
+    add_terms,
 )
 from finebench.methods.registry import register
 from finebench.methods.vit_parts import (
@@ -339,14 +340,16 @@ class IELT(ViTMethod):
         ctx.zero_grad()
         total = torch.zeros((), device=labels.device)
         correct = torch.zeros((), device=labels.device, dtype=torch.long)
+        terms: dict[str, torch.Tensor] = {}
         for part in ctx.micro_batches(images, labels):
             output = ctx.forward(part.images)
             loss = self.loss(output, part.labels, label_smoothing=ctx.label_smoothing)
             ctx.backward(loss, part)
             total += loss.detach().float() * part.weight
             correct += (output.logits.argmax(dim=1) == part.labels).sum()
+            terms = add_terms(terms, self.loss_terms(output, part.labels), part.weight)
         ctx.optimizer_step()
-        return StepResult(total, correct)
+        return StepResult(total, correct, terms=terms)
 
 
 METHOD = register(IELT())

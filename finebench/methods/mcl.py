@@ -94,8 +94,9 @@ def discriminality_scores(features: torch.Tensor, xi: int, mask: torch.Tensor) -
 class MCLClassifier(ImageClassifier):
     """Backbone → (1x1 conv to N·xi channels where needed) → MC feature map → GAP → linear.
 
-    In training, ``reg_loss`` is beta·L_div and ``aux`` is (the B × N discriminality scores, alpha
-    as a 0-dim tensor): ``MCL.loss`` adds alpha·CE(scores, labels), the one term needing labels."""
+    In training, ``reg_loss`` is beta·L_div and ``aux`` is (the B × N discriminality scores,):
+    ``MCL.loss`` adds alpha·CE(scores, labels), the one term needing labels, with alpha from the
+    variant's options (the method is bound to them)."""
 
     def __init__(self, backbone: Backbone, num_classes: int, options: MCLOptions) -> None:
         super().__init__(backbone, num_classes)
@@ -111,7 +112,6 @@ class MCLClassifier(ImageClassifier):
         self.classifier = nn.Linear(channels, num_classes)
         backbone.init_classifier(self.classifier)
         self.xi, self.drop, self.beta = options.xi, options.drop, options.beta
-        self.register_buffer("alpha", torch.tensor(float(options.alpha)), persistent=False)
 
     def forward(self, images: torch.Tensor, channel_mask: torch.Tensor | None = None) -> ModelOutput:
         """``channel_mask`` replaces the random draw (golden tests feed the official one in)."""
@@ -126,7 +126,7 @@ class MCLClassifier(ImageClassifier):
         features = features.float()
         scores = discriminality_scores(features, self.xi, channel_mask)
         return ModelOutput(log_probs, logits, reg_loss=self.beta * diversity_loss(features, self.xi),
-                           aux=(scores, self.alpha))
+                           aux=(scores,))
 
 
 class MCL(Method):
@@ -144,12 +144,11 @@ class MCL(Method):
         return MCLClassifier(backbone, num_classes, options)
 
     def loss(self, output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
-        loss = F.cross_entropy(output.logits.float(), labels, label_smoothing=label_smoothing)
-        if output.reg_loss is not None:
-            loss = loss + output.reg_loss.float()
+        """CE + beta·L_div (the default loss: the model's ``reg_loss``) + alpha·L_dis in training."""
+        loss = super().loss(output, labels, label_smoothing=label_smoothing)
         if output.aux:
-            scores, alpha = output.aux
-            loss = loss + alpha * F.cross_entropy(scores.float(), labels)
+            (scores,) = output.aux
+            loss = loss + self.options.alpha * F.cross_entropy(scores.float(), labels)
         return loss
 
 

@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.methods.base import Method, MethodOptions, StepContext, StepResult
+from finebench.methods.base import Method, MethodOptions, StepContext, StepResult, add_terms
 from finebench.methods.registry import register
 from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier, unwrap
@@ -153,6 +153,7 @@ class PMG(Method):
         model = unwrap(ctx.model)
         total = torch.zeros((), device=labels.device)
         correct = torch.zeros((), device=labels.device, dtype=torch.long)
+        terms: dict[str, torch.Tensor] = {}
         for step, granularity in enumerate((*GRANULARITIES, None)):
             ctx.zero_grad(set_to_none=model.zero_grad_to_none)
             inputs = images if granularity is None else jigsaw(images, granularity)
@@ -161,12 +162,13 @@ class PMG(Method):
                 if granularity is None:
                     loss = model.concat_weight * F.cross_entropy(output.logits.float(), part.labels)
                     correct += (output.logits.argmax(1) == part.labels).sum()
+                    terms = add_terms(terms, self.loss_terms(output, part.labels), part.weight)
                 else:
                     loss = F.cross_entropy(output.module_logits[step].float(), part.labels)
                 ctx.backward(loss, part)
                 total += loss.detach() * part.weight
             ctx.optimizer_step()
-        return StepResult(total, correct)
+        return StepResult(total, correct, terms=terms)
 
     def prediction_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
         heads = {f"top1_granularity.{size}": logits for size, logits in zip(("8", "4", "2"), output.module_logits, strict=True)}

@@ -1,11 +1,17 @@
 """Method kind -> method: the one table recipe, models, profile, bench, runner, report, attend and
 the CLI read. A method module registers its instance at import (``register(MyMethod())``);
-``finebench/methods/__init__.py`` imports every shipped module, so importing the package fills it.
+importing ``finebench.methods`` imports every module of the package (``discover``), so it is full.
+
+The registered instance is bound to its kind's default options; ``method_of(variant)`` hands out
+the method bound to a variant's options (``Method.bind``), which is what a run trains and
+evaluates with.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,8 +36,23 @@ def register(method: Method) -> Method:
     field = method.Options.model_fields["kind"]
     if getattr(field.annotation, "__args__", None) != (kind,):
         raise ValueError(f"{type(method).__name__}.Options.kind must be Literal[{kind!r}]")
+    method.options = method.Options(kind=kind)
     METHODS[kind] = method
     return method
+
+
+def discover() -> None:
+    """Import every module of ``finebench.methods`` (by name; each method module registers itself),
+    as ``finebench.data.registry`` finds the dataset builders: a new method is one new module.
+    Listings and ``--help`` follow the kinds' names, after the baseline (the reference method)."""
+    import finebench.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    listed = sorted(METHODS.items(), key=lambda item: (item[0] != "baseline", item[0]))  # not import order (cal imports ws_dan)
+    METHODS.clear()
+    METHODS.update(listed)
 
 
 def get_method(kind: str) -> Method:
@@ -43,7 +64,8 @@ def get_method(kind: str) -> Method:
 
 
 def method_of(variant: MethodOptions) -> Method:
-    return get_method(variant.kind)
+    """The method bound to ``variant``'s options: its ``loss``, ``predict`` and step read them."""
+    return get_method(variant.kind).bind(variant)
 
 
 def variant_kinds() -> tuple[str, ...]:

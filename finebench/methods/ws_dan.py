@@ -43,6 +43,7 @@ from finebench.methods.base import (
     MethodOptions,
     StepContext,
     StepResult,
+    add_terms,
     check_tap,
 )
 from finebench.methods.registry import register
@@ -321,21 +322,23 @@ def augment(images: torch.Tensor, maps: torch.Tensor, draws: Draws, options: WSD
 
 
 def attention_train_step(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
-                         losses_of: Callable[..., Any]) -> StepResult:
+                         losses_of: Callable[..., Any], terms_of: Callable[..., dict[str, torch.Tensor]]) -> StepResult:
     """The step WS-DAN and CAL share: their passes and loss (``losses_of``: this module's or CAL's
     ``step_losses``) on each micro-batch, one backward each, one optimiser step; the correct count
-    is the raw pass's."""
+    and the logged terms (``terms_of``: ``Method.loss_terms``) are the raw pass's."""
     model = unwrap(ctx.model)
     total = torch.zeros((), device=labels.device)
     correct = torch.zeros((), device=labels.device, dtype=torch.long)
+    terms: dict[str, torch.Tensor] = {}
     ctx.zero_grad()
     for part in ctx.micro_batches(images, labels):
         losses = losses_of(model, ctx.forward, part.images, part.labels, label_smoothing=ctx.label_smoothing)
         ctx.backward(losses.total, part)
         total += losses.total.detach() * part.weight
         correct += (losses.raw.logits.argmax(1) == part.labels).sum()
+        terms = add_terms(terms, terms_of(losses.raw, part.labels), part.weight)
     ctx.optimizer_step()
-    return StepResult(total, correct)
+    return StepResult(total, correct, terms=terms)
 
 
 def step_losses(model: WSDANClassifier, forward: Callable[[torch.Tensor], ModelOutput], images: torch.Tensor,
@@ -461,7 +464,7 @@ class WSDAN(Method):
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Raw, crop and drop passes, one backward, one optimiser step; the correct count is the raw pass's."""
-        return attention_train_step(ctx, images, labels, self.step_losses)
+        return attention_train_step(ctx, images, labels, self.step_losses, self.loss_terms)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> ModelOutput:
         """Raw and crop logits averaged (official); ``module_logits`` keeps both for ``eval_counts``."""

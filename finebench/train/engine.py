@@ -289,6 +289,8 @@ class TrainStep:
     scaler: torch.amp.GradScaler = field(init=False)
     method_counts: torch.Tensor | None = field(init=False, default=None)
     """The method's ``StepResult.counts`` summed since ``take_method_counts`` last read them."""
+    loss_term_sums: dict[str, torch.Tensor] = field(init=False, default_factory=dict)
+    """The method's ``loss_terms`` summed over images since ``take_loss_terms`` last read them."""
     compiled_shapes: set[tuple[int, ...]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
@@ -317,6 +319,8 @@ class TrainStep:
         self.scaler.scale(loss).backward()
         self._optimizer_step()
         correct = (self.scores(output).argmax(dim=1) == labels).sum()
+        if self.method is not None:
+            self.add_loss_terms(self.method.loss_terms(output, labels), len(labels))
         return loss.detach(), correct
 
     def loss(self, output: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
@@ -358,7 +362,19 @@ class TrainStep:
         if result.counts:
             counts = torch.stack([count.detach().double() for count in result.counts])
             self.method_counts = counts if self.method_counts is None else self.method_counts + counts
+        self.add_loss_terms(result.terms, len(labels))
         return result.loss.detach(), result.correct
+
+    def add_loss_terms(self, terms: Mapping[str, torch.Tensor], images: int) -> None:
+        """Add a pass's ``Method.loss_terms`` (means over ``images`` images) to the epoch's sums."""
+        for name, value in terms.items():
+            value = value.detach().double() * images
+            self.loss_term_sums[name] = self.loss_term_sums[name] + value if name in self.loss_term_sums else value
+
+    def take_loss_terms(self) -> dict[str, torch.Tensor]:
+        """The loss terms summed over images since the last call, reset."""
+        sums, self.loss_term_sums = self.loss_term_sums, {}
+        return sums
 
     def take_method_counts(self) -> torch.Tensor | None:
         """The method's step counts summed since the last call (None if it records none), reset."""
@@ -388,6 +404,8 @@ class TrainStep:
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach().float()
             correct += (self.scores(output).argmax(dim=1) == part_labels).sum()
+            if self.method is not None:
+                self.add_loss_terms(self.method.loss_terms(output, part_labels), len(part_labels))
         self._optimizer_step()
         return total_loss, correct
 
@@ -900,6 +918,7 @@ def fit(
         except NonFiniteLoss as error:
             return result("failed", str(error), epoch - 1)
         method_counts = step.take_method_counts()
+        loss_terms = step.take_loss_terms()
         counts = ctx.reduce_sum(
             torch.stack([loss_sum, correct_sum, loss_sum.new_tensor(seen), loss_sum.new_tensor(compile_images)])
         ).tolist()
@@ -913,6 +932,9 @@ def fit(
             "train_top1": 100.0 * counts[1] / counts[2],
             **({} if method is None or method_counts is None
                else method.train_metrics(ctx.reduce_sum(method_counts).tolist(), counts[2])),
+            **({} if not loss_terms else  # the method's logged loss terms: means over the epoch's images
+               dict(zip(loss_terms, (total / counts[2] for total in
+                                     ctx.reduce_sum(torch.stack(list(loss_terms.values()))).tolist()), strict=True))),
             "lr": optimizer.param_groups[-1]["lr"],
             "epoch_time_s": elapsed,
             "images_per_s": timed_images / elapsed if elapsed else 0.0,
