@@ -25,17 +25,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from finebench.console import make_console
+from finebench.cost import Cost, CostCache, size_warnings, warn_sizes
 from finebench.data.store import meta_digest
 from finebench.errors import FinebenchError, Interrupted
+from finebench.factory import build_model, build_run_loaders
 from finebench.methods import get_method
 from finebench.models.provenance import weights_provenance
 from finebench.plan import (
-    Cost,
-    CostCache,
     Plan,
     RunSelection,
-    build_model,
-    build_run_loaders,
     check_validation_splits,
     dataset_state,
     decide,
@@ -43,8 +41,6 @@ from finebench.plan import (
     missing_weights,
     plan_runs,
     preflight,
-    size_warnings,
-    warn_sizes,
 )
 from finebench.predictions import read_digest, write_predictions
 from finebench.recipe import LoadedRecipe, RunSpec
@@ -423,12 +419,9 @@ def run_recipe(
     *,
     results_dir: Path = Path("results"),
     data_root: Path | None = None,
-    only: Sequence[str] = (),
+    selection: RunSelection = RunSelection(),
     dry_run: bool = False,
     quiet: bool = False,
-    retry_failed: bool = False,
-    restart: bool = False,
-    discard_finished: bool = False,
     ctx: DistContext | None = None,
     console: Console | None = None,
     share: tuple[int, int] | None = None,
@@ -437,8 +430,9 @@ def run_recipe(
 ) -> list[RunOutcome]:
     """Train every run of a recipe that is not finished yet; the result has one outcome per run.
 
-    ``restart`` discards the checkpoint and records of every selected run that is not finished
-    (interrupted, failed or unreadable) and trains it from epoch 1.
+    ``selection``: the runs taken (``only``) and what is done with those not finished;
+    ``selection.restart`` discards the checkpoint and records of every selected run that is not
+    finished (interrupted, failed or unreadable) and trains it from epoch 1.
 
     Several processes on one recipe (``--jobs``, a Slurm array): ``share = (i, n)`` keeps the runs
     whose position is i mod n; ``since`` is when the command that started the processes began, and
@@ -448,7 +442,7 @@ def run_recipe(
     """
     ctx = ctx or DistContext()
     console = console or make_console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
-    plan = plan_runs(loaded, results_dir=Path(results_dir), data_root=data_root, only=only, share=share)
+    plan = plan_runs(loaded, results_dir=Path(results_dir), data_root=data_root, only=selection.only, share=share)
     runs, run_dirs, states, data_root = plan.runs, plan.run_dirs, plan.states, plan.data_root
 
     if dry_run:
@@ -459,20 +453,25 @@ def run_recipe(
                 console.print(f"[yellow]warning:[/] {state.problem}", highlight=False)
         for problem in missing_weights(runs):
             console.print(f"[yellow]warning:[/] {problem}: the run would stop here", highlight=False)
-        warn_sizes(size_warnings(plan, runs), console)
+        costs = CostCache.of_plan(loaded, plan)
+        warn_sizes(size_warnings(costs, runs), console)
         return [
             RunOutcome(run, run_dirs[run.run_id].path, "planned",
                        {"params": cost.params, "flops": cost.flops, "taps": cost.taps},
                        state=states[run.run_id].kind, data=data)
-            for run, cost in ((run, plan.costs.of(run, module_flops=False)) for run in runs)
+            for run, cost in ((run, costs.of(run, module_flops=False)) for run in runs)
         ]
 
     # Unreadable records stop the command here, before anything is trained or written.
-    selection = RunSelection(tuple(only), retry_failed, restart, discard_finished)
     planned = ctx.broadcast(decide_runs(plan, selection))
     to_train = [run for run in runs if planned[run.run_id] == "train"]
     if to_train:
         preflight(loaded, plan, to_train, ctx, quiet)
+    costs = CostCache.of_plan(loaded, plan)
+    for run in to_train:  # bad model options stop here, before anything is written
+        costs.of(run)
+    if to_train and ctx.is_main and not quiet:
+        warn_sizes(size_warnings(costs, to_train))
 
     outcomes = []
     for run in runs:
@@ -486,12 +485,13 @@ def run_recipe(
                 try:
                     held.enter_context(run_dir.lock())
                     # Another process may have finished or failed it since the plan was made.
-                    decision = decide(run_dir.state(), retry_failed=retry_failed, restart=restart)
+                    decision = decide(run_dir.state(), retry_failed=selection.retry_failed,
+                                      restart=selection.restart)
                     if decision == "train" and since is not None and _touched_since(run_dir, since):
                         decision = "skipped-failed" if run_dir.state().kind == "failed" else "locked"
                 except RunLocked:
                     decision = "locked"
-                if decision == "train" and restart:
+                if decision == "train" and selection.restart:
                     run_dir.discard()
             decision = ctx.broadcast(decision)
             if decision == "locked":
@@ -507,7 +507,7 @@ def run_recipe(
                 outcomes.append(RunOutcome(run, run_dir.path, decision, run_dir.summary() or {}))
             else:
                 summary = _execute(
-                    loaded, run, run_dir, data_root=data_root, costs=plan.costs, num_classes=plan.num_classes,
+                    loaded, run, run_dir, data_root=data_root, costs=costs, num_classes=plan.num_classes,
                     ctx=ctx, quiet=quiet, console=console, make_progress=make_progress,
                 )
                 outcomes.append(RunOutcome(run, run_dir.path, summary["status"], summary))
