@@ -17,9 +17,10 @@ from typing import Any
 from finebench.console import make_console
 from finebench.errors import FinebenchError
 from finebench.jobs import JsonProgress, run_jobs, stop_as_on_ctrl_c
+from finebench.outcomes import RunOutcome, exit_code, outcomes_on_disk
 from finebench.plan import RunSelection, check_before_launch, parse_share
 from finebench.recipe import LoadedRecipe, load_recipe
-from finebench.runner import RunOutcome, exit_code, outcomes_on_disk, run_recipe
+from finebench.runner import run_recipe
 from finebench.train.distributed import distributed_context, launch_workers
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from finebench.errors import FinebenchError, Interrupted
 from finebench.factory import build_model, build_run_loaders
 from finebench.methods import get_method
 from finebench.models.provenance import weights_provenance
+from finebench.outcomes import RunOutcome
 from finebench.plan import (
-    Plan,
     RunSelection,
     check_validation_splits,
     dataset_state,
@@ -44,16 +44,14 @@ from finebench.plan import (
 )
 from finebench.predictions import read_digest, write_predictions
 from finebench.recipe import LoadedRecipe, RunSpec
-from finebench.results import (
+from finebench.results import RunDir, RunLocked, utc_now
+from finebench.summary import (
     SCHEMA_VERSION,
     SELECTED_NOTE,
-    RunDir,
-    RunLocked,
     best_entry,
     environment,
     final_entry,
     method_training_entry,
-    utc_now,
 )
 from finebench.terminal import backbone_label
 from finebench.train.engine import (
@@ -69,61 +67,6 @@ from finebench.train.engine import (
 )
 from finebench.train.events import TensorBoardLog
 from finebench.train.threads import apply_threads
-
-
-@dataclass
-class RunOutcome:
-    run: RunSpec
-    path: Path | None
-    status: str
-    """finished | failed | skipped-finished | skipped-failed | locked | planned; under ``--jobs`` also
-    stopped (the job training it stopped or died: the run is as its last saved epoch left it)"""
-    summary: dict[str, Any] = field(default_factory=dict)
-    state: str | None = None
-    """Dry runs: the run's state on disk (``RunState.kind``: running, new, resumable, finished, failed, damaged)."""
-    data: str | None = None
-    """Dry runs: whether the dataset is prepared (prepared, not prepared, prepared on first run)."""
-
-
-EXIT_FAILED = 1
-"""``finebench run`` exit code when a run failed (now or in an earlier invocation)."""
-EXIT_LOCKED = 3
-"""``finebench run`` exit code when runs were left to another process that holds their lock."""
-
-
-def exit_code(outcomes: Sequence[RunOutcome]) -> int:
-    """0 only when every run is finished (now or earlier), so ``finebench run R && next`` is safe."""
-    statuses = {outcome.status for outcome in outcomes}
-    if statuses & {"failed", "skipped-failed", "stopped"}:
-        return EXIT_FAILED
-    if "locked" in statuses:
-        return EXIT_LOCKED
-    return 0
-
-
-def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str], stopped: Collection[str] = ()) -> list[RunOutcome]:
-    """Each planned run's outcome read from its records, after other processes trained them
-    (``--jobs``, ``--submit local``): skipped as decided before they started, else as the records
-    now stand; ``stopped``: runs whose process stopped or died while training them (its own line
-    said why); any other run none of them finished is ``locked`` (another process holds it, or they
-    stopped before it)."""
-    outcomes = []
-    for run in plan.runs:
-        run_dir = plan.run_dirs[run.run_id]
-        state = run_dir.state()
-        if plan.states[run.run_id].kind == "finished":
-            status = "skipped-finished"
-        elif decisions[run.run_id] == "skipped-failed":
-            status = "skipped-failed"
-        elif state.kind in ("finished", "failed"):
-            status = state.kind
-        elif run.run_id in stopped:
-            status = "stopped"
-        else:
-            status = "locked"
-        outcomes.append(RunOutcome(run, run_dir.path, status,
-                                   run_dir.summary() or {} if status not in ("locked", "stopped") else {}))
-    return outcomes
 
 
 def _summary(

@@ -17,10 +17,11 @@ from tiny_data import cut_where_torch_load_says_einval, prepare_tiny_bars, tiny_
 
 from finebench import jobs as jobs_module
 from finebench.jobs import JsonProgress, aggregate_exit_code, plan_jobs
+from finebench.outcomes import RunOutcome
 from finebench.plan import RunSelection
 from finebench.recipe import expand_runs, load_recipe
 from finebench.results import RunDir
-from finebench.runner import RunOutcome, run_recipe
+from finebench.runner import run_recipe
 from finebench.train.engine import MACHINE_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
