@@ -60,59 +60,9 @@ def models_command(
     methods: bool = typer.Option(False, "--methods", help="List the methods (recipe variant kinds) and their options."),
 ) -> None:
     """List the backbones, their tap points (channels @ stride) and parameter counts."""
-    import dataclasses
-    import json
+    from finebench.listing import print_models
 
-    from finebench.models import list_backbones
-    from finebench.terminal import backbones_table
-
-    if taps is not None:
-        _print_taps(taps, json_output)
-        return
-    if methods:
-        _print_methods(json_output)
-        return
-    infos = list_backbones()
-    if json_output:
-        typer.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
-        return
-    make_console().print(backbones_table(infos))
-    make_console().print("Any timm or torchvision CNN works too: timm:<name>, torchvision:<name> (see --taps NAME).")
-
-
-def _print_methods(json_output: bool) -> None:
-    import json
-
-    from rich.table import Table
-
-    from finebench.methods import list_methods
-
-    infos = list_methods()
-    if json_output:
-        typer.echo(json.dumps(infos, indent=2))
-        return
-    table = Table(title="finebench methods (a recipe's variants.kind; options with their defaults)")
-    for column in ("kind", "options", "test passes", "train passes"):
-        table.add_column(column, justify="right" if "passes" in column else "left", overflow="fold")
-    for info in infos:
-        options = " ".join(f"{k}={v!r}" for k, v in info["options"].items()) or "-"
-        table.add_row(f"{info['kind']}\n[dim]{info['description']}[/]", options, str(info["test_forward_passes"]),
-                      str(info["train_passes_per_image"]))
-    make_console().print(table)
-
-
-def _print_taps(name: str, json_output: bool) -> None:
-    import dataclasses
-    import json
-
-    from finebench.models.registry import list_taps
-    from finebench.terminal import taps_table
-
-    listing = list_taps(name)
-    if json_output:
-        typer.echo(json.dumps(dataclasses.asdict(listing), indent=2))
-        return
-    make_console().print(taps_table(name, listing))
+    print_models(taps=taps, methods=methods, json_output=json_output)
 
 
 @app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
