@@ -8,69 +8,16 @@ Errors a user can cause arrive as ``FinebenchError`` and leave as one line plus 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-import typer.core
 from rich.markup import escape
 
 import finebench
 from finebench.console import make_console
 from finebench.errors import FinebenchError, Interrupted
-
-
-def _follow_conventions(params: list[Any]) -> None:
-    """Help as users of other CLIs expect it: a flag shows no ``<bool>`` type, an argument its NAME."""
-    for param in params:
-        if param.param_type_name == "option" and getattr(param, "is_bool_flag", False) and param.metavar is None:
-            param.metavar = ""
-        elif param.param_type_name == "argument" and param.metavar is None:
-            param.metavar = (param.name or "").upper()
-
-
-class _Conventional:
-    """Mixin for a Typer command or group: its parameters, help option included, follow the conventions."""
-
-    params: list[Any]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _follow_conventions(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)  # type: ignore[misc]
-        _follow_conventions([option] if option is not None else [])
-        return option
-
-
-class ConventionalCommand(_Conventional, typer.core.TyperCommand):
-    """A Typer command whose usage line reads ``RECIPE`` / ``[PATHS]...`` (click's convention), not ``{recipe}``."""
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if isinstance(param, typer.core.TyperArgument):
-                name = param.metavar or (param.name or "").upper()
-                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
-            else:
-                pieces.extend(param.get_usage_pieces(ctx))
-        return pieces
-
-
-class ConventionalGroup(_Conventional, typer.core.TyperGroup):
-    pass
-
-
-class FinebenchApp(typer.Typer):
-    """Every command, also ones added later, gets ``ConventionalCommand``."""
-
-    def command(
-        self, *args: Any, cls: type[typer.core.TyperCommand] | None = None, **kwargs: Any
-    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        return super().command(*args, cls=cls or ConventionalCommand, **kwargs)
-
+from finebench.typer_conventions import ConventionalGroup, FinebenchApp
 
 app = FinebenchApp(
     name="finebench",
@@ -113,59 +60,9 @@ def models_command(
     methods: bool = typer.Option(False, "--methods", help="List the methods (recipe variant kinds) and their options."),
 ) -> None:
     """List the backbones, their tap points (channels @ stride) and parameter counts."""
-    import dataclasses
-    import json
+    from finebench.listing import print_models
 
-    from finebench.models import list_backbones
-    from finebench.terminal import backbones_table
-
-    if taps is not None:
-        _print_taps(taps, json_output)
-        return
-    if methods:
-        _print_methods(json_output)
-        return
-    infos = list_backbones()
-    if json_output:
-        typer.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
-        return
-    make_console().print(backbones_table(infos))
-    make_console().print("Any timm or torchvision CNN works too: timm:<name>, torchvision:<name> (see --taps NAME).")
-
-
-def _print_methods(json_output: bool) -> None:
-    import json
-
-    from rich.table import Table
-
-    from finebench.methods import list_methods
-
-    infos = list_methods()
-    if json_output:
-        typer.echo(json.dumps(infos, indent=2))
-        return
-    table = Table(title="finebench methods (a recipe's variants.kind; options with their defaults)")
-    for column in ("kind", "options", "test passes", "train passes"):
-        table.add_column(column, justify="right" if "passes" in column else "left", overflow="fold")
-    for info in infos:
-        options = " ".join(f"{k}={v!r}" for k, v in info["options"].items()) or "-"
-        table.add_row(f"{info['kind']}\n[dim]{info['description']}[/]", options, str(info["test_forward_passes"]),
-                      str(info["train_passes_per_image"]))
-    make_console().print(table)
-
-
-def _print_taps(name: str, json_output: bool) -> None:
-    import dataclasses
-    import json
-
-    from finebench.models.registry import list_taps
-    from finebench.terminal import taps_table
-
-    listing = list_taps(name)
-    if json_output:
-        typer.echo(json.dumps(dataclasses.asdict(listing), indent=2))
-        return
-    make_console().print(taps_table(name, listing))
+    print_models(taps=taps, methods=methods, json_output=json_output)
 
 
 @app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -320,126 +217,19 @@ def run_command(
 
     Exit status: 0 when every run is finished (now or earlier); 1 when a run failed (its loss became non-finite, now or earlier) or a disk error stopped it; 2 for bad input (recipe, options, unreadable records); 3 when runs were left to another process training them; 130 when interrupted (Ctrl-C), the run then resumes on the next invocation. With --jobs: 1 also when a job was killed (its run resumes); 143 for SIGTERM, 129 for a hangup.
     """
-    import time
+    from finebench.launch import Launch, run_recipe_command
+    from finebench.plan import RunSelection
 
-    from finebench.jobs import JsonProgress, stop_as_on_ctrl_c
-    from finebench.plan import RunSelection, check_before_launch, parse_share
-    from finebench.recipe import load_recipe
-    from finebench.runner import exit_code, run_recipe
-    from finebench.train.distributed import distributed_context, launch_workers
-
-    if job_of:
-        stop_as_on_ctrl_c()
-    loaded = load_recipe(recipe, overrides)
-    share_of = parse_share(share) if share else None
-    selection = RunSelection(tuple(only), retry_failed, restart, discard_finished)
-    run_argv = [
-        *(["--debug"] if _state["debug"] else []), "run", recipe, "--results-dir", results_dir,
-        *(["--data-root", data_root] if data_root else []),
-        *[arg for value in overrides for arg in ("--set", value)],
-        *selection.argv(), *(["--quiet"] if quiet else []), "--dist-timeout", str(dist_timeout),
-    ]
-    if sum([jobs > 1, submit is not None, nproc_per_node > 1]) > 1:
-        raise FinebenchError("--jobs, --submit and --nproc-per-node: give one of them (--submit takes --gpus-per-run)")
-    if submit is not None and not dry_run:
-        _submit_run(loaded, run_argv, cluster=submit, results_dir=Path(results_dir),
-                    data_root=Path(data_root) if data_root else None, selection=selection, partition=partition,
-                    gpus_per_run=gpus_per_run, time_limit_min=time_limit, array_parallelism=array_parallelism,
-                    array_tasks=array_tasks, quiet=quiet)
-        return
-    if nproc_per_node > 1 and not dry_run:
-        check_before_launch(loaded, Path(data_root) if data_root else None, nproc_per_node)
-        launch_workers(nproc_per_node, [*run_argv, *(["--share", share] if share else [])])
-        return
-    started = time.perf_counter()
-    if jobs > 1 and not dry_run:
-        from finebench.jobs import run_jobs
-
-        outcomes, code = run_jobs(
-            loaded, count=jobs, child_args=run_argv, results_dir=Path(results_dir),
-            data_root=Path(data_root) if data_root else None, selection=selection, quiet=quiet,
-        )
-        _print_run_tables(loaded, outcomes, dry_run=False, wall=time.perf_counter() - started)
-        if code:
-            raise typer.Exit(code)
-        return
-    train = loaded.recipe.train
-    with distributed_context(train.device, sync_batchnorm=train.sync_batchnorm, timeout_s=dist_timeout) as ctx:
-        outcomes = run_recipe(
-            loaded,
-            results_dir=Path(results_dir),
-            data_root=Path(data_root) if data_root else None,
-            only=only,
-            dry_run=dry_run,
-            quiet=quiet,
-            retry_failed=retry_failed,
-            restart=restart,
-            discard_finished=discard_finished,
-            ctx=ctx,
-            share=share_of,
-            since=job_of,
-            make_progress=JsonProgress if job_of else None,
-        )
-    if ctx.is_main and not job_of:  # a job of --jobs leaves the table to the command that started it
-        _print_run_tables(loaded, outcomes, dry_run=dry_run, wall=time.perf_counter() - started)
-    code = exit_code(outcomes)
+    code = run_recipe_command(
+        recipe, overrides, results_dir=results_dir, data_root=data_root,
+        selection=RunSelection(tuple(only), retry_failed, restart, discard_finished),
+        launch=Launch(nproc_per_node=nproc_per_node, dist_timeout=dist_timeout, jobs=jobs, submit=submit,
+                      partition=partition, gpus_per_run=gpus_per_run, time_limit_min=time_limit,
+                      array_parallelism=array_parallelism, array_tasks=array_tasks, share=share, job_of=job_of),
+        dry_run=dry_run, quiet=quiet, debug=_state["debug"],
+    )
     if code:
         raise typer.Exit(code)
-
-
-def _submit_run(loaded: Any, run_argv: list[str], *, cluster: str, quiet: bool, **options: Any) -> None:
-    """``run --submit``: queue the runs still to train as a job array; on this machine (``local``)
-    wait for the tasks as a plain run waits for its runs, then print the same results table."""
-    import time
-
-    from finebench.cluster import submit as submit_array
-    from finebench.plan import size_warnings, warn_sizes
-    from finebench.runner import exit_code, outcomes_on_disk
-
-    started = time.perf_counter()
-    status = make_console(stderr=True, quiet=quiet, soft_wrap=True)
-    submission = submit_array(loaded, run_argv, cluster=cluster, **options)
-    skipped = submission.skipped
-    if skipped:
-        failed_note = " (--retry-failed resumes them)" if skipped["failed"] else ""
-        status.print(f"{loaded.name}: skipped {', '.join(f'{n} {kind}' for kind, n in sorted(skipped.items()))} "
-                     f"run(s) done earlier{failed_note}", highlight=False)
-    if submission.shares and not quiet:
-        warn_sizes(size_warnings(submission.plan, [run for share in submission.shares for run in share.runs]), status)
-    if cluster != "local":
-        ids = ", ".join(job.job_id for job in submission.jobs.values()) or "nothing (every run is finished or failed)"
-        err_console.print(f"{loaded.name}: submitted {len(submission.jobs)} array task(s): {ids}; "
-                          f"rerun the same command to resume what a dead task left", highlight=False, soft_wrap=True)
-        return
-    ended = []
-    if submission.shares:
-        status.print(f"{loaded.name}: {len(submission.shares)} array task(s) on this machine, at most "
-                     f"{submission.parallelism} at once; logs in {submission.executor.folder}", highlight=False)
-        ended = submission.wait(status)
-    outcomes = outcomes_on_disk(submission.plan, submission.decisions)
-    failed = [end for end in ended if end.error is not None]
-    left = {run.run_id for end in failed for run in end.share.runs}
-    for outcome in outcomes:
-        if outcome.run.run_id in left and outcome.status == "locked":
-            outcome.status = "task failed"  # resumable: the same command resumes it
-    _print_run_tables(loaded, outcomes, dry_run=False, wall=time.perf_counter() - started)
-    for end in failed:
-        err_console.print(f"{loaded.name}: {end.share.describe()} failed ({end.error}); its log: {end.log}; "
-                          "rerun the same command to resume its runs", highlight=False, soft_wrap=True)
-    code = 1 if failed else exit_code(outcomes)
-    if code:
-        raise typer.Exit(code)
-
-
-def _print_run_tables(loaded: Any, outcomes: Any, *, dry_run: bool, wall: float) -> None:
-    from finebench.terminal import run_tables
-
-    stdout = make_console()
-    for part in run_tables(loaded, outcomes, dry_run=dry_run, wall_s=wall):
-        if isinstance(part, str):
-            stdout.print(part, soft_wrap=True, highlight=False)
-        else:
-            stdout.print(part)
 
 
 @app.command("bench")
@@ -500,86 +290,12 @@ def report_command(
 ) -> None:
     """Aggregate every run record into a paper-style table: mean ± 95% CI over seeds (and folds),
     mean per-class accuracy, paired gains with p-values, overheads."""
-    from finebench import report as report_module
+    from finebench.report.command import report_command as make_tables
 
-    if fmt not in report_module.FORMATS:
-        raise FinebenchError(f"--format {fmt!r}: expected one of {', '.join(report_module.FORMATS)}")
-    if disagree and all(disagree):
-        _report_disagreement(paths or ["results"], disagree, report_module.split_by(by), fmt, output, plots)
-        return
-    result = report_module.make_report(
-        paths or ["results"],
-        by=report_module.split_by(by),
-        error=error,
-        reference=reference_file or reference,
-        selection="best" if best else "final",
-        early=early,
-        speed=speed,
-        predictions=predictions,
-    )
-    ranked = report_module.rank_methods(result.loaded.runs, error=error) if ranks else None  # fails before any output
-    reproduction = (report_module.reproduction_table(result.loaded.runs, report_module.reproduction_reference(reference_file))
-                    if reproduce else None)  # as the ranks: a bad reference table stops before any output
-    output_path = Path(output) if output else None
-    # the paper's layout unless the user groups by options (an ablation reads better one row per setting)
-    wide = not long and not by
-    report_module.emit_table(result.table, fmt, output_path, "finebench report", wide=wide, status=err_console)
-    if result.early is not None:
-        early_path = output_path.with_name(f"{output_path.stem}_early{output_path.suffix}") if output_path else None
-        report_module.emit_table(result.early, fmt, early_path, "early prediction", status=err_console)
-    if result.predictions is not None:
-        path = output_path.with_name(f"{output_path.stem}_predictions{output_path.suffix}") if output_path else None
-        report_module.emit_table(result.predictions, fmt, path, "predictions", status=err_console)
-    if groups:
-        path = output_path.with_name(f"{output_path.stem}_groups{output_path.suffix}") if output_path else None
-        result.loaded.warnings.extend(report_module.emit_groups(result.loaded.runs, fmt, path, error, err_console,
-                                                                      data_root=data_root))
-    if ranked is not None:
-        ranks_path = output_path.with_name(f"{output_path.stem}_ranks{output_path.suffix}") if output_path else None
-        report_module.emit_ranks(ranked, fmt, ranks_path, error=error, status=err_console)
-    if reproduction is not None:
-        path = output_path.with_name(f"{output_path.stem}_reproduce{output_path.suffix}") if output_path else None
-        report_module.emit_reproduction(reproduction, fmt, path, status=err_console)
-    # what the tables leave out, listed under them where it is read last
-    for warning in result.loaded.warnings:
-        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    if not result.loaded.failed.empty:
-        err_console.print(f"[red]{len(result.loaded.failed)} failed run(s), not in the table:[/]")
-        for row in report_module.failed_table(result.loaded.failed).itertuples(index=False):
-            err_console.print(escape(f"  {row.Recipe}/{row.Run} {row.Dataset} {row.Backbone} {row.Variant} "
-                                     f"seed {row.Seed}: {row.Reason}"), highlight=False, soft_wrap=True)
-    if not result.loaded.running.empty:
-        err_console.print(f"[cyan]{len(result.loaded.running)} unfinished run(s), not in the table:[/]")
-        for line in report_module.running_lines(result.loaded.running):
-            err_console.print(escape(f"  {line}"), highlight=False, soft_wrap=True)
-    if plots:
-        from finebench.report.plots import plot_critical_difference, write_plots
-
-        plot_warnings: list[str] = []
-        written = write_plots(result.loaded.runs, Path(plots), error=error, warnings=plot_warnings)
-        if ranked is not None:
-            written += plot_critical_difference(ranked, Path(plots))
-        for warning in plot_warnings:
-            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-        err_console.print(f"wrote {len(written)} plot files to {plots}", highlight=False)
-
-
-def _report_disagreement(paths: list[str], variants: tuple[str, str], by: list[str] | None, fmt: str,
-                         output: str | None, plots: str | None) -> None:
-    """``report --disagree A B``: the table, then (``--plots``) the thumbnails, then what was left out."""
-    from finebench import report as report_module
-
-    a, b = variants
-    pairs = report_module.disagreement(paths, a, b, by)
-    report_module.emit_disagreement(pairs, a, b, fmt, Path(output) if output else None, status=err_console)
-    if plots:
-        from finebench.report.plots import plot_disagreement
-
-        warnings: list[str] = []
-        written = plot_disagreement(pairs, a, b, Path(plots), warnings)
-        for warning in warnings:
-            err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-        err_console.print(f"wrote {len(written)} plot files to {plots}", highlight=False)
+    make_tables(paths or ["results"], by=by, fmt=fmt, output=output, error=error, reference=reference,
+                reference_file=reference_file, best=best, early=early, plots=plots, speed=speed,
+                predictions=predictions, groups=groups, data_root=data_root, long=long, ranks=ranks,
+                reproduce=reproduce, disagree=disagree)
 
 
 @app.command("attend")

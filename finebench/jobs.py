@@ -44,6 +44,13 @@ from rich.progress import (
 
 from finebench.console import make_console
 from finebench.errors import Interrupted
+from finebench.outcomes import (
+    EXIT_FAILED,
+    EXIT_LOCKED,
+    RunOutcome,
+    exit_code,
+    outcomes_on_disk,
+)
 from finebench.plan import (
     RunSelection,
     check_before_launch,
@@ -53,15 +60,7 @@ from finebench.plan import (
 )
 from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import RunDir, utc_now
-from finebench.runner import (
-    EXIT_FAILED,
-    EXIT_LOCKED,
-    RunOutcome,
-    exit_code,
-    how_to_go_on,
-    outcomes_on_disk,
-    run_label,
-)
+from finebench.runner import how_to_go_on, run_label
 from finebench.train.distributed import how_ended
 from finebench.train.engine import epoch_line, resolve_device
 

@@ -1,164 +1,34 @@
 """``finebench run``, before anything trains: the recipe's runs, their state on disk, what to do with each,
 and every check that must pass before the first file is written.
 
-Everything a user can get wrong (recipe, dataset name, unprepared data, model options, unreadable
+Everything a user can get wrong (recipe, dataset name, unprepared data, missing weights, unreadable
 run records) is checked here, so a bad input stops the command with nothing written. A run that is
 already finished (or failed) is decided on without its lock, so a read-only results folder can be
-rerun; ``finebench.runner`` takes the lock, decides again under it, and trains.
+rerun; ``finebench.runner`` costs each run's network (``finebench.cost``, which checks its model
+options, still before anything is written), takes the lock, decides again under it, and trains.
+The planner builds nothing: the model and loaders are built where the run executes (``finebench.factory``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from finebench.console import make_console
 from finebench.data.root import DataRoot, choose_data_root
 from finebench.errors import FinebenchError
-from finebench.methods import Method, get_method, variant_of_config
-from finebench.methods.baseline import METHOD as BASELINE
+from finebench.methods import get_method, variant_of_config
 from finebench.recipe import DatasetSection, LoadedRecipe, RunSpec, expand_runs
 from finebench.results import RunDir, RunState
 from finebench.train.engine import DistContext, resolve_device
 
 
-@dataclass(frozen=True)
-class Cost:
-    params: int
-    flops: int
-    module_flops: dict[str, int] | None
-    """FLOPs of each cheaper prediction the method offers (``Method.early_predictors``); None where
-    they were not counted (``CostCache.of(..., module_flops=False)``: a dry run prints none)."""
-    taps: list[dict[str, Any]] = field(default_factory=list)
-    """Where each attention module or a method's head reads (``ImageClassifier.tap_summary``); empty for
-    a model reading the pooled features."""
-    size_warnings: list[str] = field(default_factory=list)
-    """Where the method's mechanism cannot act at the input size (``Method.size_warnings``), one line
-    each naming the variant and backbone; recorded in the run's summary for ``report``'s footnote."""
-
-
-def build_model(
-    loaded: LoadedRecipe, run: RunSpec, num_classes: int, *, kind: str | None = None, pretrained: bool = True
-):
-    """The run's model (``kind`` swaps the variant, e.g. for the baseline's cost), errors named by file."""
-    from finebench.methods import build_model_from_config
-
-    try:
-        return build_model_from_config(run.config, num_classes, kind=kind, pretrained=pretrained)
-    except FinebenchError as error:
-        raise FinebenchError(f"{loaded.path}: model: {error}") from None
-
-
-def _cost(model: torch.nn.Module, input_size: int, method: Method) -> Cost:
-    """The run's params and FLOPs without ``profile``'s fvcore-vs-flop_counter cross-check: the
-    check costs a second forward of every network, a dry run must answer in seconds, and
-    ``finebench profile`` checks the same networks' counts."""
-    from finebench.models.network import unwrap
-    from finebench.profile import profile_model
-
-    was_training = model.training
-    profile = profile_model(model, input_size, method, cross_check=False)
-    model.train(was_training)
-    return Cost(int(profile.params), int(profile.flops), None, unwrap(model).tap_summary())
-
-
-def _module_flops(model: torch.nn.Module, input_size: int, method: Method) -> dict[str, int]:
-    """``Cost.module_flops``: one fvcore trace per early prediction, so only where a summary records them."""
-    from finebench.profile import early_prediction_flops
-
-    was_training = model.training
-    flops = early_prediction_flops(model, method, input_size, cross_check=False)
-    model.train(was_training)
-    return {name: int(value) for name, value in flops.items()}
-
-
-def _size_warnings(run: RunSpec, model: torch.nn.Module, input_size: int) -> list[str]:
-    """The run's ``Method.size_warnings``, its tap sizes from the strides the backbone declares
-    (ceil(input / stride), what a padded convolutional network gives; no forward pass)."""
-    from finebench.models.network import unwrap
-
-    sizes = {point.name: (-(-input_size // point.stride),) * 2 for point in unwrap(model).backbone.tap_points}
-    options = run.variant or variant_of_config(run.config)
-    lines = get_method(run.variant_kind).size_warnings(options, sizes, input_size)
-    return [f"variant {run.variant_name!r} on {run.backbone}: {line}" for line in lines]
-
-
-def size_warnings(plan: Plan, runs: Sequence[RunSpec]) -> list[str]:
-    """Each distinct size warning of ``runs`` (one per variant and backbone, not per seed)."""
-    return list(dict.fromkeys(line for run in runs for line in plan.costs.of(run, module_flops=False).size_warnings))
-
-
-def warn_sizes(lines: Sequence[str], console: Console | None = None) -> None:
-    """The size warnings as ``run`` prints them (on stderr), before it trains or queues anything."""
-    console = console or make_console(stderr=True, soft_wrap=True)
-    for line in lines:
-        console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
-
-
-class CostCache:
-    """Params/FLOPs per distinct network (``network_key``: the same across seeds, variant names and
-    training settings) and of the plain baseline, each network counted once.
-
-    Costing runs inside ``fork_rng`` (a model built for its cost draws random initial weights): the
-    runner asks for costs after seeding a run, and a draw from the run's RNG would shift every
-    later draw of that run (dropout, WS-DAN's and CAL's maps) by whether this process had already
-    costed the baseline, so ``--only ws_dan``, ``--jobs`` and the whole recipe would train the
-    same run id differently."""
-
-    def __init__(self, loaded: LoadedRecipe, num_classes: int, input_size: int) -> None:
-        self.loaded, self.num_classes, self.input_size = loaded, num_classes, input_size
-        self._costs: dict[str, Cost] = {}
-
-    def of(self, run: RunSpec, model: torch.nn.Module | None = None, *, module_flops: bool = True) -> Cost:
-        """The run's cost. ``model``, the run's own model about to train, also learns its unread
-        parameters at the run's input size here (DDP's ignore list reads them, and knows no size).
-        ``module_flops=False`` leaves the early predictions uncounted (a trace of the network per
-        prediction), for a dry run, which prints none."""
-        if model is not None:
-            from finebench.models.network import unwrap
-
-            with torch.random.fork_rng(devices=[]):  # no draw of the run's RNG (see the class)
-                unwrap(model).unused_parameter_names(self.input_size)
-        return self._cost_of(run, None, model, module_flops)
-
-    def baseline(self, run: RunSpec) -> Cost:
-        """The plain baseline on the run's backbone: the reference of its overheads."""
-        return self._cost_of(run, BASELINE.kind, None, True)
-
-    def _cost_of(self, run: RunSpec, kind: str | None, model: torch.nn.Module | None, module_flops: bool) -> Cost:
-        key = self._key(run, kind)
-        cost = self._costs.get(key)
-        if cost is None or (module_flops and cost.module_flops is None):
-            method = get_method(kind or run.variant_kind)
-            # Weights do not change the cost, and a dry run must work before they are downloaded.
-            with torch.random.fork_rng(devices=[]):
-                if model is None:
-                    model = build_model(self.loaded, run, self.num_classes, kind=kind, pretrained=False)
-                if cost is None:
-                    cost = _cost(model, self.input_size, method)
-                    # the run's own variant only: the baseline a variant is measured against warns of nothing
-                    cost = replace(cost, size_warnings=_size_warnings(run, model, self.input_size) if kind is None else [])
-                if module_flops:
-                    cost = replace(cost, module_flops=_module_flops(model, self.input_size, method))
-            self._costs[key] = cost
-        return cost
-
-    def _key(self, run: RunSpec, kind: str | None) -> str:
-        from finebench.methods import network_key
-
-        try:
-            return network_key(run.config, kind=kind)
-        except FinebenchError as error:
-            raise FinebenchError(f"{self.loaded.path}: model: {error}") from None
-
-
-def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device) -> dict[str, Any]:
+def loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device) -> dict[str, Any]:
     """What the run's loaders are built from (its own splits: on a k-fold dataset they depend on its held-out fold)."""
     dataset, train = run.dataset_section(), run.train_section()
     return dict(
@@ -171,14 +41,6 @@ def _loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: tor
         validation=dataset.validation.model_dump() if dataset.validation is not None else None,
         sampler_factory=partial(get_method(run.variant_kind).batch_sampler, run.variant or variant_of_config(run.config)),
     )
-
-
-def build_run_loaders(loaded: LoadedRecipe, run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device):
-    from finebench.data.loader import build_loaders
-
-    train = run.train_section()
-    return build_loaders(**_loader_choices(run, data_root, ctx, device), eval_batch_size=train.eval_batch_size,
-                         workers=train.workers, pin_memory=device.type == "cuda")
 
 
 def parse_share(text: str) -> tuple[int, int]:
@@ -202,7 +64,8 @@ class Plan:
     states: dict[str, RunState]
     chosen_root: DataRoot
     num_classes: int
-    costs: CostCache
+    input_size: int
+    """The networks' input side: the recipe's until ``preflight`` reads the data's (``cost.CostCache.of_plan``)."""
 
     @property
     def data_root(self) -> Path:
@@ -227,16 +90,16 @@ def plan_runs(
     results_dir = Path(results_dir)
     chosen_root = choose_data_root(data_root, loaded.recipe.dataset.root)
     num_classes = get_spec(loaded.recipe.dataset.name).num_classes
-    costs = CostCache(loaded, num_classes, loaded.input_size())
     check_results_dir(results_dir, loaded.name)
     run_dirs = {run.run_id: RunDir(results_dir, loaded.name, run.run_id) for run in runs}
     states = {run.run_id: run_dirs[run.run_id].state() for run in runs}
-    return Plan(runs, run_dirs, states, chosen_root, num_classes, costs)
+    return Plan(runs, run_dirs, states, chosen_root, num_classes, loaded.input_size())
 
 
 def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx: DistContext, quiet: bool) -> None:
-    """Fail on unprepared data or bad model options before anything is written; prepare an embedded
-    dataset on first use. Sets the plan's class count and costs from the data as the loaders read it."""
+    """Fail on unprepared data or missing weights before anything is written; prepare an embedded
+    dataset on first use. Sets the plan's class count and input size from the data as the loaders
+    read them (the runner then costs each run's network, which checks its model options)."""
     chosen_root, data_root = plan.chosen_root, plan.data_root
     check_data_root(chosen_root, loaded.recipe.dataset.name)
     weights = missing_weights(to_train)
@@ -245,22 +108,17 @@ def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx
     if ctx.is_main:
         prepare_if_embedded(loaded.recipe.dataset.name, data_root, quiet)
     ctx.barrier()
-    # Fail on unprepared data or bad model options before anything is written.
+    # Fail on unprepared data before anything is written.
     from finebench.data.loader import check_loaders
 
     device = resolve_device(loaded.recipe.train.device)
     # The loaders' own checks without their work: nothing is decoded or copied to the device here.
-    checked = check_loaders(**_loader_choices(to_train[0], data_root, ctx, device))
+    checked = check_loaders(**loader_choices(to_train[0], data_root, ctx, device))
     for run in to_train[1:]:  # every held-out fold of a k-fold dataset must be there too
         if run.dataset_section() != to_train[0].dataset_section():
             _check_splits(run.dataset_section(), data_root)
-    num_classes = checked.num_classes
-    costs = CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or checked.input_size)
-    for run in to_train:
-        costs.of(run)
-    plan.num_classes, plan.costs = num_classes, costs
-    if ctx.is_main and not quiet:
-        warn_sizes(size_warnings(plan, to_train))
+    plan.num_classes = checked.num_classes
+    plan.input_size = loaded.recipe.dataset.input_size or checked.input_size
 
 
 def missing_weights(runs: Sequence[RunSpec]) -> list[str]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from finebench.console import make_console
+from finebench.cost import Cost, CostCache, size_warnings, warn_sizes
 from finebench.data.store import meta_digest
 from finebench.errors import FinebenchError, Interrupted
+from finebench.factory import build_model, build_run_loaders
 from finebench.methods import method_of, variant_of_config
 from finebench.models.provenance import weights_provenance
+from finebench.outcomes import RunOutcome
 from finebench.plan import (
-    Cost,
-    CostCache,
-    Plan,
     RunSelection,
-    build_model,
-    build_run_loaders,
     check_validation_splits,
     dataset_state,
     decide,
@@ -43,21 +41,17 @@ from finebench.plan import (
     missing_weights,
     plan_runs,
     preflight,
-    size_warnings,
-    warn_sizes,
 )
 from finebench.predictions import read_digest, write_predictions
 from finebench.recipe import LoadedRecipe, RunSpec
-from finebench.results import (
+from finebench.results import RunDir, RunLocked, utc_now
+from finebench.summary import (
     SCHEMA_VERSION,
     SELECTED_NOTE,
-    RunDir,
-    RunLocked,
     best_entry,
     environment,
     final_entry,
     method_training_entry,
-    utc_now,
 )
 from finebench.terminal import backbone_label
 from finebench.train.engine import (
@@ -73,61 +67,6 @@ from finebench.train.engine import (
 )
 from finebench.train.events import TensorBoardLog
 from finebench.train.threads import apply_threads
-
-
-@dataclass
-class RunOutcome:
-    run: RunSpec
-    path: Path | None
-    status: str
-    """finished | failed | skipped-finished | skipped-failed | locked | planned; under ``--jobs`` also
-    stopped (the job training it stopped or died: the run is as its last saved epoch left it)"""
-    summary: dict[str, Any] = field(default_factory=dict)
-    state: str | None = None
-    """Dry runs: the run's state on disk (``RunState.kind``: running, new, resumable, finished, failed, damaged)."""
-    data: str | None = None
-    """Dry runs: whether the dataset is prepared (prepared, not prepared, prepared on first run)."""
-
-
-EXIT_FAILED = 1
-"""``finebench run`` exit code when a run failed (now or in an earlier invocation)."""
-EXIT_LOCKED = 3
-"""``finebench run`` exit code when runs were left to another process that holds their lock."""
-
-
-def exit_code(outcomes: Sequence[RunOutcome]) -> int:
-    """0 only when every run is finished (now or earlier), so ``finebench run R && next`` is safe."""
-    statuses = {outcome.status for outcome in outcomes}
-    if statuses & {"failed", "skipped-failed", "stopped"}:
-        return EXIT_FAILED
-    if "locked" in statuses:
-        return EXIT_LOCKED
-    return 0
-
-
-def outcomes_on_disk(plan: Plan, decisions: Mapping[str, str], stopped: Collection[str] = ()) -> list[RunOutcome]:
-    """Each planned run's outcome read from its records, after other processes trained them
-    (``--jobs``, ``--submit local``): skipped as decided before they started, else as the records
-    now stand; ``stopped``: runs whose process stopped or died while training them (its own line
-    said why); any other run none of them finished is ``locked`` (another process holds it, or they
-    stopped before it)."""
-    outcomes = []
-    for run in plan.runs:
-        run_dir = plan.run_dirs[run.run_id]
-        state = run_dir.state()
-        if plan.states[run.run_id].kind == "finished":
-            status = "skipped-finished"
-        elif decisions[run.run_id] == "skipped-failed":
-            status = "skipped-failed"
-        elif state.kind in ("finished", "failed"):
-            status = state.kind
-        elif run.run_id in stopped:
-            status = "stopped"
-        else:
-            status = "locked"
-        outcomes.append(RunOutcome(run, run_dir.path, status,
-                                   run_dir.summary() or {} if status not in ("locked", "stopped") else {}))
-    return outcomes
 
 
 def _summary(
@@ -424,12 +363,9 @@ def run_recipe(
     *,
     results_dir: Path = Path("results"),
     data_root: Path | None = None,
-    only: Sequence[str] = (),
+    selection: RunSelection = RunSelection(),
     dry_run: bool = False,
     quiet: bool = False,
-    retry_failed: bool = False,
-    restart: bool = False,
-    discard_finished: bool = False,
     ctx: DistContext | None = None,
     console: Console | None = None,
     share: tuple[int, int] | None = None,
@@ -438,8 +374,9 @@ def run_recipe(
 ) -> list[RunOutcome]:
     """Train every run of a recipe that is not finished yet; the result has one outcome per run.
 
-    ``restart`` discards the checkpoint and records of every selected run that is not finished
-    (interrupted, failed or unreadable) and trains it from epoch 1.
+    ``selection``: the runs taken (``only``) and what is done with those not finished;
+    ``selection.restart`` discards the checkpoint and records of every selected run that is not
+    finished (interrupted, failed or unreadable) and trains it from epoch 1.
 
     Several processes on one recipe (``--jobs``, a Slurm array): ``share = (i, n)`` keeps the runs
     whose position is i mod n; ``since`` is when the command that started the processes began, and
@@ -449,7 +386,7 @@ def run_recipe(
     """
     ctx = ctx or DistContext()
     console = console or make_console(stderr=True, quiet=quiet or not ctx.is_main, soft_wrap=True)
-    plan = plan_runs(loaded, results_dir=Path(results_dir), data_root=data_root, only=only, share=share)
+    plan = plan_runs(loaded, results_dir=Path(results_dir), data_root=data_root, only=selection.only, share=share)
     runs, run_dirs, states, data_root = plan.runs, plan.run_dirs, plan.states, plan.data_root
 
     if dry_run:
@@ -460,20 +397,25 @@ def run_recipe(
                 console.print(f"[yellow]warning:[/] {state.problem}", highlight=False)
         for problem in missing_weights(runs):
             console.print(f"[yellow]warning:[/] {problem}: the run would stop here", highlight=False)
-        warn_sizes(size_warnings(plan, runs), console)
+        costs = CostCache.of_plan(loaded, plan)
+        warn_sizes(size_warnings(costs, runs), console)
         return [
             RunOutcome(run, run_dirs[run.run_id].path, "planned",
                        {"params": cost.params, "flops": cost.flops, "taps": cost.taps},
                        state=states[run.run_id].kind, data=data)
-            for run, cost in ((run, plan.costs.of(run, module_flops=False)) for run in runs)
+            for run, cost in ((run, costs.of(run, module_flops=False)) for run in runs)
         ]
 
     # Unreadable records stop the command here, before anything is trained or written.
-    selection = RunSelection(tuple(only), retry_failed, restart, discard_finished)
     planned = ctx.broadcast(decide_runs(plan, selection))
     to_train = [run for run in runs if planned[run.run_id] == "train"]
     if to_train:
         preflight(loaded, plan, to_train, ctx, quiet)
+    costs = CostCache.of_plan(loaded, plan)
+    for run in to_train:  # bad model options stop here, before anything is written
+        costs.of(run)
+    if to_train and ctx.is_main and not quiet:
+        warn_sizes(size_warnings(costs, to_train))
 
     outcomes = []
     for run in runs:
@@ -487,12 +429,13 @@ def run_recipe(
                 try:
                     held.enter_context(run_dir.lock())
                     # Another process may have finished or failed it since the plan was made.
-                    decision = decide(run_dir.state(), retry_failed=retry_failed, restart=restart)
+                    decision = decide(run_dir.state(), retry_failed=selection.retry_failed,
+                                      restart=selection.restart)
                     if decision == "train" and since is not None and _touched_since(run_dir, since):
                         decision = "skipped-failed" if run_dir.state().kind == "failed" else "locked"
                 except RunLocked:
                     decision = "locked"
-                if decision == "train" and restart:
+                if decision == "train" and selection.restart:
                     run_dir.discard()
             decision = ctx.broadcast(decision)
             if decision == "locked":
@@ -508,7 +451,7 @@ def run_recipe(
                 outcomes.append(RunOutcome(run, run_dir.path, decision, run_dir.summary() or {}))
             else:
                 summary = _execute(
-                    loaded, run, run_dir, data_root=data_root, costs=plan.costs, num_classes=plan.num_classes,
+                    loaded, run, run_dir, data_root=data_root, costs=costs, num_classes=plan.num_classes,
                     ctx=ctx, quiet=quiet, console=console, make_progress=make_progress,
                 )
                 outcomes.append(RunOutcome(run, run_dir.path, summary["status"], summary))

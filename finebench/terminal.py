@@ -28,7 +28,7 @@ which the report's gain column uses for significance."""
 
 
 class RunOutcome(Protocol):
-    """What a run's row shows (``finebench.runner.RunOutcome``), named here so this module imports no runner."""
+    """What a run's row shows (``finebench.outcomes.RunOutcome``), named here so this module imports no runner."""
 
     run: RunSpec
     status: str

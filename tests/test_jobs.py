@@ -17,9 +17,11 @@ from tiny_data import cut_where_torch_load_says_einval, prepare_tiny_bars, tiny_
 
 from finebench import jobs as jobs_module
 from finebench.jobs import JsonProgress, aggregate_exit_code, plan_jobs
+from finebench.outcomes import RunOutcome
+from finebench.plan import RunSelection
 from finebench.recipe import expand_runs, load_recipe
 from finebench.results import RunDir
-from finebench.runner import RunOutcome, run_recipe
+from finebench.runner import run_recipe
 from finebench.train.engine import MACHINE_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,11 +120,11 @@ def test_a_run_another_job_failed_or_restarted_after_the_command_began_is_left_a
     summary["status"], summary["failure_reason"] = "failed", "loss became nan"
     (first.path / "summary.json").write_text(json.dumps(summary))
     # the failure happened after this command began: another job of it failed the run, which is not retried
-    (again,) = run_recipe(loaded, results_dir=results, data_root=data_root, quiet=True, retry_failed=True,
-                          since=summary["started_at"])
+    (again,) = run_recipe(loaded, results_dir=results, data_root=data_root, quiet=True,
+                          selection=RunSelection(retry_failed=True), since=summary["started_at"])
     assert again.status == "skipped-failed"
-    (retried,) = run_recipe(loaded, results_dir=results, data_root=data_root, quiet=True, retry_failed=True,
-                            since="9999-01-01T00:00:00Z")
+    (retried,) = run_recipe(loaded, results_dir=results, data_root=data_root, quiet=True,
+                            selection=RunSelection(retry_failed=True), since="9999-01-01T00:00:00Z")
     assert retried.status == "finished"
 
 
@@ -274,7 +276,7 @@ def test_a_checkpoint_cut_short_under_jobs_names_the_file_and_restart_trains_it_
     assert run_dir.state().kind == "resumable"
     # the way out the line names (here in this process: a --jobs command runs the same for each job)
     (again,) = run_recipe(load_recipe(recipe), results_dir=tmp_path / "results", data_root=data_root, quiet=True,
-                          restart=True)
+                          selection=RunSelection(restart=True))
     assert again.status == "finished" and run_dir.load_checkpoint()["epoch"] == 1
 
 

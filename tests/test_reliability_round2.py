@@ -196,19 +196,21 @@ def test_a_finished_run_with_a_damaged_summary_is_rebuilt_not_retrained(tmp_path
 
 def test_restart_refuses_to_discard_a_run_whose_records_show_every_epoch_done(tmp_path: Path) -> None:
     """Item 1: `--restart` needs `--discard-finished` to throw away a trained model (a readable last.pt of the last epoch)."""
+    from finebench.plan import RunSelection
     from finebench.runner import run_recipe
 
     loaded, root, run_dir = _finished_tiny_run(tmp_path)
     run_dir.summary_path.write_text("not json")
     kept = {path.name: path.read_bytes() for path in run_dir.path.iterdir() if path.is_file()}
     with pytest.raises(FinebenchError, match="holds all 2 epochs done.*--discard-finished"):
-        run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True, restart=True)
+        run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True,
+                   selection=RunSelection(restart=True))
     assert {path.name: path.read_bytes() for path in run_dir.path.iterdir() if path.is_file()} == kept
     cli = finebench("run", str(tmp_path / "tiny.toml"), "--restart", "--results-dir", str(tmp_path / "results"),
                     "--data-root", str(root), cwd=tmp_path)
     assert cli.returncode == 2 and "--discard-finished" in cli.stderr and "Traceback" not in cli.stderr
-    [outcome] = run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True, restart=True,
-                           discard_finished=True)
+    [outcome] = run_recipe(loaded, results_dir=tmp_path / "results", data_root=root, quiet=True,
+                           selection=RunSelection(restart=True, discard_finished=True))
     assert outcome.status == "finished"
     assert run_dir.checkpoint_path.read_bytes() != kept["last.pt"]  # trained again from epoch 1
 

@@ -599,7 +599,7 @@ def test_a_split_report_has_even_tables_and_notes_at_the_terminal_width(results:
 
 def test_report_predictions_shows_api_nets_pair_statistics_with_their_labels(tmp_path: Path) -> None:
     """Issue 19 item 4: API-Net's pair statistics reach the report (summary.json ``method_training``)."""
-    from finebench.results import method_training_entry
+    from finebench.summary import method_training_entry
 
     rows = [{"epoch": 1, "train_loss": 1.0, "train_top1": 50.0, "train_pairs": {"self_beats_other": 40.0}},
             {"epoch": 2, "train_loss": 0.5, "train_top1": 60.0, "train_pairs": {"self_beats_other": 60.0,

@@ -15,6 +15,7 @@ import pytest
 from tiny_data import CLASSES, DATASET, EVENTS, prepare_tiny_bars, tiny_recipe
 
 from finebench.errors import FinebenchError
+from finebench.plan import RunSelection
 from finebench.recipe import expand_runs, load_recipe
 from finebench.results import RunDir, RunLocked
 from finebench.runner import run_recipe
@@ -102,7 +103,8 @@ def test_a_run_killed_mid_training_resumes_to_the_metrics_of_an_uninterrupted_ru
     loaded = load_recipe(recipe, ["train.epochs=4"])
     (run_id,) = [r.run_id for r in expand_runs(loaded, ["attention"])]
     # The uninterrupted reference runs in this process, on one thread like the subprocesses.
-    run_recipe(loaded, results_dir=tmp_path / "ref", data_root=data_root, only=["attention"], quiet=True)
+    run_recipe(loaded, results_dir=tmp_path / "ref", data_root=data_root, selection=RunSelection(("attention",)),
+               quiet=True)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "finebench", "run", str(recipe), "--results-dir", "killed",
@@ -160,14 +162,15 @@ def test_the_console_script_exits_2_on_a_bad_recipe(tmp_path):
 
 def test_a_diverging_run_is_recorded_as_failed_and_the_next_run_goes_on(tmp_path, data_root):
     loaded = load_recipe(recipe_file(tmp_path), ["train.lr=1e30", "train.optimizer=sgd", "train.momentum=0"])
-    outcomes = run_recipe(loaded, results_dir=tmp_path / "results", data_root=data_root, only=["baseline"],
-                          quiet=True)
+    outcomes = run_recipe(loaded, results_dir=tmp_path / "results", data_root=data_root,
+                          selection=RunSelection(("baseline",)), quiet=True)
     assert [o.status for o in outcomes] == ["failed", "failed"]  # the second seed still ran
     for outcome in outcomes:
         summary = RunDir(tmp_path / "results", "tiny", outcome.run.run_id).summary()
         assert summary["status"] == "failed"
         assert summary["failure_reason"].startswith("loss became") and "epoch 1 step" in summary["failure_reason"]
-    rerun = run_recipe(loaded, results_dir=tmp_path / "results", data_root=data_root, only=["baseline"], quiet=True)
+    rerun = run_recipe(loaded, results_dir=tmp_path / "results", data_root=data_root,
+                       selection=RunSelection(("baseline",)), quiet=True)
     assert {o.status for o in rerun} == {"skipped-failed"}
 
 

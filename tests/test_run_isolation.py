@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_data import prepare_tiny_bars, tiny_recipe
 
+from finebench.plan import RunSelection
 from finebench.recipe import load_recipe
 from finebench.results import MACHINE_FIELDS
 from finebench.runner import run_recipe
@@ -31,6 +32,6 @@ def test_a_run_alone_trains_as_it_does_after_the_baseline_in_the_same_process(tm
     recipe.write_text(tiny_recipe(variants=("baseline", "ws_dan"), input_size=32, extra_train="threads = 1"))
     whole = run_recipe(load_recipe(recipe), results_dir=tmp_path / "whole", data_root=data_root, quiet=True)
     alone = run_recipe(load_recipe(recipe), results_dir=tmp_path / "alone", data_root=data_root, quiet=True,
-                       only=["ws_dan"])
+                       selection=RunSelection(("ws_dan",)))
     after_baseline, = [outcome for outcome in whole if outcome.path.name == alone[0].path.name]
     assert rows(alone[0].path) == rows(after_baseline.path)

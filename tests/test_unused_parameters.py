@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from gloo import on_two_workers
 from tiny_data import tiny_recipe
 
+from finebench.cost import CostCache
 from finebench.methods import build_model, build_model_from_config
 from finebench.models.network import used_parameter_count
-from finebench.plan import CostCache
 from finebench.profile import profile_model
 from finebench.recipe import expand_runs, load_recipe
 from finebench.train.distributed import DDPContext

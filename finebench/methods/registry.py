@@ -168,7 +168,7 @@ def network_key(config: Mapping[str, Any], *, kind: str | None = None) -> str:
     """What ``build_model_from_config`` builds the network from, as one string: runs whose keys are
     equal build identical networks (seeds, variant names, training settings, options only training
     reads (``Method.training_only_options``) and weights aside), so they share one cost
-    (``finebench.plan.CostCache``)."""
+    (``finebench.cost.CostCache``)."""
     backbone, backbone_options, options, _, _ = _model_inputs(config, kind)  # initial values cost nothing
     network_options = {name: value for name, value in options.options().items()
                        if name not in method_of(options).training_only_options}

@@ -3,7 +3,8 @@
 One module per job, each read top to bottom: ``records`` (summary.json → one row per run and its
 settings), ``stats`` (confidence intervals, paired tests, per-class accuracy), ``reference`` (the
 authors' numbers and when one matches), ``tables`` (groups → numeric tables), ``render`` (markdown,
-CSV, LaTeX, JSON, terminal) and ``plots`` beside them. This module holds the one call the CLI makes.
+CSV, LaTeX, JSON, terminal) and ``plots`` beside them. This module holds the calls that make and
+emit each table; ``command`` is the one call the CLI makes.
 """
 
 from __future__ import annotations

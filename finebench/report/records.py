@@ -24,8 +24,9 @@ from pydantic import ValidationError
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
 from finebench.recipe import RUN_ID_EXCLUDE, DatasetSection, ModelSection, Recipe, TrainSection
-from finebench.results import BestMetrics, RunDir, RunState, RunSummary
+from finebench.results import RunDir, RunState
 from finebench.report.stats import mean_class_accuracy
+from finebench.summary import BestMetrics, RunSummary
 
 
 # Settings that change where or how fast a run goes, or which repetition it is, but not what it
