@@ -255,7 +255,7 @@ def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx
         if run.dataset_section() != to_train[0].dataset_section():
             _check_splits(run.dataset_section(), data_root)
     num_classes = checked.num_classes
-    costs = CostCache(loaded, num_classes, loaded.recipe.dataset.input_size or checked.input_size)
+    costs = CostCache(loaded, num_classes, checked.input_size)  # data.config.resolve_data_config's
     for run in to_train:
         costs.of(run)
     plan.num_classes, plan.costs = num_classes, costs
