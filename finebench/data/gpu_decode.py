@@ -261,7 +261,8 @@ class DeviceJpegLoader:
         self, encoded: list[torch.Tensor], labels: torch.Tensor, indices: Sequence[int] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images = decode_jpegs(encoded, self.device, indices)
-        return device_pixels(images, self.transform, self.generator, self.normalise), labels.to(self.device, non_blocking=True)
+        pixels = device_pixels(images, self.transform, self.generator, self.normalise)
+        return pixels, labels.to(self.device, non_blocking=True)
 
 
 @dataclass

@@ -91,7 +91,8 @@ def _decode_split(split_dir: Path, transform: Transform, side: int, workers: int
     return array
 
 
-def decoded(split_dirs: list[Path], transform: Transform, side: int, workers: int, device: torch.device) -> torch.Tensor:
+def decoded(split_dirs: list[Path], transform: Transform, side: int, workers: int,
+            device: torch.device) -> torch.Tensor:
     """The splits' images, unaugmented, as one uint8 N×3×H×W tensor on ``device``."""
     frozen = replace(transform, train=False, flip=False, jitter=None)
     arrays = [_decode_split(split_dir, frozen, side, workers) for split_dir in split_dirs]

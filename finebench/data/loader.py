@@ -267,7 +267,8 @@ def build_loaders(
         return Loaders(train=held.train, test=held.test, train_size=held.train_size, test_size=held.test_size,
                        path="in_memory", validation=held.validation, validation_size=held.validation_size,
                        **common_loaders)
-    train_columns, test_columns, validation_columns = plan.train_columns, Columns(plan.test_dirs), plan.validation_columns
+    train_columns, validation_columns = plan.train_columns, plan.validation_columns
+    test_columns = Columns(plan.test_dirs)
     validation_size = len(validation_columns) if validation_columns is not None else 0
     if plan.path == "device_decode":
         from finebench.data.gpu_decode import device_decode_loaders
