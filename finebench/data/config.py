@@ -129,6 +129,13 @@ def planned_input_size(settings: Mapping[str, Any], spec: DatasetSpec) -> int:
     return settings.get("input_size") or spec.input_size
 
 
+def meta_without_store(name: str | None, input_size: int | None) -> dict[str, Any]:
+    """What ``resolve_data_config`` reads from a store's meta.json, judged from the input size alone,
+    for a trained run whose prepared store is not at hand (``finebench attend`` on another machine)."""
+    return {"name": name, "image_max_side": input_size or IMAGENET_INPUT_SIZE,
+            "image_size": [input_size, input_size] if input_size else None}
+
+
 def resolve_data_config(settings: Mapping[str, Any], meta: Mapping[str, Any]) -> DataConfig:
     """The run's ``DataConfig`` from its ``dataset`` settings (``SETTINGS`` keys; missing ones take
     their defaults) and the prepared store's meta.json; a setting the store cannot take is a
