@@ -41,6 +41,7 @@ from finebench.bench import (
     synthetic_batch,
     time_side_by_side,
 )
+from finebench.data import config as fb_config
 from finebench.data import loader as fb_loader
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
@@ -84,10 +85,10 @@ def image_folder_loader(root: Path, size: int, batch: int, workers: int) -> torc
 
     if size >= 64:
         augment = [transforms.Resize(round(size * 256 / 224)), transforms.RandomCrop(size)]
-        mean, std = fb_loader.IMAGENET_MEAN, fb_loader.IMAGENET_STD
+        mean, std = fb_config.IMAGENET_MEAN, fb_config.IMAGENET_STD
     else:
         augment = [transforms.RandomCrop(size, padding=4, padding_mode="reflect")]
-        mean, std = fb_loader.CIFAR_MEAN, fb_loader.CIFAR_STD
+        mean, std = fb_config.CIFAR_MEAN, fb_config.CIFAR_STD
     transform = transforms.Compose([*augment, transforms.RandomHorizontalFlip(), transforms.ToTensor(),
                                     transforms.Normalize(mean, std)])
     return torch.utils.data.DataLoader(datasets.ImageFolder(str(root), transform=transform), batch_size=batch,
@@ -123,7 +124,7 @@ def compare(folder: Path, size: int, source: tuple[int, int], count: int, batch:
         "finebench (workers)": fb_loader.build_loaders(name, folder / "data", **common).train,
         "ImageFolder": image_folder_loader(folder / name / "train", size, batch, workers),
     }
-    if size <= fb_loader.SMALL_IMAGE_MAX_SIDE:
+    if size <= fb_config.SMALL_IMAGE_MAX_SIDE:
         in_memory = fb_loader.build_loaders(name, folder / "data", in_memory=True, **common).train
         candidates = {"finebench (in-memory)": in_memory, **candidates}
     else:

@@ -132,14 +132,13 @@ class Preprocess:
 
 def eval_preprocess(config: dict[str, Any], meta: dict[str, Any] | None) -> Preprocess:
     """The evaluation transform of the data loader for this run's dataset settings."""
+    from finebench.data.config import meta_without_store
     from finebench.data.loader import eval_transform
 
     dataset = config.get("dataset", {})
     input_size = dataset.get("input_size") or config.get("input_size")
     if meta is None:
-        # No prepared store beside the run: judge the image kind from the input size alone.
-        meta = {"name": dataset.get("name"), "image_max_side": input_size or 224,
-                "image_size": [input_size, input_size] if input_size else None}
+        meta = meta_without_store(dataset.get("name"), input_size)
     return Preprocess(eval_transform(meta, dataset.get("augmentation", "auto"), input_size,
                                      resize=dataset.get("resize"), normalize=dataset.get("normalize")))
 

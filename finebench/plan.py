@@ -118,7 +118,7 @@ def preflight(loaded: LoadedRecipe, plan: Plan, to_train: Sequence[RunSpec], ctx
         if run.dataset_section() != to_train[0].dataset_section():
             _check_splits(run.dataset_section(), data_root)
     plan.num_classes = checked.num_classes
-    plan.input_size = loaded.recipe.dataset.input_size or checked.input_size
+    plan.input_size = checked.input_size  # data.config.resolve_data_config's
 
 
 def missing_weights(runs: Sequence[RunSpec]) -> list[str]:

@@ -32,16 +32,13 @@ from pydantic import (
     model_validator,
 )
 
-from finebench.data.loader import NORMALIZATIONS, resize_problem
+from finebench.data.config import NORMALIZATIONS, resize_problem
 from finebench.data.presets import ColorJitter, Normalization
 from finebench.data.root import DEFAULT_ROOT
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS, MethodOptions, method_of
 from finebench.models.batchnorm import BATCHNORM_INITS, BatchNormInit
 from finebench.models.registry import LIBRARY_WEIGHTS
-
-_DEFAULT_INPUT_SIZE = {"cifar10": 32, "cifar100": 32, "cluttered_mnist": 60, "mnist5k": 28}
-"""Input size used for cost estimates when a recipe leaves ``dataset.input_size`` unset."""
 
 MAX_INPUT_SIZE = 4096
 """The largest ``dataset.input_size``: at 4096 px a side one ResNet-50 training image keeps about 73 GB
@@ -113,7 +110,7 @@ class DatasetSection(_Section):
     """A validation split (``ValidationSection``), evaluated every epoch (``val_top1``, ``val_loss``)
     and what ``train.select = "best_validation"`` selects on; unset: none, every training image trains."""
     normalize: str | Normalization | None = None
-    """The mean/std: a preset (``finebench.data.loader.NORMALIZATIONS``: "imagenet", "cifar", "half"
+    """The mean/std: a preset (``finebench.data.config.NORMALIZATIONS``: "imagenet", "cifar", "half"
     = PMG's mean = std = 0.5) or ``{mean = [r, g, b], std = [r, g, b]}``; unset: the augmentation's own."""
 
     @field_validator("input_size")
@@ -494,7 +491,13 @@ class LoadedRecipe:
     path: Path
 
     def input_size(self) -> int:
-        return self.recipe.dataset.input_size or _DEFAULT_INPUT_SIZE.get(self.recipe.dataset.name, 224)
+        """The input size before the store is read (``data.config.planned_input_size``: the recipe's,
+        else the dataset spec's default), for the dry run's costs and tables."""
+        from finebench.data.config import planned_input_size
+        from finebench.data.registry import get_spec
+
+        dataset = self.recipe.dataset
+        return planned_input_size({"input_size": dataset.input_size}, get_spec(dataset.name))
 
 
 def parse_value(text: str) -> Any:

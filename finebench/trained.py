@@ -37,7 +37,7 @@ from finebench.results import RunDir
 if TYPE_CHECKING:
     from PIL import Image
 
-    from finebench.data.loader import EvalTransform
+    from finebench.data.presets import EvalTransform
 
 EXPORT_FORMAT = "finebench-model"
 EXPORT_VERSION = 2
@@ -306,7 +306,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Expor
     transform (see ``ExportedModel``; the config.json format: ``export_run``)."""
     from safetensors.torch import load_model
 
-    from finebench.data.loader import EvalTransform, as_resize
+    from finebench.data.config import as_resize
+    from finebench.data.presets import EvalTransform
 
     folder = Path(path)
     config_path = folder / CONFIG_FILE

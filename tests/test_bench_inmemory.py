@@ -10,7 +10,8 @@ import torch
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
-from finebench.data.loader import InMemoryLoader, build_loaders
+from finebench.data.in_memory import InMemoryLoader
+from finebench.data.loader import build_loaders
 from finebench.data.prepare import prepare_dataset
 from finebench.errors import FinebenchError
 from finebench.train.engine import capture_rng_state, restore_rng_state
@@ -38,7 +39,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _epoch(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:  # noqa: ANN001
+def _epoch(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(images.clone(), labels.clone()) for images, labels in loader]
 
 
@@ -100,9 +101,10 @@ def test_every_augmented_image_is_a_reflect_padded_crop_of_its_own_source_maybe_
 
 
 def build_probe(sources: torch.Tensor) -> InMemoryLoader:
-    from finebench.data.loader import CIFAR_MEAN, CIFAR_STD, _Recipe
+    from finebench.data.config import CIFAR_MEAN, CIFAR_STD
+    from finebench.data.presets import Transform
 
-    recipe = _Recipe("cifar", True, 8, 8, True, CIFAR_MEAN, CIFAR_STD)
+    recipe = Transform("cifar", True, 8, 8, True, CIFAR_MEAN, CIFAR_STD)
     return InMemoryLoader(sources, torch.arange(len(sources)), recipe, batch_size=5, seed=0)
 
 
@@ -146,7 +148,7 @@ def test_restoring_the_engines_rng_capture_replays_the_same_augmentation(data_ro
 def test_large_images_are_resized_like_pil_bilinear_within_one_level(data_root: Path) -> None:
     from PIL import Image
 
-    from finebench.data.loader import IMAGENET_MEAN, IMAGENET_STD
+    from finebench.data.config import IMAGENET_MEAN, IMAGENET_STD
 
     loaders = build_loaders("mem_large", data_root, batch_size=4, input_size=64)
     images, _ = next(iter(loaders.test))

@@ -19,13 +19,8 @@ from torchvision.transforms import v2
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, ParsedDataset
-from finebench.data.loader import (
-    CIFAR_MEAN,
-    CIFAR_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_loaders,
-)
+from finebench.data.config import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from finebench.data.loader import build_loaders
 from finebench.data.presets import ColorJitter
 from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe

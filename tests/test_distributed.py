@@ -22,7 +22,8 @@ import pytest
 import torch
 from tiny_data import DATASET, EVENTS, prepare_tiny_bars
 
-from finebench.data.loader import BatchShardSampler, build_loaders
+from finebench.data.loader import build_loaders
+from finebench.data.sampler import BatchShardSampler
 from finebench.errors import FinebenchError
 from finebench.predictions import read_predictions
 from finebench.recipe import load_recipe

@@ -19,7 +19,7 @@ import torch
 from in_process import finebench_in_process
 
 from finebench.data import registry
-from finebench.data.loader import normalization
+from finebench.data.config import normalization
 from finebench.methods import build_model, get_method
 from finebench.models.network import parameter_groups, unwrap
 from finebench.models.registry import missing_pretrained_weights

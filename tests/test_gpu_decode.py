@@ -15,18 +15,13 @@ from tiny_data import tiny_recipe
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
-from finebench.data.gpu_decode import (
-    crop_offsets,
-    decode_jpegs,
-    decoder_library,
-    decode_on_device,
-    resize_crop_flip,
-    resized_size,
-)
-from finebench.data.loader import IMAGENET_MEAN, IMAGENET_STD, build_loaders
+from finebench.data.config import IMAGENET_MEAN, IMAGENET_STD
+from finebench.data.gpu_decode import decode_jpegs, decode_on_device, decoder_library
+from finebench.data.loader import build_loaders
 from finebench.data.prepare import prepare_dataset
-from finebench.data.throughput import compare_with_workers
+from finebench.data.presets import crop_offsets, resize_crop_flip, resized_size
 from finebench.data.synthetic import synthetic_photo
+from finebench.data.throughput import compare_with_workers
 from finebench.errors import FinebenchError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

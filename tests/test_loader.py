@@ -12,8 +12,10 @@ from PIL import Image
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
-from finebench.data.loader import CIFAR_MEAN, CIFAR_STD, BatchShardSampler, build_loaders
+from finebench.data.config import CIFAR_MEAN, CIFAR_STD
+from finebench.data.loader import build_loaders
 from finebench.data.prepare import prepare_dataset
+from finebench.data.sampler import BatchShardSampler
 from finebench.errors import FinebenchError
 
 RNG = np.random.default_rng(0)

@@ -333,20 +333,20 @@ def test_the_pre_flight_check_decodes_nothing(tmp_path: Path, monkeypatch: pytes
     that decoded both splits and copied them to the device only to throw them away."""
     from tiny_data import prepare_tiny_bars, tiny_recipe
 
-    from finebench.data import loader
+    from finebench.data import in_memory
     from finebench.runner import run_recipe
 
     root = prepare_tiny_bars(tmp_path / "data", 32, 16)
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(tiny_recipe(epochs=1, extra_train="threads = 1"))
     decoded: list[str] = []
-    real = loader._decoded
+    real = in_memory.decoded
 
     def counted(split_dirs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         decoded.extend(path.name for path in split_dirs)
         return real(split_dirs, *args, **kwargs)
 
-    monkeypatch.setattr(loader, "_decoded", counted)
+    monkeypatch.setattr(in_memory, "decoded", counted)
     [outcome] = run_recipe(load_recipe(recipe), results_dir=tmp_path / "results", data_root=root, quiet=True)
     assert outcome.status == "finished" and outcome.summary["data_path"] == "in_memory"
     assert decoded == ["train", "test"]  # once, by the run itself

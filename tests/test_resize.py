@@ -21,13 +21,15 @@ from torchvision.transforms.v2 import functional as TF
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, ParsedDataset
-from finebench.data.loader import (
+from finebench.data.config import (
     CIFAR_MEAN,
     CIFAR_STD,
     HALF_MEAN,
     HALF_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+)
+from finebench.data.loader import (
     build_eval_loader,
     build_loaders,
     eval_transform,
@@ -356,7 +358,7 @@ def test_a_store_shrunk_below_the_recipes_resize_is_refused_naming_the_rebuild(
     resizes the shorter side to more would upscale them back: refused, with the command that fixes it."""
     prepare_three_classes(tmp_path, "resize_shrunk", [_encoded(image, "PNG") for image in images], short_side=36)
     plan = plan_loaders("resize_shrunk", tmp_path, input_size=SIZE, augmentation="imagenet", resize=[36, 36])
-    assert plan.train_recipe.resize == (36, 36)
+    assert plan.data.resize == (36, 36)
     for resize, needed in ((48, 48), (None, round(SIZE * 256 / 224))):
         with pytest.raises(FinebenchError, match=(
                 rf"^dataset 'resize_shrunk' in .* was prepared with --short-side 36, below the {needed} px this "

@@ -5,7 +5,7 @@ Why: at 224 px the worker path spends most of a sample's time in the PIL JPEG de
 Arrow store; the main process decodes the whole batch with one
 ``torchvision.io.decode_jpeg(list, device=...)`` call (nvJPEG on CUDA, batched and on the
 hardware JPEG engine where the GPU has one; libjpeg-turbo on CPU), then resizes (antialiased
-bilinear), crops, flips and normalises on the device. The arithmetic is the worker path's
+bilinear), crops, flips and normalises on the device (``presets.device_pixels``). The arithmetic is the worker path's
 ``imagenet`` recipe (``resize``: the shorter side to an int, or an exact (height, width); random or
 centre crop ``size``, flip), so both
 paths give the same pixels within one grey level on the same JPEGs (tests/test_gpu_decode.py).
@@ -43,10 +43,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finebench.data.presets import ColorJitter, Normalise, Resize, resized_size
+from finebench.data.presets import Normalise, Transform, device_pixels, rank_seed
+from finebench.data.sampler import SamplerFactory, train_sampler
 from finebench.errors import FinebenchError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -108,79 +108,6 @@ def decode_on_device(
             )
         return False
     return True
-
-
-# ---- transforms -------------------------------------------------------------------------------
-
-
-def crop_offsets(
-    sizes: Sequence[tuple[int, int]], size: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """(left, top) of each crop in its resized image: uniform (train) or centred (``generator`` None)."""
-    spans = torch.tensor([[width - size, height - size] for width, height in sizes], dtype=torch.int64).view(-1, 2)
-    if generator is None:
-        return spans // 2
-    draws = torch.rand(spans.shape, generator=generator, dtype=torch.float64)
-    return torch.minimum((draws * (spans + 1)).floor().to(torch.int64), spans)
-
-
-def resize_crop_flip(
-    images: Sequence[torch.Tensor],
-    *,
-    size: int,
-    resize: Resize,
-    offsets: torch.Tensor,
-    flips: torch.Tensor | None = None,
-    float_resize: bool | None = None,
-) -> torch.Tensor:
-    """float32 B×3×size×size of whole grey levels 0..255: each uint8 3×H×W image resized (``resize``
-    as ``presets.resized_size`` reads it, antialiased bilinear), cropped at its ``offsets`` row (left, top) and flipped
-    where ``flips``. Images of one size are resized in one call.
-
-    ``float_resize`` (default: everywhere but on the CPU) resizes in float32, because CUDA has no
-    uint8 antialiased kernel; on the CPU the uint8 kernel is the worker path's own and several
-    times faster. Both agree with the worker path within one grey level, and the tests run both on
-    CPU tensors, so the code the GPU runs is covered.
-    """
-    if not images:
-        raise ValueError("resize_crop_flip needs at least one image")
-    device = images[0].device
-    in_float = device.type != "cpu" if float_resize is None else float_resize
-    out = torch.empty((len(images), 3, size, size), dtype=torch.float32 if in_float else torch.uint8, device=device)
-    if _pixel_major(images[0]):
-        out = out.contiguous(memory_format=torch.channels_last)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, image in enumerate(images):
-        groups.setdefault(tuple(image.shape[1:]), []).append(index)
-    lefts, tops = offsets[:, 0].tolist(), offsets[:, 1].tolist()
-    for (height, width), members in groups.items():
-        new_width, new_height = resized_size(width, height, resize, size)
-        batch = _stack_keeping_layout([images[i] for i in members])
-        if in_float:
-            batch = batch.float()
-        if (new_height, new_width) != (height, width):
-            batch = F.interpolate(batch, size=(new_height, new_width), mode="bilinear", antialias=True,
-                                  align_corners=False)
-        for row, index in enumerate(members):
-            top, left = tops[index], lefts[index]
-            out[index] = batch[row, :, top : top + size, left : left + size]
-    if flips is not None and bool(flips.any()):
-        # torch.where, not boolean indexing: indexing with a mask waits for the GPU to count it.
-        out = torch.where(flips.to(device).view(-1, 1, 1, 1), out.flip(-1), out)
-    return out.round_() if in_float else out.float()  # whole grey levels, as the worker path's uint8 images
-
-
-def _pixel_major(image: torch.Tensor) -> bool:
-    """Whether a 3×H×W image is an H×W×3 block seen through a permute (how libjpeg's output comes)."""
-    return image.permute(1, 2, 0).is_contiguous()
-
-
-def _stack_keeping_layout(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """B×3×H×W in the images' own memory order: stacking pixel-major images as planes is an
-    element-by-element copy, several times slower than the resize itself on the CPU."""
-    if all(_pixel_major(image) for image in images):
-        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
-    return torch.stack(list(images))
 
 
 def decoder_library(choice: str | None = None) -> str:
@@ -274,20 +201,6 @@ def collate_bytes(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Ten
 # ---- the loader -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DeviceTransform:
-    """The ``imagenet`` recipe's settings (see ``finebench.data.loader``) for one split."""
-
-    size: int
-    resize: Resize
-    train: bool
-    flip: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    jitter: ColorJitter | None = None
-    """Training only: colour jitter after the crop and flip, on the uint8 pixels as the worker path."""
-
-
 class DeviceJpegLoader:
     """Batches (float32 B×3×size×size normalised, int64 B) on ``device`` from JPEG bytes.
 
@@ -300,7 +213,7 @@ class DeviceJpegLoader:
     def __init__(
         self,
         images: EncodedImages,
-        transform: DeviceTransform,
+        transform: Transform,
         *,
         batch_size: int,
         seed: int,
@@ -347,15 +260,41 @@ class DeviceJpegLoader:
     def _batch(
         self, encoded: list[torch.Tensor], labels: torch.Tensor, indices: Sequence[int] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        transform = self.transform
         images = decode_jpegs(encoded, self.device, indices)
-        sizes = [resized_size(image.shape[2], image.shape[1], transform.resize, transform.size) for image in images]
-        offsets = crop_offsets(sizes, transform.size, self.generator if transform.train else None)
-        flips = None
-        if transform.train and transform.flip:
-            flips = torch.rand(len(images), generator=self.generator) < 0.5
-        pixels = resize_crop_flip(images, size=transform.size, resize=transform.resize, offsets=offsets, flips=flips)
-        if transform.train and transform.jitter is not None:
-            # whole grey levels 0..255 already: uint8 exactly, jittered as the worker path's uint8 images
-            pixels = transform.jitter.apply_batch(pixels.clamp(0, 255).to(torch.uint8), self.generator).float()
-        return self.normalise(pixels).contiguous(), labels.to(self.device, non_blocking=True)
+        pixels = device_pixels(images, self.transform, self.generator, self.normalise)
+        return pixels, labels.to(self.device, non_blocking=True)
+
+
+@dataclass
+class DeviceSplits:
+    """The device-decode path's loaders (``Loaders.path`` "device_decode")."""
+
+    train: DeviceJpegLoader
+    test: DeviceJpegLoader
+    validation: DeviceJpegLoader | None
+
+
+def device_decode_loaders(
+    train_images: EncodedImages, test_images: EncodedImages, train_transform: Transform, test_transform: Transform,
+    *, batch_size: int, eval_batch_size: int | None, workers: int, seed: int, rank: int, world_size: int,
+    pin_memory: bool, device: torch.device, sampler_factory: SamplerFactory | None = None,
+    validation_images: EncodedImages | None = None,
+) -> DeviceSplits:
+    """Train, test and validation loaders on this path, sharded as the worker path's."""
+
+    def evaluation(images: EncodedImages) -> DeviceJpegLoader:
+        # Non-padded shards, as on the worker path: every image is evaluated once, by one worker.
+        return DeviceJpegLoader(
+            images, test_transform, batch_size=-(-(eval_batch_size or batch_size) // world_size),
+            seed=seed, device=device, indices=range(rank, len(images), world_size), workers=workers,
+            pin_memory=pin_memory,
+        )
+
+    sampler = train_sampler(sampler_factory, train_images.labels, batch_size, rank=rank, world_size=world_size,
+                            seed=seed)
+    train = DeviceJpegLoader(
+        train_images, train_transform, batch_size=batch_size, seed=rank_seed(seed, rank), device=device,
+        sampler=sampler, workers=workers, pin_memory=pin_memory,
+    )
+    return DeviceSplits(train, evaluation(test_images),
+                        None if validation_images is None else evaluation(validation_images))

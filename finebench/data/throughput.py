@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from finebench.data.loader import IMAGENET_STD, build_loaders
+from finebench.data.config import IMAGENET_STD
+from finebench.data.loader import build_loaders
 from finebench.data.synthetic import prepare_synthetic_jpeg_store
 
 

