@@ -25,7 +25,7 @@ from finebench.methods import Method, get_method, variant_of_config
 from finebench.methods.baseline import METHOD as BASELINE
 from finebench.recipe import DatasetSection, LoadedRecipe, RunSpec, expand_runs
 from finebench.results import RunDir, RunState
-from finebench.train.engine import DistContext, resolve_device
+from finebench.train.runtime import DistContext, resolve_device
 
 
 @dataclass(frozen=True)

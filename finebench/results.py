@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import finebench
 from finebench.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401  (run records' writers)
 from finebench.errors import FinebenchError
+from finebench.train_settings import MACHINE_FIELDS
 
 SCHEMA_VERSION = 1
 BEST_NOTE = "best-epoch test accuracy (optimistic: selected on the test set)"
@@ -526,8 +527,6 @@ class RunSummary(BaseModel):
     precision: str | None = None
 
 
-MACHINE_FIELDS = ("epoch_time_s", "images_per_s", "threads", "load_1min")
-"""metrics.jsonl fields that say how the machine ran an epoch, not what the run computed."""
 PROGRESS_FIELDS = ("train_top1", "lr", *MACHINE_FIELDS)
 """metrics.jsonl fields of the epoch's training, left out of the summary's ``final`` entry."""
 

@@ -13,7 +13,7 @@ from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
 from finebench.data.loader import InMemoryLoader, build_loaders
 from finebench.data.prepare import prepare_dataset
 from finebench.errors import FinebenchError
-from finebench.train.engine import capture_rng_state, restore_rng_state
+from finebench.train.rng import capture_rng_state, restore_rng_state
 
 RNG = np.random.default_rng(7)
 TRAIN = RNG.integers(0, 256, (22, 32, 32, 3), dtype=np.uint8)

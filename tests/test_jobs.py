@@ -20,7 +20,7 @@ from finebench.jobs import JsonProgress, aggregate_exit_code, plan_jobs
 from finebench.recipe import expand_runs, load_recipe
 from finebench.results import RunDir
 from finebench.runner import RunOutcome, run_recipe
-from finebench.train.engine import MACHINE_FIELDS
+from finebench.train_settings import MACHINE_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

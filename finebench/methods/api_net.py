@@ -49,7 +49,6 @@ from finebench.methods.base import (
     MethodOptions,
     StepContext,
     StepResult,
-    TrainSection,
     rows_of,
 )
 from finebench.methods.registry import register
@@ -61,6 +60,7 @@ from finebench.models.network import (
     unwrap,
 )
 from finebench.models.output import ModelOutput
+from finebench.train_settings import TrainSection
 
 
 class APINetOptions(MethodOptions):
