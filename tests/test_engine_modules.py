@@ -114,3 +114,22 @@ def test_a_methods_loss_hook_decides_the_default_step_without_a_mixture_flag() -
         step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"), method)
         losses.append(float(step(images, labels)[0]))
     assert losses[1] == 0.5 * losses[0]  # float64 halving is exact
+
+
+def test_the_default_step_returns_a_whole_batchs_loss_in_the_dtype_the_method_made_it() -> None:
+    """IELT's loss is float64 (its complement weight is); the logged ``train_loss`` of a whole-batch
+    step keeps it unrounded, as the engine did before the step became the method's."""
+
+    class InDouble(Method):
+        kind = "in_double_test_only"
+
+        def loss(self, output: ModelOutput, labels: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
+            return F.cross_entropy(output.logits, labels)  # float64 logits: a float64 loss
+
+    images, labels = batches()[0]
+    torch.manual_seed(0)
+    model = Linear().double()
+    expected = F.cross_entropy(model(images).logits, labels).detach()
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"), InDouble())
+    loss, _ = step(images, labels)
+    assert loss.dtype == torch.float64 and torch.equal(loss, expected)

@@ -224,6 +224,7 @@ class Method:
         before methods were plug-ins, kept bit for bit). A method that overrides it owns its step
         (``owns_train_step``)."""
         ctx.zero_grad()
+        whole = ctx.accumulation_steps == 1
         total = torch.zeros((), device=labels.device)
         correct = torch.zeros((), device=labels.device, dtype=torch.long)
         for part in ctx.micro_batches(images, labels):
@@ -231,8 +232,8 @@ class Method:
                 output = ctx.model(part.images)
                 loss = self.loss(output, part.labels, label_smoothing=ctx.label_smoothing)
             ctx.backward(loss, part)
-            # the part's share of the batch's mean loss (x 1.0, exact, for a whole batch)
-            total += (loss.detach() * part.weight).float()
+            # a whole batch's loss as ``loss`` made it (IELT's is float64); parts' shares summed in float32
+            total = loss.detach() if whole else total + (loss.detach() * part.weight).float()
             correct += (self.scores(output).argmax(dim=1) == part.labels).sum()
         ctx.optimizer_step()
         return StepResult(total, correct)
