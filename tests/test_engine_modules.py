@@ -21,7 +21,8 @@ from finebench.train.step import TrainStep
 from finebench.train_settings import TrainSection
 
 TRAIN = Path(finebench.train.__file__).parent
-ENGINE_MODULES = ("runtime", "rng", "step", "evaluate", "progress", "fit")
+ENGINE_MODULES = sorted(path.stem for path in TRAIN.glob("*.py"))
+"""Every module of the engine: runtime, rng, step, evaluate, progress, fit, optim, threads, distributed, events."""
 ABOVE_THE_ENGINE = ("finebench.recipe", "finebench.results", "finebench.console", "finebench.terminal")
 
 
