@@ -27,8 +27,8 @@ from finebench.bench import (
 )
 from finebench.methods import build_model, get_method
 from finebench.profile import profile_variants
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 ATTENTION = {"attention_depth": 3, "attention_width": 4}
 TARGET_MARGIN_POINTS = 5.0
@@ -38,7 +38,7 @@ def step_for(depth: int, width: int, num_classes: int, variant: str, train: Trai
     torch.manual_seed(0)
     model = build_model("wrn", num_classes, variant, ATTENTION if variant == "attention" else None,
                         {"depth": depth, "width": width})
-    return build_train_step(model, train, mixture=get_method(variant).mixture, steps_per_epoch=100)
+    return build_train_step(model, train, method=get_method(variant), steps_per_epoch=100)
 
 
 def measure(depth: int, width: int, batch: int, warmup: int, repeats: int, precision: str, channels_last: bool):

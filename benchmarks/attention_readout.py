@@ -24,16 +24,16 @@ from finebench.bench import (
     synthetic_batch,
     time_side_by_side,
 )
-from finebench.methods import build_model
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.methods import build_model, get_method
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 
 def step_for(depth: int, width: int, num_classes: int, readout: str, train: TrainSection):
     torch.manual_seed(0)
     options = {"attention_depth": 3, "attention_width": 4, "readout": readout}
     model = build_model("wrn", num_classes, "attention", options, {"depth": depth, "width": width})
-    return build_train_step(model, train, mixture=True, steps_per_epoch=100)
+    return build_train_step(model, train, method=get_method("attention"), steps_per_epoch=100)
 
 
 def main() -> None:

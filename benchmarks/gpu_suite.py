@@ -47,16 +47,10 @@ import torch.nn.functional as F
 
 from finebench.bench import Timing, calls_for_duration, machine_line, paired_ratio, synthetic_batch, time_side_by_side
 from finebench.profile import profile_model
-from finebench.methods import build_model
-from finebench.recipe import TrainSection
-from finebench.train.engine import (
-    autocast,
-    build_train_step,
-    resolve_channels_last,
-    resolve_compile,
-    resolve_precision,
-    synchronize_device,
-)
+from finebench.methods import build_model, get_method
+from finebench.train_settings import TrainSection
+from finebench.train.runtime import autocast, resolve_channels_last, resolve_compile, resolve_precision, synchronize_device
+from finebench.train.step import build_train_step
 from finebench.train.optim import build_optimizer
 
 PARTS = ("peak", "eager", "compiled", "loader", "compiled_more", "table")
@@ -199,7 +193,7 @@ def make_candidates(config: Config, num_classes: int, variant: str, *, compiled:
     model = build_model(config.backbone, num_classes, variant, ATTENTION if attention else None, config.options)
     train = TrainSection(epochs=1, batch_size=config.batch, schedule="constant", compile=compiled,
                          channels_last=channels_last, device=dev.type)
-    step = build_train_step(model, train, mixture=attention, steps_per_epoch=100)
+    step = build_train_step(model, train, method=get_method(variant), steps_per_epoch=100)
     images, labels = synthetic_batch(config.batch, config.input_size, num_classes, device=dev)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -352,7 +346,7 @@ def eval_speed(config: Config, num_classes: int, variant: str, quick: bool) -> f
     torch.manual_seed(0)
     model = build_model(config.backbone, num_classes, variant, ATTENTION if attention else None, config.options)
     train = TrainSection(epochs=1, batch_size=config.batch, schedule="constant", compile=False, device=dev.type)
-    step = build_train_step(model, train, mixture=attention, steps_per_epoch=100)
+    step = build_train_step(model, train, method=get_method(variant), steps_per_epoch=100)
     model.eval()
     images, _ = synthetic_batch(config.batch, config.input_size, num_classes, device=dev)
     if step.channels_last:

@@ -47,9 +47,9 @@ from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, ParsedDataset
 from finebench.data.prepare import prepare_dataset
 from finebench.data.synthetic import synthetic_photo
-from finebench.methods import build_model
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.methods import build_model, get_method
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 TARGET = 2.0
 CLASSES = [f"class{i}" for i in range(10)]
@@ -106,8 +106,8 @@ def step_speed(backbone: str, size: int, batch: int, repeats: int) -> float:
     torch.manual_seed(0)
     options = {"depth": 16, "width": 4} if backbone == "wrn" else {}
     model = build_model(backbone, 10, "baseline", None, options)
-    step = build_train_step(model, TrainSection(epochs=1, batch_size=batch, schedule="constant"), mixture=False,
-                            steps_per_epoch=100)
+    step = build_train_step(model, TrainSection(epochs=1, batch_size=batch, schedule="constant"),
+                            method=get_method("baseline"), steps_per_epoch=100)
     images, labels = synthetic_batch(batch, size, 10, device=step.device)
     return time_side_by_side({"step": lambda: step(images, labels)}, items=batch, warmup=1, repeats=repeats,
                              device=step.device)["step"].per_s

@@ -23,8 +23,8 @@ from finebench.bench import (
     time_side_by_side,
 )
 from finebench.methods import build_model, get_method
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -70,7 +70,7 @@ def main() -> None:
             model = build_model(backbone, num_classes, variant, None, options)
             train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision,
                                  compile=False)  # FlopCounterMode counts the eager step
-            step = build_train_step(model, train, mixture=get_method(variant).mixture, steps_per_epoch=100)
+            step = build_train_step(model, train, method=get_method(variant), steps_per_epoch=100)
             images, labels = synthetic_batch(batch, size, num_classes, device=step.device)
             flops = step_flops(step, images, labels)
             timing = time_side_by_side({"step": lambda: step(images, labels)}, items=batch, warmup=warmup,

@@ -24,8 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from finebench.bench import benchmark_arguments, format_table, machine_line, parse_benchmark_arguments, synthetic_batch
 from finebench.methods import build_model, get_method
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 
 def _is_top_level(event: object) -> bool:
@@ -45,7 +45,7 @@ def count_step_ops(
     model = build_model("wrn", num_classes, variant, attention if variant == "attention" else None,
                         {"depth": depth, "width": width})
     train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision, device="cpu")
-    step = build_train_step(model, train, mixture=get_method(variant).mixture, steps_per_epoch=10)
+    step = build_train_step(model, train, method=get_method(variant), steps_per_epoch=10)
     images, labels = synthetic_batch(batch, 32, num_classes)
     for _ in range(2):
         step(images, labels)

@@ -34,8 +34,8 @@ from finebench.bench import (
 )
 from finebench.methods import build_model, get_method
 from finebench.profile import profile_variants
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 VARIANTS: list[tuple[str, str, dict]] = [
     ("bcnn-r512", "bcnn", {"reduce": 512}),
@@ -72,7 +72,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(args.backbone, args.classes, kind, options)
         method = get_method(kind)
-        steps[label] = build_train_step(model, train, mixture=method.mixture, steps_per_epoch=100, method=method)
+        steps[label] = build_train_step(model, train, method=method, steps_per_epoch=100)
     images, _ = synthetic_batch(batch, args.size, args.classes, device=steps["baseline"].device)
     labels = torch.arange(batch, device=images.device) // 4 % args.classes  # classes of 4 images
     print("peers_overhead: training-step time of each peer method vs the baseline, beside its FLOP overhead")

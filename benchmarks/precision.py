@@ -30,9 +30,11 @@ from finebench.bench import (
 )
 from finebench.data.loader import build_loaders
 from finebench.data.prepare import prepare_dataset
-from finebench.methods import build_model
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step, fit, seed_everything
+from finebench.methods import build_model, get_method
+from finebench.train_settings import TrainSection
+from finebench.train.fit import fit
+from finebench.train.rng import seed_everything
+from finebench.train.step import build_train_step
 
 BATCH = 128
 DEFAULTS = TrainSection(epochs=1, batch_size=1, schedule="constant")
@@ -51,7 +53,7 @@ def speed(batch: int, warmup: int, repeats: int) -> list[list]:
         model = build_model("wrn", 10, "baseline", None, {"depth": 16, "width": 4})
         train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision,
                              channels_last=channels_last)
-        steps[name] = build_train_step(model, train, mixture=False, steps_per_epoch=100)
+        steps[name] = build_train_step(model, train, method=get_method("baseline"), steps_per_epoch=100)
     device = next(iter(steps.values())).device
     images, labels = synthetic_batch(batch, 32, 10, device=device)
     timings = time_side_by_side({name: (lambda s=step: s(images, labels)) for name, step in steps.items()},
@@ -78,7 +80,7 @@ def accuracy(data_root: Path, epochs: int, train_limit: int | None) -> list[list
                                                        collate_fn=loaders.train.collate_fn)
         train = TrainSection(epochs=epochs, batch_size=BATCH, lr=0.1, schedule="cosine", precision=precision,
                              channels_last=channels_last, weight_decay=5e-4, eval_every=epochs)
-        result = fit(model, train_loader, loaders.test, train, mixture=False)
+        result = fit(model, train_loader, loaders.test, train, method=get_method("baseline"))
         final = result.rows[-1]
         rows.append([name, result.precision, epochs, f"{final['test_top1']:.2f}", f"{final['test_loss']:.4f}",
                      f"{result.train_time_s:.1f}"])

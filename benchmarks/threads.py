@@ -27,9 +27,9 @@ from finebench.bench import (
     synthetic_batch,
     time_side_by_side,
 )
-from finebench.methods import build_model
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.methods import build_model, get_method
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 from finebench.train.threads import choose_threads
 
 TORCH_DEFAULT = torch.get_num_threads()
@@ -49,8 +49,8 @@ def main() -> None:
     os.environ.pop("OMP_NUM_THREADS", None)  # let the rule measure
     torch.manual_seed(0)
     model = build_model("wrn", 10, "baseline", None, {"depth": 10, "width": 1})
-    step = build_train_step(model, TrainSection(epochs=1, batch_size=BATCH, schedule="constant"), mixture=False,
-                            steps_per_epoch=100)
+    step = build_train_step(model, TrainSection(epochs=1, batch_size=BATCH, schedule="constant"),
+                            method=get_method("baseline"), steps_per_epoch=100)
     images, labels = synthetic_batch(BATCH, SIZE, 10, device=step.device)
 
     def at(threads: int):

@@ -24,9 +24,10 @@ from finebench.bench import (
     synthetic_batch,
     time_side_by_side,
 )
-from finebench.methods import build_model
-from finebench.recipe import TrainSection
-from finebench.train.engine import autocast, build_train_step
+from finebench.methods import build_model, get_method
+from finebench.train_settings import TrainSection
+from finebench.train.runtime import autocast
+from finebench.train.step import build_train_step
 from finebench.train.optim import build_optimizer
 
 TARGET = 0.97
@@ -51,7 +52,7 @@ def compare(label: str, backbone: str, options: dict, size: int, batch: int, num
     model = build_model(backbone, num_classes, "baseline", None, options)
     train = TrainSection(epochs=1, batch_size=batch, schedule="constant", precision=precision,
                          compile=False, channels_last=False)  # the plain loop is eager NCHW too
-    engine = build_train_step(model, train, mixture=False, steps_per_epoch=100)
+    engine = build_train_step(model, train, method=get_method("baseline"), steps_per_epoch=100)
     # Same model and the same optimiser settings (SGD Nesterov, weight decay, momentum) as the engine's.
     plain = plain_loop_step(model, build_optimizer(model, train), engine.device, engine.precision)
     images, labels = synthetic_batch(batch, size, num_classes, device=engine.device)

@@ -37,8 +37,8 @@ from finebench.bench import (
 )
 from finebench.methods import build_model, get_method
 from finebench.profile import profile_variants
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 VIT_VARIANTS: list[tuple[str, str, dict]] = [
     ("transfg", "transfg", {}),
@@ -82,7 +82,7 @@ def measure(backbone: str, size: int, classes: int, batch: int, repeats: int, wa
         torch.manual_seed(0)
         model = build_model(backbone, classes, kind, options, backbone_options)
         method = get_method(kind)
-        steps[label] = build_train_step(model, train, mixture=method.mixture, steps_per_epoch=100, method=method)
+        steps[label] = build_train_step(model, train, method=method, steps_per_epoch=100)
     images, _ = synthetic_batch(batch, size, classes, device=steps["baseline"].device)
     labels = torch.arange(batch, device=images.device) // 2 % classes  # pairs of a class: the contrastive term acts
     timings = time_side_by_side({label: (lambda s=step: s(images, labels)) for label, step in steps.items()},

@@ -323,7 +323,7 @@ def attend(
     batch_size: int = 16,
 ) -> list[Path]:
     """Write one attention-map PNG per image (files, or ``n`` images of a prepared split)."""
-    from finebench.train.engine import resolve_device
+    from finebench.train.runtime import resolve_device
 
     if not images and not split:
         raise FinebenchError("no images: give image files or --split NAME (with --n)")

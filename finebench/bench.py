@@ -5,7 +5,7 @@ wants to resolve, so every comparison here runs its candidates interleaved (A, B
 one process and reports the median of several timed repeats after warm-up. A ratio of two such
 medians is far steadier than two numbers taken minutes apart.
 
-``bench_recipe`` times the real training step (``finebench.train.engine.TrainStep``: forward,
+``bench_recipe`` times the real training step (``finebench.train.step.TrainStep``: forward,
 loss, backward, optimiser, at the recipe's precision and memory format) of each variant on
 in-memory batches, so a user can size a run before launching it. It reads no data and needs no
 weights: speed does not depend on either. It builds the step as ``fit`` does (the same resolved
@@ -225,7 +225,8 @@ def bench_recipe(
     from finebench.data.registry import get_spec
     from finebench.methods import build_model_from_config, method_of, variant_of_config
     from finebench.recipe import expand_runs, load_recipe
-    from finebench.train.engine import build_train_step, synchronize_device
+    from finebench.train.runtime import synchronize_device
+    from finebench.train.step import build_train_step
     from finebench.train.threads import apply_threads
 
     if images < 1:
@@ -253,7 +254,7 @@ def bench_recipe(
         own = run.train or train  # a method's own train settings (batch size, epochs) where its paper differs
         steps_per_epoch = max(1, -(-(train_images or own.batch_size) // own.batch_size))
         timed_steps = max(1, -(-images // own.batch_size))
-        step = build_train_step(model, own, mixture=method.mixture, steps_per_epoch=steps_per_epoch, method=method)
+        step = build_train_step(model, own, method=method, steps_per_epoch=steps_per_epoch)
         batch = synthetic_batch(own.batch_size, input_size, num_classes, seed=run.seed, device=step.device)
         compile_s = None
         if step.compiling(batch[0]):

@@ -40,7 +40,7 @@ from finebench.plan import (
 )
 from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.terminal import duration
-from finebench.train.engine import epoch_line
+from finebench.train.progress import epoch_line
 
 CLUSTERS = ("slurm", "local")
 

@@ -14,7 +14,7 @@ import torch
 from finebench.errors import FinebenchError
 from finebench.plan import loader_choices
 from finebench.recipe import LoadedRecipe, RunSpec
-from finebench.train.engine import DistContext
+from finebench.train.runtime import DistContext
 
 
 def build_model(

@@ -62,7 +62,8 @@ from finebench.recipe import LoadedRecipe, RunSpec
 from finebench.results import RunDir, utc_now
 from finebench.runner import how_to_go_on, run_label
 from finebench.train.distributed import how_ended
-from finebench.train.engine import epoch_line, resolve_device
+from finebench.train.progress import epoch_line
+from finebench.train.runtime import resolve_device
 
 QUIET_LINES = ("locked by another process, skipped", "finished earlier, skipped")
 """A job's lines that say only that another job has (or had) the run: expected under ``--jobs``, not shown."""

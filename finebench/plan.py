@@ -25,7 +25,7 @@ from finebench.errors import FinebenchError
 from finebench.methods import get_method, variant_of_config
 from finebench.recipe import DatasetSection, LoadedRecipe, RunSpec, expand_runs
 from finebench.results import RunDir, RunState
-from finebench.train.engine import DistContext, resolve_device
+from finebench.train.runtime import DistContext, resolve_device
 
 
 def loader_choices(run: RunSpec, data_root: Path, ctx: DistContext, device: torch.device) -> dict[str, Any]:

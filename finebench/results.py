@@ -399,7 +399,3 @@ def _reads_whole(path: Path, chunk: int = 1 << 24) -> bool:
     except OSError:
         return False
     return True
-
-
-MACHINE_FIELDS = ("epoch_time_s", "images_per_s", "threads", "load_1min")
-"""metrics.jsonl fields that say how the machine ran an epoch, not what the run computed."""

@@ -54,17 +54,10 @@ from finebench.summary import (
     method_training_entry,
 )
 from finebench.terminal import backbone_label
-from finebench.train.engine import (
-    DistContext,
-    Progress,
-    RichProgress,
-    Runtime,
-    SilentProgress,
-    describe_device,
-    fit,
-    resolve_runtime,
-    seed_everything,
-)
+from finebench.train.fit import fit
+from finebench.train.progress import Progress, RichProgress, SilentProgress
+from finebench.train.rng import seed_everything
+from finebench.train.runtime import DistContext, Runtime, describe_device, resolve_runtime
 from finebench.train.events import TensorBoardLog
 from finebench.train.threads import apply_threads
 
@@ -220,8 +213,8 @@ def _execute(
     try:
         result = fit(
             model, loaders.train, loaders.test, train,
-            mixture=method.mixture, store=run_dir, ctx=ctx, progress=progress,
-            on_epoch=on_epoch, runtime=runtime, method=method, validation_loader=loaders.validation,
+            method=method, store=run_dir, ctx=ctx, progress=progress,
+            on_epoch=on_epoch, runtime=runtime, validation_loader=loaders.validation,
         )
     # What a user can fix leaves the records as they are, so the next ``finebench run`` resumes from
     # the last checkpoint; only a non-finite loss (a ``failed`` result) or a bug marks the run failed.

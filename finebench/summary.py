@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import finebench
-from finebench.results import MACHINE_FIELDS
+from finebench.train_settings import MACHINE_FIELDS
 
 SCHEMA_VERSION = 1
 BEST_NOTE = "best-epoch test accuracy (optimistic: selected on the test set)"

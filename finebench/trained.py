@@ -133,7 +133,8 @@ def evaluate_run(
     from finebench.data.loader import build_eval_loader
     from finebench.predictions import write_predictions
     from finebench.report.stats import group_accuracy, mean_class_accuracy
-    from finebench.train.engine import compile_model, configure_backends, evaluate, resolve_device
+    from finebench.train.evaluate import evaluate
+    from finebench.train.runtime import compile_model, configure_backends, resolve_device
 
     try:
         torch_device = resolve_device(device)
@@ -163,7 +164,7 @@ def evaluate_run(
     if run.summary.get("compile") and same_device_type:
         model = compile_model(model)
     metrics = evaluate(model, loader, device=torch_device, precision=precision, channels_last=channels_last,
-                       mixture=method.mixture, method=method, confusion=True, per_image=True)
+                       method=method, confusion=True, per_image=True)
     metrics["mean_class_top1"] = mean_class_accuracy(metrics["confusion"])
     per_image = replace(metrics.pop("per_image"), split=split)
     predictions_path = RunDir.at(run.run_dir).predictions_path(split)

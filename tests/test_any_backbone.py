@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from finebench.errors import FinebenchError
 from finebench.methods import build_model
 from finebench.models import parameter_groups
+from finebench.models.output import mixture_loss
 from finebench.models.registry import list_taps
 from finebench.profile import profile_model, profile_variants, tap_flops
-from finebench.train.engine import training_loss
 
 torch.set_num_threads(1)
 
@@ -152,7 +152,7 @@ def test_attention_outputs_have_the_right_shapes_and_masks_sum_to_one(backbone: 
 def test_gradients_reach_every_module(backbone: str) -> None:
     classifier = model(backbone, attention_depth=2).train()
     output = classifier(images(4))
-    training_loss(output, torch.tensor([0, 1, 2, 3]), mixture=True).backward()
+    mixture_loss(output, torch.tensor([0, 1, 2, 3])).backward()  # the attention method's loss
     # timm zero-initialises each residual branch's last BN scale, so only "reached" holds backbone-wide
     assert [name for name, p in classifier.named_parameters() if p.grad is None] == []
     for name, p in [*classifier.attention.named_parameters(), *classifier.classifier.named_parameters()]:

@@ -25,8 +25,9 @@ from finebench.methods.api_net import (
     pair_terms,
 )
 from finebench.models.base import Backbone
-from finebench.recipe import TrainSection
-from finebench.train.engine import TrainStep, fit
+from finebench.train_settings import TrainSection
+from finebench.train.fit import fit
+from finebench.train.step import TrainStep
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "api_net" / "golden.safetensors"
 TINY = {"depth": 10, "width": 1}
@@ -344,7 +345,7 @@ def test_fit_records_the_pair_statistics_of_each_epoch() -> None:
     images, labels = _batch()
     data = [(images, labels), (images.flip(3), labels)]
     train = TrainSection(epochs=1, batch_size=8, lr=0.05, schedule="constant", precision="fp32", threads=1)
-    result = fit(_model().float(), data, data[:1], train, mixture=False, method=get_method("api_net"))
+    result = fit(_model().float(), data, data[:1], train, method=get_method("api_net"))
     row = result.rows[0]
     pairs = row["train_pairs"]
     assert set(pairs) == {"self_beats_other", "margin_met", "rank_loss", "ce"}

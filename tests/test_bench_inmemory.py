@@ -14,7 +14,7 @@ from finebench.data.in_memory import InMemoryLoader
 from finebench.data.loader import build_loaders
 from finebench.data.prepare import prepare_dataset
 from finebench.errors import FinebenchError
-from finebench.train.engine import capture_rng_state, restore_rng_state
+from finebench.train.rng import capture_rng_state, restore_rng_state
 
 RNG = np.random.default_rng(7)
 TRAIN = RNG.integers(0, 256, (22, 32, 32, 3), dtype=np.uint8)

@@ -29,8 +29,8 @@ from finebench.methods import build_model, get_method, parse_options
 from finebench.methods.cal import CALClassifier, step_losses
 from finebench.methods.ws_dan import Draws
 from finebench.models.output import ModelOutput
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "cal" / "golden.safetensors"
 
@@ -117,7 +117,7 @@ def test_the_engine_step_takes_two_forwards_and_records_four_test_accuracies() -
     method = get_method("cal")
     model = build_model("wrn", 4, "cal", {"attentions": 2}, TINY)
     train = TrainSection(epochs=1, batch_size=4, schedule="constant", precision="fp32", lr=0.1)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=method)
+    step = build_train_step(model, train, steps_per_epoch=1, method=method)
     batches = []
     model.register_forward_hook(lambda _m, inputs, _o: batches.append(inputs[0].shape[0]))
     loss, _ = step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))

@@ -21,7 +21,7 @@ from finebench.runner import run_recipe
 submitit = pytest.importorskip("submitit")
 
 from finebench.cluster import submit  # noqa: E402  (needs submitit)
-from finebench.train.engine import MACHINE_FIELDS
+from finebench.train_settings import MACHINE_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

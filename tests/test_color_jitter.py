@@ -24,7 +24,7 @@ from finebench.data.loader import build_loaders
 from finebench.data.presets import ColorJitter
 from finebench.errors import FinebenchError
 from finebench.recipe import expand_runs, load_recipe
-from finebench.train.engine import capture_rng_state, restore_rng_state
+from finebench.train.rng import capture_rng_state, restore_rng_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

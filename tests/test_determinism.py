@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from finebench.methods import build_model, get_method
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def _steps(kind: str, options: dict, labels_of: str) -> torch.Tensor:
     model = build_model("timm:resnet10t", 10, kind, options)
     train = TrainSection(epochs=1, batch_size=32, lr=0.01, schedule="constant", precision="fp32", device="cpu",
                          optimizer="sgd")
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=10, method=get_method(kind))
+    step = build_train_step(model, train, steps_per_epoch=10, method=get_method(kind))
     generator = torch.Generator().manual_seed(1)
     for _ in range(4):
         images = torch.randn(32, 3, 64, 64, generator=generator)

@@ -14,24 +14,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from finebench.methods import Method, get_method
 from finebench.models.output import ModelOutput
-from finebench.recipe import TrainSection
 from finebench.results import RunDir
-from finebench.train.engine import (
-    MACHINE_FIELDS,
-    SilentProgress,
-    TrainStep,
-    build_train_step,
-    evaluate,
-    fit,
+from finebench.train.evaluate import evaluate
+from finebench.train.fit import fit
+from finebench.train.optim import lr_factor_fn
+from finebench.train.progress import SilentProgress
+from finebench.train.rng import seed_everything
+from finebench.train.runtime import (
     resolve_channels_last,
     resolve_compile,
     resolve_precision,
-    seed_everything,
-    training_loss,
 )
-from finebench.train.optim import lr_factor_fn
-
+from finebench.train.step import TrainStep, build_train_step
+from finebench.train_settings import MACHINE_FIELDS, TrainSection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,12 +80,17 @@ def train_cfg(**overrides) -> TrainSection:
     return TrainSection(**{**base, **overrides})
 
 
+def method_for(mixture: bool) -> Method:
+    """The method whose hooks train ``TinyNet(mixture)``: Attend and Rectify's mixture, or the baseline."""
+    return get_method("attention" if mixture else "baseline")
+
+
 def run_fit(store, *, mixture=False, seed=0, progress=None, **train_overrides):
     seed_everything(seed)
     model = TinyNet(mixture)
     train_loader, test_loader = make_loaders(seed)
-    return fit(model, train_loader, test_loader, train_cfg(**train_overrides), mixture=mixture, store=store,
-               progress=progress)
+    return fit(model, train_loader, test_loader, train_cfg(**train_overrides), method=method_for(mixture),
+               store=store, progress=progress)
 
 
 def comparable(rows):
@@ -170,7 +172,7 @@ def test_nan_loss_fails_the_run_with_the_step_that_went_wrong(tmp_path):
     seed_everything(0)
     train_loader = DataLoader(make_data(nan_at=20), batch_size=8, shuffle=False)
     _, test_loader = make_loaders(0)
-    result = fit(TinyNet(), train_loader, test_loader, train_cfg(), mixture=False, store=RunDir(tmp_path, "r", "i"))
+    result = fit(TinyNet(), train_loader, test_loader, train_cfg(), method=method_for(False), store=RunDir(tmp_path, "r", "i"))
     assert result.status == "failed"
     assert result.failure_reason == "loss became nan at epoch 1 step 2"
     assert result.epochs_completed == 0
@@ -180,10 +182,10 @@ def test_training_loss_is_cross_entropy_for_plain_models_and_nll_plus_reg_for_mi
     logits = torch.randn(5, NUM_CLASSES)
     labels = torch.tensor([0, 1, 2, 3, 0])
     plain = ModelOutput(logits.log_softmax(1), logits)
-    assert torch.allclose(training_loss(plain, labels, mixture=False), F.cross_entropy(logits, labels))
+    assert torch.allclose(method_for(False).loss(plain, labels), F.cross_entropy(logits, labels))
     mixed = ModelOutput(logits.log_softmax(1) - 0.1, logits, reg_loss=torch.tensor(0.5))
     expected = F.nll_loss(logits.log_softmax(1) - 0.1, labels) + 0.5
-    assert torch.allclose(training_loss(mixed, labels, mixture=True), expected)
+    assert torch.allclose(method_for(True).loss(mixed, labels), expected)
 
 
 def test_evaluate_counts_top1_and_top5_exactly():
@@ -194,7 +196,7 @@ def test_evaluate_counts_top1_and_top5_exactly():
 
     images = torch.eye(6)[[0, 1, 2, 3]].reshape(4, 6, 1, 1)  # predicts class i for image i
     labels = torch.tensor([0, 1, 5, 5])
-    metrics = evaluate(Fixed(), [(images, labels)], device=torch.device("cpu"))
+    metrics = evaluate(Fixed(), [(images, labels)], device=torch.device("cpu"), method=method_for(False))
     assert metrics["test_top1"] == pytest.approx(50.0)
     assert metrics["test_top5"] == pytest.approx(100.0)
 
@@ -208,16 +210,16 @@ def test_evaluate_confusion_matrix_counts_true_class_by_predicted_class():
     images = torch.eye(3)[[0, 1, 2, 2, 0]].reshape(5, 3, 1, 1)  # predicts class i for a one-hot at i
     labels = torch.tensor([0, 1, 1, 2, 2])
     batches = [(images[:3], labels[:3]), (images[3:], labels[3:])]
-    metrics = evaluate(Fixed(), batches, device=torch.device("cpu"), confusion=True)
+    metrics = evaluate(Fixed(), batches, device=torch.device("cpu"), method=method_for(False), confusion=True)
     assert metrics["confusion"] == [[1, 0, 0], [0, 1, 1], [1, 0, 1]]
-    assert "confusion" not in evaluate(Fixed(), batches, device=torch.device("cpu"))
+    assert "confusion" not in evaluate(Fixed(), batches, device=torch.device("cpu"), method=method_for(False))
 
 
 def test_fit_returns_the_final_confusion_matrix_and_calls_on_epoch_after_each_epoch(tmp_path):
     seen = []
     seed_everything(0)
     train_loader, test_loader = make_loaders(0)
-    result = fit(TinyNet(), train_loader, test_loader, train_cfg(epochs=2, eval_every=2), mixture=False,
+    result = fit(TinyNet(), train_loader, test_loader, train_cfg(epochs=2, eval_every=2), method=method_for(False),
                  on_epoch=lambda row, rows: seen.append((row["epoch"], "test_top1" in row, len(rows))))
     assert seen == [(1, False, 0), (2, True, 1)]
     matrix = torch.tensor(result.confusion)
@@ -236,7 +238,7 @@ def test_precision_auto_is_fp32_or_bf16_and_explicit_choices_are_kept():
 def test_train_step_runs_on_in_memory_batches(precision):
     torch.manual_seed(0)
     step = build_train_step(TinyNet(), train_cfg(precision=precision, grad_clip=1.0, channels_last=True),
-                            mixture=False, steps_per_epoch=10)
+                            method=method_for(False), steps_per_epoch=10)
     assert isinstance(step, TrainStep)
     images, labels = make_data(16).tensors
     losses = [step(images, labels)[0].item() for _ in range(10)]
@@ -283,7 +285,7 @@ def test_rich_progress_prints_one_line_per_finished_epoch(tmp_path):
 
     from rich.console import Console
 
-    from finebench.train.engine import RichProgress
+    from finebench.train.progress import RichProgress
 
     buffer = io.StringIO()
     progress = RichProgress("baseline seed 0", Console(file=buffer, force_terminal=True, width=200))
@@ -323,7 +325,7 @@ def test_progress_updates_by_time_not_by_log_every_and_records_the_same(monkeypa
     """6 steps of 0.1 s with log_every 100 (never reached) and a display interval of 0.25 s: the display
     moves mid-epoch, at least 0.25 s apart (time.sleep and perf_counter: no tolerance needed), and the
     recorded row is the one log_every 2 records."""
-    from finebench.train import engine
+    import finebench.train.fit as engine  # the fit loop's module, patched below
 
     monkeypatch.setattr(engine, "DISPLAY_EVERY_S", 0.25, raising=False)
     seed_everything(0)
@@ -332,7 +334,7 @@ def test_progress_updates_by_time_not_by_log_every_and_records_the_same(monkeypa
     recorder = UpdateRecorder()
     start = time.perf_counter()
     result = fit(model, SlowLoader(train_loader, 0.1), test_loader, train_cfg(epochs=1, log_every=100),
-                 mixture=False, progress=recorder)
+                 method=method_for(False), progress=recorder)
     steps = [done for _, done in recorder.updates]
     assert steps[0] < len(train_loader) and steps[-1] == len(train_loader) and steps == sorted(set(steps))
     times = [start] + [moment for moment, _ in recorder.updates[:-1]]
@@ -351,7 +353,7 @@ def test_accumulated_micro_batches_take_the_whole_batchs_step(mixture):
         seen[parts] = []
         model.conv.register_forward_hook(lambda _m, inputs, _o, parts=parts: seen[parts].append(len(inputs[0])))
         step = build_train_step(model, train_cfg(batch_size=16, accumulation_steps=parts, schedule="constant",
-                                                 warmup_epochs=0), mixture=mixture, steps_per_epoch=10)
+                                                 warmup_epochs=0), method=method_for(mixture), steps_per_epoch=10)
         loss, correct = step(images, labels)
         steps[parts] = (model, loss, correct)
     assert seen == {1: [16], 2: [8, 8]}  # BatchNorm would see the micro-batches
@@ -387,7 +389,7 @@ def test_accumulation_all_reduces_once_per_step_under_ddp():
                 self.quiet = False
 
     model = Wrapper(TinyNet())
-    step = build_train_step(model, train_cfg(batch_size=16, accumulation_steps=4), mixture=False, steps_per_epoch=10)
+    step = build_train_step(model, train_cfg(batch_size=16, accumulation_steps=4), method=method_for(False), steps_per_epoch=10)
     step(*make_data(16).tensors)
     assert model.synced == [False, False, False, True]
 

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from finebench.errors import FinebenchError
-from finebench.methods import build_model
+from finebench.methods import build_model, get_method
 from finebench.models.batchnorm import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     convert_ghost_batchnorm,
 )
-from finebench.recipe import TrainSection
+from finebench.train_settings import TrainSection
 
 
 @pytest.mark.parametrize(("shape", "group"), [((8, 3, 4, 4), 4), ((10, 3, 4, 4), 4), ((6, 5), 2)])
@@ -179,7 +179,8 @@ def test_bad_logged_tables_are_named(tmp_path, tables: str, message: str) -> Non
 def test_fit_trains_with_ghost_batchnorm_when_asked(group: int) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from finebench.train.engine import fit, seed_everything
+    from finebench.train.fit import fit
+    from finebench.train.rng import seed_everything
 
     seed_everything(0)
     model = build_model("wrn", 4, "baseline", None, {"depth": 10, "width": 1})
@@ -187,7 +188,7 @@ def test_fit_trains_with_ghost_batchnorm_when_asked(group: int) -> None:
     data = TensorDataset(torch.randn(16, 3, 8, 8, generator=generator), torch.arange(16) % 4)
     train = TrainSection(epochs=1, batch_size=8, schedule="constant", precision="fp32", batchnorm_group=group,
                          compile=False, channels_last=False, device="cpu")
-    result = fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8), train, mixture=False)
+    result = fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8), train, method=get_method("baseline"))
     assert result.status == "finished"
     ghosts = [m for m in model.modules() if isinstance(m, GhostBatchNorm2d)]
     assert bool(ghosts) == bool(group) and all(m.group_size == group for m in ghosts)

@@ -24,7 +24,7 @@ from finebench.methods import build_model, get_method
 from finebench.models.network import parameter_groups, unwrap
 from finebench.models.registry import missing_pretrained_weights
 from finebench.recipe import TrainSection, expand_runs, load_recipe
-from finebench.train.engine import build_train_step
+from finebench.train.step import build_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("foundation_*.toml"))
@@ -107,7 +107,7 @@ def test_a_linear_probe_on_a_timm_vit_moves_only_the_linear_classifier_in_every_
     assert any(p is unwrap(model).backbone.model.cls_token for p in groups["backbone"])
     train = TrainSection(epochs=epochs, batch_size=8, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0,
                          schedule="cosine", precision="fp32", device="cpu", threads=1, head_only_epochs=epochs)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=2, method=get_method("baseline"))
+    step = build_train_step(model, train, steps_per_epoch=2, method=get_method("baseline"))
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
     start = [p.detach().clone() for p in groups["backbone"]]
     for epoch in range(1, epochs + 1):

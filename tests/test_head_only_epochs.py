@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from finebench.methods import build_model, get_method
 from finebench.models.network import parameter_groups
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 WRN = {"depth": 10, "width": 1}
 
@@ -32,7 +32,7 @@ def steps_per_epoch(variant: str, options: dict, head_only_epochs: int, epochs: 
     model = build_model("wrn", 4, variant, options, WRN)
     train = TrainSection(epochs=max(epochs), batch_size=8, lr=0.1, schedule="constant", precision="fp32",
                          weight_decay=5e-2, device="cpu", threads=1, head_only_epochs=head_only_epochs)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=get_method(variant))
+    step = build_train_step(model, train, steps_per_epoch=1, method=get_method(variant))
     groups = parameter_groups(model)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
     seen = []

@@ -27,7 +27,7 @@ from finebench.methods.ielt import (
     most_voted,
     updated_rates,
 )
-from finebench.train.engine import TrainStep
+from finebench.train.step import TrainStep
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ielt" / "golden.safetensors"
 BACKBONE = "timm:vit_tiny_patch16_224"

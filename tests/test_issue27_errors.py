@@ -94,7 +94,7 @@ def test_a_float_beyond_float32_is_refused_before_a_run_folder_is_written(tmp_pa
 
 def test_an_unexpected_error_mid_run_records_the_run_failed_not_running(tmp_path, data_root, monkeypatch, capsys):
     """A bug that stopped training left summary.json "running" (``report``: in progress, forever)."""
-    from finebench.train import engine
+    import finebench.train.fit as engine  # the fit loop's module, patched below
 
     recipe = _recipe(tmp_path, tiny_recipe(epochs=2))
     results = tmp_path / "results"

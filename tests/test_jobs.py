@@ -22,7 +22,7 @@ from finebench.plan import RunSelection
 from finebench.recipe import expand_runs, load_recipe
 from finebench.results import RunDir
 from finebench.runner import run_recipe
-from finebench.train.engine import MACHINE_FIELDS
+from finebench.train_settings import MACHINE_FIELDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

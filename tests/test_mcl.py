@@ -103,8 +103,8 @@ def test_the_engines_step_trains_on_the_mutual_channel_loss(accumulation: int) -
     drawn from Python ``random`` once per forward (one per accumulated part)."""
     import copy
 
-    from finebench.recipe import TrainSection
-    from finebench.train.engine import build_train_step
+    from finebench.train_settings import TrainSection
+    from finebench.train.step import build_train_step
 
     torch.manual_seed(0)
     model = build_model("wrn", 4, "mcl", {"xi": 2}, {"depth": 10, "width": 1})
@@ -112,7 +112,7 @@ def test_the_engines_step_trains_on_the_mutual_channel_loss(accumulation: int) -
     method = get_method("mcl")
     train = TrainSection(epochs=1, batch_size=4, schedule="constant", precision="fp32",
                          accumulation_steps=accumulation)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=method)
+    step = build_train_step(model, train, steps_per_epoch=1, method=method)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     random.seed(5)
     loss, _ = step(images, labels)

@@ -15,7 +15,7 @@ from finebench.methods import Method, build_model, get_method, method_of, parse_
 from finebench.methods.maxent import MaxEntOptions
 from finebench.models.output import ModelOutput
 from finebench.recipe import TrainSection, load_recipe
-from finebench.train.engine import build_train_step
+from finebench.train.step import build_train_step
 
 TINY_WRN = {"depth": 10, "width": 1}
 
@@ -75,7 +75,7 @@ def test_a_step_logs_plain_cross_entropy_beside_its_objective(accumulation_steps
     model = build_model("wrn", 3, method.options, backbone_options=TINY_WRN)
     train = TrainSection(epochs=1, batch_size=8, lr=0.01, precision="fp32", schedule="constant",
                          accumulation_steps=accumulation_steps, threads=1)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=2, method=method)
+    step = build_train_step(model, train, steps_per_epoch=2, method=method)
     images, labels = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     loss, _ = step(images, labels)
     terms = {name: float(total) / len(labels) for name, total in step.take_loss_terms().items()}

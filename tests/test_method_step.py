@@ -27,8 +27,9 @@ from finebench.methods import (
 )
 from finebench.methods.registry import get_method
 from finebench.models.output import ModelOutput
-from finebench.recipe import TrainSection
-from finebench.train.engine import TrainStep, fit
+from finebench.train_settings import TrainSection
+from finebench.train.fit import fit
+from finebench.train.step import TrainStep
 
 CLASSES, BATCH, STEPS = 3, 16, 3
 
@@ -150,7 +151,7 @@ def test_the_engines_fit_runs_a_method_step_and_records_its_epochs() -> None:
     torch.manual_seed(0)
     data = [(images, labels) for images, labels in batches()]
     method = TwoPass()
-    result = fit(Tiny(), data, data[:1], train(accumulation_steps=2), mixture=False, method=method)
+    result = fit(Tiny(), data, data[:1], train(accumulation_steps=2), method=method)
     assert result.status == "finished" and method.forwards == 2 * 2 * STEPS
     assert result.rows[0]["train_loss"] > 0 and result.rows[0]["test_top1"] is not None
 

@@ -25,12 +25,12 @@ from finebench.methods.registry import list_methods
 from finebench.models.output import ModelOutput
 from finebench.recipe import (
     Recipe,
-    TrainSection,
     expand_runs,
     load_recipe,
     variant_name,
 )
-from finebench.train.engine import evaluate
+from finebench.train.evaluate import evaluate
+from finebench.train_settings import TrainSection
 
 TINY_WRN = {"depth": 10, "width": 1}
 

@@ -19,8 +19,8 @@ from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
 from finebench.methods.pim import PIMClassifier, loss_terms
 from finebench.models.output import ModelOutput
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "pim" / "golden.safetensors"
 BACKBONE = "timm:swin_tiny_patch4_window7_224"
@@ -277,7 +277,7 @@ def test_a_training_step_through_the_engine_equals_two_halves_of_the_official_lo
     labels = torch.tensor([0, 1, 2, 3])
     train = TrainSection(epochs=1, batch_size=4, schedule="constant", precision="fp32", lr=0.1, optimizer="sgd",
                          momentum=0.0, weight_decay=0.0, accumulation_steps=2, compile=False)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=method)
+    step = build_train_step(model, train, steps_per_epoch=1, method=method)
     loss, _ = step(images, labels)
     assert torch.isfinite(loss)
     reference.train()

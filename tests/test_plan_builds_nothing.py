@@ -18,7 +18,7 @@ from finebench.errors import FinebenchError
 from finebench.launch import Launch, run_recipe_command
 from finebench.plan import RunSelection, decide_runs, plan_runs, preflight
 from finebench.recipe import load_recipe
-from finebench.train.engine import DistContext
+from finebench.train.runtime import DistContext
 
 
 def test_the_planner_checks_and_decides_without_building_a_model_or_a_loader(tmp_path: Path, monkeypatch) -> None:

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from finebench.errors import FinebenchError
 from finebench.methods import build_model, get_method, parse_options
 from finebench.methods.pmg import jigsaw
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "pmg" / "golden.safetensors"
 TINY = {"depth": 10, "width": 1}
@@ -84,7 +84,7 @@ def _steps(zero_grad: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor], to
     model = build_model("wrn", 4, "pmg", {"feature_size": 8, "zero_grad": zero_grad}, TINY)
     train = TrainSection(epochs=1, batch_size=4, schedule="constant", precision="fp32", lr=0.1,
                          weight_decay=5e-4, momentum=0.9)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=get_method("pmg"))
+    step = build_train_step(model, train, steps_per_epoch=1, method=get_method("pmg"))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     random.seed(1)
     loss, correct = step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
@@ -189,7 +189,7 @@ def test_the_heads_and_one_four_step_batch_equal_the_official_pmg() -> None:
         torch.testing.assert_close(logits.detach(), golden[f"train_{index}"], **close)
     train = TrainSection(epochs=1, batch_size=2, schedule="constant", precision="fp32", optimizer="sgd", lr=0.002,
                          momentum=0.9, weight_decay=5e-4, channels_last=False)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=get_method("pmg"))
+    step = build_train_step(model, train, steps_per_epoch=1, method=get_method("pmg"))
     loss, _ = step(images, labels)
     torch.testing.assert_close(loss, golden["losses"].sum(), **close)
     state = model.state_dict()

@@ -39,7 +39,8 @@ from finebench.report.disagree import (
     mcnemar_exact,
 )
 from finebench.report.records import method_predictions
-from finebench.train.engine import DistContext, evaluate
+from finebench.train.evaluate import evaluate
+from finebench.train.runtime import DistContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -292,12 +293,13 @@ def test_sharded_evaluation_gives_every_image_its_id_as_one_process_does() -> No
     def batches(index: range) -> list:
         return [(images[list(index)][i:i + 4], labels[list(index)][i:i + 4]) for i in range(0, len(index), 4)]
 
-    whole = evaluate(model, batches(range(23)), device=torch.device("cpu"), per_image=True)
-    plain = evaluate(model, batches(range(23)), device=torch.device("cpu"))
+    baseline = get_method("baseline")
+    whole = evaluate(model, batches(range(23)), device=torch.device("cpu"), method=baseline, per_image=True)
+    plain = evaluate(model, batches(range(23)), device=torch.device("cpu"), method=baseline)
     assert {k: v for k, v in whole.items() if k != "per_image"} == plain  # nothing it computed changes
     first: list = []
-    evaluate(model, batches(range(0, 23, 2)), device=torch.device("cpu"), per_image=True, ctx=_Rank(0, first))
-    sharded = evaluate(model, batches(range(1, 23, 2)), device=torch.device("cpu"), per_image=True,
+    evaluate(model, batches(range(0, 23, 2)), device=torch.device("cpu"), method=baseline, per_image=True, ctx=_Rank(0, first))
+    sharded = evaluate(model, batches(range(1, 23, 2)), device=torch.device("cpu"), method=baseline, per_image=True,
                        ctx=_Rank(1, first))["per_image"]
     one = whole["per_image"]
     assert sharded.ids.tolist() == list(range(23)) and np.array_equal(sharded.labels, labels.numpy())

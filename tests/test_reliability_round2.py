@@ -172,7 +172,7 @@ def test_a_finished_run_with_a_damaged_summary_is_rebuilt_not_retrained(tmp_path
     """Item 1: a damaged summary.json used to stop `run` with advice to --restart, which deleted the
     intact model. Now the rerun rebuilds the summary from config.json, metrics.jsonl and last.pt."""
     from finebench.runner import run_recipe
-    from finebench.train import engine
+    import finebench.train.fit as engine  # the fit loop's module, patched below
 
     loaded, root, run_dir = _finished_tiny_run(tmp_path)
     intact = json.loads(run_dir.summary_path.read_text())
@@ -286,7 +286,7 @@ def test_a_cuda_out_of_memory_error_takes_the_same_path(tmp_path: Path, monkeypa
 
     from finebench.results import RunDir
     from finebench.runner import run_recipe
-    from finebench.train import engine
+    import finebench.train.fit as engine  # the fit loop's module, patched below
 
     root = prepare_tiny_bars(tmp_path / "data", 32, 16)
     recipe = tmp_path / "tiny.toml"

@@ -13,7 +13,7 @@ from tiny_data import prepare_tiny_bars, tiny_recipe
 
 from finebench.plan import RunSelection
 from finebench.recipe import load_recipe
-from finebench.results import MACHINE_FIELDS
+from finebench.train_settings import MACHINE_FIELDS
 from finebench.runner import run_recipe
 
 

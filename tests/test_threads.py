@@ -72,7 +72,7 @@ def test_a_run_records_the_thread_count_it_chose(tmp_path, monkeypatch) -> None:
 def test_auto_decides_the_thread_count_at_each_epoch_and_auto_once_keeps_it(tmp_path, monkeypatch) -> None:
     """Issue 22 item 7: a run that started on a busy machine kept 2 threads (49-115 img/s) for good.
     Each epoch's row records its count and the load average."""
-    from finebench.train import engine
+    import finebench.train.fit as engine  # the fit loop's module, patched below
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     data_root = prepare_tiny_bars(tmp_path / "data", 32, 20)

@@ -143,7 +143,7 @@ CNN_METHODS = {"baseline": {}, "attention": {"attention_depth": 1, "attention_wi
 def _method_steps(rank: int, kind: str) -> dict[str, np.ndarray]:
     """Three of the method's own training steps on this worker's half of each batch, under DDP."""
     from finebench.methods import get_method, parse_options
-    from finebench.train.engine import TrainStep
+    from finebench.train.step import TrainStep
 
     torch.manual_seed(0)
     options = parse_options(kind, CNN_METHODS[kind])

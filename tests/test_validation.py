@@ -28,7 +28,8 @@ from finebench.recipe import expand_runs, load_recipe
 from finebench.report.records import fingerprint, load_runs, run_settings
 from finebench.report.render import format_table, table_note, wide_view
 from finebench.report.tables import summary_table
-from finebench.results import MACHINE_FIELDS, RunDir
+from finebench.results import RunDir
+from finebench.train_settings import MACHINE_FIELDS
 from finebench.runner import run_recipe
 from finebench.summary import RunSummary
 from finebench.trained import load_trained_run, strip_wrappers

@@ -39,8 +39,8 @@ from finebench.methods.ws_dan import (
     map_weights,
     step_losses,
 )
-from finebench.recipe import TrainSection
-from finebench.train.engine import build_train_step
+from finebench.train_settings import TrainSection
+from finebench.train.step import build_train_step
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "ws_dan" / "golden.safetensors"
 def test_the_golden_tensors_name_the_official_commit() -> None:
@@ -144,7 +144,7 @@ def test_the_engine_step_trains_with_three_passes_and_moves_the_centres(parts: i
     model = build_model("wrn", 4, "ws_dan", {"attentions": 2}, TINY)
     train = TrainSection(epochs=1, batch_size=4, schedule="constant", precision="fp32", lr=0.1,
                          accumulation_steps=parts)
-    step = build_train_step(model, train, mixture=False, steps_per_epoch=1, method=get_method("ws_dan"))
+    step = build_train_step(model, train, steps_per_epoch=1, method=get_method("ws_dan"))
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     before = model.fc.weight.detach().clone()
@@ -231,7 +231,7 @@ def _ddp_worker(rank: int, port: int, queue: Any) -> None:
 
     import torch.distributed as dist
 
-    from finebench.train.engine import TrainStep
+    from finebench.train.step import TrainStep
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)

@@ -49,7 +49,6 @@ from finebench.methods.base import (
     MethodOptions,
     StepContext,
     StepResult,
-    TrainSection,
     add_terms,
     rows_of,
 )
@@ -62,6 +61,7 @@ from finebench.models.network import (
     unwrap,
 )
 from finebench.models.output import ModelOutput
+from finebench.train_settings import TrainSection
 
 
 class APINetOptions(MethodOptions):

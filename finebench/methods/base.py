@@ -47,9 +47,7 @@ from finebench.models.base import Backbone
 from finebench.models.network import ImageClassifier
 from finebench.models.output import ModelOutput
 from finebench.models.registry import build_backbone
-
-TrainSection = Any
-"""``finebench.recipe.TrainSection`` (the recipe sits above this layer, so it is not imported here)."""
+from finebench.train_settings import TrainSection
 
 
 class MethodOptions(BaseModel):
@@ -79,7 +77,7 @@ class MicroBatch:
 
 
 class StepContext(Protocol):
-    """What a method's own training step gets from the engine (``finebench.train.engine``).
+    """What a method's own training step gets from the engine (``finebench.train.step``).
 
     The engine has already moved the batch to the device (memory format included), zeroed no
     gradient and taken no step: the method calls ``zero_grad``/``backward``/``optimizer_step`` as
@@ -262,10 +260,26 @@ class Method:
 
     def train_step(self, ctx: StepContext, images: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """One training step on a batch already on the device (docs/METHODS.md §3 has a template).
-        A method that overrides this owns its step (``owns_train_step``); otherwise the engine runs
-        its own one-forward step with ``loss`` and ``scores`` (the arithmetic of every run before
-        methods were plug-ins, kept bit for bit), so there is no default here."""
-        raise NotImplementedError(f"{type(self).__name__} does not own its training step")
+        This default is every method's that has no step of its own (the baseline's): one forward
+        per micro-batch, ``loss`` and ``scores``, one optimiser step (the arithmetic of every run
+        before methods were plug-ins, kept bit for bit). A method that overrides it owns its step
+        (``owns_train_step``)."""
+        ctx.zero_grad()
+        whole = ctx.accumulation_steps == 1
+        total = torch.zeros((), device=labels.device)
+        correct = torch.zeros((), device=labels.device, dtype=torch.long)
+        terms: dict[str, torch.Tensor] = {}
+        for part in ctx.micro_batches(images, labels):
+            with ctx.autocast():
+                output = ctx.model(part.images)
+                loss = self.loss(output, part.labels, label_smoothing=ctx.label_smoothing)
+            ctx.backward(loss, part)
+            # a whole batch's loss as ``loss`` made it (IELT's is float64); parts' shares summed in float32
+            total = loss.detach() if whole else total + (loss.detach() * part.weight).float()
+            correct += (self.scores(output).argmax(dim=1) == part.labels).sum()
+            terms = add_terms(terms, self.loss_terms(output, part.labels), part.weight)
+        ctx.optimizer_step()
+        return StepResult(total, correct, terms=terms)
 
     @property
     def objective(self) -> str:

@@ -23,8 +23,9 @@ from pydantic import ValidationError
 
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
-from finebench.recipe import RUN_ID_EXCLUDE, DatasetSection, ModelSection, Recipe, TrainSection
+from finebench.recipe import RUN_ID_EXCLUDE, DatasetSection, ModelSection, Recipe
 from finebench.results import RunDir, RunState
+from finebench.train_settings import TrainSection
 from finebench.report.stats import mean_class_accuracy
 from finebench.summary import BestMetrics, RunSummary
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from finebench.errors import FinebenchError
 from finebench.models.network import ImageClassifier
-from finebench.train.engine import DistContext, resolve_device
+from finebench.train.runtime import DistContext, resolve_device
 
 DEFAULT_TIMEOUT_S = 1800.0
 """How long a collective may wait for the slowest worker (torch's own default for Gloo)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from finebench.recipe import TrainSection
+from finebench.train_settings import TrainSection
 
 
 def _parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
