@@ -98,7 +98,7 @@ def comparable(rows):
 
 
 CONTRACT_KEYS = {"epoch", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "lr",
-                 "epoch_time_s", "images_per_s", "threads", "load_1min", "network_top1", "module_top1"}
+                 "epoch_time_s", "images_per_s", "threads", "load_1min", "network_top1", "module_top1", "train_ce"}
 
 
 def test_fit_writes_one_metrics_row_per_epoch_with_the_contract_keys(tmp_path):
