@@ -121,6 +121,20 @@ def test_the_decoded_split_is_cached_beside_the_store_and_reused(data_root: Path
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
 
 
+def test_decoding_a_split_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    """Only a process that finds no cache decodes (on two workers, whichever reaches the store
+    first), so a draw there would shift the run's dropout by whether, and where, the cache existed."""
+    with registry.override(_spec("mem_fresh", {"train": TRAIN, "test": TEST})):
+        prepare_dataset("mem_fresh", tmp_path, quiet=True)
+    cache = tmp_path / "mem_fresh" / "train.u8-32x32.npy"
+    for cached in (False, True):
+        assert cache.is_file() == cached
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        build_loaders("mem_fresh", tmp_path, batch_size=8, seed=0, in_memory=True)
+        assert torch.equal(torch.get_rng_state(), before), f"cache present: {cached}"
+
+
 def test_ranks_take_their_share_of_each_global_batch_and_evaluate_each_test_image_once(data_root: Path) -> None:
     train_labels, test_labels = [], []
     for rank in range(2):

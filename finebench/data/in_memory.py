@@ -81,7 +81,11 @@ def _decode_split(split_dir: Path, transform: Transform, side: int, workers: int
         except (OSError, ValueError):  # truncated (a full disk, a killed copy): decode again and replace it
             pass
     dataset = StoreDataset(Columns([split_dir]), transform, seed=0)
-    loader = DataLoader(dataset, batch_size=512, num_workers=workers, collate_fn=_stack_uint8)
+    # A generator of its own: a DataLoader without one draws its workers' base seed from the global
+    # torch RNG, which the run's dropout reads next, and only a process that finds no cache decodes
+    # (on two workers, whichever reaches the store first), so the run would depend on the cache.
+    loader = DataLoader(dataset, batch_size=512, num_workers=workers, collate_fn=_stack_uint8,
+                        generator=torch.Generator())
     chunks = [batch.numpy() for batch in loader]
     array = np.concatenate(chunks) if chunks else np.zeros((0, 3, side, side), np.uint8)
     try:
