@@ -109,7 +109,7 @@ def profile_command(
         variants = method_variants(variant, method_flags) if recipe is None else []
     except FinebenchError as error:
         raise typer.BadParameter(str(error).removeprefix("finebench profile: "), ctx) from None
-    from finebench.recipe import MAX_INPUT_SIZE
+    from finebench.recipe_sections import MAX_INPUT_SIZE
 
     if not 1 <= input_size <= MAX_INPUT_SIZE:  # the recipe's bound on dataset.input_size, for the same reason
         raise typer.BadParameter(f"{input_size}: expected 1 to {MAX_INPUT_SIZE} pixels a side", ctx,

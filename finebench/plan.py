@@ -23,7 +23,8 @@ from finebench.console import make_console
 from finebench.data.root import DataRoot, choose_data_root
 from finebench.errors import FinebenchError
 from finebench.methods import get_method, variant_of_config
-from finebench.recipe import DatasetSection, LoadedRecipe, RunSpec, expand_runs
+from finebench.recipe import LoadedRecipe, RunSpec, expand_runs
+from finebench.recipe_sections import DatasetSection
 from finebench.results import RunDir, RunState
 from finebench.train.runtime import DistContext, resolve_device
 

@@ -257,7 +257,8 @@ def method_variants(kinds: Sequence[str], flags: Sequence[str]) -> list[tuple[st
     """(label, kind, options) per ``--variant`` of ``finebench profile``, its options read from
     ``--option-name VALUE`` flags (values as in TOML: ``2``, ``1e-3``, ``sigmoid``); each flag goes to
     every listed method that has that option, and one that none has is an error."""
-    from finebench.recipe import parse_value, variant_name
+    from finebench.overrides import parse_value
+    from finebench.recipe import variant_name
 
     texts: dict[str, str | None] = {}
     pending = list(flags)

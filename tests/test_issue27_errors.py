@@ -10,7 +10,8 @@ import pytest
 from test_cli_reliability import run_main
 from tiny_data import prepare_tiny_bars, tiny_recipe
 
-from finebench.recipe import MAX_INPUT_SIZE, expand_runs, load_recipe
+from finebench.recipe import expand_runs, load_recipe
+from finebench.recipe_sections import MAX_INPUT_SIZE
 from finebench.results import RunDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from finebench.errors import FinebenchError
-from finebench.recipe import apply_overrides, expand_runs, load_recipe, run_id_for
+from finebench.overrides import apply_overrides
+from finebench.recipe import expand_runs, load_recipe, run_id_for
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from finebench.errors import FinebenchError
 from finebench.methods import METHODS
-from finebench.recipe import RUN_ID_EXCLUDE, DatasetSection, ModelSection, Recipe
+from finebench.recipe import RUN_ID_EXCLUDE, Recipe
+from finebench.recipe_sections import DatasetSection, ModelSection
 from finebench.results import RunDir, RunState
 from finebench.train_settings import TrainSection
 from finebench.report.stats import mean_class_accuracy
