@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.slow  # about 20 s at rest: three finebench processes (run, report, profile)
 def test_a_recipe_trains_baseline_and_bcnn_from_the_cli_with_records_and_profile(tmp_path: Path) -> None:
     from tiny_data import prepare_tiny_bars, tiny_recipe
 
@@ -36,6 +37,7 @@ def test_a_recipe_trains_baseline_and_bcnn_from_the_cli_with_records_and_profile
     assert rows["bcnn-r8"]["params"] > rows["baseline"]["params"]
 
 
+@pytest.mark.slow  # about 20 s at rest: a training run and two reports, each its own process
 def test_report_predictions_lists_every_prediction_pmg_records_and_names_the_shown_one(tmp_path: Path) -> None:
     """Issue 19: each method records every prediction its paper reports and the table says which it
     shows (PMG: the concatenated head; also each head and the four heads summed)."""

@@ -61,6 +61,7 @@ def test_set_with_a_boolean_for_an_integer_exits_2_in_one_line(tmp_path: Path) -
     assert result.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow  # about 17 s at rest: a dry run and a profile of two backbones, each its own process
 def test_the_shipped_several_backbone_recipe_dry_runs_and_profiles_each_backbone(tmp_path: Path) -> None:
     """Item 6: ``finebench run recipes/any_backbone_cub200.toml --dry-run`` died in recipe_settings."""
     dry = finebench("run", str(ROOT / "recipes" / "any_backbone_cub200.toml"), "--dry-run", "--data-root",
