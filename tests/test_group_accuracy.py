@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_trained import cli
-from tiny_data import CLASSES, DATASET, tiny_recipe
+from tiny_data import CLASSES, DATASET, bar_examples, tiny_recipe
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, Grouping, ParsedDataset
@@ -39,13 +39,7 @@ def _grouped_bars(root: Path) -> Path:
     rng = np.random.default_rng(0)
 
     def bars(count: int) -> list[Example]:
-        examples = []
-        for i in range(count):
-            label = i % CLASSES
-            image = rng.integers(0, 60, (16, 16), dtype=np.uint8)
-            image[label : label + 4, 2:14] = 255
-            examples.append(Example(image, label, GROUP_OF_CLASS[label]))
-        return examples
+        return bar_examples(count, rng, lambda _index, label: GROUP_OF_CLASS[label])
 
     def parse(_raw: Path) -> ParsedDataset:
         return ParsedDataset([str(c) for c in range(CLASSES)], {"train": bars(64), "test": bars(41)},

@@ -243,10 +243,10 @@ def test_a_truncated_store_file_is_named_with_the_command_that_rebuilds_it(tmp_p
 
 
 def test_images_resized_in_worker_processes_equal_those_resized_in_process(tmp_path, monkeypatch):
-    from tiny_data import _bars
+    from tiny_data import bar_examples
 
     monkeypatch.setattr(encoder, "POOL_MIN_IMAGES", 1)
-    parsed = ParsedDataset([str(c) for c in range(10)], {"train": _bars(30, np.random.default_rng(0))})
+    parsed = ParsedDataset([str(c) for c in range(10)], {"train": bar_examples(30, np.random.default_rng(0))})
     digests = []
     for workers in (1, 2):
         build = tmp_path / f"w{workers}"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_builders import prepare_via_server
 from test_trained import cli
-from tiny_data import CLASSES, DATASET, tiny_recipe
+from tiny_data import CLASSES, DATASET, bar_examples, tiny_recipe
 
 from finebench.data import registry
 from finebench.data.builders.base import DatasetSpec, Example, Grouping, ParsedDataset
@@ -41,13 +41,7 @@ def grouped_store(root: Path, with_groups: bool = True) -> Path:
     rng = np.random.default_rng(0)
 
     def bars(count: int) -> list[Example]:
-        examples = []
-        for i in range(count):
-            label = i % CLASSES
-            image = rng.integers(0, 60, (16, 16), dtype=np.uint8)
-            image[label : label + 4, 2:14] = 255
-            examples.append(Example(image, label, image_group(i) if with_groups else None))
-        return examples
+        return bar_examples(count, rng, (lambda index, _label: image_group(index)) if with_groups else None)
 
     def parse(_raw: Path) -> ParsedDataset:
         return ParsedDataset([str(c) for c in range(CLASSES)], {"train": bars(64), "test": bars(TEST_IMAGES)},

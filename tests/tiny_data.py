@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pickle
+from collections.abc import Callable
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,16 @@ EVENTS = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
 CLASSES = 10
 
 
-def _bars(count: int, rng: np.random.Generator) -> list[Example]:
-    """16x16 noise with a bright bar whose row encodes the class: learnable in a few steps."""
+def bar_examples(count: int, rng: np.random.Generator,
+                 group_of: Callable[[int, int], int | None] | None = None) -> list[Example]:
+    """16x16 noise with a bright bar whose row encodes the class: learnable in a few steps.
+    ``group_of(index, label)``: each image's group (iNat's supercategory), for tests of per-group results."""
     examples = []
     for i in range(count):
         label = i % CLASSES
         image = rng.integers(0, 60, (16, 16), dtype=np.uint8)
         image[label : label + 4, 2:14] = 255
-        examples.append(Example(image, label))
+        examples.append(Example(image, label, None if group_of is None else group_of(i, label)))
     return examples
 
 
@@ -42,7 +45,7 @@ def prepare_tiny_bars(root: Path, train_images: int, test_images: int) -> Path:
     def parse(raw_dir: Path) -> ParsedDataset:
         rng = np.random.default_rng(0)
         return ParsedDataset(
-            [str(c) for c in range(CLASSES)], {"train": _bars(train_images, rng), "test": _bars(test_images, rng)}
+            [str(c) for c in range(CLASSES)], {"train": bar_examples(train_images, rng), "test": bar_examples(test_images, rng)}
         )
 
     spec = DatasetSpec(name=DATASET, num_classes=CLASSES, split_sizes={}, protocol="test", terms="test",
