@@ -117,3 +117,31 @@ def test_methods_keep_no_state_but_their_options_so_binding_copies_compute_alike
     for kind, method in METHODS.items():
         assert set(vars(method)) == {"options"}, kind
         assert isinstance(method, Method) and method.options == method.Options(kind=kind)
+
+
+def test_maxent_runs_through_the_cli_dry_run_profile_and_one_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A new method goes through the commands a user types: the dry run lists it, ``profile`` costs it,
+    ``run`` trains it for an epoch (exit 0 each), and its record carries γ and the entropy term."""
+    from in_process import finebench_in_process
+    from tiny_data import prepare_tiny_bars, tiny_recipe
+
+    root = prepare_tiny_bars(tmp_path / "data", 16, 8)
+    recipe = tmp_path / "maxent.toml"
+    recipe.write_text(tiny_recipe(variants=({"kind": "maxent", "gamma": 0.5},), eval_batch_size=8) + "threads = 1\n")
+    results = tmp_path / "results"
+    common = ("--data-root", str(root), "--results-dir", str(results))
+    code, out, err = finebench_in_process(monkeypatch, capsys, "run", str(recipe), "--dry-run", *common, columns=200)
+    assert code == 0 and "maxent-g0.5" in out, err
+    code, out, err = finebench_in_process(monkeypatch, capsys, "profile", str(recipe), "--json", columns=200)
+    assert code == 0, err
+    assert "maxent-g0.5" in {row["label"] for row in json.loads(out)["rows"]}
+    code, out, err = finebench_in_process(monkeypatch, capsys, "run", str(recipe), "-q", *common, columns=200)
+    assert code == 0, err
+    (run_dir,) = [path.parent for path in results.glob("*/*/summary.json")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert summary["status"] == "finished" and summary["variant"] == "maxent"
+    assert config["variant"]["options"]["gamma"] == 0.5
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_ce", "train_entropy"} <= set(row)

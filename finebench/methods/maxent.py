@@ -5,8 +5,8 @@ distribution, averaged over the batch: L = CE(p, y) − γ·H(p), H(p) = −Σ_k
 confident predictions suits fine-grained sets, whose classes differ little, so a net trained to one
 certain answer per image fits noise (the paper's argument).
 
-There is no official code for this loss, so ``tests/test_maxent.py`` checks it against its closed
-form on hand-computed distributions (docs/METHODS.md §6). It is a loss-only method: the network is
+There is no official code for this loss, so ``tests/test_method_hooks.py`` checks it against its
+closed form on hand-computed distributions (docs/METHODS.md §4). It is a loss-only method: the network is
 the baseline's and ``gamma`` reaches the loss through the bound method's ``options``.
 """
 
